@@ -1,0 +1,155 @@
+"""The averaging engine: all-reduce SGD, local SGD, post-local SGD, SlowMo and outer Nesterov
+are settings of this one object (when to sync, what the outer step is, what happens to buffers).
+
+The training loop calls, for each step s (0-based):
+
+    engine.begin_step(s)          # arms gradient averaging in the synchronous phase
+    loss.backward()               # gradient buckets start their allreduces during backward
+    engine.finish_gradients()     # waits for them (synchronous phase only)
+    optimizer.step()
+    engine.end_step(s + 1, lr)    # averages the model when the schedule says so
+
+Invariants: after a sync every rank holds the same parameters; with method ``allreduce``
+the parameters stay identical on every rank at every step (BatchNorm statistics excepted,
+which are averaged whenever the model is evaluated).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+from ..comm.base import Communicator
+from ..config.schema import AlgorithmConfig
+from .accounting import CommStats
+from .flat import BUFFERS, MOMENTUM, PARAMS, FlatGroup, flatten_training_state
+from .gradients import GradientAllreduce
+from .outer import OuterNesterov, OuterOptimizer, PlainAverage, SlowMo
+from .schedule import SyncSchedule
+
+
+def make_outer_optimizer(cfg: AlgorithmConfig) -> OuterOptimizer:
+    if cfg.outer == "slowmo":
+        return SlowMo(cfg.slow_lr, cfg.slow_momentum)
+    if cfg.outer == "nesterov":
+        return OuterNesterov(cfg.outer_lr, cfg.outer_momentum)
+    return PlainAverage()
+
+
+def local_start_step(cfg: AlgorithmConfig, steps_per_epoch: int, first_decay_step: Optional[int]) -> Optional[int]:
+    """The step at which local SGD starts: None for all-reduce SGD, 0 for local SGD."""
+    if cfg.method == "allreduce":
+        return None
+    if cfg.method == "local_sgd":
+        return 0
+    if cfg.switch_step is not None:
+        return cfg.switch_step
+    if cfg.switch_epoch is not None:
+        return int(round(cfg.switch_epoch * steps_per_epoch))
+    if first_decay_step is None:
+        from ..errors import ConfigError
+        raise ConfigError("algorithm.switch_epoch: post_local_sgd switches at the first LR decay by default, "
+                          "but optim.schedule has none; set algorithm.switch_epoch or algorithm.switch_step")
+    return first_decay_step
+
+
+class AveragingEngine:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, comm: Communicator,
+                 cfg: AlgorithmConfig, schedule: SyncSchedule, bucket_bytes: int = 25 * 2**20) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.comm = comm
+        self.cfg = cfg
+        self.schedule = schedule
+        self.stats = CommStats()        # training communication
+        self.eval_stats = CommStats()   # evaluation only: never part of the training cost
+        self.outer = make_outer_optimizer(cfg)
+
+        averaged = {PARAMS}
+        if cfg.average_bn_buffers:
+            averaged.add(BUFFERS)
+        if cfg.momentum_buffers == "average":
+            averaged.add(MOMENTUM)
+        self.averaged_kinds = frozenset(averaged)
+        self.groups: list[FlatGroup] = flatten_training_state(model, optimizer, self.averaged_kinds)
+        # One contiguous prefix per dtype group by construction of the layout.
+        self._sync_spans = [g.span(self.averaged_kinds) for g in self.groups]
+        assert all(len(spans) <= 1 for spans in self._sync_spans)
+        self.bytes_per_sync = sum((end - start) * g.flat.element_size()
+                                  for g, spans in zip(self.groups, self._sync_spans) for start, end in spans)
+        # x_prev for the outer optimizer: the model right after the previous sync (parameters only).
+        self.anchors: list[torch.Tensor] = []
+        self.gradients: Optional[GradientAllreduce] = None
+        if schedule.local_start is None or schedule.local_start > 0:
+            self.gradients = GradientAllreduce(list(model.parameters()), comm, bucket_bytes, self.stats)
+
+    def broadcast_initial_state(self) -> None:
+        """Start every rank from rank 0's model (and zero momentum), whatever each rank's init did."""
+        if self.comm.size > 1:
+            for group in self.groups:
+                self.comm.broadcast_(group.flat, root=0)
+
+    # --- the three calls of a training step -------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        synchronous = self.schedule.is_synchronous(step)
+        if self.gradients is not None:
+            self.gradients.start_step(synchronous and self.comm.size > 1)
+        if step == self.schedule.local_start and self.outer.needs_anchor and not self.anchors:
+            self.anchors = [g.slice(PARAMS).clone() for g in self.groups]
+
+    def finish_gradients(self) -> None:
+        if self.gradients is not None:
+            self.gradients.finish()
+
+    def end_step(self, completed_steps: int, lr: float) -> bool:
+        """Average the model if a sync is due after ``completed_steps`` steps; ``lr`` is the base
+        LR the last step used (SlowMo's γ). Returns whether a sync happened."""
+        if not self.schedule.averages_after(completed_steps):
+            return False
+        self.sync(lr)
+        return True
+
+    def sync(self, lr: float) -> None:
+        """One model average: a single allreduce per dtype, then the outer step and the buffer policy."""
+        with self.stats.timed():
+            handles = [self.comm.iallreduce_(g.flat[start:end], average=True)
+                       for g, spans in zip(self.groups, self._sync_spans) for start, end in spans]
+            for handle in handles:
+                handle.wait()
+        self.stats.sync_rounds += 1
+        self.stats.bytes_sent += self.bytes_per_sync
+        with torch.no_grad():
+            for index, group in enumerate(self.groups):
+                anchor = self.anchors[index] if self.anchors else None
+                self.outer.step(group.slice(PARAMS), anchor, lr, index)
+                if self.cfg.momentum_buffers == "reset":
+                    group.slice(MOMENTUM).zero_()
+
+    # --- evaluation ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def averaged_model(self) -> Iterator[torch.nn.Module]:
+        """The globally averaged model (parameters and BN statistics), restored on exit so that
+        evaluation never changes the training trajectory."""
+        if self.comm.size == 1:
+            yield self.model
+            return
+        kinds = {PARAMS, BUFFERS}
+        backups = []
+        with self.eval_stats.timed():
+            for group in self.groups:
+                for start, end in group.span(kinds):
+                    backups.append((group.flat[start:end], group.flat[start:end].clone()))
+            for live, _ in backups:
+                self.comm.allreduce_(live, average=True)
+        self.eval_stats.sync_rounds += 1
+        self.eval_stats.bytes_sent += sum(live.numel() * live.element_size() for live, _ in backups)
+        try:
+            yield self.model
+        finally:
+            for live, saved in backups:
+                live.copy_(saved)
+
+    def close(self) -> None:
+        if self.gradients is not None:
+            self.gradients.remove()

@@ -1,0 +1,111 @@
+"""Contiguous storage for everything that is averaged, so that a sync is one collective per dtype.
+
+At start-up the parameters, the BatchNorm statistics and the SGD momentum buffers are moved
+into one flat buffer per dtype and the originals are replaced by views into it (as
+fairscale's FlatParameter and DDP's gradient-as-bucket-view do). Training then updates the
+flat buffer in place, and averaging is an allreduce of one contiguous slice: no gather,
+no scatter, no per-tensor collective.
+
+Segments are laid out so that whatever a sync averages is one contiguous prefix of the
+buffer: [averaged segments..., local segments...].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+PARAMS = "params"
+BUFFERS = "buffers"     # floating-point module buffers (BatchNorm running statistics)
+MOMENTUM = "momentum"   # the base optimizer's momentum buffers
+KINDS = (PARAMS, BUFFERS, MOMENTUM)
+
+
+@dataclass
+class FlatGroup:
+    """All tensors of one dtype and device, stored back to back in ``flat``."""
+
+    dtype: torch.dtype
+    device: torch.device
+    flat: torch.Tensor
+    # (kind, start, end) for each segment in buffer order.
+    segments: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def span(self, kinds: frozenset[str] | set[str]) -> list[tuple[int, int]]:
+        """Maximal contiguous [start, end) ranges covering the segments of the given kinds."""
+        ranges: list[tuple[int, int]] = []
+        for kind, start, end in self.segments:
+            if kind not in kinds or start == end:
+                continue
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
+        return ranges
+
+    def slice(self, kind: str) -> torch.Tensor:
+        for k, start, end in self.segments:
+            if k == kind:
+                return self.flat[start:end]
+        return self.flat[0:0]
+
+
+def _module_float_buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    found = []
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                found.append((module, name, buffer))
+    return found
+
+
+def flatten_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           averaged_kinds: frozenset[str]) -> list[FlatGroup]:
+    """Move parameters, float buffers and momentum buffers into flat storage, one group per dtype.
+
+    Momentum buffers are created as zeros: for SGD with dampening 0 the first update
+    ``buf = μ·0 + g`` equals PyTorch's lazy ``buf = g`` exactly.
+    Call after the model is on its device and before training; afterwards replace no
+    parameter or buffer object (load state with ``copy_`` only).
+    """
+    params = [p for p in model.parameters()]
+    buffers = _module_float_buffers(model)
+    momentum_params: list[torch.nn.Parameter] = []
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0.0) > 0.0:
+            if group.get("dampening", 0.0) != 0.0:
+                raise ValueError("flat momentum buffers require dampening == 0")
+            momentum_params.extend(group["params"])
+
+    order = [k for k in KINDS if k in averaged_kinds] + [k for k in KINDS if k not in averaged_kinds]
+    by_key: dict[tuple[torch.dtype, torch.device], dict[str, list[torch.Tensor]]] = {}
+    for kind, tensors in ((PARAMS, params), (BUFFERS, [b for _, _, b in buffers]), (MOMENTUM, momentum_params)):
+        for t in tensors:
+            by_key.setdefault((t.dtype, t.device), {k: [] for k in KINDS})[kind].append(t)
+
+    groups: list[FlatGroup] = []
+    views: dict[tuple[str, int], torch.Tensor] = {}
+    for (dtype, device), members in by_key.items():
+        total = sum(t.numel() for kind in order for t in members[kind])
+        flat = torch.zeros(total, dtype=dtype, device=device)
+        group = FlatGroup(dtype, device, flat)
+        offset = 0
+        for kind in order:
+            start = offset
+            for t in members[kind]:
+                view = flat[offset:offset + t.numel()].view_as(t)
+                if kind != MOMENTUM:
+                    view.copy_(t.detach())
+                views[(kind, id(t))] = view
+                offset += t.numel()
+            group.segments.append((kind, start, offset))
+        groups.append(group)
+
+    with torch.no_grad():
+        for p in params:
+            p.data = views[(PARAMS, id(p))]
+    for module, name, buffer in buffers:
+        module._buffers[name] = views[(BUFFERS, id(buffer))]
+    for p in momentum_params:
+        optimizer.state[p]["momentum_buffer"] = views[(MOMENTUM, id(p))]
+    return groups

@@ -1,0 +1,122 @@
+"""Synchronous SGD: gradients averaged every step, communication overlapped with backward.
+
+Parameters are grouped into buckets (reverse registration order, which is roughly the order
+backward produces gradients, as in DDP). A post-accumulate-grad hook copies each gradient
+into its bucket's flat buffer; a full bucket starts a non-blocking allreduce while backward
+goes on. Buckets start strictly in index order so that every rank issues its collectives
+in the same order (MPI requires it). ``finish`` waits and copies the averages back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..comm.base import Communicator, Handle
+from .accounting import CommStats
+
+
+@dataclass
+class _Bucket:
+    params: list[torch.nn.Parameter]
+    flat: torch.Tensor
+    views: list[torch.Tensor]
+    pending: int = 0
+    handle: Optional[Handle] = None
+    filled: set[int] = field(default_factory=set)
+
+
+class GradientAllreduce:
+    def __init__(self, params: list[torch.nn.Parameter], comm: Communicator, bucket_bytes: int,
+                 stats: CommStats) -> None:
+        self.comm = comm
+        self.stats = stats
+        self.enabled = False
+        self.buckets: list[_Bucket] = []
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) → (bucket, position)
+        trainable = [p for p in params if p.requires_grad]
+        current: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
+        sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+        for p in reversed(trainable):
+            key = (p.dtype, p.device)
+            current.setdefault(key, []).append(p)
+            sizes[key] = sizes.get(key, 0) + p.numel() * p.element_size()
+            if sizes[key] >= bucket_bytes:
+                self._add_bucket(current.pop(key))
+                sizes[key] = 0
+        for members in current.values():
+            self._add_bucket(members)
+        self.bytes_per_step = sum(b.flat.numel() * b.flat.element_size() for b in self.buckets)
+        self._next_to_start = 0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable]
+
+    def _add_bucket(self, members: list[torch.nn.Parameter]) -> None:
+        total = sum(p.numel() for p in members)
+        flat = torch.zeros(total, dtype=members[0].dtype, device=members[0].device)
+        views, offset = [], 0
+        for position, p in enumerate(members):
+            views.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+            self._where[id(p)] = (len(self.buckets), position)
+        self.buckets.append(_Bucket(members, flat, views))
+
+    def start_step(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._next_to_start = 0
+        for bucket in self.buckets:
+            bucket.filled.clear()
+            bucket.handle = None
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        index, position = self._where[id(param)]
+        bucket = self.buckets[index]
+        if position in bucket.filled:
+            return  # a parameter used twice in the graph; its final grad is copied at finish()
+        bucket.views[position].copy_(param.grad)
+        bucket.filled.add(position)
+        self._start_ready_buckets()
+
+    def _start_ready_buckets(self) -> None:
+        while self._next_to_start < len(self.buckets):
+            bucket = self.buckets[self._next_to_start]
+            if len(bucket.filled) < len(bucket.params):
+                return
+            with self.stats.timed():
+                bucket.handle = self.comm.iallreduce_(bucket.flat, average=True)
+            self._next_to_start += 1
+
+    def finish(self) -> None:
+        """Wait for every bucket and write the averaged gradients into ``param.grad``."""
+        if not self.enabled:
+            return
+        with self.stats.timed():
+            for bucket in self.buckets:
+                if bucket.handle is None:
+                    # Parameters without a gradient this step contribute zeros on this rank.
+                    for position, p in enumerate(bucket.params):
+                        if position not in bucket.filled:
+                            if p.grad is None:
+                                bucket.views[position].zero_()
+                            else:
+                                bucket.views[position].copy_(p.grad)
+                            bucket.filled.add(position)
+                    self._start_ready_buckets()
+            for bucket in self.buckets:
+                assert bucket.handle is not None
+                bucket.handle.wait()
+        for bucket in self.buckets:
+            for p, view in zip(bucket.params, bucket.views):
+                if p.grad is None:
+                    p.grad = view.clone()
+                else:
+                    p.grad.copy_(view)
+        self.stats.sync_rounds += 1
+        self.stats.bytes_sent += self.bytes_per_step
+        self.enabled = False
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()

@@ -1,0 +1,90 @@
+"""Outer optimizers: what a sync does with the averaged model.
+
+Each acts on flat parameter storage: ``averaged`` holds x̄ = avg_i x⁽ⁱ⁾ on entry and the new
+model on exit; ``anchor`` holds the model after the previous sync, x_prev, and is updated to
+the new model. The formulas are rearranged as ``x_new = x̄ + (1 − lr)·Δ − …`` with
+Δ = x_prev − x̄ so that the plain-average special cases (SlowMo with α = 1, β = 0) give x̄
+bit for bit.
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+
+
+class OuterOptimizer(abc.ABC):
+    """Plain model averaging: x ← x̄ (local SGD)."""
+
+    needs_anchor = False
+
+    def step(self, averaged: torch.Tensor, anchor: torch.Tensor | None, lr: float, index: int) -> None:
+        """Update ``averaged`` (group ``index`` of the flat storage) into the new model in place."""
+
+    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {}
+
+
+class PlainAverage(OuterOptimizer):
+    pass
+
+
+class _MomentumOuter(OuterOptimizer):
+    needs_anchor = True
+
+    def __init__(self) -> None:
+        self.momentum: dict[int, torch.Tensor] = {}
+
+    def _buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        if index not in self.momentum:
+            # fp32 even for low-precision models: the slow momentum accumulates small differences.
+            self.momentum[index] = torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32))
+        return self.momentum[index]
+
+    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {"momentum": [self.momentum[i] for i in sorted(self.momentum)]}
+
+
+class SlowMo(_MomentumOuter):
+    """SlowMo (Wang, Tantia, Ballas, Rabbat, ICLR 2020), with γ the base LR in force at the sync:
+
+        u ← β·u + (x_prev − x̄)/γ
+        x_new = x_prev − α·γ·u   =   x̄ + (1 − α)·Δ − α·β·γ·u_old
+    """
+
+    def __init__(self, slow_lr: float, slow_momentum: float) -> None:
+        super().__init__()
+        self.slow_lr = slow_lr
+        self.slow_momentum = slow_momentum
+
+    def step(self, averaged: torch.Tensor, anchor: torch.Tensor | None, lr: float, index: int) -> None:
+        assert anchor is not None and lr > 0
+        alpha, beta = self.slow_lr, self.slow_momentum
+        u = self._buffer(index, averaged)
+        delta = anchor.sub_(averaged)  # the anchor's storage now holds Δ; it is rewritten below
+        averaged.add_(delta, alpha=1.0 - alpha).add_(u.to(averaged.dtype), alpha=-alpha * beta * lr)
+        u.mul_(beta).add_(delta.to(u.dtype), alpha=1.0 / lr)
+        anchor.copy_(averaged)
+
+
+class OuterNesterov(_MomentumOuter):
+    """Outer Nesterov SGD on the outer gradient Δ = x_prev − x̄ (DiLoCo, Douillard et al. 2023),
+    in PyTorch's Nesterov convention:
+
+        b ← μ·b + Δ
+        x_new = x_prev − η·(Δ + μ·b)   =   x̄ + (1 − η)·Δ − η·μ·b
+    """
+
+    def __init__(self, outer_lr: float, outer_momentum: float) -> None:
+        super().__init__()
+        self.outer_lr = outer_lr
+        self.outer_momentum = outer_momentum
+
+    def step(self, averaged: torch.Tensor, anchor: torch.Tensor | None, lr: float, index: int) -> None:
+        assert anchor is not None
+        eta, mu = self.outer_lr, self.outer_momentum
+        b = self._buffer(index, averaged)
+        delta = anchor.sub_(averaged)
+        b.mul_(mu).add_(delta.to(b.dtype))
+        averaged.add_(delta, alpha=1.0 - eta).add_(b.to(averaged.dtype), alpha=-eta * mu)
+        anchor.copy_(averaged)

@@ -1,0 +1,61 @@
+"""``hpc-localsgd VERB ...``: each verb parses its arguments and calls one function of the package."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .errors import UserError
+
+
+def _rank_from_environment() -> int:
+    from .launcher.env import detect_launch
+    try:
+        return detect_launch().layout.rank
+    except UserError:
+        return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train.loop import train
+
+    overrides = list(args.set or [])
+    if args.run_dir:
+        overrides.append(f"output.run_dir={args.run_dir}")
+    cfg = load_config(args.config, overrides)
+    train(cfg, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpc-localsgd",
+                                     description="Local SGD, post-local SGD and SlowMo on MPI ranks.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    train = verbs.add_parser("train", help="train a model; run it once per rank (mpirun, srun, horovodrun)")
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set algorithm.sync_period=8 (repeatable)")
+    train.add_argument("--run-dir", help="shorthand for --set output.run_dir=DIR")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run (metrics, config, checkpoints) already in the run dir")
+    train.set_defaults(handler=_train)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        # One line, no traceback; rank 0 speaks for errors that every rank sees alike.
+        if not exc.same_on_every_rank or _rank_from_environment() == 0:
+            print(f"hpc-localsgd: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hpc-localsgd: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

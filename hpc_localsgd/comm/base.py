@@ -1,0 +1,90 @@
+"""The communicator interface: everything the algorithms need from a backend, and no more.
+
+Backends (``single``, ``mpi``, ``horovod``, ``torch``, ``threads``) each live in one file and
+implement the four primitives below on *contiguous* tensors. Nothing above this package
+imports horovod, mpi4py or torch.distributed.
+
+Averaging is "sum, then divide by size" everywhere so that every backend computes the
+same value; backends with a native average may use it (results agree to float rounding).
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+
+class Handle(abc.ABC):
+    """A non-blocking collective in flight."""
+
+    @abc.abstractmethod
+    def wait(self) -> None:
+        """Block until the collective has completed and its buffer holds the result."""
+
+
+class DoneHandle(Handle):
+    """A collective that completed when it was started (single process, blocking fall-backs)."""
+
+    def wait(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class WorldLayout:
+    """Where this rank sits: global rank and size, rank and size on its node, node index."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    node_rank: int
+    num_nodes: int
+
+
+class Communicator(abc.ABC):
+    """A group of ranks that reduce and broadcast contiguous tensors in place."""
+
+    name: str = "abstract"
+
+    def __init__(self, layout: WorldLayout) -> None:
+        self.layout = layout
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    @property
+    def local_rank(self) -> int:
+        return self.layout.local_rank
+
+    @property
+    def is_root(self) -> bool:
+        return self.layout.rank == 0
+
+    @abc.abstractmethod
+    def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
+        """Start an in-place allreduce (sum, or mean when ``average``) of a contiguous tensor.
+
+        Collectives must be started in the same order on every rank.
+        """
+
+    def allreduce_(self, buffer: torch.Tensor, average: bool = True) -> None:
+        """Blocking in-place allreduce of a contiguous tensor."""
+        self.iallreduce_(buffer, average).wait()
+
+    @abc.abstractmethod
+    def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
+        """Blocking in-place broadcast of a contiguous tensor from ``root``."""
+
+    @abc.abstractmethod
+    def barrier(self) -> None:
+        """Block until every rank has arrived."""
+
+    def close(self) -> None:
+        """Release backend resources; the communicator is unusable afterwards."""
+        return None

@@ -1,0 +1,35 @@
+"""Errors a user can fix. They end every rank with one line and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: a config value, a path, a backend, a launcher set-up.
+
+    The message is one line that names what is wrong; the CLI prints it as
+    ``hpc-localsgd: error: <message>`` and exits with ``exit_code``.
+    """
+
+    exit_code = 2
+    # Most bad input is seen identically by every rank (same config, same shared filesystem):
+    # then only rank 0 prints it. Errors that only some ranks can see set this to False.
+    same_on_every_rank = True
+
+
+class ConfigError(UserError):
+    """A config key, type or value is wrong. The message starts with the dotted key."""
+
+
+class BackendUnavailable(UserError):
+    """The requested communication backend cannot be used in this environment."""
+
+
+class LauncherMismatch(UserError):
+    """The launcher's environment and the communicator disagree about the world."""
+
+    same_on_every_rank = False
+
+
+class RankLocalError(UserError):
+    """A problem only this rank can see (its device, its node's files)."""
+
+    same_on_every_rank = False

@@ -1,0 +1,76 @@
+"""``RUN_DIR/metrics.h5``: per-step and per-evaluation series, written by rank 0.
+
+Rows are buffered and appended by open–write–close, so between flushes the file is a
+complete, closed HDF5 file that h5py and h5dump read while the run goes on (SWMR is avoided
+on purpose: it is unreliable on parallel filesystems).
+
+Layout: groups ``steps`` and ``evals``, one 1-D dataset per field (all the same length);
+root attributes ``config`` (the resolved YAML), ``world`` (JSON), ``versions`` (JSON),
+``format`` = "hpc-localsgd/metrics", ``format_version`` = 1.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+STEP_FIELDS = ("step", "epoch", "lr", "loss", "accuracy", "samples_per_s", "comm_seconds", "compute_seconds",
+               "bytes_sent", "sync_rounds", "synced")
+EVAL_FIELDS = ("step", "epoch", "train_loss", "test_loss", "test_accuracy", "wall_seconds", "comm_seconds",
+               "bytes_sent", "sync_rounds")
+_INT_FIELDS = {"step", "bytes_sent", "sync_rounds", "synced"}
+
+
+class MetricsWriter:
+    def __init__(self, path: str | Path, attrs: dict[str, Any], flush_seconds: float) -> None:
+        self.path = Path(path)
+        self.flush_seconds = flush_seconds
+        self._pending: dict[str, list[dict[str, float]]] = {"steps": [], "evals": []}
+        self._last_flush = time.monotonic()
+        with h5py.File(self.path, "w-") as f:
+            f.attrs["format"] = "hpc-localsgd/metrics"
+            f.attrs["format_version"] = 1
+            for key, value in attrs.items():
+                f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+            for group, fields in (("steps", STEP_FIELDS), ("evals", EVAL_FIELDS)):
+                g = f.create_group(group)
+                for name in fields:
+                    g.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1024,),
+                                     dtype=np.int64 if name in _INT_FIELDS else np.float64)
+
+    def log_step(self, **row: float) -> None:
+        self._pending["steps"].append(row)
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def log_eval(self, **row: float) -> None:
+        self._pending["evals"].append(row)
+        self.flush()
+
+    def flush(self) -> None:
+        if not any(self._pending.values()):
+            return
+        with h5py.File(self.path, "a") as f:
+            for group, rows in self._pending.items():
+                if not rows:
+                    continue
+                for name, dataset in f[group].items():
+                    values = np.asarray([row[name] for row in rows], dtype=dataset.dtype)
+                    old = dataset.shape[0]
+                    dataset.resize((old + len(values),))
+                    dataset[old:] = values
+                rows.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
+def read_metrics(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Both series as numpy arrays: ``{"steps": {field: array}, "evals": {...}}``."""
+    with h5py.File(path, "r") as f:
+        return {group: {name: f[group][name][()] for name in f[group]} for group in ("steps", "evals")}

@@ -1,0 +1,110 @@
+"""Who am I? Rank, local rank, world size and node, read from the launcher's environment.
+
+Read from environment variables only (no MPI call), so that the layout is known before a
+backend is chosen and so that a communicator can be checked against it: a rank that
+believes it is alone while the launcher started several is the classic sign of mpi4py or
+Horovod built against another MPI than the ``mpirun`` that launched it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+from ..comm.base import WorldLayout
+from ..errors import LauncherMismatch, RankLocalError
+
+# (launcher, rank, size, local rank, local size, node rank) variable names, most specific first.
+_LAUNCHERS: tuple[tuple[str, str, str, str, str, Optional[str]], ...] = (
+    ("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE", "HOROVOD_CROSS_RANK"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_NODE_RANK"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None),
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None, "SLURM_NODEID"),
+)
+
+
+@dataclass(frozen=True)
+class LaunchEnvironment:
+    launcher: str  # "openmpi", "slurm", "horovodrun", "mpich", "torchrun" or "none"
+    layout: WorldLayout
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    value = env[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise LauncherMismatch(f"launcher variable {name}={value!r} is not an integer") from None
+
+
+def _slurm_local_size(env: Mapping[str, str], node_rank: int) -> int:
+    """Tasks on this node from SLURM_TASKS_PER_NODE, e.g. '2(x3),1' → [2, 2, 2, 1]."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    counts: list[int] = []
+    for part in filter(None, spec.split(",")):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[node_rank] if node_rank < len(counts) else 1
+
+
+def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchEnvironment:
+    """The layout given by the first launcher whose variables are set; one process otherwise.
+
+    ``srun`` of an MPI program sets both Slurm's and PMI's variables; the MPI ones come first
+    because they describe the same world.
+    """
+    env = os.environ if env is None else env
+    for launcher, rank_var, size_var, local_rank_var, local_size_var, node_var in _LAUNCHERS:
+        if rank_var not in env or size_var not in env:
+            continue
+        rank, size = _int(env, rank_var), _int(env, size_var)
+        node_rank = _int(env, node_var) if node_var and node_var in env else 0
+        local_rank = _int(env, local_rank_var) if local_rank_var in env else 0
+        if local_size_var and local_size_var in env:
+            local_size = _int(env, local_size_var)
+        elif launcher == "slurm":
+            local_size = _slurm_local_size(env, node_rank)
+        else:
+            local_size = size
+        num_nodes = _int(env, "SLURM_STEP_NUM_NODES") if "SLURM_STEP_NUM_NODES" in env else \
+            _int(env, "SLURM_NNODES") if launcher == "slurm" and "SLURM_NNODES" in env else max(1, -(-size // local_size))
+        if not (0 <= rank < size and 0 <= local_rank < local_size <= size):
+            raise LauncherMismatch(
+                f"{launcher} reports rank {rank} of {size}, local rank {local_rank} of {local_size}: inconsistent")
+        return LaunchEnvironment(launcher, WorldLayout(rank, size, local_rank, local_size, node_rank, num_nodes))
+    return LaunchEnvironment("none", WorldLayout(0, 1, 0, 1, 0, 1))
+
+
+def select_device(requested: str, layout: WorldLayout) -> torch.device:
+    """``cuda:<local rank>`` when GPUs exist (or as asked), else the CPU."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    has_cuda = torch.cuda.is_available()
+    if requested.startswith("cuda") and not has_cuda:
+        raise RankLocalError(f"train.device is {requested!r} but no CUDA device is visible to this rank")
+    if not has_cuda:
+        return torch.device("cpu")
+    if requested.startswith("cuda:"):
+        return torch.device(requested)
+    count = torch.cuda.device_count()
+    # With one GPU visible per rank (Slurm's --gpus-per-task), every rank uses its cuda:0.
+    return torch.device("cuda", layout.local_rank % count)
+
+
+def threads_for_rank(requested: int, layout: WorldLayout, env: Optional[Mapping[str, str]] = None) -> int:
+    """Intra-op threads: as asked, else OMP_NUM_THREADS, SLURM_CPUS_PER_TASK, or this rank's share of the node."""
+    env = os.environ if env is None else env
+    if requested > 0:
+        return requested
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        if env.get(name, "").isdigit() and int(env[name]) > 0:
+            return int(env[name])
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    total = os.cpu_count() or allowed
+    # A launcher that bound this rank to a subset of cores already gave it its share.
+    share = allowed if allowed < total else total // max(1, layout.local_size)
+    return max(1, share)

@@ -1,0 +1,240 @@
+"""The training loop: model, data, LR and progress around the averaging engine.
+
+Every rank runs this function; rank 0 alone prints and writes metrics.h5.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..algorithms.accounting import CommStats
+from ..algorithms.engine import AveragingEngine, local_start_step
+from ..algorithms.schedule import SyncSchedule
+from ..comm import make_communicator
+from ..comm.base import Communicator
+from ..config.load import config_to_dict, config_to_yaml
+from ..config.schema import RunConfig
+from ..errors import UserError
+from ..io.metrics import MetricsWriter
+from ..io.rundir import prepare_run_dir, write_text_atomically
+from ..launcher.env import LaunchEnvironment, detect_launch, select_device, threads_for_rank
+from .data import ShardedBatches, build_datasets, eval_batches
+from .lr import LRSchedule
+from .models import build_model
+
+
+@dataclass
+class EvalResult:
+    test_loss: float
+    test_accuracy: float
+    train_loss: float
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    engine: AveragingEngine
+    steps: int
+    wall_seconds: float
+    final: EvalResult
+    stats: CommStats
+    evals: list[EvalResult] = field(default_factory=list)
+
+
+def describe_method(cfg: RunConfig) -> str:
+    a = cfg.algorithm
+    name = {"allreduce": "all-reduce SGD", "local_sgd": f"local SGD H={a.sync_period}",
+            "post_local_sgd": f"post-local SGD H={a.sync_period}"}[a.method]
+    if a.outer == "slowmo":
+        name += f" + SlowMo (α={a.slow_lr:g}, β={a.slow_momentum:g})"
+    elif a.outer == "nesterov":
+        name += f" + outer Nesterov (η={a.outer_lr:g}, μ={a.outer_momentum:g})"
+    return name
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def evaluate(engine: AveragingEngine, datasets_test, cfg: RunConfig, device: torch.device,
+             train_loss_sum: float, train_loss_count: int) -> EvalResult:
+    """Loss and accuracy of the globally averaged model on the whole test set (each rank takes
+    a disjoint part), plus the mean training loss of all ranks since the last evaluation."""
+    comm = engine.comm
+    sums = torch.zeros(5, dtype=torch.float64)
+    with engine.averaged_model() as model:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for x, y in eval_batches(datasets_test, cfg.data.eval_batch_size, comm.rank, comm.size,
+                                     cfg.data.num_workers):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                out = model(x)
+                sums[0] += F.cross_entropy(out, y, reduction="sum").item()
+                sums[1] += (out.argmax(1) == y).sum().item()
+                sums[2] += y.numel()
+        model.train(was_training)
+    sums[3], sums[4] = train_loss_sum, train_loss_count
+    if comm.size > 1:
+        with engine.eval_stats.timed():
+            comm.allreduce_(sums, average=False)
+        engine.eval_stats.bytes_sent += sums.numel() * sums.element_size()
+    test_count = max(sums[2].item(), 1.0)
+    return EvalResult(test_loss=sums[0].item() / test_count, test_accuracy=sums[1].item() / test_count,
+                      train_loss=sums[3].item() / max(sums[4].item(), 1.0))
+
+
+def train(cfg: RunConfig, *, overwrite: bool = False, launch: Optional[LaunchEnvironment] = None,
+          comm: Optional[Communicator] = None, print_fn: Callable[[str], None] = print) -> TrainResult:
+    """Run one training job on this rank. Every rank calls this with the same config."""
+    launch = launch or detect_launch()
+    torch.set_num_threads(threads_for_rank(cfg.train.threads, launch.layout))
+    device = select_device(cfg.train.device, launch.layout)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    comm = comm or make_communicator(cfg.comm.backend, launch, device)
+    rank, size = comm.rank, comm.size
+    say = print_fn if comm.is_root else (lambda _msg: None)
+
+    run_dir = Path(cfg.output.run_dir)
+    prepare_run_dir(comm, run_dir, overwrite)
+    if comm.is_root:
+        write_text_atomically(run_dir / "config.yaml", config_to_yaml(cfg))
+
+    # Same seed on every rank: identical initial models (broadcast anyway by the engine).
+    _seed_everything(cfg.seed)
+    datasets = build_datasets(cfg.data, cfg.seed)
+    model = build_model(cfg.model, datasets.num_classes, datasets.input_shape).to(device)
+    batches = ShardedBatches(datasets.train, cfg.data.batch_size, rank, size, cfg.seed,
+                             num_workers=cfg.data.num_workers, augment=cfg.data.augment)
+    steps_per_epoch = batches.steps_per_epoch
+    if steps_per_epoch < 1:
+        raise UserError(f"data: {len(datasets.train)} training samples are too few for {size} ranks "
+                        f"× data.batch_size {cfg.data.batch_size}")
+    total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    global_batch = cfg.data.batch_size * size
+    lr_schedule = LRSchedule.from_config(cfg.optim, global_batch, steps_per_epoch, total_steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_schedule.peak, momentum=cfg.optim.momentum,
+                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+    schedule = SyncSchedule(cfg.algorithm.sync_period,
+                            local_start_step(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step))
+    engine = AveragingEngine(model, optimizer, comm, cfg.algorithm, schedule,
+                             bucket_bytes=int(cfg.comm.bucket_mb * 2**20))
+    engine.broadcast_initial_state()
+
+    metrics: Optional[MetricsWriter] = None
+    if comm.is_root:
+        world = {"size": size, "nodes": launch.layout.num_nodes, "ranks_per_node": launch.layout.local_size,
+                 "launcher": launch.launcher, "backend": comm.name, "device": str(device),
+                 "threads_per_rank": torch.get_num_threads(), "host": platform.node()}
+        versions = {"hpc_localsgd": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+        metrics = MetricsWriter(run_dir / "metrics.h5",
+                                {"config": config_to_yaml(cfg), "world": world, "versions": versions,
+                                 "method": describe_method(cfg), "steps_per_epoch": steps_per_epoch,
+                                 "total_steps": total_steps, "global_batch": global_batch},
+                                cfg.output.metrics_flush_seconds)
+    say(f"hpc-localsgd: {describe_method(cfg)} | {size} rank(s) on {launch.layout.num_nodes} node(s), "
+        f"{comm.name} backend, {device} | {cfg.model.name} on {cfg.data.name} | global batch {global_batch}, "
+        f"peak lr {lr_schedule.peak:.4g} | {total_steps} steps ({steps_per_epoch}/epoch) | run dir {run_dir}")
+
+    eval_interval = max(1, int(round(cfg.train.eval_every_epochs * steps_per_epoch)))
+    stats = engine.stats
+    evals: list[EvalResult] = []
+    train_loss_sum, train_loss_count = 0.0, 0
+    log_window = {"time": 0.0, "comm": 0.0, "loss": 0.0, "correct": 0.0, "seen": 0}
+    start = time.perf_counter()
+    step = 0
+    model.train()
+    try:
+        for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+            for x, y in batches.epoch(epoch):
+                if step >= total_steps:
+                    break
+                step_start = time.perf_counter()
+                comm_before = stats.comm_seconds
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                lr = lr_schedule.at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                engine.begin_step(step)
+                optimizer.zero_grad(set_to_none=True)
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                loss.backward()
+                engine.finish_gradients()
+                optimizer.step()
+                synced = engine.end_step(step + 1, lr)
+                step += 1
+
+                loss_value = loss.item()
+                correct = (out.argmax(1) == y).sum().item()
+                elapsed = time.perf_counter() - step_start
+                comm_seconds = stats.comm_seconds - comm_before
+                train_loss_sum += loss_value
+                train_loss_count += 1
+                if metrics is not None:
+                    metrics.log_step(step=step, epoch=step / steps_per_epoch, lr=lr, loss=loss_value,
+                                     accuracy=correct / y.numel(), samples_per_s=global_batch / elapsed,
+                                     comm_seconds=comm_seconds, compute_seconds=elapsed - comm_seconds,
+                                     bytes_sent=stats.bytes_sent, sync_rounds=stats.sync_rounds, synced=int(synced))
+                    log_window["time"] += elapsed
+                    log_window["comm"] += comm_seconds
+                    log_window["loss"] += loss_value * y.numel()
+                    log_window["correct"] += correct
+                    log_window["seen"] += y.numel()
+                    if step % cfg.train.log_every_steps == 0 or step == total_steps:
+                        seen = max(1, log_window["seen"])
+                        say(f"step {step}/{total_steps} | epoch {step / steps_per_epoch:.2f} | lr {lr:.4g} | "
+                            f"loss {log_window['loss'] / seen:.4f} | acc {log_window['correct'] / seen:.3f} | "
+                            f"{seen * size / max(log_window['time'], 1e-9):.0f} samples/s | "
+                            f"comm {100 * log_window['comm'] / max(log_window['time'], 1e-9):.0f}%")
+                        log_window = {"time": 0.0, "comm": 0.0, "loss": 0.0, "correct": 0.0, "seen": 0}
+
+                if step % eval_interval == 0 or step == total_steps:
+                    result = evaluate(engine, datasets.test, cfg, device, train_loss_sum, train_loss_count)
+                    train_loss_sum, train_loss_count = 0.0, 0
+                    evals.append(result)
+                    if metrics is not None:
+                        metrics.log_eval(step=step, epoch=step / steps_per_epoch, train_loss=result.train_loss,
+                                         test_loss=result.test_loss, test_accuracy=result.test_accuracy,
+                                         wall_seconds=time.perf_counter() - start, comm_seconds=stats.comm_seconds,
+                                         bytes_sent=stats.bytes_sent, sync_rounds=stats.sync_rounds)
+                    say(f"eval step {step} | epoch {step / steps_per_epoch:.2f} | train loss {result.train_loss:.4f} | "
+                        f"test loss {result.test_loss:.4f} | test acc {result.test_accuracy:.4f}")
+            if step >= total_steps:
+                break
+    finally:
+        if metrics is not None:
+            metrics.close()
+        engine.close()
+
+    wall = time.perf_counter() - start
+    final = evals[-1]
+    say(f"hpc-localsgd: done | {describe_method(cfg)} | {size} ranks | {step} steps in {wall:.1f} s | "
+        f"test acc {final.test_accuracy:.4f} | {stats.sync_rounds} sync rounds, "
+        f"{_human_bytes(stats.bytes_sent)} sent per rank | comm {100 * stats.comm_seconds / max(wall, 1e-9):.0f}% of time")
+    return TrainResult(model=model, engine=engine, steps=step, wall_seconds=wall, final=final, stats=stats, evals=evals)

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="hpc-localsgd",
+    version="0.1.0",
+    description="Local SGD, post-local SGD and SlowMo on MPI ranks, with Horovod, mpi4py or torch.distributed",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hpc_localsgd", "hpc_localsgd.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy",
+        "pyyaml>=6",
+        "h5py>=3.8",
+        "mpi4py>=3.1",
+        "tqdm",
+    ],
+    extras_require={
+        # Horovod must be built against the installed torch and MPI: see scripts/install.sh.
+        "horovod": ["horovod==0.28.1"],
+        "digits": ["scikit-learn"],
+        "test": ["pytest>=8", "scikit-learn"],
+    },
+    entry_points={"console_scripts": ["hpc-localsgd=hpc_localsgd.cli:main"]},
+)

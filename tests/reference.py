@@ -1,0 +1,96 @@
+"""An independent reference for the averaging algorithms: W workers simulated in one process.
+
+Written straight from ../shared/ALGORITHMS.md, per tensor and without the package's flat
+buffers, gradient buckets or rearranged formulas, so that agreement with the package is
+evidence rather than tautology. Workers use PyTorch's own SGD (with its lazy momentum).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ReferenceAlgorithm:
+    sync_period: int = 1
+    local_start: Optional[int] = 0       # None: synchronous throughout
+    outer: str = "none"                  # none | slowmo | nesterov
+    slow_lr: float = 1.0
+    slow_momentum: float = 0.0
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    momentum_buffers: str = "keep"       # keep | average | reset
+    average_bn_buffers: bool = True
+
+
+def simulate(initial: torch.nn.Module, algo: ReferenceAlgorithm, batches: Sequence[Sequence[tuple]],
+             lr_at: Callable[[int], float], momentum: float, weight_decay: float,
+             nesterov: bool = False) -> list[torch.nn.Module]:
+    """Train ``len(batches)`` workers; ``batches[i][s]`` is worker i's (x, y) at step s."""
+    workers = [copy.deepcopy(initial) for _ in batches]
+    opts = [torch.optim.SGD(w.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay,
+                            nesterov=nesterov) for w in workers]
+    steps = len(batches[0])
+    x_prev: list[torch.Tensor] = []
+    slow_u: list[torch.Tensor] = []
+    for s in range(steps):
+        lr = lr_at(s)
+        synchronous = algo.local_start is None or s < algo.local_start
+        if s == algo.local_start and algo.outer != "none":
+            x_prev = [p.detach().clone() for p in workers[0].parameters()]
+            slow_u = [torch.zeros_like(p) for p in x_prev]
+        for w, opt, wb in zip(workers, opts, batches):
+            opt.zero_grad()
+            x, y = wb[s]
+            F.cross_entropy(w(x), y).backward()
+        if synchronous and len(workers) > 1:
+            for params in zip(*(w.parameters() for w in workers)):
+                g = sum(p.grad for p in params) / len(params)
+                for p in params:
+                    p.grad = g.clone()
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+        done = s + 1
+        if synchronous or algo.local_start is None or (done - algo.local_start) % algo.sync_period != 0:
+            continue
+        with torch.no_grad():
+            # x̄ = avg_i x⁽ⁱ⁾
+            averaged = [sum(ps) / len(ps) for ps in zip(*(w.parameters() for w in workers))]
+            if algo.outer == "slowmo":
+                # u ← β·u + (x_prev − x̄)/γ ;  x ← x_prev − α·γ·u
+                for i, avg in enumerate(averaged):
+                    slow_u[i] = algo.slow_momentum * slow_u[i] + (x_prev[i] - avg) / lr
+                    averaged[i] = x_prev[i] - algo.slow_lr * lr * slow_u[i]
+                    x_prev[i] = averaged[i].clone()
+            elif algo.outer == "nesterov":
+                # Δ = x_prev − x̄ ; b ← μ·b + Δ ; x ← x_prev − η·(Δ + μ·b)
+                for i, avg in enumerate(averaged):
+                    delta = x_prev[i] - avg
+                    slow_u[i] = algo.outer_momentum * slow_u[i] + delta
+                    averaged[i] = x_prev[i] - algo.outer_lr * (delta + algo.outer_momentum * slow_u[i])
+                    x_prev[i] = averaged[i].clone()
+            for w in workers:
+                for p, avg in zip(w.parameters(), averaged):
+                    p.copy_(avg)
+            if algo.average_bn_buffers:
+                for bufs in zip(*(w.buffers() for w in workers)):
+                    if bufs[0].is_floating_point():
+                        mean = sum(bufs) / len(bufs)
+                        for b in bufs:
+                            b.copy_(mean)
+            if algo.momentum_buffers != "keep":
+                states = [[opt.state[p].get("momentum_buffer") for p in w.parameters()]
+                          for w, opt in zip(workers, opts)]
+                for bufs in zip(*states):
+                    if bufs[0] is None:
+                        continue
+                    new = sum(bufs) / len(bufs) if algo.momentum_buffers == "average" else torch.zeros_like(bufs[0])
+                    for b in bufs:
+                        b.copy_(new)
+    return workers

@@ -1,0 +1,187 @@
+"""The averaging engine against the independent reference, with W workers as threads in one process
+(a faked communicator, as the house rules allow for unit tests). float64 keeps rounding out of the way."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hpc_localsgd.algorithms.engine import AveragingEngine
+from hpc_localsgd.algorithms.schedule import SyncSchedule
+from hpc_localsgd.comm.threads import ThreadGroup
+from hpc_localsgd.config.schema import AlgorithmConfig
+from tests.reference import ReferenceAlgorithm, simulate
+
+WORKERS, STEPS, BATCH = 3, 12, 8
+MOMENTUM, WEIGHT_DECAY = 0.9, 1e-3
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4))
+    return model.double()
+
+
+def make_batches(workers: int = WORKERS, steps: int = STEPS) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(7)
+    return [[(torch.randn(BATCH, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (BATCH,), generator=g))
+             for _ in range(steps)] for _ in range(workers)]
+
+
+def lr_at(step: int) -> float:
+    return 0.05 * (1.0 + 0.5 * (step % 3))  # varies between syncs, so SlowMo's 1/γ factor matters
+
+
+def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1 << 20):
+    """Each worker thread runs the training step exactly as the package's loop does."""
+    initial = make_model()
+
+    def worker(comm):
+        model = copy.deepcopy(initial)
+        opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        engine = AveragingEngine(model, opt, comm, cfg, SyncSchedule(cfg.sync_period, local_start),
+                                 bucket_bytes=bucket_bytes)
+        engine.broadcast_initial_state()
+        for step, (x, y) in enumerate(batches[comm.rank]):
+            lr = lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            engine.begin_step(step)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            engine.finish_gradients()
+            opt.step()
+            engine.end_step(step + 1, lr)
+        engine.close()
+        return model, engine
+
+    return ThreadGroup(len(batches)).run(worker)
+
+
+def reference(cfg: AlgorithmConfig, local_start, batches):
+    ref = ReferenceAlgorithm(sync_period=cfg.sync_period, local_start=local_start, outer=cfg.outer,
+                             slow_lr=cfg.slow_lr, slow_momentum=cfg.slow_momentum, outer_lr=cfg.outer_lr,
+                             outer_momentum=cfg.outer_momentum, momentum_buffers=cfg.momentum_buffers,
+                             average_bn_buffers=cfg.average_bn_buffers)
+    return simulate(make_model(), ref, batches, lr_at, MOMENTUM, WEIGHT_DECAY)
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+CASES = {
+    "allreduce": (AlgorithmConfig(method="allreduce"), None),
+    "local_sgd_H4": (AlgorithmConfig(method="local_sgd", sync_period=4), 0),
+    "local_sgd_H3_avg_momentum": (AlgorithmConfig(method="local_sgd", sync_period=3, momentum_buffers="average"), 0),
+    "local_sgd_H4_reset_momentum_local_bn": (AlgorithmConfig(method="local_sgd", sync_period=4,
+                                                             momentum_buffers="reset", average_bn_buffers=False), 0),
+    "post_local_switch5_H3": (AlgorithmConfig(method="post_local_sgd", sync_period=3, switch_step=5), 5),
+    "slowmo_H4": (AlgorithmConfig(method="local_sgd", sync_period=4, outer="slowmo", slow_lr=1.0,
+                                  slow_momentum=0.6), 0),
+    "slowmo_alpha_lt1_H2": (AlgorithmConfig(method="local_sgd", sync_period=2, outer="slowmo", slow_lr=0.8,
+                                            slow_momentum=0.5), 0),
+    "post_local_slowmo": (AlgorithmConfig(method="post_local_sgd", sync_period=2, switch_step=4, outer="slowmo",
+                                          slow_momentum=0.5), 4),
+    "nesterov_H3": (AlgorithmConfig(method="local_sgd", sync_period=3, outer="nesterov"), 0),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_engine_matches_reference(name: str) -> None:
+    cfg, local_start = CASES[name]
+    batches = make_batches()
+    got = run_engine(cfg, local_start, batches, bucket_bytes=200)  # several gradient buckets
+    want = reference(cfg, local_start, batches)
+    for rank, ((model, _), ref_model) in enumerate(zip(got, want)):
+        ours, theirs = state(model), state(ref_model)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"{name}: rank {rank} {key}: {m}")
+
+
+@pytest.mark.parametrize("name", ["allreduce", "local_sgd_H4", "slowmo_H4", "post_local_switch6_H3"])
+def test_replicas_agree_after_a_sync(name: str) -> None:
+    cfg, local_start = CASES[name] if name in CASES else (
+        AlgorithmConfig(method="post_local_sgd", sync_period=3, switch_step=6), 6)
+    got = run_engine(cfg, local_start, make_batches())  # 12 steps: the last step is a sync in every case
+    first = dict(got[0][0].named_parameters())
+    for model, _ in got[1:]:
+        for key, p in model.named_parameters():
+            assert torch.equal(p, first[key]), key
+
+
+def test_local_sgd_with_period_1_equals_synchronous_sgd() -> None:
+    batches = make_batches()
+    sync = run_engine(AlgorithmConfig(method="allreduce"), None, batches)
+    local = run_engine(AlgorithmConfig(method="local_sgd", sync_period=1, average_bn_buffers=False), 0, batches)
+    for (m_sync, _), (m_local, _) in zip(sync, local):
+        for (key, a), b in zip(m_sync.named_parameters(), m_local.parameters()):
+            # Same computation up to the order of floating-point operations.
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13, msg=key)
+
+
+def test_slowmo_alpha1_beta0_is_exactly_local_sgd() -> None:
+    batches = make_batches()
+    plain = run_engine(AlgorithmConfig(method="local_sgd", sync_period=4), 0, batches)
+    slowmo = run_engine(AlgorithmConfig(method="local_sgd", sync_period=4, outer="slowmo", slow_lr=1.0,
+                                        slow_momentum=0.0), 0, batches)
+    for (a, _), (b, _) in zip(plain, slowmo):
+        for (key, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(pa, pb), key
+
+
+def param_and_buffer_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers() if b.is_floating_point())
+    return params, buffers
+
+
+@pytest.mark.parametrize("name,rounds,extra", [
+    ("allreduce", STEPS, "grads"),
+    ("local_sgd_H4", STEPS // 4, "params+bn"),
+    ("local_sgd_H3_avg_momentum", STEPS // 3, "params+bn+momentum"),
+    ("local_sgd_H4_reset_momentum_local_bn", STEPS // 4, "params"),
+    ("post_local_switch5_H3", 5 + (STEPS - 5) // 3, "mixed"),
+])
+def test_communication_counters(name: str, rounds: int, extra: str) -> None:
+    cfg, local_start = CASES[name]
+    got = run_engine(cfg, local_start, make_batches())
+    params, buffers = param_and_buffer_bytes(make_model())
+    expected_bytes = {
+        "grads": STEPS * params,
+        "params+bn": rounds * (params + buffers),
+        "params+bn+momentum": rounds * (2 * params + buffers),
+        "params": rounds * params,
+        "mixed": 5 * params + (STEPS - 5) // 3 * (params + buffers),
+    }[extra]
+    for _, engine in got:
+        assert engine.stats.sync_rounds == rounds
+        assert engine.stats.bytes_sent == expected_bytes
+        assert engine.stats.comm_seconds > 0
+
+
+def test_evaluation_uses_the_average_and_leaves_training_untouched() -> None:
+    cfg, local_start = CASES["local_sgd_H4"]
+    batches = [wb[:6] for wb in make_batches()]  # stop between syncs: replicas differ
+    got = run_engine(cfg, local_start, batches)
+    before = [state(m) for m, _ in got]
+    expected = {k: sum(s[k] for s in before) / len(before) for k in before[0] if before[0][k].is_floating_point()}
+    group = ThreadGroup(len(got))
+
+    def evaluate(comm):
+        model, engine = got[comm.rank]
+        engine.comm = comm  # the trained engines' group is finished; evaluate on a fresh one
+        with engine.averaged_model() as averaged:
+            return state(averaged)
+
+    seen = group.run(evaluate)
+    for rank, (model, engine) in enumerate(got):
+        for key, value in expected.items():
+            torch.testing.assert_close(seen[rank][key], value, rtol=1e-12, atol=1e-14)
+        after = state(model)
+        assert all(torch.equal(after[k], before[rank][k]) for k in after)
+        assert engine.eval_stats.sync_rounds == 1
