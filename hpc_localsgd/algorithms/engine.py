@@ -112,13 +112,14 @@ class AveragingEngine:
 
     def sync(self, lr: float) -> None:
         """One model average: a single allreduce per dtype, then the outer step and the buffer policy."""
-        with self.stats.timed():
-            handles = [self.comm.iallreduce_(g.flat[start:end], average=True)
-                       for g, spans in zip(self.groups, self._sync_spans) for start, end in spans]
-            for handle in handles:
-                handle.wait()
-        self.stats.sync_rounds += 1
-        self.stats.bytes_sent += self.bytes_per_sync
+        if self.comm.size > 1:  # one rank communicates nothing; its outer step (Lookahead) still runs
+            with self.stats.timed():
+                handles = [self.comm.iallreduce_(g.flat[start:end], average=True)
+                           for g, spans in zip(self.groups, self._sync_spans) for start, end in spans]
+                for handle in handles:
+                    handle.wait()
+            self.stats.sync_rounds += 1
+            self.stats.bytes_sent += self.bytes_per_sync
         with torch.no_grad():
             for index, group in enumerate(self.groups):
                 anchor = self.anchors[index] if self.anchors else None

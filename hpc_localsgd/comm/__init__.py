@@ -1,0 +1,115 @@
+"""Communicators: one interface (``base.Communicator``), one file per backend.
+
+Backends that need horovod, mpi4py or torch.distributed are imported only when chosen, so
+importing this package works (and stays fast) on a machine that has none of them.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import BackendUnavailable, ConfigError, LauncherMismatch
+from .base import Communicator, DoneHandle, Handle, WorldLayout
+from .single import SingleCommunicator
+from .threads import ThreadCommunicator, ThreadGroup
+
+if TYPE_CHECKING:  # launcher.env imports comm.base; a run-time import here would be circular
+    from ..launcher.env import LaunchEnvironment
+
+__all__ = ["BACKENDS", "Communicator", "DoneHandle", "Handle", "SingleCommunicator", "ThreadCommunicator",
+           "ThreadGroup", "WorldLayout", "check_world", "make_communicator", "resolve_backend"]
+
+BACKENDS = ("auto", "horovod", "mpi", "torch", "single")
+
+# Why a backend that sees another world than the launcher started usually does.
+_MISMATCH_HINTS = {
+    "mpi": "mpi4py is probably built against another MPI than this launcher's",
+    "horovod": "Horovod is probably built against another MPI than this launcher's "
+               "(or without MPI, needing horovodrun)",
+    "torch": "the rendezvous joined another world than the launcher's",
+}
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _horovod_import_error() -> str | None:
+    """Why ``horovod.torch`` cannot be imported, or None when it can."""
+    try:
+        import horovod.torch  # noqa: F401
+    except Exception as error:  # ImportError, or OSError/RuntimeError from a library built for another torch
+        return _one_line(error)
+    return None
+
+
+def resolve_backend(backend: str, launch: LaunchEnvironment) -> str:
+    """The backend ``auto`` stands for here; any other name is returned unchanged.
+
+    One process outside any launcher needs no communication library; torchrun sets up
+    torch.distributed's rendezvous; otherwise Horovod when it is built, else plain MPI.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"comm.backend is {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if launch.launcher == "none" and launch.layout.size == 1:
+        return "single"
+    if launch.launcher == "torchrun":
+        return "torch"
+    return "horovod" if _horovod_import_error() is None else "mpi"
+
+
+def _construct(backend: str, launch: LaunchEnvironment, device: torch.device) -> Communicator:
+    if backend == "single":
+        if launch.layout.size != 1:
+            raise LauncherMismatch(f"the launcher ({launch.launcher}) started {launch.layout.size} ranks but "
+                                   "comm.backend is 'single'; use comm.backend=auto, horovod, mpi or torch")
+        return SingleCommunicator()
+    if backend == "horovod":
+        reason = _horovod_import_error()
+        if reason is not None:
+            raise BackendUnavailable(f"comm.backend is 'horovod' but horovod.torch cannot be imported: {reason}; "
+                                     "build it with scripts/install.sh or use comm.backend=mpi")
+        from .horovod import HorovodCommunicator
+        return HorovodCommunicator(launch.layout)
+    if backend == "mpi":
+        try:
+            import mpi4py.MPI  # noqa: F401  # initialises MPI; failures here are the user's to fix
+        except Exception as error:
+            raise BackendUnavailable(f"comm.backend is 'mpi' but mpi4py cannot be imported: {_one_line(error)}; "
+                                     "install mpi4py against this MPI (scripts/install.sh)") from None
+        from .mpi import MPICommunicator
+        return MPICommunicator(launch.layout)
+    from .torch_dist import TorchDistributedCommunicator
+    return TorchDistributedCommunicator(launch.layout, launch.launcher, device)
+
+
+def check_world(communicator: Communicator, launch: LaunchEnvironment) -> None:
+    """Raise ``LauncherMismatch`` when the backend's rank or size differs from the launcher's."""
+    expected = launch.layout
+    if communicator.size != expected.size:
+        raise LauncherMismatch(f"the launcher ({launch.launcher}) started {expected.size} ranks but the "
+                               f"{communicator.name} backend sees {communicator.size}: "
+                               f"{_MISMATCH_HINTS.get(communicator.name, 'they must agree')}")
+    if communicator.rank != expected.rank:
+        raise LauncherMismatch(f"the launcher ({launch.launcher}) says this is rank {expected.rank} but the "
+                               f"{communicator.name} backend says {communicator.rank}: "
+                               f"{_MISMATCH_HINTS.get(communicator.name, 'they must agree')}")
+
+
+def make_communicator(backend: str, launch: LaunchEnvironment, device: torch.device) -> Communicator:
+    """The communicator for ``backend`` (one of ``BACKENDS``), checked against the launcher's world.
+
+    Raises ``ConfigError`` for an unknown name, ``BackendUnavailable`` when the backend's
+    library is missing, and ``LauncherMismatch`` when the backend sees another world than
+    the launcher started (each a one-line ``UserError``).
+    """
+    communicator = _construct(resolve_backend(backend, launch), launch, device)
+    try:
+        check_world(communicator, launch)
+    except LauncherMismatch:
+        communicator.close()
+        raise
+    return communicator

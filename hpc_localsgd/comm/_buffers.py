@@ -1,0 +1,25 @@
+"""Buffer rules shared by every backend, so that all of them compute the same average."""
+from __future__ import annotations
+
+import torch
+
+
+def check_buffer(buffer: torch.Tensor) -> None:
+    """Collectives read and write the tensor's storage directly, so it must be one contiguous block."""
+    if not buffer.is_contiguous():
+        raise ValueError(f"collective buffers must be contiguous; got shape {tuple(buffer.shape)} "
+                         f"with strides {buffer.stride()}")
+
+
+def divide_by_size_(buffer: torch.Tensor, size: int) -> None:
+    """Turn an all-reduced sum into the average, in place.
+
+    Integer buffers round the mean down (floor), the only in-place choice that stays an
+    integer and is the same on every backend; the sum itself is exact.
+    """
+    if size == 1:
+        return
+    if buffer.is_floating_point():
+        buffer.div_(size)
+    else:
+        buffer.div_(size, rounding_mode="floor")

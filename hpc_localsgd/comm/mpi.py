@@ -1,0 +1,97 @@
+"""mpi4py backend: non-blocking MPI collectives directly on the tensors' memory.
+
+CPU tensors are reduced in place through a zero-copy numpy view. Tensors MPI cannot sum
+natively (float16, bfloat16: MPI has no such types) and CUDA tensors go through a host
+copy; the copy is written back when the handle is waited on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ._buffers import check_buffer, divide_by_size_
+from .base import Communicator, Handle, WorldLayout
+
+# MPI reduces these in place through numpy's buffer protocol (numpy's format codes map to MPI types).
+_NATIVE_SUM_DTYPES = frozenset({torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
+                                torch.uint8})
+# No MPI datatype sums 16-bit floats (a uint16 view would add bit patterns), so they are
+# summed as float32, which also rounds only once, at the final cast back.
+_WIDENED_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's own memory as a flat numpy array (CPU, contiguous); writes go to the tensor."""
+    return tensor.detach().reshape(-1).numpy()
+
+
+class _MPIHandle(Handle):
+    """An ``Iallreduce`` in flight; the averaging division and any copy-back happen in ``wait``."""
+
+    def __init__(self, request: Any, buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray,
+                 divisor: int) -> None:
+        self._request: Optional[Any] = request
+        self._buffer = buffer
+        self._reduced = reduced  # ``buffer`` itself, or its host/float32 staging copy
+        self._array = array  # keeps the memory MPI writes into alive until the request completes
+        self._divisor = divisor
+
+    def wait(self) -> None:
+        if self._request is None:
+            return
+        self._request.Wait()
+        self._request = None
+        divide_by_size_(self._reduced, self._divisor)
+        if self._reduced is not self._buffer:
+            self._buffer.copy_(self._reduced)
+
+
+class MPICommunicator(Communicator):
+    """Collectives over a private duplicate of ``MPI.COMM_WORLD``.
+
+    The duplicate keeps our collectives apart from anything else in the process that uses
+    ``COMM_WORLD`` (e.g. the torch backend's rendezvous). Rank and size are MPI's own, so
+    that ``make_communicator`` can compare them with what the launcher announced; the node
+    fields come from the launcher's layout.
+    """
+
+    name = "mpi"
+
+    def __init__(self, launcher_layout: WorldLayout) -> None:
+        from mpi4py import MPI  # imported here: importing mpi4py.MPI initialises MPI
+
+        self._mpi = MPI
+        self._comm = MPI.COMM_WORLD.Dup()
+        super().__init__(dataclasses.replace(launcher_layout, rank=self._comm.Get_rank(),
+                                             size=self._comm.Get_size()))
+
+    def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
+        check_buffer(buffer)
+        if buffer.dtype in _NATIVE_SUM_DTYPES and buffer.device.type == "cpu":
+            reduced = buffer
+        elif buffer.dtype in _NATIVE_SUM_DTYPES or buffer.dtype in _WIDENED_DTYPES:
+            # CUDA-aware MPI could reduce device memory directly; a host copy works with any MPI build.
+            reduced = buffer.to(device="cpu", dtype=_WIDENED_DTYPES.get(buffer.dtype, buffer.dtype))
+        else:
+            raise TypeError(f"the mpi backend cannot all-reduce {buffer.dtype} buffers")
+        array = _numpy_view(reduced)
+        request = self._comm.Iallreduce(self._mpi.IN_PLACE, array, op=self._mpi.SUM)
+        return _MPIHandle(request, buffer, reduced, array, self.size if average else 1)
+
+    def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
+        check_buffer(buffer)
+        # Broadcast moves bytes without arithmetic, so any dtype travels as raw bytes.
+        staged = buffer if buffer.device.type == "cpu" else buffer.cpu()
+        self._comm.Bcast(_numpy_view(staged.reshape(-1).view(torch.uint8)), root=root)
+        if staged is not buffer:
+            buffer.copy_(staged)
+
+    def barrier(self) -> None:
+        self._comm.Barrier()
+
+    def close(self) -> None:
+        if self._comm != self._mpi.COMM_NULL:
+            self._comm.Free()

@@ -1,0 +1,30 @@
+"""One process, no launcher: every collective is the identity (the average of one value is itself)."""
+from __future__ import annotations
+
+import torch
+
+from ._buffers import check_buffer
+from .base import Communicator, DoneHandle, Handle, WorldLayout
+
+SINGLE_PROCESS_LAYOUT = WorldLayout(rank=0, size=1, local_rank=0, local_size=1, node_rank=0, num_nodes=1)
+
+
+class SingleCommunicator(Communicator):
+    """The world of one rank; lets the whole stack run without MPI (laptops, unit tests)."""
+
+    name = "single"
+
+    def __init__(self) -> None:
+        super().__init__(SINGLE_PROCESS_LAYOUT)
+
+    def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
+        check_buffer(buffer)
+        return DoneHandle()
+
+    def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
+        check_buffer(buffer)
+        if root != 0:
+            raise ValueError(f"broadcast root {root} does not exist in a world of one rank")
+
+    def barrier(self) -> None:
+        return None

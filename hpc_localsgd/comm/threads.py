@@ -1,0 +1,144 @@
+"""W ranks as W threads of one process, for tests and many-worker simulations on one machine.
+
+Each collective is one ``threading.Barrier`` round: every thread leaves its buffer in its
+slot, the barrier's action (run by exactly one thread once all have arrived) combines the
+slots in rank order 0..W−1, and every thread copies the one combined tensor into its own
+buffer. Summing in a fixed order makes the result deterministic and identical on every
+thread, bit for bit.
+
+One round per collective is enough: the combined tensor of round n is replaced only by the
+action of round n+1, which cannot run before every thread has arrived there, that is after
+every thread has copied round n's result.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
+
+import torch
+
+from ._buffers import check_buffer, divide_by_size_
+from .base import Communicator, DoneHandle, Handle, WorldLayout
+
+T = TypeVar("T")
+
+# 16-bit floats are summed in float32 (as the mpi backend does) and rounded once at the end.
+_ACCUMULATION_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+@dataclass
+class _Contribution:
+    """What one rank brought to a collective round."""
+
+    kind: str  # "allreduce", "broadcast" or "barrier"
+    buffer: Optional[torch.Tensor] = None
+    average: bool = False
+    root: int = 0
+
+    def signature(self) -> tuple[object, ...]:
+        """What every rank must agree on; a difference means the ranks called different collectives."""
+        if self.buffer is None:
+            return (self.kind,)
+        return self.kind, self.average, self.root, tuple(self.buffer.shape), self.buffer.dtype
+
+
+class ThreadGroup:
+    """``size`` communicators for ``size`` threads of this process.
+
+    ``communicators[r]`` is rank r's; hand each to its own thread (``run`` does that). All
+    ranks share one node. ``timeout`` bounds every wait for the other threads, so a thread
+    that died or skipped a collective ends the others with ``threading.BrokenBarrierError``
+    instead of a hang.
+    """
+
+    def __init__(self, size: int, timeout: float = 60.0) -> None:
+        if size < 1:
+            raise ValueError(f"a thread group needs at least one rank, got {size}")
+        self.size = size
+        self._slots: list[Optional[_Contribution]] = [None] * size
+        self._combined: Optional[torch.Tensor] = None
+        self._round = threading.Barrier(size, action=self._combine, timeout=timeout)
+        self.communicators: list[ThreadCommunicator] = [ThreadCommunicator(self, rank) for rank in range(size)]
+
+    def run(self, function: Callable[[ThreadCommunicator], T]) -> list[T]:
+        """Call ``function(communicator)`` on one thread per rank; the results in rank order.
+
+        The first failure (by rank; one that caused others to break counts first) is re-raised here.
+        """
+        results: list[Optional[T]] = [None] * self.size
+        failures: list[Optional[BaseException]] = [None] * self.size
+
+        def run_rank(rank: int) -> None:
+            try:
+                results[rank] = function(self.communicators[rank])
+            except BaseException as failure:  # re-raised in the caller below
+                failures[rank] = failure
+                self._round.abort()  # the other ranks fail now rather than at the timeout
+
+        threads = [threading.Thread(target=run_rank, args=(rank,), name=f"rank-{rank}") for rank in range(self.size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        raised = [failure for failure in failures if failure is not None]
+        if raised:
+            root_causes = [failure for failure in raised if not isinstance(failure, threading.BrokenBarrierError)]
+            raise (root_causes or raised)[0]
+        return results  # type: ignore[return-value]  # every rank returned
+
+    def _collective(self, rank: int, contribution: _Contribution) -> None:
+        """One round: deposit, wait for all (the last arrival combines), copy the combined value back."""
+        self._slots[rank] = contribution
+        self._round.wait()
+        if contribution.buffer is not None and self._combined is not None:
+            contribution.buffer.copy_(self._combined)
+
+    def _combine(self) -> None:
+        """The barrier's action: runs once per round, while every thread is waiting."""
+        contributions = [slot for slot in self._slots if slot is not None]
+        self._slots = [None] * self.size
+        signatures = {contribution.signature() for contribution in contributions}
+        if len(contributions) != self.size or len(signatures) != 1:
+            raise RuntimeError(f"the ranks of a thread group started different collectives: {sorted(map(str, signatures))}")
+        first = contributions[0]
+        if first.kind == "allreduce":
+            assert first.buffer is not None
+            total = first.buffer.to(dtype=_ACCUMULATION_DTYPES.get(first.buffer.dtype, first.buffer.dtype), copy=True)
+            for contribution in contributions[1:]:
+                assert contribution.buffer is not None
+                total.add_(contribution.buffer.to(device=total.device, dtype=total.dtype))
+            if first.average:
+                divide_by_size_(total, self.size)
+            self._combined = total
+        elif first.kind == "broadcast":
+            root_buffer = contributions[first.root].buffer
+            assert root_buffer is not None
+            self._combined = root_buffer.clone()
+        else:
+            self._combined = None
+
+
+class ThreadCommunicator(Communicator):
+    """Rank ``rank`` of a ``ThreadGroup``; collectives complete when started, so handles are already done."""
+
+    name = "threads"
+
+    def __init__(self, group: ThreadGroup, rank: int) -> None:
+        super().__init__(WorldLayout(rank=rank, size=group.size, local_rank=rank, local_size=group.size,
+                                     node_rank=0, num_nodes=1))
+        self._group = group
+
+    def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
+        check_buffer(buffer)
+        self._group._collective(self.rank, _Contribution("allreduce", buffer, average=average))
+        return DoneHandle()
+
+    def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
+        check_buffer(buffer)
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} is not a rank of this group of {self.size}")
+        self._group._collective(self.rank, _Contribution("broadcast", buffer, root=root))
+
+    def barrier(self) -> None:
+        self._group._collective(self.rank, _Contribution("barrier"))

@@ -1,0 +1,127 @@
+"""Every algorithm on real MPI ranks (``mpirun -np 2``), on every backend: the ranks agree, the
+backends agree, the result matches the independent reference, and the counters are exact."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpc_localsgd.config import load_config
+from hpc_localsgd.train.data import ShardedBatches, build_datasets
+from hpc_localsgd.train.loop import _seed_everything
+from hpc_localsgd.train.lr import LRSchedule
+from hpc_localsgd.train.models import build_model
+from tests.helpers import run_mpi
+from tests.mpi.cases import BASE, CASES, STEPS
+from tests.reference import ReferenceAlgorithm, simulate
+
+BACKENDS = ["mpi", "horovod", "torch"]
+RANKS = 2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("algorithms")
+    for backend in BACKENDS:
+        proc = run_mpi(RANKS, ["python", "tests/mpi/train_driver.py", "--backend", backend, "--out", str(out)],
+                       timeout=300)
+        assert proc.returncode == 0, f"{backend} run failed:\n{proc.stdout}\n{proc.stderr}"
+        assert proc.stdout.count(f"OK {backend}") == RANKS, proc.stdout
+    return {backend: out / backend for backend in BACKENDS}
+
+
+def load(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict[str, np.ndarray]:
+    with np.load(runs[backend] / case / f"rank{rank}.npz") as f:
+        return dict(f)
+
+
+def counters(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict:
+    return json.loads((runs[backend] / case / f"rank{rank}.json").read_text())
+
+
+def reference_states(case: str) -> tuple[list[dict[str, np.ndarray]], torch.nn.Module]:
+    """The same problem (data shards, initial model, LR) trained by tests/reference.py."""
+    cfg = load_config(None, BASE + CASES[case])
+    _seed_everything(cfg.seed)
+    datasets = build_datasets(cfg.data, cfg.seed)
+    model = build_model(cfg.model, datasets.num_classes, datasets.input_shape)
+    shards = [ShardedBatches(datasets.train, cfg.data.batch_size, rank, RANKS, cfg.seed, augment=cfg.data.augment)
+              for rank in range(RANKS)]
+    batches = [list(shard.epoch(0))[:STEPS] for shard in shards]
+    schedule = LRSchedule.from_config(cfg.optim, cfg.data.batch_size * RANKS, shards[0].steps_per_epoch, STEPS)
+    a = cfg.algorithm
+    local_start = {"allreduce": None, "local_sgd": 0, "post_local_sgd": a.switch_step}[a.method]
+    algo = ReferenceAlgorithm(sync_period=a.sync_period, local_start=local_start, outer=a.outer, slow_lr=a.slow_lr,
+                              slow_momentum=a.slow_momentum, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
+                              momentum_buffers=a.momentum_buffers, average_bn_buffers=a.average_bn_buffers)
+    workers = simulate(model, algo, batches, schedule.at, cfg.optim.momentum, cfg.optim.weight_decay,
+                       cfg.optim.nesterov)
+    return [{k: v.detach().numpy() for k, v in w.state_dict().items()} for w in workers], model
+
+
+def param_names(case: str) -> list[str]:
+    _, model = reference_states(case)
+    return [name for name, _ in model.named_parameters()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference_and_ranks_agree(runs: dict[str, Path], backend: str, case: str) -> None:
+    expected, model = reference_states(case)
+    for rank in range(RANKS):
+        got = load(runs, backend, case, rank)
+        for key, want in expected[rank].items():
+            np.testing.assert_allclose(got[key], want, rtol=2e-4, atol=2e-5, err_msg=f"{backend} {case} rank {rank} {key}")
+    # Every case ends on a sync (or never lets replicas drift): the parameters are identical.
+    rank0, rank1 = load(runs, backend, case, 0), load(runs, backend, case, 1)
+    for name, _ in model.named_parameters():
+        np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=f"{backend} {case} {name}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_backends_agree(runs: dict[str, Path], case: str) -> None:
+    base = load(runs, BACKENDS[0], case, 0)
+    for backend in BACKENDS[1:]:
+        other = load(runs, backend, case, 0)
+        for key in base:
+            np.testing.assert_allclose(other[key], base[key], rtol=1e-5, atol=1e-6, err_msg=f"{backend} {case} {key}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_local_sgd_period_1_equals_synchronous_sgd(runs: dict[str, Path], backend: str) -> None:
+    sync, local = load(runs, backend, "allreduce", 0), load(runs, backend, "local_H1", 0)
+    for name in param_names("allreduce"):
+        np.testing.assert_allclose(local[name], sync[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slowmo_alpha1_beta0_is_exactly_local_sgd(runs: dict[str, Path], backend: str) -> None:
+    for rank in range(RANKS):
+        plain, slowmo = load(runs, backend, "local_H4", rank), load(runs, backend, "slowmo_a1_b0_H4", rank)
+        for key in plain:
+            np.testing.assert_array_equal(slowmo[key], plain[key], err_msg=key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_communication_counters(runs: dict[str, Path], backend: str) -> None:
+    _, model = reference_states("allreduce")
+    p = sum(t.numel() * t.element_size() for t in model.parameters())
+    bn = sum(t.numel() * t.element_size() for t in model.buffers() if t.is_floating_point())
+    expected = {  # case: (rounds, bytes)
+        "allreduce": (STEPS, STEPS * p),
+        "local_H1": (STEPS, STEPS * p),
+        "local_H4": (STEPS // 4, STEPS // 4 * (p + bn)),
+        "local_H3_avg_momentum": (STEPS // 3, STEPS // 3 * (2 * p + bn)),
+        "post_local_H3": (6 + 2, 6 * p + 2 * (p + bn)),
+        "slowmo_a1_b0_H4": (STEPS // 4, STEPS // 4 * (p + bn)),
+        "slowmo_H4": (STEPS // 4, STEPS // 4 * (p + bn)),
+        "nesterov_H4": (STEPS // 4, STEPS // 4 * (p + bn)),
+    }
+    for case, (rounds, nbytes) in expected.items():
+        for rank in range(RANKS):
+            c = counters(runs, backend, case, rank)
+            assert (c["steps"], c["sync_rounds"], c["bytes_sent"]) == (STEPS, rounds, nbytes), (case, rank, c)
+            assert c["comm_seconds"] > 0

@@ -1,0 +1,53 @@
+"""Run under ``mpirun -np 2``: train every algorithm case of ``cases.py`` on one backend and save
+each rank's final model and counters for tests/mpi/test_algorithms.py to check.
+
+    mpirun -np 2 python tests/mpi/train_driver.py --backend mpi --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from hpc_localsgd.comm import make_communicator  # noqa: E402
+from hpc_localsgd.config import load_config  # noqa: E402
+from hpc_localsgd.errors import UserError  # noqa: E402
+from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
+from hpc_localsgd.train.loop import train  # noqa: E402
+from tests.mpi.cases import BASE, CASES  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    launch = detect_launch()
+    try:
+        comm = make_communicator(args.backend, launch, torch.device("cpu"))
+    except UserError as exc:
+        print(f"hpc-localsgd: error: {exc}", file=sys.stderr)
+        return 2
+    for name, overrides in CASES.items():
+        run_dir = Path(args.out) / args.backend / name
+        cfg = load_config(None, BASE + overrides + [f"output.run_dir={run_dir}", f"comm.backend={args.backend}"])
+        result = train(cfg, launch=launch, comm=comm, print_fn=lambda _line: None)
+        state = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
+        np.savez(run_dir / f"rank{comm.rank}.npz", **state)
+        (run_dir / f"rank{comm.rank}.json").write_text(json.dumps({
+            **result.stats.as_dict(), "steps": result.steps, "test_accuracy": result.final.test_accuracy,
+            "bytes_per_sync": result.engine.bytes_per_sync,
+        }))
+    comm.close()
+    print(f"OK {args.backend} rank {comm.rank}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

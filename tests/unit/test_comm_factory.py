@@ -1,0 +1,106 @@
+"""``make_communicator``: backend choice, one-line errors, and the launcher cross-check, in one process."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hpc_localsgd.comm as comm_package
+from hpc_localsgd.comm import SingleCommunicator, ThreadGroup, check_world, make_communicator, resolve_backend
+from hpc_localsgd.comm.base import WorldLayout
+from hpc_localsgd.comm.torch_dist import rendezvous_address
+from hpc_localsgd.errors import BackendUnavailable, ConfigError, LauncherMismatch
+from hpc_localsgd.launcher.env import LaunchEnvironment
+
+CPU = torch.device("cpu")
+ALONE = LaunchEnvironment("none", WorldLayout(0, 1, 0, 1, 0, 1))
+OPENMPI_TWO = LaunchEnvironment("openmpi", WorldLayout(1, 2, 1, 2, 0, 1))
+TORCHRUN_TWO = LaunchEnvironment("torchrun", WorldLayout(1, 2, 1, 2, 0, 1))
+
+
+def assert_one_line(error: BaseException) -> str:
+    message = str(error)
+    assert message and "\n" not in message
+    return message
+
+
+def test_importing_the_package_loads_no_communication_library() -> None:
+    code = ("import sys, hpc_localsgd.comm, hpc_localsgd.launcher.env; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('horovod', 'mpi4py')])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_auto_alone_is_single() -> None:
+    communicator = make_communicator("auto", ALONE, CPU)
+    assert isinstance(communicator, SingleCommunicator)
+    buffer = torch.arange(4.0)
+    communicator.allreduce_(buffer)
+    communicator.broadcast_(buffer, root=0)
+    communicator.barrier()
+    assert torch.equal(buffer, torch.arange(4.0))
+
+
+def test_auto_prefers_horovod_then_mpi(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(comm_package, "_horovod_import_error", lambda: None)
+    assert resolve_backend("auto", OPENMPI_TWO) == "horovod"
+    monkeypatch.setattr(comm_package, "_horovod_import_error", lambda: "No module named 'horovod'")
+    assert resolve_backend("auto", OPENMPI_TWO) == "mpi"
+    assert resolve_backend("auto", TORCHRUN_TWO) == "torch"  # torchrun has set up the rendezvous
+    assert resolve_backend("mpi", ALONE) == "mpi"  # explicit choices are kept
+
+
+def test_unknown_backend_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as raised:
+        make_communicator("nccl", ALONE, CPU)
+    assert assert_one_line(raised.value).startswith("comm.backend is 'nccl'")
+
+
+def test_single_under_a_multi_rank_launcher_is_a_mismatch() -> None:
+    with pytest.raises(LauncherMismatch) as raised:
+        make_communicator("single", OPENMPI_TWO, CPU)
+    assert assert_one_line(raised.value) == ("the launcher (openmpi) started 2 ranks but comm.backend is 'single'; "
+                                             "use comm.backend=auto, horovod, mpi or torch")
+
+
+def test_missing_horovod_is_one_line_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(comm_package, "_horovod_import_error", lambda: "No module named 'horovod'")
+    with pytest.raises(BackendUnavailable) as raised:
+        make_communicator("horovod", OPENMPI_TWO, CPU)
+    assert assert_one_line(raised.value) == (
+        "comm.backend is 'horovod' but horovod.torch cannot be imported: No module named 'horovod'; "
+        "build it with scripts/install.sh or use comm.backend=mpi")
+
+
+class _BackendSeeingOneRank(SingleCommunicator):
+    """What mpi4py built against another MPI reports under mpirun: a world of one."""
+
+    name = "mpi"
+
+
+def test_a_backend_seeing_another_world_is_a_mismatch() -> None:
+    with pytest.raises(LauncherMismatch) as raised:
+        check_world(_BackendSeeingOneRank(), OPENMPI_TWO)
+    assert assert_one_line(raised.value).startswith("the launcher (openmpi) started 2 ranks but the mpi backend "
+                                                    "sees 1: mpi4py is probably built against another MPI")
+
+
+def test_a_backend_with_another_rank_is_a_mismatch() -> None:
+    rank_0_of_2, rank_1_of_2 = ThreadGroup(2).communicators
+    check_world(rank_1_of_2, OPENMPI_TWO)  # agreeing worlds pass
+    with pytest.raises(LauncherMismatch) as raised:
+        check_world(rank_0_of_2, OPENMPI_TWO)
+    assert assert_one_line(raised.value).startswith("the launcher (openmpi) says this is rank 1 but the threads "
+                                                    "backend says 0")
+
+
+def test_torch_rendezvous_from_master_variables() -> None:
+    layout = OPENMPI_TWO.layout
+    assert rendezvous_address(layout, "torchrun", {"MASTER_ADDR": "node3", "MASTER_PORT": "29400"}) == ("node3", 29400)
+    for env in ({"MASTER_ADDR": "node3"}, {"MASTER_PORT": "29400"}, {"MASTER_ADDR": "node3", "MASTER_PORT": "x"}):
+        with pytest.raises(BackendUnavailable) as raised:
+            rendezvous_address(layout, "torchrun", env)
+        assert "MASTER_" in assert_one_line(raised.value)

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpc_localsgd.config import RunConfig, config_to_yaml, load_config
+from hpc_localsgd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_imagenet_recipe() -> None:
+    cfg = load_config(None)
+    assert (cfg.optim.lr_per_256, cfg.optim.warmup_epochs, cfg.optim.decay_epochs) == (0.1, 5.0, [30.0, 60.0, 80.0])
+    assert (cfg.algorithm.slow_lr, cfg.algorithm.slow_momentum) == (1.0, 0.5)
+    assert (cfg.algorithm.outer_lr, cfg.algorithm.outer_momentum) == (0.7, 0.9)
+
+
+def test_yaml_and_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "algorithm:\n  method: local_sgd\n  sync_period: 4\ndata:\n  name: synthetic\n")
+    cfg = load_config(path, ["algorithm.sync_period=16", "algorithm.outer=slowmo", "optim.decay_epochs=[1, 2]",
+                             "data.synthetic.shape=[8]", "train.max_steps=null"])
+    assert cfg.algorithm.sync_period == 16 and cfg.algorithm.outer == "slowmo"
+    assert cfg.optim.decay_epochs == [1.0, 2.0] and cfg.data.synthetic.shape == [8]
+    assert cfg.train.max_steps is None
+    # The resolved config round-trips through YAML.
+    again = write(tmp_path, config_to_yaml(cfg))
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    ("algorithm:\n  sync_perod: 4\n", [], "algorithm.sync_perod: unknown key; did you mean 'sync_period'?"),
+    ("colour: red\n", [], "colour: unknown key"),
+    ("algorithm:\n  sync_period: four\n", [], "algorithm.sync_period: expected an integer, got 'four'"),
+    ("algorithm:\n  sync_period: 2.5\n", [], "algorithm.sync_period: expected an integer, got 2.5"),
+    ("train:\n  epochs: true\n", [], "train.epochs: expected a number, got True"),
+    ("", ["algorithm.sync_period=0"], "algorithm.sync_period: must be >= 1, got 0"),
+    ("", ["optim.lr_per_256=0"], "optim.lr_per_256: must be > 0, got 0.0"),
+    ("", ["optim.lr_per_256=-0.1"], "optim.lr_per_256: must be > 0, got -0.1"),
+    ("", ["algorithm.slow_momentum=1"], "algorithm.slow_momentum: must be in [0, 1), got 1.0"),
+    ("", ["algorithm.slow_momentum=-0.5"], "algorithm.slow_momentum: must be in [0, 1), got -0.5"),
+    ("", ["algorithm.method=gossip"], "algorithm.method: must be one of 'allreduce' | 'local_sgd' | 'post_local_sgd'"),
+    ("", ["comm.backend=nccl"], "comm.backend: must be one of 'auto' | 'horovod' | 'mpi' | 'torch' | 'single'"),
+    ("", ["algorithm.method=allreduce", "algorithm.outer=slowmo"], "algorithm.outer: an outer optimizer needs"),
+    ("", ["algorithm.switch_step=10"], "algorithm.switch_step: only applies to method 'post_local_sgd'"),
+    ("", ["data.name=cifar10"], "data.path: is required for dataset 'cifar10'"),
+    ("model: [1, 2]\n", [], "model: expected a mapping, got [1, 2]"),
+    ("- 1\n", [], "expected a mapping of sections at the top level"),
+    ("algorithm: {sync_period: 4\n", [], "at line"),
+    ("", ["sync_period"], "--set 'sync_period': expected key=value"),
+    ("", ["algorithm.sync_period.x=1"], "algorithm.sync_period: expected an integer, got {'x': 1}"),
+    ("algorithm: 3\n", ["algorithm.sync_period=2"], "--set algorithm.sync_period: 'algorithm' is not a section"),
+])
+def test_bad_input_names_the_problem(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file '.*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    assert isinstance(load_config(path), RunConfig)
