@@ -22,13 +22,19 @@ __all__ = ["BACKENDS", "Communicator", "DoneHandle", "Handle", "SingleCommunicat
 
 BACKENDS = ("auto", "horovod", "mpi", "torch", "single")
 
-# Why a backend that sees another world than the launcher started usually does.
-_MISMATCH_HINTS = {
-    "mpi": "mpi4py is probably built against another MPI than this launcher's",
-    "horovod": "Horovod is probably built against another MPI than this launcher's "
-               "(or without MPI, needing horovodrun)",
-    "torch": "the rendezvous joined another world than the launcher's",
-}
+# The library whose MPI must agree with the launcher, per backend.
+_MPI_USERS = {"mpi": "mpi4py", "horovod": "Horovod"}
+
+
+def _mismatch_hint(backend: str, launcher: str) -> str:
+    """The usual reason a backend sees another world than the launcher started."""
+    library = _MPI_USERS.get(backend)
+    if library is None:
+        return "the rendezvous joined another world than the launcher's"
+    if launcher == "slurm":
+        return f"{library}'s MPI does not see Slurm's tasks: try srun --mpi=pmix (or pmi2), or mpirun"
+    started_by = "this mpirun" if launcher in ("openmpi", "mpich") else "the launcher's"
+    return f"{library} is probably built against another MPI than {started_by}"
 
 
 def _one_line(error: BaseException) -> str:
@@ -92,11 +98,11 @@ def check_world(communicator: Communicator, launch: LaunchEnvironment) -> None:
     if communicator.size != expected.size:
         raise LauncherMismatch(f"the launcher ({launch.launcher}) started {expected.size} ranks but the "
                                f"{communicator.name} backend sees {communicator.size}: "
-                               f"{_MISMATCH_HINTS.get(communicator.name, 'they must agree')}")
+                               f"{_mismatch_hint(communicator.name, launch.launcher)}")
     if communicator.rank != expected.rank:
         raise LauncherMismatch(f"the launcher ({launch.launcher}) says this is rank {expected.rank} but the "
                                f"{communicator.name} backend says {communicator.rank}: "
-                               f"{_MISMATCH_HINTS.get(communicator.name, 'they must agree')}")
+                               f"{_mismatch_hint(communicator.name, launch.launcher)}")
 
 
 def make_communicator(backend: str, launch: LaunchEnvironment, device: torch.device) -> Communicator:

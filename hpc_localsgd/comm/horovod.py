@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..errors import BackendUnavailable
 from ._buffers import check_buffer, divide_by_size_
 from .base import Communicator, Handle, WorldLayout
 
@@ -52,7 +53,11 @@ class HorovodCommunicator(Communicator):
     def __init__(self, launcher_layout: WorldLayout) -> None:
         import horovod.torch as hvd  # imported here: horovod is optional and initialises MPI
 
-        hvd.init()
+        try:
+            hvd.init()
+        except Exception as error:  # e.g. a Gloo-only build started by mpirun instead of horovodrun
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise BackendUnavailable(f"comm.backend is 'horovod' but Horovod failed to start: {reason}") from None
         self._hvd = hvd
         self._operation_numbers = itertools.count()
         super().__init__(dataclasses.replace(launcher_layout, rank=hvd.rank(), size=hvd.size()))

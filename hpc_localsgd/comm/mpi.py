@@ -93,5 +93,6 @@ class MPICommunicator(Communicator):
         self._comm.Barrier()
 
     def close(self) -> None:
-        if self._comm != self._mpi.COMM_NULL:
+        # When Horovod initialised MPI, its shutdown finalises MPI, after which no MPI call is allowed.
+        if self._comm != self._mpi.COMM_NULL and not self._mpi.Is_finalized():
             self._comm.Free()

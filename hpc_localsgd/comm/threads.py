@@ -100,7 +100,8 @@ class ThreadGroup:
         self._slots = [None] * self.size
         signatures = {contribution.signature() for contribution in contributions}
         if len(contributions) != self.size or len(signatures) != 1:
-            raise RuntimeError(f"the ranks of a thread group started different collectives: {sorted(map(str, signatures))}")
+            raise RuntimeError("the ranks of a thread group started different collectives: "
+                               f"{sorted(map(str, signatures))}")
         first = contributions[0]
         if first.kind == "allreduce":
             assert first.buffer is not None

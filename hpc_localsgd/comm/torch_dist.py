@@ -30,7 +30,8 @@ def _free_tcp_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def rendezvous_address(layout: WorldLayout, launcher: str, env: Optional[Mapping[str, str]] = None) -> tuple[str, int]:
+def rendezvous_address(layout: WorldLayout, launcher: str,
+                       env: Optional[Mapping[str, str]] = None) -> tuple[str, int]:
     """Where rank 0's TCP store listens: MASTER_ADDR/MASTER_PORT, else agreed over MPI, else an error.
 
     Under ``mpirun`` or ``srun`` nobody sets MASTER_ADDR, but MPI already connects the ranks:
@@ -55,9 +56,11 @@ def rendezvous_address(layout: WorldLayout, launcher: str, env: Optional[Mapping
                                  "MASTER_PORT") from None
     world = MPI.COMM_WORLD
     if (world.Get_size(), world.Get_rank()) != (layout.size, layout.rank):
+        cause = ("try srun --mpi=pmix (or pmi2)" if launcher == "slurm"
+                 else "mpi4py is probably built against another MPI than this launcher's")
         raise LauncherMismatch(f"the launcher ({launcher}) says rank {layout.rank} of {layout.size} but MPI says "
-                               f"rank {world.Get_rank()} of {world.Get_size()}: mpi4py is probably built against "
-                               "another MPI than this launcher; set MASTER_ADDR and MASTER_PORT instead")
+                               f"rank {world.Get_rank()} of {world.Get_size()}: {cause}, or set MASTER_ADDR and "
+                               "MASTER_PORT to agree without MPI")
     chosen = (socket.gethostname(), _free_tcp_port()) if world.Get_rank() == 0 else None
     root_host, port = world.bcast(chosen, root=0)
     # Ranks on rank 0's node connect over loopback, which needs no name resolution (often missing in containers).
@@ -87,6 +90,8 @@ class TorchDistributedCommunicator(Communicator):
     name = "torch"
 
     def __init__(self, launcher_layout: WorldLayout, launcher: str, device: torch.device) -> None:
+        if not dist.is_available():
+            raise BackendUnavailable("comm.backend is 'torch' but this torch is built without torch.distributed")
         self._device = device
         self._process_backend = "nccl" if device.type == "cuda" else "gloo"
         if self._process_backend == "nccl" and not dist.is_nccl_available():

@@ -22,6 +22,7 @@ from hpc_localsgd.launcher.env import detect_launch
 
 EXACT_DTYPES = (torch.float32, torch.float64, torch.int64)
 # An odd length checks that nothing assumes a multiple of a vector width; the large one is ~1M elements.
+# Sums stay below 2^24 (exact in float32, whatever the order of additions) for up to 7 ranks.
 LENGTHS = (1, 1000, 1_048_577)
 
 
@@ -31,11 +32,13 @@ class CheckFailed(Exception):
 
 def expect_equal(what: str, actual: torch.Tensor, expected: np.ndarray) -> None:
     expected_tensor = torch.from_numpy(np.ascontiguousarray(expected)).to(actual.dtype)
-    if actual.shape != expected_tensor.shape or not torch.equal(actual.cpu(), expected_tensor):
+    if actual.shape != expected_tensor.shape:
+        raise CheckFailed(f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected_tensor.shape)}")
+    if not torch.equal(actual.cpu(), expected_tensor):
         wrong = (actual.cpu() != expected_tensor).nonzero()
-        first = wrong[0].tolist() if len(wrong) else "shape"
-        raise CheckFailed(f"{what}: {len(wrong)} wrong values, first at {first}: got "
-                          f"{actual.cpu().reshape(-1)[:4].tolist()}..., expected {expected.reshape(-1)[:4].tolist()}...")
+        raise CheckFailed(f"{what}: {len(wrong)} wrong values, first at {wrong[0].tolist()}: "
+                          f"got {actual.cpu().reshape(-1)[:4].tolist()}..., "
+                          f"expected {expected.reshape(-1)[:4].tolist()}...")
 
 
 def signed_ramp(length: int) -> np.ndarray:
@@ -93,6 +96,18 @@ def check_several_in_flight(comm: Communicator, device: torch.device) -> None:
         expect_equal(f"in-flight allreduce #{index} ({dtype}, length {length})", buffers[index], expected)
 
 
+def check_slices_of_one_flat_buffer(comm: Communicator, device: torch.device) -> None:
+    """The averaging engine reduces disjoint slices of one flat buffer concurrently (buckets)."""
+    rank, size = comm.rank, comm.size
+    bounds = (0, 1000, 1001, 250_000, 250_007)
+    ramp = signed_ramp(bounds[-1])
+    flat = torch.from_numpy(ramp * (rank + 1)).to(device=device, dtype=torch.float32)
+    handles = [comm.iallreduce_(flat[start:end], average=True) for start, end in zip(bounds, bounds[1:])]
+    for handle in handles:
+        handle.wait()
+    expect_equal("in-flight allreduce of slices of one flat buffer", flat, ramp * (size * (size + 1) // 2) / size)
+
+
 def check_broadcast(comm: Communicator, device: torch.device) -> None:
     root = 1 % comm.size
     for dtype in (torch.float32, torch.int64, torch.bfloat16):
@@ -118,6 +133,7 @@ def main() -> int:
         check_allreduce(comm, device)
         check_sixteen_bit_average(comm, device)
         check_several_in_flight(comm, device)
+        check_slices_of_one_flat_buffer(comm, device)
         check_broadcast(comm, device)
         comm.barrier()
     except Exception as failure:

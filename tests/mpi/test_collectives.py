@@ -6,13 +6,14 @@ missing Horovod fails here rather than being skipped.
 """
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO_ROOT, mpirun_available, run_mpi
+from tests.helpers import MPI_TEST_ENV, REPO_ROOT, mpirun_available, run_mpi
 
 DRIVER = str(REPO_ROOT / "tests" / "mpi" / "collectives_driver.py")
 RANKS = 2
@@ -77,3 +78,18 @@ def test_single_under_mpirun_ends_the_job_with_exit_code_2() -> None:
     assert done.returncode == 2, report(done)
     assert SINGLE_MISMATCH in done.stderr.splitlines(), report(done)
     assert "Traceback" not in done.stdout + done.stderr, report(done)
+
+
+@pytest.mark.parametrize("backend", ["mpi", "horovod", "torch"])
+def test_a_backend_that_sees_fewer_ranks_than_the_launcher_stops_with_one_line(backend: str) -> None:
+    # What `srun` without PMI support looks like: Slurm announces 2 tasks, MPI starts as a singleton.
+    fake_srun = {**MPI_TEST_ENV, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1",
+                 "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "2", "PYTHONPATH": str(REPO_ROOT)}
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "MASTER_"))}
+    done = subprocess.run([sys.executable, DRIVER, "--backend", backend], capture_output=True, text=True,
+                          timeout=120, env={**environment, **fake_srun}, cwd=str(REPO_ROOT))
+    assert done.returncode == 2, report(done)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpc-localsgd: error: the launcher (slurm) "), report(done)
+    assert "srun --mpi=pmix" in lines[0] and "Traceback" not in done.stdout, report(done)
