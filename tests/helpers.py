@@ -43,7 +43,7 @@ def _session_members(session_id: int) -> list[int]:
     return members
 
 
-def _kill_session(session_id: int) -> None:
+def kill_session(session_id: int) -> None:
     for pid in _session_members(session_id):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -76,11 +76,11 @@ def run_mpi(np: int, argv: list[str], timeout: float = 180, env: Optional[Mappin
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_session(process.pid)  # the session id is mpirun's pid (start_new_session)
+        kill_session(process.pid)  # the session id is mpirun's pid (start_new_session)
         stdout, stderr = process.communicate(timeout=30)
         timed_out = True
     except BaseException:  # e.g. Ctrl-C in pytest: leave no ranks behind
-        _kill_session(process.pid)
+        kill_session(process.pid)
         raise
     else:
         timed_out = False

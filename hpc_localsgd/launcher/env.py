@@ -70,8 +70,12 @@ def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchEnvironment:
             local_size = _slurm_local_size(env, node_rank)
         else:
             local_size = size
-        num_nodes = _int(env, "SLURM_STEP_NUM_NODES") if "SLURM_STEP_NUM_NODES" in env else \
-            _int(env, "SLURM_NNODES") if launcher == "slurm" and "SLURM_NNODES" in env else max(1, -(-size // local_size))
+        if "SLURM_STEP_NUM_NODES" in env:
+            num_nodes = _int(env, "SLURM_STEP_NUM_NODES")
+        elif launcher == "slurm" and "SLURM_NNODES" in env:
+            num_nodes = _int(env, "SLURM_NNODES")
+        else:
+            num_nodes = max(1, -(-size // local_size))
         if not (0 <= rank < size and 0 <= local_rank < local_size <= size):
             raise LauncherMismatch(
                 f"{launcher} reports rank {rank} of {size}, local rank {local_rank} of {local_size}: inconsistent")

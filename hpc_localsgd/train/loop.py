@@ -4,7 +4,6 @@ Every rank runs this function; rank 0 alone prints and writes metrics.h5.
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 import random
@@ -24,7 +23,7 @@ from ..algorithms.engine import AveragingEngine, local_start_step
 from ..algorithms.schedule import SyncSchedule
 from ..comm import make_communicator
 from ..comm.base import Communicator
-from ..config.load import config_to_dict, config_to_yaml
+from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import UserError
 from ..io.metrics import MetricsWriter
@@ -51,6 +50,29 @@ class TrainResult:
     final: EvalResult
     stats: CommStats
     evals: list[EvalResult] = field(default_factory=list)
+
+
+@dataclass
+class _ProgressWindow:
+    """Rank 0's training figures since the last progress line."""
+
+    seconds: float = 0.0
+    comm_seconds: float = 0.0
+    loss_sum: float = 0.0
+    correct: int = 0
+    samples: int = 0
+
+    def add(self, seconds: float, comm_seconds: float, loss: float, correct: int, samples: int) -> None:
+        self.seconds += seconds
+        self.comm_seconds += comm_seconds
+        self.loss_sum += loss * samples
+        self.correct += correct
+        self.samples += samples
+
+    def summary(self, world_size: int) -> str:
+        samples, seconds = max(1, self.samples), max(self.seconds, 1e-9)
+        return (f"loss {self.loss_sum / samples:.4f} | acc {self.correct / samples:.3f} | "
+                f"{samples * world_size / seconds:.0f} samples/s | comm {100 * self.comm_seconds / seconds:.0f}%")
 
 
 def describe_method(cfg: RunConfig) -> str:
@@ -165,16 +187,17 @@ def train(cfg: RunConfig, *, overwrite: bool = False, launch: Optional[LaunchEnv
     stats = engine.stats
     evals: list[EvalResult] = []
     train_loss_sum, train_loss_count = 0.0, 0
-    log_window = {"time": 0.0, "comm": 0.0, "loss": 0.0, "correct": 0.0, "seen": 0}
+    window = _ProgressWindow()
     start = time.perf_counter()
     step = 0
     model.train()
     try:
         for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+            # Step time runs from the end of the previous step, so data loading counts as compute.
+            step_start = time.perf_counter()
             for x, y in batches.epoch(epoch):
                 if step >= total_steps:
                     break
-                step_start = time.perf_counter()
                 comm_before = stats.comm_seconds
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 lr = lr_schedule.at(step)
@@ -201,18 +224,11 @@ def train(cfg: RunConfig, *, overwrite: bool = False, launch: Optional[LaunchEnv
                                      accuracy=correct / y.numel(), samples_per_s=global_batch / elapsed,
                                      comm_seconds=comm_seconds, compute_seconds=elapsed - comm_seconds,
                                      bytes_sent=stats.bytes_sent, sync_rounds=stats.sync_rounds, synced=int(synced))
-                    log_window["time"] += elapsed
-                    log_window["comm"] += comm_seconds
-                    log_window["loss"] += loss_value * y.numel()
-                    log_window["correct"] += correct
-                    log_window["seen"] += y.numel()
+                    window.add(elapsed, comm_seconds, loss_value, correct, y.numel())
                     if step % cfg.train.log_every_steps == 0 or step == total_steps:
-                        seen = max(1, log_window["seen"])
                         say(f"step {step}/{total_steps} | epoch {step / steps_per_epoch:.2f} | lr {lr:.4g} | "
-                            f"loss {log_window['loss'] / seen:.4f} | acc {log_window['correct'] / seen:.3f} | "
-                            f"{seen * size / max(log_window['time'], 1e-9):.0f} samples/s | "
-                            f"comm {100 * log_window['comm'] / max(log_window['time'], 1e-9):.0f}%")
-                        log_window = {"time": 0.0, "comm": 0.0, "loss": 0.0, "correct": 0.0, "seen": 0}
+                            f"{window.summary(size)}")
+                        window = _ProgressWindow()
 
                 if step % eval_interval == 0 or step == total_steps:
                     result = evaluate(engine, datasets.test, cfg, device, train_loss_sum, train_loss_count)
@@ -225,6 +241,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, launch: Optional[LaunchEnv
                                          bytes_sent=stats.bytes_sent, sync_rounds=stats.sync_rounds)
                     say(f"eval step {step} | epoch {step / steps_per_epoch:.2f} | train loss {result.train_loss:.4f} | "
                         f"test loss {result.test_loss:.4f} | test acc {result.test_accuracy:.4f}")
+                step_start = time.perf_counter()
             if step >= total_steps:
                 break
     finally:
@@ -234,7 +251,9 @@ def train(cfg: RunConfig, *, overwrite: bool = False, launch: Optional[LaunchEnv
 
     wall = time.perf_counter() - start
     final = evals[-1]
+    comm_share = 100 * stats.comm_seconds / max(wall, 1e-9)
     say(f"hpc-localsgd: done | {describe_method(cfg)} | {size} ranks | {step} steps in {wall:.1f} s | "
         f"test acc {final.test_accuracy:.4f} | {stats.sync_rounds} sync rounds, "
-        f"{_human_bytes(stats.bytes_sent)} sent per rank | comm {100 * stats.comm_seconds / max(wall, 1e-9):.0f}% of time")
-    return TrainResult(model=model, engine=engine, steps=step, wall_seconds=wall, final=final, stats=stats, evals=evals)
+        f"{_human_bytes(stats.bytes_sent)} sent per rank | comm {comm_share:.0f}% of time")
+    return TrainResult(model=model, engine=engine, steps=step, wall_seconds=wall, final=final, stats=stats,
+                       evals=evals)

@@ -27,7 +27,8 @@ class LRSchedule:
             peak=cfg.lr_per_256 * global_batch / 256.0,
             warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
             kind=cfg.schedule,
-            decay_steps=tuple(int(round(e * steps_per_epoch)) for e in cfg.decay_epochs) if cfg.schedule == "step" else (),
+            decay_steps=tuple(int(round(e * steps_per_epoch)) for e in cfg.decay_epochs)
+            if cfg.schedule == "step" else (),
             decay_factor=cfg.decay_factor,
             total_steps=total_steps,
         )

@@ -27,5 +27,7 @@ CASES: dict[str, list[str]] = {
                         "algorithm.slow_lr=1.0", "algorithm.slow_momentum=0.0"],
     "slowmo_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=slowmo",
                   "algorithm.slow_momentum=0.5"],
+    # Evaluating every 3 steps (between syncs) must not change the trajectory of local_H4.
+    "local_H4_evaluated": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "train.eval_every_epochs=0.1"],
     "nesterov_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=nesterov"],
 }

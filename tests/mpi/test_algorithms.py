@@ -74,7 +74,8 @@ def test_matches_reference_and_ranks_agree(runs: dict[str, Path], backend: str, 
     for rank in range(RANKS):
         got = load(runs, backend, case, rank)
         for key, want in expected[rank].items():
-            np.testing.assert_allclose(got[key], want, rtol=2e-4, atol=2e-5, err_msg=f"{backend} {case} rank {rank} {key}")
+            np.testing.assert_allclose(got[key], want, rtol=2e-4, atol=2e-5,
+                                       err_msg=f"{backend} {case} rank {rank} {key}")
     # Every case ends on a sync (or never lets replicas drift): the parameters are identical.
     rank0, rank1 = load(runs, backend, case, 0), load(runs, backend, case, 1)
     for name, _ in model.named_parameters():
@@ -98,11 +99,15 @@ def test_local_sgd_period_1_equals_synchronous_sgd(runs: dict[str, Path], backen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_slowmo_alpha1_beta0_is_exactly_local_sgd(runs: dict[str, Path], backend: str) -> None:
+@pytest.mark.parametrize("case,same_as", [
+    ("slowmo_a1_b0_H4", "local_H4"),     # SlowMo with α = 1, β = 0 is local SGD, bit for bit
+    ("local_H4_evaluated", "local_H4"),  # evaluation never changes the training trajectory
+])
+def test_bit_identical_to(runs: dict[str, Path], backend: str, case: str, same_as: str) -> None:
     for rank in range(RANKS):
-        plain, slowmo = load(runs, backend, "local_H4", rank), load(runs, backend, "slowmo_a1_b0_H4", rank)
-        for key in plain:
-            np.testing.assert_array_equal(slowmo[key], plain[key], err_msg=key)
+        want, got = load(runs, backend, same_as, rank), load(runs, backend, case, rank)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"rank {rank} {key}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,6 +124,7 @@ def test_communication_counters(runs: dict[str, Path], backend: str) -> None:
         "slowmo_a1_b0_H4": (STEPS // 4, STEPS // 4 * (p + bn)),
         "slowmo_H4": (STEPS // 4, STEPS // 4 * (p + bn)),
         "nesterov_H4": (STEPS // 4, STEPS // 4 * (p + bn)),
+        "local_H4_evaluated": (STEPS // 4, STEPS // 4 * (p + bn)),  # evaluation traffic is counted apart
     }
     for case, (rounds, nbytes) in expected.items():
         for rank in range(RANKS):

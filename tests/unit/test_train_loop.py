@@ -1,0 +1,51 @@
+"""The training loop in one process: deterministic on CPU, and its metrics file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpc_localsgd.comm import SingleCommunicator
+from hpc_localsgd.config import load_config
+from hpc_localsgd.io.metrics import read_metrics
+from hpc_localsgd.launcher.env import detect_launch
+from hpc_localsgd.train.loop import train
+
+OVERRIDES = ["seed=5", "model.name=smallcnn", "model.width=4", "data.name=synthetic",
+             "data.synthetic.train_samples=256", "data.synthetic.test_samples=64", "data.synthetic.shape=[1, 8, 8]",
+             "data.synthetic.num_classes=4", "data.batch_size=16", "optim.warmup_epochs=0", "optim.schedule=constant",
+             "optim.lr_per_256=1.6", "train.epochs=2", "train.eval_every_epochs=1", "train.threads=1",
+             "algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=slowmo",
+             "output.metrics_flush_seconds=0"]
+
+
+def run(run_dir: Path, extra: tuple[str, ...] = ()):
+    cfg = load_config(None, [*OVERRIDES, *extra, f"output.run_dir={run_dir}"])
+    return train(cfg, launch=detect_launch({}), comm=SingleCommunicator(), print_fn=lambda _line: None)
+
+
+def test_same_config_and_seed_give_the_same_numbers(tmp_path: Path) -> None:
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    for (key, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), key
+    ma, mb = read_metrics(tmp_path / "a" / "metrics.h5"), read_metrics(tmp_path / "b" / "metrics.h5")
+    for group in ("steps", "evals"):
+        for name in ("loss", "accuracy", "lr") if group == "steps" else ("test_loss", "test_accuracy"):
+            np.testing.assert_array_equal(ma[group][name], mb[group][name])
+    other = run(tmp_path / "c", ("seed=6",))
+    assert any(not torch.equal(a, b) for a, b in zip(first.model.parameters(), other.model.parameters()))
+
+
+def test_metrics_series_and_resolved_config(tmp_path: Path) -> None:
+    result = run(tmp_path / "r")
+    metrics = read_metrics(tmp_path / "r" / "metrics.h5")
+    steps = metrics["steps"]
+    assert list(steps["step"]) == list(range(1, result.steps + 1)) and result.steps == 2 * 256 // 16
+    assert np.all(steps["lr"] == 1.6 * 16 / 256)
+    assert list(metrics["evals"]["step"]) == [16, 32]
+    assert metrics["evals"]["test_accuracy"][-1] == result.final.test_accuracy
+    # One process sends nothing, so it counts no rounds or bytes.
+    assert steps["bytes_sent"][-1] == 0 and steps["sync_rounds"][-1] == 0
+    saved = load_config(tmp_path / "r" / "config.yaml")
+    assert saved == load_config(None, [*OVERRIDES, f"output.run_dir={tmp_path / 'r'}"])
