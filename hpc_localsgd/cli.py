@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Optional, Sequence
 
@@ -24,8 +25,20 @@ def _train(args: argparse.Namespace) -> int:
     if args.run_dir:
         overrides.append(f"output.run_dir={args.run_dir}")
     cfg = load_config(args.config, overrides)
-    train(cfg, overwrite=args.overwrite)
+    if args.reshard and not args.resume:
+        raise UserError("--reshard needs --resume")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
+    train(cfg, overwrite=args.overwrite, resume=args.resume, reshard=args.reshard, stop_at_step=args.stop_at_step)
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .io.inspect import describe, format_description
+
+    description = describe(args.file, verify=not args.no_verify)
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
+    return 0 if description.get("valid", True) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="shorthand for --set output.run_dir=DIR")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run (metrics, config, checkpoints) already in the run dir")
+    train.add_argument("--resume", metavar="auto|PATH",
+                       help="continue from a checkpoint: 'auto' takes the newest valid one in the run dir "
+                            "(or starts fresh when there is none)")
+    train.add_argument("--reshard", choices=("average", "reset"),
+                       help="accept a checkpoint of another world size or algorithm: keep its parameters, "
+                            "and average (or zero) the per-rank optimizer state")
+    train.add_argument("--stop-at-step", type=int, metavar="N",
+                       help="write a checkpoint after step N and stop, as a preempted job would")
     train.set_defaults(handler=_train)
+    inspect = verbs.add_parser("inspect", help="say what a checkpoint or metrics file holds")
+    inspect.add_argument("file", help="a .h5 file written by hpc-localsgd")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--no-verify", action="store_true", help="skip reading every dataset's checksum")
+    inspect.set_defaults(handler=_inspect)
     return parser
 
 

@@ -32,3 +32,8 @@ class CommStats:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+    def load(self, saved: dict[str, float]) -> None:
+        self.sync_rounds = int(saved["sync_rounds"])
+        self.bytes_sent = int(saved["bytes_sent"])
+        self.comm_seconds = float(saved["comm_seconds"])

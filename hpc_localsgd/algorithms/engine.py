@@ -127,6 +127,43 @@ class AveragingEngine:
                 if self.cfg.momentum_buffers == "reset":
                     group.slice(MOMENTUM).zero_()
 
+    # --- state for checkpoints -------------------------------------------------------------------
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """Live views of what may differ between ranks: parameters, BN statistics, momentum buffers."""
+        return {f"flat{index}.{kind}": group.flat[start:end]
+                for index, group in enumerate(self.groups) for kind, start, end in group.segments if end > start}
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """What is identical on every rank: the outer optimizer's anchor (x_prev) and momentum."""
+        state = {f"anchor{index}": anchor for index, anchor in enumerate(self.anchors)}
+        for name, tensors in self.outer.state_tensors().items():
+            state.update({f"outer_{name}{index}": t for index, t in enumerate(tensors)})
+        return state
+
+    def load_state(self, rank_state: dict[str, torch.Tensor], shared_state: dict[str, torch.Tensor],
+                   completed_steps: int) -> None:
+        """Copy saved state into the live (flat) storage; the tensors' identities never change."""
+        with torch.no_grad():
+            for name, live in self.rank_state().items():
+                if name in rank_state:
+                    live.copy_(rank_state[name].reshape(live.shape))
+                else:
+                    live.zero_()  # momentum absent from a checkpoint (re-shard with reset)
+        self.anchors = [shared_state[f"anchor{i}"].clone() for i in range(len(self.groups))
+                        if f"anchor{i}" in shared_state]
+        outer: dict[str, dict[int, torch.Tensor]] = {}
+        for name, t in shared_state.items():
+            if name.startswith("outer_"):
+                base = name[len("outer_"):].rstrip("0123456789")
+                outer.setdefault(base, {})[int(name[len("outer_") + len(base):])] = t
+        self.outer.load_state_tensors({base: [by_index[i] for i in sorted(by_index)]
+                                       for base, by_index in outer.items()})
+        local_start = self.schedule.local_start
+        if self.outer.needs_anchor and not self.anchors and local_start is not None \
+                and completed_steps > local_start:
+            # Re-sharded into an outer optimizer from a run without one: start it here.
+            self.anchors = [g.slice(PARAMS).clone() for g in self.groups]
+
     # --- evaluation ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def averaged_model(self) -> Iterator[torch.nn.Module]:

@@ -22,7 +22,11 @@ class OuterOptimizer(abc.ABC):
         """Update ``averaged`` (group ``index`` of the flat storage) into the new model in place."""
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The outer optimizer's state, per flat group, identical on every rank."""
         return {}
+
+    def load_state_tensors(self, state: dict[str, list[torch.Tensor]]) -> None:
+        return None
 
 
 class PlainAverage(OuterOptimizer):
@@ -43,6 +47,9 @@ class _MomentumOuter(OuterOptimizer):
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"momentum": [self.momentum[i] for i in sorted(self.momentum)]}
+
+    def load_state_tensors(self, state: dict[str, list[torch.Tensor]]) -> None:
+        self.momentum = {i: t.clone() for i, t in enumerate(state.get("momentum", []))}
 
 
 class SlowMo(_MomentumOuter):

@@ -123,4 +123,8 @@ class TorchDistributedCommunicator(Communicator):
 
     def close(self) -> None:
         if dist.is_initialized():
+            # Gloo's worker threads release the tensors of finished collectives; one that does so
+            # while the interpreter shuts down aborts the process. A barrier issued after every
+            # other collective lets them finish that work before the group goes away.
+            self.barrier()
             dist.destroy_process_group()

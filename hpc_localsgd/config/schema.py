@@ -192,12 +192,39 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When checkpoints are written to RUN_DIR/checkpoints/ (see hpc_localsgd/io/checkpoint.py)."""
+
+    # Every this many optimizer steps (0: off).
+    every_steps: int = 0
+    # Every this many minutes of training, as measured by rank 0 (0: off).
+    every_minutes: float = 0.0
+    # At the end of training.
+    at_end: bool = True
+    # How many checkpoints to keep; older ones are deleted once a newer one is complete.
+    keep: int = 3
+    # Ranks agree on time- and signal-triggered checkpoints (and on stopping) every this many
+    # steps, through one tiny allreduce: a step-by-step poll would add a latency-bound
+    # collective to every local SGD step.
+    poll_every_steps: int = 10
+
+    def validate(self, key: str = "checkpoint") -> None:
+        _check(self.every_steps >= 0, f"{key}.every_steps", f"must be >= 0, got {self.every_steps}")
+        _check(self.every_minutes >= 0, f"{key}.every_minutes", f"must be >= 0, got {self.every_minutes}")
+        _check(self.keep >= 1, f"{key}.keep", f"must be >= 1, got {self.keep}")
+        _check(self.poll_every_steps >= 1, f"{key}.poll_every_steps", f"must be >= 1, got {self.poll_every_steps}")
+
+
+@dataclass
 class OutputConfig:
     # The run directory on the shared filesystem: metrics.h5, config.yaml, checkpoints/.
     run_dir: str = "runs/default"
     # Metrics rows are buffered and appended by opening, writing and closing metrics.h5, so
     # the file is complete and readable (h5py, h5dump) between flushes while the run goes on.
     metrics_flush_seconds: float = 30.0
+    # HDF5 file locking fails or hangs on many parallel filesystems (Lustre, GPFS, NFS), and
+    # every file here has a single writer at a time, so it is off unless asked for.
+    hdf5_file_locking: bool = False
 
     def validate(self, key: str = "output") -> None:
         _check(bool(self.run_dir), f"{key}.run_dir", "must not be empty")
@@ -214,8 +241,9 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> None:
-        for name in ("model", "data", "optim", "algorithm", "comm", "train", "output"):
+        for name in ("model", "data", "optim", "algorithm", "comm", "train", "checkpoint", "output"):
             getattr(self, name).validate(name)

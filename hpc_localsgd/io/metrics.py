@@ -2,7 +2,7 @@
 
 Rows are buffered and appended by open–write–close, so between flushes the file is a
 complete, closed HDF5 file that h5py and h5dump read while the run goes on (SWMR is avoided
-on purpose: it is unreliable on parallel filesystems).
+on purpose: it is unreliable on parallel filesystems). A resumed run appends to the same file.
 
 Layout: groups ``steps`` and ``evals``, one 1-D dataset per field (all the same length);
 root attributes ``config`` (the resolved YAML), ``world`` (JSON), ``versions`` (JSON),
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import h5py
 import numpy as np
@@ -26,12 +26,19 @@ _INT_FIELDS = {"step", "bytes_sent", "sync_rounds", "synced"}
 
 
 class MetricsWriter:
-    def __init__(self, path: str | Path, attrs: dict[str, Any], flush_seconds: float) -> None:
+    def __init__(self, path: str | Path, attrs: dict[str, Any], flush_seconds: float, locking: bool = False,
+                 resume_after_step: Optional[int] = None) -> None:
+        """Create ``path``; or, with ``resume_after_step``, reopen it and drop the rows logged after
+        that step (they were written after the checkpoint being resumed and will be logged again)."""
         self.path = Path(path)
         self.flush_seconds = flush_seconds
+        self.locking = locking
         self._pending: dict[str, list[dict[str, float]]] = {"steps": [], "evals": []}
         self._last_flush = time.monotonic()
-        with h5py.File(self.path, "w-") as f:
+        if resume_after_step is not None and self.path.exists():
+            self._truncate_after(resume_after_step)
+            return
+        with h5py.File(self.path, "w-", locking=locking) as f:
             f.attrs["format"] = "hpc-localsgd/metrics"
             f.attrs["format_version"] = 1
             for key, value in attrs.items():
@@ -41,6 +48,13 @@ class MetricsWriter:
                 for name in fields:
                     g.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1024,),
                                      dtype=np.int64 if name in _INT_FIELDS else np.float64)
+
+    def _truncate_after(self, step: int) -> None:
+        with h5py.File(self.path, "a", locking=self.locking) as f:
+            for group in ("steps", "evals"):
+                keep = int(np.searchsorted(f[group]["step"][()], step, side="right"))
+                for dataset in f[group].values():
+                    dataset.resize((keep,))
 
     def log_step(self, **row: float) -> None:
         self._pending["steps"].append(row)
@@ -54,7 +68,7 @@ class MetricsWriter:
     def flush(self) -> None:
         if not any(self._pending.values()):
             return
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=self.locking) as f:
             for group, rows in self._pending.items():
                 if not rows:
                     continue
@@ -70,7 +84,7 @@ class MetricsWriter:
         self.flush()
 
 
-def read_metrics(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+def read_metrics(path: str | Path, locking: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Both series as numpy arrays: ``{"steps": {field: array}, "evals": {...}}``."""
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=locking) as f:
         return {group: {name: f[group][name][()] for name in f[group]} for group in ("steps", "evals")}

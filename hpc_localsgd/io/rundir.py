@@ -6,44 +6,34 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from ..comm.base import Communicator
+from ..comm.base import Communicator, decide_on_root
 from ..errors import UserError
 
 # What marks a directory as holding a run. Anything else in it (a README, a job script) is left alone.
 RUN_FILES = ("metrics.h5", "config.yaml", "checkpoints")
 
 
-def _prepare(run_dir: Path, overwrite: bool) -> None:
+def _prepare(run_dir: Path, overwrite: bool, resuming: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output.run_dir '{run_dir}' exists and is not a directory")
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if existing and not overwrite:
+    if existing and not (overwrite or resuming):
         raise UserError(f"output.run_dir '{run_dir}' already holds a run ({', '.join(existing)}); "
-                        "pass --overwrite to replace it, or choose another output.run_dir")
-    for name in existing:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+                        "pass --resume auto to continue it, --overwrite to replace it, "
+                        "or choose another output.run_dir")
+    if overwrite:
+        for name in existing:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"output.run_dir '{run_dir}' cannot be created: {exc.strerror}") from None
 
 
-def prepare_run_dir(comm: Communicator, run_dir: Path, overwrite: bool) -> None:
-    """Rank 0 checks and creates the directory; every rank learns the outcome by one broadcast,
-    so a refusal ends all ranks together instead of leaving some waiting in a collective."""
-    message = ""
-    if comm.is_root:
-        try:
-            _prepare(run_dir, overwrite)
-        except UserError as exc:
-            message = str(exc)
-    failed = torch.tensor([1 if message else 0], dtype=torch.int64)
-    comm.broadcast_(failed, root=0)
-    if int(failed.item()):
-        raise UserError(message or "output.run_dir could not be prepared (see rank 0)")
+def prepare_run_dir(comm: Communicator, run_dir: Path, overwrite: bool, resuming: bool = False) -> None:
+    """Rank 0 checks and creates the directory; every rank learns the outcome."""
+    decide_on_root(comm, lambda: _prepare(run_dir, overwrite, resuming) or 0)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -26,12 +26,15 @@ from ..comm.base import Communicator
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import UserError
+from ..io.checkpoint import CheckpointWriter, RankState
 from ..io.metrics import MetricsWriter
 from ..io.rundir import prepare_run_dir, write_text_atomically
 from ..launcher.env import LaunchEnvironment, detect_launch, select_device, threads_for_rank
-from .data import ShardedBatches, build_datasets, eval_batches
+from .control import JobControl
+from .data import ShardedBatches, build_datasets, derive_seed, eval_batches
 from .lr import LRSchedule
 from .models import build_model
+from .resume import check_compatible, choose_checkpoint, restore
 
 
 @dataclass
@@ -47,9 +50,11 @@ class TrainResult:
     engine: AveragingEngine
     steps: int
     wall_seconds: float
-    final: EvalResult
+    final: Optional[EvalResult]  # None when the run stopped early (signal or --stop-at-step)
     stats: CommStats
     evals: list[EvalResult] = field(default_factory=list)
+    stopped: Optional[str] = None
+    checkpoint: Optional[Path] = None
 
 
 @dataclass
@@ -128,20 +133,44 @@ def evaluate(engine: AveragingEngine, datasets_test, cfg: RunConfig, device: tor
                       train_loss=sums[3].item() / max(sums[4].item(), 1.0))
 
 
-def train(cfg: RunConfig, *, overwrite: bool = False, launch: Optional[LaunchEnvironment] = None,
+def train(cfg: RunConfig, *, overwrite: bool = False, resume: Optional[str] = None, reshard: Optional[str] = None,
+          stop_at_step: Optional[int] = None, launch: Optional[LaunchEnvironment] = None,
           comm: Optional[Communicator] = None, print_fn: Callable[[str], None] = print) -> TrainResult:
-    """Run one training job on this rank. Every rank calls this with the same config."""
+    """Run one training job on this rank. Every rank calls this with the same arguments.
+
+    ``resume``: "auto" (the newest valid checkpoint of the run dir, or a fresh start) or a
+    checkpoint path. ``reshard``: "average" or "reset" to accept a checkpoint of another world
+    size or algorithm. ``stop_at_step``: checkpoint and stop there, as a preempted job would.
+    """
     launch = launch or detect_launch()
     torch.set_num_threads(threads_for_rank(cfg.train.threads, launch.layout))
     device = select_device(cfg.train.device, launch.layout)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    comm = comm or make_communicator(cfg.comm.backend, launch, device)
+    if comm is not None:
+        return _train(cfg, comm, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
+    own = make_communicator(cfg.comm.backend, launch, device)
+    result = _train(cfg, own, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
+    # Closed on success only: after an error the other ranks may not reach the closing collective.
+    own.close()
+    return result
+
+
+def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device: torch.device, overwrite: bool,
+           resume: Optional[str], reshard: Optional[str], stop_at_step: Optional[int],
+           print_fn: Callable[[str], None]) -> TrainResult:
     rank, size = comm.rank, comm.size
     say = print_fn if comm.is_root else (lambda _msg: None)
 
     run_dir = Path(cfg.output.run_dir)
-    prepare_run_dir(comm, run_dir, overwrite)
+    locking = cfg.output.hdf5_file_locking
+    prepare_run_dir(comm, run_dir, overwrite, resuming=resume is not None)
+    checkpoint = None
+    if resume is not None:
+        checkpoint = choose_checkpoint(comm, resume, run_dir / "checkpoints", locking,
+                                       lambda line: say(f"hpc-localsgd: warning: {line}"))
+        if checkpoint is not None:
+            check_compatible(checkpoint, cfg, size, reshard)
     if comm.is_root:
         write_text_atomically(run_dir / "config.yaml", config_to_yaml(cfg))
 
@@ -167,6 +196,17 @@ def train(cfg: RunConfig, *, overwrite: bool = False, launch: Optional[LaunchEnv
     engine = AveragingEngine(model, optimizer, comm, cfg.algorithm, schedule,
                              bucket_bytes=int(cfg.comm.bucket_mb * 2**20))
     engine.broadcast_initial_state()
+    # From here on each rank draws its own random numbers (dropout, say): same seed, other stream.
+    _seed_everything(derive_seed(cfg.seed, "rank", rank))
+    start_step, wall_offset = 0, 0.0
+    train_loss_sum, train_loss_count = 0.0, 0
+    if checkpoint is not None:
+        saved_stats, train_loss_sum, train_loss_count = restore(checkpoint, engine, model, rank, reshard)
+        engine.stats.load(saved_stats)
+        start_step = checkpoint.meta.step
+        wall_offset = float(checkpoint.meta.attrs.get("wall_seconds", 0.0))
+    writer = CheckpointWriter(run_dir / "checkpoints", comm, cfg.checkpoint.keep, locking)
+    control = JobControl(comm, cfg.checkpoint.poll_every_steps, cfg.checkpoint.every_minutes)
 
     metrics: Optional[MetricsWriter] = None
     if comm.is_root:
@@ -178,24 +218,46 @@ def train(cfg: RunConfig, *, overwrite: bool = False, launch: Optional[LaunchEnv
                                 {"config": config_to_yaml(cfg), "world": world, "versions": versions,
                                  "method": describe_method(cfg), "steps_per_epoch": steps_per_epoch,
                                  "total_steps": total_steps, "global_batch": global_batch},
-                                cfg.output.metrics_flush_seconds)
+                                cfg.output.metrics_flush_seconds, locking=locking,
+                                resume_after_step=start_step if checkpoint is not None else None)
     say(f"hpc-localsgd: {describe_method(cfg)} | {size} rank(s) on {launch.layout.num_nodes} node(s), "
         f"{comm.name} backend, {device} | {cfg.model.name} on {cfg.data.name} | global batch {global_batch}, "
         f"peak lr {lr_schedule.peak:.4g} | {total_steps} steps ({steps_per_epoch}/epoch) | run dir {run_dir}")
+    if checkpoint is not None:
+        say(f"hpc-localsgd: resuming from {checkpoint.path} at step {start_step}"
+            + (f" (re-shard: {reshard})" if reshard else ""))
+
+    def save_checkpoint(step: int) -> Path:
+        if metrics is not None:
+            metrics.flush()  # rows up to this step must survive a crash that follows
+        path = writer.write(
+            step, step / steps_per_epoch,
+            {"config": config_to_yaml(cfg), "method": describe_method(cfg), "steps_per_epoch": steps_per_epoch,
+             "total_steps": total_steps, "wall_seconds": wall_offset + time.perf_counter() - start,
+             "world": {"size": size, "nodes": launch.layout.num_nodes, "backend": comm.name},
+             "versions": {"hpc_localsgd": __version__, "torch": torch.__version__}},
+            engine.shared_state(),
+            RankState(tensors=engine.rank_state(),
+                      int_buffers={n: b for n, b in model.named_buffers() if not b.is_floating_point()},
+                      comm_stats=stats.as_dict(), train_loss_sum=train_loss_sum, train_loss_count=train_loss_count))
+        control.checkpoint_written()
+        return path
 
     eval_interval = max(1, int(round(cfg.train.eval_every_epochs * steps_per_epoch)))
     stats = engine.stats
     evals: list[EvalResult] = []
-    train_loss_sum, train_loss_count = 0.0, 0
     window = _ProgressWindow()
     start = time.perf_counter()
-    step = 0
+    step = start_step
+    stopped: Optional[str] = None
+    last_checkpoint: Optional[Path] = None
     model.train()
     try:
-        for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
             # Step time runs from the end of the previous step, so data loading counts as compute.
             step_start = time.perf_counter()
-            for x, y in batches.epoch(epoch):
+            first_batch = start_step % steps_per_epoch if epoch == start_step // steps_per_epoch else 0
+            for x, y in batches.epoch(epoch, start_batch=first_batch):
                 if step >= total_steps:
                     break
                 comm_before = stats.comm_seconds
@@ -237,23 +299,43 @@ def train(cfg: RunConfig, *, overwrite: bool = False, launch: Optional[LaunchEnv
                     if metrics is not None:
                         metrics.log_eval(step=step, epoch=step / steps_per_epoch, train_loss=result.train_loss,
                                          test_loss=result.test_loss, test_accuracy=result.test_accuracy,
-                                         wall_seconds=time.perf_counter() - start, comm_seconds=stats.comm_seconds,
+                                         wall_seconds=wall_offset + time.perf_counter() - start,
+                                         comm_seconds=stats.comm_seconds,
                                          bytes_sent=stats.bytes_sent, sync_rounds=stats.sync_rounds)
                     say(f"eval step {step} | epoch {step / steps_per_epoch:.2f} | train loss {result.train_loss:.4f} | "
                         f"test loss {result.test_loss:.4f} | test acc {result.test_accuracy:.4f}")
+
+                decision = control.poll(step)
+                every = cfg.checkpoint.every_steps
+                if step == stop_at_step:
+                    decision.checkpoint = decision.stop = True
+                    decision.stop_signal = decision.stop_signal or f"--stop-at-step {stop_at_step}"
+                if decision.checkpoint or (every and step % every == 0) or \
+                        (step == total_steps and cfg.checkpoint.at_end):
+                    last_checkpoint = save_checkpoint(step)
+                if decision.stop and step < total_steps:
+                    stopped = decision.stop_signal
+                    break
                 step_start = time.perf_counter()
-            if step >= total_steps:
+            if step >= total_steps or stopped:
                 break
     finally:
         if metrics is not None:
             metrics.close()
         engine.close()
+        control.close()
+
+    if stopped:
+        say(f"hpc-localsgd: stopped at step {step}/{total_steps} ({stopped}); checkpoint {last_checkpoint}; "
+            "continue with --resume auto")
+        return TrainResult(model=model, engine=engine, steps=step, wall_seconds=time.perf_counter() - start,
+                           final=None, stats=stats, evals=evals, stopped=stopped, checkpoint=last_checkpoint)
 
     wall = time.perf_counter() - start
-    final = evals[-1]
+    final = evals[-1] if evals else evaluate(engine, datasets.test, cfg, device, train_loss_sum, train_loss_count)
     comm_share = 100 * stats.comm_seconds / max(wall, 1e-9)
     say(f"hpc-localsgd: done | {describe_method(cfg)} | {size} ranks | {step} steps in {wall:.1f} s | "
         f"test acc {final.test_accuracy:.4f} | {stats.sync_rounds} sync rounds, "
         f"{_human_bytes(stats.bytes_sent)} sent per rank | comm {comm_share:.0f}% of time")
     return TrainResult(model=model, engine=engine, steps=step, wall_seconds=wall, final=final, stats=stats,
-                       evals=evals)
+                       evals=evals, checkpoint=last_checkpoint)

@@ -92,8 +92,10 @@ def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     before = {name: digest(run_dir / name) for name in ("metrics.h5", "config.yaml")}
     again = run_mpi(2, args, timeout=120)
-    assert_one_clean_error(again, f"output.run_dir '{run_dir}' already holds a run (metrics.h5, config.yaml); "
-                                  "pass --overwrite to replace it, or choose another output.run_dir")
+    assert_one_clean_error(again, f"output.run_dir '{run_dir}' already holds a run "
+                                  "(metrics.h5, config.yaml, checkpoints); "
+                                  "pass --resume auto to continue it, --overwrite to replace it, "
+                                  "or choose another output.run_dir")
     assert {name: digest(run_dir / name) for name in before} == before
     forced = run_mpi(2, [*args, "--overwrite"], timeout=120)
     assert forced.returncode == 0, forced.stderr

@@ -1,0 +1,334 @@
+"""Checkpoints: one HDF5 file per checkpoint in ``RUN_DIR/checkpoints/``, no pickle anywhere.
+
+Layout of ``step-000001200.h5``::
+
+    /                           attrs: format, format_version, complete, step, epoch, world_size,
+                                       method, config (YAML), world and versions (JSON), wall_seconds, created
+    /shared/<name>              identical on every rank (the outer optimizer's x_prev and momentum)
+    /ranks/<r>/state/<name>     rank r's parameters, BN statistics and momentum buffers (flat segments);
+                                a soft link to rank 0's dataset when the bytes are equal (after a sync)
+    /ranks/<r>/int_buffers/<n>  integer module buffers (BatchNorm's num_batches_tracked)
+    /ranks/<r>/rng/...          torch, numpy, python (and CUDA) random states
+    /ranks/<r>                  attrs: comm_stats (JSON), train_loss_sum, train_loss_count
+
+Every dataset carries ``blake2b``, a 64-bit digest of its bytes, checked when it is read, and
+``torch_dtype``; bfloat16 is stored losslessly as its 16-bit pattern.
+
+Writing is collective and crash-safe. Rank 0 creates a temporary file beside the final one;
+then each rank in turn appends its own group (so no rank ever holds another rank's state, and
+the file must sit on a filesystem every rank sees); rank 0 marks the file complete, fsyncs it,
+renames it into place, and replaces the ``latest`` pointer by another rename. A crash at any
+instant leaves the previous checkpoint untouched and loadable; leftovers are ``.tmp`` files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import h5py
+import numpy as np
+import torch
+
+from ..comm.base import Communicator
+from ..errors import UserError
+
+FORMAT = "hpc-localsgd/checkpoint"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step-(\d{9})\.h5$")
+LATEST = "latest"
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be used: the message names the file and what is wrong."""
+
+
+def open_error_reason(exc: OSError) -> str:
+    """HDF5's reason, e.g. 'truncated file: eof = 19408, ...', without h5py's wrapping."""
+    text = " ".join(str(exc).split())
+    return text.rsplit("(", 1)[-1].rstrip(")") if "(" in text else text
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}.h5"
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the bits
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8), digest_size=8).hexdigest()
+
+
+def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor) -> None:
+    array = _numpy(tensor)
+    dataset = group.create_dataset(name, data=array)
+    dataset.attrs["torch_dtype"] = str(tensor.dtype).removeprefix("torch.")
+    dataset.attrs["blake2b"] = _digest(array)
+
+
+def _read_tensor(path: Path, dataset: h5py.Dataset) -> torch.Tensor:
+    array = dataset[()]
+    array = np.asarray(array)
+    if _digest(array) != dataset.attrs.get("blake2b"):
+        raise CheckpointError(f"checkpoint '{path}': {dataset.name} does not match its checksum (corrupted file)")
+    tensor = torch.from_numpy(array.copy())
+    dtype = getattr(torch, str(dataset.attrs.get("torch_dtype", "")), None)
+    if dtype == torch.bfloat16:
+        tensor = tensor.view(torch.bfloat16)
+    return tensor
+
+
+# --- random states ------------------------------------------------------------------------------
+def _write_rng(group: h5py.Group) -> None:
+    _write_tensor(group, "torch", torch.get_rng_state())
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            _write_tensor(group, f"cuda{index}", state)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    _write_tensor(group, "numpy_keys", torch.from_numpy(keys.astype(np.int64)))
+    group["numpy_keys"].attrs.update({"kind": kind, "pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached})
+    version, internal, gauss_next = random.getstate()
+    _write_tensor(group, "python", torch.tensor(internal, dtype=torch.int64))
+    group["python"].attrs.update({"version": version, "gauss_next": np.nan if gauss_next is None else gauss_next})
+
+
+def _restore_rng(path: Path, group: h5py.Group) -> None:
+    torch.set_rng_state(_read_tensor(path, group["torch"]))
+    if torch.cuda.is_available():
+        states = [_read_tensor(path, group[name]) for name in sorted(group) if name.startswith("cuda")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    keys = group["numpy_keys"]
+    np.random.set_state((str(keys.attrs["kind"]), _read_tensor(path, keys).numpy().astype(np.uint32),
+                         int(keys.attrs["pos"]), int(keys.attrs["has_gauss"]), float(keys.attrs["cached_gaussian"])))
+    python = group["python"]
+    gauss = float(python.attrs["gauss_next"])
+    random.setstate((int(python.attrs["version"]), tuple(int(v) for v in _read_tensor(path, python).tolist()),
+                     None if np.isnan(gauss) else gauss))
+
+
+# --- what one rank contributes --------------------------------------------------------------------
+@dataclass
+class RankState:
+    """Everything of one rank that a resume needs, as live tensors and small values."""
+
+    tensors: dict[str, torch.Tensor]        # may differ between ranks (flat segments)
+    int_buffers: dict[str, torch.Tensor]
+    comm_stats: dict[str, float]
+    train_loss_sum: float
+    train_loss_count: int
+
+
+@dataclass
+class CheckpointMeta:
+    step: int
+    epoch: float
+    world_size: int
+    config: str
+    attrs: dict[str, Any]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointWriter:
+    """Writes checkpoints of one run; every rank holds one and calls ``write`` together."""
+
+    def __init__(self, directory: Path, comm: Communicator, keep: int, locking: bool = False) -> None:
+        self.directory = directory
+        self.comm = comm
+        self.keep = keep
+        self.locking = locking
+        if comm.is_root:
+            directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob(".step-*.tmp"):
+                stale.unlink()  # left by a writer that crashed; never a complete checkpoint
+
+    def _agree(self, failure: Optional[str]) -> None:
+        """Every rank learns whether any rank failed, so that none waits for another."""
+        flag = torch.tensor([1 if failure else 0], dtype=torch.int64)
+        self.comm.allreduce_(flag, average=False)
+        if int(flag.item()):
+            raise CheckpointError(f"checkpoint could not be written: {failure}" if failure else
+                                  "checkpoint could not be written (another rank failed; see its message)")
+
+    def write(self, step: int, epoch: float, attrs: dict[str, Any], shared: dict[str, torch.Tensor],
+              rank_state: RankState) -> Path:
+        final = self.directory / checkpoint_name(step)
+        tmp = self.directory / f".{final.name}.tmp"
+        names = sorted(rank_state.tensors)
+        digests = [_digest(_numpy(rank_state.tensors[n])) for n in names]
+        # Rank 0's digests let the others store a link instead of bytes equal to rank 0's.
+        root_digests = torch.tensor([int(d, 16) - 2**63 for d in digests], dtype=torch.int64)
+        self.comm.broadcast_(root_digests, root=0)
+        same_as_root = [int(d, 16) - 2**63 == int(r) for d, r in zip(digests, root_digests.tolist())]
+
+        failure: Optional[str] = None
+        if self.comm.is_root:
+            try:
+                with h5py.File(tmp, "w", locking=self.locking) as f:
+                    f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": 0,
+                                    "step": step, "epoch": epoch, "world_size": self.comm.size,
+                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                    for key, value in attrs.items():
+                        f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+                    shared_group = f.create_group("shared")
+                    for name, tensor in shared.items():
+                        _write_tensor(shared_group, name, tensor)
+                    f.create_group("ranks")
+            except OSError as exc:
+                failure = f"{tmp}: {exc}"
+        self._agree(failure)
+        for turn in range(self.comm.size):
+            failure = None
+            if self.comm.rank == turn:
+                try:
+                    self._append_rank(tmp, rank_state, names, same_as_root)
+                except OSError as exc:
+                    failure = f"{tmp} (rank {turn}): {exc}"
+            self._agree(failure)
+        failure = None
+        if self.comm.is_root:
+            try:
+                with h5py.File(tmp, "a", locking=self.locking) as f:
+                    f.attrs["complete"] = 1
+                _fsync(tmp)
+                os.replace(tmp, final)
+                _fsync(self.directory)
+                pointer = self.directory / f".{LATEST}.tmp"
+                pointer.write_text(final.name + "\n")
+                _fsync(pointer)
+                os.replace(pointer, self.directory / LATEST)
+                self._prune()
+            except OSError as exc:
+                failure = f"{final}: {exc}"
+        self._agree(failure)
+        return final
+
+    def _append_rank(self, tmp: Path, state: RankState, names: list[str], same_as_root: list[bool]) -> None:
+        if not tmp.exists():
+            raise OSError(f"rank {self.comm.rank} cannot see {tmp}: is output.run_dir on a filesystem shared "
+                          "by every node?")
+        rank = self.comm.rank
+        with h5py.File(tmp, "a", locking=self.locking) as f:
+            group = f.create_group(f"ranks/{rank}")
+            tensors = group.create_group("state")
+            for name, same in zip(names, same_as_root):
+                if same and rank != 0:
+                    tensors[name] = h5py.SoftLink(f"/ranks/0/state/{name}")
+                else:
+                    _write_tensor(tensors, name, state.tensors[name])
+            ints = group.create_group("int_buffers")
+            for name, tensor in state.int_buffers.items():
+                _write_tensor(ints, name, tensor)
+            _write_rng(group.create_group("rng"))
+            group.attrs.update({"comm_stats": json.dumps(state.comm_stats), "train_loss_sum": state.train_loss_sum,
+                                "train_loss_count": state.train_loss_count})
+        _fsync(tmp)
+
+    def _prune(self) -> None:
+        complete = sorted(p for p in self.directory.iterdir() if _NAME.match(p.name))
+        for old in complete[:-self.keep]:
+            old.unlink()
+
+
+# --- reading --------------------------------------------------------------------------------------
+class Checkpoint:
+    """A checkpoint file opened for reading, its header checked. Reading never executes file content."""
+
+    def __init__(self, path: Path, locking: bool = False) -> None:
+        self.path = Path(path)
+        self.locking = locking
+        if not self.path.is_file():
+            raise CheckpointError(f"checkpoint '{self.path}' does not exist")
+        try:
+            with h5py.File(self.path, "r", locking=locking) as f:
+                attrs = dict(f.attrs)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint '{self.path}' is not a readable HDF5 file "
+                                  f"({open_error_reason(exc)})") from None
+        if attrs.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint '{self.path}' is not an hpc-localsgd checkpoint "
+                                  f"(format attribute {attrs.get('format')!r})")
+        if int(attrs.get("format_version", -1)) > FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint '{self.path}' has format version {attrs.get('format_version')}, "
+                                  f"newer than this package reads ({FORMAT_VERSION})")
+        if int(attrs.get("complete", 0)) != 1:
+            raise CheckpointError(f"checkpoint '{self.path}' is incomplete (its writer stopped before the end)")
+        self.meta = CheckpointMeta(step=int(attrs["step"]), epoch=float(attrs["epoch"]),
+                                   world_size=int(attrs["world_size"]), config=str(attrs.get("config", "")),
+                                   attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()})
+
+    def _open(self) -> h5py.File:
+        return h5py.File(self.path, "r", locking=self.locking)
+
+    def _guard(self, read: Callable[[h5py.File], Any]) -> Any:
+        try:
+            with self._open() as f:
+                return read(f)
+        except (OSError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint '{self.path}' is damaged: {' '.join(str(exc).split())}") from None
+
+    def verify(self) -> None:
+        """Read every dataset and check its digest (the whole file)."""
+        def check(f: h5py.File) -> None:
+            def visit(_name: str, item: Any) -> None:
+                if isinstance(item, h5py.Dataset):
+                    _read_tensor(self.path, item)
+            f.visititems(visit)
+            for rank in range(self.meta.world_size):
+                if f"ranks/{rank}" not in f:
+                    raise CheckpointError(f"checkpoint '{self.path}' lacks rank {rank}'s state")
+        self._guard(check)
+
+    def shared(self) -> dict[str, torch.Tensor]:
+        return self._guard(lambda f: {name: _read_tensor(self.path, d) for name, d in f["shared"].items()})
+
+    def rank_state(self, rank: int) -> RankState:
+        def read(f: h5py.File) -> RankState:
+            group = f[f"ranks/{rank}"]
+            return RankState(
+                tensors={name: _read_tensor(self.path, d) for name, d in group["state"].items()},
+                int_buffers={name: _read_tensor(self.path, d) for name, d in group["int_buffers"].items()},
+                comm_stats=json.loads(group.attrs["comm_stats"]),
+                train_loss_sum=float(group.attrs["train_loss_sum"]),
+                train_loss_count=int(group.attrs["train_loss_count"]))
+        return self._guard(read)
+
+    def restore_rng(self, rank: int) -> None:
+        self._guard(lambda f: _restore_rng(self.path, f[f"ranks/{rank}/rng"]))
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete-named checkpoint files, newest first."""
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if _NAME.match(p.name)), reverse=True)
+
+
+def latest_valid(directory: Path, warn: Callable[[str], None], locking: bool = False) -> Optional[Checkpoint]:
+    """The newest checkpoint that opens and verifies; each one skipped is reported through ``warn``."""
+    for path in list_checkpoints(directory):
+        try:
+            checkpoint = Checkpoint(path, locking)
+            checkpoint.verify()
+            return checkpoint
+        except CheckpointError as exc:
+            warn(f"skipping {exc}")
+    return None

@@ -1,0 +1,84 @@
+"""``hpc-localsgd inspect FILE.h5``: what a checkpoint or metrics file holds, and whether it is valid."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import yaml
+
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
+from .checkpoint import Checkpoint, CheckpointError, open_error_reason
+
+METRICS_FORMAT = "hpc-localsgd/metrics"
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def describe(file: str | Path, verify: bool = True) -> dict[str, Any]:
+    path = Path(file)
+    if not path.is_file():
+        return {"file": str(path), "kind": "missing", "valid": False, "problem": "no such file"}
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            kind = str(f.attrs.get("format", ""))
+    except OSError as exc:
+        return {"file": str(path), "kind": "unknown", "valid": False, "bytes": _size(path),
+                "problem": f"'{path}' is not a readable HDF5 file ({open_error_reason(exc)})"}
+    if kind == CHECKPOINT_FORMAT:
+        return _describe_checkpoint(path, verify)
+    if kind == METRICS_FORMAT:
+        return _describe_metrics(path)
+    return {"file": str(path), "kind": "foreign", "valid": False, "bytes": _size(path),
+            "problem": f"'{path}' is not an hpc-localsgd checkpoint or metrics file (format attribute {kind!r})"}
+
+
+def _describe_checkpoint(path: Path, verify: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"file": str(path), "kind": "checkpoint", "bytes": _size(path)}
+    try:
+        checkpoint = Checkpoint(path)
+        if verify:
+            checkpoint.verify()
+    except CheckpointError as exc:
+        return {**out, "valid": False, "problem": str(exc)}
+    attrs = checkpoint.meta.attrs
+    config = yaml.safe_load(checkpoint.meta.config) or {}
+    with h5py.File(path, "r", locking=False) as f:
+        stored = {"shared": sum(d.nbytes for d in f["shared"].values())}
+        for rank in range(checkpoint.meta.world_size):
+            group = f[f"ranks/{rank}/state"]
+            stored[f"rank {rank}"] = sum(group[n].nbytes for n in group
+                                         if group.get(n, getlink=True).__class__ is not h5py.SoftLink)
+    return {**out, "valid": True, "verified": verify, "step": checkpoint.meta.step, "epoch": checkpoint.meta.epoch,
+            "world_size": checkpoint.meta.world_size, "method": attrs.get("method"),
+            "created": attrs.get("created"), "versions": json.loads(attrs.get("versions", "{}")),
+            "tensor_bytes": stored, "config": config}
+
+
+def _describe_metrics(path: Path) -> dict[str, Any]:
+    with h5py.File(path, "r", locking=False) as f:
+        steps, evals = f["steps/step"][()], f["evals"]
+        last_eval = {name: float(evals[name][-1]) for name in ("step", "test_accuracy", "test_loss")} \
+            if evals["step"].shape[0] else None
+        return {"file": str(path), "kind": "metrics", "valid": True, "bytes": _size(path),
+                "method": f.attrs.get("method"), "steps_logged": int(steps.shape[0]),
+                "last_step": int(steps[-1]) if steps.shape[0] else 0, "evaluations": int(evals["step"].shape[0]),
+                "last_evaluation": last_eval, "world": json.loads(f.attrs.get("world", "{}")),
+                "config": yaml.safe_load(f.attrs.get("config", "")) or {}}
+
+
+def format_description(d: dict[str, Any]) -> str:
+    lines = [f"{d['file']}: {d['kind']}, {'valid' if d.get('valid') else 'INVALID'}"]
+    if not d.get("valid"):
+        lines.append(f"  problem: {d.get('problem')}")
+        return "\n".join(lines)
+    skip = {"file", "kind", "valid", "config"}
+    for key, value in d.items():
+        if key not in skip:
+            lines.append(f"  {key}: {value}")
+    lines.append("  config:")
+    lines += ["    " + line for line in yaml.safe_dump(d.get("config", {}), sort_keys=False).splitlines()]
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Requests that reach a running job from outside: signals and the checkpoint clock.
+
+A signal only sets a flag on the rank that received it. Every ``poll_every_steps`` steps the
+ranks combine their flags (and rank 0's "a timed checkpoint is due") in one tiny allreduce,
+so all of them take the same decision at the same step and none is left waiting in a
+collective. SIGUSR2 asks for a checkpoint; SIGUSR1 and SIGTERM (what Slurm sends before a
+time limit or preemption) ask for a checkpoint and a clean stop.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Optional
+
+import torch
+
+from ..comm.base import Communicator
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+CHECKPOINT_SIGNALS = (signal.SIGUSR2,)
+
+
+@dataclass
+class Decision:
+    checkpoint: bool = False
+    stop: bool = False
+    stop_signal: Optional[str] = None
+
+
+class JobControl:
+    def __init__(self, comm: Communicator, poll_every_steps: int, checkpoint_every_minutes: float) -> None:
+        self.comm = comm
+        self.poll_every_steps = poll_every_steps
+        self.checkpoint_seconds = checkpoint_every_minutes * 60.0
+        self.last_checkpoint = time.monotonic()
+        self._stop_signal: Optional[int] = None
+        self._checkpoint_requested = False
+        self._previous: dict[int, object] = {}
+        # Python runs signal handlers in the main thread only; in-process simulations run elsewhere.
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS + CHECKPOINT_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Optional[FrameType]) -> None:
+        if signum in CHECKPOINT_SIGNALS:
+            self._checkpoint_requested = True
+        else:
+            self._stop_signal = signum
+
+    def checkpoint_written(self) -> None:
+        self.last_checkpoint = time.monotonic()
+        self._checkpoint_requested = False
+
+    def poll(self, completed_steps: int) -> Decision:
+        """Collective every ``poll_every_steps`` steps (all ranks call it at every step)."""
+        if completed_steps % self.poll_every_steps != 0:
+            return Decision()
+        timed = self.comm.is_root and self.checkpoint_seconds > 0 and \
+            time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds
+        flags = torch.tensor([int(self._checkpoint_requested or timed), int(self._stop_signal is not None)],
+                             dtype=torch.int64)
+        if self.comm.size > 1:
+            self.comm.allreduce_(flags, average=False)
+        stop = bool(flags[1].item())
+        name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else None
+        return Decision(checkpoint=bool(flags[0].item()) or stop, stop=stop, stop_signal=name)
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]

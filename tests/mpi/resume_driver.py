@@ -1,0 +1,77 @@
+"""Run under ``mpirun -np 2`` in two phases, each a fresh set of processes:
+
+    phase first:  for every case, a run of 2N steps (run dir full/), and a run stopped by
+                  --stop-at-step N after writing its checkpoint (run dir resumed/)
+    phase resume: for every case, resumed/ continued with --resume auto
+
+Each finished run leaves each rank's complete training state in rank<r>.npz for
+tests/mpi/test_checkpoints.py to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from hpc_localsgd.comm import make_communicator  # noqa: E402
+from hpc_localsgd.config import load_config  # noqa: E402
+from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
+from hpc_localsgd.train.loop import TrainResult, train  # noqa: E402
+from tests.mpi.cases import BASE  # noqa: E402
+
+STOP = 7          # between two syncs for H = 4, before the post-local switch
+TOTAL = 2 * STOP
+
+RESUME_CASES: dict[str, list[str]] = {
+    "allreduce": ["algorithm.method=allreduce"],
+    "local_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4"],
+    "post_local_switch10_H2": ["algorithm.method=post_local_sgd", "algorithm.sync_period=2",
+                               "algorithm.switch_step=10"],
+    "slowmo_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=slowmo"],
+    "nesterov_H4_avg_momentum": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=nesterov",
+                                 "algorithm.momentum_buffers=average"],
+}
+OVERRIDES = [*BASE, f"train.max_steps={TOTAL}", "train.eval_every_epochs=0.2", "checkpoint.every_steps=5",
+             "checkpoint.poll_every_steps=3"]
+
+
+def save(result: TrainResult, run_dir: Path, rank: int) -> None:
+    state = {f"rank.{k}": v.detach().numpy() for k, v in result.engine.rank_state().items()}
+    state.update({f"shared.{k}": v.detach().numpy() for k, v in result.engine.shared_state().items()})
+    state.update({f"model.{k}": v.detach().numpy() for k, v in result.model.state_dict().items()})
+    state["counters"] = np.array([result.stats.sync_rounds, result.stats.bytes_sent, result.steps])
+    np.savez(run_dir / f"rank{rank}.npz", **state)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("phase", choices=("first", "resume"))
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    launch = detect_launch()
+    comm = make_communicator("auto", launch, torch.device("cpu"))
+    quiet = {"launch": launch, "comm": comm, "print_fn": lambda _line: None}
+    for name, overrides in RESUME_CASES.items():
+        full, resumed = Path(args.out) / name / "full", Path(args.out) / name / "resumed"
+        if args.phase == "first":
+            result = train(load_config(None, [*OVERRIDES, *overrides, f"output.run_dir={full}"]), **quiet)
+            save(result, full, comm.rank)
+            stopped = train(load_config(None, [*OVERRIDES, *overrides, f"output.run_dir={resumed}"]),
+                            stop_at_step=STOP, **quiet)
+            assert stopped.stopped and stopped.steps == STOP
+        else:
+            result = train(load_config(None, [*OVERRIDES, *overrides, f"output.run_dir={resumed}"]),
+                           resume="auto", **quiet)
+            save(result, resumed, comm.rank)
+    comm.close()
+    print(f"OK {args.phase} rank {comm.rank}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
