@@ -4,6 +4,7 @@ Every rank runs this function; rank 0 alone prints and writes metrics.h5.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import platform
 import random
@@ -89,6 +90,17 @@ def describe_method(cfg: RunConfig) -> str:
     elif a.outer == "nesterov":
         name += f" + outer Nesterov (η={a.outer_lr:g}, μ={a.outer_momentum:g})"
     return name
+
+
+def _versions() -> dict[str, str]:
+    """Versions that decide whether numbers reproduce, read from package metadata (nothing is imported)."""
+    found = {"hpc_localsgd": __version__, "python": sys.version.split()[0], "torch": torch.__version__}
+    for package in ("torchvision", "numpy", "h5py", "mpi4py", "horovod"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def _seed_everything(seed: int) -> None:
@@ -213,7 +225,7 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
         world = {"size": size, "nodes": launch.layout.num_nodes, "ranks_per_node": launch.layout.local_size,
                  "launcher": launch.launcher, "backend": comm.name, "device": str(device),
                  "threads_per_rank": torch.get_num_threads(), "host": platform.node()}
-        versions = {"hpc_localsgd": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+        versions = _versions()
         metrics = MetricsWriter(run_dir / "metrics.h5",
                                 {"config": config_to_yaml(cfg), "world": world, "versions": versions,
                                  "method": describe_method(cfg), "steps_per_epoch": steps_per_epoch,
@@ -235,7 +247,7 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
             {"config": config_to_yaml(cfg), "method": describe_method(cfg), "steps_per_epoch": steps_per_epoch,
              "total_steps": total_steps, "wall_seconds": wall_offset + time.perf_counter() - start,
              "world": {"size": size, "nodes": launch.layout.num_nodes, "backend": comm.name},
-             "versions": {"hpc_localsgd": __version__, "torch": torch.__version__}},
+             "versions": _versions()},
             engine.shared_state(),
             RankState(tensors=engine.rank_state(),
                       int_buffers={n: b for n, b in model.named_buffers() if not b.is_floating_point()},

@@ -49,3 +49,23 @@ def test_metrics_series_and_resolved_config(tmp_path: Path) -> None:
     assert steps["bytes_sent"][-1] == 0 and steps["sync_rounds"][-1] == 0
     saved = load_config(tmp_path / "r" / "config.yaml")
     assert saved == load_config(None, [*OVERRIDES, f"output.run_dir={tmp_path / 'r'}"])
+
+
+def test_timed_checkpoints_are_decided_at_poll_steps(tmp_path: Path) -> None:
+    # Due at every poll (a tiny interval); polls every 3 steps; no step-count trigger.
+    run(tmp_path / "t", ("checkpoint.every_minutes=0.000001", "checkpoint.poll_every_steps=3", "checkpoint.keep=100",
+                         "checkpoint.at_end=false"))
+    steps = sorted(int(p.name[5:14]) for p in (tmp_path / "t" / "checkpoints").glob("step-*.h5"))
+    assert steps == list(range(3, 33, 3))
+
+
+def test_inspect_describes_checkpoints_and_metrics(tmp_path: Path) -> None:
+    from hpc_localsgd.io.inspect import describe
+
+    run(tmp_path / "i")
+    checkpoint = describe(tmp_path / "i" / "checkpoints" / "step-000000032.h5")
+    assert (checkpoint["kind"], checkpoint["valid"], checkpoint["step"], checkpoint["world_size"]) == (
+        "checkpoint", True, 32, 1)
+    assert checkpoint["config"]["algorithm"]["outer"] == "slowmo" and "torch" in checkpoint["versions"]
+    metrics = describe(tmp_path / "i" / "metrics.h5")
+    assert (metrics["kind"], metrics["steps_logged"], metrics["evaluations"]) == ("metrics", 32, 2)
