@@ -41,6 +41,23 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if description.get("valid", True) else 1
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .launcher.sweep import describe_plan, plan_sweep, submit, write_sweep
+
+    plan = plan_sweep(args.grid, args.out)
+    print(describe_plan(plan))
+    if args.dry_run:
+        return 0
+    write_sweep(plan, overwrite=args.overwrite)
+    if args.submit:
+        for array, job in zip(plan.arrays, submit(plan)):
+            print(f"submitted {array} as job {job}")
+    else:
+        print(f"wrote {len(plan.points)} configs, manifest.json and {len(plan.arrays)} array script(s); "
+              "submit with the sbatch lines above, or run again with --submit")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-localsgd",
                                      description="Local SGD, post-local SGD and SlowMo on MPI ranks.")
@@ -66,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.add_argument("--no-verify", action="store_true", help="skip reading every dataset's checksum")
     inspect.set_defaults(handler=_inspect)
+    sweep = verbs.add_parser("sweep", help="expand a grid of runs into configs, a manifest and Slurm job arrays")
+    sweep.add_argument("grid", help="sweep YAML (see configs/sweeps/)")
+    mode = sweep.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print what would be written and submitted; write nothing")
+    mode.add_argument("--submit", action="store_true", help="write everything, then sbatch each job array")
+    sweep.add_argument("--out", help="output folder (default: sweeps/<name>)")
+    sweep.add_argument("--overwrite", action="store_true", help="regenerate a sweep folder that already exists")
+    sweep.set_defaults(handler=_sweep)
     return parser
 
 

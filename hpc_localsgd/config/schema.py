@@ -207,6 +207,10 @@ class CheckpointConfig:
     # steps, through one tiny allreduce: a step-by-step poll would add a latency-bound
     # collective to every local SGD step.
     poll_every_steps: int = 10
+    # After the checkpoint that SIGUSR1 triggers (Slurm's --signal=USR1@<seconds> before the time
+    # limit), rank 0 runs `scontrol requeue $SLURM_JOB_ID` so that the job continues by itself.
+    # SIGTERM (scancel, preemption) checkpoints and stops without requeueing.
+    requeue_on_usr1: bool = True
 
     def validate(self, key: str = "checkpoint") -> None:
         _check(self.every_steps >= 0, f"{key}.every_steps", f"must be >= 0, got {self.every_steps}")

@@ -8,7 +8,9 @@ time limit or preemption) ask for a checkpoint and a clean stop.
 """
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -71,3 +73,18 @@ class JobControl:
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def requeue_slurm_job() -> str:
+    """Ask Slurm to run this job again (it will resume from the checkpoint); says what happened."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "hpc-localsgd: not a Slurm job: nothing to requeue"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"hpc-localsgd: warning: scontrol requeue {job} failed: {exc}"
+    if done.returncode != 0:
+        reason = " ".join((done.stderr or done.stdout).split())
+        return f"hpc-localsgd: warning: scontrol requeue {job} failed: {reason} (is the job submitted with --requeue?)"
+    return f"hpc-localsgd: requeued Slurm job {job}; it resumes from the checkpoint when it starts again"

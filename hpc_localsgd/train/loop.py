@@ -31,7 +31,7 @@ from ..io.checkpoint import CheckpointWriter, RankState
 from ..io.metrics import MetricsWriter
 from ..io.rundir import prepare_run_dir, write_text_atomically
 from ..launcher.env import LaunchEnvironment, detect_launch, select_device, threads_for_rank
-from .control import JobControl
+from .control import JobControl, requeue_slurm_job
 from .data import ShardedBatches, build_datasets, derive_seed, eval_batches
 from .lr import LRSchedule
 from .models import build_model
@@ -231,7 +231,8 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
                                  "method": describe_method(cfg), "steps_per_epoch": steps_per_epoch,
                                  "total_steps": total_steps, "global_batch": global_batch},
                                 cfg.output.metrics_flush_seconds, locking=locking,
-                                resume_after_step=start_step if checkpoint is not None else None)
+                                # Resuming without a checkpoint (stopped before the first one) starts afresh.
+                                resume_after_step=start_step if resume is not None else None)
     say(f"hpc-localsgd: {describe_method(cfg)} | {size} rank(s) on {launch.layout.num_nodes} node(s), "
         f"{comm.name} backend, {device} | {cfg.model.name} on {cfg.data.name} | global batch {global_batch}, "
         f"peak lr {lr_schedule.peak:.4g} | {total_steps} steps ({steps_per_epoch}/epoch) | run dir {run_dir}")
@@ -340,6 +341,8 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
     if stopped:
         say(f"hpc-localsgd: stopped at step {step}/{total_steps} ({stopped}); checkpoint {last_checkpoint}; "
             "continue with --resume auto")
+        if comm.is_root and stopped == "SIGUSR1" and cfg.checkpoint.requeue_on_usr1:
+            say(requeue_slurm_job())
         return TrainResult(model=model, engine=engine, steps=step, wall_seconds=time.perf_counter() - start,
                            final=None, stats=stats, evals=evals, stopped=stopped, checkpoint=last_checkpoint)
 

@@ -1,0 +1,234 @@
+"""``hpc-localsgd sweep GRID.yaml``: a grid of runs → validated configs, a manifest, Slurm job arrays.
+
+A grid file::
+
+    name: cifar10-local-sgd
+    base: ../cifar10/resnet18_allreduce.yaml     # relative to the grid file
+    set: {data.path: /scratch/cifar-10-batches-py}   # applied to every run
+    variants:                                    # one entry per method; list values expand
+      - {algorithm.method: allreduce}
+      - {algorithm.method: local_sgd, algorithm.sync_period: [2, 4, 8, 16, 32]}
+    grid: {seed: [0, 1, 2]}                      # crossed with every variant
+    slurm:
+      nodes: [1, 4]                              # crossed too: one job array per node count
+      ntasks_per_node: 8
+      cpus_per_task: 8
+      gpus_per_task: 1
+      time: "24:00:00"
+      throttle: 16                               # at most this many tasks of an array at once (%N)
+      options: ["--partition=gpu"]               # more #SBATCH lines
+      launcher: srun                             # or mpirun
+
+Every point is checked against the config schema before anything is written. The output
+folder gets ``configs/NNNN-<slug>.yaml`` (resolved, with its own run dir under ``runs/``),
+``manifest.json`` (one entry per run: its overrides, array, task id, world size, paths) and
+``array-<nodes>n.sbatch``, whose tasks pick their config by ``SLURM_ARRAY_TASK_ID`` and run
+``slurm/train.sbatch`` (so they checkpoint, requeue and resume like any single run).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..config.load import config_to_yaml, load_config
+from ..errors import ConfigError, UserError
+
+REPO_TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+_GRID_KEYS = {"name", "base", "set", "variants", "grid", "slurm"}
+_SLURM_KEYS = {"nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_task", "time", "throttle", "options",
+               "launcher", "train_script"}
+
+
+@dataclass
+class SlurmShape:
+    nodes: list[int] = field(default_factory=lambda: [1])
+    ntasks_per_node: int = 1
+    cpus_per_task: int = 1
+    gpus_per_task: int = 0
+    time: str = "01:00:00"
+    throttle: int = 0
+    options: list[str] = field(default_factory=list)
+    launcher: str = "srun"
+    train_script: str = str(REPO_TRAIN_SCRIPT)
+
+
+@dataclass
+class Point:
+    index: int
+    name: str
+    overrides: dict[str, Any]
+    nodes: int
+    config_path: Path
+    run_dir: Path
+    array: str = ""
+    task: int = 0
+
+
+@dataclass
+class SweepPlan:
+    name: str
+    out: Path
+    points: list[Point]
+    arrays: dict[str, list[Point]]
+    shape: SlurmShape
+    scripts: dict[str, str]
+    base: Optional[Path]        # the config every point starts from
+    common: dict[str, Any]      # overrides applied to every point
+
+
+def _expand(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """{'a': [1, 2], 'b': 3} → [{'a': 1, 'b': 3}, {'a': 2, 'b': 3}]."""
+    keys = list(entry)
+    values = [v if isinstance(v, list) else [v] for v in entry.values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def _slug(overrides: dict[str, Any], nodes: int) -> str:
+    parts = [f"{key.rsplit('.', 1)[-1]}-{value}" for key, value in overrides.items()] + [f"nodes-{nodes}"]
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(parts))
+
+
+def _assignments(overrides: dict[str, Any]) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def plan_sweep(grid_file: str | Path, out: Optional[str | Path] = None) -> SweepPlan:
+    grid_path = Path(grid_file)
+    if not grid_path.is_file():
+        raise ConfigError(f"sweep file '{grid_path}' does not exist")
+    try:
+        spec = yaml.safe_load(grid_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep file '{grid_path}': {getattr(exc, 'problem', None) or 'invalid YAML'}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file '{grid_path}': expected a mapping")
+    unknown = sorted(set(spec) - _GRID_KEYS)
+    if unknown:
+        raise ConfigError(f"sweep file '{grid_path}': unknown key {unknown[0]!r}; "
+                          f"known: {', '.join(sorted(_GRID_KEYS))}")
+    name = str(spec.get("name") or grid_path.stem)
+    base = (grid_path.parent / spec["base"]).resolve() if spec.get("base") else None
+    slurm_spec = spec.get("slurm") or {}
+    unknown = sorted(set(slurm_spec) - _SLURM_KEYS)
+    if unknown:
+        raise ConfigError(f"sweep file '{grid_path}': unknown key slurm.{unknown[0]}; "
+                          f"known: {', '.join(sorted(_SLURM_KEYS))}")
+    shape = SlurmShape(**{k: v for k, v in slurm_spec.items()})
+    shape.nodes = shape.nodes if isinstance(shape.nodes, list) else [shape.nodes]
+    if shape.launcher not in ("srun", "mpirun"):
+        raise ConfigError(f"sweep file '{grid_path}': slurm.launcher must be srun or mpirun, got {shape.launcher!r}")
+    if not all(isinstance(n, int) and n >= 1 for n in shape.nodes):
+        raise ConfigError(f"sweep file '{grid_path}': slurm.nodes must be positive integers, got {shape.nodes}")
+    out_dir = Path(out) if out else Path("sweeps") / name
+    out_dir = out_dir.resolve()
+
+    common = spec.get("set") or {}
+    variants = [v for entry in (spec.get("variants") or [{}]) for v in _expand(entry)]
+    crossed = _expand(spec.get("grid") or {})
+    points: list[Point] = []
+    for nodes in shape.nodes:
+        for variant in variants:
+            for extra in crossed:
+                overrides = {**variant, **extra}
+                index = len(points)
+                slug = f"{index:04d}-{_slug(overrides, nodes)}"
+                run_dir = out_dir / "runs" / slug
+                try:
+                    load_config(base, _assignments({**common, **overrides}) + [f"output.run_dir={run_dir}"])
+                except ConfigError as exc:
+                    raise ConfigError(f"sweep point {slug}: {exc}") from None
+                points.append(Point(index, slug, overrides, nodes, out_dir / "configs" / f"{slug}.yaml", run_dir))
+    if not points:
+        raise ConfigError(f"sweep file '{grid_path}' expands to no runs")
+
+    arrays: dict[str, list[Point]] = {}
+    for point in points:
+        point.array = f"array-{point.nodes}n.sbatch"
+        group = arrays.setdefault(point.array, [])
+        point.task = len(group)
+        group.append(point)
+    scripts = {array: _array_script(name, members, shape, out_dir) for array, members in arrays.items()}
+    return SweepPlan(name, out_dir, points, arrays, shape, scripts, base, common)
+
+
+def _array_script(name: str, members: list[Point], shape: SlurmShape, out: Path) -> str:
+    nodes = members[0].nodes
+    throttle = f"%{shape.throttle}" if shape.throttle else ""
+    lines = ["#!/bin/bash",
+             f"# Generated by hpc-localsgd sweep: {len(members)} runs of '{name}' on {nodes} node(s) each.",
+             f"#SBATCH --job-name={name}-{nodes}n",
+             f"#SBATCH --nodes={nodes}",
+             f"#SBATCH --ntasks-per-node={shape.ntasks_per_node}",
+             f"#SBATCH --cpus-per-task={shape.cpus_per_task}"]
+    if shape.gpus_per_task:
+        lines.append(f"#SBATCH --gpus-per-task={shape.gpus_per_task}")
+    lines += [f"#SBATCH --time={shape.time}",
+              f"#SBATCH --output={out}/logs/%x-%A_%a.out",
+              "#SBATCH --open-mode=append",
+              "#SBATCH --signal=B:USR1@120",
+              "#SBATCH --requeue",
+              f"#SBATCH --array=0-{len(members) - 1}{throttle}"]
+    lines += [f"#SBATCH {option}" for option in shape.options]
+    lines += ["set -uo pipefail",
+              "configs=(" + " ".join(shlex.quote(str(p.config_path)) for p in members) + ")",
+              "run_dirs=(" + " ".join(shlex.quote(str(p.run_dir)) for p in members) + ")",
+              'task=${SLURM_ARRAY_TASK_ID:?this script runs as a Slurm job array}',
+              f"export LAUNCHER=${{LAUNCHER:-{shape.launcher}}}",
+              'export RUN_DIR="${run_dirs[$task]}"',
+              f'exec bash {shlex.quote(shape.train_script)} "${{configs[$task]}}"',
+              ""]
+    return "\n".join(lines)
+
+
+def write_sweep(plan: SweepPlan, overwrite: bool) -> None:
+    manifest = plan.out / "manifest.json"
+    if manifest.exists() and not overwrite:
+        raise UserError(f"sweep folder '{plan.out}' already holds a sweep (manifest.json); "
+                        "pass --overwrite to regenerate it, or choose another --out")
+    if not Path(plan.shape.train_script).is_file():
+        raise UserError(f"slurm.train_script '{plan.shape.train_script}' does not exist")
+    (plan.out / "configs").mkdir(parents=True, exist_ok=True)
+    (plan.out / "logs").mkdir(exist_ok=True)
+    for point in plan.points:
+        cfg = load_config(plan.base, _assignments({**plan.common, **point.overrides})
+                          + [f"output.run_dir={point.run_dir}"])
+        point.config_path.write_text(config_to_yaml(cfg))
+    for array, text in plan.scripts.items():
+        (plan.out / array).write_text(text)
+    entries = [{"index": p.index, "name": p.name, "overrides": p.overrides, "nodes": p.nodes,
+                "ranks": p.nodes * plan.shape.ntasks_per_node, "array": p.array, "task": p.task,
+                "config": str(p.config_path), "run_dir": str(p.run_dir)} for p in plan.points]
+    manifest.write_text(json.dumps({"name": plan.name, "runs": entries}, indent=2) + "\n")
+
+
+def describe_plan(plan: SweepPlan) -> str:
+    ranks = plan.shape.ntasks_per_node
+    lines = [f"sweep '{plan.name}': {len(plan.points)} runs in {len(plan.arrays)} job array(s) -> {plan.out}"]
+    for point in plan.points:
+        lines.append(f"  {point.array}[{point.task}]  {point.nodes * ranks:4d} ranks  {point.name}")
+    lines += [f"sbatch {plan.out / array}" for array in plan.arrays]
+    return "\n".join(lines)
+
+
+def submit(plan: SweepPlan) -> list[str]:
+    """sbatch every array; returns the job ids (also written to submitted.json)."""
+    ids = []
+    for array in plan.arrays:
+        try:
+            done = subprocess.run(["sbatch", "--parsable", str(plan.out / array)], capture_output=True, text=True,
+                                  timeout=120)
+        except OSError as exc:
+            raise UserError(f"sbatch could not be run: {exc}") from None
+        if done.returncode != 0:
+            raise UserError(f"sbatch {plan.out / array} failed: {' '.join(done.stderr.split())}")
+        ids.append(done.stdout.strip().split(";")[0])
+    (plan.out / "submitted.json").write_text(json.dumps(dict(zip(plan.arrays, ids)), indent=2) + "\n")
+    return ids
