@@ -27,11 +27,23 @@ if [ "$WITH_APT" = 1 ] && command -v apt-get >/dev/null; then
   command -v mpirun >/dev/null || need+=(openmpi-bin libopenmpi-dev)
   [ -e /usr/include/x86_64-linux-gnu/openmpi/mpi.h ] || [ -e /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h ] || need+=(libopenmpi-dev)
   command -v h5dump >/dev/null || need+=(hdf5-tools)
+  # Slurm for tests/slurm (a private cluster, scripts/slurm-cluster.sh); pulls in munge, unused there.
+  command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null ||
+    need+=(slurmctld slurmd slurm-client)
   if [ ${#need[@]} -gt 0 ]; then
     log "apt-get install ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # The postinst of munge, slurmd and slurmctld start their services through invoke-rc.d. Without
+    # systemd (a container) that would leave a munged running: deny service starts for this install,
+    # the way Debian's container images do, unless a policy is already there.
+    deny_starts=0
+    if [ ! -d /run/systemd/system ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && deny_starts=1
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    if [ "$deny_starts" = 1 ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
   fi
 fi
 

@@ -92,6 +92,12 @@ def describe_method(cfg: RunConfig) -> str:
     return name
 
 
+def _print_now(line: str) -> None:
+    # Flushed at once: under srun or mpirun stdout is a pipe, and a job that is requeued or killed
+    # must not lose its last lines in a buffer.
+    print(line, flush=True)
+
+
 def _versions() -> dict[str, str]:
     """Versions that decide whether numbers reproduce, read from package metadata (nothing is imported)."""
     found = {"hpc_localsgd": __version__, "python": sys.version.split()[0], "torch": torch.__version__}
@@ -147,7 +153,7 @@ def evaluate(engine: AveragingEngine, datasets_test, cfg: RunConfig, device: tor
 
 def train(cfg: RunConfig, *, overwrite: bool = False, resume: Optional[str] = None, reshard: Optional[str] = None,
           stop_at_step: Optional[int] = None, launch: Optional[LaunchEnvironment] = None,
-          comm: Optional[Communicator] = None, print_fn: Callable[[str], None] = print) -> TrainResult:
+          comm: Optional[Communicator] = None, print_fn: Callable[[str], None] = _print_now) -> TrainResult:
     """Run one training job on this rank. Every rank calls this with the same arguments.
 
     ``resume``: "auto" (the newest valid checkpoint of the run dir, or a fresh start) or a

@@ -1,0 +1,1 @@
+"""Tests against a private single-node Slurm cluster (scripts/slurm-cluster.sh), started once per session."""
