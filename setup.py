@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hpc_localsgd", "hpc_localsgd.*"]),
+    # The JSON Schema of `hpc-localsgd bench --out` results ships with the package.
+    package_data={"hpc_localsgd.bench": ["schema.json"]},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
@@ -21,7 +23,8 @@ setup(
         # Horovod must be built against the installed torch and MPI: see scripts/install.sh.
         "horovod": ["horovod==0.28.1"],
         "digits": ["scikit-learn"],
-        "test": ["pytest>=8", "scikit-learn"],
+        "test": ["pytest>=8", "scikit-learn", "jsonschema>=4.18", "reframe-hpc>=4.5"],
+        "bench": ["jsonschema>=4.18", "reframe-hpc>=4.5"],
     },
     entry_points={"console_scripts": ["hpc-localsgd=hpc_localsgd.cli:main"]},
 )

@@ -58,6 +58,27 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return () if text.strip() == "none" else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, run_bench
+
+    given = {name: getattr(args, name) for name in (
+        "model", "batch", "image_size", "num_classes", "backend", "bucket_mb", "repeats", "warmup", "steps",
+        "sync_periods", "baselines", "phases", "out", "io_dir", "threads", "device", "projection_step_seconds")}
+    run_bench(BenchOptions.from_given(quick=args.quick, **given), command=["hpc-localsgd", *sys.argv[1:]])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-localsgd",
                                      description="Local SGD, post-local SGD and SlowMo on MPI ranks.")
@@ -91,6 +112,40 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="output folder (default: sweeps/<name>)")
     sweep.add_argument("--overwrite", action="store_true", help="regenerate a sweep folder that already exists")
     sweep.set_defaults(handler=_sweep)
+    bench = verbs.add_parser("bench", help="measure averaging, throughput, SlowMo and checkpoints against their "
+                                           "floors and baselines; run it once per rank (mpirun, srun)")
+    size = bench.add_argument_group("problem size (defaults: ResNet-50, 32 images of 224x224 per rank)")
+    size.add_argument("--model", help="smallcnn, mlp or a torchvision classifier (default resnet50)")
+    size.add_argument("--batch", type=int, help="samples per rank and step (default 32)")
+    size.add_argument("--image-size", type=int, help="side of the square input images (default 224)")
+    size.add_argument("--classes", dest="num_classes", type=int, help="output classes (default 1000)")
+    size.add_argument("--quick", action="store_true",
+                      help="a problem that runs in seconds on two CPU cores (smallcnn, batch 8, 32x32, 3 repeats, "
+                           "8 steps); options given explicitly still apply")
+    plan = bench.add_argument_group("measurement")
+    plan.add_argument("--repeats", type=int, help="timed repetitions of every measurement (default 5)")
+    plan.add_argument("--warmup", type=int, help="untimed repetitions first (default 1)")
+    plan.add_argument("--steps", type=int, help="training steps per timed window (default 16; local SGD windows "
+                                                 "are rounded up to whole sync periods)")
+    plan.add_argument("--sync-periods", type=_int_list, metavar="H,H,...",
+                      help="local SGD periods to measure (default 1,2,4,8,16,32)")
+    plan.add_argument("--phases", type=_name_list, metavar="NAME,...",
+                      help="averaging,throughput,slowmo,checkpoint (default all)")
+    plan.add_argument("--baselines", type=_name_list, metavar="NAME,...|none",
+                      help="reference loops for synchronous training: horovod,ddp (default both)")
+    plan.add_argument("--backend", help="comm.backend of the package: auto, horovod, mpi, torch, single "
+                                        "(default auto)")
+    plan.add_argument("--bucket-mb", type=float, help="gradient bucket size for the engine and DDP (default 25)")
+    plan.add_argument("--threads", type=int, help="torch threads per rank (default: as for training)")
+    plan.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    plan.add_argument("--project-step-seconds", dest="projection_step_seconds", type=float, metavar="S",
+                      help="compute time per step for the projection instead of the measured one")
+    output = bench.add_argument_group("output")
+    output.add_argument("--out", metavar="FILE.json", help="write the results as JSON (schema: "
+                                                           "hpc_localsgd/bench/schema.json)")
+    output.add_argument("--io-dir", metavar="DIR", help="where the checkpoint phase writes; every rank must see it "
+                                                        "(default: the folder of --out, else the current one)")
+    bench.set_defaults(handler=_bench)
     return parser
 
 

@@ -1,0 +1,161 @@
+"""The three outputs of a benchmark run: a table for people, one greppable line, and a JSON file
+that follows ``schema.json`` (shipped beside this file; its ``schema_version`` is below)."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import __version__
+from .stats import Figure
+
+SCHEMA_VERSION = "1.0"
+SUMMARY_PREFIX = "hpc-localsgd-bench:"
+
+# Figures named in the summary line, with their keys there (ReFrame and grep read these).
+SUMMARY_KEYS = (
+    ("sync_over_floor", "averaging.sync_over_floor"),
+    ("allreduce_over_horovod", "synchronous.allreduce_over_horovod"),
+    ("allreduce_over_ddp", "synchronous.allreduce_over_ddp"),
+    ("h16_efficiency", "local_sgd.h16.efficiency"),
+    ("slowmo_extra_ms", "slowmo.extra_seconds_per_sync"),
+    ("slowmo_param_copies", "slowmo.extra_memory_param_copies"),
+    ("ckpt_write_over_raw", "checkpoint.write_over_raw"),
+    ("ckpt_read_over_raw", "checkpoint.read_over_raw"),
+)
+
+
+def load_schema() -> dict[str, Any]:
+    return json.loads(importlib.resources.files(__package__).joinpath("schema.json").read_text())
+
+
+def versions() -> dict[str, str]:
+    found = {"hpc_localsgd": __version__, "python": sys.version.split()[0], "torch": torch.__version__}
+    for package in ("torchvision", "numpy", "h5py", "mpi4py", "horovod"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    """Where rank 0 ran; the load average tells whether the machine was shared meanwhile."""
+    return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count() or 0, "threads_per_rank": threads, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_average_start": list(os.getloadavg()), "load_average_end": None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def targets_summary(figures: list[Figure]) -> dict[str, Any]:
+    judged = [f for f in figures if f.target is not None]
+    return {"met": sum(1 for f in judged if f.met), "total": len(judged), "all_met": all(f.met for f in judged),
+            "missed": [f.id for f in judged if not f.met]}
+
+
+def summary_line(world: dict[str, Any], problem: dict[str, Any], figures: list[Figure], out: Optional[str]) -> str:
+    by_id = {f.id: f for f in figures}
+    parts = [SUMMARY_PREFIX, f"ranks={world['size']}", f"backend={world['backend']}", f"model={problem['model']}",
+             f"params={problem['parameters']}", f"batch={problem['batch_per_rank']}",
+             f"image={problem['image_size']}"]
+    for key, figure_id in SUMMARY_KEYS:
+        figure = by_id.get(figure_id)
+        if figure is None:
+            parts.append(f"{key}=n/a")
+        elif key.endswith("_ms"):
+            parts.append(f"{key}={figure.median * 1e3:.4g}")
+        else:
+            parts.append(f"{key}={figure.median:.3f}")
+    totals = targets_summary(figures)
+    parts.append(f"targets_met={totals['met']}/{totals['total']}")
+    if out:
+        parts.append(f"json={out}")
+    return " ".join(parts)
+
+
+def _number(value: float, unit: str) -> str:
+    if unit == "B" or unit == "B/sample":
+        return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+    if unit == "fraction":
+        return f"{100 * value:.1f}%"
+    if unit == "s":
+        return f"{value:.4g}"
+    if math.isfinite(value) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}" if unit != "ratio" else f"{value:.3f}"
+
+
+def format_table(header: str, figures: list[Figure]) -> str:
+    lines = [header, f"{'figure':<42} {'median':>13} {'min … max':>27} {'unit':<10} {'target':<8} met"]
+    group = None
+    for f in figures:
+        if f.group != group:
+            group = f.group
+            lines.append(f"-- {group}")
+        spread = f.spread()
+        unit = "ms" if f.unit == "s" and all(abs(v) < 1 for v in f.samples) else f.unit
+        shown = (lambda v: f"{v * 1e3:.4g}") if unit == "ms" else (lambda v: _number(v, f.unit))
+        spread_text = "exact" if f.exact else f"{shown(spread['min'])} … {shown(spread['max'])}"
+        target = "" if f.target is None else f"{f.target.op}{f.target.value:g}"
+        met = "" if f.met is None else ("yes" if f.met else "MISSED")
+        lines.append(f"{f.id:<42} {shown(f.median):>13} {spread_text:>27} {unit:<10} {target:<8} {met}")
+    return "\n".join(lines)
+
+
+def build_document(*, command: list[str], environment_info: dict[str, Any], world: dict[str, Any],
+                   problem: dict[str, Any], measurement: dict[str, Any], figures: list[Figure],
+                   skipped: list[dict[str, str]], projection: Optional[dict[str, Any]], summary: str,
+                   seconds: float) -> dict[str, Any]:
+    environment_info = {**environment_info, "load_average_end": list(os.getloadavg())}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "hpc-localsgd bench",
+        "command": command,
+        "wall_seconds": seconds,
+        "environment": environment_info,
+        "versions": versions(),
+        "world": world,
+        "problem": problem,
+        "measurement": measurement,
+        "figures": [f.as_json() for f in figures],
+        "targets": targets_summary(figures),
+        "skipped": skipped,
+        "projection": projection,
+        "summary_line": summary,
+    }
+
+
+def validate_document(document: dict[str, Any]) -> None:
+    """Check against schema.json when jsonschema is installed (it is in the test extra)."""
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.validate(document, load_schema())
+
+
+def write_document(document: dict[str, Any], path: str) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, target)

@@ -1,0 +1,169 @@
+"""The problem every measurement shares: one model definition, one optimizer recipe, fixed batches.
+
+Every configuration gets its own copy of the model, built from the same seed, so that all of
+them start from identical weights and see identical batches; only what happens between
+``backward`` and the next step differs. Batches are made once and kept in memory (different
+on every rank, as data-parallel shards are): data loading is not what is measured here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..algorithms.engine import AveragingEngine
+from ..algorithms.schedule import SyncSchedule
+from ..comm.base import Communicator
+from ..config.schema import RunConfig
+from ..train.data import derive_seed
+from ..train.models import build_model
+
+# Distinct in-memory batches each rank cycles through.
+BATCHES_PER_RANK = 4
+# A small constant LR: the benchmark trains on random labels for a few hundred steps, and the
+# time of a step must not depend on where the weights wander.
+LEARNING_RATE = 1e-3
+
+
+def synchronize_device(device: torch.device) -> None:
+    """Wait for queued device work, so that a timer read afterwards covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Workload:
+    cfg: RunConfig
+    device: torch.device
+    rank: int
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def create(cls, cfg: RunConfig, device: torch.device, rank: int, num_classes: int) -> "Workload":
+        shape = (3, cfg.data.image_size, cfg.data.image_size)
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "bench-data", rank))
+        batches = []
+        for _ in range(BATCHES_PER_RANK):
+            x = torch.randn(cfg.data.batch_size, *shape, generator=generator)
+            y = torch.randint(0, num_classes, (cfg.data.batch_size,), generator=generator)
+            batches.append((x.to(device), y.to(device)))
+        return cls(cfg, device, rank, shape, num_classes, batches)
+
+    def new_model(self) -> nn.Module:
+        """The same initial weights on every call and every rank."""
+        torch.manual_seed(self.cfg.seed)
+        model = build_model(self.cfg.model, self.num_classes, self.input_shape).to(self.device)
+        model.train()
+        return model
+
+    def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        return torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches[step % len(self.batches)]
+
+
+class TrainingLoop(Protocol):
+    """A configuration that trains ``steps`` steps; ``comm_seconds``/``bytes_sent`` count its traffic."""
+
+    name: str
+
+    def run(self, steps: int) -> None: ...
+
+    def comm_seconds(self) -> float: ...
+
+    def bytes_sent(self) -> int: ...
+
+
+class EngineLoop:
+    """The package's training step, call for call as ``hpc_localsgd/train/loop.py`` makes it."""
+
+    def __init__(self, name: str, workload: Workload, comm: Communicator, algorithm: str, sync_period: int = 1,
+                 outer: str = "none") -> None:
+        self.name = name
+        self.workload = workload
+        cfg = workload.cfg
+        self.algorithm = dataclasses.replace(cfg.algorithm, method=algorithm, sync_period=sync_period, outer=outer)
+        self.algorithm.validate()
+        self.model = workload.new_model()
+        self.optimizer = workload.new_optimizer(self.model)
+        schedule = SyncSchedule(sync_period, None if algorithm == "allreduce" else 0)
+        self.engine = AveragingEngine(self.model, self.optimizer, comm, self.algorithm, schedule,
+                                      bucket_bytes=int(cfg.comm.bucket_mb * 2**20))
+        self.engine.broadcast_initial_state()
+
+    def set_sync_period(self, sync_period: Optional[int]) -> None:
+        """Local SGD with period H from the next window on; None: never average (each rank alone).
+
+        One model serves every H and the no-communication limit, so that they differ only in
+        the schedule the engine consults at the end of each step.
+        """
+        if sync_period is None:
+            # local_start None means "synchronous"; this engine has no gradient hooks, so it never communicates.
+            self.engine.schedule = SyncSchedule(1, None)
+        else:
+            self.engine.schedule = SyncSchedule(sync_period, 0)
+
+    def run(self, steps: int) -> None:
+        model, optimizer, engine = self.model, self.optimizer, self.engine
+        for step in range(steps):
+            x, y = self.workload.batch(step)
+            engine.begin_step(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            engine.finish_gradients()
+            optimizer.step()
+            engine.end_step(step + 1, LEARNING_RATE)
+        synchronize_device(self.workload.device)
+
+    def comm_seconds(self) -> float:
+        return self.engine.stats.comm_seconds
+
+    def bytes_sent(self) -> int:
+        return self.engine.stats.bytes_sent
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class PlainLoop:
+    """Each rank alone: forward, backward, optimizer step; no engine, no communicator."""
+
+    name = "bare"
+
+    def __init__(self, workload: Workload) -> None:
+        self.workload = workload
+        self.model = workload.new_model()
+        self.optimizer = workload.new_optimizer(self.model)
+
+    def run(self, steps: int) -> None:
+        for step in range(steps):
+            x, y = self.workload.batch(step)
+            self.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(x), y).backward()
+            self.optimizer.step()
+        synchronize_device(self.workload.device)
+
+
+def time_window(comm: Communicator, loop: TrainingLoop, steps: int) -> tuple[float, float, int]:
+    """(seconds, seconds blocked in communication, bytes sent) of ``steps`` steps on this rank.
+
+    The ranks start together (a barrier outside the timing), so the slowest rank's time is
+    the time the window took.
+    """
+    comm.barrier()
+    comm_before, bytes_before = loop.comm_seconds(), loop.bytes_sent()
+    start = time.perf_counter()
+    loop.run(steps)
+    seconds = time.perf_counter() - start
+    return seconds, loop.comm_seconds() - comm_before, loop.bytes_sent() - bytes_before

@@ -1,0 +1,175 @@
+"""``hpc-localsgd bench`` on real ranks: the quick problem under ``mpirun -np 2`` writes JSON that
+follows the shipped schema, whose counted figures equal what the maths says and whose timed
+figures are sane; bad input ends every rank with one line; the ReFrame check runs locally."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+from hpc_localsgd.config.schema import ModelConfig
+from hpc_localsgd.train.models import build_model
+from tests.helpers import MPI_TEST_ENV, REPO_ROOT, run_mpi
+
+SCHEMA = json.loads((REPO_ROOT / "hpc_localsgd" / "bench" / "schema.json").read_text())
+QUICK_BATCH, QUICK_CLASSES, QUICK_IMAGE = 8, 10, 32
+SYNC_PERIODS = (1, 2, 4, 8, 16, 32)
+
+
+def bench(*args: str) -> list[str]:
+    return ["python", "-m", "hpc_localsgd", "bench", *args]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict, Path]:
+    folder = tmp_path_factory.mktemp("bench")
+    proc = run_mpi(2, bench("--quick", "--out", str(folder / "bench.json")), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, json.loads((folder / "bench.json").read_text()), folder
+
+
+def model_bytes() -> tuple[int, int]:
+    """(parameter bytes, floating-point buffer bytes) of the quick problem's model, counted here."""
+    model = build_model(ModelConfig(name="smallcnn"), QUICK_CLASSES, (3, QUICK_IMAGE, QUICK_IMAGE))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers() if b.is_floating_point())
+    return params, buffers
+
+
+def figures(document: dict) -> dict[str, dict]:
+    return {f["id"]: f for f in document["figures"]}
+
+
+def test_quick_bench_follows_the_schema(quick_run) -> None:
+    proc, document, folder = quick_run
+    jsonschema.validate(document, SCHEMA)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("hpc-localsgd-bench:")]
+    assert lines == [document["summary_line"]]  # rank 0 alone prints it
+    assert document["world"]["size"] == 2 and document["problem"]["quick"] is True
+    assert sorted(p.name for p in folder.iterdir()) == ["bench.json"]  # the checkpoint files are gone
+    broken = dict(document)
+    del broken["projection"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, SCHEMA)
+
+
+def test_quick_bench_counts_bytes_exactly(quick_run) -> None:
+    _, document, _ = quick_run
+    by_id = figures(document)
+    params, buffers = model_bytes()
+    assert document["problem"]["parameter_bytes"] == params and document["problem"]["buffer_bytes"] == buffers
+    assert by_id["averaging.bytes_per_sync"]["median"] == params + buffers
+    for period in SYNC_PERIODS:
+        figure = by_id[f"local_sgd.h{period}.bytes_per_sample"]
+        assert figure["exact"] and figure["samples"] == [(params + buffers) / (period * QUICK_BATCH)] * 3
+    assert by_id["synchronous.allreduce.bytes_per_sample"]["median"] == params / QUICK_BATCH
+    # SlowMo keeps x_prev and u: two fp32 copies of the parameters, nothing else.
+    assert by_id["slowmo.extra_memory_bytes"]["median"] == 2 * params
+    assert by_id["slowmo.extra_memory_param_copies"]["median"] == 2.0
+    assert by_id["slowmo.extra_memory_param_copies"]["met"] is True
+    # Each of 2 ranks: parameters, BN statistics, momentum; rank 0 also SlowMo's x_prev and u.
+    assert by_id["checkpoint.bytes"]["median"] == 2 * (params + buffers + params) + 2 * params
+
+
+def test_quick_bench_figures_are_sane(quick_run) -> None:
+    _, document, _ = quick_run
+    by_id = figures(document)
+    for figure in document["figures"]:
+        values = figure["samples"]
+        assert len(values) == figure["repetitions"] and all(math.isfinite(v) for v in values), figure["id"]
+        spread = figure["spread"]
+        assert spread["min"] <= spread["q1"] <= figure["median"] <= spread["q3"] <= spread["max"], figure["id"]
+        if figure["unit"] in ("s", "samples/s", "ratio", "GB/s") and figure["id"] != "slowmo.extra_seconds_per_sync":
+            assert all(v > 0 for v in values), figure["id"]
+        if figure["unit"] == "fraction":
+            assert all(0 <= v <= 1 for v in values), figure["id"]
+        if figure["target"] is not None:
+            op, value = figure["target"]["op"], figure["target"]["value"]
+            assert figure["met"] == (figure["median"] <= value if op == "<=" else figure["median"] >= value)
+        else:
+            assert figure["met"] is None
+    for name in ("averaging.sync_over_floor", "synchronous.allreduce_over_horovod", "synchronous.allreduce_over_ddp",
+                 "local_sgd.h16.efficiency", "checkpoint.write_over_raw", "checkpoint.read_over_raw"):
+        assert name in by_id and by_id[name]["target"] is not None
+    # Paired ratios: each sample is the quotient of the same repetition's two measurements.
+    write, raw = by_id["checkpoint.write_seconds"]["samples"], by_id["checkpoint.raw_write_seconds"]["samples"]
+    assert by_id["checkpoint.write_over_raw"]["samples"] == pytest.approx([r / w for r, w in zip(raw, write)])
+    limit = by_id["throughput.limit_samples_per_s"]["samples"]
+    h4 = by_id["local_sgd.h4.samples_per_s"]["samples"]
+    assert by_id["local_sgd.h4.efficiency_in_process"]["samples"] == pytest.approx([a / b for a, b in zip(h4, limit)])
+    # The target's efficiency is against the bare limit, measured before any communication library started.
+    bare = by_id["throughput.bare_limit_samples_per_s"]["median"]
+    assert by_id["local_sgd.h16.efficiency"]["samples"] == pytest.approx(
+        [v / bare for v in by_id["local_sgd.h16.samples_per_s"]["samples"]])
+    # Less communication, smaller share of the time communicating (H=1 against H=32, 8 vs 1/4 syncs per window).
+    assert by_id["local_sgd.h32.comm_share"]["median"] < by_id["local_sgd.h1.comm_share"]["median"]
+    totals = document["targets"]
+    judged = [f for f in document["figures"] if f["target"] is not None]
+    assert totals["total"] == len(judged) and totals["met"] == sum(f["met"] for f in judged)
+
+
+def test_projection_follows_the_alpha_beta_model(quick_run) -> None:
+    _, document, _ = quick_run
+    projection = document["projection"]
+    assert projection["label"] == "projection, not a measurement"
+    compute = projection["compute_seconds_per_step"]
+    assert compute == pytest.approx(figures(document)["throughput.bare_step_seconds"]["median"])
+    links = {link["name"]: link for link in projection["interconnects"]}
+    assert len(projection["rows"]) == len(links) * len(projection["workers"]) * (1 + len(SYNC_PERIODS))
+    for row in projection["rows"]:
+        link, m = links[row["interconnect"]], row["workers"]
+        n = projection["gradient_bytes_per_step"] if row["method"] == "allreduce" else projection["bytes_per_sync"]
+        ring = 2 * (m - 1) * link["alpha_seconds"] + 2 * (m - 1) / m * n / link["beta_bytes_per_second"]
+        assert row["comm_seconds_per_step"] == pytest.approx(ring / row["sync_period"])
+        assert row["efficiency"] == pytest.approx(compute / (compute + ring / row["sync_period"]))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+    (["--model", "nosuchnet"], "model.name: unknown model 'nosuchnet'"),
+    (["--sync-periods", "4,0"], "--sync-periods: must be positive integers, got 4,0"),
+])
+def test_bad_input_ends_every_rank_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = run_mpi(2, bench("--quick", "--io-dir", str(tmp_path), *args), timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hpc-localsgd: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+
+
+def test_bad_input_single_process_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "hpc_localsgd", "bench", "--quick", "--out",
+                           str(tmp_path / "missing" / "b.json")], capture_output=True, text=True, cwd=REPO_ROOT,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"hpc-localsgd: error: --out: folder '{tmp_path / 'missing'}' does not exist"
+
+
+def test_sbatch_script_parses() -> None:
+    subprocess.run(["bash", "-n", str(REPO_ROOT / "slurm" / "bench.sbatch")], check=True)
+
+
+@pytest.mark.skipif(shutil.which("reframe", path=str(Path(sys.executable).parent)) is None,
+                    reason="reframe-hpc is not installed (scripts/install.sh installs it)")
+def test_reframe_check_runs_with_the_local_launcher(tmp_path: Path) -> None:
+    reframe = str(Path(sys.executable).parent / "reframe")
+    # TMPDIR: ReFrame logs its start-up to a temporary file before it reads the configuration.
+    env = {**os.environ, **MPI_TEST_ENV, "PYTHONPATH": str(REPO_ROOT), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([reframe, "-C", str(REPO_ROOT / "bench" / "reframe" / "settings.py"),
+                           "-c", str(REPO_ROOT / "bench" / "reframe" / "hpc_localsgd_bench.py"),
+                           "--prefix", str(tmp_path), "--nocolor", "-S", "quick=true", "-r"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert "[  PASSED  ] Ran 1/1 test case(s)" in proc.stdout, proc.stdout[-5000:]
+    # The performance variables were extracted from the summary line.
+    assert "sync_over_floor" in proc.stdout and "h16_efficiency" in proc.stdout
+    assert torch.__version__  # the check ran the venv's interpreter, which imports torch
