@@ -22,7 +22,7 @@ import torch
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.flat import PARAMS
 from ..comm.base import Communicator
-from ..io.checkpoint import Checkpoint, CheckpointWriter, RankState
+from ..io.checkpoint import Checkpoint, CheckpointWriter, RankState, fsync_path, to_numpy
 from ..launcher.env import LaunchEnvironment
 from .options import BenchOptions
 from .stats import Figure, Target, gather, paired_ratios, rank_mean, slowest
@@ -351,19 +351,6 @@ def measure_slowmo(ctx: BenchContext, slowmo: EngineLoop) -> None:
 
 
 # --- 5. checkpoints against raw h5py ----------------------------------------------------------------
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    t = tensor.detach().cpu().contiguous()
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def raw_write(comm: Communicator, path: Path, shared: dict[str, np.ndarray], mine: dict[str, np.ndarray]) -> None:
     """The same bytes as a checkpoint, written the way the checkpoint writer does (rank 0 creates,
     each rank appends in turn and fsyncs, rank 0 fsyncs and renames), without its metadata,
@@ -382,12 +369,12 @@ def raw_write(comm: Communicator, path: Path, shared: dict[str, np.ndarray], min
                 group = f.create_group(f"ranks/{comm.rank}")
                 for name, array in mine.items():
                     group.create_dataset(name, data=array)
-            _fsync(tmp)
+            fsync_path(tmp)
         comm.barrier()
     if comm.is_root:
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     comm.barrier()
 
 
@@ -419,8 +406,8 @@ def measure_checkpoint(ctx: BenchContext, slowmo: EngineLoop) -> None:
                            int_buffers={n: b for n, b in slowmo.model.named_buffers() if not b.is_floating_point()},
                            comm_stats=engine.stats.as_dict(), train_loss_sum=0.0, train_loss_count=0)
     shared = engine.shared_state()
-    raw_shared = {n: _numpy(t) for n, t in shared.items()} if comm.is_root else {}
-    raw_mine = {n: _numpy(t) for n, t in rank_state.tensors.items()}
+    raw_shared = {n: to_numpy(t) for n, t in shared.items()} if comm.is_root else {}
+    raw_mine = {n: to_numpy(t) for n, t in rank_state.tensors.items()}
     folder = _shared_folder(comm, options.checkpoint_folder())
     writer = CheckpointWriter(folder, comm, keep=options.repeats + options.warmup + 1)
     counter = iter(range(10**9))

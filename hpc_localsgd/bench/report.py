@@ -8,14 +8,13 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from .. import __version__
+from ..launcher.env import software_versions
 from .stats import Figure
 
 SCHEMA_VERSION = "1.0"
@@ -38,14 +37,7 @@ def load_schema() -> dict[str, Any]:
     return json.loads(importlib.resources.files(__package__).joinpath("schema.json").read_text())
 
 
-def versions() -> dict[str, str]:
-    found = {"hpc_localsgd": __version__, "python": sys.version.split()[0], "torch": torch.__version__}
-    for package in ("torchvision", "numpy", "h5py", "mpi4py", "horovod"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
+versions = software_versions
 
 
 def cpu_model() -> str:

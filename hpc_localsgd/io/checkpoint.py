@@ -59,7 +59,7 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:09d}.h5"
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the bits
         t = t.view(torch.int16)
@@ -71,7 +71,7 @@ def _digest(array: np.ndarray) -> str:
 
 
 def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor) -> None:
-    array = _numpy(tensor)
+    array = to_numpy(tensor)
     dataset = group.create_dataset(name, data=array)
     dataset.attrs["torch_dtype"] = str(tensor.dtype).removeprefix("torch.")
     dataset.attrs["blake2b"] = _digest(array)
@@ -139,7 +139,7 @@ class CheckpointMeta:
     attrs: dict[str, Any]
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -173,7 +173,7 @@ class CheckpointWriter:
         final = self.directory / checkpoint_name(step)
         tmp = self.directory / f".{final.name}.tmp"
         names = sorted(rank_state.tensors)
-        digests = [_digest(_numpy(rank_state.tensors[n])) for n in names]
+        digests = [_digest(to_numpy(rank_state.tensors[n])) for n in names]
         # Rank 0's digests let the others store a link instead of bytes equal to rank 0's.
         root_digests = torch.tensor([int(d, 16) - 2**63 for d in digests], dtype=torch.int64)
         self.comm.broadcast_(root_digests, root=0)
@@ -208,12 +208,12 @@ class CheckpointWriter:
             try:
                 with h5py.File(tmp, "a", locking=self.locking) as f:
                     f.attrs["complete"] = 1
-                _fsync(tmp)
+                fsync_path(tmp)
                 os.replace(tmp, final)
-                _fsync(self.directory)
+                fsync_path(self.directory)
                 pointer = self.directory / f".{LATEST}.tmp"
                 pointer.write_text(final.name + "\n")
-                _fsync(pointer)
+                fsync_path(pointer)
                 os.replace(pointer, self.directory / LATEST)
                 self._prune()
             except OSError as exc:
@@ -240,7 +240,7 @@ class CheckpointWriter:
             _write_rng(group.create_group("rng"))
             group.attrs.update({"comm_stats": json.dumps(state.comm_stats), "train_loss_sum": state.train_loss_sum,
                                 "train_loss_count": state.train_loss_count})
-        _fsync(tmp)
+        fsync_path(tmp)
 
     def _prune(self) -> None:
         complete = sorted(p for p in self.directory.iterdir() if _NAME.match(p.name))

@@ -7,7 +7,9 @@ Horovod built against another MPI than the ``mpirun`` that launched it.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -81,6 +83,19 @@ def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchEnvironment:
                 f"{launcher} reports rank {rank} of {size}, local rank {local_rank} of {local_size}: inconsistent")
         return LaunchEnvironment(launcher, WorldLayout(rank, size, local_rank, local_size, node_rank, num_nodes))
     return LaunchEnvironment("none", WorldLayout(0, 1, 0, 1, 0, 1))
+
+
+def software_versions() -> dict[str, str]:
+    """Versions that decide whether numbers reproduce, from package metadata (nothing is imported)."""
+    from .. import __version__
+
+    found = {"hpc_localsgd": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for package in ("torchvision", "numpy", "h5py", "mpi4py", "horovod"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def select_device(requested: str, layout: WorldLayout) -> torch.device:

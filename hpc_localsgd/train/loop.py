@@ -4,11 +4,9 @@ Every rank runs this function; rank 0 alone prints and writes metrics.h5.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import platform
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
 from ..algorithms.accounting import CommStats
 from ..algorithms.engine import AveragingEngine, local_start_step
 from ..algorithms.schedule import SyncSchedule
@@ -30,7 +27,8 @@ from ..errors import UserError
 from ..io.checkpoint import CheckpointWriter, RankState
 from ..io.metrics import MetricsWriter
 from ..io.rundir import prepare_run_dir, write_text_atomically
-from ..launcher.env import LaunchEnvironment, detect_launch, select_device, threads_for_rank
+from ..launcher.env import (LaunchEnvironment, detect_launch, select_device, software_versions,
+                             threads_for_rank)
 from .control import JobControl, requeue_slurm_job
 from .data import ShardedBatches, build_datasets, derive_seed, eval_batches
 from .lr import LRSchedule
@@ -96,17 +94,6 @@ def _print_now(line: str) -> None:
     # Flushed at once: under srun or mpirun stdout is a pipe, and a job that is requeued or killed
     # must not lose its last lines in a buffer.
     print(line, flush=True)
-
-
-def _versions() -> dict[str, str]:
-    """Versions that decide whether numbers reproduce, read from package metadata (nothing is imported)."""
-    found = {"hpc_localsgd": __version__, "python": sys.version.split()[0], "torch": torch.__version__}
-    for package in ("torchvision", "numpy", "h5py", "mpi4py", "horovod"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def _seed_everything(seed: int) -> None:
@@ -231,7 +218,7 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
         world = {"size": size, "nodes": launch.layout.num_nodes, "ranks_per_node": launch.layout.local_size,
                  "launcher": launch.launcher, "backend": comm.name, "device": str(device),
                  "threads_per_rank": torch.get_num_threads(), "host": platform.node()}
-        versions = _versions()
+        versions = software_versions()
         metrics = MetricsWriter(run_dir / "metrics.h5",
                                 {"config": config_to_yaml(cfg), "world": world, "versions": versions,
                                  "method": describe_method(cfg), "steps_per_epoch": steps_per_epoch,
@@ -254,7 +241,7 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
             {"config": config_to_yaml(cfg), "method": describe_method(cfg), "steps_per_epoch": steps_per_epoch,
              "total_steps": total_steps, "wall_seconds": wall_offset + time.perf_counter() - start,
              "world": {"size": size, "nodes": launch.layout.num_nodes, "backend": comm.name},
-             "versions": _versions()},
+             "versions": software_versions()},
             engine.shared_state(),
             RankState(tensors=engine.rank_state(),
                       int_buffers={n: b for n, b in model.named_buffers() if not b.is_floating_point()},
