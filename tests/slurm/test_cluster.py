@@ -130,8 +130,10 @@ def test_kill_on_bad_exit_fails_the_job_promptly(slurm_cluster: SlurmCluster, tm
     assert slurm_cluster.job(job)["Reason"] == "NonZeroExitCode"
 
 
-MPI_PROGRAM = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
-               "print(c.Get_rank(), c.Get_size(), c.allreduce(c.Get_rank() + 1), flush=True)")
+# One write per line: print() writes its pieces separately, and two ranks sharing one output file
+# could interleave them.
+MPI_PROGRAM = ("import os; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+               "os.write(1, f\"{c.Get_rank()} {c.Get_size()} {c.allreduce(c.Get_rank() + 1)}\\n\".encode())")
 
 
 @pytest.mark.parametrize("launch", ["srun --mpi=pmix", "mpirun -np $SLURM_NTASKS --bind-to none"],
