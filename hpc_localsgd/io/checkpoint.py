@@ -7,12 +7,15 @@ Layout of ``step-000001200.h5``::
     /shared/<name>              identical on every rank (the outer optimizer's x_prev and momentum)
     /ranks/<r>/state/<name>     rank r's parameters, BN statistics and momentum buffers (flat segments);
                                 a soft link to rank 0's dataset when the bytes are equal (after a sync)
-    /ranks/<r>/int_buffers/<n>  integer module buffers (BatchNorm's num_batches_tracked)
+    /ranks/<r>/int_buffers/<dtype>  integer module buffers (BatchNorm's num_batches_tracked), one dataset
+                                per dtype holding them back to back; attrs ``names`` and ``shapes`` (JSON)
     /ranks/<r>/rng/...          torch, numpy, python (and CUDA) random states
     /ranks/<r>                  attrs: comm_stats (JSON), train_loss_sum, train_loss_count
 
-Every dataset carries ``blake2b``, a 64-bit digest of its bytes, checked when it is read, and
-``torch_dtype``; bfloat16 is stored losslessly as its 16-bit pattern.
+Every dataset carries ``xxh3_64``, a 64-bit digest of its bytes checked when it is read (format
+version 1 files carry ``blake2b`` instead, still read), and ``torch_dtype``; bfloat16 is stored
+losslessly as its 16-bit pattern. xxh3 hashes at memory bandwidth (about 30 GB/s here against
+blake2b's 1 GB/s), so the integrity check costs a small fraction of the write or read.
 
 Writing is collective and crash-safe. Rank 0 creates a temporary file beside the final one;
 then each rank in turn appends its own group (so no rank ever holds another rank's state, and
@@ -28,6 +31,7 @@ import os
 import random
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -35,12 +39,15 @@ from typing import Any, Callable, Optional
 import h5py
 import numpy as np
 import torch
+import xxhash
 
 from ..comm.base import Communicator
 from ..errors import UserError
 
 FORMAT = "hpc-localsgd/checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The digest attribute of each format version (version 1 used blake2b).
+_DIGEST_ATTR = {1: "blake2b", 2: "xxh3_64"}
 _NAME = re.compile(r"^step-(\d{9})\.h5$")
 LATEST = "latest"
 
@@ -66,27 +73,104 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _bytes_of(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
 def _digest(array: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8), digest_size=8).hexdigest()
+    return xxhash.xxh3_64_hexdigest(_bytes_of(array))
 
 
-def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor) -> None:
+def _legacy_digest(array: np.ndarray) -> str:
+    return hashlib.blake2b(_bytes_of(array), digest_size=8).hexdigest()
+
+
+def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor, digest: Optional[str] = None) -> None:
+    """``digest``: the tensor's digest when the caller has computed it already (hashing once)."""
     array = to_numpy(tensor)
     dataset = group.create_dataset(name, data=array)
     dataset.attrs["torch_dtype"] = str(tensor.dtype).removeprefix("torch.")
-    dataset.attrs["blake2b"] = _digest(array)
+    dataset.attrs["xxh3_64"] = digest if digest is not None else _digest(array)
+
+
+def _digest_matches(dataset: h5py.Dataset, array: np.ndarray) -> bool:
+    if "xxh3_64" in dataset.attrs:
+        return _digest(array) == dataset.attrs["xxh3_64"]
+    return _legacy_digest(array) == dataset.attrs.get("blake2b")
+
+
+def _as_tensor(dataset: h5py.Dataset, array: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(array)  # a fresh array that nothing else references: no copy needed
+    if str(dataset.attrs.get("torch_dtype", "")) == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    return tensor
+
+
+def _corrupted(path: Path, dataset_name: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint '{path}': {dataset_name} does not match its checksum (corrupted file)")
 
 
 def _read_tensor(path: Path, dataset: h5py.Dataset) -> torch.Tensor:
-    array = dataset[()]
-    array = np.asarray(array)
-    if _digest(array) != dataset.attrs.get("blake2b"):
-        raise CheckpointError(f"checkpoint '{path}': {dataset.name} does not match its checksum (corrupted file)")
-    tensor = torch.from_numpy(array.copy())
-    dtype = getattr(torch, str(dataset.attrs.get("torch_dtype", "")), None)
-    if dtype == torch.bfloat16:
-        tensor = tensor.view(torch.bfloat16)
-    return tensor
+    array = np.asarray(dataset[()])
+    if not _digest_matches(dataset, array):
+        raise _corrupted(path, dataset.name)
+    return _as_tensor(dataset, array)
+
+
+# xxhash releases the GIL: digests of one dataset are computed while h5py reads the next.
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpc-localsgd-digest")
+
+
+def _read_tensors(path: Path, datasets: dict[str, h5py.Dataset], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Read and verify several datasets, hashing each one while the next is read; ``keep=False``
+    (verification only) holds at most two datasets in memory."""
+    tensors: dict[str, torch.Tensor] = {}
+    pending: Optional[tuple[h5py.Dataset, Future[str]]] = None
+
+    def settle() -> None:
+        if pending is not None and pending[1].result() != pending[0].attrs["xxh3_64"]:
+            raise _corrupted(path, pending[0].name)
+
+    for name, dataset in datasets.items():
+        array = np.asarray(dataset[()])
+        settle()
+        pending = None
+        if "xxh3_64" in dataset.attrs:
+            pending = (dataset, _HASHER.submit(_digest, array))
+        elif not _digest_matches(dataset, array):
+            raise _corrupted(path, dataset.name)
+        if keep:
+            tensors[name] = _as_tensor(dataset, array)
+    settle()
+    return tensors
+
+
+def _write_int_buffers(group: h5py.Group, buffers: dict[str, torch.Tensor]) -> None:
+    """All integer buffers of one dtype in one dataset: a ResNet-50 has 53 scalar counters, and a
+    dataset each would cost more to write and read than its parameters' digests."""
+    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in buffers.items():
+        by_dtype.setdefault(tensor.dtype, []).append((name, tensor))
+    for dtype, members in by_dtype.items():
+        packed = torch.cat([t.detach().cpu().reshape(-1) for _, t in members])
+        _write_tensor(group, str(dtype).removeprefix("torch."), packed)
+        group[str(dtype).removeprefix("torch.")].attrs.update({
+            "names": json.dumps([n for n, _ in members]), "shapes": json.dumps([list(t.shape) for _, t in members])})
+
+
+def _read_int_buffers(path: Path, group: h5py.Group) -> dict[str, torch.Tensor]:
+    buffers: dict[str, torch.Tensor] = {}
+    for key, dataset in group.items():
+        tensor = _read_tensor(path, dataset)
+        if "names" not in dataset.attrs:  # format version 1: one dataset per buffer
+            buffers[key] = tensor
+            continue
+        offset = 0
+        for name, shape in zip(json.loads(dataset.attrs["names"]), json.loads(dataset.attrs["shapes"])):
+            count = int(np.prod(shape, dtype=np.int64))
+            buffers[name] = tensor[offset:offset + count].reshape(shape).clone()
+            offset += count
+    return buffers
 
 
 # --- random states ------------------------------------------------------------------------------
@@ -199,7 +283,7 @@ class CheckpointWriter:
             failure = None
             if self.comm.rank == turn:
                 try:
-                    self._append_rank(tmp, rank_state, names, same_as_root)
+                    self._append_rank(tmp, rank_state, names, digests, same_as_root)
                 except OSError as exc:
                     failure = f"{tmp} (rank {turn}): {exc}"
             self._agree(failure)
@@ -221,7 +305,8 @@ class CheckpointWriter:
         self._agree(failure)
         return final
 
-    def _append_rank(self, tmp: Path, state: RankState, names: list[str], same_as_root: list[bool]) -> None:
+    def _append_rank(self, tmp: Path, state: RankState, names: list[str], digests: list[str],
+                     same_as_root: list[bool]) -> None:
         if not tmp.exists():
             raise OSError(f"rank {self.comm.rank} cannot see {tmp}: is output.run_dir on a filesystem shared "
                           "by every node?")
@@ -229,14 +314,12 @@ class CheckpointWriter:
         with h5py.File(tmp, "a", locking=self.locking) as f:
             group = f.create_group(f"ranks/{rank}")
             tensors = group.create_group("state")
-            for name, same in zip(names, same_as_root):
+            for name, digest, same in zip(names, digests, same_as_root):
                 if same and rank != 0:
                     tensors[name] = h5py.SoftLink(f"/ranks/0/state/{name}")
                 else:
-                    _write_tensor(tensors, name, state.tensors[name])
-            ints = group.create_group("int_buffers")
-            for name, tensor in state.int_buffers.items():
-                _write_tensor(ints, name, tensor)
+                    _write_tensor(tensors, name, state.tensors[name], digest)
+            _write_int_buffers(group.create_group("int_buffers"), state.int_buffers)
             _write_rng(group.create_group("rng"))
             group.attrs.update({"comm_stats": json.dumps(state.comm_stats), "train_loss_sum": state.train_loss_sum,
                                 "train_loss_count": state.train_loss_count})
@@ -288,24 +371,23 @@ class Checkpoint:
     def verify(self) -> None:
         """Read every dataset and check its digest (the whole file)."""
         def check(f: h5py.File) -> None:
-            def visit(_name: str, item: Any) -> None:
-                if isinstance(item, h5py.Dataset):
-                    _read_tensor(self.path, item)
-            f.visititems(visit)
+            datasets: dict[str, h5py.Dataset] = {}
+            f.visititems(lambda name, item: datasets.update({name: item}) if isinstance(item, h5py.Dataset) else None)
+            _read_tensors(self.path, datasets, keep=False)
             for rank in range(self.meta.world_size):
                 if f"ranks/{rank}" not in f:
                     raise CheckpointError(f"checkpoint '{self.path}' lacks rank {rank}'s state")
         self._guard(check)
 
     def shared(self) -> dict[str, torch.Tensor]:
-        return self._guard(lambda f: {name: _read_tensor(self.path, d) for name, d in f["shared"].items()})
+        return self._guard(lambda f: _read_tensors(self.path, dict(f["shared"].items())))
 
     def rank_state(self, rank: int) -> RankState:
         def read(f: h5py.File) -> RankState:
             group = f[f"ranks/{rank}"]
             return RankState(
-                tensors={name: _read_tensor(self.path, d) for name, d in group["state"].items()},
-                int_buffers={name: _read_tensor(self.path, d) for name, d in group["int_buffers"].items()},
+                tensors=_read_tensors(self.path, dict(group["state"].items())),
+                int_buffers=_read_int_buffers(self.path, group["int_buffers"]),
                 comm_stats=json.loads(group.attrs["comm_stats"]),
                 train_loss_sum=float(group.attrs["train_loss_sum"]),
                 train_loss_count=int(group.attrs["train_loss_count"]))

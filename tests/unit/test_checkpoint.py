@@ -13,7 +13,7 @@ from hpc_localsgd.algorithms.engine import AveragingEngine
 from hpc_localsgd.algorithms.schedule import SyncSchedule
 from hpc_localsgd.comm import SingleCommunicator, ThreadGroup
 from hpc_localsgd.config.schema import AlgorithmConfig
-from hpc_localsgd.io.checkpoint import Checkpoint, CheckpointWriter, RankState, list_checkpoints
+from hpc_localsgd.io.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, RankState, list_checkpoints
 from hpc_localsgd.train.resume import restore
 
 
@@ -112,3 +112,26 @@ def test_reshard_takes_the_mean_of_the_saved_ranks(tmp_path: Path, mode: str) ->
         else:
             assert torch.equal(live, mean), name
     assert stats["sync_rounds"] == 2 and (loss_sum, loss_count) == (0.0, 0)
+
+
+def test_format_version_1_files_with_blake2b_digests_are_still_read(tmp_path: Path) -> None:
+    """Checkpoints written before the move to xxh3 (format version 1) load and are verified."""
+    import hashlib
+
+    write(tmp_path, [4])
+    path = tmp_path / "step-000000004.h5"
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 1
+        datasets: list[h5py.Dataset] = []
+        f.visititems(lambda _n, item: datasets.append(item) if isinstance(item, h5py.Dataset) else None)
+        for dataset in datasets:
+            raw = np.ascontiguousarray(dataset[()]).reshape(-1).view(np.uint8)
+            del dataset.attrs["xxh3_64"]
+            dataset.attrs["blake2b"] = hashlib.blake2b(raw, digest_size=8).hexdigest()
+    ckpt = Checkpoint(path)
+    ckpt.verify()
+    assert torch.equal(ckpt.rank_state(1).tensors["own"], torch.full((3,), 1.0))
+    with h5py.File(path, "a") as f:
+        f["ranks/1/state/own"].attrs["blake2b"] = "0" * 16
+    with pytest.raises(CheckpointError, match="own does not match its checksum"):
+        Checkpoint(path).verify()
