@@ -72,10 +72,11 @@ class AveragingEngine:
         if cfg.momentum_buffers == "average":
             averaged.add(MOMENTUM)
         self.averaged_kinds = frozenset(averaged)
-        self.groups: list[FlatGroup] = flatten_training_state(model, optimizer, self.averaged_kinds)
+        self.groups: list[FlatGroup] = flatten_training_state(model, optimizer, self.averaged_kinds, comm.replicas)
         # One contiguous prefix per dtype group by construction of the layout.
         self._sync_spans = [g.span(self.averaged_kinds) for g in self.groups]
         assert all(len(spans) <= 1 for spans in self._sync_spans)
+        # Per worker, also when this process simulates several.
         self.bytes_per_sync = sum((end - start) * g.flat.element_size()
                                   for g, spans in zip(self.groups, self._sync_spans) for start, end in spans)
         # x_prev for the outer optimizer: the model right after the previous sync (parameters only).
@@ -114,7 +115,7 @@ class AveragingEngine:
         """One model average: a single allreduce per dtype, then the outer step and the buffer policy."""
         if self.comm.size > 1:  # one rank communicates nothing; its outer step (Lookahead) still runs
             with self.stats.timed():
-                handles = [self.comm.iallreduce_(g.flat[start:end], average=True)
+                handles = [self.comm.iallreduce_(g.flat[..., start:end], average=True)
                            for g, spans in zip(self.groups, self._sync_spans) for start, end in spans]
                 for handle in handles:
                     handle.wait()
@@ -130,7 +131,7 @@ class AveragingEngine:
     # --- state for checkpoints -------------------------------------------------------------------
     def rank_state(self) -> dict[str, torch.Tensor]:
         """Live views of what may differ between ranks: parameters, BN statistics, momentum buffers."""
-        return {f"flat{index}.{kind}": group.flat[start:end]
+        return {f"flat{index}.{kind}": group.flat[..., start:end]
                 for index, group in enumerate(self.groups) for kind, start, end in group.segments if end > start}
 
     def shared_state(self) -> dict[str, torch.Tensor]:
@@ -177,11 +178,11 @@ class AveragingEngine:
         with self.eval_stats.timed():
             for group in self.groups:
                 for start, end in group.span(kinds):
-                    backups.append((group.flat[start:end], group.flat[start:end].clone()))
+                    backups.append((group.flat[..., start:end], group.flat[..., start:end].clone()))
             for live, _ in backups:
                 self.comm.allreduce_(live, average=True)
         self.eval_stats.sync_rounds += 1
-        self.eval_stats.bytes_sent += sum(live.numel() * live.element_size() for live, _ in backups)
+        self.eval_stats.bytes_sent += sum(live.shape[-1] * live.element_size() for live, _ in backups)
         try:
             yield self.model
         finally:

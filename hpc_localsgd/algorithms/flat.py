@@ -8,6 +8,11 @@ no scatter, no per-tensor collective.
 
 Segments are laid out so that whatever a sync averages is one contiguous prefix of the
 buffer: [averaged segments..., local segments...].
+
+A process that simulates W workers (the ``simulated`` backend) holds every tensor stacked,
+with a leading dimension of W; its flat buffer is then 2-D, ``[W, n]``, row w being worker w's
+buffer laid out exactly as a real rank's. Offsets always index the last dimension
+(``flat[..., start:end]``), so the averaging code is the same for both.
 """
 from __future__ import annotations
 
@@ -46,8 +51,14 @@ class FlatGroup:
     def slice(self, kind: str) -> torch.Tensor:
         for k, start, end in self.segments:
             if k == kind:
-                return self.flat[start:end]
-        return self.flat[0:0]
+                return self.flat[..., start:end]
+        return self.flat[..., 0:0]
+
+
+def column_view(flat: torch.Tensor, start: int, end: int, shape: torch.Size) -> torch.Tensor:
+    """Elements [start, end) of every row of ``flat`` (1-D, or 2-D with one row per simulated
+    worker) viewed as a tensor of ``shape`` (which includes the worker dimension when 2-D)."""
+    return flat[..., start:end].view(shape)
 
 
 def _module_float_buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
@@ -60,13 +71,14 @@ def _module_float_buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module,
 
 
 def flatten_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                           averaged_kinds: frozenset[str]) -> list[FlatGroup]:
+                           averaged_kinds: frozenset[str], replicas: int = 1) -> list[FlatGroup]:
     """Move parameters, float buffers and momentum buffers into flat storage, one group per dtype.
 
     Momentum buffers are created as zeros: for SGD with dampening 0 the first update
     ``buf = μ·0 + g`` equals PyTorch's lazy ``buf = g`` exactly.
     Call after the model is on its device and before training; afterwards replace no
-    parameter or buffer object (load state with ``copy_`` only).
+    parameter or buffer object (load state with ``copy_`` only). ``replicas`` > 1: every tensor is
+    stacked over that many simulated workers (leading dimension) and the buffers are 2-D.
     """
     params = [p for p in model.parameters()]
     buffers = _module_float_buffers(model)
@@ -81,23 +93,27 @@ def flatten_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
     by_key: dict[tuple[torch.dtype, torch.device], dict[str, list[torch.Tensor]]] = {}
     for kind, tensors in ((PARAMS, params), (BUFFERS, [b for _, _, b in buffers]), (MOMENTUM, momentum_params)):
         for t in tensors:
+            if replicas > 1 and (t.dim() == 0 or t.shape[0] != replicas):
+                raise ValueError(f"a tensor of shape {tuple(t.shape)} is not stacked over {replicas} workers")
             by_key.setdefault((t.dtype, t.device), {k: [] for k in KINDS})[kind].append(t)
 
     groups: list[FlatGroup] = []
     views: dict[tuple[str, int], torch.Tensor] = {}
     for (dtype, device), members in by_key.items():
-        total = sum(t.numel() for kind in order for t in members[kind])
-        flat = torch.zeros(total, dtype=dtype, device=device)
+        total = sum(t.numel() // replicas for kind in order for t in members[kind])
+        flat = torch.zeros(total, dtype=dtype, device=device) if replicas == 1 else \
+            torch.zeros(replicas, total, dtype=dtype, device=device)
         group = FlatGroup(dtype, device, flat)
         offset = 0
         for kind in order:
             start = offset
             for t in members[kind]:
-                view = flat[offset:offset + t.numel()].view_as(t)
+                width = t.numel() // replicas
+                view = column_view(flat, offset, offset + width, t.shape)
                 if kind != MOMENTUM:
                     view.copy_(t.detach())
                 views[(kind, id(t))] = view
-                offset += t.numel()
+                offset += width
             group.segments.append((kind, start, offset))
         groups.append(group)
 

@@ -5,6 +5,8 @@ backward produces gradients, as in DDP). A post-accumulate-grad hook copies each
 into its bucket's flat buffer; a full bucket starts a non-blocking allreduce while backward
 goes on. Buckets start strictly in index order so that every rank issues its collectives
 in the same order (MPI requires it). ``finish`` waits and copies the averages back.
+With a simulated backend (``comm.replicas`` workers in one process) every gradient is stacked
+over the workers, and so is each bucket: ``[workers, elements]``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 from ..comm.base import Communicator, Handle
 from .accounting import CommStats
+from .flat import column_view
 
 
 @dataclass
@@ -32,6 +35,7 @@ class GradientAllreduce:
                  stats: CommStats) -> None:
         self.comm = comm
         self.stats = stats
+        self.replicas = comm.replicas
         self.enabled = False
         self.buckets: list[_Bucket] = []
         self._where: dict[int, tuple[int, int]] = {}  # id(param) → (bucket, position)
@@ -41,23 +45,25 @@ class GradientAllreduce:
         for p in reversed(trainable):
             key = (p.dtype, p.device)
             current.setdefault(key, []).append(p)
-            sizes[key] = sizes.get(key, 0) + p.numel() * p.element_size()
+            sizes[key] = sizes.get(key, 0) + p.numel() // self.replicas * p.element_size()
             if sizes[key] >= bucket_bytes:
                 self._add_bucket(current.pop(key))
                 sizes[key] = 0
         for members in current.values():
             self._add_bucket(members)
-        self.bytes_per_step = sum(b.flat.numel() * b.flat.element_size() for b in self.buckets)
+        self.bytes_per_step = sum(b.flat.shape[-1] * b.flat.element_size() for b in self.buckets)  # per worker
         self._next_to_start = 0
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable]
 
     def _add_bucket(self, members: list[torch.nn.Parameter]) -> None:
-        total = sum(p.numel() for p in members)
-        flat = torch.zeros(total, dtype=members[0].dtype, device=members[0].device)
+        total = sum(p.numel() // self.replicas for p in members)
+        shape = (total,) if self.replicas == 1 else (self.replicas, total)
+        flat = torch.zeros(shape, dtype=members[0].dtype, device=members[0].device)
         views, offset = [], 0
         for position, p in enumerate(members):
-            views.append(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+            width = p.numel() // self.replicas
+            views.append(column_view(flat, offset, offset + width, p.shape))
+            offset += width
             self._where[id(p)] = (len(self.buckets), position)
         self.buckets.append(_Bucket(members, flat, views))
 

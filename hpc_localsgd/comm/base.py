@@ -47,6 +47,10 @@ class Communicator(abc.ABC):
     """A group of ranks that reduce and broadcast contiguous tensors in place."""
 
     name: str = "abstract"
+    # Workers this process stands for. Only the simulated backend has more than one: it runs
+    # every worker in one process, and the tensors given to its collectives are stacked over
+    # them (leading dimension ``replicas``, one row per worker, rows not necessarily contiguous).
+    replicas: int = 1
 
     def __init__(self, layout: WorldLayout) -> None:
         self.layout = layout

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 Method = Literal["allreduce", "local_sgd", "post_local_sgd"]
 OuterOptimizer = Literal["none", "slowmo", "nesterov"]
 BuffersPolicy = Literal["keep", "average", "reset"]
-Backend = Literal["auto", "horovod", "mpi", "torch", "single"]
+Backend = Literal["auto", "horovod", "mpi", "torch", "single", "simulated"]
 DatasetName = Literal["digits", "synthetic", "cifar10", "imagenet"]
 LRSchedule = Literal["constant", "step", "cosine"]
 
@@ -163,9 +163,18 @@ class CommConfig:
     backend: Backend = "auto"
     # Gradient buckets for the synchronous phase: allreduces start during backward once a bucket fills.
     bucket_mb: float = 25.0
+    # backend "simulated": this many workers run in one process (no launcher), their models
+    # stacked and computed as one batch; same engine, same numbers as that many MPI ranks.
+    simulated_workers: int = 0
 
     def validate(self, key: str = "comm") -> None:
         _check(self.bucket_mb > 0, f"{key}.bucket_mb", f"must be > 0, got {self.bucket_mb}")
+        if self.backend == "simulated":
+            _check(self.simulated_workers >= 1, f"{key}.simulated_workers",
+                   f"must be >= 1 with {key}.backend=simulated, got {self.simulated_workers}")
+        else:
+            _check(self.simulated_workers == 0, f"{key}.simulated_workers",
+                   f"is only used with {key}.backend=simulated (backend is {self.backend!r}); remove it")
 
 
 @dataclass
@@ -251,3 +260,8 @@ class RunConfig:
     def validate(self) -> None:
         for name in ("model", "data", "optim", "algorithm", "comm", "train", "checkpoint", "output"):
             getattr(self, name).validate(name)
+        if self.comm.backend == "simulated":
+            # A simulation is one process that runs minutes: it writes no checkpoints.
+            _check(self.checkpoint.every_steps == 0 and self.checkpoint.every_minutes == 0, "checkpoint",
+                   "comm.backend=simulated writes no checkpoints; set checkpoint.every_steps=0 and "
+                   "checkpoint.every_minutes=0")

@@ -110,6 +110,56 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+@dataclass
+class Optimization:
+    """How a run optimizes: its length, LR schedule, SGD and averaging engine."""
+
+    total_steps: int
+    global_batch: int
+    lr_schedule: LRSchedule
+    optimizer: torch.optim.SGD
+    engine: AveragingEngine
+
+
+def build_optimization(cfg: RunConfig, model: torch.nn.Module, comm: Communicator,
+                       steps_per_epoch: int) -> Optimization:
+    """SGD and the averaging engine for ``model`` (every worker starting from worker 0's state),
+    the LR scaled to the global batch of ``comm.size`` workers. Shared by MPI ranks and simulations."""
+    total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    global_batch = cfg.data.batch_size * comm.size
+    lr_schedule = LRSchedule.from_config(cfg.optim, global_batch, steps_per_epoch, total_steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_schedule.peak, momentum=cfg.optim.momentum,
+                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+    schedule = SyncSchedule(cfg.algorithm.sync_period,
+                            local_start_step(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step))
+    engine = AveragingEngine(model, optimizer, comm, cfg.algorithm, schedule,
+                             bucket_bytes=int(cfg.comm.bucket_mb * 2**20))
+    engine.broadcast_initial_state()
+    return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)
+
+
+def sgd_step(engine: AveragingEngine, optimizer: torch.optim.Optimizer, step: int, lr: float,
+             forward: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Step ``step`` (0-based) in the engine's protocol (see algorithms/engine.py). ``forward``
+    returns (outputs, loss); returns them and whether the model was averaged after the step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    engine.begin_step(step)
+    optimizer.zero_grad(set_to_none=True)
+    out, loss = forward()
+    loss.backward()
+    engine.finish_gradients()
+    optimizer.step()
+    return out, loss, engine.end_step(step + 1, lr)
+
+
+def _logits_and_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(x)
+    return out, F.cross_entropy(out, y)
+
+
 def evaluate(engine: AveragingEngine, datasets_test, cfg: RunConfig, device: torch.device,
              train_loss_sum: float, train_loss_count: int) -> EvalResult:
     """Loss and accuracy of the globally averaged model on the whole test set (each rank takes
@@ -148,6 +198,12 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: Optional[str] = No
     size or algorithm. ``stop_at_step``: checkpoint and stop there, as a preempted job would.
     """
     launch = launch or detect_launch()
+    if cfg.comm.backend == "simulated":
+        if resume is not None or reshard is not None or stop_at_step is not None:
+            raise UserError("comm.backend=simulated writes no checkpoints: --resume, --reshard and --stop-at-step "
+                            "do not apply")
+        from .simulate import simulate
+        return simulate(cfg, launch, overwrite=overwrite, print_fn=print_fn)
     torch.set_num_threads(threads_for_rank(cfg.train.threads, launch.layout))
     device = select_device(cfg.train.device, launch.layout)
     if device.type == "cuda":
@@ -189,18 +245,9 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
     if steps_per_epoch < 1:
         raise UserError(f"data: {len(datasets.train)} training samples are too few for {size} ranks "
                         f"× data.batch_size {cfg.data.batch_size}")
-    total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    global_batch = cfg.data.batch_size * size
-    lr_schedule = LRSchedule.from_config(cfg.optim, global_batch, steps_per_epoch, total_steps)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr_schedule.peak, momentum=cfg.optim.momentum,
-                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
-    schedule = SyncSchedule(cfg.algorithm.sync_period,
-                            local_start_step(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step))
-    engine = AveragingEngine(model, optimizer, comm, cfg.algorithm, schedule,
-                             bucket_bytes=int(cfg.comm.bucket_mb * 2**20))
-    engine.broadcast_initial_state()
+    optimization = build_optimization(cfg, model, comm, steps_per_epoch)
+    total_steps, global_batch = optimization.total_steps, optimization.global_batch
+    lr_schedule, optimizer, engine = optimization.lr_schedule, optimization.optimizer, optimization.engine
     # From here on each rank draws its own random numbers (dropout, say): same seed, other stream.
     _seed_everything(derive_seed(cfg.seed, "rank", rank))
     start_step, wall_offset = 0, 0.0
@@ -269,16 +316,7 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
                 comm_before = stats.comm_seconds
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 lr = lr_schedule.at(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                engine.begin_step(step)
-                optimizer.zero_grad(set_to_none=True)
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                loss.backward()
-                engine.finish_gradients()
-                optimizer.step()
-                synced = engine.end_step(step + 1, lr)
+                out, loss, synced = sgd_step(engine, optimizer, step, lr, lambda: _logits_and_loss(model, x, y))
                 step += 1
 
                 loss_value = loss.item()

@@ -27,6 +27,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names from cases.py")
     args = parser.parse_args()
     launch = detect_launch()
     try:
@@ -34,7 +35,8 @@ def main() -> int:
     except UserError as exc:
         print(f"hpc-localsgd: error: {exc}", file=sys.stderr)
         return 2
-    for name, overrides in CASES.items():
+    for name in args.cases.split(","):
+        overrides = CASES[name]
         run_dir = Path(args.out) / args.backend / name
         cfg = load_config(None, BASE + overrides + [f"output.run_dir={run_dir}", f"comm.backend={args.backend}"])
         result = train(cfg, launch=launch, comm=comm, print_fn=lambda _line: None)
