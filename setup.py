@@ -20,6 +20,8 @@ setup(
         "tqdm",
         # Checkpoint digests at memory bandwidth (hashlib's fastest is 10-30x slower).
         "xxhash>=3",
+        # hpc-localsgd report: the study's figures as PNG and SVG.
+        "matplotlib>=3.7",
     ],
     extras_require={
         # Horovod must be built against the installed torch and MPI: see scripts/install.sh.

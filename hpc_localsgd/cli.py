@@ -42,9 +42,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .launcher.sweep import describe_plan, plan_sweep, submit, write_sweep
+    from .launcher.sweep import already_written, describe_plan, plan_sweep, run_here, submit, write_sweep
 
     plan = plan_sweep(args.grid, args.out)
+    if args.run_here:
+        if args.overwrite or not already_written(plan):
+            write_sweep(plan, overwrite=args.overwrite)
+        return 1 if run_here(plan, args.jobs) else 0
     print(describe_plan(plan))
     if args.dry_run:
         return 0
@@ -55,6 +59,13 @@ def _sweep(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {len(plan.points)} configs, manifest.json and {len(plan.arrays)} array script(s); "
               "submit with the sbatch lines above, or run again with --submit")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    write_report(args.run_dirs, out=args.out, overwrite=args.overwrite)
     return 0
 
 
@@ -109,9 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     mode = sweep.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print what would be written and submitted; write nothing")
     mode.add_argument("--submit", action="store_true", help="write everything, then sbatch each job array")
+    mode.add_argument("--run-here", action="store_true",
+                      help="write everything, then run every point on this machine (simulated points in-process, "
+                           "others under mpirun), skipping runs already finished")
+    sweep.add_argument("--jobs", type=int, default=1, help="with --run-here: runs at a time (default 1)")
     sweep.add_argument("--out", help="output folder (default: sweeps/<name>)")
     sweep.add_argument("--overwrite", action="store_true", help="regenerate a sweep folder that already exists")
     sweep.set_defaults(handler=_sweep)
+    report = verbs.add_parser("report", help="figures (PNG, SVG) and a results table (CSV, Markdown) from the "
+                                             "metrics of finished and running runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a run directory, a sweep folder (searched for metrics.h5 below it) or a metrics.h5")
+    report.add_argument("--out", default="report", metavar="DIR", help="output folder (default: ./report)")
+    report.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
+    report.set_defaults(handler=_report)
     bench = verbs.add_parser("bench", help="measure averaging, throughput, SlowMo and checkpoints against their "
                                            "floors and baselines; run it once per rank (mpirun, srun)")
     size = bench.add_argument_group("problem size (defaults: ResNet-50, 32 images of 224x224 per rank)")

@@ -232,3 +232,100 @@ def submit(plan: SweepPlan) -> list[str]:
         ids.append(done.stdout.strip().split(";")[0])
     (plan.out / "submitted.json").write_text(json.dumps(dict(zip(plan.arrays, ids)), indent=2) + "\n")
     return ids
+
+
+# --- running a sweep on this machine ------------------------------------------------------------
+def _finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that reached its last step and evaluated it."""
+    import h5py
+
+    path = run_dir / "metrics.h5"
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            steps = f["evals/step"][()]
+            return len(steps) > 0 and int(steps[-1]) == int(f.attrs["total_steps"])
+    except (OSError, KeyError):
+        return False
+
+
+def _run_point(config_path: str, log_path: str, ranks: int) -> tuple[Optional[float], str]:
+    """One point, in a pool worker: (final test accuracy or None, one line about it)."""
+    import sys
+    import traceback
+
+    from ..config.load import load_config as load
+    from ..errors import UserError as Refused
+
+    cfg = load(config_path, [])
+    with open(log_path, "a", buffering=1) as log:
+        if cfg.comm.backend == "simulated":
+            from ..launcher.env import detect_launch
+            from ..train.loop import train
+            try:
+                # The pool worker is a plain process: the launch is this process, whatever the parent had.
+                result = train(cfg, overwrite=True, launch=detect_launch({}),
+                               print_fn=lambda line: print(line, file=log))
+            except Refused as exc:
+                print(f"hpc-localsgd: error: {exc}", file=log)
+                return None, str(exc)
+            except Exception as exc:  # a bug: keep the traceback in the run's log, report one line
+                traceback.print_exc(file=log)
+                return None, f"{type(exc).__name__}: {exc} (traceback in {log_path})"
+            assert result.final is not None
+            return result.final.test_accuracy, f"test acc {result.final.test_accuracy:.4f}"
+        command = ["mpirun", "-np", str(ranks), sys.executable, "-m", "hpc_localsgd", "train", config_path,
+                   "--resume", "auto"]
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            return None, f"mpirun exited with {done.returncode} (see {log_path})"
+    return None, "finished"
+
+
+def run_here(plan: SweepPlan, jobs: int, print_fn: Any = print) -> int:
+    """Run every point of a written sweep on this machine, ``jobs`` at a time, skipping points whose
+    run already finished (so an interrupted sweep continues where it stopped). Simulated points
+    run inside the pool's processes (one torch import per process, not per run); others run
+    under ``mpirun -np <ranks>`` with ``--resume auto``. Returns the number of failed points."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {jobs}")
+    todo = [p for p in plan.points if not _finished(p.run_dir)]
+    skipped = len(plan.points) - len(todo)
+    print_fn(f"sweep '{plan.name}': {len(todo)} of {len(plan.points)} runs to go ({skipped} already finished), "
+             f"{jobs} at a time; logs in {plan.out / 'logs'}")
+    failed = 0
+    start = time.perf_counter()
+    # spawn: a forked child would inherit the parent's torch threads and locks.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_point, str(p.config_path), str(plan.out / "logs" / f"{p.name}.out"),
+                               p.nodes * plan.shape.ntasks_per_node): p for p in todo}
+        for count, future in enumerate(as_completed(futures), start=1):
+            point = futures[future]
+            try:
+                accuracy, line = future.result()
+                ok = accuracy is not None or line == "finished"
+            except Exception as exc:  # the worker process died (killed, out of memory)
+                ok, line = False, f"worker died: {type(exc).__name__}: {exc}"
+            failed += 0 if ok else 1
+            print_fn(f"[{count}/{len(todo)}] {point.name}: {line if ok else 'FAILED: ' + line}")
+    print_fn(f"sweep '{plan.name}': {len(todo) - failed} runs done, {skipped} skipped, {failed} failed in "
+             f"{time.perf_counter() - start:.0f} s; figures and table: hpc-localsgd report {plan.out / 'runs'}")
+    return failed
+
+
+def already_written(plan: SweepPlan) -> bool:
+    """Whether ``plan.out`` holds this very sweep (same runs, same order): ``--run-here`` then
+    continues it instead of refusing to overwrite it."""
+    manifest = plan.out / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        written = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return [run.get("name") for run in written.get("runs", [])] == [p.name for p in plan.points]

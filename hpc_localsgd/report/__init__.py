@@ -1,0 +1,94 @@
+"""``hpc-localsgd report RUN_DIR...``: the study's figures and results table from metrics files.
+
+collect (find and read runs) → table (group by task, method, H, workers; aggregate seeds) →
+plots (accuracy against H; curves against steps, time, bytes and sync rounds).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..errors import UserError
+from .collect import Run, collect_runs
+from .plots import plot_accuracy_vs_sync_period, plot_curves
+from .table import GroupKey, ResultRow, group_runs, summarise, write_csv, write_markdown
+
+__all__ = ["write_report", "plan_outputs", "Output", "Run", "GroupKey", "ResultRow"]
+
+
+@dataclass
+class Output:
+    """Files written together by one call (a table; a figure as PNG and SVG)."""
+
+    files: list[Path]
+    write: Callable[[], None]
+
+
+def _task_suffix(task: str) -> str:
+    return "-" + re.sub(r"[^A-Za-z0-9_-]+", "-", task).strip("-")
+
+
+def _figure(out: Path, name: str) -> list[Path]:
+    return [out / f"{name}.png", out / f"{name}.svg"]
+
+
+def plan_outputs(runs: Sequence[Run], out: Path) -> list[Output]:
+    """Every file the report will write, with what writes it.
+
+    Known before anything is written, so that a refusal to overwrite leaves no half-written report.
+    When the runs span several tasks (dataset/model), each task gets figures of its own, named with
+    the task; the tables hold every task (a task column in CSV, a section per task in Markdown).
+    """
+    rows = summarise(runs)
+    groups = group_runs(runs)
+    tasks = list(dict.fromkeys(key.task for key in groups))
+    plan = [Output([out / "results.csv"], lambda: write_csv(rows, out / "results.csv")),
+            Output([out / "results.md"], lambda: write_markdown(rows, out / "results.md"))]
+    for task in tasks:
+        suffix = _task_suffix(task) if len(tasks) > 1 else ""
+        task_rows = [row for row in rows if row.key.task == task]
+        files = _figure(out, f"accuracy_vs_H{suffix}")
+        title = f"Final test accuracy against sync period H — {task}"
+        # Default arguments bind this iteration's values (a bare closure would see the last task's).
+        plan.append(Output(files, lambda r=task_rows, f=files, t=title: plot_accuracy_vs_sync_period(r, f, t)))
+        for workers in sorted({key.workers for key in groups if key.task == task}):
+            subset = {key: members for key, members in groups.items() if key.task == task and key.workers == workers}
+            files = _figure(out, f"curves{suffix}-W{workers}")
+            title = f"Training curves — {task}, {workers} workers (mean over seeds)"
+            plan.append(Output(files, lambda g=subset, f=files, t=title: plot_curves(g, f, t)))
+    return plan
+
+
+def write_report(paths: Sequence[str | Path], out: str | Path = "report", overwrite: bool = False,
+                 say: Optional[Callable[[str], None]] = print) -> list[Path]:
+    """Read every run below ``paths`` (run directories, sweep folders or metrics files) and write the
+    results table (CSV, Markdown) and the figures (PNG, SVG) into ``out``.
+
+    Returns the files written, in order. Raises :class:`UserError` for bad input, and for an
+    existing output file unless ``overwrite``. ``say`` receives one line per file and a summary.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' exists and is not a directory")
+    runs = collect_runs(paths)
+    plan = plan_outputs(runs, out)
+    if not overwrite:
+        for output in plan:
+            for file in output.files:
+                if file.exists():
+                    raise UserError(f"'{file}' exists; pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for output in plan:
+        output.write()
+        written += output.files
+        for file in output.files:
+            if say:
+                say(f"wrote {file}")
+    if say:
+        going = sum(not run.finished for run in runs)
+        say(f"report: {len(runs)} run(s) ({going} still going) in {len(group_runs(runs))} group(s), "
+            f"{len(set(run.task for run in runs))} task(s); {len(written)} files in {out}")
+    return written

@@ -1,0 +1,222 @@
+"""Find the ``metrics.h5`` files below the paths a user names and read each into a :class:`Run`.
+
+Runs may still be going: their writer opens the file for append at any moment (no locking, no
+SWMR, see :mod:`hpc_localsgd.io.metrics`), so a read that fails is retried a few times and the run
+is skipped with a warning if it still fails. A file that is plainly not ours is a user error.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import h5py
+import numpy as np
+import yaml
+
+from ..errors import UserError
+from ..io.metrics import read_metrics
+
+METRICS_FILE = "metrics.h5"
+METRICS_FORMAT = "hpc-localsgd/metrics"
+
+# The order in which methods appear in tables and legends: the baseline first, then the study's
+# story (local SGD loses accuracy, post-local SGD and the outer optimizers win it back).
+METHOD_ORDER = ("all-reduce", "local SGD", "post-local SGD", "SlowMo", "post-local SGD + SlowMo",
+                "local SGD + outer Nesterov", "post-local SGD + outer Nesterov")
+
+
+def method_label(method: str, outer: str) -> str:
+    """The name a reader of the paper knows: SlowMo on top of plain local SGD is just "SlowMo"."""
+    if method == "allreduce":
+        return "all-reduce"
+    base = {"local_sgd": "local SGD", "post_local_sgd": "post-local SGD"}.get(method, method)
+    if outer == "none":
+        return base
+    if outer == "slowmo":
+        return "SlowMo" if method == "local_sgd" else f"{base} + SlowMo"
+    if outer == "nesterov":
+        return f"{base} + outer Nesterov"
+    return f"{base} + {outer}"
+
+
+def method_rank(label: str) -> tuple[int, str]:
+    """Sort key: known methods in :data:`METHOD_ORDER`, unknown ones after them by name."""
+    return (METHOD_ORDER.index(label), "") if label in METHOD_ORDER else (len(METHOD_ORDER), label)
+
+
+_EVAL_FIELDS = ("step", "test_accuracy", "test_loss", "train_loss", "wall_seconds", "bytes_sent", "sync_rounds")
+
+
+@dataclass
+class Evals:
+    """One run's evaluation series, one entry per evaluation; counters are cumulative per rank."""
+
+    step: np.ndarray
+    test_accuracy: np.ndarray
+    test_loss: np.ndarray
+    train_loss: np.ndarray
+    wall_seconds: np.ndarray
+    bytes_sent: np.ndarray
+    sync_rounds: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.step.shape[0])
+
+
+@dataclass
+class Run:
+    """One training run as the report sees it: what it was (its group) and what it measured."""
+
+    path: Path
+    task: str  # "<data.name>/<model.name>"
+    method: str  # label from :func:`method_label`
+    sync_period: int  # H; 1 for all-reduce, where it does not apply
+    workers: int
+    seed: int
+    total_steps: int
+    evals: Evals
+
+    @property
+    def finished(self) -> bool:
+        # The loop always evaluates at the last step and flushes evaluations at once.
+        return len(self.evals) > 0 and int(self.evals.step[-1]) >= self.total_steps
+
+
+def find_metrics_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Every ``metrics.h5`` named or found (recursively) below ``paths``, each once, in a stable order.
+
+    A path may be a run directory, a sweep folder holding many of them, or a metrics file itself.
+    """
+    if not paths:
+        raise UserError("name at least one run directory")
+    # Keyed by the resolved path, so that overlapping paths (a sweep and one of its runs) count a run once.
+    found: dict[Path, Path] = {}
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise UserError(f"'{path}' does not exist")
+        if path.is_file():
+            files = [path]
+        else:
+            files = sorted(p for p in path.rglob(METRICS_FILE) if p.is_file())
+            if not files:
+                raise UserError(f"'{path}' holds no {METRICS_FILE} (searched every folder below it)")
+        for file in files:
+            found.setdefault(file.resolve(), file)
+    return list(found.values())
+
+
+def _warn(line: str) -> None:
+    print(f"hpc-localsgd: warning: {line}", file=sys.stderr, flush=True)
+
+
+def _open_reason(exc: BaseException) -> str:
+    # As io.checkpoint.open_error_reason, which is not imported because that module imports torch.
+    text = " ".join(str(exc).split())
+    return text.rsplit("(", 1)[-1].rstrip(")") if "(" in text else text
+
+
+def _is_hdf5(path: Path) -> bool:
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:
+        return False
+
+
+def _read_once(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    with h5py.File(path, "r", locking=False) as f:
+        kind = f.attrs.get("format", "")
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        if kind != METRICS_FORMAT:
+            raise UserError(f"'{path}' is not an hpc-localsgd metrics file (format attribute {kind!r})")
+        attrs = {key: f.attrs[key] for key in f.attrs}
+    return attrs, read_metrics(path)
+
+
+def _attr_text(attrs: dict[str, Any], key: str) -> str:
+    value = attrs.get(key, "")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.ndarray]]) -> Run:
+    try:
+        config = yaml.safe_load(_attr_text(attrs, "config")) or {}
+        world = json.loads(_attr_text(attrs, "world") or "{}")
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise UserError(f"'{path}': unreadable config or world attribute ({exc.__class__.__name__})") from None
+    algorithm = config.get("algorithm") or {}
+    method = str(algorithm.get("method", "local_sgd"))
+    label = method_label(method, str(algorithm.get("outer", "none")))
+    task = f"{(config.get('data') or {}).get('name', '?')}/{(config.get('model') or {}).get('name', '?')}"
+    evals = series["evals"]
+    missing = [name for name in _EVAL_FIELDS if name not in evals]
+    if missing:
+        raise UserError(f"'{path}' has no evals/{missing[0]} dataset: not a metrics file this version can read")
+    # A read that races a flush could see fields of different lengths; keep the rows all fields have.
+    rows = min((len(values) for values in evals.values()), default=0)
+    return Run(path=path, task=task, method=label,
+               sync_period=1 if method == "allreduce" else int(algorithm.get("sync_period", 1)),
+               workers=int(world.get("size", 1)), seed=int(config.get("seed", 0)),
+               total_steps=int(attrs.get("total_steps", 0)),
+               evals=Evals(**{name: np.asarray(evals[name][:rows]) for name in _EVAL_FIELDS}))
+
+
+def read_run(path: str | Path, attempts: int = 5, pause_seconds: float = 0.2,
+             warn: Callable[[str], None] = _warn) -> Optional[Run]:
+    """The run in ``path``, or None (after a warning) when it cannot be read right now.
+
+    Raises :class:`UserError` for a file that is not an HDF5 file or not an hpc-localsgd metrics file.
+    """
+    path = Path(path)
+    if path.stat().st_size > 0 and not _is_hdf5(path):
+        raise UserError(f"'{path}' is not an HDF5 file")
+    failure: Optional[BaseException] = None
+    for attempt in range(attempts):
+        try:
+            attrs, series = _read_once(path)
+            break
+        # KeyError: a group or dataset the writer has not created yet (file being created).
+        except (OSError, KeyError) as exc:
+            failure = exc
+            if attempt + 1 < attempts:
+                time.sleep(pause_seconds)
+    else:
+        if not _is_hdf5(path):
+            raise UserError(f"'{path}' is not an HDF5 file")
+        warn(f"skipping '{path}': unreadable after {attempts} attempts ({_open_reason(failure)})")
+        return None
+    return _run_from(path, attrs, series)
+
+
+def collect_runs(paths: Sequence[str | Path], warn: Callable[[str], None] = _warn,
+                 pause_seconds: float = 0.2) -> list[Run]:
+    """Every readable run with at least one evaluation below ``paths``; ``pause_seconds`` between
+    attempts to read a file that a running job may be writing.
+
+    Raises :class:`UserError` when a path is bad or when no run is left to report on.
+    """
+    runs: list[Run] = []
+    for file in find_metrics_files(paths):
+        run = read_run(file, pause_seconds=pause_seconds, warn=warn)
+        if run is None:
+            continue
+        if len(run.evals) == 0:
+            warn(f"skipping '{file}': no evaluation yet")
+            continue
+        runs.append(run)
+    if not runs:
+        raise UserError("no run with an evaluation to report on in " + ", ".join(f"'{p}'" for p in paths))
+    seen: dict[tuple[str, str, int, int, int], Path] = {}
+    for run in runs:
+        key = (run.task, run.method, run.sync_period, run.workers, run.seed)
+        if key in seen:
+            # Two runs of one configuration and seed are usually a rerun left next to the original,
+            # or runs that differ in a setting the report does not group by (e.g. the LR).
+            warn(f"'{run.path}' and '{seen[key]}' are both {run.method} H={run.sync_period} with "
+                 f"{run.workers} workers, seed {run.seed}; both are averaged")
+        seen.setdefault(key, run.path)
+    return runs

@@ -1,0 +1,187 @@
+"""The study's figures: final accuracy against H, and training curves against four costs.
+
+Figures are built on :class:`matplotlib.figure.Figure` directly, never through pyplot, so no
+display and no global backend switch is needed (the report runs on login nodes and in batch jobs).
+Each figure is saved as PNG (for slides) and SVG (for papers).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter, FixedLocator, NullLocator, ScalarFormatter
+
+from .collect import METHOD_ORDER, Run
+from .table import GroupKey, ResultRow
+
+BASELINE = "all-reduce"
+_PALETTE = ["#4d4d4d", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+            "#bcbd22"]
+# The x axes of the curves figure: each is a cost that local SGD trades against accuracy.
+CURVE_AXES = (("step", "step"), ("wall_seconds", "wall-clock time (s)"), ("bytes_sent", "bytes sent per worker"),
+              ("sync_rounds", "sync rounds"))
+
+
+def method_color(method: str, others: Sequence[str] = ()) -> str:
+    """The same color for a method in every figure; methods outside METHOD_ORDER take the next free ones."""
+    if method in METHOD_ORDER:
+        return _PALETTE[METHOD_ORDER.index(method)]
+    extra = sorted(m for m in set(others) if m not in METHOD_ORDER)
+    index = len(METHOD_ORDER) + (extra.index(method) if method in extra else 0)
+    return _PALETTE[index % len(_PALETTE)]
+
+
+def _shade(color: str, position: int, count: int) -> tuple[float, float, float]:
+    """Lighter for small H, the method's full color for its largest H: the eye reads H as depth."""
+    if count <= 1:
+        return to_rgb(color)
+    mix = 0.6 * (1 - position / (count - 1))
+    return tuple(c + (1 - c) * mix for c in to_rgb(color))  # type: ignore[return-value]
+
+
+def _save(figure: Figure, files: Sequence[Path]) -> None:
+    """Each file in the format its suffix names (.png, .svg)."""
+    for file in files:
+        if file.suffix == ".svg":
+            # A fixed hash salt and no date keep the SVG identical from one report to the next (diffable in git).
+            with matplotlib.rc_context({"svg.hashsalt": "hpc-localsgd-report"}):
+                figure.savefig(file, format="svg", metadata={"Date": None})
+        else:
+            figure.savefig(file, format=file.suffix.lstrip(".") or "png", dpi=150)
+
+
+def _sync_period_axis(ax: Axes, largest: int) -> None:
+    ax.set_xscale("log", base=2)
+    top = max(32, 2 ** math.ceil(math.log2(max(largest, 1))))
+    ticks = [2 ** k for k in range(int(math.log2(top)) + 1)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(0.8, top * 1.25)
+
+
+def plot_accuracy_vs_sync_period(rows: Sequence[ResultRow], files: Sequence[Path], title: str) -> None:
+    """One panel per worker count; a curve per method over H with std error bars. All-reduce has
+    no H: it is the horizontal reference line, shaded ±std."""
+    workers = sorted({row.key.workers for row in rows})
+    methods = list(dict.fromkeys(row.key.method for row in rows))
+    figure = Figure(figsize=(1.5 + 4.2 * len(workers), 4.2), layout="constrained")
+    axes = figure.subplots(1, len(workers), sharey=True, squeeze=False)[0]
+    largest = max(row.key.sync_period for row in rows)
+    any_going = False
+    for ax, count in zip(axes, workers):
+        panel = [row for row in rows if row.key.workers == count]
+        for method in methods:
+            points = sorted((row for row in panel if row.key.method == method), key=lambda r: r.key.sync_period)
+            if not points:
+                continue
+            color = method_color(method, methods)
+            mean = np.array([100 * p.accuracy_mean for p in points])
+            std = np.array([100 * (p.accuracy_std or 0.0) for p in points])
+            if method == BASELINE:
+                ax.axhline(mean[0], color=color, linewidth=1.6, label=method)
+                ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=color, alpha=0.15, linewidth=0)
+            else:
+                ax.errorbar([p.key.sync_period for p in points], mean, yerr=std, color=color, marker="o",
+                            markersize=4, capsize=3, linewidth=1.6, label=method)
+            going = [i for i, p in enumerate(points) if p.finished < p.seeds]
+            if going:
+                # A run still going reports its accuracy so far: mark the point so nobody reads it as final.
+                ax.plot([points[i].key.sync_period for i in going], mean[going], linestyle="none", marker="o",
+                        markersize=7, markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.5, zorder=5)
+                any_going = True
+        _sync_period_axis(ax, largest)
+        ax.set_title(f"{count} worker{'s' if count != 1 else ''}")
+        ax.set_xlabel("sync period H (local steps between averages)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("final test accuracy (%)")
+    handles, labels = _unique_legend(axes)
+    if any_going:
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="white",
+                              markeredgecolor="0.3", markeredgewidth=1.5))
+        labels.append("seeds still running\n(accuracy so far)")
+    figure.legend(handles, labels, loc="outside right upper", frameon=False)
+    figure.suptitle(title)
+    _save(figure, files)
+
+
+def _unique_legend(axes: Sequence[Axes]) -> tuple[list, list[str]]:
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    return list(seen.values()), list(seen)
+
+
+@dataclass
+class MeanCurve:
+    """A group's evaluation series averaged over seeds, at the union of the seeds' evaluation steps."""
+
+    step: np.ndarray
+    values: dict[str, np.ndarray]
+
+
+def mean_curve(runs: Sequence[Run]) -> MeanCurve:
+    """Seeds of one configuration evaluate at the same steps; a seed still going simply stops
+    contributing after its last evaluation, so the mean there is over the seeds that got that far."""
+    steps = np.unique(np.concatenate([run.evals.step for run in runs]))
+    fields = ("test_accuracy", "test_loss", "train_loss", "wall_seconds", "bytes_sent", "sync_rounds")
+    values = {}
+    for name in fields:
+        stack = np.full((len(runs), len(steps)), np.nan)
+        for i, run in enumerate(runs):
+            stack[i, np.searchsorted(steps, run.evals.step)] = getattr(run.evals, name)
+        values[name] = np.nanmean(stack, axis=0)  # every column has at least one run: no all-NaN warning
+    values["step"] = steps.astype(float)
+    return MeanCurve(step=steps, values=values)
+
+
+def _spans_decades(arrays: Sequence[np.ndarray]) -> bool:
+    positive = np.concatenate([a[a > 0] for a in arrays]) if arrays else np.array([])
+    return positive.size > 0 and positive.max() / positive.min() >= 100
+
+
+def plot_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title: str) -> None:
+    """Rows: test accuracy; test loss (solid) and train loss (dashed). Columns: the costs in CURVE_AXES.
+    One line per (method, H): color per method, shade per H."""
+    methods = list(dict.fromkeys(key.method for key in groups))
+    periods = {m: sorted({key.sync_period for key in groups if key.method == m}) for m in methods}
+    curves = {key: mean_curve(runs) for key, runs in groups.items()}
+    figure = Figure(figsize=(17, 7.5), layout="constrained")
+    axes = figure.subplots(2, len(CURVE_AXES), sharex="col", sharey="row")
+    for key, curve in curves.items():
+        color = _shade(method_color(key.method, methods), periods[key.method].index(key.sync_period),
+                       len(periods[key.method]))
+        label = key.method if key.method == BASELINE else f"{key.method}, H={key.sync_period}"
+        for column, (x_name, _) in enumerate(CURVE_AXES):
+            x = curve.values[x_name]
+            axes[0, column].plot(x, 100 * curve.values["test_accuracy"], color=color, linewidth=1.5, label=label)
+            axes[1, column].plot(x, curve.values["test_loss"], color=color, linewidth=1.5)
+            axes[1, column].plot(x, curve.values["train_loss"], color=color, linewidth=1.2, linestyle="--")
+    for column, (x_name, x_label) in enumerate(CURVE_AXES):
+        bottom = axes[1, column]
+        bottom.set_xlabel(x_label)
+        if x_name in ("bytes_sent", "sync_rounds") and _spans_decades([c.values[x_name] for c in curves.values()]):
+            # All-reduce sends H times what local SGD does: on a linear axis the local runs crowd at zero.
+            bottom.set_xscale("log")
+        if x_name == "bytes_sent":
+            bottom.xaxis.set_major_formatter(EngFormatter(unit="B"))
+        for row in range(2):
+            axes[row, column].grid(True, alpha=0.3)
+    axes[0, 0].set_ylabel("test accuracy (%)")
+    axes[1, 0].set_ylabel("loss")
+    axes[1, 0].legend(handles=[Line2D([], [], color="0.3", label="test loss"),
+                               Line2D([], [], color="0.3", linestyle="--", label="train loss")],
+                      loc="upper right", fontsize="small")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper", frameon=False)
+    figure.suptitle(title)
+    _save(figure, files)

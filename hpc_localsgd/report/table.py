@@ -1,0 +1,136 @@
+"""Runs grouped by (task, method, H, workers), seeds aggregated, written as CSV and Markdown.
+
+"Final" means a run's last evaluation: the end of training for finished runs, the latest
+evaluation so far for runs still going (the ``complete`` column says how many are finished).
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .collect import Run, method_rank
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """What separates groups; everything else (the seed) is aggregated over."""
+
+    task: str
+    method: str
+    sync_period: int
+    workers: int
+
+    def sort_key(self) -> tuple:
+        return (self.task, self.workers, method_rank(self.method), self.sync_period)
+
+
+@dataclass
+class ResultRow:
+    """One line of the results table: the mean over seeds of each run's final value."""
+
+    key: GroupKey
+    seeds: int  # runs aggregated
+    finished: int  # of which have reached their last step
+    accuracy_mean: float  # fraction in [0, 1]
+    accuracy_std: Optional[float]  # sample std (ddof=1); None with a single seed
+    sync_rounds_mean: float
+    bytes_sent_mean: float  # per worker
+    wall_seconds_mean: float
+
+    @property
+    def complete(self) -> str:
+        return f"{self.finished}/{self.seeds}"
+
+
+def group_runs(runs: Sequence[Run]) -> dict[GroupKey, list[Run]]:
+    """Runs by group, groups in table order, runs within a group by seed."""
+    groups: dict[GroupKey, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(GroupKey(run.task, run.method, run.sync_period, run.workers), []).append(run)
+    return {key: sorted(groups[key], key=lambda r: (r.seed, str(r.path)))
+            for key in sorted(groups, key=GroupKey.sort_key)}
+
+
+def summarise(runs: Sequence[Run]) -> list[ResultRow]:
+    rows = []
+    for key, members in group_runs(runs).items():
+        accuracy = [float(r.evals.test_accuracy[-1]) for r in members]
+        rows.append(ResultRow(
+            key=key, seeds=len(members), finished=sum(r.finished for r in members),
+            accuracy_mean=statistics.fmean(accuracy),
+            accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
+            sync_rounds_mean=statistics.fmean(float(r.evals.sync_rounds[-1]) for r in members),
+            bytes_sent_mean=statistics.fmean(float(r.evals.bytes_sent[-1]) for r in members),
+            wall_seconds_mean=statistics.fmean(float(r.evals.wall_seconds[-1]) for r in members)))
+    return rows
+
+
+CSV_COLUMNS = ("task", "method", "H", "workers", "seeds", "test_accuracy_mean", "test_accuracy_std",
+               "sync_rounds_mean", "bytes_sent_per_worker_mean", "wall_seconds_mean", "complete")
+
+
+def write_csv(rows: Sequence[ResultRow], path: Path) -> None:
+    """Raw numbers (accuracy as a fraction) at full precision, for further analysis."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for row in rows:
+            writer.writerow([row.key.task, row.key.method, row.key.sync_period, row.key.workers, row.seeds,
+                             repr(row.accuracy_mean), "" if row.accuracy_std is None else repr(row.accuracy_std),
+                             repr(row.sync_rounds_mean), repr(row.bytes_sent_mean), repr(row.wall_seconds_mean),
+                             row.complete])
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, as network and filesystem throughput are quoted."""
+    units = ("B", "KB", "MB", "GB", "TB", "PB")
+    for unit in units[:-1]:
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} {units[-1]}"
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _rounds(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def format_accuracy(row: ResultRow) -> str:
+    std = "–" if row.accuracy_std is None else f"{100 * row.accuracy_std:.2f}"
+    return f"{100 * row.accuracy_mean:.2f} ± {std}"
+
+
+def markdown(rows: Sequence[ResultRow]) -> str:
+    """One section per task; within it the table order of :func:`group_runs`."""
+    header = ("method", "H", "workers", "seeds", "test accuracy (%)", "sync rounds", "bytes sent / worker",
+              "wall time", "complete")
+    lines = ["# Results", "",
+             "Final test accuracy: mean ± sample standard deviation over seeds. Sync rounds, bytes sent per worker "
+             "and wall time: mean over seeds at each run's last evaluation (the latest so far for runs still "
+             "going; `complete` counts finished runs). H does not apply to all-reduce (1)."]
+    for task in dict.fromkeys(row.key.task for row in rows):
+        lines += ["", f"## {task}", "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join("---" if i < 1 else "---:" for i in range(len(header))) + "|"]
+        for row in rows:
+            if row.key.task != task:
+                continue
+            cells = (row.key.method, str(row.key.sync_period), str(row.key.workers), str(row.seeds),
+                     format_accuracy(row), _rounds(row.sync_rounds_mean), human_bytes(row.bytes_sent_mean),
+                     human_seconds(row.wall_seconds_mean), row.complete)
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(rows: Sequence[ResultRow], path: Path) -> None:
+    path.write_text(markdown(rows))
