@@ -84,6 +84,10 @@ class GradientAllreduce:
         bucket.views[position].copy_(param.grad)
         bucket.filled.add(position)
         self._start_ready_buckets()
+        # Buckets already in flight advance while backward goes on (the mpi backend needs the calls).
+        for started in self.buckets[:self._next_to_start]:
+            assert started.handle is not None
+            started.handle.progress()
 
     def _start_ready_buckets(self) -> None:
         while self._next_to_start < len(self.buckets):

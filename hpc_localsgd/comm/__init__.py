@@ -67,7 +67,8 @@ def resolve_backend(backend: str, launch: LaunchEnvironment) -> str:
     return "horovod" if _horovod_import_error() is None else "mpi"
 
 
-def _construct(backend: str, launch: LaunchEnvironment, device: torch.device) -> Communicator:
+def _construct(backend: str, launch: LaunchEnvironment, device: torch.device,
+               horovod_cycle_time_ms: float | None) -> Communicator:
     if backend == "single":
         if launch.layout.size != 1:
             raise LauncherMismatch(f"the launcher ({launch.launcher}) started {launch.layout.size} ranks but "
@@ -79,7 +80,7 @@ def _construct(backend: str, launch: LaunchEnvironment, device: torch.device) ->
             raise BackendUnavailable(f"comm.backend is 'horovod' but horovod.torch cannot be imported: {reason}; "
                                      "build it with scripts/install.sh or use comm.backend=mpi")
         from .horovod import HorovodCommunicator
-        return HorovodCommunicator(launch.layout)
+        return HorovodCommunicator(launch.layout, horovod_cycle_time_ms)
     if backend == "mpi":
         try:
             import mpi4py.MPI  # noqa: F401  # initialises MPI; failures here are the user's to fix
@@ -105,14 +106,16 @@ def check_world(communicator: Communicator, launch: LaunchEnvironment) -> None:
                                f"{_mismatch_hint(communicator.name, launch.launcher)}")
 
 
-def make_communicator(backend: str, launch: LaunchEnvironment, device: torch.device) -> Communicator:
+def make_communicator(backend: str, launch: LaunchEnvironment, device: torch.device,
+                      horovod_cycle_time_ms: float | None = None) -> Communicator:
     """The communicator for ``backend`` (one of ``BACKENDS``), checked against the launcher's world.
 
     Raises ``ConfigError`` for an unknown name, ``BackendUnavailable`` when the backend's
     library is missing, and ``LauncherMismatch`` when the backend sees another world than
-    the launcher started (each a one-line ``UserError``).
+    the launcher started (each a one-line ``UserError``). ``horovod_cycle_time_ms`` sets Horovod's
+    cycle time when Horovod is the backend (None: Horovod's own setting).
     """
-    communicator = _construct(resolve_backend(backend, launch), launch, device)
+    communicator = _construct(resolve_backend(backend, launch), launch, device, horovod_cycle_time_ms)
     try:
         check_world(communicator, launch)
     except LauncherMismatch:

@@ -23,6 +23,12 @@ class Handle(abc.ABC):
     def wait(self) -> None:
         """Block until the collective has completed and its buffer holds the result."""
 
+    def progress(self) -> None:
+        """Give the backend a chance to advance the collective, without blocking. MPI libraries
+        without an asynchronous progress thread advance non-blocking collectives only inside MPI
+        calls; backends with their own thread (Horovod, Gloo, NCCL) need nothing."""
+        return None
+
 
 class DoneHandle(Handle):
     """A collective that completed when it was started (single process, blocking fall-backs)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from typing import Any, Optional
 
 import torch
@@ -50,8 +51,11 @@ class HorovodCommunicator(Communicator):
 
     name = "horovod"
 
-    def __init__(self, launcher_layout: WorldLayout) -> None:
+    def __init__(self, launcher_layout: WorldLayout, cycle_time_ms: Optional[float] = None) -> None:
         import horovod.torch as hvd  # imported here: horovod is optional and initialises MPI
+
+        if cycle_time_ms is not None:
+            os.environ["HOROVOD_CYCLE_TIME"] = f"{cycle_time_ms:g}"  # read once, by hvd.init()
 
         try:
             hvd.init()

@@ -43,6 +43,14 @@ class _MPIHandle(Handle):
         if self._request is None:
             return
         self._request.Wait()
+        self._finish()
+
+    def progress(self) -> None:
+        # MPI_Test drives Open MPI's schedule of a non-blocking collective one round further.
+        if self._request is not None and self._request.Test():
+            self._finish()
+
+    def _finish(self) -> None:
         self._request = None
         divide_by_size_(self._reduced, self._divisor)
         if self._reduced is not self._buffer:

@@ -166,9 +166,15 @@ class CommConfig:
     # backend "simulated": this many workers run in one process (no launcher), their models
     # stacked and computed as one batch; same engine, same numbers as that many MPI ranks.
     simulated_workers: int = 0
+    # Horovod's background thread coordinates the ranks once per cycle. None: Horovod's default
+    # (or HOROVOD_CYCLE_TIME) for all-reduce SGD, 10 ms for local and post-local SGD, whose ranks
+    # have nothing to coordinate between syncs (docs/BENCHMARKS.md, target 3).
+    horovod_cycle_time_ms: Optional[float] = None
 
     def validate(self, key: str = "comm") -> None:
         _check(self.bucket_mb > 0, f"{key}.bucket_mb", f"must be > 0, got {self.bucket_mb}")
+        _check(self.horovod_cycle_time_ms is None or self.horovod_cycle_time_ms > 0, f"{key}.horovod_cycle_time_ms",
+               f"must be > 0, got {self.horovod_cycle_time_ms}")
         if self.backend == "simulated":
             _check(self.simulated_workers >= 1, f"{key}.simulated_workers",
                    f"must be >= 1 with {key}.backend=simulated, got {self.simulated_workers}")

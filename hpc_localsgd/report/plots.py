@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import EngFormatter, FixedLocator, NullLocator, ScalarFormatter
+from matplotlib.ticker import EngFormatter, FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
 
 from .collect import METHOD_ORDER, Run
 from .table import GroupKey, ResultRow
@@ -174,6 +174,8 @@ def plot_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title:
             bottom.set_xscale("log")
         if x_name == "bytes_sent":
             bottom.xaxis.set_major_formatter(EngFormatter(unit="B"))
+            if bottom.get_xscale() == "linear":
+                bottom.xaxis.set_major_locator(MaxNLocator(4))  # "250 kB" labels need room
         for row in range(2):
             axes[row, column].grid(True, alpha=0.3)
     axes[0, 0].set_ylabel("test accuracy (%)")

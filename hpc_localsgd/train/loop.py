@@ -5,6 +5,7 @@ Every rank runs this function; rank 0 alone prints and writes metrics.h5.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import random
 import time
@@ -188,6 +189,23 @@ def evaluate(engine: AveragingEngine, datasets_test, cfg: RunConfig, device: tor
                       train_loss=sums[3].item() / max(sums[4].item(), 1.0))
 
 
+# Horovod's cycle for local and post-local SGD: its background thread busy-polls MPI once per cycle
+# even when no collective is pending, which under local SGD takes CPU from the local steps
+# (H = 16 reached 0.67 of the no-communication limit at 1 ms, 0.94 at 10 ms; docs/BENCHMARKS.md).
+LOCAL_SGD_HOROVOD_CYCLE_TIME_MS = 10.0
+
+
+def horovod_cycle_time_ms(cfg: RunConfig) -> Optional[float]:
+    """The configured cycle time; else the user's HOROVOD_CYCLE_TIME or Horovod's default for
+    all-reduce SGD (a gradient allreduce every step wants a short cycle), and a longer one for
+    the local methods (one sync per H steps waits at most one extra cycle)."""
+    if cfg.comm.horovod_cycle_time_ms is not None:
+        return cfg.comm.horovod_cycle_time_ms
+    if "HOROVOD_CYCLE_TIME" in os.environ or cfg.algorithm.method == "allreduce":
+        return None
+    return LOCAL_SGD_HOROVOD_CYCLE_TIME_MS
+
+
 def train(cfg: RunConfig, *, overwrite: bool = False, resume: Optional[str] = None, reshard: Optional[str] = None,
           stop_at_step: Optional[int] = None, launch: Optional[LaunchEnvironment] = None,
           comm: Optional[Communicator] = None, print_fn: Callable[[str], None] = _print_now) -> TrainResult:
@@ -210,7 +228,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: Optional[str] = No
         torch.cuda.set_device(device)
     if comm is not None:
         return _train(cfg, comm, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
-    own = make_communicator(cfg.comm.backend, launch, device)
+    own = make_communicator(cfg.comm.backend, launch, device, horovod_cycle_time_ms(cfg))
     result = _train(cfg, own, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
     # Closed on success only: after an error the other ranks may not reach the closing collective.
     own.close()

@@ -108,6 +108,23 @@ def check_slices_of_one_flat_buffer(comm: Communicator, device: torch.device) ->
     expect_equal("in-flight allreduce of slices of one flat buffer", flat, ramp * (size * (size + 1) // 2) / size)
 
 
+def check_progress_then_wait(comm: Communicator, device: torch.device) -> None:
+    """progress() (called from gradient hooks during backward) may complete a collective early;
+    the result must be the same, written once, with wait() afterwards a no-op."""
+    rank, size = comm.rank, comm.size
+    for dtype, average in ((torch.float32, True), (torch.int64, True), (torch.float64, False)):
+        ramp = signed_ramp(300_001)
+        buffer = torch.from_numpy(ramp * (rank + 1)).to(device=device, dtype=dtype)
+        handle = comm.iallreduce_(buffer, average=average)
+        for _ in range(200):
+            handle.progress()
+        handle.wait()
+        handle.wait()
+        total = ramp * (size * (size + 1) // 2)
+        expected = total if not average else (total / size if dtype.is_floating_point else total // size)
+        expect_equal(f"allreduce {dtype} after progress() and two waits", buffer, expected)
+
+
 def check_broadcast(comm: Communicator, device: torch.device) -> None:
     root = 1 % comm.size
     for dtype in (torch.float32, torch.int64, torch.bfloat16):
@@ -134,6 +151,7 @@ def main() -> int:
         check_sixteen_bit_average(comm, device)
         check_several_in_flight(comm, device)
         check_slices_of_one_flat_buffer(comm, device)
+        check_progress_then_wait(comm, device)
         check_broadcast(comm, device)
         comm.barrier()
     except Exception as failure:

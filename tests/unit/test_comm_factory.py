@@ -104,3 +104,33 @@ def test_torch_rendezvous_from_master_variables() -> None:
         with pytest.raises(BackendUnavailable) as raised:
             rendezvous_address(layout, "torchrun", env)
         assert "MASTER_" in assert_one_line(raised.value)
+
+
+@pytest.mark.parametrize("method,configured,environment,expected", [
+    ("allreduce", None, None, None),          # Horovod's own default for a gradient allreduce every step
+    ("local_sgd", None, None, 10.0),          # nothing to coordinate between syncs: a long cycle
+    ("post_local_sgd", None, None, 10.0),
+    ("local_sgd", None, "3", None),           # the user's HOROVOD_CYCLE_TIME wins over the choice by method
+    ("allreduce", 2.5, "3", 2.5),             # and the config wins over both
+])
+def test_horovod_cycle_time_is_chosen_by_method(monkeypatch: pytest.MonkeyPatch, method: str,
+                                                configured: float | None, environment: str | None,
+                                                expected: float | None) -> None:
+    from hpc_localsgd.config import load_config
+    from hpc_localsgd.train.loop import horovod_cycle_time_ms
+
+    if environment is None:
+        monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    else:
+        monkeypatch.setenv("HOROVOD_CYCLE_TIME", environment)
+    overrides = [f"algorithm.method={method}"] + (["algorithm.switch_epoch=1"] if method == "post_local_sgd" else [])
+    if configured is not None:
+        overrides.append(f"comm.horovod_cycle_time_ms={configured}")
+    assert horovod_cycle_time_ms(load_config(None, overrides)) == expected
+
+
+def test_horovod_cycle_time_must_be_positive() -> None:
+    from hpc_localsgd.config import load_config
+
+    with pytest.raises(ConfigError, match="comm.horovod_cycle_time_ms: must be > 0"):
+        load_config(None, ["comm.horovod_cycle_time_ms=0"])
