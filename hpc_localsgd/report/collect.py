@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -79,6 +79,8 @@ class Run:
     seed: int
     total_steps: int
     evals: Evals
+    # The run's config flattened to dotted keys: what tells apart runs of one method, H and workers.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -162,7 +164,47 @@ def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.
                sync_period=1 if method == "allreduce" else int(algorithm.get("sync_period", 1)),
                workers=int(world.get("size", 1)), seed=int(config.get("seed", 0)),
                total_steps=int(attrs.get("total_steps", 0)),
-               evals=Evals(**{name: np.asarray(evals[name][:rows]) for name in _EVAL_FIELDS}))
+               evals=Evals(**{name: np.asarray(evals[name][:rows]) for name in _EVAL_FIELDS}),
+               settings=_flatten(config))
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# Settings that say where and how a run ran, not what it computed: never part of a label.
+_NOT_A_VARIANT = ("seed", "output.", "comm.", "checkpoint.", "train.threads", "train.device",
+                  "train.log_every_steps", "data.num_workers", "data.path")
+
+
+def _is_location(key: str) -> bool:
+    return any(key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in _NOT_A_VARIANT)
+
+
+def _label_variants(runs: list[Run]) -> list[Run]:
+    """Runs of one (task, method, H, workers) that differ in another setting (SlowMo's β, the LR)
+    are different methods to a reader: the differing settings join their label, e.g.
+    "SlowMo (slow_momentum=0.2)"."""
+    groups: dict[tuple[str, str, int, int], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.task, run.method, run.sync_period, run.workers), []).append(run)
+    labelled: list[Run] = []
+    for members in groups.values():
+        every_key = {k for run in members for k in run.settings}
+        keys = sorted(k for k in every_key if not _is_location(k)
+                      and len({repr(run.settings.get(k)) for run in members}) > 1)
+        for run in members:
+            if keys:
+                detail = ", ".join(f"{k.rsplit('.', 1)[-1]}={run.settings.get(k)}" for k in keys)
+                run = replace(run, method=f"{run.method} ({detail})")
+            labelled.append(run)
+    return labelled
 
 
 def read_run(path: str | Path, attempts: int = 5, pause_seconds: float = 0.2,
@@ -210,12 +252,13 @@ def collect_runs(paths: Sequence[str | Path], warn: Callable[[str], None] = _war
         runs.append(run)
     if not runs:
         raise UserError("no run with an evaluation to report on in " + ", ".join(f"'{p}'" for p in paths))
+    runs = _label_variants(runs)
     seen: dict[tuple[str, str, int, int, int], Path] = {}
     for run in runs:
         key = (run.task, run.method, run.sync_period, run.workers, run.seed)
         if key in seen:
-            # Two runs of one configuration and seed are usually a rerun left next to the original,
-            # or runs that differ in a setting the report does not group by (e.g. the LR).
+            # Two runs of one configuration and seed: usually a rerun left next to the original, or
+            # the same run on two backends (a simulation and its MPI check).
             warn(f"'{run.path}' and '{seen[key]}' are both {run.method} H={run.sync_period} with "
                  f"{run.workers} workers, seed {run.seed}; both are averaged")
         seen.setdefault(key, run.path)

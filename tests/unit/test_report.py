@@ -30,7 +30,8 @@ def final_accuracy(method: str, sync_period: int, workers: int, seed: int) -> fl
 
 
 def write_run(path: Path, method: str, sync_period: int, workers: int, seed: int, outer: str = "none",
-              evals: tuple[int, ...] = EVAL_STEPS, data: str = "digits", model: str = "smallcnn") -> None:
+              evals: tuple[int, ...] = EVAL_STEPS, data: str = "digits", model: str = "smallcnn",
+              extra: tuple[str, ...] = ()) -> None:
     """A run whose accuracy climbs linearly to ``final_accuracy`` at step TOTAL_STEPS; it syncs every
     ``sync_period`` steps (every step for all-reduce) and each eval is 0.5 s of wall time per step."""
     overrides = [f"seed={seed}", f"algorithm.method={method}", f"algorithm.outer={outer}", f"data.name={data}",
@@ -39,7 +40,7 @@ def write_run(path: Path, method: str, sync_period: int, workers: int, seed: int
         overrides.append(f"algorithm.sync_period={sync_period}")
     if method == "post_local_sgd":
         overrides.append("algorithm.switch_step=10")
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, overrides + list(extra))
     path.mkdir(parents=True)
     writer = MetricsWriter(path / "metrics.h5", {"config": config_to_yaml(cfg), "world": {"size": workers},
                                                  "method": method, "steps_per_epoch": 10,
@@ -216,3 +217,16 @@ def test_cli_prints_one_line_for_a_missing_run_dir(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["hpc-localsgd: error: 'missing_dir' does not exist"]
     assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "report").exists()
+
+
+def test_runs_differing_in_another_setting_are_told_apart_but_not_by_where_they_ran(tmp_path: Path) -> None:
+    """SlowMo at two β is two methods to a reader; a simulation and an MPI run of one config are one."""
+    for beta in (0.2, 0.8):
+        for seed in (0, 1):
+            write_run(tmp_path / f"b{beta}-s{seed}", "local_sgd", 8, 4, seed, outer="slowmo",
+                      extra=(f"algorithm.slow_momentum={beta}",))
+    write_run(tmp_path / "sim", "local_sgd", 8, 2, 0, extra=("comm.backend=simulated", "comm.simulated_workers=2"))
+    write_run(tmp_path / "mpi", "local_sgd", 8, 2, 0, extra=("comm.backend=mpi",))
+    runs = collect.collect_runs([tmp_path], warn=lambda _line: None)
+    labels = sorted({(run.method, run.workers) for run in runs})
+    assert labels == [("SlowMo (slow_momentum=0.2)", 4), ("SlowMo (slow_momentum=0.8)", 4), ("local SGD", 2)]
