@@ -84,7 +84,7 @@ class GradientAllreduce:
         bucket.views[position].copy_(param.grad)
         bucket.filled.add(position)
         self._start_ready_buckets()
-        # Buckets already in flight advance while backward goes on (the mpi backend needs the calls).
+        # Buckets in flight advance while backward goes on (needed by MPI without a communication thread).
         for started in self.buckets[:self._next_to_start]:
             assert started.handle is not None
             started.handle.progress()
