@@ -393,6 +393,10 @@ class Checkpoint:
                 train_loss_count=int(group.attrs["train_loss_count"]))
         return self._guard(read)
 
+    def verify_rng(self, rank: int) -> None:
+        """Check rank ``rank``'s random states against their digests without applying them."""
+        self._guard(lambda f: _read_tensors(self.path, {n: d for n, d in f[f"ranks/{rank}/rng"].items()}, keep=False))
+
     def restore_rng(self, rank: int) -> None:
         self._guard(lambda f: _restore_rng(self.path, f[f"ranks/{rank}/rng"]))
 
@@ -402,15 +406,3 @@ def list_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted((p for p in directory.iterdir() if _NAME.match(p.name)), reverse=True)
-
-
-def latest_valid(directory: Path, warn: Callable[[str], None], locking: bool = False) -> Optional[Checkpoint]:
-    """The newest checkpoint that opens and verifies; each one skipped is reported through ``warn``."""
-    for path in list_checkpoints(directory):
-        try:
-            checkpoint = Checkpoint(path, locking)
-            checkpoint.verify()
-            return checkpoint
-        except CheckpointError as exc:
-            warn(f"skipping {exc}")
-    return None

@@ -34,7 +34,7 @@ from .control import JobControl, requeue_slurm_job
 from .data import ShardedBatches, build_datasets, derive_seed, eval_batches
 from .lr import LRSchedule
 from .models import build_model
-from .resume import check_compatible, choose_checkpoint, restore
+from .resume import choose_checkpoint, restore
 
 
 @dataclass
@@ -244,12 +244,11 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
     run_dir = Path(cfg.output.run_dir)
     locking = cfg.output.hdf5_file_locking
     prepare_run_dir(comm, run_dir, overwrite, resuming=resume is not None)
-    checkpoint = None
+    chosen = None
     if resume is not None:
-        checkpoint = choose_checkpoint(comm, resume, run_dir / "checkpoints", locking,
-                                       lambda line: say(f"hpc-localsgd: warning: {line}"))
-        if checkpoint is not None:
-            check_compatible(checkpoint, cfg, size, reshard)
+        chosen = choose_checkpoint(comm, resume, run_dir / "checkpoints", locking,
+                                   lambda line: say(f"hpc-localsgd: warning: {line}"), cfg, reshard)
+    checkpoint = chosen.checkpoint if chosen is not None else None
     if comm.is_root:
         write_text_atomically(run_dir / "config.yaml", config_to_yaml(cfg))
 
@@ -270,8 +269,9 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
     _seed_everything(derive_seed(cfg.seed, "rank", rank))
     start_step, wall_offset = 0, 0.0
     train_loss_sum, train_loss_count = 0.0, 0
-    if checkpoint is not None:
-        saved_stats, train_loss_sum, train_loss_count = restore(checkpoint, engine, model, rank, reshard)
+    if chosen is not None and checkpoint is not None:
+        saved_stats, train_loss_sum, train_loss_count = restore(chosen, engine, model, rank, reshard)
+        chosen = None  # the state read while choosing is in the engine now: let it go
         engine.stats.load(saved_stats)
         start_step = checkpoint.meta.step
         wall_offset = float(checkpoint.meta.attrs.get("wall_seconds", 0.0))

@@ -1,8 +1,11 @@
 """Choosing and applying a checkpoint when a run continues (``--resume auto|PATH``)."""
 from __future__ import annotations
 
+import itertools
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import yaml
@@ -11,30 +14,96 @@ from ..algorithms.engine import AveragingEngine
 from ..comm.base import Communicator, decide_on_root
 from ..config.load import config_to_dict
 from ..config.schema import RunConfig
-from ..io.checkpoint import Checkpoint, CheckpointError, checkpoint_name, latest_valid
+from ..io.checkpoint import Checkpoint, CheckpointError, RankState, checkpoint_name, list_checkpoints
 
 RESHARD_MODES = ("average", "reset")
 
 
-def choose_checkpoint(comm: Communicator, resume: str, directory: Path, locking: bool,
-                      warn: Callable[[str], None]) -> Optional[Checkpoint]:
-    """Rank 0 picks (and fully verifies) the checkpoint; every rank opens the same one.
+@dataclass
+class ChosenCheckpoint:
+    """The checkpoint a run continues from and, for an exact resume, this rank's part of it,
+    already read and verified while choosing (so that every byte is read once)."""
 
-    ``auto`` takes the newest valid checkpoint in ``directory`` and falls back past damaged
-    ones, or starts fresh (None) when there is none; a path must be valid.
-    """
-    def pick() -> int:
-        if resume == "auto":
-            found = latest_valid(directory, warn, locking)
-            return -1 if found is None else found.meta.step
-        checkpoint = Checkpoint(Path(resume), locking)
-        checkpoint.verify()
-        return checkpoint.meta.step
+    checkpoint: Checkpoint
+    state: Optional[RankState] = None
+    shared: Optional[dict[str, torch.Tensor]] = None
 
-    step = decide_on_root(comm, pick)
-    if step < 0:
+
+def first_failure(comm: Communicator, failure: Optional[str]) -> Optional[str]:
+    """Every rank learns whether any rank failed, and the lowest failing rank's message."""
+    failed = torch.zeros(comm.size, dtype=torch.int64)
+    failed[comm.rank] = 1 if failure else 0
+    comm.allreduce_(failed, average=False)
+    if not int(failed.sum().item()):
         return None
-    return Checkpoint(directory / checkpoint_name(step) if resume == "auto" else Path(resume), locking)
+    first = int(failed.nonzero()[0].item())
+    text = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+    if comm.rank == first:
+        encoded = str(failure).encode()[:_MESSAGE_BYTES]
+        text[:len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+    comm.broadcast_(text, root=first)
+    return bytes(text[text.nonzero().flatten()].tolist()).decode(errors="replace")
+
+
+_MESSAGE_BYTES = 2048
+
+
+def _nth_newest_step(directory: Path, position: int) -> int:
+    found = list_checkpoints(directory)
+    if position >= len(found):
+        return -1
+    match = re.match(r"^step-(\d+)\.h5$", found[position].name)
+    assert match is not None
+    return int(match.group(1))
+
+
+def choose_checkpoint(comm: Communicator, resume: str, directory: Path, locking: bool,
+                      warn: Callable[[str], None], cfg: RunConfig,
+                      reshard: Optional[str]) -> Optional[ChosenCheckpoint]:
+    """The checkpoint to continue from, checked against ``cfg`` and verified by the ranks together.
+
+    ``auto`` tries the checkpoints of ``directory`` newest first and falls back past damaged ones
+    (each reported through ``warn``), or starts fresh (None) when none is left; a path must be
+    valid. For an exact resume each rank reads and verifies its own state and the shared state,
+    and the ranks agree on the outcome: a damaged part stops everyone, whoever owns it, and no
+    rank reads another's state. Re-sharding reads every saved rank, so rank 0 verifies the whole
+    file first.
+    """
+    for position in itertools.count():
+        if resume == "auto":
+            step = decide_on_root(comm, lambda: _nth_newest_step(directory, position))
+            if step < 0:
+                return None
+            path = directory / checkpoint_name(step)
+        else:
+            path = Path(resume)
+        chosen: Optional[ChosenCheckpoint] = None
+        failure: Optional[str] = None
+        try:
+            chosen = ChosenCheckpoint(Checkpoint(path, locking))
+        except CheckpointError as exc:
+            failure = str(exc)
+        message = first_failure(comm, failure)
+        if message is None:
+            assert chosen is not None
+            # Another model or world is not damage: refused, never skipped.
+            check_compatible(chosen.checkpoint, cfg, comm.size, reshard)
+            try:
+                if reshard is None:
+                    chosen.state = chosen.checkpoint.rank_state(comm.rank)
+                    chosen.shared = chosen.checkpoint.shared()
+                    chosen.checkpoint.verify_rng(comm.rank)
+                elif comm.is_root:
+                    chosen.checkpoint.verify()
+            except CheckpointError as exc:
+                failure = str(exc)
+            message = first_failure(comm, failure)
+            if message is None:
+                return chosen
+        if resume != "auto":
+            raise CheckpointError(message)
+        warn(f"skipping {message}")
+    raise AssertionError("unreachable")
 
 
 def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, world_size: int, reshard: Optional[str]) -> None:
@@ -60,7 +129,7 @@ def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, world_size: int, re
                                   "pass --reshard average (or reset) to continue from its parameters")
 
 
-def restore(checkpoint: Checkpoint, engine: AveragingEngine, model: torch.nn.Module, rank: int,
+def restore(chosen: Union[ChosenCheckpoint, Checkpoint], engine: AveragingEngine, model: torch.nn.Module, rank: int,
             reshard: Optional[str]) -> tuple[dict[str, float], float, int]:
     """Load this rank's state into the live model and engine.
 
@@ -69,9 +138,12 @@ def restore(checkpoint: Checkpoint, engine: AveragingEngine, model: torch.nn.Mod
     buffers (``average``) or zeros (``reset``); RNG and loss accumulators start afresh.
     Returns (communication counters, train loss sum, train loss count) to continue from.
     """
+    if isinstance(chosen, Checkpoint):
+        chosen = ChosenCheckpoint(chosen)
+    checkpoint = chosen.checkpoint
     step = checkpoint.meta.step
     if reshard is None:
-        state = checkpoint.rank_state(rank)
+        state = chosen.state if chosen.state is not None else checkpoint.rank_state(rank)
         tensors = state.tensors
         checkpoint.restore_rng(rank)
     else:
@@ -83,7 +155,7 @@ def restore(checkpoint: Checkpoint, engine: AveragingEngine, model: torch.nn.Mod
         tensors = {name: (t / checkpoint.meta.world_size).to(state.tensors[name].dtype) for name, t in tensors.items()}
         if reshard == "reset":
             tensors = {name: t for name, t in tensors.items() if not name.endswith(".momentum")}
-    engine.load_state(tensors, checkpoint.shared(), step)
+    engine.load_state(tensors, chosen.shared if chosen.shared is not None else checkpoint.shared(), step)
     buffers = dict(model.named_buffers())
     with torch.no_grad():
         for name, value in state.int_buffers.items():

@@ -254,3 +254,36 @@ def test_signal_checkpoints_and_stops(tmp_path: Path) -> None:
     (newest,) = list_checkpoints(run_dir / "checkpoints")[:1]
     Checkpoint(newest).verify()
     assert Checkpoint(newest).meta.step % 5 == 0  # decided at a poll, the same step on every rank
+
+
+def test_damage_in_another_ranks_part_is_found_by_that_rank(tmp_path: Path) -> None:
+    """Each rank verifies only its own part when it resumes; damage in rank 1's state must still
+    stop every rank (explicit path: one error line) or send all of them to the previous
+    checkpoint (auto), with rank 1's finding as the message."""
+    (tmp_path / "c.yaml").write_text("{}\n")
+    run_dir = tmp_path / "run"
+    train = ["python", "-m", "hpc_localsgd", "train", str(tmp_path / "c.yaml"), "--run-dir", str(run_dir)]
+    first = run_mpi(2, [*train, *sets(SMALL)], timeout=180)
+    assert first.returncode == 0, first.stdout + first.stderr
+    newest = run_dir / "checkpoints" / "step-000000006.h5"
+    with h5py.File(newest, "r") as f:
+        assert not isinstance(f.get("ranks/1/state/flat0.params", getlink=True), h5py.SoftLink)
+        offset = f["ranks/1/state/flat0.params"].id.get_offset()
+    with open(newest, "r+b") as f:
+        f.seek(offset + 16)
+        byte = f.read(1)
+        f.seek(offset + 16)
+        f.write(bytes([byte[0] ^ 0x01]))
+    finding = "ranks/1/state/flat0.params does not match its checksum"
+
+    explicit = run_mpi(2, [*train, *sets(SMALL), "--resume", str(newest)], timeout=180)
+    assert explicit.returncode == 2, explicit.stdout + explicit.stderr
+    # Our lines only (mpirun adds its own report of the exit status); rank 0 speaks for all ranks.
+    errors = [line for line in explicit.stderr.splitlines() if line.startswith("hpc-localsgd")]
+    assert len(errors) == 1 and finding in errors[0] and "Traceback" not in explicit.stderr, explicit.stderr
+
+    auto = run_mpi(2, [*train, *sets([*SMALL[:-2], "train.max_steps=9", "checkpoint.every_steps=3"]),
+                       "--resume", "auto"], timeout=180)
+    assert auto.returncode == 0, auto.stdout + auto.stderr
+    assert auto.stdout.count("warning: skipping checkpoint") == 1 and finding in auto.stdout, auto.stdout
+    assert "step-000000003.h5 at step 3" in auto.stdout and "hpc-localsgd: done" in auto.stdout
