@@ -146,19 +146,24 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def flip_bit(path: Path, dataset: str, byte_offset: int, mask: int) -> None:
+    """Flip bits of one byte of ``dataset``'s stored data in place, as a failing disk would."""
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset() + byte_offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ mask]))
+
+
 def damaged_copies(small_run: Path, tmp_path: Path) -> dict[str, Path]:
     good = small_run / "run" / "checkpoints" / "step-000000006.h5"
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     flipped = tmp_path / "flipped.h5"
     shutil.copy(good, flipped)
-    with h5py.File(flipped, "r") as f:
-        offset = f["ranks/0/state/flat0.params"].id.get_offset()
-    with open(flipped, "r+b") as f:
-        f.seek(offset + 8)
-        byte = f.read(1)
-        f.seek(offset + 8)
-        f.write(bytes([byte[0] ^ 0x10]))
+    flip_bit(flipped, "ranks/0/state/flat0.params", 8, 0x10)
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = np.arange(3)
@@ -268,12 +273,7 @@ def test_damage_in_another_ranks_part_is_found_by_that_rank(tmp_path: Path) -> N
     newest = run_dir / "checkpoints" / "step-000000006.h5"
     with h5py.File(newest, "r") as f:
         assert not isinstance(f.get("ranks/1/state/flat0.params", getlink=True), h5py.SoftLink)
-        offset = f["ranks/1/state/flat0.params"].id.get_offset()
-    with open(newest, "r+b") as f:
-        f.seek(offset + 16)
-        byte = f.read(1)
-        f.seek(offset + 16)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_bit(newest, "ranks/1/state/flat0.params", 16, 0x01)
     finding = "ranks/1/state/flat0.params does not match its checksum"
 
     explicit = run_mpi(2, [*train, *sets(SMALL), "--resume", str(newest)], timeout=180)
