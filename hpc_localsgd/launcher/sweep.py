@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -250,8 +251,10 @@ def _finished(run_dir: Path) -> bool:
         return False
 
 
-def _run_point(config_path: str, log_path: str, ranks: int) -> tuple[Optional[float], str]:
-    """One point, in a pool worker: (final test accuracy or None, one line about it)."""
+def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tuple[Optional[float], str]:
+    """One point, in a pool worker: (final test accuracy or None, one line about it). ``threads``:
+    torch threads for a simulated point whose config leaves them to the machine (train.threads 0),
+    so that the pool's runs share the cores instead of each taking all of them."""
     import sys
     import traceback
 
@@ -261,6 +264,8 @@ def _run_point(config_path: str, log_path: str, ranks: int) -> tuple[Optional[fl
     cfg = load(config_path, [])
     with open(log_path, "a", buffering=1) as log:
         if cfg.comm.backend == "simulated":
+            if cfg.train.threads == 0:
+                cfg.train.threads = threads
             from ..launcher.env import detect_launch
             from ..train.loop import train
             try:
@@ -302,8 +307,9 @@ def run_here(plan: SweepPlan, jobs: int, print_fn: Any = print) -> int:
     start = time.perf_counter()
     # spawn: a forked child would inherit the parent's torch threads and locks.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
         futures = {pool.submit(_run_point, str(p.config_path), str(plan.out / "logs" / f"{p.name}.out"),
-                               p.nodes * plan.shape.ntasks_per_node): p for p in todo}
+                               p.nodes * plan.shape.ntasks_per_node, threads): p for p in todo}
         for count, future in enumerate(as_completed(futures), start=1):
             point = futures[future]
             try:

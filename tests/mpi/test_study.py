@@ -4,10 +4,13 @@ over its folder. The table must hold exactly what the runs' metrics files say.""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import h5py
 
 from hpc_localsgd.io.metrics import read_metrics
 from tests.helpers import MPI_TEST_ENV, REPO_ROOT
@@ -85,7 +88,7 @@ def test_a_point_that_fails_is_reported_and_the_others_still_run(tmp_path: Path)
     grid.write_text(f"""
 name: failing
 base: {REPO_ROOT / "configs" / "study" / "digits_smallcnn.yaml"}
-set: {{train.epochs: 1, optim.warmup_epochs: 0, optim.decay_epochs: [0.5]}}
+set: {{train.epochs: 1, optim.warmup_epochs: 0, optim.decay_epochs: [0.5], train.threads: 0}}
 variants:
   - {{comm.simulated_workers: [2, 400]}}
 """)
@@ -97,5 +100,9 @@ variants:
     assert "simulated_workers-400" in failed[0] and "× 400 ranks needs more than the 1497 training samples" in failed[0]
     assert "1 runs done, 0 skipped, 1 failed" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+    # train.threads 0: the two pool processes share the cores instead of each taking all of them.
+    finished = next(p for p in (out / "runs").iterdir() if "simulated_workers-2_" in p.name)
+    with h5py.File(finished / "metrics.h5", "r") as f:
+        assert json.loads(f.attrs["world"])["threads_per_rank"] == max(1, (os.cpu_count() or 1) // 2)
     again = cli("sweep", str(grid), "--out", str(out), "--run-here", cwd=tmp_path)
     assert again.returncode == 1 and "1 of 2 runs to go (1 already finished)" in again.stdout, again.stdout
