@@ -134,3 +134,25 @@ def test_horovod_cycle_time_must_be_positive() -> None:
 
     with pytest.raises(ConfigError, match="comm.horovod_cycle_time_ms: must be > 0"):
         load_config(None, ["comm.horovod_cycle_time_ms=0"])
+
+
+@pytest.mark.parametrize("cores,affinity,local_size,threads,expected", [
+    (2, 2, 2, 1, True),     # this machine under mpirun -np 2: every core runs a rank
+    (64, 64, 8, 4, False),  # 32 of 64 cores busy: MPI's polling has cores of its own
+    (64, 64, 16, 4, True),
+    (64, 4, 16, 4, True),   # bound by the launcher to 4 cores, 4 threads
+    (64, 8, 16, 4, False),
+])
+def test_fully_subscribed_nodes_let_mpi_yield(monkeypatch: pytest.MonkeyPatch, cores: int, affinity: int,
+                                              local_size: int, threads: int, expected: bool) -> None:
+    monkeypatch.setattr(comm_package.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(comm_package.os, "sched_getaffinity", lambda _pid: set(range(affinity)))
+    launch = LaunchEnvironment("openmpi", WorldLayout(0, local_size, 0, local_size, 0, 1))
+    assert comm_package.node_is_fully_subscribed(launch, threads) is expected
+    monkeypatch.delenv("OMPI_MCA_mpi_yield_when_idle", raising=False)
+    monkeypatch.setattr(comm_package.torch, "get_num_threads", lambda: threads)
+    comm_package._let_mpi_yield_when_idle(launch)
+    assert comm_package.os.environ.get("OMPI_MCA_mpi_yield_when_idle") == ("1" if expected else None)
+    monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", "0")  # the user's choice is kept
+    comm_package._let_mpi_yield_when_idle(launch)
+    assert comm_package.os.environ["OMPI_MCA_mpi_yield_when_idle"] == "0"
