@@ -29,6 +29,10 @@ class ChosenCheckpoint:
     shared: Optional[dict[str, torch.Tensor]] = None
 
 
+# A failing rank's message travels to every rank in a buffer of this size (longer ones are cut).
+_MESSAGE_BYTES = 2048
+
+
 def first_failure(comm: Communicator, failure: Optional[str]) -> Optional[str]:
     """Every rank learns whether any rank failed, and the lowest failing rank's message."""
     failed = torch.zeros(comm.size, dtype=torch.int64)
@@ -44,8 +48,6 @@ def first_failure(comm: Communicator, failure: Optional[str]) -> Optional[str]:
     comm.broadcast_(text, root=first)
     return bytes(text[text.nonzero().flatten()].tolist()).decode(errors="replace")
 
-
-_MESSAGE_BYTES = 2048
 
 
 def _nth_newest_step(directory: Path, position: int) -> int:
