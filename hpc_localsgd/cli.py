@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from .errors import UserError
+from .errors import UserError, print_line
 
 
 def _rank_from_environment() -> int:
@@ -178,10 +178,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as exc:
         # One line, no traceback; rank 0 speaks for errors that every rank sees alike.
         if not exc.same_on_every_rank or _rank_from_environment() == 0:
-            print(f"hpc-localsgd: error: {exc}", file=sys.stderr, flush=True)
+            print_line(f"hpc-localsgd: error: {exc}", sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("hpc-localsgd: interrupted", file=sys.stderr, flush=True)
+        print_line("hpc-localsgd: interrupted", sys.stderr)
         return 130
 
 

@@ -1,6 +1,8 @@
 """Errors a user can fix. They end every rank with one line and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
+from typing import TextIO
+
 
 class UserError(Exception):
     """Bad input: a config value, a path, a backend, a launcher set-up.
@@ -33,3 +35,11 @@ class RankLocalError(UserError):
     """A problem only this rank can see (its device, its node's files)."""
 
     same_on_every_rank = False
+
+
+def print_line(line: str, stream: TextIO) -> None:
+    """Write one whole line with one call. ``print`` writes the text and its newline separately,
+    and stderr passes each write straight to the file descriptor, so under mpirun the lines of
+    two ranks could interleave mid-line."""
+    stream.write(line + "\n")
+    stream.flush()

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import yaml
 
-from ..errors import UserError
+from ..errors import UserError, print_line
 from ..io.metrics import read_metrics
 
 METRICS_FILE = "metrics.h5"
@@ -113,7 +113,7 @@ def find_metrics_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def _warn(line: str) -> None:
-    print(f"hpc-localsgd: warning: {line}", file=sys.stderr, flush=True)
+    print_line(f"hpc-localsgd: warning: {line}", sys.stderr)
 
 
 def _open_reason(exc: BaseException) -> str:

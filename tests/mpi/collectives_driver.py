@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hpc_localsgd.comm import Communicator, make_communicator
-from hpc_localsgd.errors import UserError
+from hpc_localsgd.errors import UserError, print_line
 from hpc_localsgd.launcher.env import detect_launch
 
 EXACT_DTYPES = (torch.float32, torch.float64, torch.int64)
@@ -144,7 +144,7 @@ def main() -> int:
     try:
         comm = make_communicator(args.backend, detect_launch(), device)
     except UserError as error:
-        print(f"hpc-localsgd: error: {error}", file=sys.stderr, flush=True)
+        print_line(f"hpc-localsgd: error: {error}", sys.stderr)
         return error.exit_code
     try:
         check_allreduce(comm, device)
@@ -156,7 +156,7 @@ def main() -> int:
         comm.barrier()
     except Exception as failure:
         detail = str(failure) if isinstance(failure, CheckFailed) else traceback.format_exc()
-        print(f"FAIL {comm.name} rank {comm.rank} of {comm.size}: {detail}", file=sys.stderr, flush=True)
+        print_line(f"FAIL {comm.name} rank {comm.rank} of {comm.size}: {detail}", sys.stderr)
         return 1
     print(f"OK {comm.name} rank {comm.rank} of {comm.size}", flush=True)
     comm.close()

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hpc_localsgd.comm import make_communicator  # noqa: E402
 from hpc_localsgd.config import load_config  # noqa: E402
-from hpc_localsgd.errors import UserError  # noqa: E402
+from hpc_localsgd.errors import UserError, print_line  # noqa: E402
 from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
 from hpc_localsgd.train.loop import train  # noqa: E402
 from tests.mpi.cases import BASE, CASES  # noqa: E402
@@ -33,7 +33,7 @@ def main() -> int:
     try:
         comm = make_communicator(args.backend, launch, torch.device("cpu"))
     except UserError as exc:
-        print(f"hpc-localsgd: error: {exc}", file=sys.stderr)
+        print_line(f"hpc-localsgd: error: {exc}", sys.stderr)
         return 2
     for name in args.cases.split(","):
         overrides = CASES[name]
