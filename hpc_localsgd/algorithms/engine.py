@@ -1,13 +1,12 @@
 """The averaging engine: all-reduce SGD, local SGD, post-local SGD, SlowMo and outer Nesterov
 are settings of this one object (when to sync, what the outer step is, what happens to buffers).
 
-The training loop calls, for each step s (0-based):
-
-    engine.begin_step(s)          # arms gradient averaging in the synchronous phase
-    loss.backward()               # gradient buckets start their allreduces during backward
-    engine.finish_gradients()     # waits for them (synchronous phase only)
-    optimizer.step()
-    engine.end_step(s + 1, lr)    # averages the model when the schedule says so
+The engine owns the training step's protocol: ``engine.train_step(s, lr, forward)`` is the one
+place that, for step s (0-based), sets the LR, arms gradient averaging in the synchronous phase,
+runs forward and backward (gradient buckets start their allreduces during backward), waits for
+them, steps the optimizer and averages the model when the schedule says so. The training loop
+of MPI ranks and of simulated workers, the benchmark and the tests all call it, so a change to
+the protocol (mixed precision, compression, worker groups) is made here once.
 
 Invariants: after a sync every rank holds the same parameters; with method ``allreduce``
 the parameters stay identical on every rank at every step (BatchNorm statistics excepted,
@@ -16,7 +15,8 @@ which are averaged whenever the model is evaluated).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -37,21 +37,14 @@ def make_outer_optimizer(cfg: AlgorithmConfig) -> OuterOptimizer:
     return PlainAverage()
 
 
-def local_start_step(cfg: AlgorithmConfig, steps_per_epoch: int, first_decay_step: Optional[int]) -> Optional[int]:
-    """The step at which local SGD starts: None for all-reduce SGD, 0 for local SGD."""
-    if cfg.method == "allreduce":
-        return None
-    if cfg.method == "local_sgd":
-        return 0
-    if cfg.switch_step is not None:
-        return cfg.switch_step
-    if cfg.switch_epoch is not None:
-        return int(round(cfg.switch_epoch * steps_per_epoch))
-    if first_decay_step is None:
-        from ..errors import ConfigError
-        raise ConfigError("algorithm.switch_epoch: post_local_sgd switches at the first LR decay by default, "
-                          "but optim.schedule has none; set algorithm.switch_epoch or algorithm.switch_step")
-    return first_decay_step
+@dataclass
+class StepResult:
+    """What one training step gives back: the forward's outputs and loss, and whether the model was
+    averaged after it."""
+
+    outputs: torch.Tensor
+    loss: torch.Tensor
+    synced: bool
 
 
 class AveragingEngine:
@@ -91,7 +84,22 @@ class AveragingEngine:
             for group in self.groups:
                 self.comm.broadcast_(group.flat, root=0)
 
-    # --- the three calls of a training step -------------------------------------------------
+    # --- the training step ------------------------------------------------------------------------
+    def train_step(self, step: int, lr: float,
+                   forward: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """Step ``step`` (0-based) at learning rate ``lr``; ``forward`` returns (outputs, loss) and
+        the loss is what backward differentiates."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.begin_step(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs, loss = forward()
+        loss.backward()
+        self.finish_gradients()
+        self.optimizer.step()
+        return StepResult(outputs, loss, self.end_step(step + 1, lr))
+
+    # The parts of ``train_step``, public for measurements that time one part alone.
     def begin_step(self, step: int) -> None:
         synchronous = self.schedule.is_synchronous(step)
         if self.gradients is not None:
@@ -133,6 +141,11 @@ class AveragingEngine:
         """Live views of what may differ between ranks: parameters, BN statistics, momentum buffers."""
         return {f"flat{index}.{kind}": group.flat[..., start:end]
                 for index, group in enumerate(self.groups) for kind, start, end in group.segments if end > start}
+
+    def int_buffers(self) -> dict[str, torch.Tensor]:
+        """The model's integer buffers (BatchNorm's batch counters): never averaged, outside the flat
+        storage, but part of what a resume restores."""
+        return {name: b for name, b in self.model.named_buffers() if not b.is_floating_point()}
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """What is identical on every rank: the outer optimizer's anchor (x_prev) and momentum."""

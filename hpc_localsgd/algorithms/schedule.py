@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..config.schema import AlgorithmConfig
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SyncSchedule:
@@ -18,6 +21,14 @@ class SyncSchedule:
     sync_period: int
     local_start: Optional[int]
 
+    @classmethod
+    def from_config(cls, cfg: AlgorithmConfig, steps_per_epoch: int,
+                    first_decay_step: Optional[int] = None) -> "SyncSchedule":
+        """The one place that says when local SGD starts: never for all-reduce SGD, at step 0 for
+        local SGD, and for post-local SGD at ``switch_step``, ``switch_epoch`` or else at the LR
+        schedule's first decay (``first_decay_step``), as Lin et al. (2020) switch."""
+        return cls(cfg.sync_period, _local_start(cfg, steps_per_epoch, first_decay_step))
+
     def is_synchronous(self, step: int) -> bool:
         """Whether the gradients of step ``step`` (0-based, about to run) are averaged."""
         return self.local_start is None or step < self.local_start
@@ -27,3 +38,18 @@ class SyncSchedule:
         if self.local_start is None or completed_steps <= self.local_start:
             return False
         return (completed_steps - self.local_start) % self.sync_period == 0
+
+
+def _local_start(cfg: AlgorithmConfig, steps_per_epoch: int, first_decay_step: Optional[int]) -> Optional[int]:
+    if cfg.method == "allreduce":
+        return None
+    if cfg.method == "local_sgd":
+        return 0
+    if cfg.switch_step is not None:
+        return cfg.switch_step
+    if cfg.switch_epoch is not None:
+        return int(round(cfg.switch_epoch * steps_per_epoch))
+    if first_decay_step is None:
+        raise ConfigError("algorithm.switch_epoch: post_local_sgd switches at the first LR decay by default, "
+                          "but optim.schedule has none; set algorithm.switch_epoch or algorithm.switch_step")
+    return first_decay_step

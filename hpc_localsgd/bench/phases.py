@@ -22,8 +22,9 @@ import xxhash
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.flat import PARAMS
 from ..comm.base import Communicator
-from ..io.checkpoint import Checkpoint, CheckpointWriter, RankState, fsync_path, to_numpy
+from ..io.checkpoint import Checkpoint, CheckpointWriter, fsync_path, to_numpy
 from ..launcher.env import LaunchEnvironment
+from ..train.checkpointer import rank_state
 from .options import BenchOptions
 from .stats import Figure, Target, gather, paired_ratios, rank_mean, slowest
 from .workload import (LEARNING_RATE, EngineLoop, PlainLoop, TrainingLoop, Workload, synchronize_device,
@@ -402,19 +403,17 @@ def measure_checkpoint(ctx: BenchContext, slowmo: EngineLoop) -> None:
     comm, options = ctx.comm, ctx.options
     engine = slowmo.engine
     slowmo.run(1)  # one local step: every rank's state differs from rank 0's, so all of it is written
-    rank_state = RankState(tensors=engine.rank_state(),
-                           int_buffers={n: b for n, b in slowmo.model.named_buffers() if not b.is_floating_point()},
-                           comm_stats=engine.stats.as_dict(), train_loss_sum=0.0, train_loss_count=0)
+    state = rank_state(engine)
     shared = engine.shared_state()
     raw_shared = {n: to_numpy(t) for n, t in shared.items()} if comm.is_root else {}
-    raw_mine = {n: to_numpy(t) for n, t in rank_state.tensors.items()}
+    raw_mine = {n: to_numpy(t) for n, t in state.tensors.items()}
     folder = _shared_folder(comm, options.checkpoint_folder())
     writer = CheckpointWriter(folder, comm, keep=options.repeats + options.warmup + 1)
     counter = iter(range(10**9))
     written: list[Path] = []
 
     def write() -> None:
-        written.append(writer.write(next(counter), 0.0, {"method": "bench"}, shared, rank_state))
+        written.append(writer.write(next(counter), 0.0, {"method": "bench"}, shared, state))
 
     def write_raw() -> None:
         raw_write(comm, folder / f"raw-{next(counter)}.h5", raw_shared, raw_mine)

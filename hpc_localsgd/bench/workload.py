@@ -72,6 +72,11 @@ class Workload:
         return self.batches[step % len(self.batches)]
 
 
+def _logits_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(x)
+    return out, F.cross_entropy(out, y)
+
+
 class TrainingLoop(Protocol):
     """A configuration that trains ``steps`` steps; ``comm_seconds``/``bytes_sent`` count its traffic."""
 
@@ -85,7 +90,7 @@ class TrainingLoop(Protocol):
 
 
 class EngineLoop:
-    """The package's training step, call for call as ``hpc_localsgd/train/loop.py`` makes it."""
+    """The package's training step (``AveragingEngine.train_step``, the one training calls)."""
 
     def __init__(self, name: str, workload: Workload, comm: Communicator, algorithm: str, sync_period: int = 1,
                  outer: str = "none") -> None:
@@ -96,7 +101,8 @@ class EngineLoop:
         self.algorithm.validate()
         self.model = workload.new_model()
         self.optimizer = workload.new_optimizer(self.model)
-        schedule = SyncSchedule(sync_period, None if algorithm == "allreduce" else 0)
+        # Local SGD from step 0, or synchronous throughout (no LR decay: post-local SGD is not measured).
+        schedule = SyncSchedule.from_config(self.algorithm, steps_per_epoch=1)
         self.engine = AveragingEngine(self.model, self.optimizer, comm, self.algorithm, schedule,
                                       bucket_bytes=int(cfg.comm.bucket_mb * 2**20))
         self.engine.broadcast_initial_state()
@@ -114,16 +120,10 @@ class EngineLoop:
             self.engine.schedule = SyncSchedule(sync_period, 0)
 
     def run(self, steps: int) -> None:
-        model, optimizer, engine = self.model, self.optimizer, self.engine
+        model = self.model
         for step in range(steps):
             x, y = self.workload.batch(step)
-            engine.begin_step(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            engine.finish_gradients()
-            optimizer.step()
-            engine.end_step(step + 1, LEARNING_RATE)
+            self.engine.train_step(step, LEARNING_RATE, lambda: _logits_and_loss(model, x, y))
         synchronize_device(self.workload.device)
 
     def comm_seconds(self) -> float:

@@ -94,6 +94,6 @@ class ReplicatedBatches:
     def steps_per_epoch(self) -> int:
         return self.shards[0].steps_per_epoch
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        for batches in zip(*(shard.epoch(epoch) for shard in self.shards)):
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        for batches in zip(*(shard.epoch(epoch, start_batch) for shard in self.shards)):
             yield torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])

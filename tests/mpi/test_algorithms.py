@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from hpc_localsgd.algorithms.schedule import SyncSchedule
 from hpc_localsgd.config import load_config
 from hpc_localsgd.train.data import ShardedBatches, build_datasets
-from hpc_localsgd.train.loop import _seed_everything
 from hpc_localsgd.train.lr import LRSchedule
 from hpc_localsgd.train.models import build_model
+from hpc_localsgd.train.run import seed_everything
 from tests.helpers import run_mpi
 from tests.mpi.cases import BASE, CASES, STEPS
 from tests.reference import ReferenceAlgorithm, simulate
@@ -45,7 +46,7 @@ def counters(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict:
 def reference_states(case: str) -> tuple[list[dict[str, np.ndarray]], torch.nn.Module]:
     """The same problem (data shards, initial model, LR) trained by tests/reference.py."""
     cfg = load_config(None, BASE + CASES[case])
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     datasets = build_datasets(cfg.data, cfg.seed)
     model = build_model(cfg.model, datasets.num_classes, datasets.input_shape)
     shards = [ShardedBatches(datasets.train, cfg.data.batch_size, rank, RANKS, cfg.seed, augment=cfg.data.augment)
@@ -53,7 +54,7 @@ def reference_states(case: str) -> tuple[list[dict[str, np.ndarray]], torch.nn.M
     batches = [list(shard.epoch(0))[:STEPS] for shard in shards]
     schedule = LRSchedule.from_config(cfg.optim, cfg.data.batch_size * RANKS, shards[0].steps_per_epoch, STEPS)
     a = cfg.algorithm
-    local_start = {"allreduce": None, "local_sgd": 0, "post_local_sgd": a.switch_step}[a.method]
+    local_start = SyncSchedule.from_config(a, shards[0].steps_per_epoch, schedule.first_decay_step).local_start
     algo = ReferenceAlgorithm(sync_period=a.sync_period, local_start=local_start, outer=a.outer, slow_lr=a.slow_lr,
                               slow_momentum=a.slow_momentum, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
                               momentum_buffers=a.momentum_buffers, average_bn_buffers=a.average_bn_buffers)

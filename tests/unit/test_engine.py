@@ -35,8 +35,13 @@ def lr_at(step: int) -> float:
     return 0.05 * (1.0 + 0.5 * (step % 3))  # varies between syncs, so SlowMo's 1/γ factor matters
 
 
+def logits_and_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(x)
+    return out, F.cross_entropy(out, y)
+
+
 def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1 << 20):
-    """Each worker thread runs the training step exactly as the package's loop does."""
+    """Each worker thread runs the package's one training step (``AveragingEngine.train_step``)."""
     initial = make_model()
 
     def worker(comm):
@@ -46,15 +51,7 @@ def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1
                                  bucket_bytes=bucket_bytes)
         engine.broadcast_initial_state()
         for step, (x, y) in enumerate(batches[comm.rank]):
-            lr = lr_at(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            engine.begin_step(step)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            engine.finish_gradients()
-            opt.step()
-            engine.end_step(step + 1, lr)
+            engine.train_step(step, lr_at(step), lambda: logits_and_loss(model, x, y))
         engine.close()
         return model, engine
 

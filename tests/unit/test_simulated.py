@@ -3,6 +3,7 @@ written out, the stacked model against one model per worker, and its refusals.""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,32 @@ def test_bad_simulation_settings_are_refused(tmp_path: Path) -> None:
     two_ranks = LaunchEnvironment(launcher="openmpi", layout=WorldLayout(0, 2, 0, 2, 0, 1))
     with pytest.raises(UserError, match="start it without mpirun"):
         train(cfg, launch=two_ranks, print_fn=lambda _line: None)
+
+
+def test_a_simulation_prints_the_progress_lines_of_a_run_on_ranks(tmp_path: Path) -> None:
+    """Both kinds of run go through one run loop: the same line for every step window, evaluation and
+    summary (windowed loss and accuracy, throughput and communication share, not the last step's)."""
+    from hpc_localsgd.comm import SingleCommunicator
+    from hpc_localsgd.launcher.env import detect_launch
+
+    extra = ("train.log_every_steps=5",)
+    simulated: list[str] = []
+    train(_config(tmp_path / "sim", "local_H4", 2, extra), print_fn=simulated.append)
+    on_rank: list[str] = []
+    cfg = load_config(None, BASE + CASES["local_H4"] + [f"output.run_dir={tmp_path / 'rank'}", *extra])
+    train(cfg, launch=detect_launch({}), comm=SingleCommunicator(), print_fn=on_rank.append)
+
+    number = r"[0-9.e+-]+"
+    step_line = (rf"step \d+/\d+ \| epoch {number} \| lr {number} \| loss {number} \| acc {number} \| "
+                 rf"\d+ samples/s \| comm \d+%")
+    eval_line = rf"eval step \d+ \| epoch {number} \| train loss {number} \| test loss {number} \| test acc {number}"
+    done_line = (rf"hpc-localsgd: done \| .+ \| \d+ (ranks|simulated workers) \| \d+ steps in {number} s \| "
+                 rf"test acc {number} \| \d+ sync rounds, .+ sent per (rank|simulated worker) \| comm \d+% of time")
+    for lines in (simulated, on_rank):
+        kinds = [next(kind for kind, pattern in (("step", step_line), ("eval", eval_line), ("done", done_line),
+                                                  ("start", r"hpc-localsgd: .+ \| run dir .+"))
+                      if re.fullmatch(pattern, line)) for line in lines]
+        assert kinds[0] == "start" and kinds[-1] == "done" and "step" in kinds and "eval" in kinds, lines
+    # Same steps, so the same step windows and evaluations, in the same order.
+    assert [line.split(" |")[0] for line in simulated[1:-1]] == [line.split(" |")[0] for line in on_rank[1:-1]]
+    assert "2 simulated workers" in simulated[-1] and "1 ranks" in on_rank[-1]

@@ -1,0 +1,77 @@
+"""An MPI rank as one local-SGD worker: its model, its shard of the data, and evaluation across ranks."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..algorithms.engine import AveragingEngine
+from ..comm.base import Communicator
+from ..config.schema import RunConfig
+from ..errors import UserError
+from ..launcher.env import LaunchEnvironment
+from .data import ShardedBatches, build_datasets, eval_batches
+from .models import build_model
+from .run import Batch, EvalResult, seed_everything
+
+
+class RankWorkers:
+    """This rank's part of a run (the :class:`~.run.Workers` of MPI ranks)."""
+
+    unit = "rank"
+
+    def __init__(self, cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device: torch.device) -> None:
+        self.cfg, self.comm, self.device = cfg, comm, device
+        # Same seed on every rank: identical initial models (broadcast anyway by the engine).
+        seed_everything(cfg.seed)
+        self.datasets = build_datasets(cfg.data, cfg.seed)
+        self.model = build_model(cfg.model, self.datasets.num_classes, self.datasets.input_shape).to(device)
+        self.shard = ShardedBatches(self.datasets.train, cfg.data.batch_size, comm.rank, comm.size, cfg.seed,
+                                    num_workers=cfg.data.num_workers, augment=cfg.data.augment)
+        self.steps_per_epoch = self.shard.steps_per_epoch
+        if self.steps_per_epoch < 1:
+            raise UserError(f"data: {len(self.datasets.train)} training samples are too few for {comm.size} ranks "
+                            f"× data.batch_size {cfg.data.batch_size}")
+        layout = launch.layout
+        self.description = (f"{comm.size} rank(s) on {layout.num_nodes} node(s), {comm.name} backend, {device}")
+        self.world: dict[str, Any] = {"size": comm.size, "nodes": layout.num_nodes,
+                                      "ranks_per_node": layout.local_size, "launcher": launch.launcher,
+                                      "backend": comm.name, "device": str(device)}
+
+    def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        for x, y in self.shard.epoch(epoch, start_batch=start_batch):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(x)
+        return out, F.cross_entropy(out, y)
+
+    def step_figures(self, outputs: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+        return loss.item(), int((outputs.argmax(1) == y).sum().item()), y.numel()
+
+    def evaluate(self, engine: AveragingEngine, train_loss_sum: float, train_loss_count: int) -> EvalResult:
+        """Loss and accuracy of the globally averaged model on the whole test set (each rank takes
+        a disjoint part), plus the mean training loss of all ranks since the last evaluation."""
+        comm, device = self.comm, self.device
+        sums = torch.zeros(5, dtype=torch.float64)
+        with engine.averaged_model() as model:
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                for x, y in eval_batches(self.datasets.test, self.cfg.data.eval_batch_size, comm.rank, comm.size,
+                                         self.cfg.data.num_workers):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    out = model(x)
+                    sums[0] += F.cross_entropy(out, y, reduction="sum").item()
+                    sums[1] += (out.argmax(1) == y).sum().item()
+                    sums[2] += y.numel()
+            model.train(was_training)
+        sums[3], sums[4] = train_loss_sum, train_loss_count
+        if comm.size > 1:
+            with engine.eval_stats.timed():
+                comm.allreduce_(sums, average=False)
+            engine.eval_stats.bytes_sent += sums.numel() * sums.element_size()
+        test_count = max(sums[2].item(), 1.0)
+        return EvalResult(test_loss=sums[0].item() / test_count, test_accuracy=sums[1].item() / test_count,
+                          train_loss=sums[3].item() / max(sums[4].item(), 1.0))

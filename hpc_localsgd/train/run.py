@@ -1,0 +1,282 @@
+"""What every training run shares, whether its workers are MPI ranks or simulated in one process.
+
+A run is: the optimisation set-up (SGD, LR schedule, sync schedule, averaging engine), then a
+loop of ``engine.train_step`` calls with the same per-step bookkeeping (metrics row, progress
+line, evaluation cadence, evaluation row), then one summary line. What really differs between
+the two kinds of run sits behind :class:`Workers`: how the model(s) and batches are built, the
+loss that backward sees, and evaluation. ``ranks.py`` and ``simulate.py`` implement it;
+``loop.py`` adds what only MPI ranks have (resume, checkpoints, signals, requeue).
+"""
+from __future__ import annotations
+
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Protocol
+
+import numpy as np
+import torch
+
+from ..algorithms.accounting import CommStats
+from ..algorithms.engine import AveragingEngine
+from ..algorithms.schedule import SyncSchedule
+from ..comm.base import Communicator
+from ..config.load import config_to_yaml
+from ..config.schema import RunConfig
+from ..io.metrics import MetricsWriter
+from ..launcher.env import software_versions
+from .lr import LRSchedule
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+# Called after each completed step with the number of completed steps; returns why the run must
+# stop there (a signal, say), or None to go on.
+AfterStep = Callable[[int], Optional[str]]
+
+
+@dataclass
+class EvalResult:
+    test_loss: float
+    test_accuracy: float
+    train_loss: float
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    engine: AveragingEngine
+    steps: int
+    wall_seconds: float
+    final: Optional[EvalResult]  # None when the run stopped early (signal or --stop-at-step)
+    stats: CommStats
+    evals: list[EvalResult] = field(default_factory=list)
+    stopped: Optional[str] = None
+    checkpoint: Optional[Path] = None
+
+
+class Workers(Protocol):
+    """The workers of a run as this process sees them: what differs between MPI ranks and a simulation."""
+
+    comm: Communicator        # the collectives the engine averages through
+    model: torch.nn.Module    # what the optimizer and the engine hold
+    steps_per_epoch: int
+    description: str          # where the workers run, for the start-up line
+    unit: str                 # what communication is counted per: "rank" or "worker"
+    world: dict[str, Any]     # metrics.h5's ``world`` attribute
+
+    def batches(self, epoch: int, start_batch: int) -> Iterable[Batch]:
+        """This process's batches of ``epoch`` from ``start_batch`` on, on the training device."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs, the loss backward differentiates)."""
+
+    def step_figures(self, outputs: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+        """(mean training loss of the step, correct predictions, samples) as rank 0 reports them."""
+
+    def evaluate(self, engine: AveragingEngine, train_loss_sum: float, train_loss_count: int) -> EvalResult:
+        """The averaged model on the whole test set, and the workers' mean training loss since the last call."""
+
+
+@dataclass
+class Optimization:
+    """How a run optimizes: its length, LR schedule, SGD and averaging engine."""
+
+    total_steps: int
+    global_batch: int
+    lr_schedule: LRSchedule
+    optimizer: torch.optim.SGD
+    engine: AveragingEngine
+
+
+def build_optimization(cfg: RunConfig, model: torch.nn.Module, comm: Communicator,
+                       steps_per_epoch: int) -> Optimization:
+    """SGD and the averaging engine for ``model`` (every worker starting from worker 0's state),
+    the LR scaled to the global batch of ``comm.size`` workers."""
+    total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    global_batch = cfg.data.batch_size * comm.size
+    lr_schedule = LRSchedule.from_config(cfg.optim, global_batch, steps_per_epoch, total_steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_schedule.peak, momentum=cfg.optim.momentum,
+                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+    schedule = SyncSchedule.from_config(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step)
+    engine = AveragingEngine(model, optimizer, comm, cfg.algorithm, schedule,
+                             bucket_bytes=int(cfg.comm.bucket_mb * 2**20))
+    engine.broadcast_initial_state()
+    return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)
+
+
+@dataclass
+class Progress:
+    """Where training stands, beyond the engine's state: what a checkpoint saves and a resume restores."""
+
+    step: int = 0                 # completed steps
+    train_loss_sum: float = 0.0   # since the last evaluation
+    train_loss_count: int = 0
+    wall_offset: float = 0.0      # seconds trained by the runs this one resumes
+    started: float = field(default_factory=time.perf_counter)
+
+    def wall_seconds(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.started
+
+
+@dataclass
+class ProgressWindow:
+    """Rank 0's training figures since the last progress line."""
+
+    seconds: float = 0.0
+    comm_seconds: float = 0.0
+    loss_sum: float = 0.0
+    correct: int = 0
+    samples: int = 0
+    global_samples: int = 0
+
+    def add(self, seconds: float, comm_seconds: float, loss: float, correct: int, samples: int,
+            global_samples: int) -> None:
+        self.seconds += seconds
+        self.comm_seconds += comm_seconds
+        self.loss_sum += loss * samples
+        self.correct += correct
+        self.samples += samples
+        self.global_samples += global_samples
+
+    def summary(self) -> str:
+        samples, seconds = max(1, self.samples), max(self.seconds, 1e-9)
+        return (f"loss {self.loss_sum / samples:.4f} | acc {self.correct / samples:.3f} | "
+                f"{self.global_samples / seconds:.0f} samples/s | comm {100 * self.comm_seconds / seconds:.0f}%")
+
+
+def describe_method(cfg: RunConfig) -> str:
+    a = cfg.algorithm
+    name = {"allreduce": "all-reduce SGD", "local_sgd": f"local SGD H={a.sync_period}",
+            "post_local_sgd": f"post-local SGD H={a.sync_period}"}[a.method]
+    if a.outer == "slowmo":
+        name += f" + SlowMo (α={a.slow_lr:g}, β={a.slow_momentum:g})"
+    elif a.outer == "nesterov":
+        name += f" + outer Nesterov (η={a.outer_lr:g}, μ={a.outer_momentum:g})"
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def open_metrics(cfg: RunConfig, workers: Workers, opt: Optimization,
+                 resume_after_step: Optional[int] = None) -> MetricsWriter:
+    """The run's ``metrics.h5`` with its header; ``resume_after_step`` continues an existing file."""
+    world = {**workers.world, "threads_per_rank": torch.get_num_threads(), "host": platform.node()}
+    return MetricsWriter(Path(cfg.output.run_dir) / "metrics.h5",
+                         {"config": config_to_yaml(cfg), "world": world, "versions": software_versions(),
+                          "method": describe_method(cfg), "steps_per_epoch": workers.steps_per_epoch,
+                          "total_steps": opt.total_steps, "global_batch": opt.global_batch},
+                         cfg.output.metrics_flush_seconds, locking=cfg.output.hdf5_file_locking,
+                         resume_after_step=resume_after_step)
+
+
+def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
+    return (f"hpc-localsgd: {describe_method(cfg)} | {workers.description} | {cfg.model.name} on {cfg.data.name} | "
+            f"global batch {opt.global_batch}, peak lr {opt.lr_schedule.peak:.4g} | {opt.total_steps} steps "
+            f"({workers.steps_per_epoch}/epoch) | run dir {cfg.output.run_dir}")
+
+
+def run_training(cfg: RunConfig, workers: Workers, opt: Optimization, progress: Progress,
+                 metrics: Optional[MetricsWriter], say: Callable[[str], None],
+                 after_step: Optional[AfterStep] = None) -> TrainResult:
+    """Train from ``progress.step`` to the end (or until ``after_step`` says stop), then evaluate and
+    summarise. Closes ``metrics`` and the engine's hooks, also on error."""
+    engine = opt.engine
+    progress.started = time.perf_counter()
+    try:
+        evals, stopped = _step_loop(cfg, workers, opt, progress, metrics, say, after_step)
+    finally:
+        if metrics is not None:
+            metrics.close()
+        engine.close()
+    wall = time.perf_counter() - progress.started
+    result = TrainResult(model=workers.model, engine=engine, steps=progress.step, wall_seconds=wall, final=None,
+                         stats=engine.stats, evals=evals, stopped=stopped)
+    if stopped:
+        return result
+    result.final = evals[-1] if evals else workers.evaluate(engine, progress.train_loss_sum,
+                                                            progress.train_loss_count)
+    stats = engine.stats
+    say(f"hpc-localsgd: done | {describe_method(cfg)} | {workers.comm.size} {workers.unit}s | {progress.step} steps "
+        f"in {wall:.1f} s | test acc {result.final.test_accuracy:.4f} | {stats.sync_rounds} sync rounds, "
+        f"{human_bytes(stats.bytes_sent)} sent per {workers.unit} | "
+        f"comm {100 * stats.comm_seconds / max(wall, 1e-9):.0f}% of time")
+    return result
+
+
+def _step_loop(cfg: RunConfig, workers: Workers, opt: Optimization, progress: Progress,
+               metrics: Optional[MetricsWriter], say: Callable[[str], None],
+               after_step: Optional[AfterStep]) -> tuple[list[EvalResult], Optional[str]]:
+    """The steps themselves; returns the evaluations made and why the run stopped early, if it did."""
+    engine, stats, total = opt.engine, opt.engine.stats, opt.total_steps
+    steps_per_epoch = workers.steps_per_epoch
+    eval_interval = max(1, int(round(cfg.train.eval_every_epochs * steps_per_epoch)))
+    evals: list[EvalResult] = []
+    window = ProgressWindow()
+    first_epoch = progress.step // steps_per_epoch
+    workers.model.train()
+    for epoch in range(first_epoch, math.ceil(total / steps_per_epoch)):
+        # Step time runs from the end of the previous step, so data loading counts as compute.
+        step_start = time.perf_counter()
+        first_batch = progress.step % steps_per_epoch if epoch == first_epoch else 0
+        for x, y in workers.batches(epoch, first_batch):
+            if progress.step >= total:
+                break
+            comm_before = stats.comm_seconds
+            lr = opt.lr_schedule.at(progress.step)
+            done = engine.train_step(progress.step, lr, lambda: workers.forward(x, y))
+            progress.step += 1
+            loss, correct, samples = workers.step_figures(done.outputs, done.loss, y)
+            progress.train_loss_sum += loss
+            progress.train_loss_count += 1
+            if metrics is not None:
+                elapsed = time.perf_counter() - step_start
+                comm_seconds = stats.comm_seconds - comm_before
+                metrics.log_step(step=progress.step, epoch=progress.step / steps_per_epoch, lr=lr, loss=loss,
+                                 accuracy=correct / samples, samples_per_s=opt.global_batch / elapsed,
+                                 comm_seconds=comm_seconds, compute_seconds=elapsed - comm_seconds,
+                                 bytes_sent=stats.bytes_sent, sync_rounds=stats.sync_rounds, synced=int(done.synced))
+                window.add(elapsed, comm_seconds, loss, correct, samples, opt.global_batch)
+                if progress.step % cfg.train.log_every_steps == 0 or progress.step == total:
+                    say(f"step {progress.step}/{total} | epoch {progress.step / steps_per_epoch:.2f} | lr {lr:.4g} | "
+                        f"{window.summary()}")
+                    window = ProgressWindow()
+            if progress.step % eval_interval == 0 or progress.step == total:
+                evals.append(_evaluate(workers, engine, progress, metrics, say))
+            stop = after_step(progress.step) if after_step is not None else None
+            if stop and progress.step < total:
+                return evals, stop
+            step_start = time.perf_counter()
+        if progress.step >= total:
+            break
+    return evals, None
+
+
+def _evaluate(workers: Workers, engine: AveragingEngine, progress: Progress, metrics: Optional[MetricsWriter],
+              say: Callable[[str], None]) -> EvalResult:
+    result = workers.evaluate(engine, progress.train_loss_sum, progress.train_loss_count)
+    progress.train_loss_sum, progress.train_loss_count = 0.0, 0
+    step, epoch, stats = progress.step, progress.step / workers.steps_per_epoch, engine.stats
+    if metrics is not None:
+        metrics.log_eval(step=step, epoch=epoch, train_loss=result.train_loss, test_loss=result.test_loss,
+                         test_accuracy=result.test_accuracy, wall_seconds=progress.wall_seconds(),
+                         comm_seconds=stats.comm_seconds, bytes_sent=stats.bytes_sent,
+                         sync_rounds=stats.sync_rounds)
+    say(f"eval step {step} | epoch {epoch:.2f} | train loss {result.train_loss:.4f} | "
+        f"test loss {result.test_loss:.4f} | test acc {result.test_accuracy:.4f}")
+    return result
