@@ -63,11 +63,10 @@ class Range:
         raise ValueError(f"not a range: {text!r} (write '>= 1', '> 0', '[0, 1)' or '(0, 1]')")
 
     def __contains__(self, value: float) -> bool:
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            return False
-        return True
+        # Written as what must hold, so that NaN (which every comparison fails) is outside every range.
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
 
     def __str__(self) -> str:
         return self.text
