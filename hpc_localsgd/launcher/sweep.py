@@ -95,7 +95,7 @@ def read_sweep_file(grid_path: Path) -> SweepFile:
     spec = {key: value for key, value in spec.items() if value is not None}
     slurm = spec.get("slurm")
     if isinstance(slurm, dict) and "nodes" in slurm and not isinstance(slurm["nodes"], list):
-        slurm = spec["slurm"] = {**slurm, "nodes": [slurm["nodes"]]}  # `nodes: 4` is one node count
+        spec["slurm"] = {**slurm, "nodes": [slurm["nodes"]]}  # `nodes: 4` is one node count
     try:
         sweep = build(SweepFile, spec)
         sweep.validate()
