@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .errors import UserError, print_line
 
@@ -31,6 +31,21 @@ def _train(args: argparse.Namespace) -> int:
         raise UserError("--resume and --overwrite contradict each other: choose one")
     train(cfg, overwrite=args.overwrite, resume=args.resume, reshard=args.reshard, stop_at_step=args.stop_at_step)
     return 0
+
+
+class _HelpConfig(argparse.Action):
+    """``train --help-config``: like ``--help``, it prints and exits during parsing, so no config file is needed."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        from .config import RunConfig, describe
+
+        sys.stdout.write("Every key of a run config: a YAML section and key, or --set KEY=VALUE. Defaults are "
+                         f"written as YAML reads them.\n\n{describe(RunConfig)}\n")
+        parser.exit(0)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -96,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
     train = verbs.add_parser("train", help="train a model; run it once per rank (mpirun, srun, horovodrun)")
     train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("--help-config", action=_HelpConfig,
+                       help="print every config key with its type, default, range and meaning, and exit")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set algorithm.sync_period=8 (repeatable)")
     train.add_argument("--run-dir", help="shorthand for --set output.run_dir=DIR")

@@ -37,6 +37,12 @@ class RankLocalError(UserError):
     same_on_every_rank = False
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (libraries' messages often span several), or its type's name
+    when it has none, for the reason part of a ``UserError``."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def print_line(line: str, stream: TextIO) -> None:
     """Write one whole line with one call. ``print`` writes the text and its newline separately,
     and stderr passes each write straight to the file descriptor, so under mpirun the lines of

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..comm.base import Communicator
+from ..errors import one_line
 from ..launcher.env import LaunchEnvironment
 from .workload import Workload, synchronize_device
 
@@ -22,7 +23,7 @@ def horovod_unavailable() -> Optional[str]:
     try:
         import horovod.torch  # noqa: F401
     except Exception as error:  # ImportError, or an OSError from a build for another torch
-        return " ".join(str(error).split()) or type(error).__name__
+        return one_line(error)
     return None
 
 

@@ -1,16 +1,29 @@
-"""What one benchmark run measures, and the checks that refuse bad input before any rank communicates."""
+"""What one benchmark run measures, and the checks that refuse bad input before any rank communicates.
+
+The options are a schema dataclass like the run config: each declares its meaning and range, and
+the config loader checks their names, types and ranges; messages name the command-line option.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from ..comm import BACKENDS
+from ..config import build, setting
+from ..config.fields import check_declared
 from ..errors import UserError
 
 PHASES = ("averaging", "throughput", "slowmo", "checkpoint")
 BASELINES = ("horovod", "ddp")
+
+
+def _flag(_section: str, name: str) -> str:
+    """Messages about the options name the command-line option that sets them."""
+    declared = {f.name: f for f in fields(BenchOptions)}.get(name)
+    flag = declared.metadata.get("flag") if declared is not None else None
+    return str(flag) if flag else "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -22,30 +35,35 @@ class BenchOptions:
     checking an installation; options given explicitly still win over it.
     """
 
-    model: str = "resnet50"
-    batch: int = 32
-    image_size: int = 224
-    num_classes: int = 1000
-    backend: str = "auto"
-    bucket_mb: float = 25.0
-    # Timed repetitions of every measurement, after ``warmup`` untimed ones.
-    repeats: int = 5
-    warmup: int = 1
-    # Optimizer steps in one timed training window; a local SGD window is rounded up to whole
-    # sync periods (H · ⌈steps / H⌉), so that every window ends with a sync.
-    steps: int = 16
-    sync_periods: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    baselines: tuple[str, ...] = BASELINES
-    phases: tuple[str, ...] = PHASES
-    out: Optional[str] = None
-    # Where checkpoint files are written: it must be a folder every rank sees (default: the
-    # folder of ``out``, else the current one). A private subfolder is made and removed.
-    io_dir: Optional[str] = None
-    threads: int = 0
-    device: str = "auto"
-    # Compute time per step for the projection instead of the measured one (e.g. a GPU's).
-    projection_step_seconds: Optional[float] = None
-    quick: bool = False
+    model: str = setting("resnet50", "smallcnn, mlp or a torchvision classifier.", rule="not empty")
+    batch: int = setting(32, "Samples per rank and step.", range=">= 1")
+    image_size: int = setting(224, "Side of the square input images.", range=">= 8")
+    num_classes: int = setting(1000, "Output classes of the model.", range=">= 2", flag="--classes")
+    backend: str = setting("auto", "comm.backend of the package for the measured engine.", choices=BACKENDS)
+    bucket_mb: float = setting(25.0, "Gradient bucket size in MiB for the engine and DDP.", range="> 0")
+    repeats: int = setting(5, "Timed repetitions of every measurement, after the untimed warm-up ones.",
+                           range=">= 1")
+    warmup: int = setting(1, "Untimed repetitions of every measurement, first.", range=">= 0")
+    steps: int = setting(16, "Optimizer steps in one timed training window; a local SGD window is rounded up to "
+                             "whole sync periods (H · ⌈steps / H⌉), so that every window ends with a sync.",
+                         range=">= 1")
+    sync_periods: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "Local SGD periods H to measure.",
+                                            rule="distinct positive integers")
+    baselines: tuple[str, ...] = setting(BASELINES, "Reference loops for synchronous training.",
+                                         rule=f"any of {', '.join(BASELINES)}")
+    phases: tuple[str, ...] = setting(PHASES, "What to measure.", rule=f"at least one of {', '.join(PHASES)}")
+    out: Optional[str] = setting(None, "Write the results as JSON to this file (null: print only).",
+                                 rule="a file in an existing folder")
+    io_dir: Optional[str] = setting(None, "Where checkpoint files are written: it must be a folder every rank "
+                                          "sees (null: the folder of out, else the current one). A private "
+                                          "subfolder is made and removed.", rule="an existing writable folder")
+    threads: int = setting(0, "torch threads per rank (0: as for training).", range=">= 0")
+    device: str = setting("auto", "auto, cpu or cuda[:N].", rule="'auto', 'cpu' or 'cuda[:N]'")
+    projection_step_seconds: Optional[float] = setting(
+        None, "Compute time per step for the projection instead of the measured one (e.g. a GPU's).",
+        range="> 0", flag="--project-step-seconds")
+    quick: bool = setting(False, "A problem that runs in seconds on two CPU cores; options given explicitly "
+                                 "still apply.")
 
     @staticmethod
     def quick_defaults() -> dict[str, Any]:
@@ -54,29 +72,23 @@ class BenchOptions:
 
     @classmethod
     def from_given(cls, quick: bool = False, **given: Any) -> "BenchOptions":
-        """Options from what the user gave (None = not given): given values, else quick or normal defaults."""
+        """Options from what the user gave (None = not given): given values, else quick or normal defaults.
+
+        Names and types are checked by the config loader, so a wrong one is refused with one line."""
         chosen = {k: v for k, v in given.items() if v is not None}
-        unknown = set(chosen) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown benchmark options: {sorted(unknown)}")
         base = cls.quick_defaults() if quick else {}
-        return replace(cls(quick=quick), **{**base, **chosen})
+        return build(cls, {**base, **chosen, "quick": quick}, name=_flag)
 
     def validate(self) -> None:
-        """Raise ``UserError`` (one line, exit 2) for anything wrong, before any communication."""
+        """Raise ``UserError`` (one line, exit 2) for anything wrong, before any communication.
+
+        The declared ranges and choices first, then what a bound cannot say."""
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise UserError(message)
 
         need(bool(self.model), "--model: must not be empty")
-        need(self.batch >= 1, f"--batch: must be >= 1, got {self.batch}")
-        need(self.image_size >= 8, f"--image-size: must be >= 8, got {self.image_size}")
-        need(self.num_classes >= 2, f"--classes: must be >= 2, got {self.num_classes}")
-        need(self.backend in BACKENDS, f"--backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        need(self.bucket_mb > 0, f"--bucket-mb: must be > 0, got {self.bucket_mb}")
-        need(self.repeats >= 1, f"--repeats: must be >= 1, got {self.repeats}")
-        need(self.warmup >= 0, f"--warmup: must be >= 0, got {self.warmup}")
-        need(self.steps >= 1, f"--steps: must be >= 1, got {self.steps}")
+        check_declared(self, name=_flag)
         need(len(self.sync_periods) >= 1 and all(h >= 1 for h in self.sync_periods),
              f"--sync-periods: must be positive integers, got {','.join(map(str, self.sync_periods)) or 'nothing'}")
         need(len(set(self.sync_periods)) == len(self.sync_periods),
@@ -87,11 +99,8 @@ class BenchOptions:
         need(len(self.phases) >= 1, "--phases: choose at least one phase")
         for name in self.phases:
             need(name in PHASES, f"--phases: unknown phase {name!r}; choose from {', '.join(PHASES)}")
-        need(self.threads >= 0, f"--threads: must be >= 0, got {self.threads}")
         need(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
              f"--device: must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        need(self.projection_step_seconds is None or self.projection_step_seconds > 0,
-             f"--project-step-seconds: must be > 0, got {self.projection_step_seconds}")
         if self.out is not None:
             out = Path(self.out)
             need(not out.is_dir(), f"--out: '{out}' is a folder; give a file name such as bench.json")

@@ -9,7 +9,7 @@ import torch
 
 from ..comm import make_communicator
 from ..config import load_config
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..launcher.env import detect_launch, select_device, threads_for_rank
 from .baselines import DDPLoop, DDPSession, HorovodLoop, HorovodSession, horovod_unavailable
 from .options import BenchOptions
@@ -36,9 +36,8 @@ def _probe(workload: Workload, options: BenchOptions) -> dict[str, int]:
         with torch.no_grad():
             model(x)
     except (RuntimeError, ValueError) as error:
-        reason = " ".join(str(error).split())
         raise UserError(f"--model {options.model} cannot train on {options.batch} image(s) of "
-                        f"{options.image_size}×{options.image_size}: {reason}") from None
+                        f"{options.image_size}×{options.image_size}: {one_line(error)}") from None
     params = [p for p in model.parameters()]
     buffers = [b for b in model.buffers() if b.is_floating_point()]
     return {"parameters": sum(p.numel() for p in params),

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import BackendUnavailable, ConfigError, LauncherMismatch
+from ..errors import BackendUnavailable, ConfigError, LauncherMismatch, one_line
 from .base import Communicator, DoneHandle, Handle, WorldLayout
 from .single import SingleCommunicator
 from .threads import ThreadCommunicator, ThreadGroup
@@ -38,16 +38,12 @@ def _mismatch_hint(backend: str, launcher: str) -> str:
     return f"{library} is probably built against another MPI than {started_by}"
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _horovod_import_error() -> str | None:
     """Why ``horovod.torch`` cannot be imported, or None when it can."""
     try:
         import horovod.torch  # noqa: F401
     except Exception as error:  # ImportError, or OSError/RuntimeError from a library built for another torch
-        return _one_line(error)
+        return one_line(error)
     return None
 
 
@@ -108,7 +104,7 @@ def _construct(backend: str, launch: LaunchEnvironment, device: torch.device,
         try:
             import mpi4py.MPI  # noqa: F401  # initialises MPI; failures here are the user's to fix
         except Exception as error:
-            raise BackendUnavailable(f"comm.backend is 'mpi' but mpi4py cannot be imported: {_one_line(error)}; "
+            raise BackendUnavailable(f"comm.backend is 'mpi' but mpi4py cannot be imported: {one_line(error)}; "
                                      "install mpi4py against this MPI (scripts/install.sh)") from None
         from .mpi import MPICommunicator
         return MPICommunicator(launch.layout)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, one_line
 from ._buffers import check_buffer, divide_by_size_
 from .base import Communicator, Handle, WorldLayout
 
@@ -60,8 +60,8 @@ class HorovodCommunicator(Communicator):
         try:
             hvd.init()
         except Exception as error:  # e.g. a Gloo-only build started by mpirun instead of horovodrun
-            reason = " ".join(str(error).split()) or type(error).__name__
-            raise BackendUnavailable(f"comm.backend is 'horovod' but Horovod failed to start: {reason}") from None
+            raise BackendUnavailable("comm.backend is 'horovod' but Horovod failed to start: "
+                                     f"{one_line(error)}") from None
         self._hvd = hvd
         self._operation_numbers = itertools.count()
         super().__init__(dataclasses.replace(launcher_layout, rank=hvd.rank(), size=hvd.size()))

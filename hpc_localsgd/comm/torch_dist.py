@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import BackendUnavailable, LauncherMismatch
+from ..errors import BackendUnavailable, LauncherMismatch, one_line
 from ._buffers import check_buffer, divide_by_size_
 from .base import Communicator, Handle, WorldLayout
 
@@ -50,9 +50,8 @@ def rendezvous_address(layout: WorldLayout, launcher: str,
     try:
         from mpi4py import MPI
     except Exception as error:  # ImportError, or an OSError from a broken libmpi
-        reason = " ".join(str(error).split())
         raise BackendUnavailable("comm.backend is 'torch' but MASTER_ADDR/MASTER_PORT are not set and mpi4py "
-                                 f"cannot be imported to agree on them ({reason}); set MASTER_ADDR and "
+                                 f"cannot be imported to agree on them ({one_line(error)}); set MASTER_ADDR and "
                                  "MASTER_PORT") from None
     world = MPI.COMM_WORLD
     if (world.Get_size(), world.Get_rank()) != (layout.size, layout.rank):

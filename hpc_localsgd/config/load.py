@@ -1,8 +1,10 @@
-"""YAML → typed :class:`RunConfig`, with ``--set key=value`` overrides and one-line errors.
+"""YAML → typed schema dataclasses, with ``--set key=value`` overrides and one-line errors.
 
-The checks are plain Python over the dataclass type hints (Literal, Optional, list, nested
-dataclasses), so a wrong key, type or value is reported with its dotted name before any
-rank touches a communicator.
+:func:`build` turns a plain mapping into any schema dataclass (the run config, the bench
+options, the sweep file): the checks are plain Python over the dataclass type hints (Literal,
+Optional, list, tuple, mapping, nested dataclasses), so a wrong key, type or value is reported
+with its name before any rank touches a communicator. Ranges and choices come from each field's
+declaration (:mod:`.fields`); :func:`load_config` reads the run config on top of it.
 """
 from __future__ import annotations
 
@@ -11,37 +13,43 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, TypeVar, Union
 
 import yaml
 
 from ..errors import ConfigError
+from .fields import KeyNamer, dotted, type_name
 from .schema import RunConfig
 
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+T = TypeVar("T")
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+def _number(value: Any, tp: type, key: str) -> Any:
+    """The one place where a value becomes an integer or a number.
+
+    bool is an int in Python; a YAML ``true`` given for a number is almost surely a mistake.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
+    if tp is int and isinstance(value, int):
+        return value
+    if tp is float and isinstance(value, (int, float)):
+        return float(value)
+    raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
+
+
+def _convert(value: Any, tp: Any, key: str, name: KeyNamer) -> Any:
     """Check ``value`` against the type hint ``tp`` and return it in that type."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key)
+        return build(tp, value, key, name)  # type: ignore[arg-type]
+    if tp is Any:
+        return value
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: must be one of {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: must be one of {type_name(tp)}, got {value!r}")
         return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -51,43 +59,66 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(value, arg, key)
+                return _convert(value, arg, key, name)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    # bool is an int in Python; a YAML `true` given for a number is almost surely a mistake.
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
+    if origin is list or origin is tuple:
+        # A tuple hint is written tuple[X, ...]: a sequence of any length, as a list is.
+        if not isinstance(value, (list, tuple)) or (origin is list and isinstance(value, tuple)):
+            raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
+        item = typing.get_args(tp)[0]
+        items = [_convert(v, item, f"{key}[{i}]", name) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_convert(k, key_type, key, name): _convert(v, value_type, f"{key}.{k}", name)
+                for k, v in value.items()}
+    if tp is int or tp is float:
+        return _number(value, tp, key)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def build(cls: type[T], data: Mapping[str, Any], prefix: str = "", name: KeyNamer = dotted) -> T:
+    """The schema dataclass ``cls`` from a mapping of its field names (missing ones keep their default).
+
+    Unknown keys are refused with a did-you-mean suggestion; every value is checked against its
+    type hint. Ranges are checked by the schema's ``validate()``, after the whole tree is built,
+    because some of them depend on other fields. ``name`` says how a key is named in messages.
+    """
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for name in data:
-        if name not in hints:
-            where = f"{prefix}.{name}" if prefix else str(name)
-            close = difflib.get_close_matches(str(name), names, n=1)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for given in data:
+        if given not in hints:
+            close = difflib.get_close_matches(str(given), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"{where}: unknown key{hint}")
-    kwargs = {name: _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
-              for name, value in data.items()}
+            raise ConfigError(f"{name(prefix, str(given))}: unknown key{hint}")
+    kwargs = {field: _convert(value, hints[field], name(prefix, field), name) for field, value in data.items()}
     return cls(**kwargs)
+
+
+def read_yaml(path: str | Path, what: str, expected: str) -> dict[str, Any]:
+    """The mapping a YAML file holds ({} for an empty file); ``what`` names the file in messages
+    ("config file"), ``expected`` says what its top level must be."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{what} '{path}': {problem}{where}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{what} '{path}': expected {expected}")
+    return loaded or {}
 
 
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:
@@ -113,22 +144,10 @@ def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[st
     """Read a YAML config (or only defaults when ``path`` is None), apply overrides, validate."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ConfigError(f"config file '{path}': {problem}{where}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}': expected a mapping of sections at the top level")
-        tree = loaded or {}
+        tree = read_yaml(path, "config file", "a mapping of sections at the top level")
     for assignment in overrides:
         _apply_override(tree, assignment)
-    config = _build(RunConfig, tree, "")
+    config = build(RunConfig, tree)
     config.validate()
     return config
 

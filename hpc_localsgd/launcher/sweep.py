@@ -33,32 +33,75 @@ import os
 import re
 import shlex
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-import yaml
-
+from ..config import build, read_yaml, section, setting
+from ..config.fields import check_declared
 from ..config.load import config_to_yaml, load_config
 from ..errors import ConfigError, UserError
 
 REPO_TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
-_GRID_KEYS = {"name", "base", "set", "variants", "grid", "slurm"}
-_SLURM_KEYS = {"nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_task", "time", "throttle", "options",
-               "launcher", "train_script"}
 
 
 @dataclass
 class SlurmShape:
-    nodes: list[int] = field(default_factory=lambda: [1])
-    ntasks_per_node: int = 1
-    cpus_per_task: int = 1
-    gpus_per_task: int = 0
-    time: str = "01:00:00"
-    throttle: int = 0
-    options: list[str] = field(default_factory=list)
-    launcher: str = "srun"
-    train_script: str = str(REPO_TRAIN_SCRIPT)
+    """The shape of every job array of a sweep: the ``slurm:`` section of a sweep file."""
+
+    nodes: list[int] = setting([1], "Node counts; each gets its own job array, in which every point runs.",
+                               rule="positive integers; one number means a list of it")
+    ntasks_per_node: int = setting(1, "Ranks per node (#SBATCH --ntasks-per-node).", range=">= 1")
+    cpus_per_task: int = setting(1, "Cores per rank (#SBATCH --cpus-per-task).", range=">= 1")
+    gpus_per_task: int = setting(0, "GPUs per rank (#SBATCH --gpus-per-task; 0: none asked for).", range=">= 0")
+    time: str = setting("01:00:00", "Time limit of every task (#SBATCH --time); quote it in YAML, which reads "
+                                    "24:00:00 as a number.")
+    throttle: int = setting(0, "At most this many tasks of an array at once (--array=...%N; 0: no limit).",
+                            range=">= 0")
+    options: list[str] = setting([], "More #SBATCH lines, e.g. --partition=gpu.")
+    launcher: Literal["srun", "mpirun"] = setting("srun", "How each task starts its ranks (LAUNCHER of "
+                                                          "slurm/train.sbatch).")
+    train_script: str = setting(str(REPO_TRAIN_SCRIPT), "The script every task runs (default: this checkout's "
+                                                        "slurm/train.sbatch).")
+
+    def validate(self, key: str = "slurm") -> None:
+        check_declared(self, key)
+        if not all(n >= 1 for n in self.nodes):
+            raise ConfigError(f"{key}.nodes: must be positive integers, got {self.nodes}")
+
+
+@dataclass
+class SweepFile:
+    """The keys of a sweep file (an example is in this module's docstring)."""
+
+    name: Optional[str] = setting(None, "The sweep's name: its output folder sweeps/<name> and its job names "
+                                        "(null: the sweep file's name without .yaml).")
+    base: Optional[str] = setting(None, "The run config every point starts from, relative to the sweep file "
+                                        "(null: the defaults).")
+    set: dict[str, Any] = setting({}, "Overrides (dotted key: value) applied to every point.")
+    variants: list[dict[str, Any]] = setting([], "One entry per method: overrides, where a list value expands "
+                                                 "into one variant per value (none: one empty variant).")
+    grid: dict[str, Any] = setting({}, "Overrides crossed with every variant; a list value expands too.")
+    slurm: SlurmShape = section(SlurmShape, "The shape of every job array.")
+
+    def validate(self) -> None:
+        self.slurm.validate("slurm")
+
+
+def read_sweep_file(grid_path: Path) -> SweepFile:
+    """The sweep file's keys, names, types and ranges checked by the config loader; messages name the file."""
+    spec = read_yaml(grid_path, "sweep file", "a mapping")
+    # An empty key (`set:`) means its default, as it always has.
+    spec = {key: value for key, value in spec.items() if value is not None}
+    slurm = spec.get("slurm")
+    if isinstance(slurm, dict) and "nodes" in slurm and not isinstance(slurm["nodes"], list):
+        spec["slurm"] = {**slurm, "nodes": [slurm["nodes"]]}  # `nodes: 4` is one node count
+    try:
+        sweep = build(SweepFile, spec)
+        sweep.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"sweep file '{grid_path}': {exc}") from None
+    return sweep
 
 
 @dataclass
@@ -103,37 +146,16 @@ def _assignments(overrides: dict[str, Any]) -> list[str]:
 
 def plan_sweep(grid_file: str | Path, out: Optional[str | Path] = None) -> SweepPlan:
     grid_path = Path(grid_file)
-    if not grid_path.is_file():
-        raise ConfigError(f"sweep file '{grid_path}' does not exist")
-    try:
-        spec = yaml.safe_load(grid_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file '{grid_path}': {getattr(exc, 'problem', None) or 'invalid YAML'}") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"sweep file '{grid_path}': expected a mapping")
-    unknown = sorted(set(spec) - _GRID_KEYS)
-    if unknown:
-        raise ConfigError(f"sweep file '{grid_path}': unknown key {unknown[0]!r}; "
-                          f"known: {', '.join(sorted(_GRID_KEYS))}")
-    name = str(spec.get("name") or grid_path.stem)
-    base = (grid_path.parent / spec["base"]).resolve() if spec.get("base") else None
-    slurm_spec = spec.get("slurm") or {}
-    unknown = sorted(set(slurm_spec) - _SLURM_KEYS)
-    if unknown:
-        raise ConfigError(f"sweep file '{grid_path}': unknown key slurm.{unknown[0]}; "
-                          f"known: {', '.join(sorted(_SLURM_KEYS))}")
-    shape = SlurmShape(**{k: v for k, v in slurm_spec.items()})
-    shape.nodes = shape.nodes if isinstance(shape.nodes, list) else [shape.nodes]
-    if shape.launcher not in ("srun", "mpirun"):
-        raise ConfigError(f"sweep file '{grid_path}': slurm.launcher must be srun or mpirun, got {shape.launcher!r}")
-    if not all(isinstance(n, int) and n >= 1 for n in shape.nodes):
-        raise ConfigError(f"sweep file '{grid_path}': slurm.nodes must be positive integers, got {shape.nodes}")
+    sweep = read_sweep_file(grid_path)
+    name = sweep.name or grid_path.stem
+    base = (grid_path.parent / sweep.base).resolve() if sweep.base else None
+    shape = sweep.slurm
     out_dir = Path(out) if out else Path("sweeps") / name
     out_dir = out_dir.resolve()
 
-    common = spec.get("set") or {}
-    variants = [v for entry in (spec.get("variants") or [{}]) for v in _expand(entry)]
-    crossed = _expand(spec.get("grid") or {})
+    common = sweep.set
+    variants = [v for entry in (sweep.variants or [{}]) for v in _expand(entry)]
+    crossed = _expand(sweep.grid)
     points: list[Point] = []
     for nodes in shape.nodes:
         for variant in variants:

@@ -70,14 +70,28 @@ def test_existing_sweep_is_not_overwritten(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text,message", [
     (GRID.replace("sync_period: [2, 8]", "sync_period: [2, 0]"),
      "sweep point 0004-method-local_sgd_sync_period-0_seed-0_nodes-1: algorithm.sync_period: must be >= 1, got 0"),
-    (GRID.replace("grid:", "gird:"), "unknown key 'gird'"),
-    (GRID.replace("throttle: 3", "throtle: 3"), "unknown key slurm.throtle"),
-    (GRID.replace("nodes: [1, 2]", "nodes: [0]"), "slurm.nodes must be positive integers"),
+    # The sweep file is checked by the config loader: unknown keys with a suggestion, types, ranges.
+    (GRID.replace("grid:", "gird:"), "grid.yaml': gird: unknown key; did you mean 'grid'?"),
+    (GRID.replace("throttle: 3", "throtle: 3"), "grid.yaml': slurm.throtle: unknown key; did you mean 'throttle'?"),
+    (GRID.replace("nodes: [1, 2]", "nodes: [0]"), "grid.yaml': slurm.nodes: must be positive integers, got [0]"),
+    (GRID.replace("throttle: 3", "throttle: 3, time: 24:00:00"),
+     "grid.yaml': slurm.time: expected a string, got 86400"),  # YAML 1.1 reads an unquoted time as a number
+    (GRID.replace("ntasks_per_node: 4", "ntasks_per_node: 0"), "slurm.ntasks_per_node: must be >= 1, got 0"),
+    (GRID.replace("throttle: 3", "throttle: 3, launcher: slurm"),
+     "slurm.launcher: must be one of 'srun' | 'mpirun', got 'slurm'"),
+    (GRID.replace("  - {algorithm.method: allreduce}", "  - allreduce"),
+     "variants[0]: expected a mapping, got 'allreduce'"),
 ])
 def test_bad_grids_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         plan_sweep(make(tmp_path, text), tmp_path / "out")
     assert message in str(info.value)
+
+
+def test_one_node_count_and_empty_keys(tmp_path: Path) -> None:
+    text = GRID.replace("nodes: [1, 2]", "nodes: 2").replace("grid: {seed: [0, 1]}", "grid:")
+    plan = plan_sweep(make(tmp_path, text), tmp_path / "out")
+    assert plan.shape.nodes == [2] and len(plan.points) == 3
 
 
 @pytest.mark.parametrize("grid", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
