@@ -7,8 +7,9 @@ evidence rather than tautology. Workers use PyTorch's own SGD (with its lazy mom
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 @dataclass
 class ReferenceAlgorithm:
     sync_period: int = 1
-    local_start: Optional[int] = 0       # None: synchronous throughout
+    local_start: int | None = 0       # None: synchronous throughout
     outer: str = "none"                  # none | slowmo | nesterov
     slow_lr: float = 1.0
     slow_momentum: float = 0.0

@@ -26,7 +26,7 @@ class _Bucket:
     flat: torch.Tensor
     views: list[torch.Tensor]
     pending: int = 0
-    handle: Optional[Handle] = None
+    handle: Handle | None = None
     filled: set[int] = field(default_factory=set)
 
 

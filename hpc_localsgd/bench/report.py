@@ -65,7 +65,7 @@ def targets_summary(figures: list[Figure]) -> dict[str, Any]:
             "missed": [f.id for f in judged if not f.met]}
 
 
-def summary_line(world: dict[str, Any], problem: dict[str, Any], figures: list[Figure], out: Optional[str]) -> str:
+def summary_line(world: dict[str, Any], problem: dict[str, Any], figures: list[Figure], out: str | None) -> str:
     by_id = {f.id: f for f in figures}
     parts = [SUMMARY_PREFIX, f"ranks={world['size']}", f"backend={world['backend']}", f"model={problem['model']}",
              f"params={problem['parameters']}", f"batch={problem['batch_per_rank']}",
@@ -116,7 +116,7 @@ def format_table(header: str, figures: list[Figure]) -> str:
 
 def build_document(*, command: list[str], environment_info: dict[str, Any], world: dict[str, Any],
                    problem: dict[str, Any], measurement: dict[str, Any], figures: list[Figure],
-                   skipped: list[dict[str, str]], projection: Optional[dict[str, Any]], summary: str,
+                   skipped: list[dict[str, str]], projection: dict[str, Any] | None, summary: str,
                    seconds: float) -> dict[str, Any]:
     environment_info = {**environment_info, "load_average_end": list(os.getloadavg())}
     return {

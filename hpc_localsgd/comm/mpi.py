@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class _MPIHandle(Handle):
 
     def __init__(self, request: Any, buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray,
                  divisor: int) -> None:
-        self._request: Optional[Any] = request
+        self._request: Any | None = request
         self._buffer = buffer
         self._reduced = reduced  # ``buffer`` itself, or its host/float32 staging copy
         self._array = array  # keeps the memory MPI writes into alive until the request completes
@@ -76,7 +77,7 @@ class _CollectiveThread:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Optional[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]] = \
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = \
             queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="hpc-localsgd-mpi", daemon=True)
         self._thread.start()
@@ -104,7 +105,7 @@ class _ThreadedHandle(Handle):
 
     def __init__(self, future: Future[Any], buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray,
                  divisor: int) -> None:
-        self._future: Optional[Future[Any]] = future
+        self._future: Future[Any] | None = future
         self._buffer = buffer
         self._reduced = reduced
         self._array = array  # the memory the thread writes into, alive until it is done
@@ -136,8 +137,8 @@ class MPICommunicator(Communicator):
 
         self._mpi = MPI
         self._comm = MPI.COMM_WORLD.Dup()
-        self._thread_comm: Optional[Any] = None
-        self._thread: Optional[_CollectiveThread] = None
+        self._thread_comm: Any | None = None
+        self._thread: _CollectiveThread | None = None
         if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
             # Its own communicator: its collectives never match one of the main thread's.
             self._thread_comm = MPI.COMM_WORLD.Dup()

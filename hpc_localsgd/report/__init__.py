@@ -6,9 +6,10 @@ plots (accuracy against H; curves against steps, time, bytes and sync rounds).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from ..errors import UserError
 from .collect import Run, collect_runs
@@ -62,7 +63,7 @@ def plan_outputs(runs: Sequence[Run], out: Path) -> list[Output]:
 
 
 def write_report(paths: Sequence[str | Path], out: str | Path = "report", overwrite: bool = False,
-                 say: Optional[Callable[[str], None]] = print) -> list[Path]:
+                 say: Callable[[str], None] | None = print) -> list[Path]:
     """Read every run below ``paths`` (run directories, sweep folders or metrics files) and write the
     results table (CSV, Markdown) and the figures (PNG, SVG) into ``out``.
 

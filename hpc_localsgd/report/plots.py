@@ -7,9 +7,9 @@ Each figure is saved as PNG (for slides) and SVG (for papers).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 import numpy as np
