@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 LABEL = "projection, not a measurement"
 WORKER_COUNTS = (8, 16, 32, 64, 128, 256)
