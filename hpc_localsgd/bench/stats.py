@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -71,7 +71,7 @@ class Figure:
 
 
 def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
-    return [a / b for a, b in zip(numerators, denominators)]
+    return [a / b for a, b in zip(numerators, denominators, strict=True)]
 
 
 def gather(comm: Communicator, values: Sequence[float]) -> torch.Tensor:
