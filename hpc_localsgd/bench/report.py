@@ -10,7 +10,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -97,6 +97,11 @@ def _number(value: float, unit: str) -> str:
     return f"{value:.4g}" if unit != "ratio" else f"{value:.3f}"
 
 
+def _shown(value: float, unit: str, measured_unit: str) -> str:
+    """``value`` (in ``measured_unit``) as the table shows it in ``unit``: ``ms`` for seconds below one."""
+    return f"{value * 1e3:.4g}" if unit == "ms" else _number(value, measured_unit)
+
+
 def format_table(header: str, figures: list[Figure]) -> str:
     lines = [header, f"{'figure':<42} {'median':>13} {'min … max':>27} {'unit':<10} {'target':<8} met"]
     group = None
@@ -106,11 +111,11 @@ def format_table(header: str, figures: list[Figure]) -> str:
             lines.append(f"-- {group}")
         spread = f.spread()
         unit = "ms" if f.unit == "s" and all(abs(v) < 1 for v in f.samples) else f.unit
-        shown = (lambda v: f"{v * 1e3:.4g}") if unit == "ms" else (lambda v: _number(v, f.unit))
-        spread_text = "exact" if f.exact else f"{shown(spread['min'])} … {shown(spread['max'])}"
+        spread_text = "exact" if f.exact else \
+            f"{_shown(spread['min'], unit, f.unit)} … {_shown(spread['max'], unit, f.unit)}"
         target = "" if f.target is None else f"{f.target.op}{f.target.value:g}"
         met = "" if f.met is None else ("yes" if f.met else "MISSED")
-        lines.append(f"{f.id:<42} {shown(f.median):>13} {spread_text:>27} {unit:<10} {target:<8} {met}")
+        lines.append(f"{f.id:<42} {_shown(f.median, unit, f.unit):>13} {spread_text:>27} {unit:<10} {target:<8} {met}")
     return "\n".join(lines)
 
 
