@@ -9,8 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import pytest
 
@@ -51,8 +51,8 @@ def kill_session(session_id: int) -> None:
             pass
 
 
-def run_mpi(np: int, argv: list[str], timeout: float = 180, env: Optional[Mapping[str, Optional[str]]] = None,
-            cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+def run_mpi(np: int, argv: list[str], timeout: float = 180, env: Mapping[str, str | None] | None = None,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
     """``mpirun -np <np> --oversubscribe <argv>`` with its output captured; fails the test on timeout.
 
     An ``argv`` starting with ``"python"`` runs this test session's interpreter. The repository

@@ -7,8 +7,8 @@ evidence rather than tautology. Workers use PyTorch's own SGD (with its lazy mom
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 @dataclass
 class ReferenceAlgorithm:
     sync_period: int = 1
-    local_start: Optional[int] = 0       # None: synchronous throughout
+    local_start: int | None = 0       # None: synchronous throughout
     outer: str = "none"                  # none | slowmo | nesterov
     slow_lr: float = 1.0
     slow_momentum: float = 0.0
@@ -43,12 +43,12 @@ def simulate(initial: torch.nn.Module, algo: ReferenceAlgorithm, batches: Sequen
         if s == algo.local_start and algo.outer != "none":
             x_prev = [p.detach().clone() for p in workers[0].parameters()]
             slow_u = [torch.zeros_like(p) for p in x_prev]
-        for w, opt, wb in zip(workers, opts, batches):
+        for w, opt, wb in zip(workers, opts, batches, strict=True):
             opt.zero_grad()
             x, y = wb[s]
             F.cross_entropy(w(x), y).backward()
         if synchronous and len(workers) > 1:
-            for params in zip(*(w.parameters() for w in workers)):
+            for params in zip(*(w.parameters() for w in workers), strict=True):
                 g = sum(p.grad for p in params) / len(params)
                 for p in params:
                     p.grad = g.clone()
@@ -61,7 +61,7 @@ def simulate(initial: torch.nn.Module, algo: ReferenceAlgorithm, batches: Sequen
             continue
         with torch.no_grad():
             # x̄ = avg_i x⁽ⁱ⁾
-            averaged = [sum(ps) / len(ps) for ps in zip(*(w.parameters() for w in workers))]
+            averaged = [sum(ps) / len(ps) for ps in zip(*(w.parameters() for w in workers), strict=True)]
             if algo.outer == "slowmo":
                 # u ← β·u + (x_prev − x̄)/γ ;  x ← x_prev − α·γ·u
                 for i, avg in enumerate(averaged):
@@ -76,18 +76,18 @@ def simulate(initial: torch.nn.Module, algo: ReferenceAlgorithm, batches: Sequen
                     averaged[i] = x_prev[i] - algo.outer_lr * (delta + algo.outer_momentum * slow_u[i])
                     x_prev[i] = averaged[i].clone()
             for w in workers:
-                for p, avg in zip(w.parameters(), averaged):
+                for p, avg in zip(w.parameters(), averaged, strict=True):
                     p.copy_(avg)
             if algo.average_bn_buffers:
-                for bufs in zip(*(w.buffers() for w in workers)):
+                for bufs in zip(*(w.buffers() for w in workers), strict=True):
                     if bufs[0].is_floating_point():
                         mean = sum(bufs) / len(bufs)
                         for b in bufs:
                             b.copy_(mean)
             if algo.momentum_buffers != "keep":
                 states = [[opt.state[p].get("momentum_buffer") for p in w.parameters()]
-                          for w, opt in zip(workers, opts)]
-                for bufs in zip(*states):
+                          for w, opt in zip(workers, opts, strict=True)]
+                for bufs in zip(*states, strict=True):
                     if bufs[0] is None:
                         continue
                     new = sum(bufs) / len(bufs) if algo.momentum_buffers == "average" else torch.zeros_like(bufs[0])

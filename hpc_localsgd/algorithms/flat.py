@@ -83,11 +83,11 @@ def flatten_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
     params = [p for p in model.parameters()]
     buffers = _module_float_buffers(model)
     momentum_params: list[torch.nn.Parameter] = []
-    for group in optimizer.param_groups:
-        if group.get("momentum", 0.0) > 0.0:
-            if group.get("dampening", 0.0) != 0.0:
+    for param_group in optimizer.param_groups:
+        if param_group.get("momentum", 0.0) > 0.0:
+            if param_group.get("dampening", 0.0) != 0.0:
                 raise ValueError("flat momentum buffers require dampening == 0")
-            momentum_params.extend(group["params"])
+            momentum_params.extend(param_group["params"])
 
     order = [k for k in KINDS if k in averaged_kinds] + [k for k in KINDS if k not in averaged_kinds]
     by_key: dict[tuple[torch.dtype, torch.device], dict[str, list[torch.Tensor]]] = {}

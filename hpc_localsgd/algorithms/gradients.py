@@ -11,7 +11,6 @@ over the workers, and so is each bucket: ``[workers, elements]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ class _Bucket:
     flat: torch.Tensor
     views: list[torch.Tensor]
     pending: int = 0
-    handle: Optional[Handle] = None
+    handle: Handle | None = None
     filled: set[int] = field(default_factory=set)
 
 
@@ -81,6 +80,7 @@ class GradientAllreduce:
         bucket = self.buckets[index]
         if position in bucket.filled:
             return  # a parameter used twice in the graph; its final grad is copied at finish()
+        assert param.grad is not None  # a post-accumulate-grad hook runs once the grad is set
         bucket.views[position].copy_(param.grad)
         bucket.filled.add(position)
         self._start_ready_buckets()
@@ -118,7 +118,7 @@ class GradientAllreduce:
                 assert bucket.handle is not None
                 bucket.handle.wait()
         for bucket in self.buckets:
-            for p, view in zip(bucket.params, bucket.views):
+            for p, view in zip(bucket.params, bucket.views, strict=True):
                 if p.grad is None:
                     p.grad = view.clone()
                 else:

@@ -11,8 +11,9 @@ left out, so all-reduce SGD's figures are a lower bound on its efficiency.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 LABEL = "projection, not a measurement"
 WORKER_COUNTS = (8, 16, 32, 64, 128, 256)
@@ -51,7 +52,7 @@ def project(compute_seconds: float, compute_source: str, bytes_per_sync: float, 
             allreduce_step = compute_seconds + allreduce_comm
             cases = [("allreduce", 1, allreduce_comm)] + [
                 ("local_sgd", h, ring_allreduce_seconds(bytes_per_sync, m, link) / h) for h in sorted(sync_periods)]
-            smallest: Optional[int] = None
+            smallest: int | None = None
             for method, period, comm in cases:
                 step = compute_seconds + comm
                 efficiency = compute_seconds / step

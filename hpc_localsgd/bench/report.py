@@ -10,7 +10,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -65,7 +65,7 @@ def targets_summary(figures: list[Figure]) -> dict[str, Any]:
             "missed": [f.id for f in judged if not f.met]}
 
 
-def summary_line(world: dict[str, Any], problem: dict[str, Any], figures: list[Figure], out: Optional[str]) -> str:
+def summary_line(world: dict[str, Any], problem: dict[str, Any], figures: list[Figure], out: str | None) -> str:
     by_id = {f.id: f for f in figures}
     parts = [SUMMARY_PREFIX, f"ranks={world['size']}", f"backend={world['backend']}", f"model={problem['model']}",
              f"params={problem['parameters']}", f"batch={problem['batch_per_rank']}",
@@ -97,6 +97,11 @@ def _number(value: float, unit: str) -> str:
     return f"{value:.4g}" if unit != "ratio" else f"{value:.3f}"
 
 
+def _shown(value: float, unit: str, measured_unit: str) -> str:
+    """``value`` (in ``measured_unit``) as the table shows it in ``unit``: ``ms`` for seconds below one."""
+    return f"{value * 1e3:.4g}" if unit == "ms" else _number(value, measured_unit)
+
+
 def format_table(header: str, figures: list[Figure]) -> str:
     lines = [header, f"{'figure':<42} {'median':>13} {'min … max':>27} {'unit':<10} {'target':<8} met"]
     group = None
@@ -106,17 +111,17 @@ def format_table(header: str, figures: list[Figure]) -> str:
             lines.append(f"-- {group}")
         spread = f.spread()
         unit = "ms" if f.unit == "s" and all(abs(v) < 1 for v in f.samples) else f.unit
-        shown = (lambda v: f"{v * 1e3:.4g}") if unit == "ms" else (lambda v: _number(v, f.unit))
-        spread_text = "exact" if f.exact else f"{shown(spread['min'])} … {shown(spread['max'])}"
+        spread_text = "exact" if f.exact else \
+            f"{_shown(spread['min'], unit, f.unit)} … {_shown(spread['max'], unit, f.unit)}"
         target = "" if f.target is None else f"{f.target.op}{f.target.value:g}"
         met = "" if f.met is None else ("yes" if f.met else "MISSED")
-        lines.append(f"{f.id:<42} {shown(f.median):>13} {spread_text:>27} {unit:<10} {target:<8} {met}")
+        lines.append(f"{f.id:<42} {_shown(f.median, unit, f.unit):>13} {spread_text:>27} {unit:<10} {target:<8} {met}")
     return "\n".join(lines)
 
 
 def build_document(*, command: list[str], environment_info: dict[str, Any], world: dict[str, Any],
                    problem: dict[str, Any], measurement: dict[str, Any], figures: list[Figure],
-                   skipped: list[dict[str, str]], projection: Optional[dict[str, Any]], summary: str,
+                   skipped: list[dict[str, str]], projection: dict[str, Any] | None, summary: str,
                    seconds: float) -> dict[str, Any]:
     environment_info = {**environment_info, "load_average_end": list(os.getloadavg())}
     return {

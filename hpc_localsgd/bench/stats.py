@@ -9,8 +9,9 @@ of the machine (other jobs, thermal state) cancels, and their median is reported
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 import torch
 
@@ -37,7 +38,7 @@ class Figure:
     description: str
     unit: str
     samples: list[float]
-    target: Optional[Target] = None
+    target: Target | None = None
     # Values measured exactly (byte counts) rather than timed: their spread is zero by construction.
     exact: bool = False
     notes: list[str] = field(default_factory=list)
@@ -47,7 +48,7 @@ class Figure:
         return float(statistics.median(self.samples))
 
     @property
-    def met(self) -> Optional[bool]:
+    def met(self) -> bool | None:
         return None if self.target is None else self.target.met_by(self.median)
 
     def spread(self) -> dict[str, float]:
@@ -70,7 +71,7 @@ class Figure:
 
 
 def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
-    return [a / b for a, b in zip(numerators, denominators)]
+    return [a / b for a, b in zip(numerators, denominators, strict=True)]
 
 
 def gather(comm: Communicator, values: Sequence[float]) -> torch.Tensor:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class _MPIHandle(Handle):
 
     def __init__(self, request: Any, buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray,
                  divisor: int) -> None:
-        self._request: Optional[Any] = request
+        self._request: Any | None = request
         self._buffer = buffer
         self._reduced = reduced  # ``buffer`` itself, or its host/float32 staging copy
         self._array = array  # keeps the memory MPI writes into alive until the request completes
@@ -75,8 +76,10 @@ class _CollectiveThread:
     be able to exit even when its thread waits in a collective that a peer will never join.
     """
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Optional[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]] = \
+    def __init__(self, comm: Any) -> None:
+        # Its own communicator: its collectives never match one of the main thread's.
+        self.comm = comm
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = \
             queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="hpc-localsgd-mpi", daemon=True)
         self._thread.start()
@@ -104,7 +107,7 @@ class _ThreadedHandle(Handle):
 
     def __init__(self, future: Future[Any], buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray,
                  divisor: int) -> None:
-        self._future: Optional[Future[Any]] = future
+        self._future: Future[Any] | None = future
         self._buffer = buffer
         self._reduced = reduced
         self._array = array  # the memory the thread writes into, alive until it is done
@@ -136,12 +139,9 @@ class MPICommunicator(Communicator):
 
         self._mpi = MPI
         self._comm = MPI.COMM_WORLD.Dup()
-        self._thread_comm: Optional[Any] = None
-        self._thread: Optional[_CollectiveThread] = None
+        self._thread: _CollectiveThread | None = None
         if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
-            # Its own communicator: its collectives never match one of the main thread's.
-            self._thread_comm = MPI.COMM_WORLD.Dup()
-            self._thread = _CollectiveThread()
+            self._thread = _CollectiveThread(MPI.COMM_WORLD.Dup())
         super().__init__(dataclasses.replace(launcher_layout, rank=self._comm.Get_rank(),
                                              size=self._comm.Get_size()))
 
@@ -157,7 +157,7 @@ class MPICommunicator(Communicator):
         array = _numpy_view(reduced)
         divisor = self.size if average else 1
         if self._thread is not None:
-            future = self._thread.submit(self._thread_comm.Allreduce, self._mpi.IN_PLACE, array, self._mpi.SUM)
+            future = self._thread.submit(self._thread.comm.Allreduce, self._mpi.IN_PLACE, array, self._mpi.SUM)
             return _ThreadedHandle(future, buffer, reduced, array, divisor)
         request = self._comm.Iallreduce(self._mpi.IN_PLACE, array, op=self._mpi.SUM)
         return _MPIHandle(request, buffer, reduced, array, divisor)
@@ -174,11 +174,12 @@ class MPICommunicator(Communicator):
         self._comm.Barrier()
 
     def close(self) -> None:
+        thread_comm = None
         if self._thread is not None:
             self._thread.shutdown()
-            self._thread = None
+            thread_comm, self._thread = self._thread.comm, None
         # When Horovod initialised MPI, its shutdown finalises MPI, after which no MPI call is allowed.
         if not self._mpi.Is_finalized():
-            for comm in (self._comm, self._thread_comm):
+            for comm in (self._comm, thread_comm):
                 if comm is not None and comm != self._mpi.COMM_NULL:
                     comm.Free()

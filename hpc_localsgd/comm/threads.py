@@ -13,8 +13,9 @@ every thread has copied round n's result.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -32,7 +33,7 @@ class _Contribution:
     """What one rank brought to a collective round."""
 
     kind: str  # "allreduce", "broadcast" or "barrier"
-    buffer: Optional[torch.Tensor] = None
+    buffer: torch.Tensor | None = None
     average: bool = False
     root: int = 0
 
@@ -56,8 +57,8 @@ class ThreadGroup:
         if size < 1:
             raise ValueError(f"a thread group needs at least one rank, got {size}")
         self.size = size
-        self._slots: list[Optional[_Contribution]] = [None] * size
-        self._combined: Optional[torch.Tensor] = None
+        self._slots: list[_Contribution | None] = [None] * size
+        self._combined: torch.Tensor | None = None
         self._round = threading.Barrier(size, action=self._combine, timeout=timeout)
         self.communicators: list[ThreadCommunicator] = [ThreadCommunicator(self, rank) for rank in range(size)]
 
@@ -66,8 +67,8 @@ class ThreadGroup:
 
         The first failure (by rank; one that caused others to break counts first) is re-raised here.
         """
-        results: list[Optional[T]] = [None] * self.size
-        failures: list[Optional[BaseException]] = [None] * self.size
+        results: list[T | None] = [None] * self.size
+        failures: list[BaseException | None] = [None] * self.size
 
         def run_rank(rank: int) -> None:
             try:

@@ -5,10 +5,11 @@ plots (accuracy against H; curves against steps, time, bytes and sync rounds).
 """
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from ..errors import UserError
 from .collect import Run, collect_runs
@@ -51,18 +52,18 @@ def plan_outputs(runs: Sequence[Run], out: Path) -> list[Output]:
         task_rows = [row for row in rows if row.key.task == task]
         files = _figure(out, f"accuracy_vs_H{suffix}")
         title = f"Final test accuracy against sync period H — {task}"
-        # Default arguments bind this iteration's values (a bare closure would see the last task's).
-        plan.append(Output(files, lambda r=task_rows, f=files, t=title: plot_accuracy_vs_sync_period(r, f, t)))
+        # partial binds this iteration's values (a bare closure would see the last task's).
+        plan.append(Output(files, functools.partial(plot_accuracy_vs_sync_period, task_rows, files, title)))
         for workers in sorted({key.workers for key in groups if key.task == task}):
             subset = {key: members for key, members in groups.items() if key.task == task and key.workers == workers}
             files = _figure(out, f"curves{suffix}-W{workers}")
             title = f"Training curves — {task}, {workers} workers (mean over seeds)"
-            plan.append(Output(files, lambda g=subset, f=files, t=title: plot_curves(g, f, t)))
+            plan.append(Output(files, functools.partial(plot_curves, subset, files, title)))
     return plan
 
 
 def write_report(paths: Sequence[str | Path], out: str | Path = "report", overwrite: bool = False,
-                 say: Optional[Callable[[str], None]] = print) -> list[Path]:
+                 say: Callable[[str], None] | None = print) -> list[Path]:
     """Read every run below ``paths`` (run directories, sweep folders or metrics files) and write the
     results table (CSV, Markdown) and the figures (PNG, SVG) into ``out``.
 

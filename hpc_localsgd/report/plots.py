@@ -7,9 +7,9 @@ Each figure is saved as PNG (for slides) and SVG (for papers).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 import numpy as np
@@ -77,7 +77,7 @@ def plot_accuracy_vs_sync_period(rows: Sequence[ResultRow], files: Sequence[Path
     axes = figure.subplots(1, len(workers), sharey=True, squeeze=False)[0]
     largest = max(row.key.sync_period for row in rows)
     any_going = False
-    for ax, count in zip(axes, workers):
+    for ax, count in zip(axes, workers, strict=True):
         panel = [row for row in rows if row.key.workers == count]
         for method in methods:
             points = sorted((row for row in panel if row.key.method == method), key=lambda r: r.key.sync_period)
@@ -116,7 +116,7 @@ def plot_accuracy_vs_sync_period(rows: Sequence[ResultRow], files: Sequence[Path
 def _unique_legend(axes: Sequence[Axes]) -> tuple[list, list[str]]:
     seen: dict[str, object] = {}
     for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
     return list(seen.values()), list(seen)
 

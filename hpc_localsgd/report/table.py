@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import csv
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .collect import Run, method_rank
 
@@ -35,7 +35,7 @@ class ResultRow:
     seeds: int  # runs aggregated
     finished: int  # of which have reached their last step
     accuracy_mean: float  # fraction in [0, 1]
-    accuracy_std: Optional[float]  # sample std (ddof=1); None with a single seed
+    accuracy_std: float | None  # sample std (ddof=1); None with a single seed
     sync_rounds_mean: float
     bytes_sent_mean: float  # per worker
     wall_seconds_mean: float

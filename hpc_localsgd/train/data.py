@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -52,7 +53,7 @@ DIGITS_SPLIT_SEED = 1797
 DIGITS_TEST_SAMPLES = 300
 
 
-def derive_seed(*parts: Union[int, str]) -> int:
+def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed that depends only on ``parts``.
 
     A hash rather than arithmetic such as ``seed * 1000 + epoch`` so that nearby inputs
@@ -62,7 +63,7 @@ def derive_seed(*parts: Union[int, str]) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _generator(*parts: Union[int, str]) -> torch.Generator:
+def _generator(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
@@ -116,8 +117,8 @@ class TensorSamples(Dataset):
     """
 
     def __init__(self, stored: torch.Tensor, labels: torch.Tensor,
-                 to_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 augment: Optional[BatchAugment] = None) -> None:
+                 to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 augment: BatchAugment | None = None) -> None:
         if len(stored) != len(labels):
             raise ValueError(f"{len(stored)} samples but {len(labels)} labels")
         self.stored = stored
@@ -154,7 +155,7 @@ class SeededTransforms(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: Union[int, tuple[int, int, int]]) -> Any:
+    def __getitem__(self, key: int | tuple[int, int, int]) -> Any:
         if isinstance(key, tuple):
             seed, epoch, index = key
             with torch.random.fork_rng(devices=[]):
@@ -372,10 +373,10 @@ class ShardedBatches:
     transforms chosen when they were built (``data.augment``), whatever ``augment`` says.
     """
 
-    def __init__(self, source: Union[Datasets, Dataset], batch_size: int, rank: int, size: int, seed: int,
-                 num_workers: int = 0, augment: Union[bool, BatchAugment] = True, pin_memory: bool = False) -> None:
+    def __init__(self, source: Datasets | Dataset, batch_size: int, rank: int, size: int, seed: int,
+                 num_workers: int = 0, augment: bool | BatchAugment = True, pin_memory: bool = False) -> None:
         self.dataset: Dataset = source.train if isinstance(source, Datasets) else source
-        self.augment: Optional[BatchAugment]
+        self.augment: BatchAugment | None
         if augment is True:
             self.augment = self.dataset.augment if isinstance(self.dataset, TensorSamples) else None
         elif augment is False:
@@ -434,7 +435,7 @@ def eval_indices(num_samples: int, rank: int, size: int) -> torch.Tensor:
     return torch.arange(num_samples)[rank::size]
 
 
-def eval_batches(dataset: Union[Datasets, Dataset], batch_size: int, rank: int, size: int,
+def eval_batches(dataset: Datasets | Dataset, batch_size: int, rank: int, size: int,
                  num_workers: int = 0, pin_memory: bool = False) -> Iterator[Batch]:
     """This rank's share of the test set (``dataset`` or ``Datasets.test``), unshuffled, unaugmented;
     the last batch may be smaller, and a rank may get no batch when the test set has fewer samples

@@ -103,15 +103,17 @@ def _torchvision_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[in
                               "use smallcnn, mlp or a resnet")
         return model
 
-    stem: nn.Conv2d = model.conv1  # type: ignore[assignment]
+    stem: nn.Conv2d = model.conv1
     if cfg.cifar_stem:
         # He et al. 2016, §4.2: for 32×32 images the first layer is a 3×3 conv and nothing downsamples
         # before the residual stages.
         model.conv1 = nn.Conv2d(channels, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     elif channels != stem.in_channels:
-        model.conv1 = nn.Conv2d(channels, stem.out_channels, kernel_size=stem.kernel_size, stride=stem.stride,
-                                padding=stem.padding, bias=False)
+        # torch declares _ConvNd's kernel_size, stride and padding as tuple[int, ...] (shared by 1-3 dims);
+        # a Conv2d's are pairs, which is what Conv2d takes.
+        model.conv1 = nn.Conv2d(channels, stem.out_channels, kernel_size=stem.kernel_size,  # type: ignore[arg-type]
+                                stride=stem.stride, padding=stem.padding, bias=False)  # type: ignore[arg-type]
     if model.conv1 is not stem:
         # The same initialisation torchvision gives its own stem.
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")

@@ -10,6 +10,7 @@ otherwise, or 2 with ``hpc-localsgd: error: <message>`` for a ``UserError``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import traceback
 
@@ -102,7 +103,7 @@ def check_slices_of_one_flat_buffer(comm: Communicator, device: torch.device) ->
     bounds = (0, 1000, 1001, 250_000, 250_007)
     ramp = signed_ramp(bounds[-1])
     flat = torch.from_numpy(ramp * (rank + 1)).to(device=device, dtype=torch.float32)
-    handles = [comm.iallreduce_(flat[start:end], average=True) for start, end in zip(bounds, bounds[1:])]
+    handles = [comm.iallreduce_(flat[start:end], average=True) for start, end in itertools.pairwise(bounds)]
     for handle in handles:
         handle.wait()
     expect_equal("in-flight allreduce of slices of one flat buffer", flat, ramp * (size * (size + 1) // 2) / size)

@@ -44,7 +44,7 @@ def parse_scontrol_record(line: str) -> dict[str, str]:
     (JobName, Command with arguments): a value runs to the next `` Key=``."""
     matches = list(_FIELD.finditer(line.strip()))
     record = {}
-    for here, after in zip(matches, matches[1:] + [None]):
+    for here, after in zip(matches, matches[1:] + [None], strict=True):
         end = after.start() if after else len(line.strip())
         record[here.group(1)] = line.strip()[here.end():end]
     return record

@@ -73,7 +73,8 @@ def _make_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), tr
 
 
 def _batches_equal(a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb)
+                                    for (xa, ya), (xb, yb) in zip(a, b, strict=True))
 
 
 def _indexed_samples(n: int) -> TensorSamples:
@@ -199,7 +200,7 @@ def test_random_crop_flip_is_a_shifted_window_of_the_padded_image() -> None:
     assert out.shape == images.shape and out.dtype == torch.uint8
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     seen_flip = seen_shift = False
-    for sample, result in zip(padded, out):
+    for sample, result in zip(padded, out, strict=True):
         windows = [(top, left, flip) for top in range(5) for left in range(5) for flip in (False, True)
                    if torch.equal(result, (lambda w: w.flip(-1) if flip else w)(sample[:, top:top + 6, left:left + 5]))]
         assert len(windows) == 1
@@ -253,7 +254,7 @@ def test_epochs_are_deterministic_and_resume_mid_epoch(augment: RandomCropFlip |
         # Augmented batches differ from the stored samples, but hold the same samples.
         plain = list(ShardedBatches(samples, 5, rank=1, size=2, seed=3, augment=False).epoch(4))
         assert not _batches_equal(full, plain)
-        assert all(torch.equal(ya, yb) for (_, ya), (_, yb) in zip(full, plain))
+        assert all(torch.equal(ya, yb) for (_, ya), (_, yb) in zip(full, plain, strict=True))
 
 
 def test_cifar10_augmentation_follows_the_config(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ def test_same_seed_same_weights() -> None:
         torch.manual_seed(3)
         return list(build_model(ModelConfig(name="smallcnn"), 10, CIFAR).state_dict().values())
 
-    assert all(torch.equal(a, b) for a, b in zip(weights(), weights()))
+    assert all(torch.equal(a, b) for a, b in zip(weights(), weights(), strict=True))
 
 
 def test_unknown_model() -> None:

@@ -27,14 +27,14 @@ def run(run_dir: Path, extra: tuple[str, ...] = ()):
 
 def test_same_config_and_seed_give_the_same_numbers(tmp_path: Path) -> None:
     first, second = run(tmp_path / "a"), run(tmp_path / "b")
-    for (key, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+    for (key, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     ma, mb = read_metrics(tmp_path / "a" / "metrics.h5"), read_metrics(tmp_path / "b" / "metrics.h5")
     for group in ("steps", "evals"):
         for name in ("loss", "accuracy", "lr") if group == "steps" else ("test_loss", "test_accuracy"):
             np.testing.assert_array_equal(ma[group][name], mb[group][name])
     other = run(tmp_path / "c", ("seed=6",))
-    assert any(not torch.equal(a, b) for a, b in zip(first.model.parameters(), other.model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(first.model.parameters(), other.model.parameters(), strict=True))
 
 
 def test_metrics_series_and_resolved_config(tmp_path: Path) -> None:
