@@ -6,17 +6,14 @@ importing this package works (and stays fast) on a machine that has none of them
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import BackendUnavailable, ConfigError, LauncherMismatch
-from .base import Communicator, DoneHandle, Handle, WorldLayout
+from ..launcher.env import LaunchEnvironment, WorldLayout
+from .base import Communicator, DoneHandle, Handle
 from .single import SingleCommunicator
 from .threads import ThreadCommunicator, ThreadGroup
-
-if TYPE_CHECKING:  # launcher.env imports comm.base; a run-time import here would be circular
-    from ..launcher.env import LaunchEnvironment
 
 __all__ = ["BACKENDS", "Communicator", "DoneHandle", "Handle", "SingleCommunicator", "ThreadCommunicator",
            "ThreadGroup", "WorldLayout", "check_world", "make_communicator", "resolve_backend"]

@@ -10,10 +10,11 @@ same value; backends with a native average may use it (results agree to float ro
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from ..launcher.env import WorldLayout
 
 
 class Handle(abc.ABC):
@@ -35,18 +36,6 @@ class DoneHandle(Handle):
 
     def wait(self) -> None:
         return None
-
-
-@dataclass(frozen=True)
-class WorldLayout:
-    """Where this rank sits: global rank and size, rank and size on its node, node index."""
-
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
-    node_rank: int
-    num_nodes: int
 
 
 class Communicator(abc.ABC):

@@ -16,8 +16,7 @@ from hpc_localsgd.config import load_config
 from hpc_localsgd.config.schema import AlgorithmConfig
 from hpc_localsgd.errors import ConfigError, UserError
 from hpc_localsgd.io.metrics import read_metrics
-from hpc_localsgd.launcher.env import LaunchEnvironment
-from hpc_localsgd.comm.base import WorldLayout
+from hpc_localsgd.launcher.env import LaunchEnvironment, WorldLayout
 from hpc_localsgd.train.loop import train
 from hpc_localsgd.train.models import SmallCNN
 from hpc_localsgd.train.replicas import ReplicatedModel
