@@ -6,7 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..comm.base import Communicator, decide_on_root
+from ..comm.agree import decide_on_root
+from ..comm.base import Communicator
 from ..errors import UserError
 
 # What marks a directory as holding a run. Anything else in it (a README, a job script) is left alone.
