@@ -44,6 +44,7 @@ import xxhash
 from ..comm.agree import agree_on_failure
 from ..comm.base import Communicator
 from ..errors import UserError
+from .hdf5 import open_error_reason
 
 FORMAT = "hpc-localsgd/checkpoint"
 FORMAT_VERSION = 2
@@ -55,12 +56,6 @@ LATEST = "latest"
 
 class CheckpointError(UserError):
     """A checkpoint file that cannot be used: the message names the file and what is wrong."""
-
-
-def open_error_reason(exc: OSError) -> str:
-    """HDF5's reason, e.g. 'truncated file: eof = 19408, ...', without h5py's wrapping."""
-    text = " ".join(str(exc).split())
-    return text.rsplit("(", 1)[-1].rstrip(")") if "(" in text else text
 
 
 def checkpoint_name(step: int) -> str:
