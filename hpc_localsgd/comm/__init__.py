@@ -2,6 +2,8 @@
 
 Backends that need horovod, mpi4py or torch.distributed are imported only when chosen, so
 importing this package works (and stays fast) on a machine that has none of them.
+``agree`` holds the collectives by which ranks agree on an outcome (rank 0's decision, the first
+failure, a text), written once on top of the interface.
 """
 from __future__ import annotations
 
