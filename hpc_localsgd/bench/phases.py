@@ -21,6 +21,7 @@ import xxhash
 
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.flat import PARAMS
+from ..comm.agree import broadcast_text
 from ..comm.base import Communicator
 from ..io.checkpoint import Checkpoint, CheckpointWriter, fsync_path, to_numpy
 from ..launcher.env import LaunchEnvironment
@@ -391,12 +392,8 @@ def raw_read(comm: Communicator, path: Path) -> int:
 
 def _shared_folder(comm: Communicator, parent: Path) -> Path:
     """A fresh folder made by rank 0 under ``parent``, its name broadcast to every rank."""
-    name = torch.zeros(4096, dtype=torch.uint8)
-    if comm.is_root:
-        encoded = tempfile.mkdtemp(prefix=".hpc-localsgd-bench-", dir=parent).encode()
-        name[:len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
-    comm.broadcast_(name, root=0)
-    return Path(bytes(name[name.nonzero().flatten()].tolist()).decode())
+    made = tempfile.mkdtemp(prefix=".hpc-localsgd-bench-", dir=parent) if comm.is_root else None
+    return Path(broadcast_text(comm, made, root=0))
 
 
 def measure_checkpoint(ctx: BenchContext, slowmo: EngineLoop) -> None:

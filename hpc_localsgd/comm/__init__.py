@@ -2,21 +2,20 @@
 
 Backends that need horovod, mpi4py or torch.distributed are imported only when chosen, so
 importing this package works (and stays fast) on a machine that has none of them.
+``agree`` holds the collectives by which ranks agree on an outcome (rank 0's decision, the first
+failure, a text), written once on top of the interface.
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import BackendUnavailable, ConfigError, LauncherMismatch, one_line
-from .base import Communicator, DoneHandle, Handle, WorldLayout
+from ..launcher.env import LaunchEnvironment, WorldLayout
+from .base import Communicator, DoneHandle, Handle
 from .single import SingleCommunicator
 from .threads import ThreadCommunicator, ThreadGroup
-
-if TYPE_CHECKING:  # launcher.env imports comm.base; a run-time import here would be circular
-    from ..launcher.env import LaunchEnvironment
 
 __all__ = ["BACKENDS", "Communicator", "DoneHandle", "Handle", "SingleCommunicator", "ThreadCommunicator",
            "ThreadGroup", "WorldLayout", "check_world", "make_communicator", "resolve_backend"]

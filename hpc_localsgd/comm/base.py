@@ -10,10 +10,10 @@ same value; backends with a native average may use it (results agree to float ro
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
+
+from ..launcher.env import WorldLayout
 
 
 class Handle(abc.ABC):
@@ -35,18 +35,6 @@ class DoneHandle(Handle):
 
     def wait(self) -> None:
         return None
-
-
-@dataclass(frozen=True)
-class WorldLayout:
-    """Where this rank sits: global rank and size, rank and size on its node, node index."""
-
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
-    node_rank: int
-    num_nodes: int
 
 
 class Communicator(abc.ABC):
@@ -99,25 +87,3 @@ class Communicator(abc.ABC):
     def close(self) -> None:
         """Release backend resources; the communicator is unusable afterwards."""
         return None
-
-
-def decide_on_root(comm: Communicator, decide: Callable[[], int]) -> int:
-    """Run ``decide`` on rank 0 only and give its integer result to every rank.
-
-    A ``UserError`` raised by ``decide`` is re-raised on every rank (with its message on rank 0),
-    so that a refusal seen by rank 0 ends all ranks together instead of leaving some waiting in
-    a collective. Used for decisions about shared files that must not race between ranks.
-    """
-    from ..errors import UserError
-
-    message, value = "", 0
-    if comm.is_root:
-        try:
-            value = int(decide())
-        except UserError as exc:
-            message = str(exc)
-    outcome = torch.tensor([1 if message else 0, value], dtype=torch.int64)
-    comm.broadcast_(outcome, root=0)
-    if int(outcome[0].item()):
-        raise UserError(message or "rank 0 refused to continue (see its message)")
-    return int(outcome[1].item())

@@ -15,8 +15,9 @@ from typing import Any, Optional
 import torch
 
 from ..errors import BackendUnavailable, one_line
+from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, Handle, WorldLayout
+from .base import Communicator, Handle
 
 # The dtypes horovod.torch 0.28 accepts (horovod/torch/adapter_v2.cc); bfloat16 is not one of them.
 _HOROVOD_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,

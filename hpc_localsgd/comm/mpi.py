@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, Handle, WorldLayout
+from .base import Communicator, Handle
 
 # MPI reduces these in place through numpy's buffer protocol (numpy's format codes map to MPI types).
 _NATIVE_SUM_DTYPES = frozenset({torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from ..launcher.env import WorldLayout
 from ._buffers import divide_by_size_
-from .base import Communicator, DoneHandle, Handle, WorldLayout
+from .base import Communicator, DoneHandle, Handle
 
 # 16-bit floats are summed in float32 and rounded once at the end, as the other backends do.
 _ACCUMULATION_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from ..launcher.env import WorldLayout
 from ._buffers import check_buffer
-from .base import Communicator, DoneHandle, Handle, WorldLayout
+from .base import Communicator, DoneHandle, Handle
 
 SINGLE_PROCESS_LAYOUT = WorldLayout(rank=0, size=1, local_rank=0, local_size=1, node_rank=0, num_nodes=1)
 

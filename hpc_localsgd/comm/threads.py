@@ -19,8 +19,9 @@ from typing import TypeVar
 
 import torch
 
+from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, DoneHandle, Handle, WorldLayout
+from .base import Communicator, DoneHandle, Handle
 
 T = TypeVar("T")
 

@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from ..errors import BackendUnavailable, LauncherMismatch, one_line
+from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, Handle, WorldLayout
+from .base import Communicator, Handle
 
 # Long enough for a slow node to reach the first collective; short enough that a rank that
 # died before the rendezvous ends the job instead of hanging it for the default 30 minutes.

@@ -41,8 +41,10 @@ import numpy as np
 import torch
 import xxhash
 
+from ..comm.agree import agree_on_failure
 from ..comm.base import Communicator
 from ..errors import UserError
+from .hdf5 import open_error_reason
 
 FORMAT = "hpc-localsgd/checkpoint"
 FORMAT_VERSION = 2
@@ -54,12 +56,6 @@ LATEST = "latest"
 
 class CheckpointError(UserError):
     """A checkpoint file that cannot be used: the message names the file and what is wrong."""
-
-
-def open_error_reason(exc: OSError) -> str:
-    """HDF5's reason, e.g. 'truncated file: eof = 19408, ...', without h5py's wrapping."""
-    text = " ".join(str(exc).split())
-    return text.rsplit("(", 1)[-1].rstrip(")") if "(" in text else text
 
 
 def checkpoint_name(step: int) -> str:
@@ -245,12 +241,11 @@ class CheckpointWriter:
                 stale.unlink()  # left by a writer that crashed; never a complete checkpoint
 
     def _agree(self, failure: Optional[str]) -> None:
-        """Every rank learns whether any rank failed, so that none waits for another."""
-        flag = torch.tensor([1 if failure else 0], dtype=torch.int64)
-        self.comm.allreduce_(flag, average=False)
-        if int(flag.item()):
-            raise CheckpointError(f"checkpoint could not be written: {failure}" if failure else
-                                  "checkpoint could not be written (another rank failed; see its message)")
+        """Every rank learns whether any rank failed, so that none waits for another, and every rank
+        reports the same cause: the lowest failing rank's."""
+        message = agree_on_failure(self.comm, failure)
+        if message is not None:
+            raise CheckpointError(f"checkpoint could not be written: {message}")
 
     def write(self, step: int, epoch: float, attrs: dict[str, Any], shared: dict[str, torch.Tensor],
               rank_state: RankState) -> Path:

@@ -9,9 +9,9 @@ import h5py
 import yaml
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import Checkpoint, CheckpointError, open_error_reason
-
-METRICS_FORMAT = "hpc-localsgd/metrics"
+from .checkpoint import Checkpoint, CheckpointError
+from .hdf5 import open_error_reason
+from .metrics import METRICS_FORMAT
 
 
 def _size(path: Path) -> int:

@@ -6,17 +6,27 @@ on purpose: it is unreliable on parallel filesystems). A resumed run appends to 
 
 Layout: groups ``steps`` and ``evals``, one 1-D dataset per field (all the same length);
 root attributes ``config`` (the resolved YAML), ``world`` (JSON), ``versions`` (JSON),
-``format`` = "hpc-localsgd/metrics", ``format_version`` = 1.
+``format`` = "hpc-localsgd/metrics", ``format_version`` = 1, ``total_steps`` (the steps the run
+was planned for) and more written by the training loop.
+
+This module owns that contract: the file name, the format tag, the fields and when a run counts as
+finished (:func:`run_finished`). It imports no torch, so that the report reads metrics files
+without it.
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import h5py
 import numpy as np
+
+METRICS_FILE = "metrics.h5"  # in the run directory
+METRICS_FORMAT = "hpc-localsgd/metrics"  # the root attribute ``format``
+METRICS_FORMAT_VERSION = 1
+TOTAL_STEPS_ATTR = "total_steps"  # root attribute: the step the run ends at
 
 STEP_FIELDS = ("step", "epoch", "lr", "loss", "accuracy", "samples_per_s", "comm_seconds", "compute_seconds",
                "bytes_sent", "sync_rounds", "synced")
@@ -39,8 +49,8 @@ class MetricsWriter:
             self._truncate_after(resume_after_step)
             return
         with h5py.File(self.path, "w-", locking=locking) as f:
-            f.attrs["format"] = "hpc-localsgd/metrics"
-            f.attrs["format_version"] = 1
+            f.attrs["format"] = METRICS_FORMAT
+            f.attrs["format_version"] = METRICS_FORMAT_VERSION
             for key, value in attrs.items():
                 f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
             for group, fields in (("steps", STEP_FIELDS), ("evals", EVAL_FIELDS)):
@@ -88,3 +98,28 @@ def read_metrics(path: str | Path, locking: bool = False) -> dict[str, dict[str,
     """Both series as numpy arrays: ``{"steps": {field: array}, "evals": {...}}``."""
     with h5py.File(path, "r", locking=locking) as f:
         return {group: {name: f[group][name][()] for name in f[group]} for group in ("steps", "evals")}
+
+
+def run_finished(eval_steps: Sequence[int] | np.ndarray, total_steps: int) -> bool:
+    """Whether a run with these evaluation steps (``evals/step``, in order) and ``total_steps`` has
+    finished: it has an evaluation, and its last one is at step ``total_steps`` or later.
+
+    The training loop always evaluates at its last step and writes evaluation rows at once, so the
+    last evaluation row says how far the run got. "At or later", not "at": a run resumed with a
+    larger ``train.max_steps`` keeps the ``total_steps`` its metrics file was created with, and must
+    not look unfinished forever (a sweep would run it again and again).
+    """
+    return len(eval_steps) > 0 and int(eval_steps[-1]) >= int(total_steps)
+
+
+def metrics_file_finished(path: str | Path) -> bool:
+    """:func:`run_finished` for a metrics file; False when it is missing, unreadable (a writer may
+    be appending right now) or lacks ``evals/step`` or ``total_steps``."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return run_finished(f["evals/step"][()], int(f.attrs[TOTAL_STEPS_ATTR]))
+    except (OSError, KeyError):
+        return False

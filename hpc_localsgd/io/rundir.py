@@ -6,11 +6,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..comm.base import Communicator, decide_on_root
+from ..comm.agree import decide_on_root
+from ..comm.base import Communicator
 from ..errors import UserError
+from .metrics import METRICS_FILE
 
 # What marks a directory as holding a run. Anything else in it (a README, a job script) is left alone.
-RUN_FILES = ("metrics.h5", "config.yaml", "checkpoints")
+RUN_FILES = (METRICS_FILE, "config.yaml", "checkpoints")
 
 
 def _prepare(run_dir: Path, overwrite: bool, resuming: bool) -> None:

@@ -15,7 +15,6 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..comm.base import WorldLayout
 from ..errors import LauncherMismatch, RankLocalError
 
 # (launcher, rank, size, local rank, local size, node rank) variable names, most specific first.
@@ -27,6 +26,18 @@ _LAUNCHERS: tuple[tuple[str, str, str, str, str, Optional[str]], ...] = (
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None, "SLURM_NODEID"),
 )
+
+
+@dataclass(frozen=True)
+class WorldLayout:
+    """Where this rank sits: global rank and size, rank and size on its node, node index."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    node_rank: int
+    num_nodes: int
 
 
 @dataclass(frozen=True)

@@ -260,17 +260,9 @@ def submit(plan: SweepPlan) -> list[str]:
 # --- running a sweep on this machine ------------------------------------------------------------
 def _finished(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run that reached its last step and evaluated it."""
-    import h5py
+    from ..io.metrics import METRICS_FILE, metrics_file_finished  # h5py only when a sweep runs here
 
-    path = run_dir / "metrics.h5"
-    if not path.is_file():
-        return False
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            steps = f["evals/step"][()]
-            return len(steps) > 0 and int(steps[-1]) == int(f.attrs["total_steps"])
-    except (OSError, KeyError):
-        return False
+    return metrics_file_finished(run_dir / METRICS_FILE)
 
 
 def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tuple[Optional[float], str]:

@@ -18,10 +18,8 @@ import numpy as np
 import yaml
 
 from ..errors import UserError, print_line
-from ..io.metrics import read_metrics
-
-METRICS_FILE = "metrics.h5"
-METRICS_FORMAT = "hpc-localsgd/metrics"
+from ..io.hdf5 import attr_text, is_hdf5, open_error_reason
+from ..io.metrics import METRICS_FILE, METRICS_FORMAT, TOTAL_STEPS_ATTR, read_metrics, run_finished
 
 # The order in which methods appear in tables and legends: the baseline first, then the study's
 # story (local SGD loses accuracy, post-local SGD and the outer optimizers win it back).
@@ -48,6 +46,7 @@ def method_rank(label: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(label), "") if label in METHOD_ORDER else (len(METHOD_ORDER), label)
 
 
+# The evaluation fields the report reads, a subset of the file's ``EVAL_FIELDS``.
 _EVAL_FIELDS = ("step", "test_accuracy", "test_loss", "train_loss", "wall_seconds", "bytes_sent", "sync_rounds")
 
 
@@ -84,8 +83,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        # The loop always evaluates at the last step and flushes evaluations at once.
-        return len(self.evals) > 0 and int(self.evals.step[-1]) >= self.total_steps
+        return run_finished(self.evals.step, self.total_steps)
 
 
 def find_metrics_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -116,38 +114,19 @@ def _warn(line: str) -> None:
     print_line(f"hpc-localsgd: warning: {line}", sys.stderr)
 
 
-def _open_reason(exc: BaseException) -> str:
-    # As io.checkpoint.open_error_reason, which is not imported because that module imports torch.
-    text = " ".join(str(exc).split())
-    return text.rsplit("(", 1)[-1].rstrip(")") if "(" in text else text
-
-
-def _is_hdf5(path: Path) -> bool:
-    try:
-        return bool(h5py.is_hdf5(path))
-    except OSError:
-        return False
-
-
 def _read_once(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     with h5py.File(path, "r", locking=False) as f:
-        kind = f.attrs.get("format", "")
-        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        kind = attr_text(f.attrs, "format")
         if kind != METRICS_FORMAT:
             raise UserError(f"'{path}' is not an hpc-localsgd metrics file (format attribute {kind!r})")
         attrs = {key: f.attrs[key] for key in f.attrs}
     return attrs, read_metrics(path)
 
 
-def _attr_text(attrs: dict[str, Any], key: str) -> str:
-    value = attrs.get(key, "")
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.ndarray]]) -> Run:
     try:
-        config = yaml.safe_load(_attr_text(attrs, "config")) or {}
-        world = json.loads(_attr_text(attrs, "world") or "{}")
+        config = yaml.safe_load(attr_text(attrs, "config")) or {}
+        world = json.loads(attr_text(attrs, "world") or "{}")
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise UserError(f"'{path}': unreadable config or world attribute ({exc.__class__.__name__})") from None
     algorithm = config.get("algorithm") or {}
@@ -163,7 +142,7 @@ def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.
     return Run(path=path, task=task, method=label,
                sync_period=1 if method == "allreduce" else int(algorithm.get("sync_period", 1)),
                workers=int(world.get("size", 1)), seed=int(config.get("seed", 0)),
-               total_steps=int(attrs.get("total_steps", 0)),
+               total_steps=int(attrs.get(TOTAL_STEPS_ATTR, 0)),
                evals=Evals(**{name: np.asarray(evals[name][:rows]) for name in _EVAL_FIELDS}),
                settings=_flatten(config))
 
@@ -214,7 +193,7 @@ def read_run(path: str | Path, attempts: int = 5, pause_seconds: float = 0.2,
     Raises :class:`UserError` for a file that is not an HDF5 file or not an hpc-localsgd metrics file.
     """
     path = Path(path)
-    if path.stat().st_size > 0 and not _is_hdf5(path):
+    if path.stat().st_size > 0 and not is_hdf5(path):
         raise UserError(f"'{path}' is not an HDF5 file")
     failure: Optional[BaseException] = None
     for attempt in range(attempts):
@@ -227,9 +206,9 @@ def read_run(path: str | Path, attempts: int = 5, pause_seconds: float = 0.2,
             if attempt + 1 < attempts:
                 time.sleep(pause_seconds)
     else:
-        if not _is_hdf5(path):
+        if not is_hdf5(path):
             raise UserError(f"'{path}' is not an HDF5 file")
-        warn(f"skipping '{path}': unreadable after {attempts} attempts ({_open_reason(failure)})")
+        warn(f"skipping '{path}': unreadable after {attempts} attempts ({open_error_reason(failure)})")
         return None
     return _run_from(path, attrs, series)
 

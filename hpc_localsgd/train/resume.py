@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from ..algorithms.engine import AveragingEngine
-from ..comm.base import Communicator, decide_on_root
+from ..comm.agree import agree_on_failure, decide_on_root
+from ..comm.base import Communicator
 from ..config.load import config_to_dict
 from ..config.schema import RunConfig
 from ..io.checkpoint import Checkpoint, CheckpointError, RankState, checkpoint_name, list_checkpoints
@@ -27,27 +28,6 @@ class ChosenCheckpoint:
     checkpoint: Checkpoint
     state: Optional[RankState] = None
     shared: Optional[dict[str, torch.Tensor]] = None
-
-
-# A failing rank's message travels to every rank in a buffer of this size (longer ones are cut).
-_MESSAGE_BYTES = 2048
-
-
-def first_failure(comm: Communicator, failure: Optional[str]) -> Optional[str]:
-    """Every rank learns whether any rank failed, and the lowest failing rank's message."""
-    failed = torch.zeros(comm.size, dtype=torch.int64)
-    failed[comm.rank] = 1 if failure else 0
-    comm.allreduce_(failed, average=False)
-    if not int(failed.sum().item()):
-        return None
-    first = int(failed.nonzero()[0].item())
-    text = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
-    if comm.rank == first:
-        encoded = str(failure).encode()[:_MESSAGE_BYTES]
-        text[:len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
-    comm.broadcast_(text, root=first)
-    return bytes(text[text.nonzero().flatten()].tolist()).decode(errors="replace")
-
 
 
 def _nth_newest_step(directory: Path, position: int) -> int:
@@ -85,7 +65,7 @@ def choose_checkpoint(comm: Communicator, resume: str, directory: Path, locking:
             chosen = ChosenCheckpoint(Checkpoint(path, locking))
         except CheckpointError as exc:
             failure = str(exc)
-        message = first_failure(comm, failure)
+        message = agree_on_failure(comm, failure)
         if message is None:
             assert chosen is not None
             # Another model or world is not damage: refused, never skipped.
@@ -99,7 +79,7 @@ def choose_checkpoint(comm: Communicator, resume: str, directory: Path, locking:
                     chosen.checkpoint.verify()
             except CheckpointError as exc:
                 failure = str(exc)
-            message = first_failure(comm, failure)
+            message = agree_on_failure(comm, failure)
             if message is None:
                 return chosen
         if resume != "auto":

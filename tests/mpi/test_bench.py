@@ -12,7 +12,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 
 from hpc_localsgd.config.schema import ModelConfig
 from hpc_localsgd.train.models import build_model
@@ -33,6 +32,25 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     proc = run_mpi(2, bench("--quick", "--out", str(folder / "bench.json")), timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, json.loads((folder / "bench.json").read_text()), folder
+
+
+# What the ranks' interpreter reports about itself, asked in a process of its own: the modules'
+# own __version__, where the bench records package metadata (torch aside).
+VERSION_PROBE = ("import json, platform, h5py, mpi4py, numpy, torch, hpc_localsgd; print(json.dumps({"
+                 "'python': platform.python_version(), 'torch': torch.__version__, 'numpy': numpy.__version__, "
+                 "'h5py': h5py.__version__, 'mpi4py': mpi4py.__version__, 'hpc_localsgd': hpc_localsgd.__version__}))")
+
+
+@pytest.fixture(scope="module")
+def ranks_versions() -> dict[str, str]:
+    """The versions a rank started like the bench's ranks (mpirun, this session's interpreter) reports."""
+    proc = run_mpi(1, ["python", "-c", VERSION_PROBE], timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def recorded_versions(document: dict, expected: dict[str, str]) -> dict[str, str]:
+    return {name: document["versions"].get(name) for name in expected}
 
 
 def model_bytes() -> tuple[int, int]:
@@ -59,6 +77,11 @@ def test_quick_bench_follows_the_schema(quick_run) -> None:
     del broken["projection"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, SCHEMA)
+
+
+def test_quick_bench_records_the_versions_its_ranks_ran(quick_run, ranks_versions) -> None:
+    _, document, _ = quick_run
+    assert recorded_versions(document, ranks_versions) == ranks_versions
 
 
 def test_quick_bench_counts_bytes_exactly(quick_run) -> None:
@@ -157,7 +180,7 @@ def test_sbatch_script_parses() -> None:
     subprocess.run(["bash", "-n", str(REPO_ROOT / "slurm" / "bench.sbatch")], check=True)
 
 
-def test_reframe_check_runs_with_the_local_launcher(tmp_path: Path) -> None:
+def test_reframe_check_runs_with_the_local_launcher(tmp_path: Path, ranks_versions: dict[str, str]) -> None:
     reframe = str(Path(sys.executable).parent / "reframe")
     # scripts/install.sh installs reframe-hpc: a missing one is a failure, not a skip.
     assert Path(reframe).exists(), "reframe-hpc is not installed in this environment"
@@ -165,10 +188,13 @@ def test_reframe_check_runs_with_the_local_launcher(tmp_path: Path) -> None:
     env = {**os.environ, **MPI_TEST_ENV, "PYTHONPATH": str(REPO_ROOT), "TMPDIR": str(tmp_path)}
     proc = subprocess.run([reframe, "-C", str(REPO_ROOT / "bench" / "reframe" / "settings.py"),
                            "-c", str(REPO_ROOT / "bench" / "reframe" / "hpc_localsgd_bench.py"),
-                           "--prefix", str(tmp_path), "--nocolor", "-S", "quick=true", "-r"],
+                           "--prefix", str(tmp_path), "--nocolor", "-S", "quick=true", "--keep-stage-files", "-r"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert "[  PASSED  ] Ran 1/1 test case(s)" in proc.stdout, proc.stdout[-5000:]
     # The performance variables were extracted from the summary line.
     assert "sync_over_floor" in proc.stdout and "h16_efficiency" in proc.stdout
-    assert torch.__version__  # the check ran the venv's interpreter, which imports torch
+    # The check's ranks ran this environment's interpreter and packages: their bench.json says so.
+    written = sorted((tmp_path / "stage").rglob("bench.json"))
+    assert len(written) == 1, written
+    assert recorded_versions(json.loads(written[0].read_text()), ranks_versions) == ranks_versions

@@ -9,10 +9,9 @@ import torch
 
 import hpc_localsgd.comm as comm_package
 from hpc_localsgd.comm import SingleCommunicator, ThreadGroup, check_world, make_communicator, resolve_backend
-from hpc_localsgd.comm.base import WorldLayout
 from hpc_localsgd.comm.torch_dist import rendezvous_address
 from hpc_localsgd.errors import BackendUnavailable, ConfigError, LauncherMismatch
-from hpc_localsgd.launcher.env import LaunchEnvironment
+from hpc_localsgd.launcher.env import LaunchEnvironment, WorldLayout
 
 CPU = torch.device("cpu")
 ALONE = LaunchEnvironment("none", WorldLayout(0, 1, 0, 1, 0, 1))

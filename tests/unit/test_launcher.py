@@ -8,9 +8,8 @@ import os
 
 import pytest
 
-from hpc_localsgd.comm.base import WorldLayout
 from hpc_localsgd.errors import LauncherMismatch
-from hpc_localsgd.launcher.env import detect_launch, threads_for_rank
+from hpc_localsgd.launcher.env import WorldLayout, detect_launch, threads_for_rank
 
 ONE_PROCESS = WorldLayout(rank=0, size=1, local_rank=0, local_size=1, node_rank=0, num_nodes=1)
 

@@ -12,13 +12,12 @@ import torch.nn.functional as F
 
 from hpc_localsgd.algorithms.engine import AveragingEngine
 from hpc_localsgd.algorithms.schedule import SyncSchedule
-from hpc_localsgd.comm.base import WorldLayout
 from hpc_localsgd.comm.simulated import SimulatedCommunicator
 from hpc_localsgd.config import load_config
 from hpc_localsgd.config.schema import AlgorithmConfig
 from hpc_localsgd.errors import ConfigError, UserError
 from hpc_localsgd.io.metrics import read_metrics
-from hpc_localsgd.launcher.env import LaunchEnvironment
+from hpc_localsgd.launcher.env import LaunchEnvironment, WorldLayout
 from hpc_localsgd.train.loop import train
 from hpc_localsgd.train.models import SmallCNN
 from hpc_localsgd.train.replicas import ReplicatedModel
