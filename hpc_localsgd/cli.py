@@ -57,7 +57,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .launcher.sweep import already_written, describe_plan, plan_sweep, run_here, submit, write_sweep
+    from .sweep import already_written, describe_plan, plan_sweep, run_here, submit, write_sweep
 
     plan = plan_sweep(args.grid, args.out)
     if args.run_here:

@@ -26,7 +26,7 @@ from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
-from ..io.metrics import MetricsWriter
+from ..io.metrics import METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter
 from ..launcher.env import software_versions
 from .lr import LRSchedule
 
@@ -177,10 +177,10 @@ def open_metrics(cfg: RunConfig, workers: Workers, opt: Optimization,
                  resume_after_step: Optional[int] = None) -> MetricsWriter:
     """The run's ``metrics.h5`` with its header; ``resume_after_step`` continues an existing file."""
     world = {**workers.world, "threads_per_rank": torch.get_num_threads(), "host": platform.node()}
-    return MetricsWriter(Path(cfg.output.run_dir) / "metrics.h5",
+    return MetricsWriter(Path(cfg.output.run_dir) / METRICS_FILE,
                          {"config": config_to_yaml(cfg), "world": world, "versions": software_versions(),
                           "method": describe_method(cfg), "steps_per_epoch": workers.steps_per_epoch,
-                          "total_steps": opt.total_steps, "global_batch": opt.global_batch},
+                          TOTAL_STEPS_ATTR: opt.total_steps, "global_batch": opt.global_batch},
                          cfg.output.metrics_flush_seconds, locking=cfg.output.hdf5_file_locking,
                          resume_after_step=resume_after_step)
 

@@ -13,7 +13,7 @@ import pytest
 
 from hpc_localsgd.io.metrics import (EVAL_FIELDS, METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter,
                                      metrics_file_finished, run_finished)
-from hpc_localsgd.launcher.sweep import _finished as sweep_finished
+from hpc_localsgd.sweep import _finished as sweep_finished
 from hpc_localsgd.report import collect
 
 REPO = Path(__file__).resolve().parents[2]

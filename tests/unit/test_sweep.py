@@ -9,7 +9,7 @@ import pytest
 
 from hpc_localsgd.config import load_config
 from hpc_localsgd.errors import ConfigError, UserError
-from hpc_localsgd.launcher.sweep import plan_sweep, write_sweep
+from hpc_localsgd.sweep import plan_sweep, write_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 
