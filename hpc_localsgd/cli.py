@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import UserError, print_line
 
@@ -40,7 +41,7 @@ class _HelpConfig(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: Optional[str] = None) -> None:
+                 option_string: str | None = None) -> None:
         from .config import RunConfig, describe
 
         sys.stdout.write("Every key of a run config: a YAML section and key, or --set KEY=VALUE. Defaults are "
@@ -69,7 +70,7 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     write_sweep(plan, overwrite=args.overwrite)
     if args.submit:
-        for array, job in zip(plan.arrays, submit(plan)):
+        for array, job in zip(plan.arrays, submit(plan), strict=True):
             print(f"submitted {array} as job {job}")
     else:
         print(f"wrote {len(plan.points)} configs, manifest.json and {len(plan.arrays)} array script(s); "
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

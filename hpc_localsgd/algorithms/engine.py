@@ -15,8 +15,8 @@ which are averaged whenever the model is evaluated).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -71,10 +71,10 @@ class AveragingEngine:
         assert all(len(spans) <= 1 for spans in self._sync_spans)
         # Per worker, also when this process simulates several.
         self.bytes_per_sync = sum((end - start) * g.flat.element_size()
-                                  for g, spans in zip(self.groups, self._sync_spans) for start, end in spans)
+                                  for g, spans in zip(self.groups, self._sync_spans, strict=True) for start, end in spans)
         # x_prev for the outer optimizer: the model right after the previous sync (parameters only).
         self.anchors: list[torch.Tensor] = []
-        self.gradients: Optional[GradientAllreduce] = None
+        self.gradients: GradientAllreduce | None = None
         if schedule.local_start is None or schedule.local_start > 0:
             self.gradients = GradientAllreduce(list(model.parameters()), comm, bucket_bytes, self.stats)
 
@@ -124,7 +124,7 @@ class AveragingEngine:
         if self.comm.size > 1:  # one rank communicates nothing; its outer step (Lookahead) still runs
             with self.stats.timed():
                 handles = [self.comm.iallreduce_(g.flat[..., start:end], average=True)
-                           for g, spans in zip(self.groups, self._sync_spans) for start, end in spans]
+                           for g, spans in zip(self.groups, self._sync_spans, strict=True) for start, end in spans]
                 for handle in handles:
                     handle.wait()
             self.stats.sync_rounds += 1

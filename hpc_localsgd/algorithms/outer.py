@@ -14,10 +14,11 @@ import torch
 
 
 class OuterOptimizer(abc.ABC):
-    """Plain model averaging: x ← x̄ (local SGD)."""
+    """What a sync does with the averaged model."""
 
     needs_anchor = False
 
+    @abc.abstractmethod
     def step(self, averaged: torch.Tensor, anchor: torch.Tensor | None, lr: float, index: int) -> None:
         """Update ``averaged`` (group ``index`` of the flat storage) into the new model in place."""
 
@@ -30,7 +31,10 @@ class OuterOptimizer(abc.ABC):
 
 
 class PlainAverage(OuterOptimizer):
-    pass
+    """Plain model averaging: x ← x̄ (local SGD)."""
+
+    def step(self, averaged: torch.Tensor, anchor: torch.Tensor | None, lr: float, index: int) -> None:
+        return None
 
 
 class _MomentumOuter(OuterOptimizer):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from ..config.schema import AlgorithmConfig
 from ..errors import ConfigError
@@ -19,11 +18,11 @@ class SyncSchedule:
     """
 
     sync_period: int
-    local_start: Optional[int]
+    local_start: int | None
 
     @classmethod
     def from_config(cls, cfg: AlgorithmConfig, steps_per_epoch: int,
-                    first_decay_step: Optional[int] = None) -> "SyncSchedule":
+                    first_decay_step: int | None = None) -> SyncSchedule:
         """The one place that says when local SGD starts: never for all-reduce SGD, at step 0 for
         local SGD, and for post-local SGD at ``switch_step``, ``switch_epoch`` or else at the LR
         schedule's first decay (``first_decay_step``), as Lin et al. (2020) switch."""
@@ -40,7 +39,7 @@ class SyncSchedule:
         return (completed_steps - self.local_start) % self.sync_period == 0
 
 
-def _local_start(cfg: AlgorithmConfig, steps_per_epoch: int, first_decay_step: Optional[int]) -> Optional[int]:
+def _local_start(cfg: AlgorithmConfig, steps_per_epoch: int, first_decay_step: int | None) -> int | None:
     if cfg.method == "allreduce":
         return None
     if cfg.method == "local_sgd":

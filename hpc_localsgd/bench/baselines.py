@@ -7,7 +7,7 @@ measure the package against itself.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from ..launcher.env import LaunchEnvironment
 from .workload import Workload, synchronize_device
 
 
-def horovod_unavailable() -> Optional[str]:
+def horovod_unavailable() -> str | None:
     """Why ``horovod.torch`` cannot be used here, or None."""
     try:
         import horovod.torch  # noqa: F401

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..comm import BACKENDS
 from ..config import build, setting
@@ -52,14 +52,14 @@ class BenchOptions:
     baselines: tuple[str, ...] = setting(BASELINES, "Reference loops for synchronous training.",
                                          rule=f"any of {', '.join(BASELINES)}")
     phases: tuple[str, ...] = setting(PHASES, "What to measure.", rule=f"at least one of {', '.join(PHASES)}")
-    out: Optional[str] = setting(None, "Write the results as JSON to this file (null: print only).",
+    out: str | None = setting(None, "Write the results as JSON to this file (null: print only).",
                                  rule="a file in an existing folder")
-    io_dir: Optional[str] = setting(None, "Where checkpoint files are written: it must be a folder every rank "
+    io_dir: str | None = setting(None, "Where checkpoint files are written: it must be a folder every rank "
                                           "sees (null: the folder of out, else the current one). A private "
                                           "subfolder is made and removed.", rule="an existing writable folder")
     threads: int = setting(0, "torch threads per rank (0: as for training).", range=">= 0")
     device: str = setting("auto", "auto, cpu or cuda[:N].", rule="'auto', 'cpu' or 'cuda[:N]'")
-    projection_step_seconds: Optional[float] = setting(
+    projection_step_seconds: float | None = setting(
         None, "Compute time per step for the projection instead of the measured one (e.g. a GPU's).",
         range="> 0", flag="--project-step-seconds")
     quick: bool = setting(False, "A problem that runs in seconds on two CPU cores; options given explicitly "
@@ -71,7 +71,7 @@ class BenchOptions:
                 "steps": 8}
 
     @classmethod
-    def from_given(cls, quick: bool = False, **given: Any) -> "BenchOptions":
+    def from_given(cls, quick: bool = False, **given: Any) -> BenchOptions:
         """Options from what the user gave (None = not given): given values, else quick or normal defaults.
 
         Names and types are checked by the config loader, so a wrong one is refused with one line."""
@@ -118,7 +118,7 @@ class BenchOptions:
             return Path(self.out).parent if str(Path(self.out).parent) else Path(".")
         return Path(".")
 
-    def window_steps(self, sync_period: Optional[int] = None) -> int:
+    def window_steps(self, sync_period: int | None = None) -> int:
         """Steps in one timed window; whole sync periods for local SGD."""
         if sync_period is None:
             return self.steps

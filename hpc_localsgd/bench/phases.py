@@ -6,13 +6,14 @@ repetition yields one paired sample per configuration measured under the same co
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import h5py
 import numpy as np
@@ -23,13 +24,12 @@ from ..algorithms.engine import AveragingEngine
 from ..algorithms.flat import PARAMS
 from ..comm.agree import broadcast_text
 from ..comm.base import Communicator
-from ..io.checkpoint import Checkpoint, CheckpointWriter, fsync_path, to_numpy
+from ..io.checkpoint import Checkpoint, CheckpointWriter, bytes_of, fsync_path, to_numpy
 from ..launcher.env import LaunchEnvironment
 from ..train.checkpointer import rank_state
 from .options import BenchOptions
 from .stats import Figure, Target, gather, paired_ratios, rank_mean, slowest
-from .workload import (LEARNING_RATE, EngineLoop, PlainLoop, TrainingLoop, Workload, synchronize_device,
-                       time_window)
+from .workload import LEARNING_RATE, EngineLoop, PlainLoop, TrainingLoop, Workload, synchronize_device, time_window
 
 SYNC_TARGET = Target("<=", 1.10)
 THROUGHPUT_TARGET = Target(">=", 0.95)
@@ -52,8 +52,8 @@ class BenchContext:
     skipped: list[dict[str, str]] = field(default_factory=list)
     # Measured values the projection needs (compute time per step).
     facts: dict[str, float] = field(default_factory=dict)
-    _local: Optional[EngineLoop] = None
-    _allreduce: Optional[EngineLoop] = None
+    _local: EngineLoop | None = None
+    _allreduce: EngineLoop | None = None
 
     def local_loop(self) -> EngineLoop:
         """Local SGD with plain averaging; one model serves every H and the no-communication limit."""
@@ -77,6 +77,12 @@ class BenchContext:
 
     def skip(self, figure_id: str, reason: str) -> None:
         self.skipped.append({"id": figure_id, "reason": reason})
+
+
+def _hash_all(arrays: dict[str, np.ndarray]) -> None:
+    """The checkpoint's integrity digests of ``arrays`` alone (what the package adds to a raw write)."""
+    for array in arrays.values():
+        xxhash.xxh3_64_intdigest(bytes_of(array))
 
 
 def _timed(comm: Communicator, device: torch.device, action: Callable[[], None]) -> float:
@@ -172,7 +178,7 @@ def measure_bare_limit(options: BenchOptions, workload: Workload) -> list[float]
 class _Window:
     loop: TrainingLoop
     steps: int
-    sync_period: Optional[int] = None  # for the local SGD loop: H, or None for the no-communication limit
+    sync_period: int | None = None  # for the local SGD loop: H, or None for the no-communication limit
     local: bool = False
 
 
@@ -219,7 +225,7 @@ def _rate(ctx: BenchContext, measured: _Measured) -> list[float]:
     return [ctx.comm.size * ctx.options.batch * measured.steps / t for t in measured.seconds]
 
 
-def measure_throughput(ctx: BenchContext, bare_seconds: list[float], ddp: Optional[TrainingLoop]) -> None:
+def measure_throughput(ctx: BenchContext, bare_seconds: list[float], ddp: TrainingLoop | None) -> None:
     """Local SGD at every H, the in-process limit, method allreduce and (when given) DDP, interleaved."""
     comm, options = ctx.comm, ctx.options
     batch = options.batch
@@ -342,7 +348,7 @@ def measure_slowmo(ctx: BenchContext, slowmo: EngineLoop) -> None:
         Figure("slowmo.sync_seconds", "slowmo", "SlowMo sync: average, then u ← β·u + (x_prev − x̄)/γ and "
                "x ← x_prev − α·γ·u", "s", slowmo_times),
         Figure("slowmo.extra_seconds_per_sync", "slowmo", "SlowMo sync time minus plain sync time (paired)", "s",
-               [s - p for s, p in zip(slowmo_times, plain_times)]),
+               [s - p for s, p in zip(slowmo_times, plain_times, strict=True)]),
         Figure("slowmo.extra_memory_bytes", "slowmo",
                "bytes of the engine's extra tensors with SlowMo: anchor x_prev and slow momentum u", "B",
                [float(extra_bytes)], exact=True),
@@ -446,8 +452,7 @@ def measure_checkpoint(ctx: BenchContext, slowmo: EngineLoop) -> None:
             clean()
         # Integrity hashing is what the package adds to a raw write/read: time it alone, for the explanation.
         for _ in range(options.repeats):
-            times["hash"].append(_timed(comm, ctx.device, lambda: [
-                xxhash.xxh3_64_intdigest(a.reshape(-1).view(np.uint8)) for a in raw_mine.values()]))
+            times["hash"].append(_timed(comm, ctx.device, functools.partial(_hash_all, raw_mine)))
     finally:
         comm.barrier()
         if comm.is_root:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -13,12 +14,19 @@ from ..errors import UserError, one_line
 from ..launcher.env import detect_launch, select_device, threads_for_rank
 from .baselines import DDPLoop, DDPSession, HorovodLoop, HorovodSession, horovod_unavailable
 from .options import BenchOptions
-from .phases import (LOCAL_SGD_TARGET_PERIOD, SLOWMO_SYNC_PERIOD, BenchContext, measure_averaging,
-                     measure_bare_limit, measure_checkpoint, measure_horovod_baseline, measure_slowmo,
-                     measure_throughput)
+from .phases import (
+    LOCAL_SGD_TARGET_PERIOD,
+    SLOWMO_SYNC_PERIOD,
+    BenchContext,
+    measure_averaging,
+    measure_bare_limit,
+    measure_checkpoint,
+    measure_horovod_baseline,
+    measure_slowmo,
+    measure_throughput,
+)
 from .projection import format_projection, project
-from .report import (build_document, environment, format_table, summary_line, validate_document,
-                     write_document)
+from .report import build_document, environment, format_table, summary_line, validate_document, write_document
 from .workload import EngineLoop, Workload
 
 METHOD = ("each figure is measured once per repetition after untimed warm-up; configurations compared with "
@@ -46,8 +54,8 @@ def _probe(workload: Workload, options: BenchOptions) -> dict[str, int]:
             "buffer_bytes": sum(b.numel() * b.element_size() for b in buffers)}
 
 
-def run_bench(options: BenchOptions, command: Optional[list[str]] = None,
-              print_fn: Callable[[str], None] = print) -> Optional[dict[str, Any]]:
+def run_bench(options: BenchOptions, command: list[str] | None = None,
+              print_fn: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Run the benchmark on this rank; every rank calls it with the same options.
 
     Returns the JSON document on rank 0 (None elsewhere). Bad input raises ``UserError`` on

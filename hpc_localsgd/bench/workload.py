@@ -8,9 +8,10 @@ on every rank, as data-parallel shards are): data loading is not what is measure
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import nn
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
-from ..config.schema import RunConfig
+from ..config.schema import Method, OuterMethod, RunConfig
 from ..train.data import derive_seed
 from ..train.models import build_model
 
@@ -46,7 +47,7 @@ class Workload:
     batches: list[tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def create(cls, cfg: RunConfig, device: torch.device, rank: int, num_classes: int) -> "Workload":
+    def create(cls, cfg: RunConfig, device: torch.device, rank: int, num_classes: int) -> Workload:
         shape = (3, cfg.data.image_size, cfg.data.image_size)
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "bench-data", rank))
         batches = []
@@ -92,8 +93,8 @@ class TrainingLoop(Protocol):
 class EngineLoop:
     """The package's training step (``AveragingEngine.train_step``, the one training calls)."""
 
-    def __init__(self, name: str, workload: Workload, comm: Communicator, algorithm: str, sync_period: int = 1,
-                 outer: str = "none") -> None:
+    def __init__(self, name: str, workload: Workload, comm: Communicator, algorithm: Method, sync_period: int = 1,
+                 outer: OuterMethod = "none") -> None:
         self.name = name
         self.workload = workload
         cfg = workload.cfg
@@ -107,7 +108,7 @@ class EngineLoop:
                                       bucket_bytes=int(cfg.comm.bucket_mb * 2**20))
         self.engine.broadcast_initial_state()
 
-    def set_sync_period(self, sync_period: Optional[int]) -> None:
+    def set_sync_period(self, sync_period: int | None) -> None:
         """Local SGD with period H from the next window on; None: never average (each rank alone).
 
         One model serves every H and the no-communication limit, so that they differ only in
@@ -123,7 +124,7 @@ class EngineLoop:
         model = self.model
         for step in range(steps):
             x, y = self.workload.batch(step)
-            self.engine.train_step(step, LEARNING_RATE, lambda: _logits_and_loss(model, x, y))
+            self.engine.train_step(step, LEARNING_RATE, functools.partial(_logits_and_loss, model, x, y))
         synchronize_device(self.workload.device)
 
     def comm_seconds(self) -> float:

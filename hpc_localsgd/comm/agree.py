@@ -8,7 +8,7 @@ communicators (one rank per process), not for the simulated backend's stacked wo
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -16,7 +16,7 @@ from ..errors import UserError
 from .base import Communicator
 
 
-def broadcast_text(comm: Communicator, text: Optional[str], root: int = 0) -> str:
+def broadcast_text(comm: Communicator, text: str | None, root: int = 0) -> str:
     """``root``'s ``text`` on every rank (the other ranks' ``text`` is ignored; None is "").
 
     Any length: the byte count travels first, so nothing is cut and every rank sizes its buffer alike.
@@ -34,7 +34,7 @@ def broadcast_text(comm: Communicator, text: Optional[str], root: int = 0) -> st
     return bytes(buffer.tolist()).decode()
 
 
-def agree_on_failure(comm: Communicator, failure: Optional[str]) -> Optional[str]:
+def agree_on_failure(comm: Communicator, failure: str | None) -> str | None:
     """None when no rank failed, else the lowest failing rank's message, on every rank.
 
     ``failure`` is this rank's message, None when it succeeded. The lowest failing rank is chosen so
@@ -49,18 +49,18 @@ def agree_on_failure(comm: Communicator, failure: Optional[str]) -> Optional[str
     return broadcast_text(comm, failure, root=first)
 
 
-def decide_on_root(comm: Communicator, decide: Callable[[], int]) -> int:
-    """Run ``decide`` on rank 0 only and give its integer result to every rank.
+def decide_on_root(comm: Communicator, decide: Callable[[], int | None]) -> int:
+    """Run ``decide`` on rank 0 only and give its integer result (None counts as 0) to every rank.
 
     A ``UserError`` raised by ``decide`` is raised again, with rank 0's message, on every rank, so that
     a refusal seen by rank 0 ends all ranks together. Used for decisions about shared files that must
     not race between ranks (creating the run directory, choosing the checkpoint to resume).
     """
-    message: Optional[str] = None
+    message: str | None = None
     value = 0
     if comm.is_root:
         try:
-            value = int(decide())
+            value = int(decide() or 0)
         except UserError as exc:
             message = str(exc)
     outcome = torch.tensor([0 if message is None else 1, value], dtype=torch.int64)

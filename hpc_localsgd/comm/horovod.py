@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -32,7 +32,7 @@ class _HorovodHandle(Handle):
     def __init__(self, hvd: Any, hvd_handle: int, buffer: torch.Tensor, reduced: torch.Tensor,
                  divisor: int) -> None:
         self._hvd = hvd
-        self._hvd_handle: Optional[int] = hvd_handle
+        self._hvd_handle: int | None = hvd_handle
         self._buffer = buffer
         self._reduced = reduced  # ``buffer`` itself, or its float32 copy for bfloat16
         self._divisor = divisor
@@ -52,7 +52,7 @@ class HorovodCommunicator(Communicator):
 
     name = "horovod"
 
-    def __init__(self, launcher_layout: WorldLayout, cycle_time_ms: Optional[float] = None) -> None:
+    def __init__(self, launcher_layout: WorldLayout, cycle_time_ms: float | None = None) -> None:
         import horovod.torch as hvd  # imported here: horovod is optional and initialises MPI
 
         if cycle_time_ms is not None:

@@ -9,7 +9,8 @@ import dataclasses
 import datetime
 import os
 import socket
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ def _free_tcp_port() -> int:
 
 
 def rendezvous_address(layout: WorldLayout, launcher: str,
-                       env: Optional[Mapping[str, str]] = None) -> tuple[str, int]:
+                       env: Mapping[str, str] | None = None) -> tuple[str, int]:
     """Where rank 0's TCP store listens: MASTER_ADDR/MASTER_PORT, else agreed over MPI, else an error.
 
     Under ``mpirun`` or ``srun`` nobody sets MASTER_ADDR, but MPI already connects the ranks:
@@ -71,7 +72,7 @@ class _WorkHandle(Handle):
     """A torch.distributed ``Work``; the sum becomes an average after it completes."""
 
     def __init__(self, work: Any, buffer: torch.Tensor, divisor: int) -> None:
-        self._work: Optional[Any] = work
+        self._work: Any | None = work
         self._buffer = buffer
         self._divisor = divisor
 

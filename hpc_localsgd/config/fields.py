@@ -17,8 +17,9 @@ import re
 import textwrap
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 from ..errors import ConfigError
 
@@ -42,13 +43,13 @@ class Range:
     """A closed or open bound on a number: written ``">= 1"``, ``"> 0"``, ``"[0, 1)"`` or ``"(0, 1]"``."""
 
     text: str
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     low_open: bool = False
     high_open: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "Range":
+    def parse(cls, text: str) -> Range:
         text = text.strip()
         bound = _BOUND.match(text)
         if bound:
@@ -72,8 +73,8 @@ class Range:
         return self.text
 
 
-def setting(default: T, help: str, *, range: Optional[str] = None, choices: Optional[Sequence[str]] = None,
-            rule: Optional[str] = None, flag: Optional[str] = None) -> T:
+def setting(default: T, help: str, *, range: str | None = None, choices: Sequence[str] | None = None,
+            rule: str | None = None, flag: str | None = None) -> T:
     """A field of a schema dataclass.
 
     help     what the setting means (one or two sentences; printed by ``--help-config``)

@@ -12,8 +12,9 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -140,7 +141,7 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[str | Path], overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """Read a YAML config (or only defaults when ``path`` is None), apply overrides, validate."""
     tree: dict[str, Any] = {}
     if path is not None:

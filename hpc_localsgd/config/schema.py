@@ -10,7 +10,7 @@ that involve several fields.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from ..errors import ConfigError
 from .fields import check_declared, section, setting
@@ -53,7 +53,7 @@ class DataConfig:
 
     name: DatasetName = setting("digits", "The dataset: digits (scikit-learn's 8×8 digits, in memory), synthetic "
                                           "(see data.synthetic), cifar10 or imagenet (read from data.path).")
-    path: Optional[str] = setting(None, "Folder for cifar10 (holding data_batch_1..5 and test_batch, or their "
+    path: str | None = setting(None, "Folder for cifar10 (holding data_batch_1..5 and test_batch, or their "
                                         "cifar-10-batches-py parent) and imagenet (holding train/ and val/ "
                                         "ImageFolder trees). Unused otherwise.",
                                   rule="required for cifar10 and imagenet")
@@ -133,10 +133,10 @@ class AlgorithmConfig:
                                           "switch, local_sgd after).")
     sync_period: int = setting(4, "Local steps between two model averagings (H) for local_sgd and post_local_sgd.",
                                range=">= 1")
-    switch_step: Optional[int] = setting(None, "post_local_sgd: the optimizer step at which local SGD starts "
+    switch_step: int | None = setting(None, "post_local_sgd: the optimizer step at which local SGD starts "
                                                "(null: see switch_epoch).", range=">= 0",
                                          rule="not with switch_epoch; only for post_local_sgd")
-    switch_epoch: Optional[float] = setting(None, "post_local_sgd: the epoch at which local SGD starts (null with "
+    switch_epoch: float | None = setting(None, "post_local_sgd: the epoch at which local SGD starts (null with "
                                                   "switch_step null: the first LR decay).", range=">= 0",
                                             rule="not with switch_step; only for post_local_sgd")
     outer: OuterMethod = setting("none", "The outer step on the averaged model at each sync: none (plain average), "
@@ -180,7 +180,7 @@ class CommConfig:
                                         "their models stacked and computed as one batch; same engine, same numbers "
                                         "as that many MPI ranks.",
                                      rule=">= 1 with backend simulated, else 0")
-    horovod_cycle_time_ms: Optional[float] = setting(
+    horovod_cycle_time_ms: float | None = setting(
         None, "How often Horovod's background thread coordinates the ranks, in ms. null: Horovod's default (or "
               "HOROVOD_CYCLE_TIME) for all-reduce SGD, 10 ms for local and post-local SGD, whose ranks have "
               "nothing to coordinate between syncs (docs/BENCHMARKS.md, target 3).", range="> 0")
@@ -202,7 +202,7 @@ class TrainConfig:
     epochs: float = setting(90.0, "Length of the run in epochs (passes over the training set, split across the "
                                   "workers); a fraction is allowed. The LR schedule is laid out over it.",
                             range="> 0")
-    max_steps: Optional[int] = setting(None, "Stop after this many optimizer steps even if epochs are not done "
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps even if epochs are not done "
                                              "(null: run all epochs).", range=">= 1")
     eval_every_epochs: float = setting(1.0, "Evaluate on the test set every this many epochs (rounded to whole "
                                             "steps), and at the end.", range="> 0")

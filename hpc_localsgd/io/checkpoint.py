@@ -31,10 +31,11 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import h5py
 import numpy as np
@@ -69,19 +70,20 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _bytes_of(array: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+def bytes_of(array: np.ndarray) -> memoryview:
+    """The array's memory as bytes, without a copy when it is contiguous (what the digests read)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
 def _digest(array: np.ndarray) -> str:
-    return xxhash.xxh3_64_hexdigest(_bytes_of(array))
+    return xxhash.xxh3_64_hexdigest(bytes_of(array))
 
 
 def _legacy_digest(array: np.ndarray) -> str:
-    return hashlib.blake2b(_bytes_of(array), digest_size=8).hexdigest()
+    return hashlib.blake2b(bytes_of(array), digest_size=8).hexdigest()
 
 
-def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor, digest: Optional[str] = None) -> None:
+def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor, digest: str | None = None) -> None:
     """``digest``: the tensor's digest when the caller has computed it already (hashing once)."""
     array = to_numpy(tensor)
     dataset = group.create_dataset(name, data=array)
@@ -121,7 +123,7 @@ def _read_tensors(path: Path, datasets: dict[str, h5py.Dataset], keep: bool = Tr
     """Read and verify several datasets, hashing each one while the next is read; ``keep=False``
     (verification only) holds at most two datasets in memory."""
     tensors: dict[str, torch.Tensor] = {}
-    pending: Optional[tuple[h5py.Dataset, Future[str]]] = None
+    pending: tuple[h5py.Dataset, Future[str]] | None = None
 
     def settle() -> None:
         if pending is not None and pending[1].result() != pending[0].attrs["xxh3_64"]:
@@ -162,7 +164,7 @@ def _read_int_buffers(path: Path, group: h5py.Group) -> dict[str, torch.Tensor]:
             buffers[key] = tensor
             continue
         offset = 0
-        for name, shape in zip(json.loads(dataset.attrs["names"]), json.loads(dataset.attrs["shapes"])):
+        for name, shape in zip(json.loads(dataset.attrs["names"]), json.loads(dataset.attrs["shapes"]), strict=True):
             count = int(np.prod(shape, dtype=np.int64))
             buffers[name] = tensor[offset:offset + count].reshape(shape).clone()
             offset += count
@@ -175,7 +177,8 @@ def _write_rng(group: h5py.Group) -> None:
     if torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             _write_tensor(group, f"cuda{index}", state)
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)  # the legacy form: (name, keys, pos, has_gauss, cached)
     _write_tensor(group, "numpy_keys", torch.from_numpy(keys.astype(np.int64)))
     group["numpy_keys"].attrs.update({"kind": kind, "pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached})
     version, internal, gauss_next = random.getstate()
@@ -240,7 +243,7 @@ class CheckpointWriter:
             for stale in directory.glob(".step-*.tmp"):
                 stale.unlink()  # left by a writer that crashed; never a complete checkpoint
 
-    def _agree(self, failure: Optional[str]) -> None:
+    def _agree(self, failure: str | None) -> None:
         """Every rank learns whether any rank failed, so that none waits for another, and every rank
         reports the same cause: the lowest failing rank's."""
         message = agree_on_failure(self.comm, failure)
@@ -256,9 +259,9 @@ class CheckpointWriter:
         # Rank 0's digests let the others store a link instead of bytes equal to rank 0's.
         root_digests = torch.tensor([int(d, 16) - 2**63 for d in digests], dtype=torch.int64)
         self.comm.broadcast_(root_digests, root=0)
-        same_as_root = [int(d, 16) - 2**63 == int(r) for d, r in zip(digests, root_digests.tolist())]
+        same_as_root = [int(d, 16) - 2**63 == int(r) for d, r in zip(digests, root_digests.tolist(), strict=True)]
 
-        failure: Optional[str] = None
+        failure: str | None = None
         if self.comm.is_root:
             try:
                 with h5py.File(tmp, "w", locking=self.locking) as f:
@@ -309,7 +312,7 @@ class CheckpointWriter:
         with h5py.File(tmp, "a", locking=self.locking) as f:
             group = f.create_group(f"ranks/{rank}")
             tensors = group.create_group("state")
-            for name, digest, same in zip(names, digests, same_as_root):
+            for name, digest, same in zip(names, digests, same_as_root, strict=True):
                 if same and rank != 0:
                     tensors[name] = h5py.SoftLink(f"/ranks/0/state/{name}")
                 else:

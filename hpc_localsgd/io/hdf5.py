@@ -5,8 +5,9 @@ laptop, and must not pay for, or depend on, importing torch.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import h5py
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -37,7 +38,7 @@ _INT_FIELDS = {"step", "bytes_sent", "sync_rounds", "synced"}
 
 class MetricsWriter:
     def __init__(self, path: str | Path, attrs: dict[str, Any], flush_seconds: float, locking: bool = False,
-                 resume_after_step: Optional[int] = None) -> None:
+                 resume_after_step: int | None = None) -> None:
         """Create ``path``; or, with ``resume_after_step``, reopen it and drop the rows logged after
         that step (they were written after the checkpoint being resumed and will be logged again)."""
         self.path = Path(path)

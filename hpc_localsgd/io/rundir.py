@@ -1,6 +1,7 @@
 """The run directory: created by rank 0, never silently reused, holding the resolved config."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -35,7 +36,7 @@ def _prepare(run_dir: Path, overwrite: bool, resuming: bool) -> None:
 
 def prepare_run_dir(comm: Communicator, run_dir: Path, overwrite: bool, resuming: bool = False) -> None:
     """Rank 0 checks and creates the directory; every rank learns the outcome."""
-    decide_on_root(comm, lambda: _prepare(run_dir, overwrite, resuming) or 0)
+    decide_on_root(comm, functools.partial(_prepare, run_dir, overwrite, resuming))
 
 
 def write_text_atomically(path: Path, text: str) -> None:

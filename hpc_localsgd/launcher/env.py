@@ -10,15 +10,15 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 import torch
 
 from ..errors import LauncherMismatch, RankLocalError
 
 # (launcher, rank, size, local rank, local size, node rank) variable names, most specific first.
-_LAUNCHERS: tuple[tuple[str, str, str, str, str, Optional[str]], ...] = (
+_LAUNCHERS: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
     ("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE", "HOROVOD_CROSS_RANK"),
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
      "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_NODE_RANK"),
@@ -64,7 +64,7 @@ def _slurm_local_size(env: Mapping[str, str], node_rank: int) -> int:
     return counts[node_rank] if node_rank < len(counts) else 1
 
 
-def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchEnvironment:
+def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnvironment:
     """The layout given by the first launcher whose variables are set; one process otherwise.
 
     ``srun`` of an MPI program sets both Slurm's and PMI's variables; the MPI ones come first
@@ -125,7 +125,7 @@ def select_device(requested: str, layout: WorldLayout) -> torch.device:
     return torch.device("cuda", layout.local_rank % count)
 
 
-def threads_for_rank(requested: int, layout: WorldLayout, env: Optional[Mapping[str, str]] = None) -> int:
+def threads_for_rank(requested: int, layout: WorldLayout, env: Mapping[str, str] | None = None) -> int:
     """Intra-op threads: as asked, else OMP_NUM_THREADS, SLURM_CPUS_PER_TASK, or this rank's share of the node."""
     env = os.environ if env is None else env
     if requested > 0:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -187,7 +188,7 @@ def _label_variants(runs: list[Run]) -> list[Run]:
 
 
 def read_run(path: str | Path, attempts: int = 5, pause_seconds: float = 0.2,
-             warn: Callable[[str], None] = _warn) -> Optional[Run]:
+             warn: Callable[[str], None] = _warn) -> Run | None:
     """The run in ``path``, or None (after a warning) when it cannot be read right now.
 
     Raises :class:`UserError` for a file that is not an HDF5 file or not an hpc-localsgd metrics file.
@@ -195,7 +196,7 @@ def read_run(path: str | Path, attempts: int = 5, pause_seconds: float = 0.2,
     path = Path(path)
     if path.stat().st_size > 0 and not is_hdf5(path):
         raise UserError(f"'{path}' is not an HDF5 file")
-    failure: Optional[BaseException] = None
+    failure: BaseException | None = None
     for attempt in range(attempts):
         try:
             attrs, series = _read_once(path)
@@ -208,7 +209,7 @@ def read_run(path: str | Path, attempts: int = 5, pause_seconds: float = 0.2,
     else:
         if not is_hdf5(path):
             raise UserError(f"'{path}' is not an HDF5 file")
-        warn(f"skipping '{path}': unreadable after {attempts} attempts ({open_error_reason(failure)})")
+        warn(f"skipping '{path}': unreadable after {attempts} attempts ({open_error_reason(failure) if failure else 'unknown'})")
         return None
     return _run_from(path, attrs, series)
 

@@ -35,7 +35,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from ..config import build, read_yaml, section, setting
 from ..config.fields import check_declared
@@ -74,9 +74,9 @@ class SlurmShape:
 class SweepFile:
     """The keys of a sweep file (an example is in this module's docstring)."""
 
-    name: Optional[str] = setting(None, "The sweep's name: its output folder sweeps/<name> and its job names "
+    name: str | None = setting(None, "The sweep's name: its output folder sweeps/<name> and its job names "
                                         "(null: the sweep file's name without .yaml).")
-    base: Optional[str] = setting(None, "The run config every point starts from, relative to the sweep file "
+    base: str | None = setting(None, "The run config every point starts from, relative to the sweep file "
                                         "(null: the defaults).")
     set: dict[str, Any] = setting({}, "Overrides (dotted key: value) applied to every point.")
     variants: list[dict[str, Any]] = setting([], "One entry per method: overrides, where a list value expands "
@@ -124,7 +124,7 @@ class SweepPlan:
     arrays: dict[str, list[Point]]
     shape: SlurmShape
     scripts: dict[str, str]
-    base: Optional[Path]        # the config every point starts from
+    base: Path | None        # the config every point starts from
     common: dict[str, Any]      # overrides applied to every point
 
 
@@ -132,7 +132,7 @@ def _expand(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """{'a': [1, 2], 'b': 3} → [{'a': 1, 'b': 3}, {'a': 2, 'b': 3}]."""
     keys = list(entry)
     values = [v if isinstance(v, list) else [v] for v in entry.values()]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 
 
 def _slug(overrides: dict[str, Any], nodes: int) -> str:
@@ -144,7 +144,7 @@ def _assignments(overrides: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
 
 
-def plan_sweep(grid_file: str | Path, out: Optional[str | Path] = None) -> SweepPlan:
+def plan_sweep(grid_file: str | Path, out: str | Path | None = None) -> SweepPlan:
     grid_path = Path(grid_file)
     sweep = read_sweep_file(grid_path)
     name = sweep.name or grid_path.stem
@@ -253,7 +253,7 @@ def submit(plan: SweepPlan) -> list[str]:
         if done.returncode != 0:
             raise UserError(f"sbatch {plan.out / array} failed: {' '.join(done.stderr.split())}")
         ids.append(done.stdout.strip().split(";")[0])
-    (plan.out / "submitted.json").write_text(json.dumps(dict(zip(plan.arrays, ids)), indent=2) + "\n")
+    (plan.out / "submitted.json").write_text(json.dumps(dict(zip(plan.arrays, ids, strict=True)), indent=2) + "\n")
     return ids
 
 
@@ -265,7 +265,7 @@ def _finished(run_dir: Path) -> bool:
     return metrics_file_finished(run_dir / METRICS_FILE)
 
 
-def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tuple[Optional[float], str]:
+def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tuple[float | None, str]:
     """One point, in a pool worker: (final test accuracy or None, one line about it). ``threads``:
     torch threads for a simulated point whose config leaves them to the machine (train.threads 0),
     so that the pool's runs share the cores instead of each taking all of them."""

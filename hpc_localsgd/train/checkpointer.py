@@ -9,7 +9,7 @@ so the training loop and the benchmark never assemble it by hand.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..algorithms.engine import AveragingEngine
 from ..comm.base import Communicator
@@ -22,7 +22,7 @@ from .control import JobControl
 from .run import Optimization, Progress, describe_method
 
 
-def rank_state(engine: AveragingEngine, progress: Optional[Progress] = None) -> RankState:
+def rank_state(engine: AveragingEngine, progress: Progress | None = None) -> RankState:
     """This rank's resumable state: the engine's flat state, the model's integer buffers (BatchNorm's
     batch counters), the communication counters and the training-loss accumulators."""
     progress = progress or Progress()
@@ -32,16 +32,16 @@ def rank_state(engine: AveragingEngine, progress: Optional[Progress] = None) -> 
 
 class Checkpointer:
     def __init__(self, cfg: RunConfig, comm: Communicator, opt: Optimization, progress: Progress,
-                 metrics: Optional[MetricsWriter], steps_per_epoch: int, stop_at_step: Optional[int]) -> None:
+                 metrics: MetricsWriter | None, steps_per_epoch: int, stop_at_step: int | None) -> None:
         self.cfg, self.comm, self.opt, self.progress, self.metrics = cfg, comm, opt, progress, metrics
         self.steps_per_epoch = steps_per_epoch
         self.stop_at_step = stop_at_step
         self.writer = CheckpointWriter(Path(cfg.output.run_dir) / "checkpoints", comm, cfg.checkpoint.keep,
                                        cfg.output.hdf5_file_locking)
         self.control = JobControl(comm, cfg.checkpoint.poll_every_steps, cfg.checkpoint.every_minutes)
-        self.last: Optional[Path] = None  # the newest checkpoint this run wrote
+        self.last: Path | None = None  # the newest checkpoint this run wrote
 
-    def after_step(self, step: int) -> Optional[str]:
+    def after_step(self, step: int) -> str | None:
         """Checkpoint if anything asks for one after ``step`` completed steps; say why to stop, if so.
         Every rank calls it after every step (it may run a collective)."""
         decision = self.control.poll(step)

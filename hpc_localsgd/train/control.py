@@ -15,7 +15,6 @@ import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import Optional
 
 import torch
 
@@ -29,7 +28,7 @@ CHECKPOINT_SIGNALS = (signal.SIGUSR2,)
 class Decision:
     checkpoint: bool = False
     stop: bool = False
-    stop_signal: Optional[str] = None
+    stop_signal: str | None = None
 
 
 class JobControl:
@@ -38,7 +37,7 @@ class JobControl:
         self.poll_every_steps = poll_every_steps
         self.checkpoint_seconds = checkpoint_every_minutes * 60.0
         self.last_checkpoint = time.monotonic()
-        self._stop_signal: Optional[int] = None
+        self._stop_signal: int | None = None
         self._checkpoint_requested = False
         self._previous: dict[int, object] = {}
         # Python runs signal handlers in the main thread only; in-process simulations run elsewhere.
@@ -46,7 +45,7 @@ class JobControl:
             for sig in STOP_SIGNALS + CHECKPOINT_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
-    def _on_signal(self, signum: int, _frame: Optional[FrameType]) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum in CHECKPOINT_SIGNALS:
             self._checkpoint_requested = True
         else:

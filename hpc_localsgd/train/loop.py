@@ -7,8 +7,8 @@ signals (``checkpointer.py``), and the Slurm requeue after a SIGUSR1 stop.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -25,8 +25,17 @@ from .control import requeue_slurm_job
 from .data import derive_seed
 from .ranks import RankWorkers
 from .resume import ChosenCheckpoint, choose_checkpoint, restore
-from .run import (EvalResult, Progress, TrainResult, build_optimization, describe_method, open_metrics,
-                  run_training, seed_everything, start_line)
+from .run import (
+    EvalResult,
+    Progress,
+    TrainResult,
+    build_optimization,
+    describe_method,
+    open_metrics,
+    run_training,
+    seed_everything,
+    start_line,
+)
 
 __all__ = ["EvalResult", "TrainResult", "describe_method", "horovod_cycle_time_ms", "train"]
 
@@ -43,7 +52,7 @@ def _print_now(line: str) -> None:
 LOCAL_SGD_HOROVOD_CYCLE_TIME_MS = 10.0
 
 
-def horovod_cycle_time_ms(cfg: RunConfig) -> Optional[float]:
+def horovod_cycle_time_ms(cfg: RunConfig) -> float | None:
     """The configured cycle time; else the user's HOROVOD_CYCLE_TIME or Horovod's default for
     all-reduce SGD (a gradient allreduce every step wants a short cycle), and a longer one for
     the local methods (one sync per H steps waits at most one extra cycle)."""
@@ -54,9 +63,9 @@ def horovod_cycle_time_ms(cfg: RunConfig) -> Optional[float]:
     return LOCAL_SGD_HOROVOD_CYCLE_TIME_MS
 
 
-def train(cfg: RunConfig, *, overwrite: bool = False, resume: Optional[str] = None, reshard: Optional[str] = None,
-          stop_at_step: Optional[int] = None, launch: Optional[LaunchEnvironment] = None,
-          comm: Optional[Communicator] = None, print_fn: Callable[[str], None] = _print_now) -> TrainResult:
+def train(cfg: RunConfig, *, overwrite: bool = False, resume: str | None = None, reshard: str | None = None,
+          stop_at_step: int | None = None, launch: LaunchEnvironment | None = None,
+          comm: Communicator | None = None, print_fn: Callable[[str], None] = _print_now) -> TrainResult:
     """Run one training job on this rank. Every rank calls this with the same arguments.
 
     ``resume``: "auto" (the newest valid checkpoint of the run dir, or a fresh start) or a
@@ -84,7 +93,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: Optional[str] = No
 
 
 def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device: torch.device, overwrite: bool,
-           resume: Optional[str], reshard: Optional[str], stop_at_step: Optional[int],
+           resume: str | None, reshard: str | None, stop_at_step: int | None,
            print_fn: Callable[[str], None]) -> TrainResult:
     say = print_fn if comm.is_root else (lambda _line: None)
     run_dir = Path(cfg.output.run_dir)
@@ -125,8 +134,8 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
     return result
 
 
-def _restored_progress(chosen: Optional[ChosenCheckpoint], engine: AveragingEngine, model: torch.nn.Module, rank: int,
-                       reshard: Optional[str]) -> Progress:
+def _restored_progress(chosen: ChosenCheckpoint | None, engine: AveragingEngine, model: torch.nn.Module, rank: int,
+                       reshard: str | None) -> Progress:
     """Load the chosen checkpoint (if any) into the engine and the model; where training stands then."""
     if chosen is None:
         return Progress()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from ..config.schema import OptimConfig
 
@@ -22,7 +21,7 @@ class LRSchedule:
     total_steps: int
 
     @classmethod
-    def from_config(cls, cfg: OptimConfig, global_batch: int, steps_per_epoch: int, total_steps: int) -> "LRSchedule":
+    def from_config(cls, cfg: OptimConfig, global_batch: int, steps_per_epoch: int, total_steps: int) -> LRSchedule:
         return cls(
             peak=cfg.lr_per_256 * global_batch / 256.0,
             warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
@@ -34,7 +33,7 @@ class LRSchedule:
         )
 
     @property
-    def first_decay_step(self) -> Optional[int]:
+    def first_decay_step(self) -> int | None:
         return self.decay_steps[0] if self.decay_steps else None
 
     def at(self, step: int) -> float:

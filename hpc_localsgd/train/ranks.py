@@ -1,7 +1,8 @@
 """An MPI rank as one local-SGD worker: its model, its shard of the data, and evaluation across ranks."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ class RankWorkers:
                                     num_workers=cfg.data.num_workers, augment=cfg.data.augment)
         self.steps_per_epoch = self.shard.steps_per_epoch
         if self.steps_per_epoch < 1:
-            raise UserError(f"data: {len(self.datasets.train)} training samples are too few for {comm.size} ranks "
+            raise UserError(f"data: {self.shard.num_samples} training samples are too few for {comm.size} ranks "
                             f"× data.batch_size {cfg.data.batch_size}")
         layout = launch.layout
         self.description = (f"{comm.size} rank(s) on {layout.num_nodes} node(s), {comm.name} backend, {device}")

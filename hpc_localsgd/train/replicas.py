@@ -11,7 +11,7 @@ in its own row.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ class ReplicatedModel(nn.Module):
     def base(self) -> nn.Module:
         return self._base[0]
 
-    def train(self, mode: bool = True) -> "ReplicatedModel":
+    def train(self, mode: bool = True) -> ReplicatedModel:
         super().train(mode)
         self.base.train(mode)
         return self
@@ -95,5 +95,5 @@ class ReplicatedBatches:
         return self.shards[0].steps_per_epoch
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        for batches in zip(*(shard.epoch(epoch, start_batch) for shard in self.shards)):
+        for batches in zip(*(shard.epoch(epoch, start_batch) for shard in self.shards), strict=True):
             yield torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])

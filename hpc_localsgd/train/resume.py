@@ -1,11 +1,12 @@
 """Choosing and applying a checkpoint when a run continues (``--resume auto|PATH``)."""
 from __future__ import annotations
 
+import functools
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 import torch
 import yaml
@@ -26,8 +27,8 @@ class ChosenCheckpoint:
     already read and verified while choosing (so that every byte is read once)."""
 
     checkpoint: Checkpoint
-    state: Optional[RankState] = None
-    shared: Optional[dict[str, torch.Tensor]] = None
+    state: RankState | None = None
+    shared: dict[str, torch.Tensor] | None = None
 
 
 def _nth_newest_step(directory: Path, position: int) -> int:
@@ -41,7 +42,7 @@ def _nth_newest_step(directory: Path, position: int) -> int:
 
 def choose_checkpoint(comm: Communicator, resume: str, directory: Path, locking: bool,
                       warn: Callable[[str], None], cfg: RunConfig,
-                      reshard: Optional[str]) -> Optional[ChosenCheckpoint]:
+                      reshard: str | None) -> ChosenCheckpoint | None:
     """The checkpoint to continue from, checked against ``cfg`` and verified by the ranks together.
 
     ``auto`` tries the checkpoints of ``directory`` newest first and falls back past damaged ones
@@ -53,14 +54,14 @@ def choose_checkpoint(comm: Communicator, resume: str, directory: Path, locking:
     """
     for position in itertools.count():
         if resume == "auto":
-            step = decide_on_root(comm, lambda: _nth_newest_step(directory, position))
+            step = decide_on_root(comm, functools.partial(_nth_newest_step, directory, position))
             if step < 0:
                 return None
             path = directory / checkpoint_name(step)
         else:
             path = Path(resume)
-        chosen: Optional[ChosenCheckpoint] = None
-        failure: Optional[str] = None
+        chosen: ChosenCheckpoint | None = None
+        failure: str | None = None
         try:
             chosen = ChosenCheckpoint(Checkpoint(path, locking))
         except CheckpointError as exc:
@@ -88,7 +89,7 @@ def choose_checkpoint(comm: Communicator, resume: str, directory: Path, locking:
     raise AssertionError("unreachable")
 
 
-def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, world_size: int, reshard: Optional[str]) -> None:
+def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, world_size: int, reshard: str | None) -> None:
     """Refuse a checkpoint of another model always, and of another world size or algorithm unless re-sharding."""
     saved = yaml.safe_load(checkpoint.meta.config) or {}
     current = config_to_dict(cfg)
@@ -111,8 +112,8 @@ def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, world_size: int, re
                                   "pass --reshard average (or reset) to continue from its parameters")
 
 
-def restore(chosen: Union[ChosenCheckpoint, Checkpoint], engine: AveragingEngine, model: torch.nn.Module, rank: int,
-            reshard: Optional[str]) -> tuple[dict[str, float], float, int]:
+def restore(chosen: ChosenCheckpoint | Checkpoint, engine: AveragingEngine, model: torch.nn.Module, rank: int,
+            reshard: str | None) -> tuple[dict[str, float], float, int]:
     """Load this rank's state into the live model and engine.
 
     Exact resume: rank r takes rank r's saved state and random states. Re-shard: every rank

@@ -9,13 +9,15 @@ loss that backward sees, and evaluation. ``ranks.py`` and ``simulate.py`` implem
 """
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from .lr import LRSchedule
 Batch = tuple[torch.Tensor, torch.Tensor]
 # Called after each completed step with the number of completed steps; returns why the run must
 # stop there (a signal, say), or None to go on.
-AfterStep = Callable[[int], Optional[str]]
+AfterStep = Callable[[int], str | None]
 
 
 @dataclass
@@ -49,22 +51,28 @@ class TrainResult:
     engine: AveragingEngine
     steps: int
     wall_seconds: float
-    final: Optional[EvalResult]  # None when the run stopped early (signal or --stop-at-step)
+    final: EvalResult | None  # None when the run stopped early (signal or --stop-at-step)
     stats: CommStats
     evals: list[EvalResult] = field(default_factory=list)
-    stopped: Optional[str] = None
-    checkpoint: Optional[Path] = None
+    stopped: str | None = None
+    checkpoint: Path | None = None
 
 
 class Workers(Protocol):
     """The workers of a run as this process sees them: what differs between MPI ranks and a simulation."""
 
-    comm: Communicator        # the collectives the engine averages through
-    model: torch.nn.Module    # what the optimizer and the engine hold
     steps_per_epoch: int
     description: str          # where the workers run, for the start-up line
-    unit: str                 # what communication is counted per: "rank" or "worker"
+    unit: str                 # what communication is counted per: "rank" or "simulated worker"
     world: dict[str, Any]     # metrics.h5's ``world`` attribute
+
+    @property
+    def comm(self) -> Communicator:
+        """The collectives the engine averages through."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """What the optimizer and the engine hold."""
 
     def batches(self, epoch: int, start_batch: int) -> Iterable[Batch]:
         """This process's batches of ``epoch`` from ``start_batch`` on, on the training device."""
@@ -174,7 +182,7 @@ def human_bytes(n: float) -> str:
 
 
 def open_metrics(cfg: RunConfig, workers: Workers, opt: Optimization,
-                 resume_after_step: Optional[int] = None) -> MetricsWriter:
+                 resume_after_step: int | None = None) -> MetricsWriter:
     """The run's ``metrics.h5`` with its header; ``resume_after_step`` continues an existing file."""
     world = {**workers.world, "threads_per_rank": torch.get_num_threads(), "host": platform.node()}
     return MetricsWriter(Path(cfg.output.run_dir) / METRICS_FILE,
@@ -192,8 +200,8 @@ def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
 
 
 def run_training(cfg: RunConfig, workers: Workers, opt: Optimization, progress: Progress,
-                 metrics: Optional[MetricsWriter], say: Callable[[str], None],
-                 after_step: Optional[AfterStep] = None) -> TrainResult:
+                 metrics: MetricsWriter | None, say: Callable[[str], None],
+                 after_step: AfterStep | None = None) -> TrainResult:
     """Train from ``progress.step`` to the end (or until ``after_step`` says stop), then evaluate and
     summarise. Closes ``metrics`` and the engine's hooks, also on error."""
     engine = opt.engine
@@ -220,8 +228,8 @@ def run_training(cfg: RunConfig, workers: Workers, opt: Optimization, progress: 
 
 
 def _step_loop(cfg: RunConfig, workers: Workers, opt: Optimization, progress: Progress,
-               metrics: Optional[MetricsWriter], say: Callable[[str], None],
-               after_step: Optional[AfterStep]) -> tuple[list[EvalResult], Optional[str]]:
+               metrics: MetricsWriter | None, say: Callable[[str], None],
+               after_step: AfterStep | None) -> tuple[list[EvalResult], str | None]:
     """The steps themselves; returns the evaluations made and why the run stopped early, if it did."""
     engine, stats, total = opt.engine, opt.engine.stats, opt.total_steps
     steps_per_epoch = workers.steps_per_epoch
@@ -239,7 +247,7 @@ def _step_loop(cfg: RunConfig, workers: Workers, opt: Optimization, progress: Pr
                 break
             comm_before = stats.comm_seconds
             lr = opt.lr_schedule.at(progress.step)
-            done = engine.train_step(progress.step, lr, lambda: workers.forward(x, y))
+            done = engine.train_step(progress.step, lr, functools.partial(workers.forward, x, y))
             progress.step += 1
             loss, correct, samples = workers.step_figures(done.outputs, done.loss, y)
             progress.train_loss_sum += loss
@@ -267,7 +275,7 @@ def _step_loop(cfg: RunConfig, workers: Workers, opt: Optimization, progress: Pr
     return evals, None
 
 
-def _evaluate(workers: Workers, engine: AveragingEngine, progress: Progress, metrics: Optional[MetricsWriter],
+def _evaluate(workers: Workers, engine: AveragingEngine, progress: Progress, metrics: MetricsWriter | None,
               say: Callable[[str], None]) -> EvalResult:
     result = workers.evaluate(engine, progress.train_loss_sum, progress.train_loss_count)
     progress.train_loss_sum, progress.train_loss_count = 0.0, 0

@@ -12,8 +12,9 @@ W ranks would. Bytes and sync rounds are per worker, exactly what each rank woul
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,17 @@ from ..launcher.env import LaunchEnvironment, select_device, threads_for_rank
 from .data import Datasets, build_datasets, eval_batches
 from .models import build_model
 from .replicas import ReplicatedBatches, ReplicatedModel
-from .run import (Batch, EvalResult, Progress, TrainResult, build_optimization, open_metrics, run_training,
-                  seed_everything, start_line)
+from .run import (
+    Batch,
+    EvalResult,
+    Progress,
+    TrainResult,
+    build_optimization,
+    open_metrics,
+    run_training,
+    seed_everything,
+    start_line,
+)
 
 
 class SimulatedWorkers:
@@ -49,7 +59,7 @@ class SimulatedWorkers:
                                                  cfg.data.augment)
         self.steps_per_epoch = self.stacked_batches.steps_per_epoch
         if self.steps_per_epoch < 1:
-            raise UserError(f"data: {len(self.datasets.train)} training samples are too few for {workers} "
+            raise UserError(f"data: {self.stacked_batches.shards[0].num_samples} training samples are too few for {workers} "
                             f"simulated workers × data.batch_size {cfg.data.batch_size}")
         self.description = f"{workers} simulated worker(s) in one process, {device}"
         self.world: dict[str, Any] = {"size": workers, "nodes": 1, "ranks_per_node": workers,

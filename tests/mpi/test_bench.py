@@ -124,10 +124,10 @@ def test_quick_bench_figures_are_sane(quick_run) -> None:
         assert name in by_id and by_id[name]["target"] is not None
     # Paired ratios: each sample is the quotient of the same repetition's two measurements.
     write, raw = by_id["checkpoint.write_seconds"]["samples"], by_id["checkpoint.raw_write_seconds"]["samples"]
-    assert by_id["checkpoint.write_over_raw"]["samples"] == pytest.approx([r / w for r, w in zip(raw, write)])
+    assert by_id["checkpoint.write_over_raw"]["samples"] == pytest.approx([r / w for r, w in zip(raw, write, strict=True)])
     limit = by_id["throughput.limit_samples_per_s"]["samples"]
     h4 = by_id["local_sgd.h4.samples_per_s"]["samples"]
-    assert by_id["local_sgd.h4.efficiency_in_process"]["samples"] == pytest.approx([a / b for a, b in zip(h4, limit)])
+    assert by_id["local_sgd.h4.efficiency_in_process"]["samples"] == pytest.approx([a / b for a, b in zip(h4, limit, strict=True)])
     # The target's efficiency is against the bare limit, measured before any communication library started.
     bare = by_id["throughput.bare_limit_samples_per_s"]["median"]
     assert by_id["local_sgd.h16.efficiency"]["samples"] == pytest.approx(

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 import pytest
 
@@ -31,7 +30,7 @@ def test_no_failure_is_none_everywhere() -> None:
 
 @pytest.mark.parametrize("failing", [[0], [3], [1, 2], [2, 1, 3], [0, 1, 2, 3]])
 def test_lowest_failing_rank_wins(failing: list[int]) -> None:
-    def worker(comm: ThreadCommunicator) -> Optional[str]:
+    def worker(comm: ThreadCommunicator) -> str | None:
         return agree_on_failure(comm, f"rank {comm.rank} cannot write" if comm.rank in failing else None)
 
     assert ThreadGroup(4).run(worker) == [f"rank {min(failing)} cannot write"] * 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1
                                  bucket_bytes=bucket_bytes)
         engine.broadcast_initial_state()
         for step, (x, y) in enumerate(batches[comm.rank]):
-            engine.train_step(step, lr_at(step), lambda: logits_and_loss(model, x, y))
+            engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
         engine.close()
         return model, engine
 
@@ -93,11 +94,12 @@ def test_engine_matches_reference(name: str) -> None:
     batches = make_batches()
     got = run_engine(cfg, local_start, batches, bucket_bytes=200)  # several gradient buckets
     want = reference(cfg, local_start, batches)
-    for rank, ((model, _), ref_model) in enumerate(zip(got, want)):
+    for rank, ((model, _), ref_model) in enumerate(zip(got, want, strict=True)):
         ours, theirs = state(model), state(ref_model)
         for key in theirs:
+            where = f"{name}: rank {rank} {key}"
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-10, atol=1e-12,
-                                       msg=lambda m: f"{name}: rank {rank} {key}: {m}")
+                                       msg=functools.partial("{}: {}".format, where))
 
 
 @pytest.mark.parametrize("name", ["allreduce", "local_sgd_H4", "slowmo_H4", "post_local_switch6_H3"])
@@ -115,8 +117,8 @@ def test_local_sgd_with_period_1_equals_synchronous_sgd() -> None:
     batches = make_batches()
     sync = run_engine(AlgorithmConfig(method="allreduce"), None, batches)
     local = run_engine(AlgorithmConfig(method="local_sgd", sync_period=1, average_bn_buffers=False), 0, batches)
-    for (m_sync, _), (m_local, _) in zip(sync, local):
-        for (key, a), b in zip(m_sync.named_parameters(), m_local.parameters()):
+    for (m_sync, _), (m_local, _) in zip(sync, local, strict=True):
+        for (key, a), b in zip(m_sync.named_parameters(), m_local.parameters(), strict=True):
             # Same computation up to the order of floating-point operations.
             torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13, msg=key)
 
@@ -126,8 +128,8 @@ def test_slowmo_alpha1_beta0_is_exactly_local_sgd() -> None:
     plain = run_engine(AlgorithmConfig(method="local_sgd", sync_period=4), 0, batches)
     slowmo = run_engine(AlgorithmConfig(method="local_sgd", sync_period=4, outer="slowmo", slow_lr=1.0,
                                         slow_momentum=0.0), 0, batches)
-    for (a, _), (b, _) in zip(plain, slowmo):
-        for (key, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (a, _), (b, _) in zip(plain, slowmo, strict=True):
+        for (key, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(pa, pb), key
 
 

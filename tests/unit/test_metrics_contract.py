@@ -5,16 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import h5py
 import numpy as np
 import pytest
 
-from hpc_localsgd.io.metrics import (EVAL_FIELDS, METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter,
-                                     metrics_file_finished, run_finished)
-from hpc_localsgd.sweep import _finished as sweep_finished
+from hpc_localsgd.io.metrics import (
+    EVAL_FIELDS,
+    METRICS_FILE,
+    TOTAL_STEPS_ATTR,
+    MetricsWriter,
+    metrics_file_finished,
+    run_finished,
+)
 from hpc_localsgd.report import collect
+from hpc_localsgd.sweep import _finished as sweep_finished
 
 REPO = Path(__file__).resolve().parents[2]
 TOTAL = 40
@@ -31,7 +36,7 @@ def test_finished_rule(eval_steps: list[int], finished: bool) -> None:
     assert run_finished(np.asarray(eval_steps, dtype=np.int64), TOTAL) is finished
 
 
-def write_metrics(run_dir: Path, eval_steps: list[int], total_steps: Optional[int] = TOTAL) -> Path:
+def write_metrics(run_dir: Path, eval_steps: list[int], total_steps: int | None = TOTAL) -> Path:
     run_dir.mkdir(parents=True)
     attrs = {"config": "{}", "world": {"size": 2}}
     if total_steps is not None:
