@@ -1,4 +1,5 @@
 """``hpc-localsgd VERB ...``: each verb parses its arguments and calls one function of the package."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ from .errors import UserError, print_line
 
 def _rank_from_environment() -> int:
     from .launcher.env import detect_launch
+
     try:
         return detect_launch().layout.rank
     except UserError:
@@ -40,12 +42,19 @@ class _HelpConfig(argparse.Action):
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         from .config import RunConfig, describe
 
-        sys.stdout.write("Every key of a run config: a YAML section and key, or --set KEY=VALUE. Defaults are "
-                         f"written as YAML reads them.\n\n{describe(RunConfig)}\n")
+        sys.stdout.write(
+            "Every key of a run config: a YAML section and key, or --set KEY=VALUE. Defaults are "
+            f"written as YAML reads them.\n\n{describe(RunConfig)}\n"
+        )
         parser.exit(0)
 
 
@@ -73,8 +82,10 @@ def _sweep(args: argparse.Namespace) -> int:
         for array, job in zip(plan.arrays, submit(plan), strict=True):
             print(f"submitted {array} as job {job}")
     else:
-        print(f"wrote {len(plan.points)} configs, manifest.json and {len(plan.arrays)} array script(s); "
-              "submit with the sbatch lines above, or run again with --submit")
+        print(
+            f"wrote {len(plan.points)} configs, manifest.json and {len(plan.arrays)} array script(s); "
+            "submit with the sbatch lines above, or run again with --submit"
+        )
     return 0
 
 
@@ -99,34 +110,72 @@ def _name_list(text: str) -> tuple[str, ...]:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchOptions, run_bench
 
-    given = {name: getattr(args, name) for name in (
-        "model", "batch", "image_size", "num_classes", "backend", "bucket_mb", "repeats", "warmup", "steps",
-        "sync_periods", "baselines", "phases", "out", "io_dir", "threads", "device", "projection_step_seconds")}
+    given = {
+        name: getattr(args, name)
+        for name in (
+            "model",
+            "batch",
+            "image_size",
+            "num_classes",
+            "backend",
+            "bucket_mb",
+            "repeats",
+            "warmup",
+            "steps",
+            "sync_periods",
+            "baselines",
+            "phases",
+            "out",
+            "io_dir",
+            "threads",
+            "device",
+            "projection_step_seconds",
+        )
+    }
     run_bench(BenchOptions.from_given(quick=args.quick, **given), command=["hpc-localsgd", *sys.argv[1:]])
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpc-localsgd",
-                                     description="Local SGD, post-local SGD and SlowMo on MPI ranks.")
+    parser = argparse.ArgumentParser(
+        prog="hpc-localsgd", description="Local SGD, post-local SGD and SlowMo on MPI ranks."
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
     train = verbs.add_parser("train", help="train a model; run it once per rank (mpirun, srun, horovodrun)")
     train.add_argument("config", help="YAML config (see configs/)")
-    train.add_argument("--help-config", action=_HelpConfig,
-                       help="print every config key with its type, default, range and meaning, and exit")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set algorithm.sync_period=8 (repeatable)")
+    train.add_argument(
+        "--help-config",
+        action=_HelpConfig,
+        help="print every config key with its type, default, range and meaning, and exit",
+    )
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set algorithm.sync_period=8 (repeatable)",
+    )
     train.add_argument("--run-dir", help="shorthand for --set output.run_dir=DIR")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace the run (metrics, config, checkpoints) already in the run dir")
-    train.add_argument("--resume", metavar="auto|PATH",
-                       help="continue from a checkpoint: 'auto' takes the newest valid one in the run dir "
-                            "(or starts fresh when there is none)")
-    train.add_argument("--reshard", choices=("average", "reset"),
-                       help="accept a checkpoint of another world size or algorithm: keep its parameters, "
-                            "and average (or zero) the per-rank optimizer state")
-    train.add_argument("--stop-at-step", type=int, metavar="N",
-                       help="write a checkpoint after step N and stop, as a preempted job would")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run (metrics, config, checkpoints) already in the run dir"
+    )
+    train.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue from a checkpoint: 'auto' takes the newest valid one in the run dir "
+        "(or starts fresh when there is none)",
+    )
+    train.add_argument(
+        "--reshard",
+        choices=("average", "reset"),
+        help="accept a checkpoint of another world size or algorithm: keep its parameters, "
+        "and average (or zero) the per-rank optimizer state",
+    )
+    train.add_argument(
+        "--stop-at-step",
+        type=int,
+        metavar="N",
+        help="write a checkpoint after step N and stop, as a preempted job would",
+    )
     train.set_defaults(handler=_train)
     inspect = verbs.add_parser("inspect", help="say what a checkpoint or metrics file holds")
     inspect.add_argument("file", help="a .h5 file written by hpc-localsgd")
@@ -138,53 +187,86 @@ def build_parser() -> argparse.ArgumentParser:
     mode = sweep.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print what would be written and submitted; write nothing")
     mode.add_argument("--submit", action="store_true", help="write everything, then sbatch each job array")
-    mode.add_argument("--run-here", action="store_true",
-                      help="write everything, then run every point on this machine (simulated points in-process, "
-                           "others under mpirun), skipping runs already finished")
+    mode.add_argument(
+        "--run-here",
+        action="store_true",
+        help="write everything, then run every point on this machine (simulated points in-process, "
+        "others under mpirun), skipping runs already finished",
+    )
     sweep.add_argument("--jobs", type=int, default=1, help="with --run-here: runs at a time (default 1)")
     sweep.add_argument("--out", help="output folder (default: sweeps/<name>)")
     sweep.add_argument("--overwrite", action="store_true", help="regenerate a sweep folder that already exists")
     sweep.set_defaults(handler=_sweep)
-    report = verbs.add_parser("report", help="figures (PNG, SVG) and a results table (CSV, Markdown) from the "
-                                             "metrics of finished and running runs")
-    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="a run directory, a sweep folder (searched for metrics.h5 below it) or a metrics.h5")
+    report = verbs.add_parser(
+        "report",
+        help="figures (PNG, SVG) and a results table (CSV, Markdown) from the metrics of finished and running runs",
+    )
+    report.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a run directory, a sweep folder (searched for metrics.h5 below it) or a metrics.h5",
+    )
     report.add_argument("--out", default="report", metavar="DIR", help="output folder (default: ./report)")
     report.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
     report.set_defaults(handler=_report)
-    bench = verbs.add_parser("bench", help="measure averaging, throughput, SlowMo and checkpoints against their "
-                                           "floors and baselines; run it once per rank (mpirun, srun)")
+    bench = verbs.add_parser(
+        "bench",
+        help="measure averaging, throughput, SlowMo and checkpoints against their "
+        "floors and baselines; run it once per rank (mpirun, srun)",
+    )
     size = bench.add_argument_group("problem size (defaults: ResNet-50, 32 images of 224x224 per rank)")
     size.add_argument("--model", help="smallcnn, mlp or a torchvision classifier (default resnet50)")
     size.add_argument("--batch", type=int, help="samples per rank and step (default 32)")
     size.add_argument("--image-size", type=int, help="side of the square input images (default 224)")
     size.add_argument("--classes", dest="num_classes", type=int, help="output classes (default 1000)")
-    size.add_argument("--quick", action="store_true",
-                      help="a problem that runs in seconds on two CPU cores (smallcnn, batch 8, 32x32, 3 repeats, "
-                           "8 steps); options given explicitly still apply")
+    size.add_argument(
+        "--quick",
+        action="store_true",
+        help="a problem that runs in seconds on two CPU cores (smallcnn, batch 8, 32x32, 3 repeats, "
+        "8 steps); options given explicitly still apply",
+    )
     plan = bench.add_argument_group("measurement")
     plan.add_argument("--repeats", type=int, help="timed repetitions of every measurement (default 5)")
     plan.add_argument("--warmup", type=int, help="untimed repetitions first (default 1)")
-    plan.add_argument("--steps", type=int, help="training steps per timed window (default 16; local SGD windows "
-                                                 "are rounded up to whole sync periods)")
-    plan.add_argument("--sync-periods", type=_int_list, metavar="H,H,...",
-                      help="local SGD periods to measure (default 1,2,4,8,16,32)")
-    plan.add_argument("--phases", type=_name_list, metavar="NAME,...",
-                      help="averaging,throughput,slowmo,checkpoint (default all)")
-    plan.add_argument("--baselines", type=_name_list, metavar="NAME,...|none",
-                      help="reference loops for synchronous training: horovod,ddp (default both)")
-    plan.add_argument("--backend", help="comm.backend of the package: auto, horovod, mpi, torch, single "
-                                        "(default auto)")
+    plan.add_argument(
+        "--steps",
+        type=int,
+        help="training steps per timed window (default 16; local SGD windows are rounded up to whole sync periods)",
+    )
+    plan.add_argument(
+        "--sync-periods", type=_int_list, metavar="H,H,...", help="local SGD periods to measure (default 1,2,4,8,16,32)"
+    )
+    plan.add_argument(
+        "--phases", type=_name_list, metavar="NAME,...", help="averaging,throughput,slowmo,checkpoint (default all)"
+    )
+    plan.add_argument(
+        "--baselines",
+        type=_name_list,
+        metavar="NAME,...|none",
+        help="reference loops for synchronous training: horovod,ddp (default both)",
+    )
+    plan.add_argument("--backend", help="comm.backend of the package: auto, horovod, mpi, torch, single (default auto)")
     plan.add_argument("--bucket-mb", type=float, help="gradient bucket size for the engine and DDP (default 25)")
     plan.add_argument("--threads", type=int, help="torch threads per rank (default: as for training)")
     plan.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
-    plan.add_argument("--project-step-seconds", dest="projection_step_seconds", type=float, metavar="S",
-                      help="compute time per step for the projection instead of the measured one")
+    plan.add_argument(
+        "--project-step-seconds",
+        dest="projection_step_seconds",
+        type=float,
+        metavar="S",
+        help="compute time per step for the projection instead of the measured one",
+    )
     output = bench.add_argument_group("output")
-    output.add_argument("--out", metavar="FILE.json", help="write the results as JSON (schema: "
-                                                           "hpc_localsgd/bench/schema.json)")
-    output.add_argument("--io-dir", metavar="DIR", help="where the checkpoint phase writes; every rank must see it "
-                                                        "(default: the folder of --out, else the current one)")
+    output.add_argument(
+        "--out", metavar="FILE.json", help="write the results as JSON (schema: hpc_localsgd/bench/schema.json)"
+    )
+    output.add_argument(
+        "--io-dir",
+        metavar="DIR",
+        help="where the checkpoint phase writes; every rank must see it "
+        "(default: the folder of --out, else the current one)",
+    )
     bench.set_defaults(handler=_bench)
     return parser
 

@@ -1,4 +1,5 @@
 """Errors a user can fix. They end every rank with one line and a non-zero exit, never a traceback."""
+
 from __future__ import annotations
 
 from typing import TextIO

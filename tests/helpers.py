@@ -2,6 +2,7 @@
 
 Import as ``from tests.helpers import run_mpi, mpirun_available`` (``tests`` is a package).
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,9 @@ def kill_session(session_id: int) -> None:
             pass
 
 
-def run_mpi(np: int, argv: list[str], timeout: float = 180, env: Mapping[str, str | None] | None = None,
-            cwd: str | None = None) -> subprocess.CompletedProcess:
+def run_mpi(
+    np: int, argv: list[str], timeout: float = 180, env: Mapping[str, str | None] | None = None, cwd: str | None = None
+) -> subprocess.CompletedProcess:
     """``mpirun -np <np> --oversubscribe <argv>`` with its output captured; fails the test on timeout.
 
     An ``argv`` starting with ``"python"`` runs this test session's interpreter. The repository
@@ -71,8 +73,15 @@ def run_mpi(np: int, argv: list[str], timeout: float = 180, env: Mapping[str, st
         else:
             full_env[name] = value
     command = ["mpirun", "-np", str(np), "--oversubscribe", *argv]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=full_env, cwd=cwd or str(REPO_ROOT), start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=cwd or str(REPO_ROOT),
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -85,6 +94,9 @@ def run_mpi(np: int, argv: list[str], timeout: float = 180, env: Mapping[str, st
     else:
         timed_out = False
     if timed_out:  # failed outside the except clause, so the report is not chained to TimeoutExpired
-        pytest.fail(f"{' '.join(command)} did not finish within {timeout:.0f} s and was killed\n"
-                    f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}", pytrace=False)
+        pytest.fail(
+            f"{' '.join(command)} did not finish within {timeout:.0f} s and was killed\n"
+            f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+            pytrace=False,
+        )
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

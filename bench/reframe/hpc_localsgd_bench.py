@@ -10,6 +10,7 @@ With the ``local`` launcher (a workstation, CI) the check starts the ranks itsel
 ``quick=true`` runs the seconds-long CI problem, whose ratios are reported but not judged
 (a tiny model is latency-bound, so its ratios say nothing about the targets).
 """
+
 import os
 import sys
 
@@ -57,8 +58,18 @@ class HpcLocalSGDBench(rfm.RunOnlyRegressionTest):
         if self.quick:
             options = ["--quick"]
         else:
-            options = ["--model", self.model, "--batch", str(self.batch), "--image-size", str(self.image_size),
-                       "--repeats", str(self.repeats), "--steps", str(self.steps)]
+            options = [
+                "--model",
+                self.model,
+                "--batch",
+                str(self.batch),
+                "--image-size",
+                str(self.image_size),
+                "--repeats",
+                str(self.repeats),
+                "--steps",
+                str(self.steps),
+            ]
         options += ["--backend", self.backend, "--out", "bench.json", *self.extra_options]
         command = [self.python, "-m", "hpc_localsgd", "bench", *options]
         self.env_vars["PYTHONPATH"] = f"{REPO_ROOT}:${{PYTHONPATH:-}}"
@@ -79,9 +90,13 @@ class HpcLocalSGDBench(rfm.RunOnlyRegressionTest):
 
     @sanity_function
     def validate(self):
-        return sn.all([sn.assert_found(r"^hpc-localsgd-bench: ", self.stdout),
-                       sn.assert_not_found(r"Traceback", self.stderr),
-                       sn.assert_true(os.path.exists(os.path.join(self.stagedir, "bench.json")))])
+        return sn.all(
+            [
+                sn.assert_found(r"^hpc-localsgd-bench: ", self.stdout),
+                sn.assert_not_found(r"Traceback", self.stderr),
+                sn.assert_true(os.path.exists(os.path.join(self.stagedir, "bench.json"))),
+            ]
+        )
 
     def _figure(self, key):
         return sn.extractsingle(rf"^hpc-localsgd-bench: .*\b{key}=([0-9.eE+-]+)", self.stdout, 1, float)

@@ -4,6 +4,7 @@
 ``--system slurm:compute`` and adapt the partition (access options, environment modules) to your site;
 its ranks are started by srun.
 """
+
 site_configuration = {
     "systems": [
         {
@@ -41,8 +42,13 @@ site_configuration = {
             # In the folder reframe runs from (not the system's temporary folder); perflogs go to
             # <prefix>/perflogs as usual.
             "handlers": [
-                {"type": "file", "name": "reframe.log", "level": "debug",
-                 "format": "[%(asctime)s] %(levelname)s: %(check_info)s: %(message)s", "append": False},
+                {
+                    "type": "file",
+                    "name": "reframe.log",
+                    "level": "debug",
+                    "format": "[%(asctime)s] %(levelname)s: %(check_info)s: %(message)s",
+                    "append": False,
+                },
                 {"type": "stream", "name": "stdout", "level": "info", "format": "%(message)s"},
             ],
         },

@@ -1,4 +1,5 @@
 """Communication accounting: rounds, bytes and seconds, counted where the collectives are issued."""
+
 from __future__ import annotations
 
 import time

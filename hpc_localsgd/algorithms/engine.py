@@ -12,6 +12,7 @@ Invariants: after a sync every rank holds the same parameters; with method ``all
 the parameters stay identical on every rank at every step (BatchNorm statistics excepted,
 which are averaged whenever the model is evaluated).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,15 +49,22 @@ class StepResult:
 
 
 class AveragingEngine:
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, comm: Communicator,
-                 cfg: AlgorithmConfig, schedule: SyncSchedule, bucket_bytes: int = 25 * 2**20) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        comm: Communicator,
+        cfg: AlgorithmConfig,
+        schedule: SyncSchedule,
+        bucket_bytes: int = 25 * 2**20,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.comm = comm
         self.cfg = cfg
         self.schedule = schedule
-        self.stats = CommStats()        # training communication
-        self.eval_stats = CommStats()   # evaluation only: never part of the training cost
+        self.stats = CommStats()  # training communication
+        self.eval_stats = CommStats()  # evaluation only: never part of the training cost
         self.outer = make_outer_optimizer(cfg)
 
         averaged = {PARAMS}
@@ -70,8 +78,11 @@ class AveragingEngine:
         self._sync_spans = [g.span(self.averaged_kinds) for g in self.groups]
         assert all(len(spans) <= 1 for spans in self._sync_spans)
         # Per worker, also when this process simulates several.
-        self.bytes_per_sync = sum((end - start) * g.flat.element_size()
-                                  for g, spans in zip(self.groups, self._sync_spans, strict=True) for start, end in spans)
+        self.bytes_per_sync = sum(
+            (end - start) * g.flat.element_size()
+            for g, spans in zip(self.groups, self._sync_spans, strict=True)
+            for start, end in spans
+        )
         # x_prev for the outer optimizer: the model right after the previous sync (parameters only).
         self.anchors: list[torch.Tensor] = []
         self.gradients: GradientAllreduce | None = None
@@ -85,8 +96,7 @@ class AveragingEngine:
                 self.comm.broadcast_(group.flat, root=0)
 
     # --- the training step ------------------------------------------------------------------------
-    def train_step(self, step: int, lr: float,
-                   forward: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+    def train_step(self, step: int, lr: float, forward: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
         """Step ``step`` (0-based) at learning rate ``lr``; ``forward`` returns (outputs, loss) and
         the loss is what backward differentiates."""
         for group in self.optimizer.param_groups:
@@ -123,8 +133,11 @@ class AveragingEngine:
         """One model average: a single allreduce per dtype, then the outer step and the buffer policy."""
         if self.comm.size > 1:  # one rank communicates nothing; its outer step (Lookahead) still runs
             with self.stats.timed():
-                handles = [self.comm.iallreduce_(g.flat[..., start:end], average=True)
-                           for g, spans in zip(self.groups, self._sync_spans, strict=True) for start, end in spans]
+                handles = [
+                    self.comm.iallreduce_(g.flat[..., start:end], average=True)
+                    for g, spans in zip(self.groups, self._sync_spans, strict=True)
+                    for start, end in spans
+                ]
                 for handle in handles:
                     handle.wait()
             self.stats.sync_rounds += 1
@@ -139,8 +152,12 @@ class AveragingEngine:
     # --- state for checkpoints -------------------------------------------------------------------
     def rank_state(self) -> dict[str, torch.Tensor]:
         """Live views of what may differ between ranks: parameters, BN statistics, momentum buffers."""
-        return {f"flat{index}.{kind}": group.flat[..., start:end]
-                for index, group in enumerate(self.groups) for kind, start, end in group.segments if end > start}
+        return {
+            f"flat{index}.{kind}": group.flat[..., start:end]
+            for index, group in enumerate(self.groups)
+            for kind, start, end in group.segments
+            if end > start
+        }
 
     def int_buffers(self) -> dict[str, torch.Tensor]:
         """The model's integer buffers (BatchNorm's batch counters): never averaged, outside the flat
@@ -154,8 +171,9 @@ class AveragingEngine:
             state.update({f"outer_{name}{index}": t for index, t in enumerate(tensors)})
         return state
 
-    def load_state(self, rank_state: dict[str, torch.Tensor], shared_state: dict[str, torch.Tensor],
-                   completed_steps: int) -> None:
+    def load_state(
+        self, rank_state: dict[str, torch.Tensor], shared_state: dict[str, torch.Tensor], completed_steps: int
+    ) -> None:
         """Copy saved state into the live (flat) storage; the tensors' identities never change."""
         with torch.no_grad():
             for name, live in self.rank_state().items():
@@ -163,18 +181,19 @@ class AveragingEngine:
                     live.copy_(rank_state[name].reshape(live.shape))
                 else:
                     live.zero_()  # momentum absent from a checkpoint (re-shard with reset)
-        self.anchors = [shared_state[f"anchor{i}"].clone() for i in range(len(self.groups))
-                        if f"anchor{i}" in shared_state]
+        self.anchors = [
+            shared_state[f"anchor{i}"].clone() for i in range(len(self.groups)) if f"anchor{i}" in shared_state
+        ]
         outer: dict[str, dict[int, torch.Tensor]] = {}
         for name, t in shared_state.items():
             if name.startswith("outer_"):
-                base = name[len("outer_"):].rstrip("0123456789")
-                outer.setdefault(base, {})[int(name[len("outer_") + len(base):])] = t
-        self.outer.load_state_tensors({base: [by_index[i] for i in sorted(by_index)]
-                                       for base, by_index in outer.items()})
+                base = name[len("outer_") :].rstrip("0123456789")
+                outer.setdefault(base, {})[int(name[len("outer_") + len(base) :])] = t
+        self.outer.load_state_tensors(
+            {base: [by_index[i] for i in sorted(by_index)] for base, by_index in outer.items()}
+        )
         local_start = self.schedule.local_start
-        if self.outer.needs_anchor and not self.anchors and local_start is not None \
-                and completed_steps > local_start:
+        if self.outer.needs_anchor and not self.anchors and local_start is not None and completed_steps > local_start:
             # Re-sharded into an outer optimizer from a run without one: start it here.
             self.anchors = [g.slice(PARAMS).clone() for g in self.groups]
 

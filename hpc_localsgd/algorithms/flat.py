@@ -14,6 +14,7 @@ with a leading dimension of W; its flat buffer is then 2-D, ``[W, n]``, row w be
 buffer laid out exactly as a real rank's. Offsets always index the last dimension
 (``flat[..., start:end]``), so the averaging code is the same for both.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 PARAMS = "params"
-BUFFERS = "buffers"     # floating-point module buffers (BatchNorm running statistics)
-MOMENTUM = "momentum"   # the base optimizer's momentum buffers
+BUFFERS = "buffers"  # floating-point module buffers (BatchNorm running statistics)
+MOMENTUM = "momentum"  # the base optimizer's momentum buffers
 KINDS = (PARAMS, BUFFERS, MOMENTUM)
 
 
@@ -70,8 +71,9 @@ def _module_float_buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module,
     return found
 
 
-def flatten_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                           averaged_kinds: frozenset[str], replicas: int = 1) -> list[FlatGroup]:
+def flatten_training_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, averaged_kinds: frozenset[str], replicas: int = 1
+) -> list[FlatGroup]:
     """Move parameters, float buffers and momentum buffers into flat storage, one group per dtype.
 
     Momentum buffers are created as zeros: for SGD with dampening 0 the first update
@@ -101,8 +103,11 @@ def flatten_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
     views: dict[tuple[str, int], torch.Tensor] = {}
     for (dtype, device), members in by_key.items():
         total = sum(t.numel() // replicas for kind in order for t in members[kind])
-        flat = torch.zeros(total, dtype=dtype, device=device) if replicas == 1 else \
-            torch.zeros(replicas, total, dtype=dtype, device=device)
+        flat = (
+            torch.zeros(total, dtype=dtype, device=device)
+            if replicas == 1
+            else torch.zeros(replicas, total, dtype=dtype, device=device)
+        )
         group = FlatGroup(dtype, device, flat)
         offset = 0
         for kind in order:

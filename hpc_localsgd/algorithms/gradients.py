@@ -8,6 +8,7 @@ in the same order (MPI requires it). ``finish`` waits and copies the averages ba
 With a simulated backend (``comm.replicas`` workers in one process) every gradient is stacked
 over the workers, and so is each bucket: ``[workers, elements]``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ class _Bucket:
 
 
 class GradientAllreduce:
-    def __init__(self, params: list[torch.nn.Parameter], comm: Communicator, bucket_bytes: int,
-                 stats: CommStats) -> None:
+    def __init__(
+        self, params: list[torch.nn.Parameter], comm: Communicator, bucket_bytes: int, stats: CommStats
+    ) -> None:
         self.comm = comm
         self.stats = stats
         self.replicas = comm.replicas
@@ -85,7 +87,7 @@ class GradientAllreduce:
         bucket.filled.add(position)
         self._start_ready_buckets()
         # Buckets in flight advance while backward goes on (needed by MPI without a communication thread).
-        for started in self.buckets[:self._next_to_start]:
+        for started in self.buckets[: self._next_to_start]:
             assert started.handle is not None
             started.handle.progress()
 

@@ -6,6 +6,7 @@ the new model. The formulas are rearranged as ``x_new = x̄ + (1 − lr)·Δ −
 Δ = x_prev − x̄ so that the plain-average special cases (SlowMo with α = 1, β = 0) give x̄
 bit for bit.
 """
+
 from __future__ import annotations
 
 import abc
@@ -59,8 +60,8 @@ class _MomentumOuter(OuterOptimizer):
 class SlowMo(_MomentumOuter):
     """SlowMo (Wang, Tantia, Ballas, Rabbat, ICLR 2020), with γ the base LR in force at the sync:
 
-        u ← β·u + (x_prev − x̄)/γ
-        x_new = x_prev − α·γ·u   =   x̄ + (1 − α)·Δ − α·β·γ·u_old
+    u ← β·u + (x_prev − x̄)/γ
+    x_new = x_prev − α·γ·u   =   x̄ + (1 − α)·Δ − α·β·γ·u_old
     """
 
     def __init__(self, slow_lr: float, slow_momentum: float) -> None:

@@ -1,4 +1,5 @@
 """When to communicate: one step counter drives the synchronous phase and the local phase."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ class SyncSchedule:
     local_start: int | None
 
     @classmethod
-    def from_config(cls, cfg: AlgorithmConfig, steps_per_epoch: int,
-                    first_decay_step: int | None = None) -> SyncSchedule:
+    def from_config(
+        cls, cfg: AlgorithmConfig, steps_per_epoch: int, first_decay_step: int | None = None
+    ) -> SyncSchedule:
         """The one place that says when local SGD starts: never for all-reduce SGD, at step 0 for
         local SGD, and for post-local SGD at ``switch_step``, ``switch_epoch`` or else at the LR
         schedule's first decay (``first_decay_step``), as Lin et al. (2020) switch."""
@@ -49,6 +51,8 @@ def _local_start(cfg: AlgorithmConfig, steps_per_epoch: int, first_decay_step: i
     if cfg.switch_epoch is not None:
         return int(round(cfg.switch_epoch * steps_per_epoch))
     if first_decay_step is None:
-        raise ConfigError("algorithm.switch_epoch: post_local_sgd switches at the first LR decay by default, "
-                          "but optim.schedule has none; set algorithm.switch_epoch or algorithm.switch_step")
+        raise ConfigError(
+            "algorithm.switch_epoch: post_local_sgd switches at the first LR decay by default, "
+            "but optim.schedule has none; set algorithm.switch_epoch or algorithm.switch_step"
+        )
     return first_decay_step

@@ -12,6 +12,7 @@ and an α–β projection of the measured step time and bytes per sync onto real
 and worker counts (``projection.py``). Output: a table, one ``hpc-localsgd-bench:`` line, and
 JSON following ``schema.json``.
 """
+
 from .options import BASELINES, PHASES, BenchOptions
 from .report import SCHEMA_VERSION, SUMMARY_PREFIX, load_schema
 from .runner import run_bench

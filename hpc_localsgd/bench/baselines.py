@@ -4,6 +4,7 @@ This is the one place outside ``hpc_localsgd/comm/`` that imports horovod and
 torch.distributed directly: a baseline that went through the package's communicator would
 measure the package against itself.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -38,8 +39,9 @@ class HorovodSession:
         if self.owned:
             hvd.init()
         if (hvd.rank(), hvd.size()) != (comm.rank, comm.size):
-            raise RuntimeError(f"Horovod sees rank {hvd.rank()} of {hvd.size()}, the communicator "
-                               f"rank {comm.rank} of {comm.size}")
+            raise RuntimeError(
+                f"Horovod sees rank {hvd.rank()} of {hvd.size()}, the communicator rank {comm.rank} of {comm.size}"
+            )
 
     def close(self) -> None:
         if self.owned:
@@ -96,8 +98,13 @@ class DDPSession:
         if self.owned:
             address, port = rendezvous_address(launch.layout, launch.launcher)
             host = f"[{address}]" if ":" in address else address
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{host}:{port}",
-                                    rank=comm.rank, world_size=comm.size, timeout=datetime.timedelta(minutes=5))
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo",
+                init_method=f"tcp://{host}:{port}",
+                rank=comm.rank,
+                world_size=comm.size,
+                timeout=datetime.timedelta(minutes=5),
+            )
 
     def close(self) -> None:
         if self.owned and self.dist.is_initialized():

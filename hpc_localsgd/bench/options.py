@@ -3,6 +3,7 @@
 The options are a schema dataclass like the run config: each declares its meaning and range, and
 the config loader checks their names, types and ranges; messages name the command-line option.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,34 +42,54 @@ class BenchOptions:
     num_classes: int = setting(1000, "Output classes of the model.", range=">= 2", flag="--classes")
     backend: str = setting("auto", "comm.backend of the package for the measured engine.", choices=BACKENDS)
     bucket_mb: float = setting(25.0, "Gradient bucket size in MiB for the engine and DDP.", range="> 0")
-    repeats: int = setting(5, "Timed repetitions of every measurement, after the untimed warm-up ones.",
-                           range=">= 1")
+    repeats: int = setting(5, "Timed repetitions of every measurement, after the untimed warm-up ones.", range=">= 1")
     warmup: int = setting(1, "Untimed repetitions of every measurement, first.", range=">= 0")
-    steps: int = setting(16, "Optimizer steps in one timed training window; a local SGD window is rounded up to "
-                             "whole sync periods (H · ⌈steps / H⌉), so that every window ends with a sync.",
-                         range=">= 1")
-    sync_periods: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "Local SGD periods H to measure.",
-                                            rule="distinct positive integers")
-    baselines: tuple[str, ...] = setting(BASELINES, "Reference loops for synchronous training.",
-                                         rule=f"any of {', '.join(BASELINES)}")
+    steps: int = setting(
+        16,
+        "Optimizer steps in one timed training window; a local SGD window is rounded up to "
+        "whole sync periods (H · ⌈steps / H⌉), so that every window ends with a sync.",
+        range=">= 1",
+    )
+    sync_periods: tuple[int, ...] = setting(
+        (1, 2, 4, 8, 16, 32), "Local SGD periods H to measure.", rule="distinct positive integers"
+    )
+    baselines: tuple[str, ...] = setting(
+        BASELINES, "Reference loops for synchronous training.", rule=f"any of {', '.join(BASELINES)}"
+    )
     phases: tuple[str, ...] = setting(PHASES, "What to measure.", rule=f"at least one of {', '.join(PHASES)}")
-    out: str | None = setting(None, "Write the results as JSON to this file (null: print only).",
-                                 rule="a file in an existing folder")
-    io_dir: str | None = setting(None, "Where checkpoint files are written: it must be a folder every rank "
-                                          "sees (null: the folder of out, else the current one). A private "
-                                          "subfolder is made and removed.", rule="an existing writable folder")
+    out: str | None = setting(
+        None, "Write the results as JSON to this file (null: print only).", rule="a file in an existing folder"
+    )
+    io_dir: str | None = setting(
+        None,
+        "Where checkpoint files are written: it must be a folder every rank "
+        "sees (null: the folder of out, else the current one). A private "
+        "subfolder is made and removed.",
+        rule="an existing writable folder",
+    )
     threads: int = setting(0, "torch threads per rank (0: as for training).", range=">= 0")
     device: str = setting("auto", "auto, cpu or cuda[:N].", rule="'auto', 'cpu' or 'cuda[:N]'")
     projection_step_seconds: float | None = setting(
-        None, "Compute time per step for the projection instead of the measured one (e.g. a GPU's).",
-        range="> 0", flag="--project-step-seconds")
-    quick: bool = setting(False, "A problem that runs in seconds on two CPU cores; options given explicitly "
-                                 "still apply.")
+        None,
+        "Compute time per step for the projection instead of the measured one (e.g. a GPU's).",
+        range="> 0",
+        flag="--project-step-seconds",
+    )
+    quick: bool = setting(
+        False, "A problem that runs in seconds on two CPU cores; options given explicitly still apply."
+    )
 
     @staticmethod
     def quick_defaults() -> dict[str, Any]:
-        return {"model": "smallcnn", "batch": 8, "image_size": 32, "num_classes": 10, "repeats": 3, "warmup": 1,
-                "steps": 8}
+        return {
+            "model": "smallcnn",
+            "batch": 8,
+            "image_size": 32,
+            "num_classes": 10,
+            "repeats": 3,
+            "warmup": 1,
+            "steps": 8,
+        }
 
     @classmethod
     def from_given(cls, quick: bool = False, **given: Any) -> BenchOptions:
@@ -83,29 +104,37 @@ class BenchOptions:
         """Raise ``UserError`` (one line, exit 2) for anything wrong, before any communication.
 
         The declared ranges and choices first, then what a bound cannot say."""
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise UserError(message)
 
         need(bool(self.model), "--model: must not be empty")
         check_declared(self, name=_flag)
-        need(len(self.sync_periods) >= 1 and all(h >= 1 for h in self.sync_periods),
-             f"--sync-periods: must be positive integers, got {','.join(map(str, self.sync_periods)) or 'nothing'}")
-        need(len(set(self.sync_periods)) == len(self.sync_periods),
-             f"--sync-periods: {','.join(map(str, self.sync_periods))} repeats a value")
+        need(
+            len(self.sync_periods) >= 1 and all(h >= 1 for h in self.sync_periods),
+            f"--sync-periods: must be positive integers, got {','.join(map(str, self.sync_periods)) or 'nothing'}",
+        )
+        need(
+            len(set(self.sync_periods)) == len(self.sync_periods),
+            f"--sync-periods: {','.join(map(str, self.sync_periods))} repeats a value",
+        )
         for name in self.baselines:
-            need(name in BASELINES, f"--baselines: unknown baseline {name!r}; choose from {', '.join(BASELINES)} "
-                                    "or 'none'")
+            need(
+                name in BASELINES,
+                f"--baselines: unknown baseline {name!r}; choose from {', '.join(BASELINES)} or 'none'",
+            )
         need(len(self.phases) >= 1, "--phases: choose at least one phase")
         for name in self.phases:
             need(name in PHASES, f"--phases: unknown phase {name!r}; choose from {', '.join(PHASES)}")
-        need(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-             f"--device: must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        need(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            f"--device: must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
         if self.out is not None:
             out = Path(self.out)
             need(not out.is_dir(), f"--out: '{out}' is a folder; give a file name such as bench.json")
-            need(out.parent.is_dir() if str(out.parent) else True,
-                 f"--out: folder '{out.parent}' does not exist")
+            need(out.parent.is_dir() if str(out.parent) else True, f"--out: folder '{out.parent}' does not exist")
         if "checkpoint" in self.phases:
             folder = self.checkpoint_folder()
             need(folder.is_dir(), f"--io-dir: folder '{folder}' does not exist")

@@ -4,6 +4,7 @@ Inside a phase the configurations being compared alternate within every repetiti
 (A B, then B A, ...), and every timed region starts behind a barrier, so that each
 repetition yields one paired sample per configuration measured under the same conditions.
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,8 +94,9 @@ def _timed(comm: Communicator, device: torch.device, action: Callable[[], None])
     return time.perf_counter() - start
 
 
-def _alternating(comm: Communicator, device: torch.device, actions: list[Callable[[], None]], repeats: int,
-                 warmup: int) -> list[list[float]]:
+def _alternating(
+    comm: Communicator, device: torch.device, actions: list[Callable[[], None]], repeats: int, warmup: int
+) -> list[list[float]]:
     """Seconds per repetition for each action (slowest rank), the order rotating every repetition."""
     for _ in range(warmup):
         for action in actions:
@@ -106,7 +108,7 @@ def _alternating(comm: Communicator, device: torch.device, actions: list[Callabl
         for index in order[shift:] + order[:shift]:
             per_rank[index].append(_timed(comm, device, actions[index]))
     flat = slowest(comm, [t for times in per_rank for t in times])
-    return [flat[i * repeats:(i + 1) * repeats] for i in range(len(actions))]
+    return [flat[i * repeats : (i + 1) * repeats] for i in range(len(actions))]
 
 
 def _bus_bandwidth(nbytes: float, seconds: list[float], size: int) -> list[float]:
@@ -117,8 +119,11 @@ def _bus_bandwidth(nbytes: float, seconds: list[float], size: int) -> list[float
 
 def sync_floor_buffers(engine: AveragingEngine) -> list[torch.Tensor]:
     """Plain tensors with the dtypes and element counts of what one sync reduces."""
-    return [torch.randn(end - start, device=group.flat.device).to(group.flat.dtype)
-            for group in engine.groups for start, end in group.span(engine.averaged_kinds)]
+    return [
+        torch.randn(end - start, device=group.flat.device).to(group.flat.dtype)
+        for group in engine.groups
+        for start, end in group.span(engine.averaged_kinds)
+    ]
 
 
 # --- 1. the averaging step against a raw allreduce of the same bytes ---------------------------------
@@ -132,26 +137,59 @@ def measure_averaging(ctx: BenchContext) -> None:
         for handle in handles:
             handle.wait()
 
-    sync_times, floor_times = _alternating(comm, ctx.device, [lambda: engine.sync(LEARNING_RATE), floor],
-                                           options.repeats, options.warmup)
+    sync_times, floor_times = _alternating(
+        comm, ctx.device, [lambda: engine.sync(LEARNING_RATE), floor], options.repeats, options.warmup
+    )
     nbytes = engine.bytes_per_sync
     ctx.add(
-        Figure("averaging.bytes_per_sync", "averaging",
-               "bytes one model average reduces per rank: parameters and BatchNorm statistics", "B",
-               [float(nbytes)], exact=True),
-        Figure("averaging.sync_seconds", "averaging", "AveragingEngine.sync: one model average (plain outer step)",
-               "s", sync_times),
-        Figure("averaging.floor_seconds", "averaging",
-               "raw comm.allreduce_ of tensors with the same dtypes and sizes on the same backend", "s", floor_times),
-        Figure("averaging.sync_over_floor", "averaging", "time of a sync over the raw allreduce (paired)", "ratio",
-               paired_ratios(sync_times, floor_times), target=SYNC_TARGET),
+        Figure(
+            "averaging.bytes_per_sync",
+            "averaging",
+            "bytes one model average reduces per rank: parameters and BatchNorm statistics",
+            "B",
+            [float(nbytes)],
+            exact=True,
+        ),
+        Figure(
+            "averaging.sync_seconds",
+            "averaging",
+            "AveragingEngine.sync: one model average (plain outer step)",
+            "s",
+            sync_times,
+        ),
+        Figure(
+            "averaging.floor_seconds",
+            "averaging",
+            "raw comm.allreduce_ of tensors with the same dtypes and sizes on the same backend",
+            "s",
+            floor_times,
+        ),
+        Figure(
+            "averaging.sync_over_floor",
+            "averaging",
+            "time of a sync over the raw allreduce (paired)",
+            "ratio",
+            paired_ratios(sync_times, floor_times),
+            target=SYNC_TARGET,
+        ),
     )
     if comm.size > 1:
-        ctx.add(Figure("averaging.sync_bus_bandwidth", "averaging",
-                       "bus bandwidth of a sync, 2(m−1)/m · bytes / time (nccl-tests convention)", "GB/s",
-                       _bus_bandwidth(nbytes, sync_times, comm.size)),
-                Figure("averaging.floor_bus_bandwidth", "averaging", "bus bandwidth of the raw allreduce", "GB/s",
-                       _bus_bandwidth(nbytes, floor_times, comm.size)))
+        ctx.add(
+            Figure(
+                "averaging.sync_bus_bandwidth",
+                "averaging",
+                "bus bandwidth of a sync, 2(m−1)/m · bytes / time (nccl-tests convention)",
+                "GB/s",
+                _bus_bandwidth(nbytes, sync_times, comm.size),
+            ),
+            Figure(
+                "averaging.floor_bus_bandwidth",
+                "averaging",
+                "bus bandwidth of the raw allreduce",
+                "GB/s",
+                _bus_bandwidth(nbytes, floor_times, comm.size),
+            ),
+        )
 
 
 # --- 2 and 3. training throughput: synchronous against its baselines, local SGD against the limit -------
@@ -185,9 +223,9 @@ class _Window:
 @dataclass
 class _Measured:
     steps: int
-    seconds: list[float]   # per repetition, slowest rank
-    share: list[float]     # per repetition, blocked-in-communication share, mean over ranks
-    sent: list[int]        # per repetition, bytes this rank sent (the same on every rank)
+    seconds: list[float]  # per repetition, slowest rank
+    share: list[float]  # per repetition, blocked-in-communication share, mean over ranks
+    sent: list[int]  # per repetition, bytes this rank sent (the same on every rank)
 
 
 def _interleaved_windows(ctx: BenchContext, windows: dict[str, _Window]) -> dict[str, _Measured]:
@@ -216,8 +254,10 @@ def _interleaved_windows(ctx: BenchContext, windows: dict[str, _Window]) -> dict
     r = options.repeats
     slow = slowest(comm, [t for n in names for t in seconds[n]])
     mean = rank_mean(comm, [c for n in names for c in shares[n]])
-    return {n: _Measured(windows[n].steps, slow[i * r:(i + 1) * r], mean[i * r:(i + 1) * r], sent[n])
-            for i, n in enumerate(names)}
+    return {
+        n: _Measured(windows[n].steps, slow[i * r : (i + 1) * r], mean[i * r : (i + 1) * r], sent[n])
+        for i, n in enumerate(names)
+    }
 
 
 def _rate(ctx: BenchContext, measured: _Measured) -> list[float]:
@@ -247,56 +287,118 @@ def measure_throughput(ctx: BenchContext, bare_seconds: list[float], ddp: Traini
     # Pure compute: what the projection carries to other interconnects.
     ctx.facts["compute_seconds_per_step"] = float(np.median(bare_step_seconds))
     ctx.add(
-        Figure("throughput.bare_limit_samples_per_s", "local_sgd",
-               "no-communication limit: every rank trains alone, before any communication library starts "
-               "(global samples/s; measured first, not interleaved)", "samples/s", bare),
-        Figure("throughput.limit_samples_per_s", "local_sgd",
-               "in-process limit: every rank trains alone and never syncs, communicator started but idle, "
-               "interleaved with the windows below (global samples/s)", "samples/s", limit),
-        Figure("throughput.limit_over_bare", "local_sgd",
-               "in-process limit over the median bare limit: what idle communication libraries cost", "ratio",
-               [v / bare_median for v in limit]),
-        Figure("throughput.bare_step_seconds", "local_sgd",
-               "time of one training step in the bare limit (slowest rank): the compute time per step", "s",
-               bare_step_seconds),
-        Figure("throughput.limit_step_seconds", "local_sgd",
-               "time of one training step in the in-process limit (slowest rank)", "s", step_seconds),
+        Figure(
+            "throughput.bare_limit_samples_per_s",
+            "local_sgd",
+            "no-communication limit: every rank trains alone, before any communication library starts "
+            "(global samples/s; measured first, not interleaved)",
+            "samples/s",
+            bare,
+        ),
+        Figure(
+            "throughput.limit_samples_per_s",
+            "local_sgd",
+            "in-process limit: every rank trains alone and never syncs, communicator started but idle, "
+            "interleaved with the windows below (global samples/s)",
+            "samples/s",
+            limit,
+        ),
+        Figure(
+            "throughput.limit_over_bare",
+            "local_sgd",
+            "in-process limit over the median bare limit: what idle communication libraries cost",
+            "ratio",
+            [v / bare_median for v in limit],
+        ),
+        Figure(
+            "throughput.bare_step_seconds",
+            "local_sgd",
+            "time of one training step in the bare limit (slowest rank): the compute time per step",
+            "s",
+            bare_step_seconds,
+        ),
+        Figure(
+            "throughput.limit_step_seconds",
+            "local_sgd",
+            "time of one training step in the in-process limit (slowest rank)",
+            "s",
+            step_seconds,
+        ),
     )
     for period in options.sync_periods:
         m = measured[f"h{period}"]
         rate = _rate(ctx, m)
         ctx.add(
-            Figure(f"local_sgd.h{period}.samples_per_s", "local_sgd",
-                   f"local SGD, model averaged every {period} steps (global samples/s)", "samples/s", rate),
-            Figure(f"local_sgd.h{period}.efficiency", "local_sgd",
-                   f"local SGD H={period} throughput over the median no-communication (bare) limit", "ratio",
-                   [v / bare_median for v in rate],
-                   target=LOCAL_SGD_TARGET if period == LOCAL_SGD_TARGET_PERIOD else None),
-            Figure(f"local_sgd.h{period}.efficiency_in_process", "local_sgd",
-                   f"local SGD H={period} throughput over the in-process limit (paired)", "ratio",
-                   paired_ratios(rate, limit)),
-            Figure(f"local_sgd.h{period}.comm_share", "local_sgd",
-                   f"share of the step time blocked in communication at H={period} (mean over ranks)", "fraction",
-                   m.share),
-            Figure(f"local_sgd.h{period}.bytes_per_sample", "local_sgd",
-                   f"bytes each rank sends to allreduces per sample it trains, H={period}", "B/sample",
-                   [b / (m.steps * batch) for b in m.sent], exact=True),
+            Figure(
+                f"local_sgd.h{period}.samples_per_s",
+                "local_sgd",
+                f"local SGD, model averaged every {period} steps (global samples/s)",
+                "samples/s",
+                rate,
+            ),
+            Figure(
+                f"local_sgd.h{period}.efficiency",
+                "local_sgd",
+                f"local SGD H={period} throughput over the median no-communication (bare) limit",
+                "ratio",
+                [v / bare_median for v in rate],
+                target=LOCAL_SGD_TARGET if period == LOCAL_SGD_TARGET_PERIOD else None,
+            ),
+            Figure(
+                f"local_sgd.h{period}.efficiency_in_process",
+                "local_sgd",
+                f"local SGD H={period} throughput over the in-process limit (paired)",
+                "ratio",
+                paired_ratios(rate, limit),
+            ),
+            Figure(
+                f"local_sgd.h{period}.comm_share",
+                "local_sgd",
+                f"share of the step time blocked in communication at H={period} (mean over ranks)",
+                "fraction",
+                m.share,
+            ),
+            Figure(
+                f"local_sgd.h{period}.bytes_per_sample",
+                "local_sgd",
+                f"bytes each rank sends to allreduces per sample it trains, H={period}",
+                "B/sample",
+                [b / (m.steps * batch) for b in m.sent],
+                exact=True,
+            ),
         )
     m = measured["allreduce"]
     allreduce = _rate(ctx, m)
     ctx.add(
-        Figure("synchronous.allreduce.samples_per_s", "synchronous",
-               "method allreduce: the engine's bucketed gradient allreduce, overlapped with backward "
-               "(global samples/s)", "samples/s", allreduce),
-        Figure("synchronous.allreduce.efficiency", "synchronous",
-               "method allreduce throughput over the median no-communication (bare) limit", "ratio",
-               [v / bare_median for v in allreduce]),
-        Figure("synchronous.allreduce.comm_share", "synchronous",
-               "share of the step time blocked in communication, method allreduce (mean over ranks)", "fraction",
-               m.share),
-        Figure("synchronous.allreduce.bytes_per_sample", "synchronous",
-               "bytes each rank sends to allreduces per sample it trains, method allreduce", "B/sample",
-               [b / (m.steps * batch) for b in m.sent], exact=True),
+        Figure(
+            "synchronous.allreduce.samples_per_s",
+            "synchronous",
+            "method allreduce: the engine's bucketed gradient allreduce, overlapped with backward (global samples/s)",
+            "samples/s",
+            allreduce,
+        ),
+        Figure(
+            "synchronous.allreduce.efficiency",
+            "synchronous",
+            "method allreduce throughput over the median no-communication (bare) limit",
+            "ratio",
+            [v / bare_median for v in allreduce],
+        ),
+        Figure(
+            "synchronous.allreduce.comm_share",
+            "synchronous",
+            "share of the step time blocked in communication, method allreduce (mean over ranks)",
+            "fraction",
+            m.share,
+        ),
+        Figure(
+            "synchronous.allreduce.bytes_per_sample",
+            "synchronous",
+            "bytes each rank sends to allreduces per sample it trains, method allreduce",
+            "B/sample",
+            [b / (m.steps * batch) for b in m.sent],
+            exact=True,
+        ),
     )
     if ddp is not None:
         _add_baseline(ctx, "ddp", "plain torch DistributedDataParallel loop", allreduce, _rate(ctx, measured["ddp"]))
@@ -304,11 +406,17 @@ def measure_throughput(ctx: BenchContext, bare_seconds: list[float], ddp: Traini
 
 def _add_baseline(ctx: BenchContext, name: str, label: str, allreduce: list[float], baseline: list[float]) -> None:
     ctx.add(
-        Figure(f"synchronous.{name}.samples_per_s", "synchronous", f"{label} (global samples/s)", "samples/s",
-               baseline),
-        Figure(f"synchronous.allreduce_over_{name}", "synchronous",
-               f"method allreduce throughput over the {label} (paired, measured in the same block)", "ratio",
-               paired_ratios(allreduce, baseline), target=THROUGHPUT_TARGET),
+        Figure(
+            f"synchronous.{name}.samples_per_s", "synchronous", f"{label} (global samples/s)", "samples/s", baseline
+        ),
+        Figure(
+            f"synchronous.allreduce_over_{name}",
+            "synchronous",
+            f"method allreduce throughput over the {label} (paired, measured in the same block)",
+            "ratio",
+            paired_ratios(allreduce, baseline),
+            target=THROUGHPUT_TARGET,
+        ),
     )
 
 
@@ -317,14 +425,30 @@ def measure_horovod_baseline(ctx: BenchContext, horovod: TrainingLoop) -> None:
     runs from ``hvd.init`` on and takes CPU from everything else in the process, so its windows
     are paired only with allreduce windows measured while it runs too."""
     options = ctx.options
-    measured = _interleaved_windows(ctx, {"allreduce": _Window(ctx.allreduce_loop(), options.window_steps()),
-                                          "horovod": _Window(horovod, options.window_steps())})
-    _add_baseline(ctx, "horovod", "plain Horovod hvd.DistributedOptimizer loop", _rate(ctx, measured["allreduce"]),
-                  _rate(ctx, measured["horovod"]))
+    measured = _interleaved_windows(
+        ctx,
+        {
+            "allreduce": _Window(ctx.allreduce_loop(), options.window_steps()),
+            "horovod": _Window(horovod, options.window_steps()),
+        },
+    )
+    _add_baseline(
+        ctx,
+        "horovod",
+        "plain Horovod hvd.DistributedOptimizer loop",
+        _rate(ctx, measured["allreduce"]),
+        _rate(ctx, measured["horovod"]),
+    )
     if ctx.comm.name != "horovod":
-        ctx.add(Figure("synchronous.allreduce_with_horovod_running.samples_per_s", "synchronous",
-                       "method allreduce while Horovod's background thread runs (the horovod block)", "samples/s",
-                       _rate(ctx, measured["allreduce"])))
+        ctx.add(
+            Figure(
+                "synchronous.allreduce_with_horovod_running.samples_per_s",
+                "synchronous",
+                "method allreduce while Horovod's background thread runs (the horovod block)",
+                "samples/s",
+                _rate(ctx, measured["allreduce"]),
+            )
+        )
 
 
 # --- 4. SlowMo: extra time per sync and extra memory --------------------------------------------------
@@ -338,23 +462,49 @@ def measure_slowmo(ctx: BenchContext, slowmo: EngineLoop) -> None:
     engine = slowmo.engine
     engine.begin_step(0)  # local SGD starts at step 0: the anchor x_prev is taken here
     plain_times, slowmo_times = _alternating(
-        comm, ctx.device, [lambda: plain.sync(LEARNING_RATE), lambda: engine.sync(LEARNING_RATE)],
-        options.repeats, max(1, options.warmup))  # the first SlowMo sync allocates u: never timed
+        comm,
+        ctx.device,
+        [lambda: plain.sync(LEARNING_RATE), lambda: engine.sync(LEARNING_RATE)],
+        options.repeats,
+        max(1, options.warmup),
+    )  # the first SlowMo sync allocates u: never timed
     extra_bytes = state_bytes(engine.shared_state()) - state_bytes(plain.shared_state())
     parameter_fp32_bytes = sum(g.slice(PARAMS).numel() for g in engine.groups) * 4
     ctx.add(
-        Figure("slowmo.plain_sync_seconds", "slowmo", "plain model average (local SGD), for comparison", "s",
-               plain_times),
-        Figure("slowmo.sync_seconds", "slowmo", "SlowMo sync: average, then u ← β·u + (x_prev − x̄)/γ and "
-               "x ← x_prev − α·γ·u", "s", slowmo_times),
-        Figure("slowmo.extra_seconds_per_sync", "slowmo", "SlowMo sync time minus plain sync time (paired)", "s",
-               [s - p for s, p in zip(slowmo_times, plain_times, strict=True)]),
-        Figure("slowmo.extra_memory_bytes", "slowmo",
-               "bytes of the engine's extra tensors with SlowMo: anchor x_prev and slow momentum u", "B",
-               [float(extra_bytes)], exact=True),
-        Figure("slowmo.extra_memory_param_copies", "slowmo",
-               "SlowMo's extra tensors in units of one fp32 copy of the parameters", "ratio",
-               [extra_bytes / parameter_fp32_bytes], target=SLOWMO_MEMORY_TARGET, exact=True),
+        Figure(
+            "slowmo.plain_sync_seconds", "slowmo", "plain model average (local SGD), for comparison", "s", plain_times
+        ),
+        Figure(
+            "slowmo.sync_seconds",
+            "slowmo",
+            "SlowMo sync: average, then u ← β·u + (x_prev − x̄)/γ and x ← x_prev − α·γ·u",
+            "s",
+            slowmo_times,
+        ),
+        Figure(
+            "slowmo.extra_seconds_per_sync",
+            "slowmo",
+            "SlowMo sync time minus plain sync time (paired)",
+            "s",
+            [s - p for s, p in zip(slowmo_times, plain_times, strict=True)],
+        ),
+        Figure(
+            "slowmo.extra_memory_bytes",
+            "slowmo",
+            "bytes of the engine's extra tensors with SlowMo: anchor x_prev and slow momentum u",
+            "B",
+            [float(extra_bytes)],
+            exact=True,
+        ),
+        Figure(
+            "slowmo.extra_memory_param_copies",
+            "slowmo",
+            "SlowMo's extra tensors in units of one fp32 copy of the parameters",
+            "ratio",
+            [extra_bytes / parameter_fp32_bytes],
+            target=SLOWMO_MEMORY_TARGET,
+            exact=True,
+        ),
     )
 
 
@@ -445,8 +595,11 @@ def measure_checkpoint(ctx: BenchContext, slowmo: EngineLoop) -> None:
         actions = {"write": write, "write_raw": write_raw, "read": read, "read_raw": read_raw}
         for repetition in range(options.repeats):
             # Writes before reads (a read needs its file); package and raw alternate which goes first.
-            order = (["write", "write_raw", "read", "read_raw"] if repetition % 2 == 0 else
-                     ["write_raw", "write", "read_raw", "read"])
+            order = (
+                ["write", "write_raw", "read", "read_raw"]
+                if repetition % 2 == 0
+                else ["write_raw", "write", "read_raw", "read"]
+            )
             for name in order:
                 times[name].append(_timed(comm, ctx.device, actions[name]))
             clean()
@@ -460,29 +613,70 @@ def measure_checkpoint(ctx: BenchContext, slowmo: EngineLoop) -> None:
     names = list(times)
     r = options.repeats
     flat = slowest(comm, [t for n in names for t in times[n]])
-    slow = {n: flat[i * r:(i + 1) * r] for i, n in enumerate(names)}
+    slow = {n: flat[i * r : (i + 1) * r] for i, n in enumerate(names)}
     mine = sum(a.nbytes for a in raw_mine.values()) + sum(a.nbytes for a in raw_shared.values())
     payload = float(gather(comm, [float(mine)]).sum())
     ctx.add(
-        Figure("checkpoint.bytes", "checkpoint",
-               "payload of one checkpoint: every rank's parameters, BN statistics and momentum, and SlowMo's "
-               "x_prev and u", "B", [payload], exact=True),
-        Figure("checkpoint.write_seconds", "checkpoint", "CheckpointWriter.write, all ranks, with fsync", "s",
-               slow["write"]),
-        Figure("checkpoint.raw_write_seconds", "checkpoint", "raw h5py write of the same bytes, same fsyncs", "s",
-               slow["write_raw"]),
-        Figure("checkpoint.write_over_raw", "checkpoint", "checkpoint write throughput over raw h5py (paired)",
-               "ratio", paired_ratios(slow["write_raw"], slow["write"]), target=CHECKPOINT_TARGET),
-        Figure("checkpoint.read_seconds", "checkpoint",
-               "Checkpoint(path).rank_state(rank) on every rank, .shared() on rank 0 (page cache warm)", "s",
-               slow["read"]),
-        Figure("checkpoint.raw_read_seconds", "checkpoint", "raw h5py read of the same datasets", "s",
-               slow["read_raw"]),
-        Figure("checkpoint.read_over_raw", "checkpoint", "checkpoint read throughput over raw h5py (paired)",
-               "ratio", paired_ratios(slow["read_raw"], slow["read"]), target=CHECKPOINT_TARGET),
-        Figure("checkpoint.write_bandwidth", "checkpoint", "payload bytes / write time", "GB/s",
-               [payload / t / 1e9 for t in slow["write"]]),
-        Figure("checkpoint.hash_seconds", "checkpoint",
-               "xxh3-64 of one rank's bytes, once (the integrity digest the package computes)", "s",
-               slow["hash"]),
+        Figure(
+            "checkpoint.bytes",
+            "checkpoint",
+            "payload of one checkpoint: every rank's parameters, BN statistics and momentum, and SlowMo's x_prev and u",
+            "B",
+            [payload],
+            exact=True,
+        ),
+        Figure(
+            "checkpoint.write_seconds",
+            "checkpoint",
+            "CheckpointWriter.write, all ranks, with fsync",
+            "s",
+            slow["write"],
+        ),
+        Figure(
+            "checkpoint.raw_write_seconds",
+            "checkpoint",
+            "raw h5py write of the same bytes, same fsyncs",
+            "s",
+            slow["write_raw"],
+        ),
+        Figure(
+            "checkpoint.write_over_raw",
+            "checkpoint",
+            "checkpoint write throughput over raw h5py (paired)",
+            "ratio",
+            paired_ratios(slow["write_raw"], slow["write"]),
+            target=CHECKPOINT_TARGET,
+        ),
+        Figure(
+            "checkpoint.read_seconds",
+            "checkpoint",
+            "Checkpoint(path).rank_state(rank) on every rank, .shared() on rank 0 (page cache warm)",
+            "s",
+            slow["read"],
+        ),
+        Figure(
+            "checkpoint.raw_read_seconds", "checkpoint", "raw h5py read of the same datasets", "s", slow["read_raw"]
+        ),
+        Figure(
+            "checkpoint.read_over_raw",
+            "checkpoint",
+            "checkpoint read throughput over raw h5py (paired)",
+            "ratio",
+            paired_ratios(slow["read_raw"], slow["read"]),
+            target=CHECKPOINT_TARGET,
+        ),
+        Figure(
+            "checkpoint.write_bandwidth",
+            "checkpoint",
+            "payload bytes / write time",
+            "GB/s",
+            [payload / t / 1e9 for t in slow["write"]],
+        ),
+        Figure(
+            "checkpoint.hash_seconds",
+            "checkpoint",
+            "xxh3-64 of one rank's bytes, once (the integrity digest the package computes)",
+            "s",
+            slow["hash"],
+        ),
     )

@@ -1,5 +1,6 @@
 """The three outputs of a benchmark run: a table for people, one greppable line, and a JSON file
 that follows ``schema.json`` (shipped beside this file; its ``schema_version`` is below)."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -52,24 +53,41 @@ def cpu_model() -> str:
 
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
     """Where rank 0 ran; the load average tells whether the machine was shared meanwhile."""
-    return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count() or 0, "threads_per_rank": threads, "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "load_average_start": list(os.getloadavg()), "load_average_end": None,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count() or 0,
+        "threads_per_rank": threads,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_average_start": list(os.getloadavg()),
+        "load_average_end": None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def targets_summary(figures: list[Figure]) -> dict[str, Any]:
     judged = [f for f in figures if f.target is not None]
-    return {"met": sum(1 for f in judged if f.met), "total": len(judged), "all_met": all(f.met for f in judged),
-            "missed": [f.id for f in judged if not f.met]}
+    return {
+        "met": sum(1 for f in judged if f.met),
+        "total": len(judged),
+        "all_met": all(f.met for f in judged),
+        "missed": [f.id for f in judged if not f.met],
+    }
 
 
 def summary_line(world: dict[str, Any], problem: dict[str, Any], figures: list[Figure], out: str | None) -> str:
     by_id = {f.id: f for f in figures}
-    parts = [SUMMARY_PREFIX, f"ranks={world['size']}", f"backend={world['backend']}", f"model={problem['model']}",
-             f"params={problem['parameters']}", f"batch={problem['batch_per_rank']}",
-             f"image={problem['image_size']}"]
+    parts = [
+        SUMMARY_PREFIX,
+        f"ranks={world['size']}",
+        f"backend={world['backend']}",
+        f"model={problem['model']}",
+        f"params={problem['parameters']}",
+        f"batch={problem['batch_per_rank']}",
+        f"image={problem['image_size']}",
+    ]
     for key, figure_id in SUMMARY_KEYS:
         figure = by_id.get(figure_id)
         if figure is None:
@@ -111,18 +129,28 @@ def format_table(header: str, figures: list[Figure]) -> str:
             lines.append(f"-- {group}")
         spread = f.spread()
         unit = "ms" if f.unit == "s" and all(abs(v) < 1 for v in f.samples) else f.unit
-        spread_text = "exact" if f.exact else \
-            f"{_shown(spread['min'], unit, f.unit)} … {_shown(spread['max'], unit, f.unit)}"
+        spread_text = (
+            "exact" if f.exact else f"{_shown(spread['min'], unit, f.unit)} … {_shown(spread['max'], unit, f.unit)}"
+        )
         target = "" if f.target is None else f"{f.target.op}{f.target.value:g}"
         met = "" if f.met is None else ("yes" if f.met else "MISSED")
         lines.append(f"{f.id:<42} {_shown(f.median, unit, f.unit):>13} {spread_text:>27} {unit:<10} {target:<8} {met}")
     return "\n".join(lines)
 
 
-def build_document(*, command: list[str], environment_info: dict[str, Any], world: dict[str, Any],
-                   problem: dict[str, Any], measurement: dict[str, Any], figures: list[Figure],
-                   skipped: list[dict[str, str]], projection: dict[str, Any] | None, summary: str,
-                   seconds: float) -> dict[str, Any]:
+def build_document(
+    *,
+    command: list[str],
+    environment_info: dict[str, Any],
+    world: dict[str, Any],
+    problem: dict[str, Any],
+    measurement: dict[str, Any],
+    figures: list[Figure],
+    skipped: list[dict[str, str]],
+    projection: dict[str, Any] | None,
+    summary: str,
+    seconds: float,
+) -> dict[str, Any]:
     environment_info = {**environment_info, "load_average_end": list(os.getloadavg())}
     return {
         "schema_version": SCHEMA_VERSION,

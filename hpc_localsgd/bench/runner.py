@@ -1,4 +1,5 @@
 """``hpc-localsgd bench``: every rank runs :func:`run_bench`; rank 0 prints and writes the JSON."""
+
 from __future__ import annotations
 
 import sys
@@ -29,33 +30,40 @@ from .projection import format_projection, project
 from .report import build_document, environment, format_table, summary_line, validate_document, write_document
 from .workload import EngineLoop, Workload
 
-METHOD = ("each figure is measured once per repetition after untimed warm-up; configurations compared with "
-          "each other alternate within every repetition and start behind a barrier; a time is the slowest "
-          "rank's, a share the mean over ranks; ratios are paired per repetition; median and min/max/IQR over "
-          "repetitions")
+METHOD = (
+    "each figure is measured once per repetition after untimed warm-up; configurations compared with "
+    "each other alternate within every repetition and start behind a barrier; a time is the slowest "
+    "rank's, a share the mean over ranks; ratios are paired per repetition; median and min/max/IQR over "
+    "repetitions"
+)
 
 
 def _probe(workload: Workload, options: BenchOptions) -> dict[str, int]:
     """Build the model and run one small forward pass before any rank communicates, so that a bad
     model name or an image size the model cannot take ends every rank with one line."""
     model = workload.new_model()
-    x = workload.batches[0][0][:min(options.batch, 2)]
+    x = workload.batches[0][0][: min(options.batch, 2)]
     try:
         with torch.no_grad():
             model(x)
     except (RuntimeError, ValueError) as error:
-        raise UserError(f"--model {options.model} cannot train on {options.batch} image(s) of "
-                        f"{options.image_size}×{options.image_size}: {one_line(error)}") from None
+        raise UserError(
+            f"--model {options.model} cannot train on {options.batch} image(s) of "
+            f"{options.image_size}×{options.image_size}: {one_line(error)}"
+        ) from None
     params = [p for p in model.parameters()]
     buffers = [b for b in model.buffers() if b.is_floating_point()]
-    return {"parameters": sum(p.numel() for p in params),
-            "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
-            "gradient_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-            "buffer_bytes": sum(b.numel() * b.element_size() for b in buffers)}
+    return {
+        "parameters": sum(p.numel() for p in params),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+        "gradient_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in buffers),
+    }
 
 
-def run_bench(options: BenchOptions, command: list[str] | None = None,
-              print_fn: Callable[[str], None] = print) -> dict[str, Any] | None:
+def run_bench(
+    options: BenchOptions, command: list[str] | None = None, print_fn: Callable[[str], None] = print
+) -> dict[str, Any] | None:
     """Run the benchmark on this rank; every rank calls it with the same options.
 
     Returns the JSON document on rank 0 (None elsewhere). Bad input raises ``UserError`` on
@@ -69,10 +77,19 @@ def run_bench(options: BenchOptions, command: list[str] | None = None,
     device = select_device(options.device, launch.layout)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cfg = load_config(None, [f"model.name={options.model}", f"data.batch_size={options.batch}",
-                             f"data.image_size={options.image_size}", "data.name=synthetic",
-                             f"comm.backend={options.backend}", f"comm.bucket_mb={options.bucket_mb}",
-                             f"train.threads={threads}", f"train.device={options.device}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={options.model}",
+            f"data.batch_size={options.batch}",
+            f"data.image_size={options.image_size}",
+            "data.name=synthetic",
+            f"comm.backend={options.backend}",
+            f"comm.bucket_mb={options.bucket_mb}",
+            f"train.threads={threads}",
+            f"train.device={options.device}",
+        ],
+    )
     workload = Workload.create(cfg, device, launch.layout.rank, options.num_classes)
     sizes = _probe(workload, options)
     env_info = environment(device, threads)
@@ -80,12 +97,19 @@ def run_bench(options: BenchOptions, command: list[str] | None = None,
 
     comm = make_communicator(cfg.comm.backend, launch, device)
     say = print_fn if comm.is_root else (lambda _line: None)
-    world = {"size": comm.size, "nodes": launch.layout.num_nodes, "ranks_per_node": launch.layout.local_size,
-             "launcher": launch.launcher, "backend": comm.name}
-    say(f"hpc-localsgd bench: {comm.size} rank(s) on {world['nodes']} node(s), {comm.name} backend, {device}, "
+    world = {
+        "size": comm.size,
+        "nodes": launch.layout.num_nodes,
+        "ranks_per_node": launch.layout.local_size,
+        "launcher": launch.launcher,
+        "backend": comm.name,
+    }
+    say(
+        f"hpc-localsgd bench: {comm.size} rank(s) on {world['nodes']} node(s), {comm.name} backend, {device}, "
         f"{threads} thread(s)/rank | {options.model} ({sizes['parameters'] / 1e6:.1f} M parameters) | "
         f"batch {options.batch}/rank, {options.image_size}×{options.image_size} images | phases "
-        f"{', '.join(options.phases)}")
+        f"{', '.join(options.phases)}"
+    )
     ctx = BenchContext(options, comm, launch, device, workload)
     ran_baselines: list[str] = []
     if "averaging" in options.phases:
@@ -108,8 +132,10 @@ def run_bench(options: BenchOptions, command: list[str] | None = None,
                 horovod.close()
                 ran_baselines.append("horovod")
         if LOCAL_SGD_TARGET_PERIOD not in options.sync_periods:
-            ctx.skip(f"local_sgd.h{LOCAL_SGD_TARGET_PERIOD}.efficiency",
-                     f"--sync-periods does not include {LOCAL_SGD_TARGET_PERIOD}, the period its target is set for")
+            ctx.skip(
+                f"local_sgd.h{LOCAL_SGD_TARGET_PERIOD}.efficiency",
+                f"--sync-periods does not include {LOCAL_SGD_TARGET_PERIOD}, the period its target is set for",
+            )
     if "slowmo" in options.phases or "checkpoint" in options.phases:
         slowmo = EngineLoop("slowmo", workload, comm, "local_sgd", SLOWMO_SYNC_PERIOD, outer="slowmo")
         if "slowmo" in options.phases:
@@ -121,30 +147,66 @@ def run_bench(options: BenchOptions, command: list[str] | None = None,
     projection = None
     compute = options.projection_step_seconds or ctx.facts.get("compute_seconds_per_step")
     if compute:
-        source = ("given with --project-step-seconds" if options.projection_step_seconds else
-                  "measured: median step time of the bare no-communication limit")
-        projection = project(compute, source, ctx.local_loop().engine.bytes_per_sync, sizes["gradient_bytes"],
-                             options.batch, options.sync_periods)
-    problem = {"model": options.model, "parameters": sizes["parameters"],
-               "parameter_bytes": sizes["parameter_bytes"], "buffer_bytes": sizes["buffer_bytes"],
-               "batch_per_rank": options.batch, "global_batch": options.batch * comm.size,
-               "image_size": options.image_size, "num_classes": options.num_classes, "quick": options.quick}
-    measurement = {"repeats": options.repeats, "warmup": options.warmup, "steps_per_window": options.steps,
-                   "sync_periods": list(options.sync_periods), "phases": list(options.phases),
-                   "baselines": ran_baselines, "bucket_mb": options.bucket_mb, "method": METHOD}
+        source = (
+            "given with --project-step-seconds"
+            if options.projection_step_seconds
+            else "measured: median step time of the bare no-communication limit"
+        )
+        projection = project(
+            compute,
+            source,
+            ctx.local_loop().engine.bytes_per_sync,
+            sizes["gradient_bytes"],
+            options.batch,
+            options.sync_periods,
+        )
+    problem = {
+        "model": options.model,
+        "parameters": sizes["parameters"],
+        "parameter_bytes": sizes["parameter_bytes"],
+        "buffer_bytes": sizes["buffer_bytes"],
+        "batch_per_rank": options.batch,
+        "global_batch": options.batch * comm.size,
+        "image_size": options.image_size,
+        "num_classes": options.num_classes,
+        "quick": options.quick,
+    }
+    measurement = {
+        "repeats": options.repeats,
+        "warmup": options.warmup,
+        "steps_per_window": options.steps,
+        "sync_periods": list(options.sync_periods),
+        "phases": list(options.phases),
+        "baselines": ran_baselines,
+        "bucket_mb": options.bucket_mb,
+        "method": METHOD,
+    }
     ctx.close()
     document = None
     if comm.is_root:
         summary = summary_line(world, problem, ctx.figures, options.out)
-        document = build_document(command=command if command is not None else list(sys.argv), environment_info=env_info,
-                                  world=world, problem=problem, measurement=measurement, figures=ctx.figures,
-                                  skipped=ctx.skipped, projection=projection, summary=summary,
-                                  seconds=time.perf_counter() - started)
+        document = build_document(
+            command=command if command is not None else list(sys.argv),
+            environment_info=env_info,
+            world=world,
+            problem=problem,
+            measurement=measurement,
+            figures=ctx.figures,
+            skipped=ctx.skipped,
+            projection=projection,
+            summary=summary,
+            seconds=time.perf_counter() - started,
+        )
         validate_document(document)
         load = document["environment"]
-        say(format_table(f"-- {options.repeats} repetitions after {options.warmup} warm-up, {options.steps} steps per "
-                         f"training window; load average {load['load_average_start'][0]:.2f} at start, "
-                         f"{load['load_average_end'][0]:.2f} at end", ctx.figures))
+        say(
+            format_table(
+                f"-- {options.repeats} repetitions after {options.warmup} warm-up, {options.steps} steps per "
+                f"training window; load average {load['load_average_start'][0]:.2f} at start, "
+                f"{load['load_average_end'][0]:.2f} at end",
+                ctx.figures,
+            )
+        )
         for skipped in ctx.skipped:
             say(f"skipped {skipped['id']}: {skipped['reason']}")
         if projection is not None:

@@ -6,6 +6,7 @@ when its last rank is done); shares are averaged over ranks. Ratios are taken pe
 between two quantities measured back to back in that repetition (paired), so that slow drift
 of the machine (other jobs, thermal state) cancels, and their median is reported.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -62,11 +63,18 @@ class Figure:
 
     def as_json(self) -> dict[str, object]:
         return {
-            "id": self.id, "group": self.group, "description": self.description, "unit": self.unit,
-            "median": self.median, "spread": self.spread(), "repetitions": len(self.samples),
-            "samples": [float(v) for v in self.samples], "exact": self.exact,
+            "id": self.id,
+            "group": self.group,
+            "description": self.description,
+            "unit": self.unit,
+            "median": self.median,
+            "spread": self.spread(),
+            "repetitions": len(self.samples),
+            "samples": [float(v) for v in self.samples],
+            "exact": self.exact,
             "target": None if self.target is None else {"op": self.target.op, "value": self.target.value},
-            "met": self.met, "notes": list(self.notes),
+            "met": self.met,
+            "notes": list(self.notes),
         }
 
 

@@ -5,6 +5,7 @@ them start from identical weights and see identical batches; only what happens b
 ``backward`` and the next step differs. Batches are made once and kept in memory (different
 on every rank, as data-parallel shards are): data loading is not what is measured here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,9 @@ class Workload:
 
     def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        return torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=LEARNING_RATE, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        )
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batches[step % len(self.batches)]
@@ -93,8 +95,15 @@ class TrainingLoop(Protocol):
 class EngineLoop:
     """The package's training step (``AveragingEngine.train_step``, the one training calls)."""
 
-    def __init__(self, name: str, workload: Workload, comm: Communicator, algorithm: Method, sync_period: int = 1,
-                 outer: OuterMethod = "none") -> None:
+    def __init__(
+        self,
+        name: str,
+        workload: Workload,
+        comm: Communicator,
+        algorithm: Method,
+        sync_period: int = 1,
+        outer: OuterMethod = "none",
+    ) -> None:
         self.name = name
         self.workload = workload
         cfg = workload.cfg
@@ -104,8 +113,9 @@ class EngineLoop:
         self.optimizer = workload.new_optimizer(self.model)
         # Local SGD from step 0, or synchronous throughout (no LR decay: post-local SGD is not measured).
         schedule = SyncSchedule.from_config(self.algorithm, steps_per_epoch=1)
-        self.engine = AveragingEngine(self.model, self.optimizer, comm, self.algorithm, schedule,
-                                      bucket_bytes=int(cfg.comm.bucket_mb * 2**20))
+        self.engine = AveragingEngine(
+            self.model, self.optimizer, comm, self.algorithm, schedule, bucket_bytes=int(cfg.comm.bucket_mb * 2**20)
+        )
         self.engine.broadcast_initial_state()
 
     def set_sync_period(self, sync_period: int | None) -> None:

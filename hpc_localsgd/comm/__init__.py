@@ -5,6 +5,7 @@ importing this package works (and stays fast) on a machine that has none of them
 ``agree`` holds the collectives by which ranks agree on an outcome (rank 0's decision, the first
 failure, a text), written once on top of the interface.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,19 @@ from .base import Communicator, DoneHandle, Handle
 from .single import SingleCommunicator
 from .threads import ThreadCommunicator, ThreadGroup
 
-__all__ = ["BACKENDS", "Communicator", "DoneHandle", "Handle", "SingleCommunicator", "ThreadCommunicator",
-           "ThreadGroup", "WorldLayout", "check_world", "make_communicator", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "Communicator",
+    "DoneHandle",
+    "Handle",
+    "SingleCommunicator",
+    "ThreadCommunicator",
+    "ThreadGroup",
+    "WorldLayout",
+    "check_world",
+    "make_communicator",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "horovod", "mpi", "torch", "single")
 
@@ -83,31 +95,41 @@ def _let_mpi_yield_when_idle(launch: LaunchEnvironment) -> None:
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
-def _construct(backend: str, launch: LaunchEnvironment, device: torch.device,
-               horovod_cycle_time_ms: float | None) -> Communicator:
+def _construct(
+    backend: str, launch: LaunchEnvironment, device: torch.device, horovod_cycle_time_ms: float | None
+) -> Communicator:
     if backend == "single":
         if launch.layout.size != 1:
-            raise LauncherMismatch(f"the launcher ({launch.launcher}) started {launch.layout.size} ranks but "
-                                   "comm.backend is 'single'; use comm.backend=auto, horovod, mpi or torch")
+            raise LauncherMismatch(
+                f"the launcher ({launch.launcher}) started {launch.layout.size} ranks but "
+                "comm.backend is 'single'; use comm.backend=auto, horovod, mpi or torch"
+            )
         return SingleCommunicator()
     if backend in ("horovod", "mpi"):
         _let_mpi_yield_when_idle(launch)
     if backend == "horovod":
         reason = _horovod_import_error()
         if reason is not None:
-            raise BackendUnavailable(f"comm.backend is 'horovod' but horovod.torch cannot be imported: {reason}; "
-                                     "build it with scripts/install.sh or use comm.backend=mpi")
+            raise BackendUnavailable(
+                f"comm.backend is 'horovod' but horovod.torch cannot be imported: {reason}; "
+                "build it with scripts/install.sh or use comm.backend=mpi"
+            )
         from .horovod import HorovodCommunicator
+
         return HorovodCommunicator(launch.layout, horovod_cycle_time_ms)
     if backend == "mpi":
         try:
             import mpi4py.MPI  # noqa: F401  # initialises MPI; failures here are the user's to fix
         except Exception as error:
-            raise BackendUnavailable(f"comm.backend is 'mpi' but mpi4py cannot be imported: {one_line(error)}; "
-                                     "install mpi4py against this MPI (scripts/install.sh)") from None
+            raise BackendUnavailable(
+                f"comm.backend is 'mpi' but mpi4py cannot be imported: {one_line(error)}; "
+                "install mpi4py against this MPI (scripts/install.sh)"
+            ) from None
         from .mpi import MPICommunicator
+
         return MPICommunicator(launch.layout)
     from .torch_dist import TorchDistributedCommunicator
+
     return TorchDistributedCommunicator(launch.layout, launch.launcher, device)
 
 
@@ -115,17 +137,22 @@ def check_world(communicator: Communicator, launch: LaunchEnvironment) -> None:
     """Raise ``LauncherMismatch`` when the backend's rank or size differs from the launcher's."""
     expected = launch.layout
     if communicator.size != expected.size:
-        raise LauncherMismatch(f"the launcher ({launch.launcher}) started {expected.size} ranks but the "
-                               f"{communicator.name} backend sees {communicator.size}: "
-                               f"{_mismatch_hint(communicator.name, launch.launcher)}")
+        raise LauncherMismatch(
+            f"the launcher ({launch.launcher}) started {expected.size} ranks but the "
+            f"{communicator.name} backend sees {communicator.size}: "
+            f"{_mismatch_hint(communicator.name, launch.launcher)}"
+        )
     if communicator.rank != expected.rank:
-        raise LauncherMismatch(f"the launcher ({launch.launcher}) says this is rank {expected.rank} but the "
-                               f"{communicator.name} backend says {communicator.rank}: "
-                               f"{_mismatch_hint(communicator.name, launch.launcher)}")
+        raise LauncherMismatch(
+            f"the launcher ({launch.launcher}) says this is rank {expected.rank} but the "
+            f"{communicator.name} backend says {communicator.rank}: "
+            f"{_mismatch_hint(communicator.name, launch.launcher)}"
+        )
 
 
-def make_communicator(backend: str, launch: LaunchEnvironment, device: torch.device,
-                      horovod_cycle_time_ms: float | None = None) -> Communicator:
+def make_communicator(
+    backend: str, launch: LaunchEnvironment, device: torch.device, horovod_cycle_time_ms: float | None = None
+) -> Communicator:
     """The communicator for ``backend`` (one of ``BACKENDS``), checked against the launcher's world.
 
     Raises ``ConfigError`` for an unknown name, ``BackendUnavailable`` when the backend's

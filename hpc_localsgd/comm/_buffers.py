@@ -1,4 +1,5 @@
 """Buffer rules shared by every backend, so that all of them compute the same average."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,9 @@ import torch
 def check_buffer(buffer: torch.Tensor) -> None:
     """Collectives read and write the tensor's storage directly, so it must be one contiguous block."""
     if not buffer.is_contiguous():
-        raise ValueError(f"collective buffers must be contiguous; got shape {tuple(buffer.shape)} "
-                         f"with strides {buffer.stride()}")
+        raise ValueError(
+            f"collective buffers must be contiguous; got shape {tuple(buffer.shape)} with strides {buffer.stride()}"
+        )
 
 
 def divide_by_size_(buffer: torch.Tensor, size: int) -> None:

@@ -6,6 +6,7 @@ refusal or a failure end every rank together instead of leaving some waiting in 
 that the others never reach. They move a few integers and bytes, so they are meant for process
 communicators (one rank per process), not for the simulated backend's stacked workers.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

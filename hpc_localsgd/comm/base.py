@@ -7,6 +7,7 @@ imports horovod, mpi4py or torch.distributed.
 Averaging is "sum, then divide by size" everywhere so that every backend computes the
 same value; backends with a native average may use it (results agree to float rounding).
 """
+
 from __future__ import annotations
 
 import abc

@@ -5,6 +5,7 @@ operation with it is in flight. Each operation is named from a per-communicator 
 since every rank starts collectives in the same order, the n-th operation carries the same
 name everywhere.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,9 @@ from ._buffers import check_buffer, divide_by_size_
 from .base import Communicator, Handle
 
 # The dtypes horovod.torch 0.28 accepts (horovod/torch/adapter_v2.cc); bfloat16 is not one of them.
-_HOROVOD_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
-                             torch.float32, torch.float64})
+_HOROVOD_DTYPES = frozenset(
+    {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32, torch.float64}
+)
 # Broadcast moves bits without arithmetic: other dtypes travel as integers of the same width.
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -29,8 +31,7 @@ _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int6
 class _HorovodHandle(Handle):
     """A Horovod allreduce in flight; integer averaging and bfloat16 copy-back happen in ``wait``."""
 
-    def __init__(self, hvd: Any, hvd_handle: int, buffer: torch.Tensor, reduced: torch.Tensor,
-                 divisor: int) -> None:
+    def __init__(self, hvd: Any, hvd_handle: int, buffer: torch.Tensor, reduced: torch.Tensor, divisor: int) -> None:
         self._hvd = hvd
         self._hvd_handle: int | None = hvd_handle
         self._buffer = buffer
@@ -61,8 +62,9 @@ class HorovodCommunicator(Communicator):
         try:
             hvd.init()
         except Exception as error:  # e.g. a Gloo-only build started by mpirun instead of horovodrun
-            raise BackendUnavailable("comm.backend is 'horovod' but Horovod failed to start: "
-                                     f"{one_line(error)}") from None
+            raise BackendUnavailable(
+                f"comm.backend is 'horovod' but Horovod failed to start: {one_line(error)}"
+            ) from None
         self._hvd = hvd
         self._operation_numbers = itertools.count()
         super().__init__(dataclasses.replace(launcher_layout, rank=hvd.rank(), size=hvd.size()))

@@ -12,6 +12,7 @@ of a ResNet-50 step blocked that way even with ``MPI_Test`` from every gradient 
 overlaps them with backward as Horovod's background thread and Gloo's do. Without
 ``MPI_THREAD_MULTIPLE`` the backend falls back to ``Iallreduce`` advanced by ``progress()``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,9 @@ from ._buffers import check_buffer, divide_by_size_
 from .base import Communicator, Handle
 
 # MPI reduces these in place through numpy's buffer protocol (numpy's format codes map to MPI types).
-_NATIVE_SUM_DTYPES = frozenset({torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
-                                torch.uint8})
+_NATIVE_SUM_DTYPES = frozenset(
+    {torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
+)
 # No MPI datatype sums 16-bit floats (a uint16 view would add bit patterns), so they are
 # summed as float32, which also rounds only once, at the final cast back.
 _WIDENED_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -44,8 +46,9 @@ def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
 class _MPIHandle(Handle):
     """An ``Iallreduce`` in flight; the averaging division and any copy-back happen in ``wait``."""
 
-    def __init__(self, request: Any, buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray,
-                 divisor: int) -> None:
+    def __init__(
+        self, request: Any, buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray, divisor: int
+    ) -> None:
         self._request: Any | None = request
         self._buffer = buffer
         self._reduced = reduced  # ``buffer`` itself, or its host/float32 staging copy
@@ -80,8 +83,9 @@ class _CollectiveThread:
     def __init__(self, comm: Any) -> None:
         # Its own communicator: its collectives never match one of the main thread's.
         self.comm = comm
-        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = \
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._run, name="hpc-localsgd-mpi", daemon=True)
         self._thread.start()
 
@@ -106,8 +110,9 @@ class _CollectiveThread:
 class _ThreadedHandle(Handle):
     """An ``Allreduce`` queued on (or running in) the communication thread."""
 
-    def __init__(self, future: Future[Any], buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray,
-                 divisor: int) -> None:
+    def __init__(
+        self, future: Future[Any], buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray, divisor: int
+    ) -> None:
         self._future: Future[Any] | None = future
         self._buffer = buffer
         self._reduced = reduced
@@ -143,8 +148,7 @@ class MPICommunicator(Communicator):
         self._thread: _CollectiveThread | None = None
         if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
             self._thread = _CollectiveThread(MPI.COMM_WORLD.Dup())
-        super().__init__(dataclasses.replace(launcher_layout, rank=self._comm.Get_rank(),
-                                             size=self._comm.Get_size()))
+        super().__init__(dataclasses.replace(launcher_layout, rank=self._comm.Get_rank(), size=self._comm.Get_size()))
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)

@@ -9,6 +9,7 @@ run under MPI; only this communicator differs.
 Sums run in worker order 0..W−1, as the ``threads`` backend sums in rank order, so a simulation
 agrees bit for bit with W threads and, for W = 2, with any MPI's a + b.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,14 +30,15 @@ class SimulatedCommunicator(Communicator):
     def __init__(self, workers: int) -> None:
         if workers < 1:
             raise ValueError(f"a simulation needs at least one worker, got {workers}")
-        super().__init__(WorldLayout(rank=0, size=workers, local_rank=0, local_size=workers, node_rank=0,
-                                     num_nodes=1))
+        super().__init__(WorldLayout(rank=0, size=workers, local_rank=0, local_size=workers, node_rank=0, num_nodes=1))
         self.replicas = workers
 
     def _check(self, buffer: torch.Tensor) -> None:
         if buffer.dim() == 0 or buffer.shape[0] != self.replicas:
-            raise ValueError(f"the simulated backend's buffers are stacked over its {self.replicas} workers; "
-                             f"got shape {tuple(buffer.shape)}")
+            raise ValueError(
+                f"the simulated backend's buffers are stacked over its {self.replicas} workers; "
+                f"got shape {tuple(buffer.shape)}"
+            )
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         self._check(buffer)
@@ -54,7 +56,7 @@ class SimulatedCommunicator(Communicator):
         self._check(buffer)
         if not 0 <= root < self.replicas:
             raise ValueError(f"broadcast root {root} does not exist among {self.replicas} workers")
-        buffer.copy_(buffer[root:root + 1].expand_as(buffer).clone())
+        buffer.copy_(buffer[root : root + 1].expand_as(buffer).clone())
 
     def barrier(self) -> None:
         return None

@@ -1,4 +1,5 @@
 """One process, no launcher: every collective is the identity (the average of one value is itself)."""
+
 from __future__ import annotations
 
 import torch

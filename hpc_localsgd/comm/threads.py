@@ -10,6 +10,7 @@ One round per collective is enough: the combined tensor of round n is replaced o
 action of round n+1, which cannot run before every thread has arrived there, that is after
 every thread has copied round n's result.
 """
+
 from __future__ import annotations
 
 import threading
@@ -102,8 +103,9 @@ class ThreadGroup:
         self._slots = [None] * self.size
         signatures = {contribution.signature() for contribution in contributions}
         if len(contributions) != self.size or len(signatures) != 1:
-            raise RuntimeError("the ranks of a thread group started different collectives: "
-                               f"{sorted(map(str, signatures))}")
+            raise RuntimeError(
+                f"the ranks of a thread group started different collectives: {sorted(map(str, signatures))}"
+            )
         first = contributions[0]
         if first.kind == "allreduce":
             assert first.buffer is not None
@@ -128,8 +130,9 @@ class ThreadCommunicator(Communicator):
     name = "threads"
 
     def __init__(self, group: ThreadGroup, rank: int) -> None:
-        super().__init__(WorldLayout(rank=rank, size=group.size, local_rank=rank, local_size=group.size,
-                                     node_rank=0, num_nodes=1))
+        super().__init__(
+            WorldLayout(rank=rank, size=group.size, local_rank=rank, local_size=group.size, node_rank=0, num_nodes=1)
+        )
         self._group = group
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:

@@ -3,6 +3,7 @@
 Gloo has no average reduction, so every reduction is a sum followed by a division by the
 world size, the same rule as the other backends.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,7 @@ def _free_tcp_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def rendezvous_address(layout: WorldLayout, launcher: str,
-                       env: Mapping[str, str] | None = None) -> tuple[str, int]:
+def rendezvous_address(layout: WorldLayout, launcher: str, env: Mapping[str, str] | None = None) -> tuple[str, int]:
     """Where rank 0's TCP store listens: MASTER_ADDR/MASTER_PORT, else agreed over MPI, else an error.
 
     Under ``mpirun`` or ``srun`` nobody sets MASTER_ADDR, but MPI already connects the ranks:
@@ -47,21 +47,30 @@ def rendezvous_address(layout: WorldLayout, launcher: str,
         return address, int(port)
     if address or port:
         missing = "MASTER_PORT" if address else "MASTER_ADDR"
-        raise BackendUnavailable(f"comm.backend is 'torch' and {missing} is not set while its partner is; "
-                                 "set both MASTER_ADDR and MASTER_PORT")
+        raise BackendUnavailable(
+            f"comm.backend is 'torch' and {missing} is not set while its partner is; "
+            "set both MASTER_ADDR and MASTER_PORT"
+        )
     try:
         from mpi4py import MPI
     except Exception as error:  # ImportError, or an OSError from a broken libmpi
-        raise BackendUnavailable("comm.backend is 'torch' but MASTER_ADDR/MASTER_PORT are not set and mpi4py "
-                                 f"cannot be imported to agree on them ({one_line(error)}); set MASTER_ADDR and "
-                                 "MASTER_PORT") from None
+        raise BackendUnavailable(
+            "comm.backend is 'torch' but MASTER_ADDR/MASTER_PORT are not set and mpi4py "
+            f"cannot be imported to agree on them ({one_line(error)}); set MASTER_ADDR and "
+            "MASTER_PORT"
+        ) from None
     world = MPI.COMM_WORLD
     if (world.Get_size(), world.Get_rank()) != (layout.size, layout.rank):
-        cause = ("try srun --mpi=pmix (or pmi2)" if launcher == "slurm"
-                 else "mpi4py is probably built against another MPI than this launcher's")
-        raise LauncherMismatch(f"the launcher ({launcher}) says rank {layout.rank} of {layout.size} but MPI says "
-                               f"rank {world.Get_rank()} of {world.Get_size()}: {cause}, or set MASTER_ADDR and "
-                               "MASTER_PORT to agree without MPI")
+        cause = (
+            "try srun --mpi=pmix (or pmi2)"
+            if launcher == "slurm"
+            else "mpi4py is probably built against another MPI than this launcher's"
+        )
+        raise LauncherMismatch(
+            f"the launcher ({launcher}) says rank {layout.rank} of {layout.size} but MPI says "
+            f"rank {world.Get_rank()} of {world.Get_size()}: {cause}, or set MASTER_ADDR and "
+            "MASTER_PORT to agree without MPI"
+        )
     chosen = (socket.gethostname(), _free_tcp_port()) if world.Get_rank() == 0 else None
     root_host, port = world.bcast(chosen, root=0)
     # Ranks on rank 0's node connect over loopback, which needs no name resolution (often missing in containers).
@@ -101,9 +110,13 @@ class TorchDistributedCommunicator(Communicator):
             raise BackendUnavailable("comm.backend is 'torch' on the CPU but this torch has no Gloo")
         address, port = rendezvous_address(launcher_layout, launcher)
         host = f"[{address}]" if ":" in address else address  # IPv6 literals need brackets in a URL
-        dist.init_process_group(self._process_backend, init_method=f"tcp://{host}:{port}",
-                                rank=launcher_layout.rank, world_size=launcher_layout.size,
-                                timeout=_RENDEZVOUS_TIMEOUT)
+        dist.init_process_group(
+            self._process_backend,
+            init_method=f"tcp://{host}:{port}",
+            rank=launcher_layout.rank,
+            world_size=launcher_layout.size,
+            timeout=_RENDEZVOUS_TIMEOUT,
+        )
         super().__init__(dataclasses.replace(launcher_layout, rank=dist.get_rank(), size=dist.get_world_size()))
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:

@@ -7,6 +7,7 @@ set of choices is checked by :func:`check_declared` from the declaration itself,
 the check cannot drift apart. Rules that involve several fields, or a list as a whole, stay in
 the schema's ``validate()``; ``rule`` then says in words what it checks, for the help.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,8 +60,13 @@ class Range:
             return cls(text, high=number, high_open=op == "<")
         interval = _INTERVAL.match(text)
         if interval:
-            return cls(f"in {text}", low=float(interval.group(2)), high=float(interval.group(3)),
-                       low_open=interval.group(1) == "(", high_open=interval.group(4) == ")")
+            return cls(
+                f"in {text}",
+                low=float(interval.group(2)),
+                high=float(interval.group(3)),
+                low_open=interval.group(1) == "(",
+                high_open=interval.group(4) == ")",
+            )
         raise ValueError(f"not a range: {text!r} (write '>= 1', '> 0', '[0, 1)' or '(0, 1]')")
 
     def __contains__(self, value: float) -> bool:
@@ -73,8 +79,15 @@ class Range:
         return self.text
 
 
-def setting(default: T, help: str, *, range: str | None = None, choices: Sequence[str] | None = None,
-            rule: str | None = None, flag: str | None = None) -> T:
+def setting(
+    default: T,
+    help: str,
+    *,
+    range: str | None = None,
+    choices: Sequence[str] | None = None,
+    rule: str | None = None,
+    flag: str | None = None,
+) -> T:
     """A field of a schema dataclass.
 
     help     what the setting means (one or two sentences; printed by ``--help-config``)

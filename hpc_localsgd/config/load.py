@@ -6,6 +6,7 @@ Optional, list, tuple, mapping, nested dataclasses), so a wrong key, type or val
 with its name before any rank touches a communicator. Ranges and choices come from each field's
 declaration (:mod:`.fields`); :func:`load_config` reads the run config on top of it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,7 @@ def _convert(value: Any, tp: Any, key: str, name: KeyNamer) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
         key_type, value_type = typing.get_args(tp)
-        return {_convert(k, key_type, key, name): _convert(v, value_type, f"{key}.{k}", name)
-                for k, v in value.items()}
+        return {_convert(k, key_type, key, name): _convert(v, value_type, f"{key}.{k}", name) for k, v in value.items()}
     if tp is int or tp is float:
         return _number(value, tp, key)
     if tp is bool and isinstance(value, bool):

@@ -7,6 +7,7 @@ states its meaning and range where it is declared (:func:`.fields.setting`); ``h
 train --help-config`` prints them. ``validate()`` checks the declared ranges, then the rules
 that involve several fields.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,36 +35,56 @@ class SyntheticConfig:
 
     train_samples: int = setting(4096, "Samples in the synthetic training set.", range=">= 1")
     test_samples: int = setting(1024, "Samples in the synthetic test set.", range=">= 1")
-    shape: list[int] = setting([3, 32, 32], "Shape of one input: [features] for an MLP, or [channels, height, "
-                                            "width] for an image model.",
-                               rule="[features] or [channels, height, width] of positive sizes")
+    shape: list[int] = setting(
+        [3, 32, 32],
+        "Shape of one input: [features] for an MLP, or [channels, height, width] for an image model.",
+        rule="[features] or [channels, height, width] of positive sizes",
+    )
     num_classes: int = setting(10, "Classes of the teacher's labels (outputs of the model).", range=">= 2")
-    label_noise: float = setting(0.0, "Share of training labels replaced by a random class, so that the task "
-                                      "is not trivially separable (0: clean labels).", range="[0, 1)")
+    label_noise: float = setting(
+        0.0,
+        "Share of training labels replaced by a random class, so that the task "
+        "is not trivially separable (0: clean labels).",
+        range="[0, 1)",
+    )
 
     def validate(self, key: str) -> None:
         check_declared(self, key)
-        _check(len(self.shape) in (1, 3) and all(s >= 1 for s in self.shape), f"{key}.shape",
-               f"must be [features] or [channels, height, width] of positive sizes, got {self.shape}")
+        _check(
+            len(self.shape) in (1, 3) and all(s >= 1 for s in self.shape),
+            f"{key}.shape",
+            f"must be [features] or [channels, height, width] of positive sizes, got {self.shape}",
+        )
 
 
 @dataclass
 class DataConfig:
     """What the model learns from, and how it is batched."""
 
-    name: DatasetName = setting("digits", "The dataset: digits (scikit-learn's 8×8 digits, in memory), synthetic "
-                                          "(see data.synthetic), cifar10 or imagenet (read from data.path).")
-    path: str | None = setting(None, "Folder for cifar10 (holding data_batch_1..5 and test_batch, or their "
-                                        "cifar-10-batches-py parent) and imagenet (holding train/ and val/ "
-                                        "ImageFolder trees). Unused otherwise.",
-                                  rule="required for cifar10 and imagenet")
-    batch_size: int = setting(32, "Training samples per worker and step: the global batch is batch_size × "
-                                  "world size.", range=">= 1")
-    eval_batch_size: int = setting(256, "Test samples per forward pass during evaluation, on each rank (the "
-                                        "test set is split across ranks); affects speed and memory, not results.",
-                                   range=">= 1")
-    num_workers: int = setting(4, "DataLoader worker processes for file-backed datasets (imagenet); in-memory "
-                                  "sets use none.", range=">= 0")
+    name: DatasetName = setting(
+        "digits",
+        "The dataset: digits (scikit-learn's 8×8 digits, in memory), synthetic "
+        "(see data.synthetic), cifar10 or imagenet (read from data.path).",
+    )
+    path: str | None = setting(
+        None,
+        "Folder for cifar10 (holding data_batch_1..5 and test_batch, or their "
+        "cifar-10-batches-py parent) and imagenet (holding train/ and val/ "
+        "ImageFolder trees). Unused otherwise.",
+        rule="required for cifar10 and imagenet",
+    )
+    batch_size: int = setting(
+        32, "Training samples per worker and step: the global batch is batch_size × world size.", range=">= 1"
+    )
+    eval_batch_size: int = setting(
+        256,
+        "Test samples per forward pass during evaluation, on each rank (the "
+        "test set is split across ranks); affects speed and memory, not results.",
+        range=">= 1",
+    )
+    num_workers: int = setting(
+        4, "DataLoader worker processes for file-backed datasets (imagenet); in-memory sets use none.", range=">= 0"
+    )
     augment: bool = setting(True, "Random crop and horizontal flip of cifar10 / imagenet training images.")
     image_size: int = setting(224, "Side of the square crops fed to the model for imagenet.", range=">= 8")
     synthetic: SyntheticConfig = section(SyntheticConfig, "The synthetic task (data.name: synthetic).")
@@ -79,12 +100,17 @@ class DataConfig:
 class ModelConfig:
     """The network every worker trains."""
 
-    name: str = setting("smallcnn", "A torchvision classification model by name (resnet18, resnet50, ...), or "
-                                    "smallcnn / mlp (the package's small models).")
-    cifar_stem: bool = setting(False, "Replace the ImageNet stem (7×7 stride-2 conv + max-pool) by a 3×3 stride-1 "
-                                      "conv, for 32×32 inputs.")
-    width: int = setting(32, "Width (channels or hidden units) of the small models; unused by torchvision "
-                             "models.", range=">= 1")
+    name: str = setting(
+        "smallcnn",
+        "A torchvision classification model by name (resnet18, resnet50, ...), or "
+        "smallcnn / mlp (the package's small models).",
+    )
+    cifar_stem: bool = setting(
+        False, "Replace the ImageNet stem (7×7 stride-2 conv + max-pool) by a 3×3 stride-1 conv, for 32×32 inputs."
+    )
+    width: int = setting(
+        32, "Width (channels or hidden units) of the small models; unused by torchvision models.", range=">= 1"
+    )
 
     def validate(self, key: str = "model") -> None:
         check_declared(self, key)
@@ -95,26 +121,37 @@ class OptimConfig:
     """SGD with momentum and weight decay; LR per 256 samples, scaled linearly with the global batch
     (Goyal et al. 2017). Defaults are the ImageNet ResNet-50 recipe."""
 
-    lr_per_256: float = setting(0.1, "Peak learning rate per 256 samples: the peak LR is lr_per_256 × global "
-                                     "batch / 256 (linear scaling).", range="> 0")
+    lr_per_256: float = setting(
+        0.1,
+        "Peak learning rate per 256 samples: the peak LR is lr_per_256 × global batch / 256 (linear scaling).",
+        range="> 0",
+    )
     momentum: float = setting(0.9, "Momentum of the base (inner) SGD optimizer on every worker.", range="[0, 1)")
     nesterov: bool = setting(False, "Nesterov momentum for the base optimizer (needs momentum > 0).")
     weight_decay: float = setting(1e-4, "L2 weight decay of the base optimizer.", range=">= 0")
-    warmup_epochs: float = setting(5.0, "Epochs of linear warm-up from peak / warm-up steps to the peak LR "
-                                        "(0: start at the peak).", range=">= 0")
-    schedule: LRScheduleName = setting("step", "LR after warm-up: constant; step (multiplied by decay_factor at "
-                                               "each of decay_epochs); cosine (down to 0 at the last step).")
-    decay_epochs: list[float] = setting([30.0, 60.0, 80.0], "Epochs at which the step schedule decays the LR; the "
-                                                            "first one is also post-local SGD's default switch.",
-                                        rule="increasing, each > 0")
-    decay_factor: float = setting(0.1, "Factor the step schedule multiplies the LR by at each decay.",
-                                  range="(0, 1]")
+    warmup_epochs: float = setting(
+        5.0, "Epochs of linear warm-up from peak / warm-up steps to the peak LR (0: start at the peak).", range=">= 0"
+    )
+    schedule: LRScheduleName = setting(
+        "step",
+        "LR after warm-up: constant; step (multiplied by decay_factor at "
+        "each of decay_epochs); cosine (down to 0 at the last step).",
+    )
+    decay_epochs: list[float] = setting(
+        [30.0, 60.0, 80.0],
+        "Epochs at which the step schedule decays the LR; the first one is also post-local SGD's default switch.",
+        rule="increasing, each > 0",
+    )
+    decay_factor: float = setting(0.1, "Factor the step schedule multiplies the LR by at each decay.", range="(0, 1]")
 
     def validate(self, key: str = "optim") -> None:
         check_declared(self, key)
         _check(not self.nesterov or self.momentum > 0, f"{key}.nesterov", "needs momentum > 0")
-        _check(all(e > 0 for e in self.decay_epochs) and self.decay_epochs == sorted(self.decay_epochs),
-               f"{key}.decay_epochs", f"must be increasing positive epochs, got {self.decay_epochs}")
+        _check(
+            all(e > 0 for e in self.decay_epochs) and self.decay_epochs == sorted(self.decay_epochs),
+            f"{key}.decay_epochs",
+            f"must be increasing positive epochs, got {self.decay_epochs}",
+        )
 
 
 @dataclass
@@ -128,95 +165,158 @@ class AlgorithmConfig:
     (Wang et al. 2020) or nesterov (DiLoCo, Douillard et al. 2023).
     """
 
-    method: Method = setting("local_sgd", "allreduce (gradients averaged every step), local_sgd (models averaged "
-                                          "every sync_period steps) or post_local_sgd (allreduce until the "
-                                          "switch, local_sgd after).")
-    sync_period: int = setting(4, "Local steps between two model averagings (H) for local_sgd and post_local_sgd.",
-                               range=">= 1")
-    switch_step: int | None = setting(None, "post_local_sgd: the optimizer step at which local SGD starts "
-                                               "(null: see switch_epoch).", range=">= 0",
-                                         rule="not with switch_epoch; only for post_local_sgd")
-    switch_epoch: float | None = setting(None, "post_local_sgd: the epoch at which local SGD starts (null with "
-                                                  "switch_step null: the first LR decay).", range=">= 0",
-                                            rule="not with switch_step; only for post_local_sgd")
-    outer: OuterMethod = setting("none", "The outer step on the averaged model at each sync: none (plain average), "
-                                         "slowmo or nesterov.", rule="not with method allreduce")
-    slow_lr: float = setting(1.0, "SlowMo's slow learning rate α (1 with slow_momentum 0: plain average).",
-                             range="> 0")
+    method: Method = setting(
+        "local_sgd",
+        "allreduce (gradients averaged every step), local_sgd (models averaged "
+        "every sync_period steps) or post_local_sgd (allreduce until the "
+        "switch, local_sgd after).",
+    )
+    sync_period: int = setting(
+        4, "Local steps between two model averagings (H) for local_sgd and post_local_sgd.", range=">= 1"
+    )
+    switch_step: int | None = setting(
+        None,
+        "post_local_sgd: the optimizer step at which local SGD starts (null: see switch_epoch).",
+        range=">= 0",
+        rule="not with switch_epoch; only for post_local_sgd",
+    )
+    switch_epoch: float | None = setting(
+        None,
+        "post_local_sgd: the epoch at which local SGD starts (null with switch_step null: the first LR decay).",
+        range=">= 0",
+        rule="not with switch_step; only for post_local_sgd",
+    )
+    outer: OuterMethod = setting(
+        "none",
+        "The outer step on the averaged model at each sync: none (plain average), slowmo or nesterov.",
+        rule="not with method allreduce",
+    )
+    slow_lr: float = setting(1.0, "SlowMo's slow learning rate α (1 with slow_momentum 0: plain average).", range="> 0")
     slow_momentum: float = setting(0.5, "SlowMo's slow momentum β.", range="[0, 1)")
-    outer_lr: float = setting(0.7, "Outer Nesterov's learning rate η on the outer gradient x_prev − x̄ (1 with "
-                                   "outer_momentum 0: plain average).", range="> 0")
+    outer_lr: float = setting(
+        0.7,
+        "Outer Nesterov's learning rate η on the outer gradient x_prev − x̄ (1 with outer_momentum 0: plain average).",
+        range="> 0",
+    )
     outer_momentum: float = setting(0.9, "Outer Nesterov's momentum μ.", range="[0, 1)")
-    momentum_buffers: BuffersPolicy = setting("keep", "The base optimizer's momentum buffers at a sync: kept local, "
-                                                      "averaged (2× bytes), or reset to zero.",
-                                              rule="keep with method allreduce")
-    average_bn_buffers: bool = setting(True, "Average BatchNorm running statistics at a sync (false: each rank "
-                                             "keeps its own).")
+    momentum_buffers: BuffersPolicy = setting(
+        "keep",
+        "The base optimizer's momentum buffers at a sync: kept local, averaged (2× bytes), or reset to zero.",
+        rule="keep with method allreduce",
+    )
+    average_bn_buffers: bool = setting(
+        True, "Average BatchNorm running statistics at a sync (false: each rank keeps its own)."
+    )
 
     def validate(self, key: str = "algorithm") -> None:
-        _check(self.switch_step is None or self.switch_epoch is None, f"{key}.switch_step",
-               "give switch_step or switch_epoch, not both")
+        _check(
+            self.switch_step is None or self.switch_epoch is None,
+            f"{key}.switch_step",
+            "give switch_step or switch_epoch, not both",
+        )
         check_declared(self, key)
         if self.method != "post_local_sgd":
-            _check(self.switch_step is None and self.switch_epoch is None, f"{key}.switch_step",
-                   "only applies to method 'post_local_sgd'")
+            _check(
+                self.switch_step is None and self.switch_epoch is None,
+                f"{key}.switch_step",
+                "only applies to method 'post_local_sgd'",
+            )
         if self.method == "allreduce":
-            _check(self.outer == "none", f"{key}.outer",
-                   "an outer optimizer needs method 'local_sgd' or 'post_local_sgd'")
-            _check(self.momentum_buffers == "keep", f"{key}.momentum_buffers",
-                   "applies to model averaging; method 'allreduce' keeps replicas identical")
+            _check(
+                self.outer == "none", f"{key}.outer", "an outer optimizer needs method 'local_sgd' or 'post_local_sgd'"
+            )
+            _check(
+                self.momentum_buffers == "keep",
+                f"{key}.momentum_buffers",
+                "applies to model averaging; method 'allreduce' keeps replicas identical",
+            )
 
 
 @dataclass
 class CommConfig:
     """How ranks communicate."""
 
-    backend: Backend = setting("auto", "The communication library: auto (single outside a launcher, torch under "
-                                       "torchrun, else horovod when it imports, else mpi), horovod, mpi (mpi4py), "
-                                       "torch (torch.distributed), single (one process) or simulated.")
-    bucket_mb: float = setting(25.0, "Gradient bucket size in MiB for the synchronous phase: allreduces start "
-                                     "during backward once a bucket fills.", range="> 0")
-    simulated_workers: int = setting(0, "backend simulated: this many workers run in one process (no launcher), "
-                                        "their models stacked and computed as one batch; same engine, same numbers "
-                                        "as that many MPI ranks.",
-                                     rule=">= 1 with backend simulated, else 0")
+    backend: Backend = setting(
+        "auto",
+        "The communication library: auto (single outside a launcher, torch under "
+        "torchrun, else horovod when it imports, else mpi), horovod, mpi (mpi4py), "
+        "torch (torch.distributed), single (one process) or simulated.",
+    )
+    bucket_mb: float = setting(
+        25.0,
+        "Gradient bucket size in MiB for the synchronous phase: allreduces start during backward once a bucket fills.",
+        range="> 0",
+    )
+    simulated_workers: int = setting(
+        0,
+        "backend simulated: this many workers run in one process (no launcher), "
+        "their models stacked and computed as one batch; same engine, same numbers "
+        "as that many MPI ranks.",
+        rule=">= 1 with backend simulated, else 0",
+    )
     horovod_cycle_time_ms: float | None = setting(
-        None, "How often Horovod's background thread coordinates the ranks, in ms. null: Horovod's default (or "
-              "HOROVOD_CYCLE_TIME) for all-reduce SGD, 10 ms for local and post-local SGD, whose ranks have "
-              "nothing to coordinate between syncs (docs/BENCHMARKS.md, target 3).", range="> 0")
+        None,
+        "How often Horovod's background thread coordinates the ranks, in ms. null: Horovod's default (or "
+        "HOROVOD_CYCLE_TIME) for all-reduce SGD, 10 ms for local and post-local SGD, whose ranks have "
+        "nothing to coordinate between syncs (docs/BENCHMARKS.md, target 3).",
+        range="> 0",
+    )
 
     def validate(self, key: str = "comm") -> None:
         check_declared(self, key)
         if self.backend == "simulated":
-            _check(self.simulated_workers >= 1, f"{key}.simulated_workers",
-                   f"must be >= 1 with {key}.backend=simulated, got {self.simulated_workers}")
+            _check(
+                self.simulated_workers >= 1,
+                f"{key}.simulated_workers",
+                f"must be >= 1 with {key}.backend=simulated, got {self.simulated_workers}",
+            )
         else:
-            _check(self.simulated_workers == 0, f"{key}.simulated_workers",
-                   f"is only used with {key}.backend=simulated (backend is {self.backend!r}); remove it")
+            _check(
+                self.simulated_workers == 0,
+                f"{key}.simulated_workers",
+                f"is only used with {key}.backend=simulated (backend is {self.backend!r}); remove it",
+            )
 
 
 @dataclass
 class TrainConfig:
     """How long to train, how often to evaluate and report, and where."""
 
-    epochs: float = setting(90.0, "Length of the run in epochs (passes over the training set, split across the "
-                                  "workers); a fraction is allowed. The LR schedule is laid out over it.",
-                            range="> 0")
-    max_steps: int | None = setting(None, "Stop after this many optimizer steps even if epochs are not done "
-                                             "(null: run all epochs).", range=">= 1")
-    eval_every_epochs: float = setting(1.0, "Evaluate on the test set every this many epochs (rounded to whole "
-                                            "steps), and at the end.", range="> 0")
-    log_every_steps: int = setting(50, "Print a progress line (loss, accuracy, LR, speed) every this many optimizer "
-                                       "steps, and at the last one.", range=">= 1")
-    device: str = setting("auto", "auto (cuda:<local rank> when GPUs exist, else the CPU), cpu, cuda or "
-                                  "cuda:<N>.", rule="'auto', 'cpu' or 'cuda[:N]'")
-    threads: int = setting(0, "torch intra-op threads per rank; 0: OMP_NUM_THREADS, SLURM_CPUS_PER_TASK, or "
-                              "cores ÷ ranks on the node.", range=">= 0")
+    epochs: float = setting(
+        90.0,
+        "Length of the run in epochs (passes over the training set, split across the "
+        "workers); a fraction is allowed. The LR schedule is laid out over it.",
+        range="> 0",
+    )
+    max_steps: int | None = setting(
+        None, "Stop after this many optimizer steps even if epochs are not done (null: run all epochs).", range=">= 1"
+    )
+    eval_every_epochs: float = setting(
+        1.0, "Evaluate on the test set every this many epochs (rounded to whole steps), and at the end.", range="> 0"
+    )
+    log_every_steps: int = setting(
+        50,
+        "Print a progress line (loss, accuracy, LR, speed) every this many optimizer steps, and at the last one.",
+        range=">= 1",
+    )
+    device: str = setting(
+        "auto",
+        "auto (cuda:<local rank> when GPUs exist, else the CPU), cpu, cuda or cuda:<N>.",
+        rule="'auto', 'cpu' or 'cuda[:N]'",
+    )
+    threads: int = setting(
+        0,
+        "torch intra-op threads per rank; 0: OMP_NUM_THREADS, SLURM_CPUS_PER_TASK, or cores ÷ ranks on the node.",
+        range=">= 0",
+    )
 
     def validate(self, key: str = "train") -> None:
         check_declared(self, key)
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{key}.device",
-               f"must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"{key}.device",
+            f"must be 'auto', 'cpu' or 'cuda', got {self.device!r}",
+        )
 
 
 @dataclass
@@ -224,18 +324,27 @@ class CheckpointConfig:
     """When checkpoints are written to RUN_DIR/checkpoints/ (see hpc_localsgd/io/checkpoint.py)."""
 
     every_steps: int = setting(0, "Write a checkpoint every this many optimizer steps (0: off).", range=">= 0")
-    every_minutes: float = setting(0.0, "Write a checkpoint every this many minutes of training, as measured by "
-                                        "rank 0 (0: off).", range=">= 0")
+    every_minutes: float = setting(
+        0.0, "Write a checkpoint every this many minutes of training, as measured by rank 0 (0: off).", range=">= 0"
+    )
     at_end: bool = setting(True, "Write a checkpoint at the end of training.")
-    keep: int = setting(3, "How many checkpoints to keep; older ones are deleted once a newer one is complete.",
-                        range=">= 1")
+    keep: int = setting(
+        3, "How many checkpoints to keep; older ones are deleted once a newer one is complete.", range=">= 1"
+    )
     # A step-by-step poll would add a latency-bound collective to every local SGD step.
-    poll_every_steps: int = setting(10, "Ranks agree on time- and signal-triggered checkpoints (and on stopping) "
-                                        "every this many steps, through one tiny allreduce.", range=">= 1")
-    requeue_on_usr1: bool = setting(True, "After the checkpoint that SIGUSR1 triggers (Slurm's "
-                                          "--signal=USR1@<seconds> before the time limit), rank 0 runs `scontrol "
-                                          "requeue $SLURM_JOB_ID` so that the job continues by itself. SIGTERM "
-                                          "(scancel, preemption) checkpoints and stops without requeueing.")
+    poll_every_steps: int = setting(
+        10,
+        "Ranks agree on time- and signal-triggered checkpoints (and on stopping) "
+        "every this many steps, through one tiny allreduce.",
+        range=">= 1",
+    )
+    requeue_on_usr1: bool = setting(
+        True,
+        "After the checkpoint that SIGUSR1 triggers (Slurm's "
+        "--signal=USR1@<seconds> before the time limit), rank 0 runs `scontrol "
+        "requeue $SLURM_JOB_ID` so that the job continues by itself. SIGTERM "
+        "(scancel, preemption) checkpoints and stops without requeueing.",
+    )
 
     def validate(self, key: str = "checkpoint") -> None:
         check_declared(self, key)
@@ -245,14 +354,24 @@ class CheckpointConfig:
 class OutputConfig:
     """Where a run writes."""
 
-    run_dir: str = setting("runs/default", "The run directory on the shared filesystem: metrics.h5, config.yaml, "
-                                           "checkpoints/.", rule="not empty")
-    metrics_flush_seconds: float = setting(30.0, "Metrics rows are buffered and appended to metrics.h5 (opened, "
-                                                 "written, closed) every this many seconds, so the file is complete "
-                                                 "and readable (h5py, h5dump) while the run goes on.", range=">= 0")
+    run_dir: str = setting(
+        "runs/default",
+        "The run directory on the shared filesystem: metrics.h5, config.yaml, checkpoints/.",
+        rule="not empty",
+    )
+    metrics_flush_seconds: float = setting(
+        30.0,
+        "Metrics rows are buffered and appended to metrics.h5 (opened, "
+        "written, closed) every this many seconds, so the file is complete "
+        "and readable (h5py, h5dump) while the run goes on.",
+        range=">= 0",
+    )
     # Every file here has a single writer at a time, so locking buys nothing.
-    hdf5_file_locking: bool = setting(False, "HDF5 file locking; it fails or hangs on many parallel filesystems "
-                                             "(Lustre, GPFS, NFS), so it is off unless asked for.")
+    hdf5_file_locking: bool = setting(
+        False,
+        "HDF5 file locking; it fails or hangs on many parallel filesystems "
+        "(Lustre, GPFS, NFS), so it is off unless asked for.",
+    )
 
     def validate(self, key: str = "output") -> None:
         _check(bool(self.run_dir), f"{key}.run_dir", "must not be empty")
@@ -263,8 +382,11 @@ class OutputConfig:
 class RunConfig:
     """Everything one run uses; its resolved form is written to RUN_DIR/config.yaml."""
 
-    seed: int = setting(0, "Seeds the model's initialisation, the data order, augmentation and synthetic data; the "
-                           "same seed and world size give the same run.")
+    seed: int = setting(
+        0,
+        "Seeds the model's initialisation, the data order, augmentation and synthetic data; the "
+        "same seed and world size give the same run.",
+    )
     model: ModelConfig = section(ModelConfig, "The network.")
     data: DataConfig = section(DataConfig, "The dataset and batches.")
     optim: OptimConfig = section(OptimConfig, "The base optimizer and LR schedule.")
@@ -280,6 +402,9 @@ class RunConfig:
             getattr(self, name).validate(name)
         if self.comm.backend == "simulated":
             # A simulation is one process that runs minutes: it writes no checkpoints.
-            _check(self.checkpoint.every_steps == 0 and self.checkpoint.every_minutes == 0, "checkpoint",
-                   "comm.backend=simulated writes no checkpoints; set checkpoint.every_steps=0 and "
-                   "checkpoint.every_minutes=0")
+            _check(
+                self.checkpoint.every_steps == 0 and self.checkpoint.every_minutes == 0,
+                "checkpoint",
+                "comm.backend=simulated writes no checkpoints; set checkpoint.every_steps=0 and "
+                "checkpoint.every_minutes=0",
+            )

@@ -23,6 +23,7 @@ the file must sit on a filesystem every rank sees); rank 0 marks the file comple
 renames it into place, and replaces the ``latest`` pointer by another rename. A crash at any
 instant leaves the previous checkpoint untouched and loadable; leftovers are ``.tmp`` files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -152,8 +153,9 @@ def _write_int_buffers(group: h5py.Group, buffers: dict[str, torch.Tensor]) -> N
     for dtype, members in by_dtype.items():
         packed = torch.cat([t.detach().cpu().reshape(-1) for _, t in members])
         _write_tensor(group, str(dtype).removeprefix("torch."), packed)
-        group[str(dtype).removeprefix("torch.")].attrs.update({
-            "names": json.dumps([n for n, _ in members]), "shapes": json.dumps([list(t.shape) for _, t in members])})
+        group[str(dtype).removeprefix("torch.")].attrs.update(
+            {"names": json.dumps([n for n, _ in members]), "shapes": json.dumps([list(t.shape) for _, t in members])}
+        )
 
 
 def _read_int_buffers(path: Path, group: h5py.Group) -> dict[str, torch.Tensor]:
@@ -166,7 +168,7 @@ def _read_int_buffers(path: Path, group: h5py.Group) -> dict[str, torch.Tensor]:
         offset = 0
         for name, shape in zip(json.loads(dataset.attrs["names"]), json.loads(dataset.attrs["shapes"]), strict=True):
             count = int(np.prod(shape, dtype=np.int64))
-            buffers[name] = tensor[offset:offset + count].reshape(shape).clone()
+            buffers[name] = tensor[offset : offset + count].reshape(shape).clone()
             offset += count
     return buffers
 
@@ -193,12 +195,24 @@ def _restore_rng(path: Path, group: h5py.Group) -> None:
         if states:
             torch.cuda.set_rng_state_all(states)
     keys = group["numpy_keys"]
-    np.random.set_state((str(keys.attrs["kind"]), _read_tensor(path, keys).numpy().astype(np.uint32),
-                         int(keys.attrs["pos"]), int(keys.attrs["has_gauss"]), float(keys.attrs["cached_gaussian"])))
+    np.random.set_state(
+        (
+            str(keys.attrs["kind"]),
+            _read_tensor(path, keys).numpy().astype(np.uint32),
+            int(keys.attrs["pos"]),
+            int(keys.attrs["has_gauss"]),
+            float(keys.attrs["cached_gaussian"]),
+        )
+    )
     python = group["python"]
     gauss = float(python.attrs["gauss_next"])
-    random.setstate((int(python.attrs["version"]), tuple(int(v) for v in _read_tensor(path, python).tolist()),
-                     None if np.isnan(gauss) else gauss))
+    random.setstate(
+        (
+            int(python.attrs["version"]),
+            tuple(int(v) for v in _read_tensor(path, python).tolist()),
+            None if np.isnan(gauss) else gauss,
+        )
+    )
 
 
 # --- what one rank contributes --------------------------------------------------------------------
@@ -206,7 +220,7 @@ def _restore_rng(path: Path, group: h5py.Group) -> None:
 class RankState:
     """Everything of one rank that a resume needs, as live tensors and small values."""
 
-    tensors: dict[str, torch.Tensor]        # may differ between ranks (flat segments)
+    tensors: dict[str, torch.Tensor]  # may differ between ranks (flat segments)
     int_buffers: dict[str, torch.Tensor]
     comm_stats: dict[str, float]
     train_loss_sum: float
@@ -250,8 +264,9 @@ class CheckpointWriter:
         if message is not None:
             raise CheckpointError(f"checkpoint could not be written: {message}")
 
-    def write(self, step: int, epoch: float, attrs: dict[str, Any], shared: dict[str, torch.Tensor],
-              rank_state: RankState) -> Path:
+    def write(
+        self, step: int, epoch: float, attrs: dict[str, Any], shared: dict[str, torch.Tensor], rank_state: RankState
+    ) -> Path:
         final = self.directory / checkpoint_name(step)
         tmp = self.directory / f".{final.name}.tmp"
         names = sorted(rank_state.tensors)
@@ -265,9 +280,17 @@ class CheckpointWriter:
         if self.comm.is_root:
             try:
                 with h5py.File(tmp, "w", locking=self.locking) as f:
-                    f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": 0,
-                                    "step": step, "epoch": epoch, "world_size": self.comm.size,
-                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                    f.attrs.update(
+                        {
+                            "format": FORMAT,
+                            "format_version": FORMAT_VERSION,
+                            "complete": 0,
+                            "step": step,
+                            "epoch": epoch,
+                            "world_size": self.comm.size,
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        }
+                    )
                     for key, value in attrs.items():
                         f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
                     shared_group = f.create_group("shared")
@@ -303,11 +326,13 @@ class CheckpointWriter:
         self._agree(failure)
         return final
 
-    def _append_rank(self, tmp: Path, state: RankState, names: list[str], digests: list[str],
-                     same_as_root: list[bool]) -> None:
+    def _append_rank(
+        self, tmp: Path, state: RankState, names: list[str], digests: list[str], same_as_root: list[bool]
+    ) -> None:
         if not tmp.exists():
-            raise OSError(f"rank {self.comm.rank} cannot see {tmp}: is output.run_dir on a filesystem shared "
-                          "by every node?")
+            raise OSError(
+                f"rank {self.comm.rank} cannot see {tmp}: is output.run_dir on a filesystem shared by every node?"
+            )
         rank = self.comm.rank
         with h5py.File(tmp, "a", locking=self.locking) as f:
             group = f.create_group(f"ranks/{rank}")
@@ -319,13 +344,18 @@ class CheckpointWriter:
                     _write_tensor(tensors, name, state.tensors[name], digest)
             _write_int_buffers(group.create_group("int_buffers"), state.int_buffers)
             _write_rng(group.create_group("rng"))
-            group.attrs.update({"comm_stats": json.dumps(state.comm_stats), "train_loss_sum": state.train_loss_sum,
-                                "train_loss_count": state.train_loss_count})
+            group.attrs.update(
+                {
+                    "comm_stats": json.dumps(state.comm_stats),
+                    "train_loss_sum": state.train_loss_sum,
+                    "train_loss_count": state.train_loss_count,
+                }
+            )
         fsync_path(tmp)
 
     def _prune(self) -> None:
         complete = sorted(p for p in self.directory.iterdir() if _NAME.match(p.name))
-        for old in complete[:-self.keep]:
+        for old in complete[: -self.keep]:
             old.unlink()
 
 
@@ -342,19 +372,27 @@ class Checkpoint:
             with h5py.File(self.path, "r", locking=locking) as f:
                 attrs = dict(f.attrs)
         except OSError as exc:
-            raise CheckpointError(f"checkpoint '{self.path}' is not a readable HDF5 file "
-                                  f"({open_error_reason(exc)})") from None
+            raise CheckpointError(
+                f"checkpoint '{self.path}' is not a readable HDF5 file ({open_error_reason(exc)})"
+            ) from None
         if attrs.get("format") != FORMAT:
-            raise CheckpointError(f"checkpoint '{self.path}' is not an hpc-localsgd checkpoint "
-                                  f"(format attribute {attrs.get('format')!r})")
+            raise CheckpointError(
+                f"checkpoint '{self.path}' is not an hpc-localsgd checkpoint (format attribute {attrs.get('format')!r})"
+            )
         if int(attrs.get("format_version", -1)) > FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint '{self.path}' has format version {attrs.get('format_version')}, "
-                                  f"newer than this package reads ({FORMAT_VERSION})")
+            raise CheckpointError(
+                f"checkpoint '{self.path}' has format version {attrs.get('format_version')}, "
+                f"newer than this package reads ({FORMAT_VERSION})"
+            )
         if int(attrs.get("complete", 0)) != 1:
             raise CheckpointError(f"checkpoint '{self.path}' is incomplete (its writer stopped before the end)")
-        self.meta = CheckpointMeta(step=int(attrs["step"]), epoch=float(attrs["epoch"]),
-                                   world_size=int(attrs["world_size"]), config=str(attrs.get("config", "")),
-                                   attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()})
+        self.meta = CheckpointMeta(
+            step=int(attrs["step"]),
+            epoch=float(attrs["epoch"]),
+            world_size=int(attrs["world_size"]),
+            config=str(attrs.get("config", "")),
+            attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()},
+        )
 
     def _open(self) -> h5py.File:
         return h5py.File(self.path, "r", locking=self.locking)
@@ -368,6 +406,7 @@ class Checkpoint:
 
     def verify(self) -> None:
         """Read every dataset and check its digest (the whole file)."""
+
         def check(f: h5py.File) -> None:
             datasets: dict[str, h5py.Dataset] = {}
             f.visititems(lambda name, item: datasets.update({name: item}) if isinstance(item, h5py.Dataset) else None)
@@ -375,6 +414,7 @@ class Checkpoint:
             for rank in range(self.meta.world_size):
                 if f"ranks/{rank}" not in f:
                     raise CheckpointError(f"checkpoint '{self.path}' lacks rank {rank}'s state")
+
         self._guard(check)
 
     def shared(self) -> dict[str, torch.Tensor]:
@@ -388,7 +428,9 @@ class Checkpoint:
                 int_buffers=_read_int_buffers(self.path, group["int_buffers"]),
                 comm_stats=json.loads(group.attrs["comm_stats"]),
                 train_loss_sum=float(group.attrs["train_loss_sum"]),
-                train_loss_count=int(group.attrs["train_loss_count"]))
+                train_loss_count=int(group.attrs["train_loss_count"]),
+            )
+
         return self._guard(read)
 
     def verify_rng(self, rank: int) -> None:

@@ -3,6 +3,7 @@
 Torch-free on purpose (h5py only): ``hpc-localsgd report`` reads metrics files on a login node or a
 laptop, and must not pay for, or depend on, importing torch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -1,4 +1,5 @@
 """``hpc-localsgd inspect FILE.h5``: what a checkpoint or metrics file holds, and whether it is valid."""
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,24 @@ def describe(file: str | Path, verify: bool = True) -> dict[str, Any]:
         with h5py.File(path, "r", locking=False) as f:
             kind = str(f.attrs.get("format", ""))
     except OSError as exc:
-        return {"file": str(path), "kind": "unknown", "valid": False, "bytes": _size(path),
-                "problem": f"'{path}' is not a readable HDF5 file ({open_error_reason(exc)})"}
+        return {
+            "file": str(path),
+            "kind": "unknown",
+            "valid": False,
+            "bytes": _size(path),
+            "problem": f"'{path}' is not a readable HDF5 file ({open_error_reason(exc)})",
+        }
     if kind == CHECKPOINT_FORMAT:
         return _describe_checkpoint(path, verify)
     if kind == METRICS_FORMAT:
         return _describe_metrics(path)
-    return {"file": str(path), "kind": "foreign", "valid": False, "bytes": _size(path),
-            "problem": f"'{path}' is not an hpc-localsgd checkpoint or metrics file (format attribute {kind!r})"}
+    return {
+        "file": str(path),
+        "kind": "foreign",
+        "valid": False,
+        "bytes": _size(path),
+        "problem": f"'{path}' is not an hpc-localsgd checkpoint or metrics file (format attribute {kind!r})",
+    }
 
 
 def _describe_checkpoint(path: Path, verify: bool) -> dict[str, Any]:
@@ -50,24 +61,45 @@ def _describe_checkpoint(path: Path, verify: bool) -> dict[str, Any]:
         stored = {"shared": sum(d.nbytes for d in f["shared"].values())}
         for rank in range(checkpoint.meta.world_size):
             group = f[f"ranks/{rank}/state"]
-            stored[f"rank {rank}"] = sum(group[n].nbytes for n in group
-                                         if group.get(n, getlink=True).__class__ is not h5py.SoftLink)
-    return {**out, "valid": True, "verified": verify, "step": checkpoint.meta.step, "epoch": checkpoint.meta.epoch,
-            "world_size": checkpoint.meta.world_size, "method": attrs.get("method"),
-            "created": attrs.get("created"), "versions": json.loads(attrs.get("versions", "{}")),
-            "tensor_bytes": stored, "config": config}
+            stored[f"rank {rank}"] = sum(
+                group[n].nbytes for n in group if group.get(n, getlink=True).__class__ is not h5py.SoftLink
+            )
+    return {
+        **out,
+        "valid": True,
+        "verified": verify,
+        "step": checkpoint.meta.step,
+        "epoch": checkpoint.meta.epoch,
+        "world_size": checkpoint.meta.world_size,
+        "method": attrs.get("method"),
+        "created": attrs.get("created"),
+        "versions": json.loads(attrs.get("versions", "{}")),
+        "tensor_bytes": stored,
+        "config": config,
+    }
 
 
 def _describe_metrics(path: Path) -> dict[str, Any]:
     with h5py.File(path, "r", locking=False) as f:
         steps, evals = f["steps/step"][()], f["evals"]
-        last_eval = {name: float(evals[name][-1]) for name in ("step", "test_accuracy", "test_loss")} \
-            if evals["step"].shape[0] else None
-        return {"file": str(path), "kind": "metrics", "valid": True, "bytes": _size(path),
-                "method": f.attrs.get("method"), "steps_logged": int(steps.shape[0]),
-                "last_step": int(steps[-1]) if steps.shape[0] else 0, "evaluations": int(evals["step"].shape[0]),
-                "last_evaluation": last_eval, "world": json.loads(f.attrs.get("world", "{}")),
-                "config": yaml.safe_load(f.attrs.get("config", "")) or {}}
+        last_eval = (
+            {name: float(evals[name][-1]) for name in ("step", "test_accuracy", "test_loss")}
+            if evals["step"].shape[0]
+            else None
+        )
+        return {
+            "file": str(path),
+            "kind": "metrics",
+            "valid": True,
+            "bytes": _size(path),
+            "method": f.attrs.get("method"),
+            "steps_logged": int(steps.shape[0]),
+            "last_step": int(steps[-1]) if steps.shape[0] else 0,
+            "evaluations": int(evals["step"].shape[0]),
+            "last_evaluation": last_eval,
+            "world": json.loads(f.attrs.get("world", "{}")),
+            "config": yaml.safe_load(f.attrs.get("config", "")) or {},
+        }
 
 
 def format_description(d: dict[str, Any]) -> str:

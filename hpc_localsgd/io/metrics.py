@@ -13,6 +13,7 @@ This module owns that contract: the file name, the format tag, the fields and wh
 finished (:func:`run_finished`). It imports no torch, so that the report reads metrics files
 without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,16 +30,42 @@ METRICS_FORMAT = "hpc-localsgd/metrics"  # the root attribute ``format``
 METRICS_FORMAT_VERSION = 1
 TOTAL_STEPS_ATTR = "total_steps"  # root attribute: the step the run ends at
 
-STEP_FIELDS = ("step", "epoch", "lr", "loss", "accuracy", "samples_per_s", "comm_seconds", "compute_seconds",
-               "bytes_sent", "sync_rounds", "synced")
-EVAL_FIELDS = ("step", "epoch", "train_loss", "test_loss", "test_accuracy", "wall_seconds", "comm_seconds",
-               "bytes_sent", "sync_rounds")
+STEP_FIELDS = (
+    "step",
+    "epoch",
+    "lr",
+    "loss",
+    "accuracy",
+    "samples_per_s",
+    "comm_seconds",
+    "compute_seconds",
+    "bytes_sent",
+    "sync_rounds",
+    "synced",
+)
+EVAL_FIELDS = (
+    "step",
+    "epoch",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "wall_seconds",
+    "comm_seconds",
+    "bytes_sent",
+    "sync_rounds",
+)
 _INT_FIELDS = {"step", "bytes_sent", "sync_rounds", "synced"}
 
 
 class MetricsWriter:
-    def __init__(self, path: str | Path, attrs: dict[str, Any], flush_seconds: float, locking: bool = False,
-                 resume_after_step: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        attrs: dict[str, Any],
+        flush_seconds: float,
+        locking: bool = False,
+        resume_after_step: int | None = None,
+    ) -> None:
         """Create ``path``; or, with ``resume_after_step``, reopen it and drop the rows logged after
         that step (they were written after the checkpoint being resumed and will be logged again)."""
         self.path = Path(path)
@@ -57,8 +84,13 @@ class MetricsWriter:
             for group, fields in (("steps", STEP_FIELDS), ("evals", EVAL_FIELDS)):
                 g = f.create_group(group)
                 for name in fields:
-                    g.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(1024,),
-                                     dtype=np.int64 if name in _INT_FIELDS else np.float64)
+                    g.create_dataset(
+                        name,
+                        shape=(0,),
+                        maxshape=(None,),
+                        chunks=(1024,),
+                        dtype=np.int64 if name in _INT_FIELDS else np.float64,
+                    )
 
     def _truncate_after(self, step: int) -> None:
         with h5py.File(self.path, "a", locking=self.locking) as f:

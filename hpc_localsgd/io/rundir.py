@@ -1,4 +1,5 @@
 """The run directory: created by rank 0, never silently reused, holding the resolved config."""
+
 from __future__ import annotations
 
 import functools
@@ -21,9 +22,11 @@ def _prepare(run_dir: Path, overwrite: bool, resuming: bool) -> None:
         raise UserError(f"output.run_dir '{run_dir}' exists and is not a directory")
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if existing and not (overwrite or resuming):
-        raise UserError(f"output.run_dir '{run_dir}' already holds a run ({', '.join(existing)}); "
-                        "pass --resume auto to continue it, --overwrite to replace it, "
-                        "or choose another output.run_dir")
+        raise UserError(
+            f"output.run_dir '{run_dir}' already holds a run ({', '.join(existing)}); "
+            "pass --resume auto to continue it, --overwrite to replace it, "
+            "or choose another output.run_dir"
+        )
     if overwrite:
         for name in existing:
             path = run_dir / name

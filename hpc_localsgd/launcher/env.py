@@ -5,6 +5,7 @@ backend is chosen and so that a communicator can be checked against it: a rank t
 believes it is alone while the launcher started several is the classic sign of mpi4py or
 Horovod built against another MPI than the ``mpirun`` that launched it.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -20,8 +21,14 @@ from ..errors import LauncherMismatch, RankLocalError
 # (launcher, rank, size, local rank, local size, node rank) variable names, most specific first.
 _LAUNCHERS: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
     ("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE", "HOROVOD_CROSS_RANK"),
-    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-     "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_NODE_RANK"),
+    (
+        "openmpi",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "OMPI_COMM_WORLD_NODE_RANK",
+    ),
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None),
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None, "SLURM_NODEID"),
@@ -91,7 +98,8 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnvironment:
             num_nodes = max(1, -(-size // local_size))
         if not (0 <= rank < size and 0 <= local_rank < local_size <= size):
             raise LauncherMismatch(
-                f"{launcher} reports rank {rank} of {size}, local rank {local_rank} of {local_size}: inconsistent")
+                f"{launcher} reports rank {rank} of {size}, local rank {local_rank} of {local_size}: inconsistent"
+            )
         return LaunchEnvironment(launcher, WorldLayout(rank, size, local_rank, local_size, node_rank, num_nodes))
     return LaunchEnvironment("none", WorldLayout(0, 1, 0, 1, 0, 1))
 

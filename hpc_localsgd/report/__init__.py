@@ -3,6 +3,7 @@
 collect (find and read runs) → table (group by task, method, H, workers; aggregate seeds) →
 plots (accuracy against H; curves against steps, time, bytes and sync rounds).
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,10 @@ def plan_outputs(runs: Sequence[Run], out: Path) -> list[Output]:
     rows = summarise(runs)
     groups = group_runs(runs)
     tasks = list(dict.fromkeys(key.task for key in groups))
-    plan = [Output([out / "results.csv"], lambda: write_csv(rows, out / "results.csv")),
-            Output([out / "results.md"], lambda: write_markdown(rows, out / "results.md"))]
+    plan = [
+        Output([out / "results.csv"], lambda: write_csv(rows, out / "results.csv")),
+        Output([out / "results.md"], lambda: write_markdown(rows, out / "results.md")),
+    ]
     for task in tasks:
         suffix = _task_suffix(task) if len(tasks) > 1 else ""
         task_rows = [row for row in rows if row.key.task == task]
@@ -62,8 +65,12 @@ def plan_outputs(runs: Sequence[Run], out: Path) -> list[Output]:
     return plan
 
 
-def write_report(paths: Sequence[str | Path], out: str | Path = "report", overwrite: bool = False,
-                 say: Callable[[str], None] | None = print) -> list[Path]:
+def write_report(
+    paths: Sequence[str | Path],
+    out: str | Path = "report",
+    overwrite: bool = False,
+    say: Callable[[str], None] | None = print,
+) -> list[Path]:
     """Read every run below ``paths`` (run directories, sweep folders or metrics files) and write the
     results table (CSV, Markdown) and the figures (PNG, SVG) into ``out``.
 
@@ -90,6 +97,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path = "report", overwr
                 say(f"wrote {file}")
     if say:
         going = sum(not run.finished for run in runs)
-        say(f"report: {len(runs)} run(s) ({going} still going) in {len(group_runs(runs))} group(s), "
-            f"{len(set(run.task for run in runs))} task(s); {len(written)} files in {out}")
+        say(
+            f"report: {len(runs)} run(s) ({going} still going) in {len(group_runs(runs))} group(s), "
+            f"{len(set(run.task for run in runs))} task(s); {len(written)} files in {out}"
+        )
     return written

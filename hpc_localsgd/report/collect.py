@@ -4,6 +4,7 @@ Runs may still be going: their writer opens the file for append at any moment (n
 SWMR, see :mod:`hpc_localsgd.io.metrics`), so a read that fails is retried a few times and the run
 is skipped with a warning if it still fails. A file that is plainly not ours is a user error.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,15 @@ from ..io.metrics import METRICS_FILE, METRICS_FORMAT, TOTAL_STEPS_ATTR, read_me
 
 # The order in which methods appear in tables and legends: the baseline first, then the study's
 # story (local SGD loses accuracy, post-local SGD and the outer optimizers win it back).
-METHOD_ORDER = ("all-reduce", "local SGD", "post-local SGD", "SlowMo", "post-local SGD + SlowMo",
-                "local SGD + outer Nesterov", "post-local SGD + outer Nesterov")
+METHOD_ORDER = (
+    "all-reduce",
+    "local SGD",
+    "post-local SGD",
+    "SlowMo",
+    "post-local SGD + SlowMo",
+    "local SGD + outer Nesterov",
+    "post-local SGD + outer Nesterov",
+)
 
 
 def method_label(method: str, outer: str) -> str:
@@ -140,12 +148,17 @@ def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.
         raise UserError(f"'{path}' has no evals/{missing[0]} dataset: not a metrics file this version can read")
     # A read that races a flush could see fields of different lengths; keep the rows all fields have.
     rows = min((len(values) for values in evals.values()), default=0)
-    return Run(path=path, task=task, method=label,
-               sync_period=1 if method == "allreduce" else int(algorithm.get("sync_period", 1)),
-               workers=int(world.get("size", 1)), seed=int(config.get("seed", 0)),
-               total_steps=int(attrs.get(TOTAL_STEPS_ATTR, 0)),
-               evals=Evals(**{name: np.asarray(evals[name][:rows]) for name in _EVAL_FIELDS}),
-               settings=_flatten(config))
+    return Run(
+        path=path,
+        task=task,
+        method=label,
+        sync_period=1 if method == "allreduce" else int(algorithm.get("sync_period", 1)),
+        workers=int(world.get("size", 1)),
+        seed=int(config.get("seed", 0)),
+        total_steps=int(attrs.get(TOTAL_STEPS_ATTR, 0)),
+        evals=Evals(**{name: np.asarray(evals[name][:rows]) for name in _EVAL_FIELDS}),
+        settings=_flatten(config),
+    )
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -159,8 +172,17 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Settings that say where and how a run ran, not what it computed: never part of a label.
-_NOT_A_VARIANT = ("seed", "output.", "comm.", "checkpoint.", "train.threads", "train.device",
-                  "train.log_every_steps", "data.num_workers", "data.path")
+_NOT_A_VARIANT = (
+    "seed",
+    "output.",
+    "comm.",
+    "checkpoint.",
+    "train.threads",
+    "train.device",
+    "train.log_every_steps",
+    "data.num_workers",
+    "data.path",
+)
 
 
 def _is_location(key: str) -> bool:
@@ -177,8 +199,9 @@ def _label_variants(runs: list[Run]) -> list[Run]:
     labelled: list[Run] = []
     for members in groups.values():
         every_key = {k for run in members for k in run.settings}
-        keys = sorted(k for k in every_key if not _is_location(k)
-                      and len({repr(run.settings.get(k)) for run in members}) > 1)
+        keys = sorted(
+            k for k in every_key if not _is_location(k) and len({repr(run.settings.get(k)) for run in members}) > 1
+        )
         for run in members:
             if keys:
                 detail = ", ".join(f"{k.rsplit('.', 1)[-1]}={run.settings.get(k)}" for k in keys)
@@ -187,8 +210,9 @@ def _label_variants(runs: list[Run]) -> list[Run]:
     return labelled
 
 
-def read_run(path: str | Path, attempts: int = 5, pause_seconds: float = 0.2,
-             warn: Callable[[str], None] = _warn) -> Run | None:
+def read_run(
+    path: str | Path, attempts: int = 5, pause_seconds: float = 0.2, warn: Callable[[str], None] = _warn
+) -> Run | None:
     """The run in ``path``, or None (after a warning) when it cannot be read right now.
 
     Raises :class:`UserError` for a file that is not an HDF5 file or not an hpc-localsgd metrics file.
@@ -209,13 +233,15 @@ def read_run(path: str | Path, attempts: int = 5, pause_seconds: float = 0.2,
     else:
         if not is_hdf5(path):
             raise UserError(f"'{path}' is not an HDF5 file")
-        warn(f"skipping '{path}': unreadable after {attempts} attempts ({open_error_reason(failure) if failure else 'unknown'})")
+        reason = open_error_reason(failure) if failure else "unknown"
+        warn(f"skipping '{path}': unreadable after {attempts} attempts ({reason})")
         return None
     return _run_from(path, attrs, series)
 
 
-def collect_runs(paths: Sequence[str | Path], warn: Callable[[str], None] = _warn,
-                 pause_seconds: float = 0.2) -> list[Run]:
+def collect_runs(
+    paths: Sequence[str | Path], warn: Callable[[str], None] = _warn, pause_seconds: float = 0.2
+) -> list[Run]:
     """Every readable run with at least one evaluation below ``paths``; ``pause_seconds`` between
     attempts to read a file that a running job may be writing.
 
@@ -239,7 +265,9 @@ def collect_runs(paths: Sequence[str | Path], warn: Callable[[str], None] = _war
         if key in seen:
             # Two runs of one configuration and seed: usually a rerun left next to the original, or
             # the same run on two backends (a simulation and its MPI check).
-            warn(f"'{run.path}' and '{seen[key]}' are both {run.method} H={run.sync_period} with "
-                 f"{run.workers} workers, seed {run.seed}; both are averaged")
+            warn(
+                f"'{run.path}' and '{seen[key]}' are both {run.method} H={run.sync_period} with "
+                f"{run.workers} workers, seed {run.seed}; both are averaged"
+            )
         seen.setdefault(key, run.path)
     return runs

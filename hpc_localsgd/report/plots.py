@@ -4,6 +4,7 @@ Figures are built on :class:`matplotlib.figure.Figure` directly, never through p
 display and no global backend switch is needed (the report runs on login nodes and in batch jobs).
 Each figure is saved as PNG (for slides) and SVG (for papers).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,11 +24,25 @@ from .collect import METHOD_ORDER, Run
 from .table import GroupKey, ResultRow
 
 BASELINE = "all-reduce"
-_PALETTE = ["#4d4d4d", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
-            "#bcbd22"]
+_PALETTE = [
+    "#4d4d4d",
+    "#1f77b4",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#ff7f0e",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+]
 # The x axes of the curves figure: each is a cost that local SGD trades against accuracy.
-CURVE_AXES = (("step", "step"), ("wall_seconds", "wall-clock time (s)"), ("bytes_sent", "bytes sent per worker"),
-              ("sync_rounds", "sync rounds"))
+CURVE_AXES = (
+    ("step", "step"),
+    ("wall_seconds", "wall-clock time (s)"),
+    ("bytes_sent", "bytes sent per worker"),
+    ("sync_rounds", "sync rounds"),
+)
 
 
 def method_color(method: str, others: Sequence[str] = ()) -> str:
@@ -61,7 +76,7 @@ def _save(figure: Figure, files: Sequence[Path]) -> None:
 def _sync_period_axis(ax: Axes, largest: int) -> None:
     ax.set_xscale("log", base=2)
     top = max(32, 2 ** math.ceil(math.log2(max(largest, 1))))
-    ticks = [2 ** k for k in range(int(math.log2(top)) + 1)]
+    ticks = [2**k for k in range(int(math.log2(top)) + 1)]
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_locator(NullLocator())
@@ -90,13 +105,31 @@ def plot_accuracy_vs_sync_period(rows: Sequence[ResultRow], files: Sequence[Path
                 ax.axhline(mean[0], color=color, linewidth=1.6, label=method)
                 ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=color, alpha=0.15, linewidth=0)
             else:
-                ax.errorbar([p.key.sync_period for p in points], mean, yerr=std, color=color, marker="o",
-                            markersize=4, capsize=3, linewidth=1.6, label=method)
+                ax.errorbar(
+                    [p.key.sync_period for p in points],
+                    mean,
+                    yerr=std,
+                    color=color,
+                    marker="o",
+                    markersize=4,
+                    capsize=3,
+                    linewidth=1.6,
+                    label=method,
+                )
             going = [i for i, p in enumerate(points) if p.finished < p.seeds]
             if going:
                 # A run still going reports its accuracy so far: mark the point so nobody reads it as final.
-                ax.plot([points[i].key.sync_period for i in going], mean[going], linestyle="none", marker="o",
-                        markersize=7, markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.5, zorder=5)
+                ax.plot(
+                    [points[i].key.sync_period for i in going],
+                    mean[going],
+                    linestyle="none",
+                    marker="o",
+                    markersize=7,
+                    markerfacecolor="white",
+                    markeredgecolor=color,
+                    markeredgewidth=1.5,
+                    zorder=5,
+                )
                 any_going = True
         _sync_period_axis(ax, largest)
         ax.set_title(f"{count} worker{'s' if count != 1 else ''}")
@@ -105,8 +138,18 @@ def plot_accuracy_vs_sync_period(rows: Sequence[ResultRow], files: Sequence[Path
     axes[0].set_ylabel("final test accuracy (%)")
     handles, labels = _unique_legend(axes)
     if any_going:
-        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="white",
-                              markeredgecolor="0.3", markeredgewidth=1.5))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                marker="o",
+                markersize=7,
+                markerfacecolor="white",
+                markeredgecolor="0.3",
+                markeredgewidth=1.5,
+            )
+        )
         labels.append("seeds still running\n(accuracy so far)")
     figure.legend(handles, labels, loc="outside right upper", frameon=False)
     figure.suptitle(title)
@@ -158,8 +201,9 @@ def plot_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title:
     figure = Figure(figsize=(17, 7.5), layout="constrained")
     axes = figure.subplots(2, len(CURVE_AXES), sharex="col", sharey="row")
     for key, curve in curves.items():
-        color = _shade(method_color(key.method, methods), periods[key.method].index(key.sync_period),
-                       len(periods[key.method]))
+        color = _shade(
+            method_color(key.method, methods), periods[key.method].index(key.sync_period), len(periods[key.method])
+        )
         label = key.method if key.method == BASELINE else f"{key.method}, H={key.sync_period}"
         for column, (x_name, _) in enumerate(CURVE_AXES):
             x = curve.values[x_name]
@@ -180,9 +224,14 @@ def plot_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title:
             axes[row, column].grid(True, alpha=0.3)
     axes[0, 0].set_ylabel("test accuracy (%)")
     axes[1, 0].set_ylabel("loss")
-    axes[1, 0].legend(handles=[Line2D([], [], color="0.3", label="test loss"),
-                               Line2D([], [], color="0.3", linestyle="--", label="train loss")],
-                      loc="upper right", fontsize="small")
+    axes[1, 0].legend(
+        handles=[
+            Line2D([], [], color="0.3", label="test loss"),
+            Line2D([], [], color="0.3", linestyle="--", label="train loss"),
+        ],
+        loc="upper right",
+        fontsize="small",
+    )
     handles, labels = axes[0, 0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside right upper", frameon=False)
     figure.suptitle(title)

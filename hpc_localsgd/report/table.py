@@ -3,6 +3,7 @@
 "Final" means a run's last evaluation: the end of training for finished runs, the latest
 evaluation so far for runs still going (the ``complete`` column says how many are finished).
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,26 +51,43 @@ def group_runs(runs: Sequence[Run]) -> dict[GroupKey, list[Run]]:
     groups: dict[GroupKey, list[Run]] = {}
     for run in runs:
         groups.setdefault(GroupKey(run.task, run.method, run.sync_period, run.workers), []).append(run)
-    return {key: sorted(groups[key], key=lambda r: (r.seed, str(r.path)))
-            for key in sorted(groups, key=GroupKey.sort_key)}
+    return {
+        key: sorted(groups[key], key=lambda r: (r.seed, str(r.path))) for key in sorted(groups, key=GroupKey.sort_key)
+    }
 
 
 def summarise(runs: Sequence[Run]) -> list[ResultRow]:
     rows = []
     for key, members in group_runs(runs).items():
         accuracy = [float(r.evals.test_accuracy[-1]) for r in members]
-        rows.append(ResultRow(
-            key=key, seeds=len(members), finished=sum(r.finished for r in members),
-            accuracy_mean=statistics.fmean(accuracy),
-            accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
-            sync_rounds_mean=statistics.fmean(float(r.evals.sync_rounds[-1]) for r in members),
-            bytes_sent_mean=statistics.fmean(float(r.evals.bytes_sent[-1]) for r in members),
-            wall_seconds_mean=statistics.fmean(float(r.evals.wall_seconds[-1]) for r in members)))
+        rows.append(
+            ResultRow(
+                key=key,
+                seeds=len(members),
+                finished=sum(r.finished for r in members),
+                accuracy_mean=statistics.fmean(accuracy),
+                accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
+                sync_rounds_mean=statistics.fmean(float(r.evals.sync_rounds[-1]) for r in members),
+                bytes_sent_mean=statistics.fmean(float(r.evals.bytes_sent[-1]) for r in members),
+                wall_seconds_mean=statistics.fmean(float(r.evals.wall_seconds[-1]) for r in members),
+            )
+        )
     return rows
 
 
-CSV_COLUMNS = ("task", "method", "H", "workers", "seeds", "test_accuracy_mean", "test_accuracy_std",
-               "sync_rounds_mean", "bytes_sent_per_worker_mean", "wall_seconds_mean", "complete")
+CSV_COLUMNS = (
+    "task",
+    "method",
+    "H",
+    "workers",
+    "seeds",
+    "test_accuracy_mean",
+    "test_accuracy_std",
+    "sync_rounds_mean",
+    "bytes_sent_per_worker_mean",
+    "wall_seconds_mean",
+    "complete",
+)
 
 
 def write_csv(rows: Sequence[ResultRow], path: Path) -> None:
@@ -78,10 +96,21 @@ def write_csv(rows: Sequence[ResultRow], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for row in rows:
-            writer.writerow([row.key.task, row.key.method, row.key.sync_period, row.key.workers, row.seeds,
-                             repr(row.accuracy_mean), "" if row.accuracy_std is None else repr(row.accuracy_std),
-                             repr(row.sync_rounds_mean), repr(row.bytes_sent_mean), repr(row.wall_seconds_mean),
-                             row.complete])
+            writer.writerow(
+                [
+                    row.key.task,
+                    row.key.method,
+                    row.key.sync_period,
+                    row.key.workers,
+                    row.seeds,
+                    repr(row.accuracy_mean),
+                    "" if row.accuracy_std is None else repr(row.accuracy_std),
+                    repr(row.sync_rounds_mean),
+                    repr(row.bytes_sent_mean),
+                    repr(row.wall_seconds_mean),
+                    row.complete,
+                ]
+            )
 
 
 def human_bytes(n: float) -> str:
@@ -113,21 +142,46 @@ def format_accuracy(row: ResultRow) -> str:
 
 def markdown(rows: Sequence[ResultRow]) -> str:
     """One section per task; within it the table order of :func:`group_runs`."""
-    header = ("method", "H", "workers", "seeds", "test accuracy (%)", "sync rounds", "bytes sent / worker",
-              "wall time", "complete")
-    lines = ["# Results", "",
-             "Final test accuracy: mean ± sample standard deviation over seeds. Sync rounds, bytes sent per worker "
-             "and wall time: mean over seeds at each run's last evaluation (the latest so far for runs still "
-             "going; `complete` counts finished runs). H does not apply to all-reduce (1)."]
+    header = (
+        "method",
+        "H",
+        "workers",
+        "seeds",
+        "test accuracy (%)",
+        "sync rounds",
+        "bytes sent / worker",
+        "wall time",
+        "complete",
+    )
+    lines = [
+        "# Results",
+        "",
+        "Final test accuracy: mean ± sample standard deviation over seeds. Sync rounds, bytes sent per worker "
+        "and wall time: mean over seeds at each run's last evaluation (the latest so far for runs still "
+        "going; `complete` counts finished runs). H does not apply to all-reduce (1).",
+    ]
     for task in dict.fromkeys(row.key.task for row in rows):
-        lines += ["", f"## {task}", "", "| " + " | ".join(header) + " |",
-                  "|" + "|".join("---" if i < 1 else "---:" for i in range(len(header))) + "|"]
+        lines += [
+            "",
+            f"## {task}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" if i < 1 else "---:" for i in range(len(header))) + "|",
+        ]
         for row in rows:
             if row.key.task != task:
                 continue
-            cells = (row.key.method, str(row.key.sync_period), str(row.key.workers), str(row.seeds),
-                     format_accuracy(row), _rounds(row.sync_rounds_mean), human_bytes(row.bytes_sent_mean),
-                     human_seconds(row.wall_seconds_mean), row.complete)
+            cells = (
+                row.key.method,
+                str(row.key.sync_period),
+                str(row.key.workers),
+                str(row.seeds),
+                format_accuracy(row),
+                _rounds(row.sync_rounds_mean),
+                human_bytes(row.bytes_sent_mean),
+                human_seconds(row.wall_seconds_mean),
+                row.complete,
+            )
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

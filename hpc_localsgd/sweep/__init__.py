@@ -25,6 +25,7 @@ folder gets ``configs/NNNN-<slug>.yaml`` (resolved, with its own run dir under `
 ``array-<nodes>n.sbatch``, whose tasks pick their config by ``SLURM_ARRAY_TASK_ID`` and run
 ``slurm/train.sbatch`` (so they checkpoint, requeue and resume like any single run).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -49,20 +50,27 @@ REPO_TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatc
 class SlurmShape:
     """The shape of every job array of a sweep: the ``slurm:`` section of a sweep file."""
 
-    nodes: list[int] = setting([1], "Node counts; each gets its own job array, in which every point runs.",
-                               rule="positive integers; one number means a list of it")
+    nodes: list[int] = setting(
+        [1],
+        "Node counts; each gets its own job array, in which every point runs.",
+        rule="positive integers; one number means a list of it",
+    )
     ntasks_per_node: int = setting(1, "Ranks per node (#SBATCH --ntasks-per-node).", range=">= 1")
     cpus_per_task: int = setting(1, "Cores per rank (#SBATCH --cpus-per-task).", range=">= 1")
     gpus_per_task: int = setting(0, "GPUs per rank (#SBATCH --gpus-per-task; 0: none asked for).", range=">= 0")
-    time: str = setting("01:00:00", "Time limit of every task (#SBATCH --time); quote it in YAML, which reads "
-                                    "24:00:00 as a number.")
-    throttle: int = setting(0, "At most this many tasks of an array at once (--array=...%N; 0: no limit).",
-                            range=">= 0")
+    time: str = setting(
+        "01:00:00", "Time limit of every task (#SBATCH --time); quote it in YAML, which reads 24:00:00 as a number."
+    )
+    throttle: int = setting(
+        0, "At most this many tasks of an array at once (--array=...%N; 0: no limit).", range=">= 0"
+    )
     options: list[str] = setting([], "More #SBATCH lines, e.g. --partition=gpu.")
-    launcher: Literal["srun", "mpirun"] = setting("srun", "How each task starts its ranks (LAUNCHER of "
-                                                          "slurm/train.sbatch).")
-    train_script: str = setting(str(REPO_TRAIN_SCRIPT), "The script every task runs (default: this checkout's "
-                                                        "slurm/train.sbatch).")
+    launcher: Literal["srun", "mpirun"] = setting(
+        "srun", "How each task starts its ranks (LAUNCHER of slurm/train.sbatch)."
+    )
+    train_script: str = setting(
+        str(REPO_TRAIN_SCRIPT), "The script every task runs (default: this checkout's slurm/train.sbatch)."
+    )
 
     def validate(self, key: str = "slurm") -> None:
         check_declared(self, key)
@@ -74,13 +82,20 @@ class SlurmShape:
 class SweepFile:
     """The keys of a sweep file (an example is in this module's docstring)."""
 
-    name: str | None = setting(None, "The sweep's name: its output folder sweeps/<name> and its job names "
-                                        "(null: the sweep file's name without .yaml).")
-    base: str | None = setting(None, "The run config every point starts from, relative to the sweep file "
-                                        "(null: the defaults).")
+    name: str | None = setting(
+        None,
+        "The sweep's name: its output folder sweeps/<name> and its job names "
+        "(null: the sweep file's name without .yaml).",
+    )
+    base: str | None = setting(
+        None, "The run config every point starts from, relative to the sweep file (null: the defaults)."
+    )
     set: dict[str, Any] = setting({}, "Overrides (dotted key: value) applied to every point.")
-    variants: list[dict[str, Any]] = setting([], "One entry per method: overrides, where a list value expands "
-                                                 "into one variant per value (none: one empty variant).")
+    variants: list[dict[str, Any]] = setting(
+        [],
+        "One entry per method: overrides, where a list value expands "
+        "into one variant per value (none: one empty variant).",
+    )
     grid: dict[str, Any] = setting({}, "Overrides crossed with every variant; a list value expands too.")
     slurm: SlurmShape = section(SlurmShape, "The shape of every job array.")
 
@@ -124,8 +139,8 @@ class SweepPlan:
     arrays: dict[str, list[Point]]
     shape: SlurmShape
     scripts: dict[str, str]
-    base: Path | None        # the config every point starts from
-    common: dict[str, Any]      # overrides applied to every point
+    base: Path | None  # the config every point starts from
+    common: dict[str, Any]  # overrides applied to every point
 
 
 def _expand(entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -185,50 +200,70 @@ def plan_sweep(grid_file: str | Path, out: str | Path | None = None) -> SweepPla
 def _array_script(name: str, members: list[Point], shape: SlurmShape, out: Path) -> str:
     nodes = members[0].nodes
     throttle = f"%{shape.throttle}" if shape.throttle else ""
-    lines = ["#!/bin/bash",
-             f"# Generated by hpc-localsgd sweep: {len(members)} runs of '{name}' on {nodes} node(s) each.",
-             f"#SBATCH --job-name={name}-{nodes}n",
-             f"#SBATCH --nodes={nodes}",
-             f"#SBATCH --ntasks-per-node={shape.ntasks_per_node}",
-             f"#SBATCH --cpus-per-task={shape.cpus_per_task}"]
+    lines = [
+        "#!/bin/bash",
+        f"# Generated by hpc-localsgd sweep: {len(members)} runs of '{name}' on {nodes} node(s) each.",
+        f"#SBATCH --job-name={name}-{nodes}n",
+        f"#SBATCH --nodes={nodes}",
+        f"#SBATCH --ntasks-per-node={shape.ntasks_per_node}",
+        f"#SBATCH --cpus-per-task={shape.cpus_per_task}",
+    ]
     if shape.gpus_per_task:
         lines.append(f"#SBATCH --gpus-per-task={shape.gpus_per_task}")
-    lines += [f"#SBATCH --time={shape.time}",
-              f"#SBATCH --output={out}/logs/%x-%A_%a.out",
-              "#SBATCH --open-mode=append",
-              "#SBATCH --signal=B:USR1@120",
-              "#SBATCH --requeue",
-              f"#SBATCH --array=0-{len(members) - 1}{throttle}"]
+    lines += [
+        f"#SBATCH --time={shape.time}",
+        f"#SBATCH --output={out}/logs/%x-%A_%a.out",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --requeue",
+        f"#SBATCH --array=0-{len(members) - 1}{throttle}",
+    ]
     lines += [f"#SBATCH {option}" for option in shape.options]
-    lines += ["set -uo pipefail",
-              "configs=(" + " ".join(shlex.quote(str(p.config_path)) for p in members) + ")",
-              "run_dirs=(" + " ".join(shlex.quote(str(p.run_dir)) for p in members) + ")",
-              'task=${SLURM_ARRAY_TASK_ID:?this script runs as a Slurm job array}',
-              f"export LAUNCHER=${{LAUNCHER:-{shape.launcher}}}",
-              'export RUN_DIR="${run_dirs[$task]}"',
-              f'exec bash {shlex.quote(shape.train_script)} "${{configs[$task]}}"',
-              ""]
+    lines += [
+        "set -uo pipefail",
+        "configs=(" + " ".join(shlex.quote(str(p.config_path)) for p in members) + ")",
+        "run_dirs=(" + " ".join(shlex.quote(str(p.run_dir)) for p in members) + ")",
+        "task=${SLURM_ARRAY_TASK_ID:?this script runs as a Slurm job array}",
+        f"export LAUNCHER=${{LAUNCHER:-{shape.launcher}}}",
+        'export RUN_DIR="${run_dirs[$task]}"',
+        f'exec bash {shlex.quote(shape.train_script)} "${{configs[$task]}}"',
+        "",
+    ]
     return "\n".join(lines)
 
 
 def write_sweep(plan: SweepPlan, overwrite: bool) -> None:
     manifest = plan.out / "manifest.json"
     if manifest.exists() and not overwrite:
-        raise UserError(f"sweep folder '{plan.out}' already holds a sweep (manifest.json); "
-                        "pass --overwrite to regenerate it, or choose another --out")
+        raise UserError(
+            f"sweep folder '{plan.out}' already holds a sweep (manifest.json); "
+            "pass --overwrite to regenerate it, or choose another --out"
+        )
     if not Path(plan.shape.train_script).is_file():
         raise UserError(f"slurm.train_script '{plan.shape.train_script}' does not exist")
     (plan.out / "configs").mkdir(parents=True, exist_ok=True)
     (plan.out / "logs").mkdir(exist_ok=True)
     for point in plan.points:
-        cfg = load_config(plan.base, _assignments({**plan.common, **point.overrides})
-                          + [f"output.run_dir={point.run_dir}"])
+        cfg = load_config(
+            plan.base, _assignments({**plan.common, **point.overrides}) + [f"output.run_dir={point.run_dir}"]
+        )
         point.config_path.write_text(config_to_yaml(cfg))
     for array, text in plan.scripts.items():
         (plan.out / array).write_text(text)
-    entries = [{"index": p.index, "name": p.name, "overrides": p.overrides, "nodes": p.nodes,
-                "ranks": p.nodes * plan.shape.ntasks_per_node, "array": p.array, "task": p.task,
-                "config": str(p.config_path), "run_dir": str(p.run_dir)} for p in plan.points]
+    entries = [
+        {
+            "index": p.index,
+            "name": p.name,
+            "overrides": p.overrides,
+            "nodes": p.nodes,
+            "ranks": p.nodes * plan.shape.ntasks_per_node,
+            "array": p.array,
+            "task": p.task,
+            "config": str(p.config_path),
+            "run_dir": str(p.run_dir),
+        }
+        for p in plan.points
+    ]
     manifest.write_text(json.dumps({"name": plan.name, "runs": entries}, indent=2) + "\n")
 
 
@@ -246,8 +281,9 @@ def submit(plan: SweepPlan) -> list[str]:
     ids = []
     for array in plan.arrays:
         try:
-            done = subprocess.run(["sbatch", "--parsable", str(plan.out / array)], capture_output=True, text=True,
-                                  timeout=120)
+            done = subprocess.run(
+                ["sbatch", "--parsable", str(plan.out / array)], capture_output=True, text=True, timeout=120
+            )
         except OSError as exc:
             raise UserError(f"sbatch could not be run: {exc}") from None
         if done.returncode != 0:
@@ -282,10 +318,12 @@ def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tup
                 cfg.train.threads = threads
             from ..launcher.env import detect_launch
             from ..train.loop import train
+
             try:
                 # The pool worker is a plain process: the launch is this process, whatever the parent had.
-                result = train(cfg, overwrite=True, launch=detect_launch({}),
-                               print_fn=lambda line: print(line, file=log))
+                result = train(
+                    cfg, overwrite=True, launch=detect_launch({}), print_fn=lambda line: print(line, file=log)
+                )
             except Refused as exc:
                 print(f"hpc-localsgd: error: {exc}", file=log)
                 return None, str(exc)
@@ -294,8 +332,18 @@ def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tup
                 return None, f"{type(exc).__name__}: {exc} (traceback in {log_path})"
             assert result.final is not None
             return result.final.test_accuracy, f"test acc {result.final.test_accuracy:.4f}"
-        command = ["mpirun", "-np", str(ranks), sys.executable, "-m", "hpc_localsgd", "train", config_path,
-                   "--resume", "auto"]
+        command = [
+            "mpirun",
+            "-np",
+            str(ranks),
+            sys.executable,
+            "-m",
+            "hpc_localsgd",
+            "train",
+            config_path,
+            "--resume",
+            "auto",
+        ]
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             return None, f"mpirun exited with {done.returncode} (see {log_path})"
@@ -315,15 +363,25 @@ def run_here(plan: SweepPlan, jobs: int, print_fn: Any = print) -> int:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     todo = [p for p in plan.points if not _finished(p.run_dir)]
     skipped = len(plan.points) - len(todo)
-    print_fn(f"sweep '{plan.name}': {len(todo)} of {len(plan.points)} runs to go ({skipped} already finished), "
-             f"{jobs} at a time; logs in {plan.out / 'logs'}")
+    print_fn(
+        f"sweep '{plan.name}': {len(todo)} of {len(plan.points)} runs to go ({skipped} already finished), "
+        f"{jobs} at a time; logs in {plan.out / 'logs'}"
+    )
     failed = 0
     start = time.perf_counter()
     # spawn: a forked child would inherit the parent's torch threads and locks.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        futures = {pool.submit(_run_point, str(p.config_path), str(plan.out / "logs" / f"{p.name}.out"),
-                               p.nodes * plan.shape.ntasks_per_node, threads): p for p in todo}
+        futures = {
+            pool.submit(
+                _run_point,
+                str(p.config_path),
+                str(plan.out / "logs" / f"{p.name}.out"),
+                p.nodes * plan.shape.ntasks_per_node,
+                threads,
+            ): p
+            for p in todo
+        }
         for count, future in enumerate(as_completed(futures), start=1):
             point = futures[future]
             try:
@@ -333,8 +391,10 @@ def run_here(plan: SweepPlan, jobs: int, print_fn: Any = print) -> int:
                 ok, line = False, f"worker died: {type(exc).__name__}: {exc}"
             failed += 0 if ok else 1
             print_fn(f"[{count}/{len(todo)}] {point.name}: {line if ok else 'FAILED: ' + line}")
-    print_fn(f"sweep '{plan.name}': {len(todo) - failed} runs done, {skipped} skipped, {failed} failed in "
-             f"{time.perf_counter() - start:.0f} s; figures and table: hpc-localsgd report {plan.out / 'runs'}")
+    print_fn(
+        f"sweep '{plan.name}': {len(todo) - failed} runs done, {skipped} skipped, {failed} failed in "
+        f"{time.perf_counter() - start:.0f} s; figures and table: hpc-localsgd report {plan.out / 'runs'}"
+    )
     return failed
 
 

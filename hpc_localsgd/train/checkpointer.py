@@ -6,6 +6,7 @@ clock; ``control.py``), the configured cadence (``checkpoint.every_steps``, ``at
 asked of the components that own it (the engine's flat state and counters, the run's progress),
 so the training loop and the benchmark never assemble it by hand.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,18 +27,32 @@ def rank_state(engine: AveragingEngine, progress: Progress | None = None) -> Ran
     """This rank's resumable state: the engine's flat state, the model's integer buffers (BatchNorm's
     batch counters), the communication counters and the training-loss accumulators."""
     progress = progress or Progress()
-    return RankState(tensors=engine.rank_state(), int_buffers=engine.int_buffers(), comm_stats=engine.stats.as_dict(),
-                     train_loss_sum=progress.train_loss_sum, train_loss_count=progress.train_loss_count)
+    return RankState(
+        tensors=engine.rank_state(),
+        int_buffers=engine.int_buffers(),
+        comm_stats=engine.stats.as_dict(),
+        train_loss_sum=progress.train_loss_sum,
+        train_loss_count=progress.train_loss_count,
+    )
 
 
 class Checkpointer:
-    def __init__(self, cfg: RunConfig, comm: Communicator, opt: Optimization, progress: Progress,
-                 metrics: MetricsWriter | None, steps_per_epoch: int, stop_at_step: int | None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        comm: Communicator,
+        opt: Optimization,
+        progress: Progress,
+        metrics: MetricsWriter | None,
+        steps_per_epoch: int,
+        stop_at_step: int | None,
+    ) -> None:
         self.cfg, self.comm, self.opt, self.progress, self.metrics = cfg, comm, opt, progress, metrics
         self.steps_per_epoch = steps_per_epoch
         self.stop_at_step = stop_at_step
-        self.writer = CheckpointWriter(Path(cfg.output.run_dir) / "checkpoints", comm, cfg.checkpoint.keep,
-                                       cfg.output.hdf5_file_locking)
+        self.writer = CheckpointWriter(
+            Path(cfg.output.run_dir) / "checkpoints", comm, cfg.checkpoint.keep, cfg.output.hdf5_file_locking
+        )
         self.control = JobControl(comm, cfg.checkpoint.poll_every_steps, cfg.checkpoint.every_minutes)
         self.last: Path | None = None  # the newest checkpoint this run wrote
 
@@ -49,8 +64,12 @@ class Checkpointer:
         stop_reason = (decision.stop_signal or "a signal on another rank") if decision.stop else None
         if step == self.stop_at_step:
             stop_reason = stop_reason or f"--stop-at-step {self.stop_at_step}"
-        if decision.checkpoint or stop_reason or (policy.every_steps and step % policy.every_steps == 0) or \
-                (step == self.opt.total_steps and policy.at_end):
+        if (
+            decision.checkpoint
+            or stop_reason
+            or (policy.every_steps and step % policy.every_steps == 0)
+            or (step == self.opt.total_steps and policy.at_end)
+        ):
             self.last = self.save(step)
         return stop_reason
 
@@ -59,12 +78,17 @@ class Checkpointer:
             self.metrics.flush()  # rows up to this step must survive a crash that follows
         cfg, engine = self.cfg, self.opt.engine
         attrs: dict[str, Any] = {
-            "config": config_to_yaml(cfg), "method": describe_method(cfg), "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.opt.total_steps, "wall_seconds": self.progress.wall_seconds(),
+            "config": config_to_yaml(cfg),
+            "method": describe_method(cfg),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.opt.total_steps,
+            "wall_seconds": self.progress.wall_seconds(),
             "world": {"size": self.comm.size, "nodes": self.comm.layout.num_nodes, "backend": self.comm.name},
-            "versions": software_versions()}
-        path = self.writer.write(step, step / self.steps_per_epoch, attrs, engine.shared_state(),
-                                 rank_state(engine, self.progress))
+            "versions": software_versions(),
+        }
+        path = self.writer.write(
+            step, step / self.steps_per_epoch, attrs, engine.shared_state(), rank_state(engine, self.progress)
+        )
         self.control.checkpoint_written()
         return path
 

@@ -6,6 +6,7 @@ so all of them take the same decision at the same step and none is left waiting 
 collective. SIGUSR2 asks for a checkpoint; SIGUSR1 and SIGTERM (what Slurm sends before a
 time limit or preemption) ask for a checkpoint and a clean stop.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,10 +60,14 @@ class JobControl:
         """Collective every ``poll_every_steps`` steps (all ranks call it at every step)."""
         if completed_steps % self.poll_every_steps != 0:
             return Decision()
-        timed = self.comm.is_root and self.checkpoint_seconds > 0 and \
-            time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds
-        flags = torch.tensor([int(self._checkpoint_requested or timed), int(self._stop_signal is not None)],
-                             dtype=torch.int64)
+        timed = (
+            self.comm.is_root
+            and self.checkpoint_seconds > 0
+            and time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds
+        )
+        flags = torch.tensor(
+            [int(self._checkpoint_requested or timed), int(self._stop_signal is not None)], dtype=torch.int64
+        )
         if self.comm.size > 1:
             self.comm.allreduce_(flags, average=False)
         stop = bool(flags[1].item())

@@ -17,6 +17,7 @@ Invariants the training loop relies on:
 In-memory datasets (digits, synthetic, cifar10) are indexed as tensors, batch by batch: for
 small images this is far faster than a DataLoader, which pays per-sample Python overhead.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -116,9 +117,13 @@ class TensorSamples(Dataset):
     that :class:`ShardedBatches` applies (indexing the dataset directly never augments).
     """
 
-    def __init__(self, stored: torch.Tensor, labels: torch.Tensor,
-                 to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 augment: BatchAugment | None = None) -> None:
+    def __init__(
+        self,
+        stored: torch.Tensor,
+        labels: torch.Tensor,
+        to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment: BatchAugment | None = None,
+    ) -> None:
         if len(stored) != len(labels):
             raise ValueError(f"{len(stored)} samples but {len(labels)} labels")
         self.stored = stored
@@ -203,8 +208,9 @@ def _digits() -> Datasets:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise UserError("data.name: dataset 'digits' needs scikit-learn; install it with "
-                        "`pip install scikit-learn`") from exc
+        raise UserError(
+            "data.name: dataset 'digits' needs scikit-learn; install it with `pip install scikit-learn`"
+        ) from exc
     bunch = load_digits()
     images = torch.as_tensor(bunch.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
@@ -310,8 +316,12 @@ def _cifar10(path: str, augment: bool) -> Datasets:
     test_images, test_labels = _read_cifar10_batch(os.path.join(folder, CIFAR10_TEST_BATCH))
     normalize = NormalizeUint8Images(CIFAR10_MEAN, CIFAR10_STD)
     return Datasets(
-        train=TensorSamples(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), normalize,
-                            augment=RandomCropFlip(padding=4) if augment else None),
+        train=TensorSamples(
+            torch.cat([p[0] for p in parts]),
+            torch.cat([p[1] for p in parts]),
+            normalize,
+            augment=RandomCropFlip(padding=4) if augment else None,
+        ),
         test=TensorSamples(test_images, test_labels, normalize),
         num_classes=10,
         input_shape=(3, 32, 32),
@@ -343,8 +353,10 @@ def _imagenet(path: str, image_size: int, augment: bool) -> Datasets:
     train = _image_folder(train_root, transforms.Compose(training + normalize))
     test = _image_folder(val_root, transforms.Compose(evaluation + normalize))
     if test.classes != train.classes:
-        raise UserError(f"data.path: the class folders of '{val_root}' ({len(test.classes)}) differ from "
-                        f"those of '{train_root}' ({len(train.classes)})")
+        raise UserError(
+            f"data.path: the class folders of '{val_root}' ({len(test.classes)}) differ from "
+            f"those of '{train_root}' ({len(train.classes)})"
+        )
     return Datasets(
         train=SeededTransforms(train),
         test=SeededTransforms(test),
@@ -360,7 +372,7 @@ def shard_indices(num_samples: int, rank: int, size: int, epoch: int, seed: int)
         raise ValueError(f"rank {rank} outside a world of size {size}")
     permutation = torch.randperm(num_samples, generator=_generator(seed, "shuffle", epoch))
     per_rank = num_samples // size
-    return permutation[rank * per_rank:(rank + 1) * per_rank]
+    return permutation[rank * per_rank : (rank + 1) * per_rank]
 
 
 class ShardedBatches:
@@ -373,8 +385,17 @@ class ShardedBatches:
     transforms chosen when they were built (``data.augment``), whatever ``augment`` says.
     """
 
-    def __init__(self, source: Datasets | Dataset, batch_size: int, rank: int, size: int, seed: int,
-                 num_workers: int = 0, augment: bool | BatchAugment = True, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        source: Datasets | Dataset,
+        batch_size: int,
+        rank: int,
+        size: int,
+        seed: int,
+        num_workers: int = 0,
+        augment: bool | BatchAugment = True,
+        pin_memory: bool = False,
+    ) -> None:
         self.dataset: Dataset = source.train if isinstance(source, Datasets) else source
         self.augment: BatchAugment | None
         if augment is True:
@@ -391,8 +412,10 @@ class ShardedBatches:
         self.pin_memory = pin_memory
         self.num_samples = len(self.dataset)  # type: ignore[arg-type]
         if self.steps_per_epoch == 0:
-            raise UserError(f"data.batch_size: {batch_size} per rank × {size} ranks needs more than the "
-                            f"{self.num_samples} training samples; lower data.batch_size or use fewer ranks")
+            raise UserError(
+                f"data.batch_size: {batch_size} per rank × {size} ranks needs more than the "
+                f"{self.num_samples} training samples; lower data.batch_size or use fewer ranks"
+            )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -407,26 +430,33 @@ class ShardedBatches:
             return self._tensor_batches(self.dataset, indices, epoch, start_batch)
         return self._loader_batches(indices, epoch, start_batch)
 
-    def _tensor_batches(self, samples: TensorSamples, indices: torch.Tensor, epoch: int,
-                        start_batch: int) -> Iterator[Batch]:
+    def _tensor_batches(
+        self, samples: TensorSamples, indices: torch.Tensor, epoch: int, start_batch: int
+    ) -> Iterator[Batch]:
         for batch in range(start_batch, self.steps_per_epoch):
-            chosen = indices[batch * self.batch_size:(batch + 1) * self.batch_size]
+            chosen = indices[batch * self.batch_size : (batch + 1) * self.batch_size]
             stored = samples.stored[chosen]
             if self.augment is not None:
                 stored = self.augment(stored, _generator(self.seed, "augment", epoch, self.rank, batch))
             yield samples.inputs(stored), samples.labels[chosen]
 
     def _loader_batches(self, indices: torch.Tensor, epoch: int, start_batch: int) -> Iterator[Batch]:
-        chosen = indices[start_batch * self.batch_size:self.steps_per_epoch * self.batch_size].tolist()
+        chosen = indices[start_batch * self.batch_size : self.steps_per_epoch * self.batch_size].tolist()
         if isinstance(self.dataset, SeededTransforms):
             keys: Sequence[Any] = [(self.seed, epoch, index) for index in chosen]
         else:
             keys = chosen
         # An own generator for the workers' base seed: a DataLoader otherwise draws it from the global
         # RNG, and the data pipeline would shift the model's random stream (dropout, ...).
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=keys, drop_last=True,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            generator=_generator(self.seed, "loader", epoch, self.rank))
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=keys,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=_generator(self.seed, "loader", epoch, self.rank),
+        )
         yield from loader
 
 
@@ -435,8 +465,9 @@ def eval_indices(num_samples: int, rank: int, size: int) -> torch.Tensor:
     return torch.arange(num_samples)[rank::size]
 
 
-def eval_batches(dataset: Datasets | Dataset, batch_size: int, rank: int, size: int,
-                 num_workers: int = 0, pin_memory: bool = False) -> Iterator[Batch]:
+def eval_batches(
+    dataset: Datasets | Dataset, batch_size: int, rank: int, size: int, num_workers: int = 0, pin_memory: bool = False
+) -> Iterator[Batch]:
     """This rank's share of the test set (``dataset`` or ``Datasets.test``), unshuffled, unaugmented;
     the last batch may be smaller, and a rank may get no batch when the test set has fewer samples
     than there are ranks."""
@@ -445,8 +476,14 @@ def eval_batches(dataset: Datasets | Dataset, batch_size: int, rank: int, size: 
     indices = eval_indices(len(dataset), rank, size)  # type: ignore[arg-type]
     if isinstance(dataset, TensorSamples):
         for start in range(0, len(indices), batch_size):
-            yield dataset.batch(indices[start:start + batch_size])
+            yield dataset.batch(indices[start : start + batch_size])
         return
-    yield from DataLoader(dataset, batch_size=batch_size, sampler=indices.tolist(), drop_last=False,
-                          num_workers=num_workers, pin_memory=pin_memory,
-                          generator=_generator(rank, "eval-loader"))
+    yield from DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=indices.tolist(),
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=_generator(rank, "eval-loader"),
+    )

@@ -4,6 +4,7 @@ Every rank calls :func:`train`; rank 0 alone prints and writes metrics.h5. Beyon
 this adds the run directory's protection, resume (``resume.py``), checkpoints and the job's
 signals (``checkpointer.py``), and the Slurm requeue after a SIGUSR1 stop.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,9 +64,17 @@ def horovod_cycle_time_ms(cfg: RunConfig) -> float | None:
     return LOCAL_SGD_HOROVOD_CYCLE_TIME_MS
 
 
-def train(cfg: RunConfig, *, overwrite: bool = False, resume: str | None = None, reshard: str | None = None,
-          stop_at_step: int | None = None, launch: LaunchEnvironment | None = None,
-          comm: Communicator | None = None, print_fn: Callable[[str], None] = _print_now) -> TrainResult:
+def train(
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    resume: str | None = None,
+    reshard: str | None = None,
+    stop_at_step: int | None = None,
+    launch: LaunchEnvironment | None = None,
+    comm: Communicator | None = None,
+    print_fn: Callable[[str], None] = _print_now,
+) -> TrainResult:
     """Run one training job on this rank. Every rank calls this with the same arguments.
 
     ``resume``: "auto" (the newest valid checkpoint of the run dir, or a fresh start) or a
@@ -75,9 +84,11 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: str | None = None,
     launch = launch or detect_launch()
     if cfg.comm.backend == "simulated":
         if resume is not None or reshard is not None or stop_at_step is not None:
-            raise UserError("comm.backend=simulated writes no checkpoints: --resume, --reshard and --stop-at-step "
-                            "do not apply")
+            raise UserError(
+                "comm.backend=simulated writes no checkpoints: --resume, --reshard and --stop-at-step do not apply"
+            )
         from .simulate import simulate
+
         return simulate(cfg, launch, overwrite=overwrite, print_fn=print_fn)
     torch.set_num_threads(threads_for_rank(cfg.train.threads, launch.layout))
     device = select_device(cfg.train.device, launch.layout)
@@ -92,16 +103,31 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: str | None = None,
     return result
 
 
-def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device: torch.device, overwrite: bool,
-           resume: str | None, reshard: str | None, stop_at_step: int | None,
-           print_fn: Callable[[str], None]) -> TrainResult:
+def _train(
+    cfg: RunConfig,
+    comm: Communicator,
+    launch: LaunchEnvironment,
+    device: torch.device,
+    overwrite: bool,
+    resume: str | None,
+    reshard: str | None,
+    stop_at_step: int | None,
+    print_fn: Callable[[str], None],
+) -> TrainResult:
     say = print_fn if comm.is_root else (lambda _line: None)
     run_dir = Path(cfg.output.run_dir)
     prepare_run_dir(comm, run_dir, overwrite, resuming=resume is not None)
     chosen = None
     if resume is not None:
-        chosen = choose_checkpoint(comm, resume, run_dir / "checkpoints", cfg.output.hdf5_file_locking,
-                                   lambda line: say(f"hpc-localsgd: warning: {line}"), cfg, reshard)
+        chosen = choose_checkpoint(
+            comm,
+            resume,
+            run_dir / "checkpoints",
+            cfg.output.hdf5_file_locking,
+            lambda line: say(f"hpc-localsgd: warning: {line}"),
+            cfg,
+            reshard,
+        )
     if comm.is_root:
         write_text_atomically(run_dir / "config.yaml", config_to_yaml(cfg))
 
@@ -116,8 +142,10 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
         metrics = open_metrics(cfg, workers, opt, resume_after_step=progress.step if resume is not None else None)
     say(start_line(cfg, workers, opt))
     if chosen is not None:
-        say(f"hpc-localsgd: resuming from {chosen.checkpoint.path} at step {progress.step}"
-            + (f" (re-shard: {reshard})" if reshard else ""))
+        say(
+            f"hpc-localsgd: resuming from {chosen.checkpoint.path} at step {progress.step}"
+            + (f" (re-shard: {reshard})" if reshard else "")
+        )
     del chosen  # the state read while choosing is in the engine now: let it go
 
     checkpointer = Checkpointer(cfg, comm, opt, progress, metrics, workers.steps_per_epoch, stop_at_step)
@@ -127,20 +155,27 @@ def _train(cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device
         checkpointer.close()
     result.checkpoint = checkpointer.last
     if result.stopped:
-        say(f"hpc-localsgd: stopped at step {result.steps}/{opt.total_steps} ({result.stopped}); checkpoint "
-            f"{checkpointer.last}; continue with --resume auto")
+        say(
+            f"hpc-localsgd: stopped at step {result.steps}/{opt.total_steps} ({result.stopped}); checkpoint "
+            f"{checkpointer.last}; continue with --resume auto"
+        )
         if comm.is_root and result.stopped == "SIGUSR1" and cfg.checkpoint.requeue_on_usr1:
             say(requeue_slurm_job())
     return result
 
 
-def _restored_progress(chosen: ChosenCheckpoint | None, engine: AveragingEngine, model: torch.nn.Module, rank: int,
-                       reshard: str | None) -> Progress:
+def _restored_progress(
+    chosen: ChosenCheckpoint | None, engine: AveragingEngine, model: torch.nn.Module, rank: int, reshard: str | None
+) -> Progress:
     """Load the chosen checkpoint (if any) into the engine and the model; where training stands then."""
     if chosen is None:
         return Progress()
     checkpoint = chosen.checkpoint
     saved_stats, loss_sum, loss_count = restore(chosen, engine, model, rank, reshard)
     engine.stats.load(saved_stats)
-    return Progress(step=checkpoint.meta.step, train_loss_sum=loss_sum, train_loss_count=loss_count,
-                    wall_offset=float(checkpoint.meta.attrs.get("wall_seconds", 0.0)))
+    return Progress(
+        step=checkpoint.meta.step,
+        train_loss_sum=loss_sum,
+        train_loss_count=loss_count,
+        wall_offset=float(checkpoint.meta.attrs.get("wall_seconds", 0.0)),
+    )

@@ -1,4 +1,5 @@
 """The base learning rate as a pure function of the step, so that it needs no state to resume."""
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,8 @@ class LRSchedule:
             warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
             kind=cfg.schedule,
             decay_steps=tuple(int(round(e * steps_per_epoch)) for e in cfg.decay_epochs)
-            if cfg.schedule == "step" else (),
+            if cfg.schedule == "step"
+            else (),
             decay_factor=cfg.decay_factor,
             total_steps=total_steps,
         )

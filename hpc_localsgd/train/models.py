@@ -3,6 +3,7 @@
 Weights are random; the caller seeds torch first, so that every rank builds the same model
 (and a broadcast from rank 0 only confirms it).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,10 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]
 
 def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(input_shape) != 3:
-        raise ConfigError(f"model.name: {name!r} needs images (channels, height, width), but the data gives "
-                          f"samples of shape {tuple(input_shape)}; use 'mlp'")
+        raise ConfigError(
+            f"model.name: {name!r} needs images (channels, height, width), but the data gives "
+            f"samples of shape {tuple(input_shape)}; use 'mlp'"
+        )
     channels, height, width = input_shape
     return channels, height, width
 
@@ -59,8 +62,12 @@ class SmallCNN(nn.Module):
         if side >= 16:
             layers.append(nn.MaxPool2d(2))
         layers += [
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, num_classes),
         ]
         self.layers = nn.Sequential(*layers)
 
@@ -70,8 +77,9 @@ class SmallCNN(nn.Module):
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, width: int) -> nn.Sequential:
     """Flatten-Linear-ReLU-Linear, no BatchNorm: its training maths is simple enough to check exactly."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(),
-                         nn.Linear(width, num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(), nn.Linear(width, num_classes)
+    )
 
 
 def _is_resnet(model: nn.Module) -> bool:
@@ -85,8 +93,10 @@ def _torchvision_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[in
     import torchvision.models
 
     if cfg.name not in torchvision.models.list_models(module=torchvision.models):
-        raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose smallcnn, mlp, or a torchvision "
-                          "classification model such as resnet18 or resnet50")
+        raise ConfigError(
+            f"model.name: unknown model {cfg.name!r}; choose smallcnn, mlp, or a torchvision "
+            "classification model such as resnet18 or resnet50"
+        )
     channels, height, _ = _image_shape(cfg.name, input_shape)
     kwargs = dict(_TORCHVISION_KWARGS.get(cfg.name, {}))
     if cfg.name.startswith("vit_"):
@@ -96,11 +106,14 @@ def _torchvision_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[in
 
     if not _is_resnet(model):
         if cfg.cifar_stem:
-            raise ConfigError(f"model.cifar_stem: applies to the resnet family (resnet, resnext, wide_resnet), "
-                              f"not {cfg.name!r}")
+            raise ConfigError(
+                f"model.cifar_stem: applies to the resnet family (resnet, resnext, wide_resnet), not {cfg.name!r}"
+            )
         if channels != 3:
-            raise ConfigError(f"model.name: {cfg.name!r} takes 3-channel images, but the data has {channels}; "
-                              "use smallcnn, mlp or a resnet")
+            raise ConfigError(
+                f"model.name: {cfg.name!r} takes 3-channel images, but the data has {channels}; "
+                "use smallcnn, mlp or a resnet"
+            )
         return model
 
     stem: nn.Conv2d = model.conv1
@@ -112,8 +125,15 @@ def _torchvision_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[in
     elif channels != stem.in_channels:
         # torch declares _ConvNd's kernel_size, stride and padding as tuple[int, ...] (shared by 1-3 dims);
         # a Conv2d's are pairs, which is what Conv2d takes.
-        model.conv1 = nn.Conv2d(channels, stem.out_channels, kernel_size=stem.kernel_size,  # type: ignore[arg-type]
-                                stride=stem.stride, padding=stem.padding, bias=False)  # type: ignore[arg-type]
+        kernel, stride, padding = stem.kernel_size, stem.stride, stem.padding
+        model.conv1 = nn.Conv2d(
+            channels,
+            stem.out_channels,
+            kernel_size=kernel,  # type: ignore[arg-type]
+            stride=stride,  # type: ignore[arg-type]
+            padding=padding,  # type: ignore[arg-type]
+            bias=False,
+        )
     if model.conv1 is not stem:
         # The same initialisation torchvision gives its own stem.
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")

@@ -1,4 +1,5 @@
 """An MPI rank as one local-SGD worker: its model, its shard of the data, and evaluation across ranks."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -28,17 +29,31 @@ class RankWorkers:
         seed_everything(cfg.seed)
         self.datasets = build_datasets(cfg.data, cfg.seed)
         self.model = build_model(cfg.model, self.datasets.num_classes, self.datasets.input_shape).to(device)
-        self.shard = ShardedBatches(self.datasets.train, cfg.data.batch_size, comm.rank, comm.size, cfg.seed,
-                                    num_workers=cfg.data.num_workers, augment=cfg.data.augment)
+        self.shard = ShardedBatches(
+            self.datasets.train,
+            cfg.data.batch_size,
+            comm.rank,
+            comm.size,
+            cfg.seed,
+            num_workers=cfg.data.num_workers,
+            augment=cfg.data.augment,
+        )
         self.steps_per_epoch = self.shard.steps_per_epoch
         if self.steps_per_epoch < 1:
-            raise UserError(f"data: {self.shard.num_samples} training samples are too few for {comm.size} ranks "
-                            f"× data.batch_size {cfg.data.batch_size}")
+            raise UserError(
+                f"data: {self.shard.num_samples} training samples are too few for {comm.size} ranks "
+                f"× data.batch_size {cfg.data.batch_size}"
+            )
         layout = launch.layout
-        self.description = (f"{comm.size} rank(s) on {layout.num_nodes} node(s), {comm.name} backend, {device}")
-        self.world: dict[str, Any] = {"size": comm.size, "nodes": layout.num_nodes,
-                                      "ranks_per_node": layout.local_size, "launcher": launch.launcher,
-                                      "backend": comm.name, "device": str(device)}
+        self.description = f"{comm.size} rank(s) on {layout.num_nodes} node(s), {comm.name} backend, {device}"
+        self.world: dict[str, Any] = {
+            "size": comm.size,
+            "nodes": layout.num_nodes,
+            "ranks_per_node": layout.local_size,
+            "launcher": launch.launcher,
+            "backend": comm.name,
+            "device": str(device),
+        }
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         for x, y in self.shard.epoch(epoch, start_batch=start_batch):
@@ -60,8 +75,9 @@ class RankWorkers:
             was_training = model.training
             model.eval()
             with torch.no_grad():
-                for x, y in eval_batches(self.datasets.test, self.cfg.data.eval_batch_size, comm.rank, comm.size,
-                                         self.cfg.data.num_workers):
+                for x, y in eval_batches(
+                    self.datasets.test, self.cfg.data.eval_batch_size, comm.rank, comm.size, self.cfg.data.num_workers
+                ):
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     out = model(x)
                     sums[0] += F.cross_entropy(out, y, reduction="sum").item()
@@ -74,5 +90,8 @@ class RankWorkers:
                 comm.allreduce_(sums, average=False)
             engine.eval_stats.bytes_sent += sums.numel() * sums.element_size()
         test_count = max(sums[2].item(), 1.0)
-        return EvalResult(test_loss=sums[0].item() / test_count, test_accuracy=sums[1].item() / test_count,
-                          train_loss=sums[3].item() / max(sums[4].item(), 1.0))
+        return EvalResult(
+            test_loss=sums[0].item() / test_count,
+            test_accuracy=sums[1].item() / test_count,
+            train_loss=sums[3].item() / max(sums[4].item(), 1.0),
+        )

@@ -9,6 +9,7 @@ in its own row.
 
 ``ReplicatedBatches`` gives worker w exactly the batches rank w of an MPI run gets.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -55,8 +56,9 @@ class ReplicatedModel(nn.Module):
         buffers = {name: self.stacked._buffers[_key(name)] for name in self._buffer_names}
         return params, buffers  # type: ignore[return-value]
 
-    def _one_worker(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                    x: torch.Tensor) -> torch.Tensor:
+    def _one_worker(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
         return functional_call(self.base, (params, buffers), (x,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +76,9 @@ class ReplicatedModel(nn.Module):
     def worker_forward(self, worker: int, x: torch.Tensor) -> torch.Tensor:
         """One worker's model on an ordinary batch (evaluation of the averaged model)."""
         params, buffers = self._state()
-        return self._one_worker({n: p[worker] for n, p in params.items()},
-                                {n: b[worker] for n, b in buffers.items()}, x)
+        return self._one_worker(
+            {n: p[worker] for n, p in params.items()}, {n: b[worker] for n, b in buffers.items()}, x
+        )
 
     def worker_state(self, worker: int) -> dict[str, torch.Tensor]:
         """Worker ``worker``'s parameters and buffers under the base model's names (a state_dict)."""
@@ -87,8 +90,10 @@ class ReplicatedBatches:
     """Every worker's batch of a step, stacked: ``x`` is ``[workers, batch, ...]``, ``y`` ``[workers, batch]``."""
 
     def __init__(self, datasets: Datasets, batch_size: int, workers: int, seed: int, augment: bool) -> None:
-        self.shards = [ShardedBatches(datasets.train, batch_size, worker, workers, seed, augment=augment)
-                       for worker in range(workers)]
+        self.shards = [
+            ShardedBatches(datasets.train, batch_size, worker, workers, seed, augment=augment)
+            for worker in range(workers)
+        ]
 
     @property
     def steps_per_epoch(self) -> int:

@@ -1,4 +1,5 @@
 """Choosing and applying a checkpoint when a run continues (``--resume auto|PATH``)."""
+
 from __future__ import annotations
 
 import functools
@@ -40,9 +41,15 @@ def _nth_newest_step(directory: Path, position: int) -> int:
     return int(match.group(1))
 
 
-def choose_checkpoint(comm: Communicator, resume: str, directory: Path, locking: bool,
-                      warn: Callable[[str], None], cfg: RunConfig,
-                      reshard: str | None) -> ChosenCheckpoint | None:
+def choose_checkpoint(
+    comm: Communicator,
+    resume: str,
+    directory: Path,
+    locking: bool,
+    warn: Callable[[str], None],
+    cfg: RunConfig,
+    reshard: str | None,
+) -> ChosenCheckpoint | None:
     """The checkpoint to continue from, checked against ``cfg`` and verified by the ranks together.
 
     ``auto`` tries the checkpoints of ``directory`` newest first and falls back past damaged ones
@@ -104,16 +111,25 @@ def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, world_size: int, re
         raise CheckpointError(f"{where} holds another model ({differences('model')}); it cannot be resumed")
     if reshard is None:
         if checkpoint.meta.world_size != world_size:
-            raise CheckpointError(f"{where} was written by {checkpoint.meta.world_size} ranks, this run has "
-                                  f"{world_size}; pass --reshard average (or reset) to continue with its "
-                                  "parameters and averaged (or zeroed) per-rank optimizer state")
+            raise CheckpointError(
+                f"{where} was written by {checkpoint.meta.world_size} ranks, this run has "
+                f"{world_size}; pass --reshard average (or reset) to continue with its "
+                "parameters and averaged (or zeroed) per-rank optimizer state"
+            )
         if differences("algorithm"):
-            raise CheckpointError(f"{where} was written with another algorithm ({differences('algorithm')}); "
-                                  "pass --reshard average (or reset) to continue from its parameters")
+            raise CheckpointError(
+                f"{where} was written with another algorithm ({differences('algorithm')}); "
+                "pass --reshard average (or reset) to continue from its parameters"
+            )
 
 
-def restore(chosen: ChosenCheckpoint | Checkpoint, engine: AveragingEngine, model: torch.nn.Module, rank: int,
-            reshard: str | None) -> tuple[dict[str, float], float, int]:
+def restore(
+    chosen: ChosenCheckpoint | Checkpoint,
+    engine: AveragingEngine,
+    model: torch.nn.Module,
+    rank: int,
+    reshard: str | None,
+) -> tuple[dict[str, float], float, int]:
     """Load this rank's state into the live model and engine.
 
     Exact resume: rank r takes rank r's saved state and random states. Re-shard: every rank

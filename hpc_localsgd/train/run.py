@@ -7,6 +7,7 @@ the two kinds of run sits behind :class:`Workers`: how the model(s) and batches 
 loss that backward sees, and evaluation. ``ranks.py`` and ``simulate.py`` implement it;
 ``loop.py`` adds what only MPI ranks have (resume, checkpoints, signals, requeue).
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,9 +63,9 @@ class Workers(Protocol):
     """The workers of a run as this process sees them: what differs between MPI ranks and a simulation."""
 
     steps_per_epoch: int
-    description: str          # where the workers run, for the start-up line
-    unit: str                 # what communication is counted per: "rank" or "simulated worker"
-    world: dict[str, Any]     # metrics.h5's ``world`` attribute
+    description: str  # where the workers run, for the start-up line
+    unit: str  # what communication is counted per: "rank" or "simulated worker"
+    world: dict[str, Any]  # metrics.h5's ``world`` attribute
 
     @property
     def comm(self) -> Communicator:
@@ -98,8 +99,9 @@ class Optimization:
     engine: AveragingEngine
 
 
-def build_optimization(cfg: RunConfig, model: torch.nn.Module, comm: Communicator,
-                       steps_per_epoch: int) -> Optimization:
+def build_optimization(
+    cfg: RunConfig, model: torch.nn.Module, comm: Communicator, steps_per_epoch: int
+) -> Optimization:
     """SGD and the averaging engine for ``model`` (every worker starting from worker 0's state),
     the LR scaled to the global batch of ``comm.size`` workers."""
     total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
@@ -107,11 +109,17 @@ def build_optimization(cfg: RunConfig, model: torch.nn.Module, comm: Communicato
         total_steps = min(total_steps, cfg.train.max_steps)
     global_batch = cfg.data.batch_size * comm.size
     lr_schedule = LRSchedule.from_config(cfg.optim, global_batch, steps_per_epoch, total_steps)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr_schedule.peak, momentum=cfg.optim.momentum,
-                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=lr_schedule.peak,
+        momentum=cfg.optim.momentum,
+        nesterov=cfg.optim.nesterov,
+        weight_decay=cfg.optim.weight_decay,
+    )
     schedule = SyncSchedule.from_config(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step)
-    engine = AveragingEngine(model, optimizer, comm, cfg.algorithm, schedule,
-                             bucket_bytes=int(cfg.comm.bucket_mb * 2**20))
+    engine = AveragingEngine(
+        model, optimizer, comm, cfg.algorithm, schedule, bucket_bytes=int(cfg.comm.bucket_mb * 2**20)
+    )
     engine.broadcast_initial_state()
     return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)
 
@@ -120,10 +128,10 @@ def build_optimization(cfg: RunConfig, model: torch.nn.Module, comm: Communicato
 class Progress:
     """Where training stands, beyond the engine's state: what a checkpoint saves and a resume restores."""
 
-    step: int = 0                 # completed steps
-    train_loss_sum: float = 0.0   # since the last evaluation
+    step: int = 0  # completed steps
+    train_loss_sum: float = 0.0  # since the last evaluation
     train_loss_count: int = 0
-    wall_offset: float = 0.0      # seconds trained by the runs this one resumes
+    wall_offset: float = 0.0  # seconds trained by the runs this one resumes
     started: float = field(default_factory=time.perf_counter)
 
     def wall_seconds(self) -> float:
@@ -141,8 +149,9 @@ class ProgressWindow:
     samples: int = 0
     global_samples: int = 0
 
-    def add(self, seconds: float, comm_seconds: float, loss: float, correct: int, samples: int,
-            global_samples: int) -> None:
+    def add(
+        self, seconds: float, comm_seconds: float, loss: float, correct: int, samples: int, global_samples: int
+    ) -> None:
         self.seconds += seconds
         self.comm_seconds += comm_seconds
         self.loss_sum += loss * samples
@@ -152,14 +161,19 @@ class ProgressWindow:
 
     def summary(self) -> str:
         samples, seconds = max(1, self.samples), max(self.seconds, 1e-9)
-        return (f"loss {self.loss_sum / samples:.4f} | acc {self.correct / samples:.3f} | "
-                f"{self.global_samples / seconds:.0f} samples/s | comm {100 * self.comm_seconds / seconds:.0f}%")
+        return (
+            f"loss {self.loss_sum / samples:.4f} | acc {self.correct / samples:.3f} | "
+            f"{self.global_samples / seconds:.0f} samples/s | comm {100 * self.comm_seconds / seconds:.0f}%"
+        )
 
 
 def describe_method(cfg: RunConfig) -> str:
     a = cfg.algorithm
-    name = {"allreduce": "all-reduce SGD", "local_sgd": f"local SGD H={a.sync_period}",
-            "post_local_sgd": f"post-local SGD H={a.sync_period}"}[a.method]
+    name = {
+        "allreduce": "all-reduce SGD",
+        "local_sgd": f"local SGD H={a.sync_period}",
+        "post_local_sgd": f"post-local SGD H={a.sync_period}",
+    }[a.method]
     if a.outer == "slowmo":
         name += f" + SlowMo (α={a.slow_lr:g}, β={a.slow_momentum:g})"
     elif a.outer == "nesterov":
@@ -181,27 +195,45 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def open_metrics(cfg: RunConfig, workers: Workers, opt: Optimization,
-                 resume_after_step: int | None = None) -> MetricsWriter:
+def open_metrics(
+    cfg: RunConfig, workers: Workers, opt: Optimization, resume_after_step: int | None = None
+) -> MetricsWriter:
     """The run's ``metrics.h5`` with its header; ``resume_after_step`` continues an existing file."""
     world = {**workers.world, "threads_per_rank": torch.get_num_threads(), "host": platform.node()}
-    return MetricsWriter(Path(cfg.output.run_dir) / METRICS_FILE,
-                         {"config": config_to_yaml(cfg), "world": world, "versions": software_versions(),
-                          "method": describe_method(cfg), "steps_per_epoch": workers.steps_per_epoch,
-                          TOTAL_STEPS_ATTR: opt.total_steps, "global_batch": opt.global_batch},
-                         cfg.output.metrics_flush_seconds, locking=cfg.output.hdf5_file_locking,
-                         resume_after_step=resume_after_step)
+    return MetricsWriter(
+        Path(cfg.output.run_dir) / METRICS_FILE,
+        {
+            "config": config_to_yaml(cfg),
+            "world": world,
+            "versions": software_versions(),
+            "method": describe_method(cfg),
+            "steps_per_epoch": workers.steps_per_epoch,
+            TOTAL_STEPS_ATTR: opt.total_steps,
+            "global_batch": opt.global_batch,
+        },
+        cfg.output.metrics_flush_seconds,
+        locking=cfg.output.hdf5_file_locking,
+        resume_after_step=resume_after_step,
+    )
 
 
 def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
-    return (f"hpc-localsgd: {describe_method(cfg)} | {workers.description} | {cfg.model.name} on {cfg.data.name} | "
-            f"global batch {opt.global_batch}, peak lr {opt.lr_schedule.peak:.4g} | {opt.total_steps} steps "
-            f"({workers.steps_per_epoch}/epoch) | run dir {cfg.output.run_dir}")
+    return (
+        f"hpc-localsgd: {describe_method(cfg)} | {workers.description} | {cfg.model.name} on {cfg.data.name} | "
+        f"global batch {opt.global_batch}, peak lr {opt.lr_schedule.peak:.4g} | {opt.total_steps} steps "
+        f"({workers.steps_per_epoch}/epoch) | run dir {cfg.output.run_dir}"
+    )
 
 
-def run_training(cfg: RunConfig, workers: Workers, opt: Optimization, progress: Progress,
-                 metrics: MetricsWriter | None, say: Callable[[str], None],
-                 after_step: AfterStep | None = None) -> TrainResult:
+def run_training(
+    cfg: RunConfig,
+    workers: Workers,
+    opt: Optimization,
+    progress: Progress,
+    metrics: MetricsWriter | None,
+    say: Callable[[str], None],
+    after_step: AfterStep | None = None,
+) -> TrainResult:
     """Train from ``progress.step`` to the end (or until ``after_step`` says stop), then evaluate and
     summarise. Closes ``metrics`` and the engine's hooks, also on error."""
     engine = opt.engine
@@ -213,23 +245,38 @@ def run_training(cfg: RunConfig, workers: Workers, opt: Optimization, progress: 
             metrics.close()
         engine.close()
     wall = time.perf_counter() - progress.started
-    result = TrainResult(model=workers.model, engine=engine, steps=progress.step, wall_seconds=wall, final=None,
-                         stats=engine.stats, evals=evals, stopped=stopped)
+    result = TrainResult(
+        model=workers.model,
+        engine=engine,
+        steps=progress.step,
+        wall_seconds=wall,
+        final=None,
+        stats=engine.stats,
+        evals=evals,
+        stopped=stopped,
+    )
     if stopped:
         return result
-    result.final = evals[-1] if evals else workers.evaluate(engine, progress.train_loss_sum,
-                                                            progress.train_loss_count)
+    result.final = evals[-1] if evals else workers.evaluate(engine, progress.train_loss_sum, progress.train_loss_count)
     stats = engine.stats
-    say(f"hpc-localsgd: done | {describe_method(cfg)} | {workers.comm.size} {workers.unit}s | {progress.step} steps "
+    say(
+        f"hpc-localsgd: done | {describe_method(cfg)} | {workers.comm.size} {workers.unit}s | {progress.step} steps "
         f"in {wall:.1f} s | test acc {result.final.test_accuracy:.4f} | {stats.sync_rounds} sync rounds, "
         f"{human_bytes(stats.bytes_sent)} sent per {workers.unit} | "
-        f"comm {100 * stats.comm_seconds / max(wall, 1e-9):.0f}% of time")
+        f"comm {100 * stats.comm_seconds / max(wall, 1e-9):.0f}% of time"
+    )
     return result
 
 
-def _step_loop(cfg: RunConfig, workers: Workers, opt: Optimization, progress: Progress,
-               metrics: MetricsWriter | None, say: Callable[[str], None],
-               after_step: AfterStep | None) -> tuple[list[EvalResult], str | None]:
+def _step_loop(
+    cfg: RunConfig,
+    workers: Workers,
+    opt: Optimization,
+    progress: Progress,
+    metrics: MetricsWriter | None,
+    say: Callable[[str], None],
+    after_step: AfterStep | None,
+) -> tuple[list[EvalResult], str | None]:
     """The steps themselves; returns the evaluations made and why the run stopped early, if it did."""
     engine, stats, total = opt.engine, opt.engine.stats, opt.total_steps
     steps_per_epoch = workers.steps_per_epoch
@@ -255,14 +302,25 @@ def _step_loop(cfg: RunConfig, workers: Workers, opt: Optimization, progress: Pr
             if metrics is not None:
                 elapsed = time.perf_counter() - step_start
                 comm_seconds = stats.comm_seconds - comm_before
-                metrics.log_step(step=progress.step, epoch=progress.step / steps_per_epoch, lr=lr, loss=loss,
-                                 accuracy=correct / samples, samples_per_s=opt.global_batch / elapsed,
-                                 comm_seconds=comm_seconds, compute_seconds=elapsed - comm_seconds,
-                                 bytes_sent=stats.bytes_sent, sync_rounds=stats.sync_rounds, synced=int(done.synced))
+                metrics.log_step(
+                    step=progress.step,
+                    epoch=progress.step / steps_per_epoch,
+                    lr=lr,
+                    loss=loss,
+                    accuracy=correct / samples,
+                    samples_per_s=opt.global_batch / elapsed,
+                    comm_seconds=comm_seconds,
+                    compute_seconds=elapsed - comm_seconds,
+                    bytes_sent=stats.bytes_sent,
+                    sync_rounds=stats.sync_rounds,
+                    synced=int(done.synced),
+                )
                 window.add(elapsed, comm_seconds, loss, correct, samples, opt.global_batch)
                 if progress.step % cfg.train.log_every_steps == 0 or progress.step == total:
-                    say(f"step {progress.step}/{total} | epoch {progress.step / steps_per_epoch:.2f} | lr {lr:.4g} | "
-                        f"{window.summary()}")
+                    say(
+                        f"step {progress.step}/{total} | epoch {progress.step / steps_per_epoch:.2f} | lr {lr:.4g} | "
+                        f"{window.summary()}"
+                    )
                     window = ProgressWindow()
             if progress.step % eval_interval == 0 or progress.step == total:
                 evals.append(_evaluate(workers, engine, progress, metrics, say))
@@ -275,16 +333,30 @@ def _step_loop(cfg: RunConfig, workers: Workers, opt: Optimization, progress: Pr
     return evals, None
 
 
-def _evaluate(workers: Workers, engine: AveragingEngine, progress: Progress, metrics: MetricsWriter | None,
-              say: Callable[[str], None]) -> EvalResult:
+def _evaluate(
+    workers: Workers,
+    engine: AveragingEngine,
+    progress: Progress,
+    metrics: MetricsWriter | None,
+    say: Callable[[str], None],
+) -> EvalResult:
     result = workers.evaluate(engine, progress.train_loss_sum, progress.train_loss_count)
     progress.train_loss_sum, progress.train_loss_count = 0.0, 0
     step, epoch, stats = progress.step, progress.step / workers.steps_per_epoch, engine.stats
     if metrics is not None:
-        metrics.log_eval(step=step, epoch=epoch, train_loss=result.train_loss, test_loss=result.test_loss,
-                         test_accuracy=result.test_accuracy, wall_seconds=progress.wall_seconds(),
-                         comm_seconds=stats.comm_seconds, bytes_sent=stats.bytes_sent,
-                         sync_rounds=stats.sync_rounds)
-    say(f"eval step {step} | epoch {epoch:.2f} | train loss {result.train_loss:.4f} | "
-        f"test loss {result.test_loss:.4f} | test acc {result.test_accuracy:.4f}")
+        metrics.log_eval(
+            step=step,
+            epoch=epoch,
+            train_loss=result.train_loss,
+            test_loss=result.test_loss,
+            test_accuracy=result.test_accuracy,
+            wall_seconds=progress.wall_seconds(),
+            comm_seconds=stats.comm_seconds,
+            bytes_sent=stats.bytes_sent,
+            sync_rounds=stats.sync_rounds,
+        )
+    say(
+        f"eval step {step} | epoch {epoch:.2f} | train loss {result.train_loss:.4f} | "
+        f"test loss {result.test_loss:.4f} | test acc {result.test_accuracy:.4f}"
+    )
     return result

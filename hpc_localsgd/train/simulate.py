@@ -10,6 +10,7 @@ batched convolutions round differently), which ``tests/mpi/test_simulated.py`` c
 Times in the metrics are this process's: they say how long the simulation took, not how long
 W ranks would. Bytes and sync rounds are per worker, exactly what each rank would send.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -55,15 +56,24 @@ class SimulatedWorkers:
         self.datasets: Datasets = build_datasets(cfg.data, cfg.seed)
         base = build_model(cfg.model, self.datasets.num_classes, self.datasets.input_shape).to(device)
         self.model = ReplicatedModel(base, workers)
-        self.stacked_batches = ReplicatedBatches(self.datasets, cfg.data.batch_size, workers, cfg.seed,
-                                                 cfg.data.augment)
+        self.stacked_batches = ReplicatedBatches(
+            self.datasets, cfg.data.batch_size, workers, cfg.seed, cfg.data.augment
+        )
         self.steps_per_epoch = self.stacked_batches.steps_per_epoch
         if self.steps_per_epoch < 1:
-            raise UserError(f"data: {self.stacked_batches.shards[0].num_samples} training samples are too few for {workers} "
-                            f"simulated workers × data.batch_size {cfg.data.batch_size}")
+            raise UserError(
+                f"data: {self.stacked_batches.shards[0].num_samples} training samples are too few for {workers} "
+                f"simulated workers × data.batch_size {cfg.data.batch_size}"
+            )
         self.description = f"{workers} simulated worker(s) in one process, {device}"
-        self.world: dict[str, Any] = {"size": workers, "nodes": 1, "ranks_per_node": workers,
-                                      "launcher": "in-process", "backend": self.comm.name, "device": str(device)}
+        self.world: dict[str, Any] = {
+            "size": workers,
+            "nodes": 1,
+            "ranks_per_node": workers,
+            "launcher": "in-process",
+            "backend": self.comm.name,
+            "device": str(device),
+        }
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         for x, y in self.stacked_batches.epoch(epoch, start_batch):
@@ -91,16 +101,22 @@ class SimulatedWorkers:
                     correct += int((out.argmax(1) == y).sum().item())
                     count += y.numel()
             self.model.train()
-        return EvalResult(test_loss=loss_sum / max(count, 1), test_accuracy=correct / max(count, 1),
-                          train_loss=train_loss_sum / max(train_loss_count, 1))
+        return EvalResult(
+            test_loss=loss_sum / max(count, 1),
+            test_accuracy=correct / max(count, 1),
+            train_loss=train_loss_sum / max(train_loss_count, 1),
+        )
 
 
-def simulate(cfg: RunConfig, launch: LaunchEnvironment, *, overwrite: bool = False,
-             print_fn: Callable[[str], None] = print) -> TrainResult:
+def simulate(
+    cfg: RunConfig, launch: LaunchEnvironment, *, overwrite: bool = False, print_fn: Callable[[str], None] = print
+) -> TrainResult:
     """Train ``cfg.comm.simulated_workers`` workers in this process; the run directory is a normal run's."""
     if launch.layout.size != 1:
-        raise UserError(f"comm.backend=simulated runs all its workers in one process, but the launcher "
-                        f"({launch.launcher}) started {launch.layout.size}; start it without mpirun/srun")
+        raise UserError(
+            f"comm.backend=simulated runs all its workers in one process, but the launcher "
+            f"({launch.launcher}) started {launch.layout.size}; start it without mpirun/srun"
+        )
     torch.set_num_threads(threads_for_rank(cfg.train.threads, SINGLE_PROCESS_LAYOUT))
     device = select_device(cfg.train.device, SINGLE_PROCESS_LAYOUT)
     run_dir = Path(cfg.output.run_dir)

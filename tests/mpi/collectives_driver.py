@@ -7,6 +7,7 @@ otherwise, or 2 with ``hpc-localsgd: error: <message>`` for a ``UserError``.
 
     mpirun -np 2 python tests/mpi/collectives_driver.py --backend mpi
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,11 @@ def expect_equal(what: str, actual: torch.Tensor, expected: np.ndarray) -> None:
         raise CheckFailed(f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected_tensor.shape)}")
     if not torch.equal(actual.cpu(), expected_tensor):
         wrong = (actual.cpu() != expected_tensor).nonzero()
-        raise CheckFailed(f"{what}: {len(wrong)} wrong values, first at {wrong[0].tolist()}: "
-                          f"got {actual.cpu().reshape(-1)[:4].tolist()}..., "
-                          f"expected {expected.reshape(-1)[:4].tolist()}...")
+        raise CheckFailed(
+            f"{what}: {len(wrong)} wrong values, first at {wrong[0].tolist()}: "
+            f"got {actual.cpu().reshape(-1)[:4].tolist()}..., "
+            f"expected {expected.reshape(-1)[:4].tolist()}..."
+        )
 
 
 def signed_ramp(length: int) -> np.ndarray:
@@ -81,8 +84,13 @@ def check_several_in_flight(comm: Communicator, device: torch.device) -> None:
     """Start several non-blocking allreduces, then wait for them in the reverse order."""
     rank, size = comm.rank, comm.size
     rank_sum = size * (size + 1) // 2
-    plans = [(torch.float32, 1000, True), (torch.float64, 33, False), (torch.int64, 1000, False),
-             (torch.float32, 1_048_577, True), (torch.int64, 7, True)]
+    plans = [
+        (torch.float32, 1000, True),
+        (torch.float64, 33, False),
+        (torch.int64, 1000, False),
+        (torch.float32, 1_048_577, True),
+        (torch.int64, 7, True),
+    ]
     buffers, handles = [], []
     for index, (dtype, length, average) in enumerate(plans):
         ramp = signed_ramp(length) + 10 * index  # a different value per buffer catches crossed results
@@ -132,8 +140,7 @@ def check_broadcast(comm: Communicator, device: torch.device) -> None:
         for length in (1, 100_003):
             buffer = torch.full((length,), 10 * comm.rank + 7, dtype=dtype, device=device)
             comm.broadcast_(buffer, root=root)
-            expect_equal(f"broadcast {dtype} length {length} from rank {root}", buffer,
-                         np.full(length, 10 * root + 7))
+            expect_equal(f"broadcast {dtype} length {length} from rank {root}", buffer, np.full(length, 10 * root + 7))
 
 
 def main() -> int:

@@ -7,6 +7,7 @@
 Each finished run leaves each rank's complete training state in rank<r>.npz for
 tests/mpi/test_checkpoints.py to compare.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,20 +25,32 @@ from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
 from hpc_localsgd.train.loop import TrainResult, train  # noqa: E402
 from tests.mpi.cases import BASE  # noqa: E402
 
-STOP = 7          # between two syncs for H = 4, before the post-local switch
+STOP = 7  # between two syncs for H = 4, before the post-local switch
 TOTAL = 2 * STOP
 
 RESUME_CASES: dict[str, list[str]] = {
     "allreduce": ["algorithm.method=allreduce"],
     "local_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4"],
-    "post_local_switch10_H2": ["algorithm.method=post_local_sgd", "algorithm.sync_period=2",
-                               "algorithm.switch_step=10"],
+    "post_local_switch10_H2": [
+        "algorithm.method=post_local_sgd",
+        "algorithm.sync_period=2",
+        "algorithm.switch_step=10",
+    ],
     "slowmo_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=slowmo"],
-    "nesterov_H4_avg_momentum": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=nesterov",
-                                 "algorithm.momentum_buffers=average"],
+    "nesterov_H4_avg_momentum": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.outer=nesterov",
+        "algorithm.momentum_buffers=average",
+    ],
 }
-OVERRIDES = [*BASE, f"train.max_steps={TOTAL}", "train.eval_every_epochs=0.2", "checkpoint.every_steps=5",
-             "checkpoint.poll_every_steps=3"]
+OVERRIDES = [
+    *BASE,
+    f"train.max_steps={TOTAL}",
+    "train.eval_every_epochs=0.2",
+    "checkpoint.every_steps=5",
+    "checkpoint.poll_every_steps=3",
+]
 
 
 def save(result: TrainResult, run_dir: Path, rank: int) -> None:
@@ -61,12 +74,14 @@ def main() -> int:
         if args.phase == "first":
             result = train(load_config(None, [*OVERRIDES, *overrides, f"output.run_dir={full}"]), **quiet)
             save(result, full, comm.rank)
-            stopped = train(load_config(None, [*OVERRIDES, *overrides, f"output.run_dir={resumed}"]),
-                            stop_at_step=STOP, **quiet)
+            stopped = train(
+                load_config(None, [*OVERRIDES, *overrides, f"output.run_dir={resumed}"]), stop_at_step=STOP, **quiet
+            )
             assert stopped.stopped and stopped.steps == STOP
         else:
-            result = train(load_config(None, [*OVERRIDES, *overrides, f"output.run_dir={resumed}"]),
-                           resume="auto", **quiet)
+            result = train(
+                load_config(None, [*OVERRIDES, *overrides, f"output.run_dir={resumed}"]), resume="auto", **quiet
+            )
             save(result, resumed, comm.rank)
     comm.close()
     print(f"OK {args.phase} rank {comm.rank}", flush=True)

@@ -1,5 +1,6 @@
 """Every algorithm on real MPI ranks (``mpirun -np 2``), on every backend: the ranks agree, the
 backends agree, the result matches the independent reference, and the counters are exact."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ RANKS = 2
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("algorithms")
     for backend in BACKENDS:
-        proc = run_mpi(RANKS, ["python", "tests/mpi/train_driver.py", "--backend", backend, "--out", str(out)],
-                       timeout=300)
+        proc = run_mpi(
+            RANKS, ["python", "tests/mpi/train_driver.py", "--backend", backend, "--out", str(out)], timeout=300
+        )
         assert proc.returncode == 0, f"{backend} run failed:\n{proc.stdout}\n{proc.stderr}"
         assert proc.stdout.count(f"OK {backend}") == RANKS, proc.stdout
     return {backend: out / backend for backend in BACKENDS}
@@ -49,17 +51,28 @@ def reference_states(case: str) -> tuple[list[dict[str, np.ndarray]], torch.nn.M
     seed_everything(cfg.seed)
     datasets = build_datasets(cfg.data, cfg.seed)
     model = build_model(cfg.model, datasets.num_classes, datasets.input_shape)
-    shards = [ShardedBatches(datasets.train, cfg.data.batch_size, rank, RANKS, cfg.seed, augment=cfg.data.augment)
-              for rank in range(RANKS)]
+    shards = [
+        ShardedBatches(datasets.train, cfg.data.batch_size, rank, RANKS, cfg.seed, augment=cfg.data.augment)
+        for rank in range(RANKS)
+    ]
     batches = [list(shard.epoch(0))[:STEPS] for shard in shards]
     schedule = LRSchedule.from_config(cfg.optim, cfg.data.batch_size * RANKS, shards[0].steps_per_epoch, STEPS)
     a = cfg.algorithm
     local_start = SyncSchedule.from_config(a, shards[0].steps_per_epoch, schedule.first_decay_step).local_start
-    algo = ReferenceAlgorithm(sync_period=a.sync_period, local_start=local_start, outer=a.outer, slow_lr=a.slow_lr,
-                              slow_momentum=a.slow_momentum, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
-                              momentum_buffers=a.momentum_buffers, average_bn_buffers=a.average_bn_buffers)
-    workers = simulate(model, algo, batches, schedule.at, cfg.optim.momentum, cfg.optim.weight_decay,
-                       cfg.optim.nesterov)
+    algo = ReferenceAlgorithm(
+        sync_period=a.sync_period,
+        local_start=local_start,
+        outer=a.outer,
+        slow_lr=a.slow_lr,
+        slow_momentum=a.slow_momentum,
+        outer_lr=a.outer_lr,
+        outer_momentum=a.outer_momentum,
+        momentum_buffers=a.momentum_buffers,
+        average_bn_buffers=a.average_bn_buffers,
+    )
+    workers = simulate(
+        model, algo, batches, schedule.at, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov
+    )
     return [{k: v.detach().numpy() for k, v in w.state_dict().items()} for w in workers], model
 
 
@@ -75,8 +88,9 @@ def test_matches_reference_and_ranks_agree(runs: dict[str, Path], backend: str, 
     for rank in range(RANKS):
         got = load(runs, backend, case, rank)
         for key, want in expected[rank].items():
-            np.testing.assert_allclose(got[key], want, rtol=2e-4, atol=2e-5,
-                                       err_msg=f"{backend} {case} rank {rank} {key}")
+            np.testing.assert_allclose(
+                got[key], want, rtol=2e-4, atol=2e-5, err_msg=f"{backend} {case} rank {rank} {key}"
+            )
     # Every case ends on a sync (or never lets replicas drift): the parameters are identical.
     rank0, rank1 = load(runs, backend, case, 0), load(runs, backend, case, 1)
     for name, _ in model.named_parameters():
@@ -100,10 +114,13 @@ def test_local_sgd_period_1_equals_synchronous_sgd(runs: dict[str, Path], backen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case,same_as", [
-    ("slowmo_a1_b0_H4", "local_H4"),     # SlowMo with α = 1, β = 0 is local SGD, bit for bit
-    ("local_H4_evaluated", "local_H4"),  # evaluation never changes the training trajectory
-])
+@pytest.mark.parametrize(
+    "case,same_as",
+    [
+        ("slowmo_a1_b0_H4", "local_H4"),  # SlowMo with α = 1, β = 0 is local SGD, bit for bit
+        ("local_H4_evaluated", "local_H4"),  # evaluation never changes the training trajectory
+    ],
+)
 def test_bit_identical_to(runs: dict[str, Path], backend: str, case: str, same_as: str) -> None:
     for rank in range(RANKS):
         want, got = load(runs, backend, same_as, rank), load(runs, backend, case, rank)

@@ -1,6 +1,7 @@
 """``hpc-localsgd bench`` on real ranks: the quick problem under ``mpirun -np 2`` writes JSON that
 follows the shipped schema, whose counted figures equal what the maths says and whose timed
 figures are sane; bad input ends every rank with one line; the ReFrame check runs locally."""
+
 from __future__ import annotations
 
 import json
@@ -36,9 +37,11 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
 
 # What the ranks' interpreter reports about itself, asked in a process of its own: the modules'
 # own __version__, where the bench records package metadata (torch aside).
-VERSION_PROBE = ("import json, platform, h5py, mpi4py, numpy, torch, hpc_localsgd; print(json.dumps({"
-                 "'python': platform.python_version(), 'torch': torch.__version__, 'numpy': numpy.__version__, "
-                 "'h5py': h5py.__version__, 'mpi4py': mpi4py.__version__, 'hpc_localsgd': hpc_localsgd.__version__}))")
+VERSION_PROBE = (
+    "import json, platform, h5py, mpi4py, numpy, torch, hpc_localsgd; print(json.dumps({"
+    "'python': platform.python_version(), 'torch': torch.__version__, 'numpy': numpy.__version__, "
+    "'h5py': h5py.__version__, 'mpi4py': mpi4py.__version__, 'hpc_localsgd': hpc_localsgd.__version__}))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,19 +122,30 @@ def test_quick_bench_figures_are_sane(quick_run) -> None:
             assert figure["met"] == (figure["median"] <= value if op == "<=" else figure["median"] >= value)
         else:
             assert figure["met"] is None
-    for name in ("averaging.sync_over_floor", "synchronous.allreduce_over_horovod", "synchronous.allreduce_over_ddp",
-                 "local_sgd.h16.efficiency", "checkpoint.write_over_raw", "checkpoint.read_over_raw"):
+    for name in (
+        "averaging.sync_over_floor",
+        "synchronous.allreduce_over_horovod",
+        "synchronous.allreduce_over_ddp",
+        "local_sgd.h16.efficiency",
+        "checkpoint.write_over_raw",
+        "checkpoint.read_over_raw",
+    ):
         assert name in by_id and by_id[name]["target"] is not None
     # Paired ratios: each sample is the quotient of the same repetition's two measurements.
     write, raw = by_id["checkpoint.write_seconds"]["samples"], by_id["checkpoint.raw_write_seconds"]["samples"]
-    assert by_id["checkpoint.write_over_raw"]["samples"] == pytest.approx([r / w for r, w in zip(raw, write, strict=True)])
+    assert by_id["checkpoint.write_over_raw"]["samples"] == pytest.approx(
+        [r / w for r, w in zip(raw, write, strict=True)]
+    )
     limit = by_id["throughput.limit_samples_per_s"]["samples"]
     h4 = by_id["local_sgd.h4.samples_per_s"]["samples"]
-    assert by_id["local_sgd.h4.efficiency_in_process"]["samples"] == pytest.approx([a / b for a, b in zip(h4, limit, strict=True)])
+    assert by_id["local_sgd.h4.efficiency_in_process"]["samples"] == pytest.approx(
+        [a / b for a, b in zip(h4, limit, strict=True)]
+    )
     # The target's efficiency is against the bare limit, measured before any communication library started.
     bare = by_id["throughput.bare_limit_samples_per_s"]["median"]
     assert by_id["local_sgd.h16.efficiency"]["samples"] == pytest.approx(
-        [v / bare for v in by_id["local_sgd.h16.samples_per_s"]["samples"]])
+        [v / bare for v in by_id["local_sgd.h16.samples_per_s"]["samples"]]
+    )
     # Less communication, smaller share of the time communicating (H=1 against H=32, 8 vs 1/4 syncs per window).
     assert by_id["local_sgd.h32.comm_share"]["median"] < by_id["local_sgd.h1.comm_share"]["median"]
     totals = document["targets"]
@@ -155,11 +169,14 @@ def test_projection_follows_the_alpha_beta_model(quick_run) -> None:
         assert row["efficiency"] == pytest.approx(compute / (compute + ring / row["sync_period"]))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--repeats", "0"], "--repeats: must be >= 1, got 0"),
-    (["--model", "nosuchnet"], "model.name: unknown model 'nosuchnet'"),
-    (["--sync-periods", "4,0"], "--sync-periods: must be positive integers, got 4,0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+        (["--model", "nosuchnet"], "model.name: unknown model 'nosuchnet'"),
+        (["--sync-periods", "4,0"], "--sync-periods: must be positive integers, got 4,0"),
+    ],
+)
 def test_bad_input_ends_every_rank_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     proc = run_mpi(2, bench("--quick", "--io-dir", str(tmp_path), *args), timeout=120)
     assert proc.returncode != 0
@@ -169,9 +186,13 @@ def test_bad_input_ends_every_rank_with_one_line(tmp_path: Path, args: list[str]
 
 
 def test_bad_input_single_process_exits_2(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "hpc_localsgd", "bench", "--quick", "--out",
-                           str(tmp_path / "missing" / "b.json")], capture_output=True, text=True, cwd=REPO_ROOT,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", "bench", "--quick", "--out", str(tmp_path / "missing" / "b.json")],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"hpc-localsgd: error: --out: folder '{tmp_path / 'missing'}' does not exist"
 
@@ -186,10 +207,27 @@ def test_reframe_check_runs_with_the_local_launcher(tmp_path: Path, ranks_versio
     assert Path(reframe).exists(), "reframe-hpc is not installed in this environment"
     # TMPDIR: ReFrame logs its start-up to a temporary file before it reads the configuration.
     env = {**os.environ, **MPI_TEST_ENV, "PYTHONPATH": str(REPO_ROOT), "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([reframe, "-C", str(REPO_ROOT / "bench" / "reframe" / "settings.py"),
-                           "-c", str(REPO_ROOT / "bench" / "reframe" / "hpc_localsgd_bench.py"),
-                           "--prefix", str(tmp_path), "--nocolor", "-S", "quick=true", "--keep-stage-files", "-r"],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180)
+    proc = subprocess.run(
+        [
+            reframe,
+            "-C",
+            str(REPO_ROOT / "bench" / "reframe" / "settings.py"),
+            "-c",
+            str(REPO_ROOT / "bench" / "reframe" / "hpc_localsgd_bench.py"),
+            "--prefix",
+            str(tmp_path),
+            "--nocolor",
+            "-S",
+            "quick=true",
+            "--keep-stage-files",
+            "-r",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert "[  PASSED  ] Ran 1/1 test case(s)" in proc.stdout, proc.stdout[-5000:]
     # The performance variables were extracted from the summary line.

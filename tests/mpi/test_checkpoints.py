@@ -1,5 +1,6 @@
 """Checkpoints on real ranks: bit-exact resume for every algorithm, crash safety, damaged files,
 mismatches, and files that h5dump reads."""
+
 from __future__ import annotations
 
 import os
@@ -79,17 +80,43 @@ def test_sigkill_during_checkpoint_write_leaves_previous_checkpoint(tmp_path: Pa
     config = tmp_path / "big.yaml"
     # A model large enough (ResNet-18, ~45 MB of parameters and momentum per rank) that a write takes a while.
     config.write_text("{}\n")
-    overrides = ["model.name=resnet18", "model.cifar_stem=true", "data.name=synthetic",
-                 "data.synthetic.shape=[3, 16, 16]", "data.synthetic.train_samples=128",
-                 "data.synthetic.test_samples=16", "data.batch_size=4", "optim.warmup_epochs=0",
-                 "train.max_steps=12", "train.threads=1", "train.eval_every_epochs=100",
-                 "checkpoint.every_steps=2", "checkpoint.keep=10", "algorithm.sync_period=3"]
-    args = [sys.executable, "-m", "hpc_localsgd", "train", str(config), "--run-dir", str(run_dir),
-            *[a for o in overrides for a in ("--set", o)]]
+    overrides = [
+        "model.name=resnet18",
+        "model.cifar_stem=true",
+        "data.name=synthetic",
+        "data.synthetic.shape=[3, 16, 16]",
+        "data.synthetic.train_samples=128",
+        "data.synthetic.test_samples=16",
+        "data.batch_size=4",
+        "optim.warmup_epochs=0",
+        "train.max_steps=12",
+        "train.threads=1",
+        "train.eval_every_epochs=100",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep=10",
+        "algorithm.sync_period=3",
+    ]
+    args = [
+        sys.executable,
+        "-m",
+        "hpc_localsgd",
+        "train",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        *[a for o in overrides for a in ("--set", o)],
+    ]
     env = {**os.environ, **MPI_TEST_ENV, "PYTHONPATH": str(REPO_ROOT)}
     killed_during: str | None = None
-    proc = subprocess.Popen(["mpirun", "-np", "2", "--oversubscribe", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["mpirun", "-np", "2", "--oversubscribe", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline and killed_during is None:
@@ -97,7 +124,7 @@ def test_sigkill_during_checkpoint_write_leaves_previous_checkpoint(tmp_path: Pa
             complete = {p.name for p in list_checkpoints(checkpoints)}
             partial = [p.name for p in checkpoints.glob(".step-*.h5.tmp")] if complete else []
             # A write of a checkpoint newer than every complete one is under way.
-            if partial and partial[0][1:-len(".tmp")] not in complete:
+            if partial and partial[0][1 : -len(".tmp")] not in complete:
                 kill_session(proc.pid)  # SIGKILL to every rank and mpirun, mid-write
                 killed_during = partial[0]
             time.sleep(0.005)
@@ -109,8 +136,10 @@ def test_sigkill_during_checkpoint_write_leaves_previous_checkpoint(tmp_path: Pa
     assert complete
     # Almost always the kill lands mid-write and the partial file stays behind; if the rename won
     # the race by a hair, the same guarantees below must hold all the same.
-    print(f"killed while {killed_during} was being written; "
-          f"left behind: {(run_dir / 'checkpoints' / killed_during).exists()}")
+    print(
+        f"killed while {killed_during} was being written; "
+        f"left behind: {(run_dir / 'checkpoints' / killed_during).exists()}"
+    )
     for path in complete:  # every complete checkpoint is intact
         Checkpoint(path).verify()
     newest = Checkpoint(complete[0]).meta.step
@@ -126,8 +155,9 @@ SMALL = [*BASE, "train.max_steps=6", "checkpoint.every_steps=3"]
 
 
 def hpc(*args: str, expect: int | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "hpc_localsgd", *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
     assert "Traceback" not in proc.stderr, proc.stderr
     if expect is not None:
         assert proc.returncode == expect, proc.stdout + proc.stderr
@@ -172,19 +202,23 @@ def damaged_copies(small_run: Path, tmp_path: Path) -> dict[str, Path]:
     return {"truncated": truncated, "flipped": flipped, "foreign": foreign, "text": text}
 
 
-@pytest.mark.parametrize("kind,message", [
-    ("truncated", "is not a readable HDF5 file"),
-    ("flipped", "ranks/0/state/flat0.params does not match its checksum"),
-    ("foreign", "is not an hpc-localsgd checkpoint"),  # inspect: "... checkpoint or metrics file"
-    ("text", "is not a readable HDF5 file"),
-])
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("truncated", "is not a readable HDF5 file"),
+        ("flipped", "ranks/0/state/flat0.params does not match its checksum"),
+        ("foreign", "is not an hpc-localsgd checkpoint"),  # inspect: "... checkpoint or metrics file"
+        ("text", "is not a readable HDF5 file"),
+    ],
+)
 def test_damaged_checkpoints_are_refused(small_run: Path, tmp_path: Path, kind: str, message: str) -> None:
     path = damaged_copies(small_run, tmp_path)[kind]
     shown = hpc("inspect", str(path), expect=1)
     assert "INVALID" in shown.stdout and message in shown.stdout, shown.stdout
     run_dir = tmp_path / "fresh"
-    proc = hpc("train", str(small_run / "c.yaml"), "--run-dir", str(run_dir), *sets(SMALL), "--resume", str(path),
-               expect=2)
+    proc = hpc(
+        "train", str(small_run / "c.yaml"), "--run-dir", str(run_dir), *sets(SMALL), "--resume", str(path), expect=2
+    )
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("hpc-localsgd: error: checkpoint") and message in errors[0]
     assert str(path) in errors[0]
@@ -195,23 +229,48 @@ def test_auto_falls_back_past_a_damaged_newest_checkpoint(small_run: Path, tmp_p
     shutil.copytree(small_run / "run", run_dir)
     damaged = damaged_copies(small_run, tmp_path)["flipped"]
     shutil.copy(damaged, run_dir / "checkpoints" / "step-000000009.h5")  # newer than any good one
-    proc = hpc("train", str(small_run / "c.yaml"), "--run-dir", str(run_dir), *sets(SMALL[:-2]),
-               "--set", "train.max_steps=12", "--set", "checkpoint.every_steps=3", "--resume", "auto", expect=0)
+    proc = hpc(
+        "train",
+        str(small_run / "c.yaml"),
+        "--run-dir",
+        str(run_dir),
+        *sets(SMALL[:-2]),
+        "--set",
+        "train.max_steps=12",
+        "--set",
+        "checkpoint.every_steps=3",
+        "--resume",
+        "auto",
+        expect=0,
+    )
     assert "warning: skipping checkpoint" in proc.stdout and "step-000000009.h5" in proc.stdout
     assert "resuming from" in proc.stdout and "step-000000006.h5 at step 6" in proc.stdout
 
 
-@pytest.mark.parametrize("overrides,reshard,message", [
-    (["model.width=8"], None, "holds another model (model.width 4 → 8)"),
-    (["model.width=8"], "average", "holds another model"),
-    (["algorithm.sync_period=8"], None, "was written with another algorithm (algorithm.sync_period 4 → 8)"),
-])
-def test_mismatches_are_refused(small_run: Path, tmp_path: Path, overrides: list[str], reshard: str | None,
-                                message: str) -> None:
+@pytest.mark.parametrize(
+    "overrides,reshard,message",
+    [
+        (["model.width=8"], None, "holds another model (model.width 4 → 8)"),
+        (["model.width=8"], "average", "holds another model"),
+        (["algorithm.sync_period=8"], None, "was written with another algorithm (algorithm.sync_period 4 → 8)"),
+    ],
+)
+def test_mismatches_are_refused(
+    small_run: Path, tmp_path: Path, overrides: list[str], reshard: str | None, message: str
+) -> None:
     checkpoint = small_run / "run" / "checkpoints" / "step-000000006.h5"
     extra = ["--reshard", reshard] if reshard else []
-    proc = hpc("train", str(small_run / "c.yaml"), "--run-dir", str(tmp_path / "r"), *sets(SMALL + overrides),
-               "--resume", str(checkpoint), *extra, expect=2)
+    proc = hpc(
+        "train",
+        str(small_run / "c.yaml"),
+        "--run-dir",
+        str(tmp_path / "r"),
+        *sets(SMALL + overrides),
+        "--resume",
+        str(checkpoint),
+        *extra,
+        expect=2,
+    )
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
@@ -221,13 +280,31 @@ def test_world_size_change_needs_reshard(tmp_path: Path) -> None:
     two = run_mpi(2, [*base, "--run-dir", str(tmp_path / "two")], timeout=120)
     assert two.returncode == 0, two.stderr
     checkpoint = tmp_path / "two" / "checkpoints" / "step-000000006.h5"
-    refused = hpc("train", str(tmp_path / "c.yaml"), *sets(SMALL), "--run-dir", str(tmp_path / "one"),
-                  "--resume", str(checkpoint), expect=2)
+    refused = hpc(
+        "train",
+        str(tmp_path / "c.yaml"),
+        *sets(SMALL),
+        "--run-dir",
+        str(tmp_path / "one"),
+        "--resume",
+        str(checkpoint),
+        expect=2,
+    )
     assert "was written by 2 ranks, this run has 1; pass --reshard average" in refused.stderr
     for mode in ("average", "reset"):
         run_dir = tmp_path / f"one-{mode}"
-        proc = hpc("train", str(tmp_path / "c.yaml"), *sets(SMALL[:-2] + ["train.max_steps=9"]),
-                   "--run-dir", str(run_dir), "--resume", str(checkpoint), "--reshard", mode, expect=0)
+        proc = hpc(
+            "train",
+            str(tmp_path / "c.yaml"),
+            *sets(SMALL[:-2] + ["train.max_steps=9"]),
+            "--run-dir",
+            str(run_dir),
+            "--resume",
+            str(checkpoint),
+            "--reshard",
+            mode,
+            expect=0,
+        )
         assert f"re-shard: {mode}" in proc.stdout and "hpc-localsgd: done" in proc.stdout
         assert Checkpoint(run_dir / "checkpoints" / "step-000000009.h5").meta.world_size == 1
     # What a re-shard loads is checked exactly in tests/unit/test_checkpoint.py.
@@ -237,13 +314,36 @@ def test_signal_checkpoints_and_stops(tmp_path: Path) -> None:
     """SIGUSR1 to every rank (as Slurm's --signal does): all agree, checkpoint, exit cleanly."""
     (tmp_path / "c.yaml").write_text("{}\n")
     run_dir = tmp_path / "run"
-    overrides = [*BASE, "train.max_steps=100000", "train.epochs=1000", "checkpoint.poll_every_steps=5",
-                 "train.eval_every_epochs=1000"]
+    overrides = [
+        *BASE,
+        "train.max_steps=100000",
+        "train.epochs=1000",
+        "checkpoint.poll_every_steps=5",
+        "train.eval_every_epochs=1000",
+    ]
     env = {**os.environ, **MPI_TEST_ENV, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(["mpirun", "-np", "2", "--oversubscribe", sys.executable, "-m", "hpc_localsgd", "train",
-                             str(tmp_path / "c.yaml"), "--run-dir", str(run_dir), *sets(overrides)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            "mpirun",
+            "-np",
+            "2",
+            "--oversubscribe",
+            sys.executable,
+            "-m",
+            "hpc_localsgd",
+            "train",
+            str(tmp_path / "c.yaml"),
+            "--run-dir",
+            str(run_dir),
+            *sets(overrides),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "metrics.h5").exists() and time.monotonic() < deadline:
@@ -282,8 +382,11 @@ def test_damage_in_another_ranks_part_is_found_by_that_rank(tmp_path: Path) -> N
     errors = [line for line in explicit.stderr.splitlines() if line.startswith("hpc-localsgd")]
     assert len(errors) == 1 and finding in errors[0] and "Traceback" not in explicit.stderr, explicit.stderr
 
-    auto = run_mpi(2, [*train, *sets([*SMALL[:-2], "train.max_steps=9", "checkpoint.every_steps=3"]),
-                       "--resume", "auto"], timeout=180)
+    auto = run_mpi(
+        2,
+        [*train, *sets([*SMALL[:-2], "train.max_steps=9", "checkpoint.every_steps=3"]), "--resume", "auto"],
+        timeout=180,
+    )
     assert auto.returncode == 0, auto.stdout + auto.stderr
     assert auto.stdout.count("warning: skipping checkpoint") == 1 and finding in auto.stdout, auto.stdout
     assert "step-000000003.h5 at step 3" in auto.stdout and "hpc-localsgd: done" in auto.stdout

@@ -1,5 +1,6 @@
 """The command line on real ranks: bad input ends every rank with one line and a non-zero exit,
 never a traceback or a hang; an existing run is never overwritten; the demo learns."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,17 +40,26 @@ def assert_one_clean_error(proc: subprocess.CompletedProcess, message: str) -> N
     assert lines == [f"hpc-localsgd: error: {message}"], proc.stderr
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["algorithm.sync_period=0"], "algorithm.sync_period: must be >= 1, got 0"),
-    (["optim.lr_per_256=0"], "optim.lr_per_256: must be > 0, got 0.0"),
-    (["algorithm.slow_momentum=1.5"], "algorithm.slow_momentum: must be in [0, 1), got 1.5"),
-    (["algorithm.sync_perod=4"], "algorithm.sync_perod: unknown key; did you mean 'sync_period'?"),
-    (["data.name=cifar10", "data.path=/nonexistent/cifar"], "data.path: folder '/nonexistent/cifar' does not exist"),
-    (["comm.backend=single"], "launcher"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["algorithm.sync_period=0"], "algorithm.sync_period: must be >= 1, got 0"),
+        (["optim.lr_per_256=0"], "optim.lr_per_256: must be > 0, got 0.0"),
+        (["algorithm.slow_momentum=1.5"], "algorithm.slow_momentum: must be in [0, 1), got 1.5"),
+        (["algorithm.sync_perod=4"], "algorithm.sync_perod: unknown key; did you mean 'sync_period'?"),
+        (
+            ["data.name=cifar10", "data.path=/nonexistent/cifar"],
+            "data.path: folder '/nonexistent/cifar' does not exist",
+        ),
+        (["comm.backend=single"], "launcher"),
+    ],
+)
 def test_bad_input_under_mpirun(tmp_path: Path, overrides: list[str], message: str) -> None:
-    proc = run_mpi(2, cli("train", *sets(TINY + overrides), "--run-dir", str(tmp_path / "run"), empty_config(tmp_path)),
-                   timeout=120)
+    proc = run_mpi(
+        2,
+        cli("train", *sets(TINY + overrides), "--run-dir", str(tmp_path / "run"), empty_config(tmp_path)),
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hpc-localsgd: error:")]
@@ -63,8 +73,14 @@ def test_unavailable_backend(tmp_path: Path) -> None:
     fake = tmp_path / "fake"
     (fake / "horovod").mkdir(parents=True)
     (fake / "horovod" / "__init__.py").write_text("raise ImportError('simulated: horovod not built')\n")
-    proc = run_mpi(2, cli("train", *sets(TINY + ["comm.backend=horovod"]), "--run-dir", str(tmp_path / "run"),
-                          empty_config(tmp_path)), env={"PYTHONPATH": f"{REPO_ROOT}:{fake}"}, timeout=120)
+    proc = run_mpi(
+        2,
+        cli(
+            "train", *sets(TINY + ["comm.backend=horovod"]), "--run-dir", str(tmp_path / "run"), empty_config(tmp_path)
+        ),
+        env={"PYTHONPATH": f"{REPO_ROOT}:{fake}"},
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "comm.backend is 'horovod' but horovod.torch cannot be imported" in proc.stderr
 
@@ -72,12 +88,22 @@ def test_unavailable_backend(tmp_path: Path) -> None:
 def test_single_process_bad_input(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("algorithm:\n  sync_period: -1\n")
-    proc = subprocess.run([sys.executable, "-m", "hpc_localsgd", "train", str(config)], capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", "train", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "hpc-localsgd: error: algorithm.sync_period: must be >= 1, got -1"
-    missing = subprocess.run([sys.executable, "-m", "hpc_localsgd", "train", str(tmp_path / "none.yaml")],
-                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", "train", str(tmp_path / "none.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
@@ -92,10 +118,13 @@ def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     before = {name: digest(run_dir / name) for name in ("metrics.h5", "config.yaml")}
     again = run_mpi(2, args, timeout=120)
-    assert_one_clean_error(again, f"output.run_dir '{run_dir}' already holds a run "
-                                  "(metrics.h5, config.yaml, checkpoints); "
-                                  "pass --resume auto to continue it, --overwrite to replace it, "
-                                  "or choose another output.run_dir")
+    assert_one_clean_error(
+        again,
+        f"output.run_dir '{run_dir}' already holds a run "
+        "(metrics.h5, config.yaml, checkpoints); "
+        "pass --resume auto to continue it, --overwrite to replace it, "
+        "or choose another output.run_dir",
+    )
     assert {name: digest(run_dir / name) for name in before} == before
     forced = run_mpi(2, [*args, "--overwrite"], timeout=120)
     assert forced.returncode == 0, forced.stderr

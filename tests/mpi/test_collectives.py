@@ -4,6 +4,7 @@ The checks themselves run inside ``collectives_driver.py`` on every rank; this f
 and reads its verdict. Horovod is part of the install (scripts/install.sh builds it), so a
 missing Horovod fails here rather than being skipped.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,12 @@ def test_torch_backend_with_master_address_and_port() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    done = run_mpi(RANKS, ["python", DRIVER, "--backend", "torch"], timeout=120,
-                   env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    done = run_mpi(
+        RANKS,
+        ["python", DRIVER, "--backend", "torch"],
+        timeout=120,
+        env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+    )
     assert_every_rank_ok(done, "torch")
 
 
@@ -57,16 +62,22 @@ def test_auto_under_mpirun_picks_horovod() -> None:
     assert_every_rank_ok(done, "horovod")
 
 
-SINGLE_MISMATCH = (f"hpc-localsgd: error: the launcher (openmpi) started {RANKS} ranks but comm.backend is "
-                   "'single'; use comm.backend=auto, horovod, mpi or torch")
+SINGLE_MISMATCH = (
+    f"hpc-localsgd: error: the launcher (openmpi) started {RANKS} ranks but comm.backend is "
+    "'single'; use comm.backend=auto, horovod, mpi or torch"
+)
 
 
 def test_single_under_mpirun_stops_every_rank_with_one_line() -> None:
     # mpirun kills the other ranks as soon as one fails, and with that turned off it reports 0
     # whatever the ranks returned; so each rank's shell prints its exit status itself.
     shell = '"$0" "$@"; echo "exit status $?"'
-    done = run_mpi(RANKS, ["sh", "-c", shell, sys.executable, DRIVER, "--backend", "single"], timeout=120,
-                   env={"OMPI_MCA_orte_abort_on_non_zero_status": "0"})
+    done = run_mpi(
+        RANKS,
+        ["sh", "-c", shell, sys.executable, DRIVER, "--backend", "single"],
+        timeout=120,
+        env={"OMPI_MCA_orte_abort_on_non_zero_status": "0"},
+    )
     assert done.stdout.splitlines() == ["exit status 2"] * RANKS, report(done)
     errors = [line for line in done.stderr.splitlines() if line.startswith("hpc-localsgd: error:")]
     assert errors == [SINGLE_MISMATCH] * RANKS, report(done)
@@ -83,12 +94,28 @@ def test_single_under_mpirun_ends_the_job_with_exit_code_2() -> None:
 @pytest.mark.parametrize("backend", ["mpi", "horovod", "torch"])
 def test_a_backend_that_sees_fewer_ranks_than_the_launcher_stops_with_one_line(backend: str) -> None:
     # What `srun` without PMI support looks like: Slurm announces 2 tasks, MPI starts as a singleton.
-    fake_srun = {**MPI_TEST_ENV, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1",
-                 "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "2", "PYTHONPATH": str(REPO_ROOT)}
-    environment = {name: value for name, value in os.environ.items()
-                   if not name.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "MASTER_"))}
-    done = subprocess.run([sys.executable, DRIVER, "--backend", backend], capture_output=True, text=True,
-                          timeout=120, env={**environment, **fake_srun}, cwd=str(REPO_ROOT))
+    fake_srun = {
+        **MPI_TEST_ENV,
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_TASKS_PER_NODE": "2",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "MASTER_"))
+    }
+    done = subprocess.run(
+        [sys.executable, DRIVER, "--backend", backend],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environment, **fake_srun},
+        cwd=str(REPO_ROOT),
+    )
     assert done.returncode == 2, report(done)
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpc-localsgd: error: the launcher (slurm) "), report(done)

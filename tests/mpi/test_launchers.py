@@ -1,4 +1,5 @@
 """Launch paths other than plain mpirun, and metrics.h5 read while a run is still going."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,30 @@ def test_horovodrun_gloo_launch(tmp_path: Path) -> None:
     assert horovodrun.exists(), "horovodrun is installed with Horovod (scripts/install.sh)"
     run_dir = tmp_path / "run"
     env = {**os.environ, "PATH": f"{horovodrun.parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([str(horovodrun), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, "-m",
-                           "hpc_localsgd", "train", str(REPO_ROOT / "configs" / "demo.yaml"), "--run-dir", str(run_dir),
-                           "--set", "train.max_steps=8"], capture_output=True, text=True, env=env, timeout=180,
-                          cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [
+            str(horovodrun),
+            "--gloo",
+            "-np",
+            "2",
+            "-H",
+            "localhost:2",
+            sys.executable,
+            "-m",
+            "hpc_localsgd",
+            "train",
+            str(REPO_ROOT / "configs" / "demo.yaml"),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "train.max_steps=8",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        cwd=REPO_ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with h5py.File(run_dir / "metrics.h5") as f:
         world = json.loads(f.attrs["world"])
@@ -34,15 +55,40 @@ def test_horovodrun_gloo_launch(tmp_path: Path) -> None:
 
 def test_metrics_readable_while_training(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    overrides = [*BASE, "train.max_steps=100000", "train.epochs=1000", "train.eval_every_epochs=0.5",
-                 "output.metrics_flush_seconds=0.2", "algorithm.method=local_sgd"]
+    overrides = [
+        *BASE,
+        "train.max_steps=100000",
+        "train.epochs=1000",
+        "train.eval_every_epochs=0.5",
+        "output.metrics_flush_seconds=0.2",
+        "algorithm.method=local_sgd",
+    ]
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
-    command = ["mpirun", "-np", "2", "--oversubscribe", sys.executable, "-m", "hpc_localsgd", "train", str(config),
-               "--run-dir", str(run_dir), *[a for o in overrides for a in ("--set", o)]]
+    command = [
+        "mpirun",
+        "-np",
+        "2",
+        "--oversubscribe",
+        sys.executable,
+        "-m",
+        "hpc_localsgd",
+        "train",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        *[a for o in overrides for a in ("--set", o)],
+    ]
     env = {**os.environ, **MPI_TEST_ENV, "PYTHONPATH": str(REPO_ROOT), "HDF5_USE_FILE_LOCKING": "FALSE"}
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=REPO_ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     try:
         lengths = []
         deadline = time.monotonic() + 120
@@ -59,10 +105,16 @@ def test_metrics_readable_while_training(tmp_path: Path) -> None:
         assert len(lengths) == 2 and lengths[1] > lengths[0], lengths  # read twice, growing, mid-run
         assert proc.poll() is None
         # scripts/install.sh installs h5dump (hdf5-tools): a missing one is a failure, not a skip.
-        assert shutil.which("h5dump"), "h5dump is not installed (apt-get install hdf5-tools, as scripts/install.sh does)"
+        assert shutil.which("h5dump"), (
+            "h5dump is not installed (apt-get install hdf5-tools, as scripts/install.sh does)"
+        )
         for _ in range(20):
-            dump = subprocess.run(["h5dump", "-d", "/evals/test_accuracy", str(run_dir / "metrics.h5")],
-                                  capture_output=True, text=True, env=env)
+            dump = subprocess.run(
+                ["h5dump", "-d", "/evals/test_accuracy", str(run_dir / "metrics.h5")],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if dump.returncode == 0:
                 break
             time.sleep(0.2)

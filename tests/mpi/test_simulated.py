@@ -1,6 +1,7 @@
 """The simulated backend against real MPI ranks: W workers in one process give the parameters,
 BN statistics and counters that ``mpirun -np W`` gives, for every algorithm (W = 2) and for the
 study's methods at W = 4 (more workers than this machine has cores: --oversubscribe)."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,20 @@ def mpi_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     out = {}
     for ranks, cases in CASES_BY_RANKS.items():
         folder = tmp_path_factory.mktemp(f"mpi{ranks}")
-        proc = run_mpi(ranks, ["python", "tests/mpi/train_driver.py", "--backend", "mpi", "--out", str(folder),
-                               "--cases", ",".join(cases)], timeout=300)
+        proc = run_mpi(
+            ranks,
+            [
+                "python",
+                "tests/mpi/train_driver.py",
+                "--backend",
+                "mpi",
+                "--out",
+                str(folder),
+                "--cases",
+                ",".join(cases),
+            ],
+            timeout=300,
+        )
         assert proc.returncode == 0, f"mpirun -np {ranks} failed:\n{proc.stdout}\n{proc.stderr}"
         out[ranks] = folder / "mpi"
     return out
@@ -32,8 +45,12 @@ def mpi_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 @pytest.mark.parametrize("ranks,case", [(r, c) for r, cases in CASES_BY_RANKS.items() for c in cases])
 def test_simulated_workers_match_mpi_ranks(mpi_runs: dict[int, Path], tmp_path: Path, ranks: int, case: str) -> None:
-    cfg = load_config(None, BASE + CASES[case] + [f"output.run_dir={tmp_path / case}", "comm.backend=simulated",
-                                                  f"comm.simulated_workers={ranks}"])
+    cfg = load_config(
+        None,
+        BASE
+        + CASES[case]
+        + [f"output.run_dir={tmp_path / case}", "comm.backend=simulated", f"comm.simulated_workers={ranks}"],
+    )
     result = train(cfg, print_fn=lambda _line: None)
     for rank in range(ranks):
         with np.load(mpi_runs[ranks] / case / f"rank{rank}.npz") as saved:
@@ -42,8 +59,9 @@ def test_simulated_workers_match_mpi_ranks(mpi_runs: dict[int, Path], tmp_path: 
         assert set(simulated) == set(expected)
         for name, value in expected.items():
             # Batched convolutions round differently from one sample batch per rank: float tolerance.
-            np.testing.assert_allclose(simulated[name].numpy(), value, rtol=1e-4, atol=1e-5,
-                                       err_msg=f"{case}, worker {rank}: {name}")
+            np.testing.assert_allclose(
+                simulated[name].numpy(), value, rtol=1e-4, atol=1e-5, err_msg=f"{case}, worker {rank}: {name}"
+            )
         counters = json.loads((mpi_runs[ranks] / case / f"rank{rank}.json").read_text())
         assert result.stats.sync_rounds == counters["sync_rounds"]
         assert result.stats.bytes_sent == counters["bytes_sent"]

@@ -1,6 +1,7 @@
 """A mini study end to end, as docs/RESULTS.md runs the real one: a sweep of two simulated runs
 and one run on real MPI ranks, executed on this machine by ``sweep --run-here``, then ``report``
 over its folder. The table must hold exactly what the runs' metrics files say."""
+
 from __future__ import annotations
 
 import csv
@@ -35,8 +36,9 @@ slurm:
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, **MPI_TEST_ENV, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "hpc_localsgd", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 def test_sweep_run_here_then_report(tmp_path: Path) -> None:

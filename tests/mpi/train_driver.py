@@ -3,6 +3,7 @@ each rank's final model and counters for tests/mpi/test_algorithms.py to check.
 
     mpirun -np 2 python tests/mpi/train_driver.py --backend mpi --out DIR
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,16 @@ def main() -> int:
         result = train(cfg, launch=launch, comm=comm, print_fn=lambda _line: None)
         state = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
         np.savez(run_dir / f"rank{comm.rank}.npz", **state)
-        (run_dir / f"rank{comm.rank}.json").write_text(json.dumps({
-            **result.stats.as_dict(), "steps": result.steps, "test_accuracy": result.final.test_accuracy,
-            "bytes_per_sync": result.engine.bytes_per_sync,
-        }))
+        (run_dir / f"rank{comm.rank}.json").write_text(
+            json.dumps(
+                {
+                    **result.stats.as_dict(),
+                    "steps": result.steps,
+                    "test_accuracy": result.final.test_accuracy,
+                    "bytes_per_sync": result.engine.bytes_per_sync,
+                }
+            )
+        )
     comm.close()
     print(f"OK {args.backend} rank {comm.rank}", flush=True)
     return 0

@@ -8,6 +8,7 @@ scripts/install.sh, so a missing or broken Slurm is a failure, never a skip.
 There is no slurmdbd, so no ``sacct``: job states come from ``scontrol show job -o``, which keeps a
 finished job for MinJobAge (300 s in that slurm.conf).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ CLUSTER_SCRIPT = REPO_ROOT / "scripts" / "slurm-cluster.sh"
 
 # A job in one of these states will not run again by itself. PENDING, REQUEUED, RUNNING, COMPLETING,
 # SUSPENDED, REQUEUE_HOLD, SPECIAL_EXIT, RESV_DEL_HOLD and friends are not final.
-FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-                          "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY"})
+FINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY"}
+)
 
 # Variables that make the Slurm client commands talk to another cluster, or that tell sbatch and srun
 # they are inside some job: present when the test session itself runs in a job of a real cluster.
@@ -46,7 +48,7 @@ def parse_scontrol_record(line: str) -> dict[str, str]:
     record = {}
     for here, after in zip(matches, matches[1:] + [None], strict=True):
         end = after.start() if after else len(line.strip())
-        record[here.group(1)] = line.strip()[here.end():end]
+        record[here.group(1)] = line.strip()[here.end() : end]
     return record
 
 
@@ -68,15 +70,20 @@ class SlurmCluster:
     def conf(self) -> Path:
         return self.dir / "slurm.conf"
 
-    def run(self, argv: Sequence[str], cwd: str | Path | None = None, timeout: float = 60,
-            check: bool = True) -> subprocess.CompletedProcess:
+    def run(
+        self, argv: Sequence[str], cwd: str | Path | None = None, timeout: float = 60, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """A client command (sbatch, scontrol, ...) against this cluster; a failure fails the test
         with its output and the daemons' log tails."""
-        proc = subprocess.run(list(argv), check=False, cwd=cwd, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            list(argv), check=False, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
-            pytest.fail(f"{' '.join(map(str, argv))} exited with {proc.returncode}\n--- stdout ---\n{proc.stdout}"
-                        f"\n--- stderr ---\n{proc.stderr}\n{self.log_tail()}", pytrace=False)
+            pytest.fail(
+                f"{' '.join(map(str, argv))} exited with {proc.returncode}\n--- stdout ---\n{proc.stdout}"
+                f"\n--- stderr ---\n{proc.stderr}\n{self.log_tail()}",
+                pytrace=False,
+            )
         return proc
 
     def sbatch(self, args: Sequence[str | Path], cwd: str | Path) -> str:
@@ -113,8 +120,7 @@ class SlurmCluster:
             return unfinished[0]
         return next((s for s in states if s != "COMPLETED"), "COMPLETED")
 
-    def wait(self, job_id: str, timeout: float = 60, states: Sequence[str] | None = None,
-             poll: float = 0.2) -> str:
+    def wait(self, job_id: str, timeout: float = 60, states: Sequence[str] | None = None, poll: float = 0.2) -> str:
         """Poll until the job (or whole array) is in one of ``states`` (default: a final state) and
         return that state; fail the test after ``timeout`` seconds with the job record and logs.
         A requeued job passes through PENDING/REQUEUED and RUNNING again: not final."""
@@ -126,8 +132,11 @@ class SlurmCluster:
             if state in wanted:
                 return state
             time.sleep(poll)
-        pytest.fail(f"job {job_id} still {state} after {timeout:.0f} s (waiting for {sorted(wanted)})\n"
-                    f"{self.jobs(job_id)}\n{self.log_tail()}", pytrace=False)
+        pytest.fail(
+            f"job {job_id} still {state} after {timeout:.0f} s (waiting for {sorted(wanted)})\n"
+            f"{self.jobs(job_id)}\n{self.log_tail()}",
+            pytrace=False,
+        )
 
     def squeue(self) -> list[dict[str, str]]:
         """Jobs Slurm still queues or runs: job_id, state, name, reason."""
@@ -159,8 +168,14 @@ def cluster_env(conf: Path) -> dict[str, str]:
 
 def cluster_command(action: str, directory: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_PREFIXES)}
-    return subprocess.run(["bash", str(CLUSTER_SCRIPT), action, str(directory)], check=False, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), action, str(directory)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -171,9 +186,12 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
     try:
         started = cluster_command("start", directory)
         if started.returncode != 0:
-            pytest.fail(f"scripts/slurm-cluster.sh start {directory} failed ({started.returncode}); is Slurm "
-                        f"installed (scripts/install.sh)?\n--- stdout ---\n{started.stdout}\n--- stderr ---\n"
-                        f"{started.stderr}", pytrace=False)
+            pytest.fail(
+                f"scripts/slurm-cluster.sh start {directory} failed ({started.returncode}); is Slurm "
+                f"installed (scripts/install.sh)?\n--- stdout ---\n{started.stdout}\n--- stderr ---\n"
+                f"{started.stderr}",
+                pytrace=False,
+            )
         yield SlurmCluster(dir=directory, env=cluster_env(directory / "slurm.conf"))
     finally:
         stopped = cluster_command("stop", directory)

@@ -3,6 +3,7 @@
 These pin down the Slurm behaviour that slurm/train.sbatch and the sweep command rely on, each in a
 few seconds: if one of them fails, the cluster (or Slurm) changed, not the package.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,11 @@ def wait_for_file(path: Path, timeout: float = 30, lines: int = 1) -> list[str]:
             if len(content) >= lines:
                 return content
         time.sleep(0.1)
-    pytest.fail(f"{path} did not get {lines} line(s) within {timeout:.0f} s: "
-                f"{path.read_text() if path.exists() else 'missing'}", pytrace=False)
+    pytest.fail(
+        f"{path} did not get {lines} line(s) within {timeout:.0f} s: "
+        f"{path.read_text() if path.exists() else 'missing'}",
+        pytrace=False,
+    )
 
 
 def test_cluster_status_and_idempotent_start(slurm_cluster: SlurmCluster) -> None:
@@ -47,16 +51,24 @@ def test_wrap_job_completes_with_its_output(slurm_cluster: SlurmCluster, tmp_pat
 
 
 def test_two_task_srun_in_a_batch_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    job = slurm_cluster.sbatch(["--ntasks=2", "--output=out.txt", "--wrap",
-                                'srun bash -c "echo rank=\\$SLURM_PROCID of=\\$SLURM_NTASKS"'], cwd=tmp_path)
+    job = slurm_cluster.sbatch(
+        ["--ntasks=2", "--output=out.txt", "--wrap", 'srun bash -c "echo rank=\\$SLURM_PROCID of=\\$SLURM_NTASKS"'],
+        cwd=tmp_path,
+    )
     assert slurm_cluster.wait(job, timeout=30) == "COMPLETED", (tmp_path / "out.txt").read_text()
     assert sorted((tmp_path / "out.txt").read_text().splitlines()) == ["rank=0 of=2", "rank=1 of=2"]
 
 
 def test_job_array_tasks_see_their_index(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    job = slurm_cluster.sbatch(["--array=0-2", "--output=out-%A_%a.txt", "--wrap",
-                                "echo $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_TASK_COUNT > task-$SLURM_ARRAY_TASK_ID.txt"],
-                               cwd=tmp_path)
+    job = slurm_cluster.sbatch(
+        [
+            "--array=0-2",
+            "--output=out-%A_%a.txt",
+            "--wrap",
+            "echo $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_TASK_COUNT > task-$SLURM_ARRAY_TASK_ID.txt",
+        ],
+        cwd=tmp_path,
+    )
     assert slurm_cluster.wait(job, timeout=30) == "COMPLETED"
     assert [(tmp_path / f"task-{i}.txt").read_text() for i in range(3)] == ["0 3\n", "1 3\n", "2 3\n"]
     assert sorted(r["ArrayTaskId"] for r in slurm_cluster.jobs(job)) == ["0", "1", "2"]
@@ -67,9 +79,15 @@ def test_requeue_runs_the_job_again_within_seconds(slurm_cluster: SlurmCluster, 
     """AuthInfo=cred_expire=5 and a 1 s scheduler pass: a requeued job starts again after ~5-8 s
     (Slurm's default, 120 s, would make every requeue take minutes). SLURM_RESTART_COUNT is unset on
     the first run, 1 after the first requeue; the job id stays the same."""
-    job = slurm_cluster.sbatch(["--output=out.txt", "--open-mode=append", "--wrap",
-                                'echo "restart=${SLURM_RESTART_COUNT-unset} job=$SLURM_JOB_ID" >> runs.txt; sleep 120'],
-                               cwd=tmp_path)
+    job = slurm_cluster.sbatch(
+        [
+            "--output=out.txt",
+            "--open-mode=append",
+            "--wrap",
+            'echo "restart=${SLURM_RESTART_COUNT-unset} job=$SLURM_JOB_ID" >> runs.txt; sleep 120',
+        ],
+        cwd=tmp_path,
+    )
     assert wait_for_file(tmp_path / "runs.txt") == [f"restart=unset job={job}"]
     requeued_at = time.monotonic()
     slurm_cluster.run(["scontrol", "requeue", job])
@@ -93,11 +111,15 @@ for i in $(seq 120); do sleep 0.5; done
 """
 
 
-@pytest.mark.parametrize("scope, receivers", [
-    ((), {"step"}),                                       # plain: every srun step, never the batch step
-    (("--batch",), {"batch"}),                            # the batch shell only, not its children
-    (("--full",), {"batch", "batch-child", "step"}),      # every process of the batch step, and the steps
-], ids=["steps", "batch", "full"])
+@pytest.mark.parametrize(
+    "scope, receivers",
+    [
+        ((), {"step"}),  # plain: every srun step, never the batch step
+        (("--batch",), {"batch"}),  # the batch shell only, not its children
+        (("--full",), {"batch", "batch-child", "step"}),  # every process of the batch step, and the steps
+    ],
+    ids=["steps", "batch", "full"],
+)
 def test_scancel_signal_reaches(slurm_cluster: SlurmCluster, tmp_path: Path, scope: tuple, receivers: set) -> None:
     """What `scancel --signal=USR1 [--batch|--full]` reaches. sbatch --signal=B:USR1@T behaves like
     --batch (plain --signal=USR1@T like no option). With --full, a child that does not trap USR1
@@ -117,9 +139,10 @@ def test_scancel_signal_reaches(slurm_cluster: SlurmCluster, tmp_path: Path, sco
 
 
 def test_kill_on_bad_exit_fails_the_job_promptly(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    task = 'if [ $SLURM_PROCID = 1 ]; then exit 3; fi; sleep 60; echo survived'
-    job = slurm_cluster.sbatch(["--ntasks=2", "--output=out.txt", "--wrap",
-                                f"srun --kill-on-bad-exit=1 bash -c '{task}'"], cwd=tmp_path)
+    task = "if [ $SLURM_PROCID = 1 ]; then exit 3; fi; sleep 60; echo survived"
+    job = slurm_cluster.sbatch(
+        ["--ntasks=2", "--output=out.txt", "--wrap", f"srun --kill-on-bad-exit=1 bash -c '{task}'"], cwd=tmp_path
+    )
     submitted = time.monotonic()
     assert slurm_cluster.wait(job, timeout=30) == "FAILED"
     elapsed = time.monotonic() - submitted
@@ -132,17 +155,21 @@ def test_kill_on_bad_exit_fails_the_job_promptly(slurm_cluster: SlurmCluster, tm
 
 # One write per line: print() writes its pieces separately, and two ranks sharing one output file
 # could interleave them.
-MPI_PROGRAM = ("import os; from mpi4py import MPI; c = MPI.COMM_WORLD; "
-               "os.write(1, f\"{c.Get_rank()} {c.Get_size()} {c.allreduce(c.Get_rank() + 1)}\\n\".encode())")
+MPI_PROGRAM = (
+    "import os; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+    'os.write(1, f"{c.Get_rank()} {c.Get_size()} {c.allreduce(c.Get_rank() + 1)}\\n".encode())'
+)
 
 
-@pytest.mark.parametrize("launch", ["srun --mpi=pmix", "mpirun -np $SLURM_NTASKS --bind-to none"],
-                         ids=["srun-pmix", "mpirun"])
+@pytest.mark.parametrize(
+    "launch", ["srun --mpi=pmix", "mpirun -np $SLURM_NTASKS --bind-to none"], ids=["srun-pmix", "mpirun"]
+)
 def test_mpi_ranks_in_a_batch_job(slurm_cluster: SlurmCluster, tmp_path: Path, launch: str) -> None:
     """Debian's Open MPI 4.1 (mpi4py) under srun needs --mpi=pmix (pmi2 and none fail in MPI_Init);
     mpirun inside the allocation takes the node list from Slurm. Sum over ranks of rank+1 = 3."""
-    job = slurm_cluster.sbatch(["--ntasks=2", "--output=out.txt", "--wrap",
-                                f"{launch} {sys.executable} -c '{MPI_PROGRAM}'"], cwd=tmp_path)
+    job = slurm_cluster.sbatch(
+        ["--ntasks=2", "--output=out.txt", "--wrap", f"{launch} {sys.executable} -c '{MPI_PROGRAM}'"], cwd=tmp_path
+    )
     state = slurm_cluster.wait(job, timeout=60)
     output = (tmp_path / "out.txt").read_text()
     assert state == "COMPLETED", output

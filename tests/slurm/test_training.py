@@ -1,5 +1,6 @@
 """hpc-localsgd on a real (private, single-node) Slurm: sbatch, preemption with requeue, sweeps,
 and a dying rank."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,18 @@ def write_config(path: Path, overrides: list[str]) -> Path:
 
 
 def submit_training(cluster: SlurmCluster, tmp_path: Path, name: str, config: Path, *extra: str) -> str:
-    return cluster.sbatch([f"--job-name={name}", "--ntasks=2", "--cpus-per-task=1",
-                           f"--output={tmp_path}/%x-%j.out", *extra, TRAIN, config], cwd=REPO_ROOT)
+    return cluster.sbatch(
+        [
+            f"--job-name={name}",
+            "--ntasks=2",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/%x-%j.out",
+            *extra,
+            TRAIN,
+            config,
+        ],
+        cwd=REPO_ROOT,
+    )
 
 
 def output_of(tmp_path: Path, name: str, job: str) -> str:
@@ -46,10 +57,15 @@ def test_train_sbatch_runs_two_ranks_to_completion(slurm_cluster: SlurmCluster, 
     assert "2 rank(s)" in out and "hpc-localsgd: done" in out and "Traceback" not in out
 
 
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster: SlurmCluster,
-                                                                  tmp_path: Path) -> None:
-    overrides = [*BASE, "train.max_steps=1500", "train.epochs=100", "train.eval_every_epochs=10",
-                 "checkpoint.poll_every_steps=5", "output.metrics_flush_seconds=0.2"]
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    overrides = [
+        *BASE,
+        "train.max_steps=1500",
+        "train.epochs=100",
+        "train.eval_every_epochs=10",
+        "checkpoint.poll_every_steps=5",
+        "output.metrics_flush_seconds=0.2",
+    ]
     config = write_config(tmp_path / "c.yaml", overrides)
     env = f"--export=ALL,RUN_ROOT={tmp_path}/runs"
     job = submit_training(slurm_cluster, tmp_path, "preempted", config, env)
@@ -82,15 +98,21 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster:
     assert list(losses["step"]) == list(range(1, 1501))
 
 
-def test_sweep_submits_an_array_whose_tasks_use_their_own_configs(slurm_cluster: SlurmCluster,
-                                                                  tmp_path: Path) -> None:
+def test_sweep_submits_an_array_whose_tasks_use_their_own_configs(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     base = write_config(tmp_path / "base.yaml", [*BASE, "train.max_steps=6"])
     grid = tmp_path / "grid.yaml"
-    grid.write_text(f"name: mini\nbase: {base}\nvariants:\n  - {{algorithm.method: local_sgd, "
-                    "algorithm.sync_period: [2, 3]}\nslurm: {nodes: [1], ntasks_per_node: 2, throttle: 1}\n")
-    proc = subprocess.run([sys.executable, "-m", "hpc_localsgd", "sweep", str(grid), "--submit", "--out",
-                           str(tmp_path / "sweep")], capture_output=True, text=True, env=slurm_cluster.env,
-                          cwd=REPO_ROOT, timeout=120)
+    grid.write_text(
+        f"name: mini\nbase: {base}\nvariants:\n  - {{algorithm.method: local_sgd, "
+        "algorithm.sync_period: [2, 3]}\nslurm: {nodes: [1], ntasks_per_node: 2, throttle: 1}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", "sweep", str(grid), "--submit", "--out", str(tmp_path / "sweep")],
+        capture_output=True,
+        text=True,
+        env=slurm_cluster.env,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (array_job,) = json.loads((tmp_path / "sweep" / "submitted.json").read_text()).values()
     assert slurm_cluster.wait(array_job, timeout=240) == "COMPLETED"
@@ -103,8 +125,9 @@ def test_sweep_submits_an_array_whose_tasks_use_their_own_configs(slurm_cluster:
 
 
 def test_a_dying_rank_ends_the_job_within_seconds(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", [*BASE, "train.max_steps=100000", "train.epochs=10000",
-                                                "train.eval_every_epochs=10000"])
+    config = write_config(
+        tmp_path / "c.yaml", [*BASE, "train.max_steps=100000", "train.epochs=10000", "train.eval_every_epochs=10000"]
+    )
     job = submit_training(slurm_cluster, tmp_path, "dying", config, f"--export=ALL,RUN_ROOT={tmp_path}/runs")
     slurm_cluster.wait(job, timeout=60, states=["RUNNING"])
     metrics = tmp_path / "runs" / f"dying-{job}" / "metrics.h5"
@@ -112,8 +135,9 @@ def test_a_dying_rank_ends_the_job_within_seconds(slurm_cluster: SlurmCluster, t
     while not metrics.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     # The ranks are python processes; srun's own command line names the same program.
-    ranks = subprocess.run(["pgrep", "-f", f"^\\S*python\\S* \\S*hpc-localsgd train .*dying-{job}"],
-                           capture_output=True, text=True).stdout.split()
+    ranks = subprocess.run(
+        ["pgrep", "-f", f"^\\S*python\\S* \\S*hpc-localsgd train .*dying-{job}"], capture_output=True, text=True
+    ).stdout.split()
     assert len(ranks) == 2, ranks
     killed = time.monotonic()
     subprocess.run(["kill", "-9", ranks[-1]], check=True)

@@ -1,4 +1,5 @@
 """The bench options go through the config loader: names, types and declared ranges, messages naming the option."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,15 +8,18 @@ from hpc_localsgd.bench import BenchOptions
 from hpc_localsgd.errors import UserError
 
 
-@pytest.mark.parametrize("given,message", [
-    ({"repeats": 0}, "--repeats: must be >= 1, got 0"),
-    ({"num_classes": 1}, "--classes: must be >= 2, got 1"),
-    ({"projection_step_seconds": 0.0}, "--project-step-seconds: must be > 0, got 0.0"),
-    ({"backend": "nccl"}, "--backend: must be one of 'auto' | 'horovod' | 'mpi' | 'torch' | 'single', got 'nccl'"),
-    ({"batch": "8"}, "--batch: expected an integer, got '8'"),
-    ({"sync_periods": (4, 0)}, "--sync-periods: must be positive integers, got 4,0"),
-    ({"repets": 3}, "--repets: unknown key; did you mean 'repeats'?"),
-])
+@pytest.mark.parametrize(
+    "given,message",
+    [
+        ({"repeats": 0}, "--repeats: must be >= 1, got 0"),
+        ({"num_classes": 1}, "--classes: must be >= 2, got 1"),
+        ({"projection_step_seconds": 0.0}, "--project-step-seconds: must be > 0, got 0.0"),
+        ({"backend": "nccl"}, "--backend: must be one of 'auto' | 'horovod' | 'mpi' | 'torch' | 'single', got 'nccl'"),
+        ({"batch": "8"}, "--batch: expected an integer, got '8'"),
+        ({"sync_periods": (4, 0)}, "--sync-periods: must be positive integers, got 4,0"),
+        ({"repets": 3}, "--repets: unknown key; did you mean 'repeats'?"),
+    ],
+)
 def test_bad_options_name_the_option(given: dict, message: str) -> None:
     with pytest.raises(UserError) as info:
         BenchOptions.from_given(quick=True, phases=("averaging",), **given).validate()

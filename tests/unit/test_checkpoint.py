@@ -1,4 +1,5 @@
 """Checkpoint files written by W thread ranks (a faked communicator) and read back."""
+
 from __future__ import annotations
 
 import random
@@ -19,12 +20,16 @@ from hpc_localsgd.train.resume import restore
 
 def rank_state(rank: int) -> RankState:
     return RankState(
-        tensors={"same": torch.arange(6, dtype=torch.float32),
-                 "own": torch.full((3,), float(rank)),
-                 "half": (torch.arange(4) / 3 + rank).to(torch.bfloat16)},
+        tensors={
+            "same": torch.arange(6, dtype=torch.float32),
+            "own": torch.full((3,), float(rank)),
+            "half": (torch.arange(4) / 3 + rank).to(torch.bfloat16),
+        },
         int_buffers={"bn.num_batches_tracked": torch.tensor(7 + rank)},
         comm_stats={"sync_rounds": 3, "bytes_sent": 120, "comm_seconds": 0.5 + rank},
-        train_loss_sum=1.5 * rank, train_loss_count=4)
+        train_loss_sum=1.5 * rank,
+        train_loss_count=4,
+    )
 
 
 def write(directory: Path, steps: list[int], keep: int = 3) -> None:
@@ -49,7 +54,10 @@ def test_round_trip_is_lossless_and_deduplicated(tmp_path: Path) -> None:
             assert got.tensors[name].dtype == tensor.dtype and torch.equal(got.tensors[name], tensor), name
         assert torch.equal(got.int_buffers["bn.num_batches_tracked"], want.int_buffers["bn.num_batches_tracked"])
         assert (got.comm_stats, got.train_loss_sum, got.train_loss_count) == (
-            want.comm_stats, want.train_loss_sum, want.train_loss_count)
+            want.comm_stats,
+            want.train_loss_sum,
+            want.train_loss_count,
+        )
     shared = ckpt.shared()
     assert shared["anchor0"].dtype == torch.bfloat16
     assert torch.equal(shared["anchor0"], (torch.arange(5) / 7).to(torch.bfloat16))
@@ -95,12 +103,18 @@ def test_reshard_takes_the_mean_of_the_saved_ranks(tmp_path: Path, mode: str) ->
     saved = {}
 
     def each(comm):
-        mine = {name: t.clone() + (comm.rank + 1) * torch.arange(t.numel()).float() / 10
-                for name, t in engine.rank_state().items()}
+        mine = {
+            name: t.clone() + (comm.rank + 1) * torch.arange(t.numel()).float() / 10
+            for name, t in engine.rank_state().items()
+        }
         saved[comm.rank] = mine
         CheckpointWriter(tmp_path, comm, keep=1).write(
-            8, 1.0, {"config": "{}"}, {}, RankState(mine, {}, {"sync_rounds": 2, "bytes_sent": 8,
-                                                               "comm_seconds": 0.1}, 0.0, 0))
+            8,
+            1.0,
+            {"config": "{}"},
+            {},
+            RankState(mine, {}, {"sync_rounds": 2, "bytes_sent": 8, "comm_seconds": 0.1}, 0.0, 0),
+        )
 
     ThreadGroup(2).run(each)
     _, fresh = make_engine(cfg)

@@ -1,4 +1,5 @@
 """Agreement between ranks (``comm.agree``) on the in-process ``ThreadGroup``: every rank ends with the same outcome."""
+
 from __future__ import annotations
 
 import threading
@@ -15,8 +16,9 @@ from hpc_localsgd.errors import ConfigError, UserError
 def test_broadcast_text_gives_roots_text_to_every_rank(root: int, text: str) -> None:
     # Other ranks pass their own text (or None): only the root's counts. 10,000 bytes: longer than
     # the old fixed buffers (2048 and 4096 bytes), which cut such text.
-    results = ThreadGroup(3).run(lambda comm: broadcast_text(comm, text if comm.rank == root else f"rank {comm.rank}",
-                                                             root=root))
+    results = ThreadGroup(3).run(
+        lambda comm: broadcast_text(comm, text if comm.rank == root else f"rank {comm.rank}", root=root)
+    )
     assert results == [text] * 3
 
 

@@ -1,4 +1,5 @@
 """``make_communicator``: backend choice, one-line errors, and the launcher cross-check, in one process."""
+
 from __future__ import annotations
 
 import subprocess
@@ -26,8 +27,10 @@ def assert_one_line(error: BaseException) -> str:
 
 
 def test_importing_the_package_loads_no_communication_library() -> None:
-    code = ("import sys, hpc_localsgd.comm, hpc_localsgd.launcher.env; "
-            "print([m for m in sys.modules if m.split('.')[0] in ('horovod', 'mpi4py')])")
+    code = (
+        "import sys, hpc_localsgd.comm, hpc_localsgd.launcher.env; "
+        "print([m for m in sys.modules if m.split('.')[0] in ('horovod', 'mpi4py')])"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -61,8 +64,10 @@ def test_unknown_backend_is_a_config_error() -> None:
 def test_single_under_a_multi_rank_launcher_is_a_mismatch() -> None:
     with pytest.raises(LauncherMismatch) as raised:
         make_communicator("single", OPENMPI_TWO, CPU)
-    assert assert_one_line(raised.value) == ("the launcher (openmpi) started 2 ranks but comm.backend is 'single'; "
-                                             "use comm.backend=auto, horovod, mpi or torch")
+    assert assert_one_line(raised.value) == (
+        "the launcher (openmpi) started 2 ranks but comm.backend is 'single'; "
+        "use comm.backend=auto, horovod, mpi or torch"
+    )
 
 
 def test_missing_horovod_is_one_line_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,7 +76,8 @@ def test_missing_horovod_is_one_line_with_the_reason(monkeypatch: pytest.MonkeyP
         make_communicator("horovod", OPENMPI_TWO, CPU)
     assert assert_one_line(raised.value) == (
         "comm.backend is 'horovod' but horovod.torch cannot be imported: No module named 'horovod'; "
-        "build it with scripts/install.sh or use comm.backend=mpi")
+        "build it with scripts/install.sh or use comm.backend=mpi"
+    )
 
 
 class _BackendSeeingOneRank(SingleCommunicator):
@@ -83,8 +89,10 @@ class _BackendSeeingOneRank(SingleCommunicator):
 def test_a_backend_seeing_another_world_is_a_mismatch() -> None:
     with pytest.raises(LauncherMismatch) as raised:
         check_world(_BackendSeeingOneRank(), OPENMPI_TWO)
-    assert assert_one_line(raised.value).startswith("the launcher (openmpi) started 2 ranks but the mpi backend "
-                                                    "sees 1: mpi4py is probably built against another MPI")
+    assert assert_one_line(raised.value).startswith(
+        "the launcher (openmpi) started 2 ranks but the mpi backend "
+        "sees 1: mpi4py is probably built against another MPI"
+    )
 
 
 def test_a_backend_with_another_rank_is_a_mismatch() -> None:
@@ -92,8 +100,9 @@ def test_a_backend_with_another_rank_is_a_mismatch() -> None:
     check_world(rank_1_of_2, OPENMPI_TWO)  # agreeing worlds pass
     with pytest.raises(LauncherMismatch) as raised:
         check_world(rank_0_of_2, OPENMPI_TWO)
-    assert assert_one_line(raised.value).startswith("the launcher (openmpi) says this is rank 1 but the threads "
-                                                    "backend says 0")
+    assert assert_one_line(raised.value).startswith(
+        "the launcher (openmpi) says this is rank 1 but the threads backend says 0"
+    )
 
 
 def test_torch_rendezvous_from_master_variables() -> None:
@@ -105,16 +114,23 @@ def test_torch_rendezvous_from_master_variables() -> None:
         assert "MASTER_" in assert_one_line(raised.value)
 
 
-@pytest.mark.parametrize("method,configured,environment,expected", [
-    ("allreduce", None, None, None),          # Horovod's own default for a gradient allreduce every step
-    ("local_sgd", None, None, 10.0),          # nothing to coordinate between syncs: a long cycle
-    ("post_local_sgd", None, None, 10.0),
-    ("local_sgd", None, "3", None),           # the user's HOROVOD_CYCLE_TIME wins over the choice by method
-    ("allreduce", 2.5, "3", 2.5),             # and the config wins over both
-])
-def test_horovod_cycle_time_is_chosen_by_method(monkeypatch: pytest.MonkeyPatch, method: str,
-                                                configured: float | None, environment: str | None,
-                                                expected: float | None) -> None:
+@pytest.mark.parametrize(
+    "method,configured,environment,expected",
+    [
+        ("allreduce", None, None, None),  # Horovod's own default for a gradient allreduce every step
+        ("local_sgd", None, None, 10.0),  # nothing to coordinate between syncs: a long cycle
+        ("post_local_sgd", None, None, 10.0),
+        ("local_sgd", None, "3", None),  # the user's HOROVOD_CYCLE_TIME wins over the choice by method
+        ("allreduce", 2.5, "3", 2.5),  # and the config wins over both
+    ],
+)
+def test_horovod_cycle_time_is_chosen_by_method(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    configured: float | None,
+    environment: str | None,
+    expected: float | None,
+) -> None:
     from hpc_localsgd.config import load_config
     from hpc_localsgd.train.loop import horovod_cycle_time_ms
 
@@ -135,15 +151,19 @@ def test_horovod_cycle_time_must_be_positive() -> None:
         load_config(None, ["comm.horovod_cycle_time_ms=0"])
 
 
-@pytest.mark.parametrize("cores,affinity,local_size,threads,expected", [
-    (2, 2, 2, 1, True),     # this machine under mpirun -np 2: every core runs a rank
-    (64, 64, 8, 4, False),  # 32 of 64 cores busy: MPI's polling has cores of its own
-    (64, 64, 16, 4, True),
-    (64, 4, 16, 4, True),   # bound by the launcher to 4 cores, 4 threads
-    (64, 8, 16, 4, False),
-])
-def test_fully_subscribed_nodes_let_mpi_yield(monkeypatch: pytest.MonkeyPatch, cores: int, affinity: int,
-                                              local_size: int, threads: int, expected: bool) -> None:
+@pytest.mark.parametrize(
+    "cores,affinity,local_size,threads,expected",
+    [
+        (2, 2, 2, 1, True),  # this machine under mpirun -np 2: every core runs a rank
+        (64, 64, 8, 4, False),  # 32 of 64 cores busy: MPI's polling has cores of its own
+        (64, 64, 16, 4, True),
+        (64, 4, 16, 4, True),  # bound by the launcher to 4 cores, 4 threads
+        (64, 8, 16, 4, False),
+    ],
+)
+def test_fully_subscribed_nodes_let_mpi_yield(
+    monkeypatch: pytest.MonkeyPatch, cores: int, affinity: int, local_size: int, threads: int, expected: bool
+) -> None:
     monkeypatch.setattr(comm_package.os, "cpu_count", lambda: cores)
     monkeypatch.setattr(comm_package.os, "sched_getaffinity", lambda _pid: set(range(affinity)))
     launch = LaunchEnvironment("openmpi", WorldLayout(0, local_size, 0, local_size, 0, 1))

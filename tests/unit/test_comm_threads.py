@@ -1,4 +1,5 @@
 """The in-process ``ThreadGroup``: exact results computed from rank numbers, identical on every thread."""
+
 from __future__ import annotations
 
 import threading
@@ -116,8 +117,11 @@ def test_barrier_waits_for_every_rank() -> None:
 
 def test_layout_of_each_rank() -> None:
     group = ThreadGroup(3)
-    assert [(comm.rank, comm.size, comm.local_rank, comm.is_root) for comm in group.communicators] == \
-        [(0, 3, 0, True), (1, 3, 1, False), (2, 3, 2, False)]
+    assert [(comm.rank, comm.size, comm.local_rank, comm.is_root) for comm in group.communicators] == [
+        (0, 3, 0, True),
+        (1, 3, 1, False),
+        (2, 3, 2, False),
+    ]
     assert {comm.name for comm in group.communicators} == {"threads"}
 
 

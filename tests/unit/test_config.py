@@ -25,8 +25,16 @@ def test_defaults_are_the_imagenet_recipe() -> None:
 
 def test_yaml_and_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, "algorithm:\n  method: local_sgd\n  sync_period: 4\ndata:\n  name: synthetic\n")
-    cfg = load_config(path, ["algorithm.sync_period=16", "algorithm.outer=slowmo", "optim.decay_epochs=[1, 2]",
-                             "data.synthetic.shape=[8]", "train.max_steps=null"])
+    cfg = load_config(
+        path,
+        [
+            "algorithm.sync_period=16",
+            "algorithm.outer=slowmo",
+            "optim.decay_epochs=[1, 2]",
+            "data.synthetic.shape=[8]",
+            "train.max_steps=null",
+        ],
+    )
     assert cfg.algorithm.sync_period == 16 and cfg.algorithm.outer == "slowmo"
     assert cfg.optim.decay_epochs == [1.0, 2.0] and cfg.data.synthetic.shape == [8]
     assert cfg.train.max_steps is None
@@ -35,32 +43,39 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
     assert load_config(again) == cfg
 
 
-@pytest.mark.parametrize("text,overrides,message", [
-    ("algorithm:\n  sync_perod: 4\n", [], "algorithm.sync_perod: unknown key; did you mean 'sync_period'?"),
-    ("colour: red\n", [], "colour: unknown key"),
-    ("algorithm:\n  sync_period: four\n", [], "algorithm.sync_period: expected an integer, got 'four'"),
-    ("algorithm:\n  sync_period: 2.5\n", [], "algorithm.sync_period: expected an integer, got 2.5"),
-    ("train:\n  epochs: true\n", [], "train.epochs: expected a number, got True"),
-    ("", ["algorithm.sync_period=0"], "algorithm.sync_period: must be >= 1, got 0"),
-    ("", ["optim.lr_per_256=0"], "optim.lr_per_256: must be > 0, got 0.0"),
-    ("", ["optim.lr_per_256=-0.1"], "optim.lr_per_256: must be > 0, got -0.1"),
-    ("", ["algorithm.slow_momentum=1"], "algorithm.slow_momentum: must be in [0, 1), got 1.0"),
-    ("", ["algorithm.slow_momentum=-0.5"], "algorithm.slow_momentum: must be in [0, 1), got -0.5"),
-    ("", ["optim.lr_per_256=.nan"], "optim.lr_per_256: must be > 0, got nan"),
-    ("", ["optim.decay_factor=1.5"], "optim.decay_factor: must be in (0, 1], got 1.5"),
-    ("", ["checkpoint.keep=0"], "checkpoint.keep: must be >= 1, got 0"),
-    ("", ["algorithm.method=gossip"], "algorithm.method: must be one of 'allreduce' | 'local_sgd' | 'post_local_sgd'"),
-    ("", ["comm.backend=nccl"], "comm.backend: must be one of 'auto' | 'horovod' | 'mpi' | 'torch' | 'single'"),
-    ("", ["algorithm.method=allreduce", "algorithm.outer=slowmo"], "algorithm.outer: an outer optimizer needs"),
-    ("", ["algorithm.switch_step=10"], "algorithm.switch_step: only applies to method 'post_local_sgd'"),
-    ("", ["data.name=cifar10"], "data.path: is required for dataset 'cifar10'"),
-    ("model: [1, 2]\n", [], "model: expected a mapping, got [1, 2]"),
-    ("- 1\n", [], "expected a mapping of sections at the top level"),
-    ("algorithm: {sync_period: 4\n", [], "at line"),
-    ("", ["sync_period"], "--set 'sync_period': expected key=value"),
-    ("", ["algorithm.sync_period.x=1"], "algorithm.sync_period: expected an integer, got {'x': 1}"),
-    ("algorithm: 3\n", ["algorithm.sync_period=2"], "--set algorithm.sync_period: 'algorithm' is not a section"),
-])
+@pytest.mark.parametrize(
+    "text,overrides,message",
+    [
+        ("algorithm:\n  sync_perod: 4\n", [], "algorithm.sync_perod: unknown key; did you mean 'sync_period'?"),
+        ("colour: red\n", [], "colour: unknown key"),
+        ("algorithm:\n  sync_period: four\n", [], "algorithm.sync_period: expected an integer, got 'four'"),
+        ("algorithm:\n  sync_period: 2.5\n", [], "algorithm.sync_period: expected an integer, got 2.5"),
+        ("train:\n  epochs: true\n", [], "train.epochs: expected a number, got True"),
+        ("", ["algorithm.sync_period=0"], "algorithm.sync_period: must be >= 1, got 0"),
+        ("", ["optim.lr_per_256=0"], "optim.lr_per_256: must be > 0, got 0.0"),
+        ("", ["optim.lr_per_256=-0.1"], "optim.lr_per_256: must be > 0, got -0.1"),
+        ("", ["algorithm.slow_momentum=1"], "algorithm.slow_momentum: must be in [0, 1), got 1.0"),
+        ("", ["algorithm.slow_momentum=-0.5"], "algorithm.slow_momentum: must be in [0, 1), got -0.5"),
+        ("", ["optim.lr_per_256=.nan"], "optim.lr_per_256: must be > 0, got nan"),
+        ("", ["optim.decay_factor=1.5"], "optim.decay_factor: must be in (0, 1], got 1.5"),
+        ("", ["checkpoint.keep=0"], "checkpoint.keep: must be >= 1, got 0"),
+        (
+            "",
+            ["algorithm.method=gossip"],
+            "algorithm.method: must be one of 'allreduce' | 'local_sgd' | 'post_local_sgd'",
+        ),
+        ("", ["comm.backend=nccl"], "comm.backend: must be one of 'auto' | 'horovod' | 'mpi' | 'torch' | 'single'"),
+        ("", ["algorithm.method=allreduce", "algorithm.outer=slowmo"], "algorithm.outer: an outer optimizer needs"),
+        ("", ["algorithm.switch_step=10"], "algorithm.switch_step: only applies to method 'post_local_sgd'"),
+        ("", ["data.name=cifar10"], "data.path: is required for dataset 'cifar10'"),
+        ("model: [1, 2]\n", [], "model: expected a mapping, got [1, 2]"),
+        ("- 1\n", [], "expected a mapping of sections at the top level"),
+        ("algorithm: {sync_period: 4\n", [], "at line"),
+        ("", ["sync_period"], "--set 'sync_period': expected key=value"),
+        ("", ["algorithm.sync_period.x=1"], "algorithm.sync_period: expected an integer, got {'x': 1}"),
+        ("algorithm: 3\n", ["algorithm.sync_period=2"], "--set algorithm.sync_period: 'algorithm' is not a section"),
+    ],
+)
 def test_bad_input_names_the_problem(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), overrides)
@@ -73,7 +88,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "sweeps"),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "sweeps"), ids=lambda p: p.name
+)
 def test_shipped_configs_are_valid(path: Path) -> None:
     assert isinstance(load_config(path), RunConfig)

@@ -1,4 +1,5 @@
 """Datasets, sharding and resume: each loader on a tiny fixture in its real on-disk format."""
+
 from __future__ import annotations
 
 import os
@@ -51,13 +52,17 @@ def _make_cifar(root: Path, per_batch: int = 4, test: int = 3) -> tuple[np.ndarr
         _write_cifar_batch(root / f"data_batch_{i}", images, labels)
         all_images.append(images)
         all_labels += labels
-    _write_cifar_batch(root / "test_batch", rng.integers(0, 256, size=(test, 3, 32, 32), dtype=np.uint8),
-                       [int(v) for v in rng.integers(0, 10, size=test)])
+    _write_cifar_batch(
+        root / "test_batch",
+        rng.integers(0, 256, size=(test, 3, 32, 32), dtype=np.uint8),
+        [int(v) for v in rng.integers(0, 10, size=test)],
+    )
     return np.concatenate(all_images), np.array(all_labels)
 
 
-def _make_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), train_per_class: int = 4,
-                       val_per_class: int = 2) -> None:
+def _make_image_folder(
+    root: Path, classes: tuple[str, ...] = ("cat", "dog"), train_per_class: int = 4, val_per_class: int = 2
+) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(1)
@@ -73,14 +78,16 @@ def _make_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), tr
 
 
 def _batches_equal(a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb)
-                                    for (xa, ya), (xb, yb) in zip(a, b, strict=True))
+    return len(a) == len(b) and all(
+        torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True)
+    )
 
 
 def _indexed_samples(n: int) -> TensorSamples:
     """Samples whose label is their index, so batches reveal which samples a rank received."""
-    return TensorSamples(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 2, 2).clone(),
-                         torch.arange(n))
+    return TensorSamples(
+        torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 2, 2).clone(), torch.arange(n)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +157,9 @@ def test_cifar10_reads_official_batches(tmp_path: Path) -> None:
         assert (len(data.train), len(data.test)) == (20, 3)
         assert data.input_shape == (3, 32, 32) and data.num_classes == 10
         x, y = data.train[7]
-        expected = (torch.from_numpy(images[7]).float() / 255 - torch.tensor(CIFAR10_MEAN).view(3, 1, 1)) \
-            / torch.tensor(CIFAR10_STD).view(3, 1, 1)
+        expected = (
+            torch.from_numpy(images[7]).float() / 255 - torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+        ) / torch.tensor(CIFAR10_STD).view(3, 1, 1)
         torch.testing.assert_close(x, expected)
         assert y.item() == labels[7]
 
@@ -201,8 +209,13 @@ def test_random_crop_flip_is_a_shifted_window_of_the_padded_image() -> None:
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     seen_flip = seen_shift = False
     for sample, result in zip(padded, out, strict=True):
-        windows = [(top, left, flip) for top in range(5) for left in range(5) for flip in (False, True)
-                   if torch.equal(result, (lambda w: w.flip(-1) if flip else w)(sample[:, top:top + 6, left:left + 5]))]
+        windows = [
+            (top, left, flip)
+            for top in range(5)
+            for left in range(5)
+            for flip in (False, True)
+            if torch.equal(result, (lambda w: w.flip(-1) if flip else w)(sample[:, top : top + 6, left : left + 5]))
+        ]
         assert len(windows) == 1
         seen_flip |= windows[0][2]
         seen_shift |= windows[0][:2] != (2, 2)

@@ -1,5 +1,6 @@
 """The averaging engine against the independent reference, with W workers as threads in one process
 (a faked communicator, as the house rules allow for unit tests). float64 keeps rounding out of the way."""
+
 from __future__ import annotations
 
 import copy
@@ -21,15 +22,21 @@ MOMENTUM, WEIGHT_DECAY = 0.9, 1e-3
 
 def make_model() -> torch.nn.Module:
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
-                                torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+    )
     return model.double()
 
 
 def make_batches(workers: int = WORKERS, steps: int = STEPS) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     g = torch.Generator().manual_seed(7)
-    return [[(torch.randn(BATCH, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (BATCH,), generator=g))
-             for _ in range(steps)] for _ in range(workers)]
+    return [
+        [
+            (torch.randn(BATCH, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (BATCH,), generator=g))
+            for _ in range(steps)
+        ]
+        for _ in range(workers)
+    ]
 
 
 def lr_at(step: int) -> float:
@@ -48,8 +55,9 @@ def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1
     def worker(comm):
         model = copy.deepcopy(initial)
         opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        engine = AveragingEngine(model, opt, comm, cfg, SyncSchedule(cfg.sync_period, local_start),
-                                 bucket_bytes=bucket_bytes)
+        engine = AveragingEngine(
+            model, opt, comm, cfg, SyncSchedule(cfg.sync_period, local_start), bucket_bytes=bucket_bytes
+        )
         engine.broadcast_initial_state()
         for step, (x, y) in enumerate(batches[comm.rank]):
             engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
@@ -60,10 +68,17 @@ def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1
 
 
 def reference(cfg: AlgorithmConfig, local_start, batches):
-    ref = ReferenceAlgorithm(sync_period=cfg.sync_period, local_start=local_start, outer=cfg.outer,
-                             slow_lr=cfg.slow_lr, slow_momentum=cfg.slow_momentum, outer_lr=cfg.outer_lr,
-                             outer_momentum=cfg.outer_momentum, momentum_buffers=cfg.momentum_buffers,
-                             average_bn_buffers=cfg.average_bn_buffers)
+    ref = ReferenceAlgorithm(
+        sync_period=cfg.sync_period,
+        local_start=local_start,
+        outer=cfg.outer,
+        slow_lr=cfg.slow_lr,
+        slow_momentum=cfg.slow_momentum,
+        outer_lr=cfg.outer_lr,
+        outer_momentum=cfg.outer_momentum,
+        momentum_buffers=cfg.momentum_buffers,
+        average_bn_buffers=cfg.average_bn_buffers,
+    )
     return simulate(make_model(), ref, batches, lr_at, MOMENTUM, WEIGHT_DECAY)
 
 
@@ -75,15 +90,23 @@ CASES = {
     "allreduce": (AlgorithmConfig(method="allreduce"), None),
     "local_sgd_H4": (AlgorithmConfig(method="local_sgd", sync_period=4), 0),
     "local_sgd_H3_avg_momentum": (AlgorithmConfig(method="local_sgd", sync_period=3, momentum_buffers="average"), 0),
-    "local_sgd_H4_reset_momentum_local_bn": (AlgorithmConfig(method="local_sgd", sync_period=4,
-                                                             momentum_buffers="reset", average_bn_buffers=False), 0),
+    "local_sgd_H4_reset_momentum_local_bn": (
+        AlgorithmConfig(method="local_sgd", sync_period=4, momentum_buffers="reset", average_bn_buffers=False),
+        0,
+    ),
     "post_local_switch5_H3": (AlgorithmConfig(method="post_local_sgd", sync_period=3, switch_step=5), 5),
-    "slowmo_H4": (AlgorithmConfig(method="local_sgd", sync_period=4, outer="slowmo", slow_lr=1.0,
-                                  slow_momentum=0.6), 0),
-    "slowmo_alpha_lt1_H2": (AlgorithmConfig(method="local_sgd", sync_period=2, outer="slowmo", slow_lr=0.8,
-                                            slow_momentum=0.5), 0),
-    "post_local_slowmo": (AlgorithmConfig(method="post_local_sgd", sync_period=2, switch_step=4, outer="slowmo",
-                                          slow_momentum=0.5), 4),
+    "slowmo_H4": (
+        AlgorithmConfig(method="local_sgd", sync_period=4, outer="slowmo", slow_lr=1.0, slow_momentum=0.6),
+        0,
+    ),
+    "slowmo_alpha_lt1_H2": (
+        AlgorithmConfig(method="local_sgd", sync_period=2, outer="slowmo", slow_lr=0.8, slow_momentum=0.5),
+        0,
+    ),
+    "post_local_slowmo": (
+        AlgorithmConfig(method="post_local_sgd", sync_period=2, switch_step=4, outer="slowmo", slow_momentum=0.5),
+        4,
+    ),
     "nesterov_H3": (AlgorithmConfig(method="local_sgd", sync_period=3, outer="nesterov"), 0),
 }
 
@@ -98,14 +121,16 @@ def test_engine_matches_reference(name: str) -> None:
         ours, theirs = state(model), state(ref_model)
         for key in theirs:
             where = f"{name}: rank {rank} {key}"
-            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-10, atol=1e-12,
-                                       msg=functools.partial("{}: {}".format, where))
+            torch.testing.assert_close(
+                ours[key], theirs[key], rtol=1e-10, atol=1e-12, msg=functools.partial("{}: {}".format, where)
+            )
 
 
 @pytest.mark.parametrize("name", ["allreduce", "local_sgd_H4", "slowmo_H4", "post_local_switch6_H3"])
 def test_replicas_agree_after_a_sync(name: str) -> None:
-    cfg, local_start = CASES[name] if name in CASES else (
-        AlgorithmConfig(method="post_local_sgd", sync_period=3, switch_step=6), 6)
+    cfg, local_start = (
+        CASES[name] if name in CASES else (AlgorithmConfig(method="post_local_sgd", sync_period=3, switch_step=6), 6)
+    )
     got = run_engine(cfg, local_start, make_batches())  # 12 steps: the last step is a sync in every case
     first = dict(got[0][0].named_parameters())
     for model, _ in got[1:]:
@@ -126,8 +151,9 @@ def test_local_sgd_with_period_1_equals_synchronous_sgd() -> None:
 def test_slowmo_alpha1_beta0_is_exactly_local_sgd() -> None:
     batches = make_batches()
     plain = run_engine(AlgorithmConfig(method="local_sgd", sync_period=4), 0, batches)
-    slowmo = run_engine(AlgorithmConfig(method="local_sgd", sync_period=4, outer="slowmo", slow_lr=1.0,
-                                        slow_momentum=0.0), 0, batches)
+    slowmo = run_engine(
+        AlgorithmConfig(method="local_sgd", sync_period=4, outer="slowmo", slow_lr=1.0, slow_momentum=0.0), 0, batches
+    )
     for (a, _), (b, _) in zip(plain, slowmo, strict=True):
         for (key, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(pa, pb), key
@@ -139,13 +165,16 @@ def param_and_buffer_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return params, buffers
 
 
-@pytest.mark.parametrize("name,rounds,extra", [
-    ("allreduce", STEPS, "grads"),
-    ("local_sgd_H4", STEPS // 4, "params+bn"),
-    ("local_sgd_H3_avg_momentum", STEPS // 3, "params+bn+momentum"),
-    ("local_sgd_H4_reset_momentum_local_bn", STEPS // 4, "params"),
-    ("post_local_switch5_H3", 5 + (STEPS - 5) // 3, "mixed"),
-])
+@pytest.mark.parametrize(
+    "name,rounds,extra",
+    [
+        ("allreduce", STEPS, "grads"),
+        ("local_sgd_H4", STEPS // 4, "params+bn"),
+        ("local_sgd_H3_avg_momentum", STEPS // 3, "params+bn+momentum"),
+        ("local_sgd_H4_reset_momentum_local_bn", STEPS // 4, "params"),
+        ("post_local_switch5_H3", 5 + (STEPS - 5) // 3, "mixed"),
+    ],
+)
 def test_communication_counters(name: str, rounds: int, extra: str) -> None:
     cfg, local_start = CASES[name]
     got = run_engine(cfg, local_start, make_batches())

@@ -1,4 +1,5 @@
 """``hpc-localsgd train --help-config`` lists every key of the run config with its default and meaning."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,7 +81,12 @@ def test_a_declared_range_is_checked_and_listed(capsys: pytest.CaptureFixture[st
 
 
 def test_as_a_command() -> None:
-    proc = subprocess.run([sys.executable, "-m", "hpc_localsgd", "train", "--help-config"], capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", "train", "--help-config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
     assert proc.returncode == 0 and proc.stderr == ""
     assert "\noptim.weight_decay\n" in proc.stdout

@@ -2,6 +2,7 @@
 
 Expected layouts are worked out by hand from each launcher's documented variables.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,13 @@ def test_no_launcher_is_one_process() -> None:
 
 
 def test_open_mpi_on_two_nodes_of_two() -> None:
-    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_COMM_WORLD_NODE_RANK": "1"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "3",
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        "OMPI_COMM_WORLD_NODE_RANK": "1",
+    }
     launch = detect_launch(env)
     assert launch.launcher == "openmpi"
     assert launch.layout == WorldLayout(rank=3, size=4, local_rank=1, local_size=2, node_rank=1, num_nodes=2)
@@ -40,47 +46,92 @@ def test_slurm_task_counts_with_repeats() -> None:
 
 def test_slurm_step_variables_win_over_the_allocation() -> None:
     # An srun step may use part of the allocation: SLURM_STEP_* describe the step itself.
-    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
-           "SLURM_NNODES": "4", "SLURM_TASKS_PER_NODE": "4(x4)", "SLURM_STEP_TASKS_PER_NODE": "2",
-           "SLURM_STEP_NUM_NODES": "1"}
-    assert detect_launch(env).layout == WorldLayout(rank=1, size=2, local_rank=1, local_size=2, node_rank=0,
-                                                    num_nodes=1)
+    env = {
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_NNODES": "4",
+        "SLURM_TASKS_PER_NODE": "4(x4)",
+        "SLURM_STEP_TASKS_PER_NODE": "2",
+        "SLURM_STEP_NUM_NODES": "1",
+    }
+    assert detect_launch(env).layout == WorldLayout(
+        rank=1, size=2, local_rank=1, local_size=2, node_rank=0, num_nodes=1
+    )
 
 
 def test_srun_of_an_mpi_program_reads_the_mpi_variables() -> None:
     # srun --mpi=pmi2 sets PMI_* and Slurm's variables; both describe the same world.
-    env = {"PMI_RANK": "2", "PMI_SIZE": "4", "SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0",
-           "SLURM_NODEID": "1", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "2(x2)", "MPI_LOCALRANKID": "0",
-           "MPI_LOCALNRANKS": "2", "SLURM_STEP_NUM_NODES": "2"}
+    env = {
+        "PMI_RANK": "2",
+        "PMI_SIZE": "4",
+        "SLURM_PROCID": "2",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "1",
+        "SLURM_NNODES": "2",
+        "SLURM_TASKS_PER_NODE": "2(x2)",
+        "MPI_LOCALRANKID": "0",
+        "MPI_LOCALNRANKS": "2",
+        "SLURM_STEP_NUM_NODES": "2",
+    }
     launch = detect_launch(env)
     assert launch.launcher == "mpich"
-    assert (launch.layout.rank, launch.layout.size, launch.layout.local_rank, launch.layout.local_size,
-            launch.layout.num_nodes) == (2, 4, 0, 2, 2)
+    assert (
+        launch.layout.rank,
+        launch.layout.size,
+        launch.layout.local_rank,
+        launch.layout.local_size,
+        launch.layout.num_nodes,
+    ) == (2, 4, 0, 2, 2)
 
 
 def test_horovodrun_wins_over_the_mpirun_it_uses() -> None:
-    env = {"HOROVOD_RANK": "5", "HOROVOD_SIZE": "8", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "4",
-           "HOROVOD_CROSS_RANK": "1", "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8"}
+    env = {
+        "HOROVOD_RANK": "5",
+        "HOROVOD_SIZE": "8",
+        "HOROVOD_LOCAL_RANK": "1",
+        "HOROVOD_LOCAL_SIZE": "4",
+        "HOROVOD_CROSS_RANK": "1",
+        "OMPI_COMM_WORLD_RANK": "5",
+        "OMPI_COMM_WORLD_SIZE": "8",
+    }
     launch = detect_launch(env)
     assert launch.launcher == "horovodrun"
     assert launch.layout == WorldLayout(rank=5, size=8, local_rank=1, local_size=4, node_rank=1, num_nodes=2)
 
 
 def test_torchrun() -> None:
-    env = {"RANK": "4", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3", "GROUP_RANK": "1",
-           "MASTER_ADDR": "node7", "MASTER_PORT": "29500"}
+    env = {
+        "RANK": "4",
+        "WORLD_SIZE": "6",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "3",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "node7",
+        "MASTER_PORT": "29500",
+    }
     launch = detect_launch(env)
     assert launch.launcher == "torchrun"
     assert launch.layout == WorldLayout(rank=4, size=6, local_rank=1, local_size=3, node_rank=1, num_nodes=2)
 
 
-@pytest.mark.parametrize("env", [
-    {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "2"},  # rank outside the world
-    {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
-     "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},  # local rank outside the node
-    {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3"},  # more on a node than in all
-    {"SLURM_PROCID": "zero", "SLURM_NTASKS": "2"},  # not a number
-], ids=["rank", "local-rank", "local-size", "not-an-integer"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "2"},  # rank outside the world
+        {
+            "OMPI_COMM_WORLD_RANK": "0",
+            "OMPI_COMM_WORLD_SIZE": "2",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        },  # local rank outside the node
+        {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3"},  # more on a node than in all
+        {"SLURM_PROCID": "zero", "SLURM_NTASKS": "2"},  # not a number
+    ],
+    ids=["rank", "local-rank", "local-size", "not-an-integer"],
+)
 def test_an_inconsistent_environment_is_a_one_line_launcher_mismatch(env: dict[str, str]) -> None:
     with pytest.raises(LauncherMismatch) as raised:
         detect_launch(env)

@@ -3,6 +3,7 @@ when an upward import or a stray communication library comes back (imports insid
 
 A missing import-linter fails these tests: the layering is enforced, not hoped for.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "hpc_localsgd"
 
+
 def lint_imports_program() -> str:
     """``lint-imports`` of this interpreter's environment, else the one on PATH; a missing one fails the test."""
     beside = Path(sys.executable).parent / "lint-imports"
@@ -29,8 +31,14 @@ def lint_imports_program() -> str:
 def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     """Run import-linter on the package under ``root`` with ``root``'s pyproject.toml, and nothing else on the path."""
     env = {**os.environ, "PYTHONPATH": str(root)}
-    return subprocess.run([lint_imports_program(), "--no-cache", "--no-logo"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [lint_imports_program(), "--no-cache", "--no-logo"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def copy_of_the_package(tmp_path: Path) -> Path:
@@ -83,16 +91,22 @@ def imported_names(path: Path) -> set[str]:
 def test_only_comm_and_the_ddp_baseline_import_torch_distributed() -> None:
     # import-linter forbids whole external packages only, and torch is everywhere.
     allowed = {REPO / PACKAGE / "bench" / "baselines.py"}  # the bench's plain DDP baseline
-    offenders = [str(path.relative_to(REPO)) for path in sorted((REPO / PACKAGE).rglob("*.py"))
-                 if path.relative_to(REPO / PACKAGE).parts[0] != "comm" and path not in allowed
-                 and any(name == "torch.distributed" or name.startswith("torch.distributed.")
-                         for name in imported_names(path))]
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / PACKAGE).rglob("*.py"))
+        if path.relative_to(REPO / PACKAGE).parts[0] != "comm"
+        and path not in allowed
+        and any(name == "torch.distributed" or name.startswith("torch.distributed.") for name in imported_names(path))
+    ]
     assert offenders == []
 
 
 def test_the_scan_sees_torch_distributed_however_imported(tmp_path: Path) -> None:
-    for line in ("import torch.distributed as dist", "from torch import distributed",
-                 "from torch.distributed import all_reduce"):
+    for line in (
+        "import torch.distributed as dist",
+        "from torch import distributed",
+        "from torch.distributed import all_reduce",
+    ):
         module = tmp_path / "module.py"
         module.write_text(f"def f():\n    {line}\n")
         assert "torch.distributed" in imported_names(module)

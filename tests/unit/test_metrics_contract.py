@@ -1,5 +1,6 @@
 """The metrics-file contract (``io.metrics``): one "finished" rule for the report and the sweep, and a
 report that reads metrics files without importing torch."""
+
 from __future__ import annotations
 
 import subprocess
@@ -25,12 +26,15 @@ REPO = Path(__file__).resolve().parents[2]
 TOTAL = 40
 
 
-@pytest.mark.parametrize("eval_steps, finished", [
-    ([10, 20, 30, 40], True),   # last evaluation exactly at total_steps
-    ([20, 40, 60], True),       # past it: resumed with a larger train.max_steps
-    ([10, 20, 30, 39], False),  # one step short
-    ([], False),                # no evaluation yet
-])
+@pytest.mark.parametrize(
+    "eval_steps, finished",
+    [
+        ([10, 20, 30, 40], True),  # last evaluation exactly at total_steps
+        ([20, 40, 60], True),  # past it: resumed with a larger train.max_steps
+        ([10, 20, 30, 39], False),  # one step short
+        ([], False),  # no evaluation yet
+    ],
+)
 def test_finished_rule(eval_steps: list[int], finished: bool) -> None:
     assert run_finished(eval_steps, TOTAL) is finished
     assert run_finished(np.asarray(eval_steps, dtype=np.int64), TOTAL) is finished
@@ -75,8 +79,10 @@ def test_the_written_file_carries_the_format_and_the_report_reads_its_fields(tmp
 
 def test_report_imports_no_torch() -> None:
     # The report runs where torch may be missing or slow to import (a login node, a laptop).
-    code = ("import sys, hpc_localsgd.report, hpc_localsgd.report.collect, hpc_localsgd.io.metrics, "
-            "hpc_localsgd.io.hdf5; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    code = (
+        "import sys, hpc_localsgd.report, hpc_localsgd.report.collect, hpc_localsgd.io.metrics, "
+        "hpc_localsgd.io.hdf5; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
 """Models build for every input the datasets produce and give one row of logits per sample."""
+
 from __future__ import annotations
 
 import pytest
@@ -88,5 +89,7 @@ def test_same_seed_same_weights() -> None:
 def test_unknown_model() -> None:
     with pytest.raises(ConfigError) as info:
         build_model(ModelConfig(name="resnet19"), 10, CIFAR)
-    assert str(info.value) == ("model.name: unknown model 'resnet19'; choose smallcnn, mlp, or a torchvision "
-                               "classification model such as resnet18 or resnet50")
+    assert str(info.value) == (
+        "model.name: unknown model 'resnet19'; choose smallcnn, mlp, or a torchvision "
+        "classification model such as resnet18 or resnet50"
+    )

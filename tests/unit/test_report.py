@@ -1,5 +1,6 @@
 """``hpc-localsgd report``: metrics files written by the real MetricsWriter, with final values chosen
 here, must come out of the table as the mean and sample std computed by hand below."""
+
 from __future__ import annotations
 
 import csv
@@ -29,29 +30,59 @@ def final_accuracy(method: str, sync_period: int, workers: int, seed: int) -> fl
     return base - 0.01 * math.log2(sync_period) - 0.005 * workers + 0.004 * seed
 
 
-def write_run(path: Path, method: str, sync_period: int, workers: int, seed: int, outer: str = "none",
-              evals: tuple[int, ...] = EVAL_STEPS, data: str = "digits", model: str = "smallcnn",
-              extra: tuple[str, ...] = ()) -> None:
+def write_run(
+    path: Path,
+    method: str,
+    sync_period: int,
+    workers: int,
+    seed: int,
+    outer: str = "none",
+    evals: tuple[int, ...] = EVAL_STEPS,
+    data: str = "digits",
+    model: str = "smallcnn",
+    extra: tuple[str, ...] = (),
+) -> None:
     """A run whose accuracy climbs linearly to ``final_accuracy`` at step TOTAL_STEPS; it syncs every
     ``sync_period`` steps (every step for all-reduce) and each eval is 0.5 s of wall time per step."""
-    overrides = [f"seed={seed}", f"algorithm.method={method}", f"algorithm.outer={outer}", f"data.name={data}",
-                 f"model.name={model}"]
+    overrides = [
+        f"seed={seed}",
+        f"algorithm.method={method}",
+        f"algorithm.outer={outer}",
+        f"data.name={data}",
+        f"model.name={model}",
+    ]
     if method != "allreduce":
         overrides.append(f"algorithm.sync_period={sync_period}")
     if method == "post_local_sgd":
         overrides.append("algorithm.switch_step=10")
     cfg = load_config(None, overrides + list(extra))
     path.mkdir(parents=True)
-    writer = MetricsWriter(path / "metrics.h5", {"config": config_to_yaml(cfg), "world": {"size": workers},
-                                                 "method": method, "steps_per_epoch": 10,
-                                                 "total_steps": TOTAL_STEPS}, flush_seconds=0)
+    writer = MetricsWriter(
+        path / "metrics.h5",
+        {
+            "config": config_to_yaml(cfg),
+            "world": {"size": workers},
+            "method": method,
+            "steps_per_epoch": 10,
+            "total_steps": TOTAL_STEPS,
+        },
+        flush_seconds=0,
+    )
     period = 1 if method == "allreduce" else sync_period
     final = final_accuracy(method, period, workers, seed)
     for step in evals:
         rounds = step // period
-        writer.log_eval(step=step, epoch=step / 10, train_loss=2.0 - step / 40, test_loss=2.1 - step / 40,
-                        test_accuracy=final * step / TOTAL_STEPS, wall_seconds=0.5 * step, comm_seconds=0.1 * step,
-                        bytes_sent=rounds * BYTES_PER_ROUND, sync_rounds=rounds)
+        writer.log_eval(
+            step=step,
+            epoch=step / 10,
+            train_loss=2.0 - step / 40,
+            test_loss=2.1 - step / 40,
+            test_accuracy=final * step / TOTAL_STEPS,
+            wall_seconds=0.5 * step,
+            comm_seconds=0.1 * step,
+            bytes_sent=rounds * BYTES_PER_ROUND,
+            sync_rounds=rounds,
+        )
     writer.close()
 
 
@@ -70,8 +101,15 @@ def sweep(tmp_path: Path) -> Path:
             for method, outer, _ in METHODS:
                 for h in (2, 8):
                     going = (method, h, workers, seed) == ("post_local_sgd", 8, 4, 1)
-                    write_run(root / f"{method}-{outer}-h{h}-w{workers}-s{seed}", method, h, workers, seed, outer,
-                              evals=EVAL_STEPS[:2] if going else EVAL_STEPS)
+                    write_run(
+                        root / f"{method}-{outer}-h{h}-w{workers}-s{seed}",
+                        method,
+                        h,
+                        workers,
+                        seed,
+                        outer,
+                        evals=EVAL_STEPS[:2] if going else EVAL_STEPS,
+                    )
     return root
 
 
@@ -81,14 +119,18 @@ def test_table_holds_mean_and_sample_std_over_seeds(sweep: Path, tmp_path: Path)
     written = write_report([sweep], out, say=lines.append)
     rows = list(csv.DictReader((out / "results.csv").open()))
     # Table order: workers, then method (all-reduce first), then H.
-    order = [(w, label, h) for w in (2, 4) for label, h in
-             [("all-reduce", 1)] + [(label, h) for _, _, label in METHODS for h in (2, 8)]]
+    order = [
+        (w, label, h)
+        for w in (2, 4)
+        for label, h in [("all-reduce", 1)] + [(label, h) for _, _, label in METHODS for h in (2, 8)]
+    ]
     assert [(int(r["workers"]), r["method"], int(r["H"])) for r in rows] == order
     assert {r["task"] for r in rows} == {"digits/smallcnn"}
     by_key = {(r["method"], int(r["H"]), int(r["workers"])): r for r in rows}
     for (label, h, workers), row in by_key.items():
-        method = {"all-reduce": "allreduce", "local SGD": "local_sgd",
-                  "post-local SGD + SlowMo": "post_local_sgd"}[label]
+        method = {"all-reduce": "allreduce", "local SGD": "local_sgd", "post-local SGD + SlowMo": "post_local_sgd"}[
+            label
+        ]
         going = (method, h, workers) == ("post_local_sgd", 8, 4)
         first = final_accuracy(method, h, workers, 0)
         # The unfinished seed counts with its latest evaluation: step 20 of 40, half of its final accuracy.
@@ -109,8 +151,18 @@ def test_table_holds_mean_and_sample_std_over_seeds(sweep: Path, tmp_path: Path)
     assert "| post-local SGD + SlowMo | 8 | 4 | 2 |" in md and "| 1/2 |" in md
     assert "## digits/smallcnn" in md
     names = sorted(p.name for p in written)
-    assert names == sorted(["results.csv", "results.md", "accuracy_vs_H.png", "accuracy_vs_H.svg",
-                            "curves-W2.png", "curves-W2.svg", "curves-W4.png", "curves-W4.svg"])
+    assert names == sorted(
+        [
+            "results.csv",
+            "results.md",
+            "accuracy_vs_H.png",
+            "accuracy_vs_H.svg",
+            "curves-W2.png",
+            "curves-W2.svg",
+            "curves-W4.png",
+            "curves-W4.svg",
+        ]
+    )
     assert sorted(p.name for p in out.iterdir()) == names
     for path in written:
         if path.suffix == ".png":
@@ -128,10 +180,16 @@ def test_single_seed_has_no_std_and_tasks_get_their_own_figures(tmp_path: Path) 
     written = write_report([tmp_path / "runs"], out, say=None)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["task"], r["seeds"], r["test_accuracy_std"]) for r in rows] == [
-        ("digits/smallcnn", "1", ""), ("synthetic/mlp", "1", "")]
+        ("digits/smallcnn", "1", ""),
+        ("synthetic/mlp", "1", ""),
+    ]
     assert f"{100 * final_accuracy('local_sgd', 4, 2, 0):.2f} ± –" in (out / "results.md").read_text()
-    assert {p.name for p in written} >= {"accuracy_vs_H-digits-smallcnn.svg", "accuracy_vs_H-synthetic-mlp.png",
-                                         "curves-digits-smallcnn-W2.png", "curves-synthetic-mlp-W2.svg"}
+    assert {p.name for p in written} >= {
+        "accuracy_vs_H-digits-smallcnn.svg",
+        "accuracy_vs_H-synthetic-mlp.png",
+        "curves-digits-smallcnn-W2.png",
+        "curves-synthetic-mlp-W2.svg",
+    }
 
 
 def test_existing_report_is_kept_unless_overwrite(tmp_path: Path) -> None:
@@ -174,8 +232,10 @@ def test_runs_without_evaluation_are_skipped_with_a_warning(tmp_path: Path, caps
     write_run(tmp_path / "runs" / "done", "local_sgd", 2, 2, 1)
     write_report([tmp_path / "runs"], tmp_path / "report", say=None)
     warnings = capsys.readouterr().err.splitlines()
-    assert warnings == [f"hpc-localsgd: warning: skipping '{tmp_path / 'runs' / 'started' / 'metrics.h5'}': "
-                        "no evaluation yet"] * 2
+    assert (
+        warnings
+        == [f"hpc-localsgd: warning: skipping '{tmp_path / 'runs' / 'started' / 'metrics.h5'}': no evaluation yet"] * 2
+    )
     assert list(csv.DictReader((tmp_path / "report" / "results.csv").open()))[0]["seeds"] == "1"
 
 
@@ -204,16 +264,36 @@ def test_a_file_being_written_is_retried_then_skipped(tmp_path: Path, monkeypatc
 
 
 def test_method_labels() -> None:
-    assert [collect.method_label(m, o) for m, o in [
-        ("allreduce", "none"), ("local_sgd", "none"), ("post_local_sgd", "none"), ("local_sgd", "slowmo"),
-        ("post_local_sgd", "slowmo"), ("local_sgd", "nesterov"), ("post_local_sgd", "nesterov")]] == [
-        "all-reduce", "local SGD", "post-local SGD", "SlowMo", "post-local SGD + SlowMo",
-        "local SGD + outer Nesterov", "post-local SGD + outer Nesterov"]
+    assert [
+        collect.method_label(m, o)
+        for m, o in [
+            ("allreduce", "none"),
+            ("local_sgd", "none"),
+            ("post_local_sgd", "none"),
+            ("local_sgd", "slowmo"),
+            ("post_local_sgd", "slowmo"),
+            ("local_sgd", "nesterov"),
+            ("post_local_sgd", "nesterov"),
+        ]
+    ] == [
+        "all-reduce",
+        "local SGD",
+        "post-local SGD",
+        "SlowMo",
+        "post-local SGD + SlowMo",
+        "local SGD + outer Nesterov",
+        "post-local SGD + outer Nesterov",
+    ]
 
 
 def test_cli_prints_one_line_for_a_missing_run_dir(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "hpc_localsgd", "report", "missing_dir"], capture_output=True,
-                          text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", "report", "missing_dir"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["hpc-localsgd: error: 'missing_dir' does not exist"]
     assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "report").exists()
@@ -223,8 +303,15 @@ def test_runs_differing_in_another_setting_are_told_apart_but_not_by_where_they_
     """SlowMo at two β is two methods to a reader; a simulation and an MPI run of one config are one."""
     for beta in (0.2, 0.8):
         for seed in (0, 1):
-            write_run(tmp_path / f"b{beta}-s{seed}", "local_sgd", 8, 4, seed, outer="slowmo",
-                      extra=(f"algorithm.slow_momentum={beta}",))
+            write_run(
+                tmp_path / f"b{beta}-s{seed}",
+                "local_sgd",
+                8,
+                4,
+                seed,
+                outer="slowmo",
+                extra=(f"algorithm.slow_momentum={beta}",),
+            )
     write_run(tmp_path / "sim", "local_sgd", 8, 2, 0, extra=("comm.backend=simulated", "comm.simulated_workers=2"))
     write_run(tmp_path / "mpi", "local_sgd", 8, 2, 0, extra=("comm.backend=mpi",))
     runs = collect.collect_runs([tmp_path], warn=lambda _line: None)

@@ -1,5 +1,6 @@
 """The simulated backend's parts, each against a plain computation: its collectives against sums
 written out, the stacked model against one model per worker, and its refusals."""
+
 from __future__ import annotations
 
 import copy
@@ -78,8 +79,9 @@ def test_stacked_model_computes_each_workers_forward_gradient_and_bn_statistics(
     # The engine's flat storage makes every parameter and buffer a non-contiguous view: the BN
     # statistics must still be updated in place (vmap alone loses those updates).
     optimizer = torch.optim.SGD(stacked.parameters(), lr=0.1, momentum=0.9)
-    engine = AveragingEngine(stacked, optimizer, SimulatedCommunicator(workers), AlgorithmConfig(method="local_sgd"),
-                             SyncSchedule(4, 0))
+    engine = AveragingEngine(
+        stacked, optimizer, SimulatedCommunicator(workers), AlgorithmConfig(method="local_sgd"), SyncSchedule(4, 0)
+    )
     assert not next(iter(stacked.stacked.buffers())).is_contiguous()
     x = torch.randn(workers, 5, 1, 8, 8)
     y = torch.randint(0, 4, (workers, 5))
@@ -99,8 +101,12 @@ def test_stacked_model_computes_each_workers_forward_gradient_and_bn_statistics(
 
 
 def _config(tmp_path: Path, name: str, workers: int, extra: tuple[str, ...] = ()):
-    return load_config(None, BASE + CASES[name] + [f"output.run_dir={tmp_path / name}", "comm.backend=simulated",
-                                                   f"comm.simulated_workers={workers}", *extra])
+    return load_config(
+        None,
+        BASE
+        + CASES[name]
+        + [f"output.run_dir={tmp_path / name}", "comm.backend=simulated", f"comm.simulated_workers={workers}", *extra],
+    )
 
 
 def test_same_config_and_seed_give_the_same_numbers(tmp_path: Path) -> None:
@@ -150,15 +156,29 @@ def test_a_simulation_prints_the_progress_lines_of_a_run_on_ranks(tmp_path: Path
     train(cfg, launch=detect_launch({}), comm=SingleCommunicator(), print_fn=on_rank.append)
 
     number = r"[0-9.e+-]+"
-    step_line = (rf"step \d+/\d+ \| epoch {number} \| lr {number} \| loss {number} \| acc {number} \| "
-                 rf"\d+ samples/s \| comm \d+%")
+    step_line = (
+        rf"step \d+/\d+ \| epoch {number} \| lr {number} \| loss {number} \| acc {number} \| "
+        rf"\d+ samples/s \| comm \d+%"
+    )
     eval_line = rf"eval step \d+ \| epoch {number} \| train loss {number} \| test loss {number} \| test acc {number}"
-    done_line = (rf"hpc-localsgd: done \| .+ \| \d+ (ranks|simulated workers) \| \d+ steps in {number} s \| "
-                 rf"test acc {number} \| \d+ sync rounds, .+ sent per (rank|simulated worker) \| comm \d+% of time")
+    done_line = (
+        rf"hpc-localsgd: done \| .+ \| \d+ (ranks|simulated workers) \| \d+ steps in {number} s \| "
+        rf"test acc {number} \| \d+ sync rounds, .+ sent per (rank|simulated worker) \| comm \d+% of time"
+    )
     for lines in (simulated, on_rank):
-        kinds = [next(kind for kind, pattern in (("step", step_line), ("eval", eval_line), ("done", done_line),
-                                                  ("start", r"hpc-localsgd: .+ \| run dir .+"))
-                      if re.fullmatch(pattern, line)) for line in lines]
+        kinds = [
+            next(
+                kind
+                for kind, pattern in (
+                    ("step", step_line),
+                    ("eval", eval_line),
+                    ("done", done_line),
+                    ("start", r"hpc-localsgd: .+ \| run dir .+"),
+                )
+                if re.fullmatch(pattern, line)
+            )
+            for line in lines
+        ]
         assert kinds[0] == "start" and kinds[-1] == "done" and "step" in kinds and "eval" in kinds, lines
     # Same steps, so the same step windows and evaluations, in the same order.
     assert [line.split(" |")[0] for line in simulated[1:-1]] == [line.split(" |")[0] for line in on_rank[1:-1]]

@@ -38,7 +38,8 @@ def test_grid_expands_to_validated_configs_manifest_and_arrays(tmp_path: Path) -
     write_sweep(plan, overwrite=False)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["runs"]
     assert [(r["array"], r["task"]) for r in manifest[:7]] == [("array-1n.sbatch", i) for i in range(6)] + [
-        ("array-2n.sbatch", 0)]
+        ("array-2n.sbatch", 0)
+    ]
     seen = set()
     for run in manifest:
         cfg = load_config(run["config"])
@@ -67,21 +68,33 @@ def test_existing_sweep_is_not_overwritten(tmp_path: Path) -> None:
     write_sweep(plan, overwrite=True)
 
 
-@pytest.mark.parametrize("text,message", [
-    (GRID.replace("sync_period: [2, 8]", "sync_period: [2, 0]"),
-     "sweep point 0004-method-local_sgd_sync_period-0_seed-0_nodes-1: algorithm.sync_period: must be >= 1, got 0"),
-    # The sweep file is checked by the config loader: unknown keys with a suggestion, types, ranges.
-    (GRID.replace("grid:", "gird:"), "grid.yaml': gird: unknown key; did you mean 'grid'?"),
-    (GRID.replace("throttle: 3", "throtle: 3"), "grid.yaml': slurm.throtle: unknown key; did you mean 'throttle'?"),
-    (GRID.replace("nodes: [1, 2]", "nodes: [0]"), "grid.yaml': slurm.nodes: must be positive integers, got [0]"),
-    (GRID.replace("throttle: 3", "throttle: 3, time: 24:00:00"),
-     "grid.yaml': slurm.time: expected a string, got 86400"),  # YAML 1.1 reads an unquoted time as a number
-    (GRID.replace("ntasks_per_node: 4", "ntasks_per_node: 0"), "slurm.ntasks_per_node: must be >= 1, got 0"),
-    (GRID.replace("throttle: 3", "throttle: 3, launcher: slurm"),
-     "slurm.launcher: must be one of 'srun' | 'mpirun', got 'slurm'"),
-    (GRID.replace("  - {algorithm.method: allreduce}", "  - allreduce"),
-     "variants[0]: expected a mapping, got 'allreduce'"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            GRID.replace("sync_period: [2, 8]", "sync_period: [2, 0]"),
+            "sweep point 0004-method-local_sgd_sync_period-0_seed-0_nodes-1: "
+            "algorithm.sync_period: must be >= 1, got 0",
+        ),
+        # The sweep file is checked by the config loader: unknown keys with a suggestion, types, ranges.
+        (GRID.replace("grid:", "gird:"), "grid.yaml': gird: unknown key; did you mean 'grid'?"),
+        (GRID.replace("throttle: 3", "throtle: 3"), "grid.yaml': slurm.throtle: unknown key; did you mean 'throttle'?"),
+        (GRID.replace("nodes: [1, 2]", "nodes: [0]"), "grid.yaml': slurm.nodes: must be positive integers, got [0]"),
+        (
+            GRID.replace("throttle: 3", "throttle: 3, time: 24:00:00"),
+            "grid.yaml': slurm.time: expected a string, got 86400",
+        ),  # YAML 1.1 reads an unquoted time as a number
+        (GRID.replace("ntasks_per_node: 4", "ntasks_per_node: 0"), "slurm.ntasks_per_node: must be >= 1, got 0"),
+        (
+            GRID.replace("throttle: 3", "throttle: 3, launcher: slurm"),
+            "slurm.launcher: must be one of 'srun' | 'mpirun', got 'slurm'",
+        ),
+        (
+            GRID.replace("  - {algorithm.method: allreduce}", "  - allreduce"),
+            "variants[0]: expected a mapping, got 'allreduce'",
+        ),
+    ],
+)
 def test_bad_grids_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         plan_sweep(make(tmp_path, text), tmp_path / "out")
@@ -96,8 +109,12 @@ def test_one_node_count_and_empty_keys(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("grid", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_sweeps_expand(grid: Path, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "hpc_localsgd", "sweep", str(grid), "--dry-run", "--out",
-                           str(tmp_path / "s")], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", "sweep", str(grid), "--dry-run", "--out", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
     first = proc.stdout.splitlines()[0]

@@ -1,4 +1,5 @@
 """The training loop in one process: deterministic on CPU, and its metrics file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,12 +13,27 @@ from hpc_localsgd.io.metrics import read_metrics
 from hpc_localsgd.launcher.env import detect_launch
 from hpc_localsgd.train.loop import train
 
-OVERRIDES = ["seed=5", "model.name=smallcnn", "model.width=4", "data.name=synthetic",
-             "data.synthetic.train_samples=256", "data.synthetic.test_samples=64", "data.synthetic.shape=[1, 8, 8]",
-             "data.synthetic.num_classes=4", "data.batch_size=16", "optim.warmup_epochs=0", "optim.schedule=constant",
-             "optim.lr_per_256=1.6", "train.epochs=2", "train.eval_every_epochs=1", "train.threads=1",
-             "algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=slowmo",
-             "output.metrics_flush_seconds=0"]
+OVERRIDES = [
+    "seed=5",
+    "model.name=smallcnn",
+    "model.width=4",
+    "data.name=synthetic",
+    "data.synthetic.train_samples=256",
+    "data.synthetic.test_samples=64",
+    "data.synthetic.shape=[1, 8, 8]",
+    "data.synthetic.num_classes=4",
+    "data.batch_size=16",
+    "optim.warmup_epochs=0",
+    "optim.schedule=constant",
+    "optim.lr_per_256=1.6",
+    "train.epochs=2",
+    "train.eval_every_epochs=1",
+    "train.threads=1",
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=4",
+    "algorithm.outer=slowmo",
+    "output.metrics_flush_seconds=0",
+]
 
 
 def run(run_dir: Path, extra: tuple[str, ...] = ()):
@@ -53,8 +69,15 @@ def test_metrics_series_and_resolved_config(tmp_path: Path) -> None:
 
 def test_timed_checkpoints_are_decided_at_poll_steps(tmp_path: Path) -> None:
     # Due at every poll (a tiny interval); polls every 3 steps; no step-count trigger.
-    run(tmp_path / "t", ("checkpoint.every_minutes=0.000001", "checkpoint.poll_every_steps=3", "checkpoint.keep=100",
-                         "checkpoint.at_end=false"))
+    run(
+        tmp_path / "t",
+        (
+            "checkpoint.every_minutes=0.000001",
+            "checkpoint.poll_every_steps=3",
+            "checkpoint.keep=100",
+            "checkpoint.at_end=false",
+        ),
+    )
     steps = sorted(int(p.name[5:14]) for p in (tmp_path / "t" / "checkpoints").glob("step-*.h5"))
     assert steps == list(range(3, 33, 3))
 
@@ -65,7 +88,11 @@ def test_inspect_describes_checkpoints_and_metrics(tmp_path: Path) -> None:
     run(tmp_path / "i")
     checkpoint = describe(tmp_path / "i" / "checkpoints" / "step-000000032.h5")
     assert (checkpoint["kind"], checkpoint["valid"], checkpoint["step"], checkpoint["world_size"]) == (
-        "checkpoint", True, 32, 1)
+        "checkpoint",
+        True,
+        32,
+        1,
+    )
     assert checkpoint["config"]["algorithm"]["outer"] == "slowmo" and "torch" in checkpoint["versions"]
     metrics = describe(tmp_path / "i" / "metrics.h5")
     assert (metrics["kind"], metrics["steps_logged"], metrics["evaluations"]) == ("metrics", 32, 2)
