@@ -108,9 +108,12 @@ def test_backends_agree(runs: dict[str, Path], case: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_local_sgd_period_1_equals_synchronous_sgd(runs: dict[str, Path], backend: str) -> None:
+    # Equal in exact arithmetic; in float32 the two orders of summation (average the gradients, then
+    # step; step, then average the models) drift apart by rounding over the 12 steps: 3e-6 at most
+    # on this machine's CPU, and machine-dependent. The reference comparison's tolerance applies.
     sync, local = load(runs, backend, "allreduce", 0), load(runs, backend, "local_H1", 0)
     for name in param_names("allreduce"):
-        np.testing.assert_allclose(local[name], sync[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(local[name], sync[name], rtol=2e-4, atol=2e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
