@@ -36,3 +36,20 @@ def test_ruff_format_leaves_every_file_as_it_is() -> None:
 def test_mypy_is_clean() -> None:
     # Which files mypy checks is set in pyproject.toml ([tool.mypy] files).
     _run_tool("mypy")
+
+
+# The training loop is read more than any other code: its functions stay readable in one screen.
+TRAIN_FUNCTION_LINES = 80
+
+
+def test_functions_in_train_stay_short() -> None:
+    import ast
+
+    long = []
+    for path in sorted((REPO_ROOT / "hpc_localsgd" / "train").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > TRAIN_FUNCTION_LINES:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []
