@@ -4,6 +4,7 @@ Written straight from ../shared/ALGORITHMS.md, per tensor and without the packag
 buffers, gradient buckets or rearranged formulas, so that agreement with the package is
 evidence rather than tautology. Workers use PyTorch's own SGD (with its lazy momentum).
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,23 +18,37 @@ import torch.nn.functional as F
 @dataclass
 class ReferenceAlgorithm:
     sync_period: int = 1
-    local_start: int | None = 0       # None: synchronous throughout
-    outer: str = "none"                  # none | slowmo | nesterov
+    local_start: int | None = 0  # None: synchronous throughout
+    outer: str = "none"  # none | slowmo | nesterov
     slow_lr: float = 1.0
     slow_momentum: float = 0.0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
-    momentum_buffers: str = "keep"       # keep | average | reset
+    momentum_buffers: str = "keep"  # keep | average | reset
     average_bn_buffers: bool = True
+    ranks_per_worker: int = 1  # consecutive ranks that average gradients every local step
+    levels: tuple[tuple[int, int], ...] = ()  # (group size, period): model averages inside groups
 
 
-def simulate(initial: torch.nn.Module, algo: ReferenceAlgorithm, batches: Sequence[Sequence[tuple]],
-             lr_at: Callable[[int], float], momentum: float, weight_decay: float,
-             nesterov: bool = False) -> list[torch.nn.Module]:
+def _groups(size: int, ranks: int) -> list[range]:
+    return [range(start, start + ranks) for start in range(0, size, ranks)]
+
+
+def simulate(
+    initial: torch.nn.Module,
+    algo: ReferenceAlgorithm,
+    batches: Sequence[Sequence[tuple]],
+    lr_at: Callable[[int], float],
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool = False,
+) -> list[torch.nn.Module]:
     """Train ``len(batches)`` workers; ``batches[i][s]`` is worker i's (x, y) at step s."""
     workers = [copy.deepcopy(initial) for _ in batches]
-    opts = [torch.optim.SGD(w.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay,
-                            nesterov=nesterov) for w in workers]
+    opts = [
+        torch.optim.SGD(w.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        for w in workers
+    ]
     steps = len(batches[0])
     x_prev: list[torch.Tensor] = []
     slow_u: list[torch.Tensor] = []
@@ -47,8 +62,9 @@ def simulate(initial: torch.nn.Module, algo: ReferenceAlgorithm, batches: Sequen
             opt.zero_grad()
             x, y = wb[s]
             F.cross_entropy(w(x), y).backward()
-        if synchronous and len(workers) > 1:
-            for params in zip(*(w.parameters() for w in workers), strict=True):
+        # Synchronous phase: gradients averaged over all ranks; local phase: inside each worker.
+        for group in _groups(len(workers), len(workers) if synchronous else algo.ranks_per_worker):
+            for params in zip(*(workers[r].parameters() for r in group), strict=True):
                 g = sum(p.grad for p in params) / len(params)
                 for p in params:
                     p.grad = g.clone()
@@ -57,7 +73,14 @@ def simulate(initial: torch.nn.Module, algo: ReferenceAlgorithm, batches: Sequen
                 group["lr"] = lr
             opt.step()
         done = s + 1
-        if synchronous or algo.local_start is None or (done - algo.local_start) % algo.sync_period != 0:
+        if synchronous or algo.local_start is None:
+            continue
+        local_steps = done - algo.local_start
+        if local_steps % algo.sync_period != 0:
+            # Not a global sync: the largest group whose period has come averages its members' models.
+            due = [ranks for ranks, period in algo.levels if local_steps % period == 0]
+            if due:
+                _average_inside_groups(workers, opts, due[-1], algo)
             continue
         with torch.no_grad():
             # x̄ = avg_i x⁽ⁱ⁾
@@ -85,8 +108,10 @@ def simulate(initial: torch.nn.Module, algo: ReferenceAlgorithm, batches: Sequen
                         for b in bufs:
                             b.copy_(mean)
             if algo.momentum_buffers != "keep":
-                states = [[opt.state[p].get("momentum_buffer") for p in w.parameters()]
-                          for w, opt in zip(workers, opts, strict=True)]
+                states = [
+                    [opt.state[p].get("momentum_buffer") for p in w.parameters()]
+                    for w, opt in zip(workers, opts, strict=True)
+                ]
                 for bufs in zip(*states, strict=True):
                     if bufs[0] is None:
                         continue
@@ -94,3 +119,27 @@ def simulate(initial: torch.nn.Module, algo: ReferenceAlgorithm, batches: Sequen
                     for b in bufs:
                         b.copy_(new)
     return workers
+
+
+def _average_inside_groups(
+    workers: list[torch.nn.Module], opts: list[torch.optim.Optimizer], ranks: int, algo: ReferenceAlgorithm
+) -> None:
+    """x⁽ⁱ⁾ ← mean of x over i's group, for parameters and, as configured, BN statistics and momentum."""
+    with torch.no_grad():
+        for group in _groups(len(workers), ranks):
+            members = [workers[r] for r in group]
+            tensors = [list(w.parameters()) for w in members]
+            if algo.average_bn_buffers:
+                for i, w in enumerate(members):
+                    tensors[i] += [b for b in w.buffers() if b.is_floating_point()]
+            if algo.momentum_buffers == "average":
+                for i, r in enumerate(group):
+                    tensors[i] += [
+                        opts[r].state[p]["momentum_buffer"]
+                        for p in workers[r].parameters()
+                        if opts[r].state[p].get("momentum_buffer") is not None
+                    ]
+            for same in zip(*tensors, strict=True):
+                mean = sum(same) / len(same)
+                for t in same:
+                    t.copy_(mean)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+
+# The level of a flat run's every collective, and of the top of a hierarchy: all ranks, over the
+# slowest network (see algorithms/hierarchy.py for the others: ``worker``, ``level1``...).
+GLOBAL = "global"
 
 
 @dataclass
@@ -17,11 +21,23 @@ class CommStats:
     bytes_sent    payload bytes this rank contributed to allreduces. A ring allreduce moves
                   about 2·(m−1)/m of this over each rank's link.
     comm_seconds  wall time this rank spent blocked in collectives (not hidden by overlap).
+    rounds_by_level, bytes_by_level
+                  the same two counts per level of the hierarchy (``global``, and ``worker``,
+                  ``level1``... when ranks form workers): what crosses the slow network is ``global``.
     """
 
     sync_rounds: int = 0
     bytes_sent: int = 0
     comm_seconds: float = 0.0
+    rounds_by_level: dict[str, int] = field(default_factory=dict)
+    bytes_by_level: dict[str, int] = field(default_factory=dict)
+
+    def count(self, level: str, nbytes: int) -> None:
+        """One round of ``level`` in which this rank contributed ``nbytes``."""
+        self.sync_rounds += 1
+        self.bytes_sent += nbytes
+        self.rounds_by_level[level] = self.rounds_by_level.get(level, 0) + 1
+        self.bytes_by_level[level] = self.bytes_by_level.get(level, 0) + nbytes
 
     @contextmanager
     def timed(self) -> Iterator[None]:
@@ -32,9 +48,22 @@ class CommStats:
             self.comm_seconds += time.perf_counter() - start
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """Flat, for a checkpoint's JSON: the totals, then ``rounds.<level>`` and ``bytes.<level>``."""
+        flat: dict[str, float] = {
+            "sync_rounds": self.sync_rounds,
+            "bytes_sent": self.bytes_sent,
+            "comm_seconds": self.comm_seconds,
+        }
+        flat.update({f"rounds.{level}": n for level, n in self.rounds_by_level.items()})
+        flat.update({f"bytes.{level}": n for level, n in self.bytes_by_level.items()})
+        return flat
 
     def load(self, saved: dict[str, float]) -> None:
         self.sync_rounds = int(saved["sync_rounds"])
         self.bytes_sent = int(saved["bytes_sent"])
         self.comm_seconds = float(saved["comm_seconds"])
+        self.rounds_by_level = {k[len("rounds.") :]: int(v) for k, v in saved.items() if k.startswith("rounds.")}
+        self.bytes_by_level = {k[len("bytes.") :]: int(v) for k, v in saved.items() if k.startswith("bytes.")}
+        if not self.rounds_by_level and self.sync_rounds:
+            # Written before counts per level existed: every collective of a flat run is global.
+            self.rounds_by_level, self.bytes_by_level = {GLOBAL: self.sync_rounds}, {GLOBAL: self.bytes_sent}

@@ -23,9 +23,10 @@ import torch
 
 from ..comm.base import Communicator
 from ..config.schema import AlgorithmConfig
-from .accounting import CommStats
+from .accounting import GLOBAL, CommStats
 from .flat import BUFFERS, MOMENTUM, PARAMS, FlatGroup, flatten_training_state
 from .gradients import GradientAllreduce
+from .hierarchy import WORKER, Hierarchy
 from .outer import OuterNesterov, OuterOptimizer, PlainAverage, SlowMo
 from .schedule import SyncSchedule
 
@@ -57,6 +58,7 @@ class AveragingEngine:
         cfg: AlgorithmConfig,
         schedule: SyncSchedule,
         bucket_bytes: int = 25 * 2**20,
+        hierarchy: Hierarchy | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -66,6 +68,14 @@ class AveragingEngine:
         self.stats = CommStats()  # training communication
         self.eval_stats = CommStats()  # evaluation only: never part of the training cost
         self.outer = make_outer_optimizer(cfg)
+        # Worker groups (algorithms/hierarchy.py): the ranks of a worker average gradients every local
+        # step; intermediate levels average models inside larger groups; ``comm`` is the world.
+        self.hierarchy = hierarchy or Hierarchy(comm.size)
+        if self.hierarchy.world_size != comm.size:
+            raise ValueError(f"a hierarchy of {self.hierarchy.world_size} ranks for a world of {comm.size}")
+        ranks_per_worker = self.hierarchy.ranks_per_worker
+        self.worker_comm = comm.split(ranks_per_worker) if ranks_per_worker > 1 else None
+        self.level_comms = [comm.split(level.ranks) for level in self.hierarchy.levels]
 
         averaged = {PARAMS}
         if cfg.average_bn_buffers:
@@ -86,7 +96,7 @@ class AveragingEngine:
         # x_prev for the outer optimizer: the model right after the previous sync (parameters only).
         self.anchors: list[torch.Tensor] = []
         self.gradients: GradientAllreduce | None = None
-        if schedule.local_start is None or schedule.local_start > 0:
+        if schedule.local_start is None or schedule.local_start > 0 or self.worker_comm is not None:
             self.gradients = GradientAllreduce(list(model.parameters()), comm, bucket_bytes, self.stats)
 
     def broadcast_initial_state(self) -> None:
@@ -111,9 +121,11 @@ class AveragingEngine:
 
     # The parts of ``train_step``, public for measurements that time one part alone.
     def begin_step(self, step: int) -> None:
-        synchronous = self.schedule.is_synchronous(step)
         if self.gradients is not None:
-            self.gradients.start_step(synchronous and self.comm.size > 1)
+            if self.schedule.is_synchronous(step):
+                self.gradients.start_step(self.comm if self.comm.size > 1 else None, GLOBAL)
+            else:
+                self.gradients.start_step(self.worker_comm, WORKER)
         if step == self.schedule.local_start and self.outer.needs_anchor and not self.anchors:
             self.anchors = [g.slice(PARAMS).clone() for g in self.groups]
 
@@ -123,31 +135,40 @@ class AveragingEngine:
 
     def end_step(self, completed_steps: int, lr: float) -> bool:
         """Average the model if a sync is due after ``completed_steps`` steps; ``lr`` is the base
-        LR the last step used (SlowMo's γ). Returns whether a sync happened."""
-        if not self.schedule.averages_after(completed_steps):
-            return False
-        self.sync(lr)
-        return True
+        LR the last step used (SlowMo's γ). Returns whether a (global) sync happened; an
+        intermediate level of a hierarchy averages its groups when it alone is due."""
+        if self.schedule.averages_after(completed_steps):
+            self.sync(lr)
+            return True
+        level = self.hierarchy.level_due(completed_steps, self.schedule.local_start, self.schedule.sync_period)
+        if level is not None:
+            self._average(self.level_comms[level], f"level{level + 1}")
+        return False
 
     def sync(self, lr: float) -> None:
-        """One model average: a single allreduce per dtype, then the outer step and the buffer policy."""
-        if self.comm.size > 1:  # one rank communicates nothing; its outer step (Lookahead) still runs
-            with self.stats.timed():
-                handles = [
-                    self.comm.iallreduce_(g.flat[..., start:end], average=True)
-                    for g, spans in zip(self.groups, self._sync_spans, strict=True)
-                    for start, end in spans
-                ]
-                for handle in handles:
-                    handle.wait()
-            self.stats.sync_rounds += 1
-            self.stats.bytes_sent += self.bytes_per_sync
+        """One model average over all ranks, then the outer step and the buffer policy."""
+        self._average(self.comm, GLOBAL)
         with torch.no_grad():
             for index, group in enumerate(self.groups):
                 anchor = self.anchors[index] if self.anchors else None
                 self.outer.step(group.slice(PARAMS), anchor, lr, index)
                 if self.cfg.momentum_buffers == "reset":
                     group.slice(MOMENTUM).zero_()
+
+    def _average(self, comm: Communicator, level: str) -> None:
+        """Average what a sync averages over ``comm``: a single allreduce per dtype. One rank
+        communicates nothing (its outer step, Lookahead, still runs)."""
+        if comm.size == 1:
+            return
+        with self.stats.timed():
+            handles = [
+                comm.iallreduce_(g.flat[..., start:end], average=True)
+                for g, spans in zip(self.groups, self._sync_spans, strict=True)
+                for start, end in spans
+            ]
+            for handle in handles:
+                handle.wait()
+        self.stats.count(level, self.bytes_per_sync)
 
     # --- state for checkpoints -------------------------------------------------------------------
     def rank_state(self) -> dict[str, torch.Tensor]:

@@ -5,6 +5,9 @@ backward produces gradients, as in DDP). A post-accumulate-grad hook copies each
 into its bucket's flat buffer; a full bucket starts a non-blocking allreduce while backward
 goes on. Buckets start strictly in index order so that every rank issues its collectives
 in the same order (MPI requires it). ``finish`` waits and copies the averages back.
+Each step says over which communicator its gradients are averaged: all ranks in the
+synchronous phase, the ranks of one worker in the local phase when workers are groups of
+ranks (algorithms/hierarchy.py), or none.
 With a simulated backend (``comm.replicas`` workers in one process) every gradient is stacked
 over the workers, and so is each bucket: ``[workers, elements]``.
 """
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..comm.base import Communicator, Handle
-from .accounting import CommStats
+from .accounting import GLOBAL, CommStats
 from .flat import column_view
 
 
@@ -34,10 +37,11 @@ class GradientAllreduce:
     def __init__(
         self, params: list[torch.nn.Parameter], comm: Communicator, bucket_bytes: int, stats: CommStats
     ) -> None:
-        self.comm = comm
         self.stats = stats
         self.replicas = comm.replicas
         self.enabled = False
+        self._step_comm: Communicator = comm  # this step's group
+        self._level = GLOBAL
         self.buckets: list[_Bucket] = []
         self._where: dict[int, tuple[int, int]] = {}  # id(param) → (bucket, position)
         trainable = [p for p in params if p.requires_grad]
@@ -68,8 +72,11 @@ class GradientAllreduce:
             self._where[id(p)] = (len(self.buckets), position)
         self.buckets.append(_Bucket(members, flat, views))
 
-    def start_step(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def start_step(self, comm: Communicator | None, level: str = GLOBAL) -> None:
+        """Average this step's gradients over ``comm`` (counted as ``level``); None: not at all."""
+        self.enabled = comm is not None
+        if comm is not None:
+            self._step_comm, self._level = comm, level
         self._next_to_start = 0
         for bucket in self.buckets:
             bucket.filled.clear()
@@ -97,7 +104,7 @@ class GradientAllreduce:
             if len(bucket.filled) < len(bucket.params):
                 return
             with self.stats.timed():
-                bucket.handle = self.comm.iallreduce_(bucket.flat, average=True)
+                bucket.handle = self._step_comm.iallreduce_(bucket.flat, average=True)
             self._next_to_start += 1
 
     def finish(self) -> None:
@@ -125,8 +132,7 @@ class GradientAllreduce:
                     p.grad = view.clone()
                 else:
                     p.grad.copy_(view)
-        self.stats.sync_rounds += 1
-        self.stats.bytes_sent += self.bytes_per_step
+        self.stats.count(self._level, self.bytes_per_step)
         self.enabled = False
 
     def remove(self) -> None:

@@ -155,6 +155,23 @@ class OptimConfig:
 
 
 @dataclass
+class LevelConfig:
+    """An intermediate level of a hierarchy: the model averaged inside groups of ranks."""
+
+    ranks: int | Literal["node"] = setting(
+        "node",
+        "Consecutive ranks per group: a number, or node (the ranks of one node).",
+        rule="larger than, and a multiple of, the level below; divides the world size",
+    )
+    sync_period: int = setting(
+        1,
+        "Local steps between two averagings inside the groups.",
+        range=">= 1",
+        rule="larger than the level below's, smaller than algorithm.sync_period",
+    )
+
+
+@dataclass
 class AlgorithmConfig:
     """One averaging engine; the study's methods are settings of it.
 
@@ -207,6 +224,20 @@ class AlgorithmConfig:
     average_bn_buffers: bool = setting(
         True, "Average BatchNorm running statistics at a sync (false: each rank keeps its own)."
     )
+    ranks_per_worker: int | Literal["node"] = setting(
+        1,
+        "Ranks that form one local-SGD worker: 1 (every rank is a worker), a number N (ranks 0..N-1, N..2N-1, ... "
+        "average their gradients every step, as all-reduce SGD does) or node (the ranks of one node). Model "
+        "averaging, the outer optimizer and the buffer policies then act between workers.",
+        rule=">= 1 and divides the world size; node: every node holds as many ranks",
+    )
+    levels: list[LevelConfig] = setting(
+        [],
+        "Intermediate levels between the worker and the whole world, smallest group first: each averages the "
+        "model inside groups of `ranks` every `sync_period` steps; when several are due only the largest "
+        "group averages. Example: [{ranks: node, sync_period: 4}] with ranks_per_worker 1.",
+        rule="group sizes strictly growing, each dividing the next and the world size; periods growing",
+    )
 
     def validate(self, key: str = "algorithm") -> None:
         _check(
@@ -221,7 +252,20 @@ class AlgorithmConfig:
                 f"{key}.switch_step",
                 "only applies to method 'post_local_sgd'",
             )
+        _check(
+            self.ranks_per_worker == "node" or self.ranks_per_worker >= 1,
+            f"{key}.ranks_per_worker",
+            f"must be >= 1 or 'node', got {self.ranks_per_worker}",
+        )
+        for index, level in enumerate(self.levels):
+            check_declared(level, f"{key}.levels[{index}]")
+            _check(
+                level.ranks == "node" or level.ranks >= 2,
+                f"{key}.levels[{index}].ranks",
+                f"must be >= 2 or 'node', got {level.ranks}",
+            )
         if self.method == "allreduce":
+            _check(not self.levels, f"{key}.levels", "apply to model averaging; method 'allreduce' averages every step")
             _check(
                 self.outer == "none", f"{key}.outer", "an outer optimizer needs method 'local_sgd' or 'post_local_sgd'"
             )

@@ -7,7 +7,10 @@ on purpose: it is unreliable on parallel filesystems). A resumed run appends to 
 Layout: groups ``steps`` and ``evals``, one 1-D dataset per field (all the same length);
 root attributes ``config`` (the resolved YAML), ``world`` (JSON), ``versions`` (JSON),
 ``format`` = "hpc-localsgd/metrics", ``format_version`` = 1, ``total_steps`` (the steps the run
-was planned for) and more written by the training loop.
+was planned for), ``levels`` (JSON: the levels of the run's hierarchy, ``global`` last) and more
+written by the training loop. Besides the totals ``bytes_sent`` and ``sync_rounds``, both groups
+have ``<level>_bytes_sent`` and ``<level>_sync_rounds`` for every level (files written before
+levels existed have neither: all their traffic is ``global``).
 
 This module owns that contract: the file name, the format tag, the fields and when a run counts as
 finished (:func:`run_finished`). It imports no torch, so that the report reads metrics files
@@ -55,6 +58,17 @@ EVAL_FIELDS = (
     "sync_rounds",
 )
 _INT_FIELDS = {"step", "bytes_sent", "sync_rounds", "synced"}
+LEVELS_ATTR = "levels"
+GLOBAL_LEVEL = "global"  # every rank, over the slowest network: what a flat run's traffic is
+
+
+def level_fields(levels: Sequence[str]) -> tuple[str, ...]:
+    """The per-level counter fields of a run with these levels."""
+    return tuple(f"{level}_{counter}" for level in levels for counter in ("bytes_sent", "sync_rounds"))
+
+
+def _is_int(name: str) -> bool:
+    return name in _INT_FIELDS or name.endswith(("_bytes_sent", "_sync_rounds"))
 
 
 class MetricsWriter:
@@ -65,9 +79,11 @@ class MetricsWriter:
         flush_seconds: float,
         locking: bool = False,
         resume_after_step: int | None = None,
+        levels: Sequence[str] = (GLOBAL_LEVEL,),
     ) -> None:
         """Create ``path``; or, with ``resume_after_step``, reopen it and drop the rows logged after
-        that step (they were written after the checkpoint being resumed and will be logged again)."""
+        that step (they were written after the checkpoint being resumed and will be logged again).
+        ``levels``: the hierarchy's levels, for the per-level counters every row then carries."""
         self.path = Path(path)
         self.flush_seconds = flush_seconds
         self.locking = locking
@@ -81,7 +97,9 @@ class MetricsWriter:
             f.attrs["format_version"] = METRICS_FORMAT_VERSION
             for key, value in attrs.items():
                 f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
-            for group, fields in (("steps", STEP_FIELDS), ("evals", EVAL_FIELDS)):
+            f.attrs[LEVELS_ATTR] = json.dumps(list(levels))
+            per_level = level_fields(levels)
+            for group, fields in (("steps", STEP_FIELDS + per_level), ("evals", EVAL_FIELDS + per_level)):
                 g = f.create_group(group)
                 for name in fields:
                     g.create_dataset(
@@ -89,7 +107,7 @@ class MetricsWriter:
                         shape=(0,),
                         maxshape=(None,),
                         chunks=(1024,),
-                        dtype=np.int64 if name in _INT_FIELDS else np.float64,
+                        dtype=np.int64 if _is_int(name) else np.float64,
                     )
 
     def _truncate_after(self, step: int) -> None:

@@ -104,6 +104,26 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnvironment:
     return LaunchEnvironment("none", WorldLayout(0, 1, 0, 1, 0, 1))
 
 
+def ranks_per_node(layout: WorldLayout) -> int:
+    """How many ranks each node holds, when every node holds as many and in one block of
+    consecutive ranks (what ``algorithm.ranks_per_worker: node`` needs); else ``LauncherMismatch``.
+
+    Each rank sees only its own node; the training loop makes the ranks agree on the outcome.
+    """
+    where = f"rank {layout.rank} of {layout.size} is local rank {layout.local_rank} of {layout.local_size}"
+    if layout.local_size * layout.num_nodes != layout.size:
+        raise LauncherMismatch(
+            f"nodes hold different numbers of ranks ({where} on {layout.num_nodes} node(s)); "
+            "'node' groups need as many ranks on every node"
+        )
+    if layout.node_rank != layout.rank // layout.local_size or layout.local_rank != layout.rank % layout.local_size:
+        raise LauncherMismatch(
+            f"the ranks of a node are not consecutive ({where} on node {layout.node_rank}); "
+            "place ranks by node (mpirun --map-by slot, srun --distribution=block)"
+        )
+    return layout.local_size
+
+
 def software_versions() -> dict[str, str]:
     """Versions that decide whether numbers reproduce, from package metadata (nothing is imported)."""
     from .. import __version__

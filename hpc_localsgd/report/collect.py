@@ -70,6 +70,9 @@ class Evals:
     wall_seconds: np.ndarray
     bytes_sent: np.ndarray
     sync_rounds: np.ndarray
+    # Over the slowest network: all of a flat run's traffic; between workers when ranks form workers.
+    global_bytes_sent: np.ndarray
+    global_sync_rounds: np.ndarray
 
     def __len__(self) -> int:
         return int(self.step.shape[0])
@@ -156,7 +159,14 @@ def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.
         workers=int(world.get("size", 1)),
         seed=int(config.get("seed", 0)),
         total_steps=int(attrs.get(TOTAL_STEPS_ATTR, 0)),
-        evals=Evals(**{name: np.asarray(evals[name][:rows]) for name in _EVAL_FIELDS}),
+        evals=Evals(
+            **{name: np.asarray(evals[name][:rows]) for name in _EVAL_FIELDS},
+            # Files written before levels existed count everything as global.
+            **{
+                f"global_{counter}": np.asarray(evals.get(f"global_{counter}", evals[counter])[:rows])
+                for counter in ("bytes_sent", "sync_rounds")
+            },
+        ),
         settings=_flatten(config),
     )
 

@@ -40,6 +40,13 @@ class ResultRow:
     sync_rounds_mean: float
     bytes_sent_mean: float  # per worker
     wall_seconds_mean: float
+    global_sync_rounds_mean: float  # between workers, over the slowest network
+    global_bytes_sent_mean: float
+
+    @property
+    def hierarchical(self) -> bool:
+        """Whether some traffic stayed inside workers or groups (it is not all global)."""
+        return self.global_bytes_sent_mean != self.bytes_sent_mean
 
     @property
     def complete(self) -> str:
@@ -70,6 +77,8 @@ def summarise(runs: Sequence[Run]) -> list[ResultRow]:
                 sync_rounds_mean=statistics.fmean(float(r.evals.sync_rounds[-1]) for r in members),
                 bytes_sent_mean=statistics.fmean(float(r.evals.bytes_sent[-1]) for r in members),
                 wall_seconds_mean=statistics.fmean(float(r.evals.wall_seconds[-1]) for r in members),
+                global_sync_rounds_mean=statistics.fmean(float(r.evals.global_sync_rounds[-1]) for r in members),
+                global_bytes_sent_mean=statistics.fmean(float(r.evals.global_bytes_sent[-1]) for r in members),
             )
         )
     return rows
@@ -87,6 +96,8 @@ CSV_COLUMNS = (
     "bytes_sent_per_worker_mean",
     "wall_seconds_mean",
     "complete",
+    "global_sync_rounds_mean",
+    "global_bytes_sent_per_worker_mean",
 )
 
 
@@ -109,6 +120,8 @@ def write_csv(rows: Sequence[ResultRow], path: Path) -> None:
                     repr(row.bytes_sent_mean),
                     repr(row.wall_seconds_mean),
                     row.complete,
+                    repr(row.global_sync_rounds_mean),
+                    repr(row.global_bytes_sent_mean),
                 ]
             )
 
@@ -141,7 +154,9 @@ def format_accuracy(row: ResultRow) -> str:
 
 
 def markdown(rows: Sequence[ResultRow]) -> str:
-    """One section per task; within it the table order of :func:`group_runs`."""
+    """One section per task; within it the table order of :func:`group_runs`. Runs whose ranks form
+    workers (or groups) get the global rounds and bytes too: what crosses the slowest network."""
+    hierarchical = any(row.hierarchical for row in rows)
     header = (
         "method",
         "H",
@@ -152,7 +167,7 @@ def markdown(rows: Sequence[ResultRow]) -> str:
         "bytes sent / worker",
         "wall time",
         "complete",
-    )
+    ) + (("global rounds", "global bytes / worker") if hierarchical else ())
     lines = [
         "# Results",
         "",
@@ -181,6 +196,8 @@ def markdown(rows: Sequence[ResultRow]) -> str:
                 human_bytes(row.bytes_sent_mean),
                 human_seconds(row.wall_seconds_mean),
                 row.complete,
+            ) + (
+                (_rounds(row.global_sync_rounds_mean), human_bytes(row.global_bytes_sent_mean)) if hierarchical else ()
             )
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -132,7 +132,7 @@ def _train(
         write_text_atomically(run_dir / "config.yaml", config_to_yaml(cfg))
 
     workers = RankWorkers(cfg, comm, launch, device)
-    opt = build_optimization(cfg, workers.model, comm, workers.steps_per_epoch)
+    opt = build_optimization(cfg, workers.model, comm, workers.steps_per_epoch, workers.hierarchy)
     # From here on each rank draws its own random numbers (dropout, say): same seed, other stream.
     seed_everything(derive_seed(cfg.seed, "rank", comm.rank))
     progress = _restored_progress(chosen, opt.engine, workers.model, comm.rank, reshard)

@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from ..algorithms.engine import AveragingEngine
+from ..algorithms.hierarchy import Hierarchy, hierarchy_from_config
+from ..comm.agree import agree_on_failure
 from ..comm.base import Communicator
 from ..config.schema import RunConfig
-from ..errors import UserError
-from ..launcher.env import LaunchEnvironment
+from ..errors import ConfigError, UserError
+from ..launcher.env import LaunchEnvironment, WorldLayout, ranks_per_node
 from .data import ShardedBatches, build_datasets, eval_batches
 from .models import build_model
 from .run import Batch, EvalResult, seed_everything
@@ -45,6 +47,7 @@ class RankWorkers:
                 f"× data.batch_size {cfg.data.batch_size}"
             )
         layout = launch.layout
+        self.hierarchy = agreed_hierarchy(cfg, comm, layout)
         self.description = f"{comm.size} rank(s) on {layout.num_nodes} node(s), {comm.name} backend, {device}"
         self.world: dict[str, Any] = {
             "size": comm.size,
@@ -95,3 +98,39 @@ class RankWorkers:
             test_accuracy=sums[1].item() / test_count,
             train_loss=sums[3].item() / max(sums[4].item(), 1.0),
         )
+
+
+def agreed_hierarchy(cfg: RunConfig, comm: Communicator, layout: WorldLayout) -> Hierarchy:
+    """The worker groups and levels of ``cfg.algorithm`` in this world, the same on every rank.
+
+    Numbers alone decide the same everywhere; ``node`` depends on what each rank's launcher says
+    about its node, so then the ranks agree: a rank that finds the nodes uneven, or a node size
+    that differs from rank 0's, ends every rank with one line.
+    """
+    a = cfg.algorithm
+    if "node" not in [a.ranks_per_worker, *(level.ranks for level in a.levels)]:
+        return hierarchy_from_config(a, comm.size, None)
+    failure, hierarchy = None, None
+    try:
+        hierarchy = hierarchy_from_config(a, comm.size, ranks_per_node(layout))
+    except UserError as error:
+        failure = f"algorithm.ranks_per_worker: 'node' on rank {comm.rank}: {error}"
+    message = agree_on_failure(comm, failure)
+    if message is not None:
+        raise ConfigError(message)
+    assert hierarchy is not None
+    sizes = torch.tensor([hierarchy.ranks_per_worker, *(level.ranks for level in hierarchy.levels)])
+    root_sizes = sizes.clone()
+    comm.broadcast_(root_sizes, root=0)
+    differs = (
+        None
+        if torch.equal(sizes, root_sizes)
+        else (
+            f"algorithm.ranks_per_worker: 'node' means {sizes.tolist()} ranks on rank {comm.rank} but "
+            f"{root_sizes.tolist()} on rank 0: every node must hold as many ranks"
+        )
+    )
+    message = agree_on_failure(comm, differs)
+    if message is not None:
+        raise ConfigError(message)
+    return hierarchy

@@ -25,6 +25,7 @@ import torch
 
 from ..algorithms.accounting import CommStats
 from ..algorithms.engine import AveragingEngine
+from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
 from ..config.load import config_to_yaml
@@ -66,6 +67,7 @@ class Workers(Protocol):
     description: str  # where the workers run, for the start-up line
     unit: str  # what communication is counted per: "rank" or "simulated worker"
     world: dict[str, Any]  # metrics.h5's ``world`` attribute
+    hierarchy: Hierarchy  # worker groups and levels (flat: every rank a worker)
 
     @property
     def comm(self) -> Communicator:
@@ -100,7 +102,7 @@ class Optimization:
 
 
 def build_optimization(
-    cfg: RunConfig, model: torch.nn.Module, comm: Communicator, steps_per_epoch: int
+    cfg: RunConfig, model: torch.nn.Module, comm: Communicator, steps_per_epoch: int, hierarchy: Hierarchy
 ) -> Optimization:
     """SGD and the averaging engine for ``model`` (every worker starting from worker 0's state),
     the LR scaled to the global batch of ``comm.size`` workers."""
@@ -118,7 +120,13 @@ def build_optimization(
     )
     schedule = SyncSchedule.from_config(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step)
     engine = AveragingEngine(
-        model, optimizer, comm, cfg.algorithm, schedule, bucket_bytes=int(cfg.comm.bucket_mb * 2**20)
+        model,
+        optimizer,
+        comm,
+        cfg.algorithm,
+        schedule,
+        bucket_bytes=int(cfg.comm.bucket_mb * 2**20),
+        hierarchy=hierarchy,
     )
     engine.broadcast_initial_state()
     return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)
@@ -195,6 +203,27 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def counters(stats: CommStats, hierarchy: Hierarchy) -> dict[str, int]:
+    """The communication counters of a metrics row: totals, and per level of the hierarchy."""
+    row = {"bytes_sent": stats.bytes_sent, "sync_rounds": stats.sync_rounds}
+    for level in hierarchy.level_names():
+        row[f"{level}_bytes_sent"] = stats.bytes_by_level.get(level, 0)
+        row[f"{level}_sync_rounds"] = stats.rounds_by_level.get(level, 0)
+    return row
+
+
+def traffic_summary(stats: CommStats, hierarchy: Hierarchy, unit: str) -> str:
+    """``N sync rounds, X sent per rank``, and per level when ranks form workers or levels."""
+    text = f"{stats.sync_rounds} sync rounds, {human_bytes(stats.bytes_sent)} sent per {unit}"
+    if hierarchy.is_flat:
+        return text
+    parts = [
+        f"{level} {stats.rounds_by_level.get(level, 0)} rounds, {human_bytes(stats.bytes_by_level.get(level, 0))}"
+        for level in reversed(hierarchy.level_names())
+    ]
+    return f"{text} ({'; '.join(parts)})"
+
+
 def open_metrics(
     cfg: RunConfig, workers: Workers, opt: Optimization, resume_after_step: int | None = None
 ) -> MetricsWriter:
@@ -214,6 +243,7 @@ def open_metrics(
         cfg.output.metrics_flush_seconds,
         locking=cfg.output.hdf5_file_locking,
         resume_after_step=resume_after_step,
+        levels=opt.engine.hierarchy.level_names(),
     )
 
 
@@ -261,8 +291,8 @@ def run_training(
     stats = engine.stats
     say(
         f"hpc-localsgd: done | {describe_method(cfg)} | {workers.comm.size} {workers.unit}s | {progress.step} steps "
-        f"in {wall:.1f} s | test acc {result.final.test_accuracy:.4f} | {stats.sync_rounds} sync rounds, "
-        f"{human_bytes(stats.bytes_sent)} sent per {workers.unit} | "
+        f"in {wall:.1f} s | test acc {result.final.test_accuracy:.4f} | "
+        f"{traffic_summary(stats, engine.hierarchy, workers.unit)} | "
         f"comm {100 * stats.comm_seconds / max(wall, 1e-9):.0f}% of time"
     )
     return result
@@ -311,9 +341,8 @@ def _step_loop(
                     samples_per_s=opt.global_batch / elapsed,
                     comm_seconds=comm_seconds,
                     compute_seconds=elapsed - comm_seconds,
-                    bytes_sent=stats.bytes_sent,
-                    sync_rounds=stats.sync_rounds,
                     synced=int(done.synced),
+                    **counters(stats, engine.hierarchy),
                 )
                 window.add(elapsed, comm_seconds, loss, correct, samples, opt.global_batch)
                 if progress.step % cfg.train.log_every_steps == 0 or progress.step == total:
@@ -352,8 +381,7 @@ def _evaluate(
             test_accuracy=result.test_accuracy,
             wall_seconds=progress.wall_seconds(),
             comm_seconds=stats.comm_seconds,
-            bytes_sent=stats.bytes_sent,
-            sync_rounds=stats.sync_rounds,
+            **counters(stats, engine.hierarchy),
         )
     say(
         f"eval step {step} | epoch {epoch:.2f} | train loss {result.train_loss:.4f} | "

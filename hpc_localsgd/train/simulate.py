@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..algorithms.engine import AveragingEngine
+from ..algorithms.hierarchy import hierarchy_from_config
 from ..comm.simulated import SimulatedCommunicator
 from ..comm.single import SINGLE_PROCESS_LAYOUT, SingleCommunicator
 from ..config.load import config_to_yaml
@@ -65,6 +66,7 @@ class SimulatedWorkers:
                 f"data: {self.stacked_batches.shards[0].num_samples} training samples are too few for {workers} "
                 f"simulated workers × data.batch_size {cfg.data.batch_size}"
             )
+        self.hierarchy = hierarchy_from_config(cfg.algorithm, workers, None)
         self.description = f"{workers} simulated worker(s) in one process, {device}"
         self.world: dict[str, Any] = {
             "size": workers,
@@ -124,7 +126,7 @@ def simulate(
     write_text_atomically(run_dir / "config.yaml", config_to_yaml(cfg))
 
     workers = SimulatedWorkers(cfg, cfg.comm.simulated_workers, device)
-    opt = build_optimization(cfg, workers.model, workers.comm, workers.steps_per_epoch)
+    opt = build_optimization(cfg, workers.model, workers.comm, workers.steps_per_epoch, workers.hierarchy)
     metrics = open_metrics(cfg, workers, opt)
     print_fn(start_line(cfg, workers, opt))
     return run_training(cfg, workers, opt, Progress(), metrics, print_fn)

@@ -1,6 +1,10 @@
-"""The algorithm cases every backend runs under mpirun (tests/mpi/train_driver.py)."""
+"""The algorithm cases every backend runs under mpirun (tests/mpi/train_driver.py), and the same
+problem trained by the independent reference (tests/reference.py) for them to be checked against."""
 
 from __future__ import annotations
+
+import numpy as np
+import torch
 
 STEPS = 12
 
@@ -55,3 +59,72 @@ CASES: dict[str, list[str]] = {
     "local_H4_evaluated": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "train.eval_every_epochs=0.1"],
     "nesterov_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=nesterov"],
 }
+
+# Worker groups and levels, for 4 ranks (tests/mpi/test_worker_groups.py).
+HIERARCHY_CASES: dict[str, list[str]] = {
+    "allreduce_4": ["algorithm.method=allreduce"],
+    "workers2_local_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.ranks_per_worker=2"],
+    "workers2_post_local_slowmo": [
+        "algorithm.method=post_local_sgd",
+        "algorithm.sync_period=3",
+        "algorithm.switch_step=6",
+        "algorithm.outer=slowmo",
+        "algorithm.slow_momentum=0.5",
+        "algorithm.ranks_per_worker=2",
+    ],
+    "level2_nesterov_H4": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.outer=nesterov",
+        "algorithm.levels=[{ranks: 2, sync_period: 2}]",
+    ],
+    "workers_node_H3": ["algorithm.method=local_sgd", "algorithm.sync_period=3", "algorithm.ranks_per_worker=node"],
+}
+ALL_CASES = {**CASES, **HIERARCHY_CASES}
+
+
+def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.ndarray]], torch.nn.Module]:
+    """Each rank's final state_dict when tests/reference.py trains ``ranks`` ranks on the problem of
+    ``overrides`` (same data shards, initial model and LR as the package), and the initial model.
+    ``node`` stands for all ranks: mpirun starts them on this one node."""
+    from hpc_localsgd.algorithms.schedule import SyncSchedule
+    from hpc_localsgd.config import load_config
+    from hpc_localsgd.train.data import ShardedBatches, build_datasets
+    from hpc_localsgd.train.lr import LRSchedule
+    from hpc_localsgd.train.models import build_model
+    from hpc_localsgd.train.run import seed_everything
+    from tests.reference import ReferenceAlgorithm, simulate
+
+    cfg = load_config(None, overrides)
+    seed_everything(cfg.seed)
+    datasets = build_datasets(cfg.data, cfg.seed)
+    model = build_model(cfg.model, datasets.num_classes, datasets.input_shape)
+    shards = [
+        ShardedBatches(datasets.train, cfg.data.batch_size, rank, ranks, cfg.seed, augment=cfg.data.augment)
+        for rank in range(ranks)
+    ]
+    batches = [list(shard.epoch(0))[:STEPS] for shard in shards]
+    schedule = LRSchedule.from_config(cfg.optim, cfg.data.batch_size * ranks, shards[0].steps_per_epoch, STEPS)
+    a = cfg.algorithm
+    local_start = SyncSchedule.from_config(a, shards[0].steps_per_epoch, schedule.first_decay_step).local_start
+
+    def group(value: int | str) -> int:
+        return ranks if value == "node" else int(value)
+
+    algo = ReferenceAlgorithm(
+        sync_period=a.sync_period,
+        local_start=local_start,
+        outer=a.outer,
+        slow_lr=a.slow_lr,
+        slow_momentum=a.slow_momentum,
+        outer_lr=a.outer_lr,
+        outer_momentum=a.outer_momentum,
+        momentum_buffers=a.momentum_buffers,
+        average_bn_buffers=a.average_bn_buffers,
+        ranks_per_worker=group(a.ranks_per_worker),
+        levels=tuple((group(level.ranks), level.sync_period) for level in a.levels),
+    )
+    workers = simulate(
+        model, algo, batches, schedule.at, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov
+    )
+    return [{k: v.detach().numpy() for k, v in w.state_dict().items()} for w in workers], model

@@ -37,6 +37,14 @@ RESUME_CASES: dict[str, list[str]] = {
         "algorithm.switch_step=10",
     ],
     "slowmo_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=slowmo"],
+    # Both ranks one worker: gradients inside the worker every local step, counted per level.
+    "workers2_post_local_switch5_H4": [
+        "algorithm.method=post_local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.switch_step=5",
+        "algorithm.ranks_per_worker=2",
+        "algorithm.outer=slowmo",
+    ],
     "nesterov_H4_avg_momentum": [
         "algorithm.method=local_sgd",
         "algorithm.sync_period=4",
@@ -58,6 +66,10 @@ def save(result: TrainResult, run_dir: Path, rank: int) -> None:
     state.update({f"shared.{k}": v.detach().numpy() for k, v in result.engine.shared_state().items()})
     state.update({f"model.{k}": v.detach().numpy() for k, v in result.model.state_dict().items()})
     state["counters"] = np.array([result.stats.sync_rounds, result.stats.bytes_sent, result.steps])
+    levels = sorted(result.stats.rounds_by_level)
+    state["counters_by_level"] = np.array(
+        [[result.stats.rounds_by_level[level], result.stats.bytes_by_level[level]] for level in levels]
+    )
     np.savez(run_dir / f"rank{rank}.npz", **state)
 
 

@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_localsgd.algorithms.schedule import SyncSchedule
-from hpc_localsgd.config import load_config
-from hpc_localsgd.train.data import ShardedBatches, build_datasets
-from hpc_localsgd.train.lr import LRSchedule
-from hpc_localsgd.train.models import build_model
-from hpc_localsgd.train.run import seed_everything
 from tests.helpers import run_mpi
-from tests.mpi.cases import BASE, CASES, STEPS
-from tests.reference import ReferenceAlgorithm, simulate
+from tests.mpi.cases import ALL_CASES, BASE, CASES, STEPS, reference_run
 
 BACKENDS = ["mpi", "horovod", "torch"]
 RANKS = 2
@@ -45,35 +38,9 @@ def counters(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict:
     return json.loads((runs[backend] / case / f"rank{rank}.json").read_text())
 
 
-def reference_states(case: str) -> tuple[list[dict[str, np.ndarray]], torch.nn.Module]:
+def reference_states(case: str, ranks: int = RANKS) -> tuple[list[dict[str, np.ndarray]], torch.nn.Module]:
     """The same problem (data shards, initial model, LR) trained by tests/reference.py."""
-    cfg = load_config(None, BASE + CASES[case])
-    seed_everything(cfg.seed)
-    datasets = build_datasets(cfg.data, cfg.seed)
-    model = build_model(cfg.model, datasets.num_classes, datasets.input_shape)
-    shards = [
-        ShardedBatches(datasets.train, cfg.data.batch_size, rank, RANKS, cfg.seed, augment=cfg.data.augment)
-        for rank in range(RANKS)
-    ]
-    batches = [list(shard.epoch(0))[:STEPS] for shard in shards]
-    schedule = LRSchedule.from_config(cfg.optim, cfg.data.batch_size * RANKS, shards[0].steps_per_epoch, STEPS)
-    a = cfg.algorithm
-    local_start = SyncSchedule.from_config(a, shards[0].steps_per_epoch, schedule.first_decay_step).local_start
-    algo = ReferenceAlgorithm(
-        sync_period=a.sync_period,
-        local_start=local_start,
-        outer=a.outer,
-        slow_lr=a.slow_lr,
-        slow_momentum=a.slow_momentum,
-        outer_lr=a.outer_lr,
-        outer_momentum=a.outer_momentum,
-        momentum_buffers=a.momentum_buffers,
-        average_bn_buffers=a.average_bn_buffers,
-    )
-    workers = simulate(
-        model, algo, batches, schedule.at, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov
-    )
-    return [{k: v.detach().numpy() for k, v in w.state_dict().items()} for w in workers], model
+    return reference_run(BASE + ALL_CASES[case], ranks)
 
 
 def param_names(case: str) -> list[str]:

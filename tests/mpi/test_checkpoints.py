@@ -46,6 +46,12 @@ def test_stopped_and_resumed_run_is_bit_identical(resumed_runs: Path, case: str)
     for group, fields in (("steps", STEP_FIELDS), ("evals", EVAL_FIELDS)):
         for name in fields:
             np.testing.assert_array_equal(mb[group][name], ma[group][name], err_msg=f"{group}/{name}")
+        level_counters = ("_bytes_sent", "_sync_rounds")
+        per_level = [name for name in ma[group] if name.endswith(level_counters)]
+        assert "global_bytes_sent" in per_level
+        assert set(per_level) == {name for name in mb[group] if name.endswith(level_counters)}
+        for name in per_level:
+            np.testing.assert_array_equal(mb[group][name], ma[group][name], err_msg=f"{group}/{name}")
     # The resumed run's metrics continue the stopped run's file: one row per step, no gap, no repeat.
     assert list(mb["steps"]["step"]) == list(range(1, 2 * STOP + 1))
 
@@ -253,6 +259,12 @@ def test_auto_falls_back_past_a_damaged_newest_checkpoint(small_run: Path, tmp_p
         (["model.width=8"], None, "holds another model (model.width 4 → 8)"),
         (["model.width=8"], "average", "holds another model"),
         (["algorithm.sync_period=8"], None, "was written with another algorithm (algorithm.sync_period 4 → 8)"),
+        # Another grouping of ranks into workers is another algorithm: refused unless re-sharding.
+        (
+            ["algorithm.ranks_per_worker=node"],
+            None,
+            "was written with another algorithm (algorithm.ranks_per_worker 1 → 'node')",
+        ),
     ],
 )
 def test_mismatches_are_refused(

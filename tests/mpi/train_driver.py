@@ -1,5 +1,5 @@
-"""Run under ``mpirun -np 2``: train every algorithm case of ``cases.py`` on one backend and save
-each rank's final model and counters for tests/mpi/test_algorithms.py to check.
+"""Run under ``mpirun -np N``: train algorithm cases of ``cases.py`` on one backend and save each
+rank's final model and counters for tests/mpi/test_algorithms.py (and test_worker_groups.py) to check.
 
     mpirun -np 2 python tests/mpi/train_driver.py --backend mpi --out DIR
 """
@@ -21,7 +21,7 @@ from hpc_localsgd.config import load_config  # noqa: E402
 from hpc_localsgd.errors import UserError, print_line  # noqa: E402
 from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
 from hpc_localsgd.train.loop import train  # noqa: E402
-from tests.mpi.cases import BASE, CASES  # noqa: E402
+from tests.mpi.cases import ALL_CASES, BASE, CASES  # noqa: E402
 
 
 def main() -> int:
@@ -37,11 +37,12 @@ def main() -> int:
         print_line(f"hpc-localsgd: error: {exc}", sys.stderr)
         return 2
     for name in args.cases.split(","):
-        overrides = CASES[name]
+        overrides = ALL_CASES[name]
         run_dir = Path(args.out) / args.backend / name
         cfg = load_config(None, BASE + overrides + [f"output.run_dir={run_dir}", f"comm.backend={args.backend}"])
         result = train(cfg, launch=launch, comm=comm, print_fn=lambda _line: None)
         state = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
+        gradients = result.engine.gradients
         np.savez(run_dir / f"rank{comm.rank}.npz", **state)
         (run_dir / f"rank{comm.rank}.json").write_text(
             json.dumps(
@@ -50,6 +51,7 @@ def main() -> int:
                     "steps": result.steps,
                     "test_accuracy": result.final.test_accuracy,
                     "bytes_per_sync": result.engine.bytes_per_sync,
+                    "gradient_bytes_per_step": gradients.bytes_per_step if gradients else 0,
                 }
             )
         )

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hpc_localsgd.algorithms.engine import AveragingEngine
+from hpc_localsgd.algorithms.hierarchy import GroupLevel, Hierarchy
 from hpc_localsgd.algorithms.schedule import SyncSchedule
 from hpc_localsgd.comm.threads import ThreadGroup
 from hpc_localsgd.config.schema import AlgorithmConfig
@@ -48,7 +49,7 @@ def logits_and_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     return out, F.cross_entropy(out, y)
 
 
-def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1 << 20):
+def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1 << 20, hierarchy=None):
     """Each worker thread runs the package's one training step (``AveragingEngine.train_step``)."""
     initial = make_model()
 
@@ -56,7 +57,13 @@ def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1
         model = copy.deepcopy(initial)
         opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         engine = AveragingEngine(
-            model, opt, comm, cfg, SyncSchedule(cfg.sync_period, local_start), bucket_bytes=bucket_bytes
+            model,
+            opt,
+            comm,
+            cfg,
+            SyncSchedule(cfg.sync_period, local_start),
+            bucket_bytes=bucket_bytes,
+            hierarchy=hierarchy,
         )
         engine.broadcast_initial_state()
         for step, (x, y) in enumerate(batches[comm.rank]):
@@ -67,7 +74,7 @@ def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1
     return ThreadGroup(len(batches)).run(worker)
 
 
-def reference(cfg: AlgorithmConfig, local_start, batches):
+def reference(cfg: AlgorithmConfig, local_start, batches, hierarchy=None):
     ref = ReferenceAlgorithm(
         sync_period=cfg.sync_period,
         local_start=local_start,
@@ -78,6 +85,8 @@ def reference(cfg: AlgorithmConfig, local_start, batches):
         outer_momentum=cfg.outer_momentum,
         momentum_buffers=cfg.momentum_buffers,
         average_bn_buffers=cfg.average_bn_buffers,
+        ranks_per_worker=hierarchy.ranks_per_worker if hierarchy else 1,
+        levels=tuple((level.ranks, level.sync_period) for level in hierarchy.levels) if hierarchy else (),
     )
     return simulate(make_model(), ref, batches, lr_at, MOMENTUM, WEIGHT_DECAY)
 
@@ -213,3 +222,57 @@ def test_evaluation_uses_the_average_and_leaves_training_untouched() -> None:
         after = state(model)
         assert all(torch.equal(after[k], before[rank][k]) for k in after)
         assert engine.eval_stats.sync_rounds == 1
+
+
+def hierarchies(cfg: AlgorithmConfig) -> dict[str, Hierarchy]:
+    """Worker groups of 2 in a world of 4; one intermediate level of 2 (between rank and world) at
+    about half the global period; and workers as large as the world."""
+    found = {"workers_of_2": Hierarchy(4, 2), "workers_of_4": Hierarchy(4, 4)}
+    if cfg.method != "allreduce":
+        found["level_of_2"] = Hierarchy(4, 1, (GroupLevel(2, max(1, cfg.sync_period // 2)),))
+    return found
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_worker_groups_and_levels_match_the_reference(name: str) -> None:
+    cfg, local_start = CASES[name]
+    batches = make_batches(workers=4)
+    for label, hierarchy in hierarchies(cfg).items():
+        got = run_engine(cfg, local_start, batches, bucket_bytes=200, hierarchy=hierarchy)
+        want = reference(cfg, local_start, batches, hierarchy)
+        for rank, ((model, _), ref_model) in enumerate(zip(got, want, strict=True)):
+            ours, theirs = state(model), state(ref_model)
+            for key in theirs:
+                where = f"{name} {label}: rank {rank} {key}"
+                torch.testing.assert_close(
+                    ours[key], theirs[key], rtol=1e-10, atol=1e-12, msg=functools.partial("{}: {}".format, where)
+                )
+        if hierarchy.ranks_per_worker > 1:
+            # The ranks of a worker hold the same parameters and optimizer state at every step (here: the end).
+            for first in range(0, 4, hierarchy.ranks_per_worker):
+                for other in range(first + 1, first + hierarchy.ranks_per_worker):
+                    for (key, a), b in zip(got[first][0].named_parameters(), got[other][0].parameters(), strict=True):
+                        assert torch.equal(a, b), f"{name} {label}: ranks {first} and {other} differ in {key}"
+
+
+def test_counts_per_level_are_exact() -> None:
+    cfg = AlgorithmConfig(method="post_local_sgd", sync_period=4, switch_step=4)
+    hierarchy = Hierarchy(4, 2)
+    (_, engine), *_ = run_engine(cfg, 4, make_batches(workers=4), hierarchy=hierarchy)
+    gradient_bytes = engine.gradients.bytes_per_step
+    # 4 synchronous steps (global gradients), 8 local steps (worker gradients), global syncs after 8 and 12.
+    assert engine.stats.rounds_by_level == {"global": 4 + 2, "worker": 8}
+    assert engine.stats.bytes_by_level == {
+        "global": 4 * gradient_bytes + 2 * engine.bytes_per_sync,
+        "worker": 8 * gradient_bytes,
+    }
+    assert engine.stats.sync_rounds == 14 and engine.stats.bytes_sent == sum(engine.stats.bytes_by_level.values())
+
+
+def test_workers_as_large_as_the_world_are_all_reduce_sgd() -> None:
+    batches = make_batches(workers=4)
+    synchronous = run_engine(AlgorithmConfig(method="allreduce"), None, batches)
+    one_worker = run_engine(AlgorithmConfig(method="local_sgd", sync_period=3), 0, batches, hierarchy=Hierarchy(4, 4))
+    for (a, _), (b, _) in zip(synchronous, one_worker, strict=True):
+        for (key, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(pb, pa, rtol=1e-10, atol=1e-12, msg=key)

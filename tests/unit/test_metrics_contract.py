@@ -13,9 +13,11 @@ import pytest
 
 from hpc_localsgd.io.metrics import (
     EVAL_FIELDS,
+    GLOBAL_LEVEL,
     METRICS_FILE,
     TOTAL_STEPS_ATTR,
     MetricsWriter,
+    level_fields,
     metrics_file_finished,
     run_finished,
 )
@@ -47,7 +49,8 @@ def write_metrics(run_dir: Path, eval_steps: list[int], total_steps: int | None 
         attrs[TOTAL_STEPS_ATTR] = total_steps
     writer = MetricsWriter(run_dir / METRICS_FILE, attrs, flush_seconds=0)
     for step in eval_steps:
-        writer.log_eval(**{name: step if name == "step" else 0 for name in EVAL_FIELDS})
+        fields = EVAL_FIELDS + level_fields([GLOBAL_LEVEL])  # a flat run: one level
+        writer.log_eval(**{name: step if name == "step" else 0 for name in fields})
     writer.close()
     return run_dir / METRICS_FILE
 
@@ -73,7 +76,7 @@ def test_the_written_file_carries_the_format_and_the_report_reads_its_fields(tmp
     path = write_metrics(tmp_path / "run", [40])
     with h5py.File(path, "r") as f:
         assert f.attrs["format"] == collect.METRICS_FORMAT == "hpc-localsgd/metrics"
-        assert set(f["evals"]) == set(EVAL_FIELDS)
+        assert set(f["evals"]) == set(EVAL_FIELDS + level_fields([GLOBAL_LEVEL]))
     assert set(collect._EVAL_FIELDS) <= set(EVAL_FIELDS)
 
 

@@ -82,6 +82,8 @@ def write_run(
             comm_seconds=0.1 * step,
             bytes_sent=rounds * BYTES_PER_ROUND,
             sync_rounds=rounds,
+            global_bytes_sent=rounds * BYTES_PER_ROUND,
+            global_sync_rounds=rounds,
         )
     writer.close()
 

@@ -1,0 +1,146 @@
+"""Worker groups and hierarchical averaging on real MPI ranks (``mpirun -np 4 --oversubscribe``), on
+every backend: the ranks of a worker agree at the end of every case, every backend equals the
+independent reference (tests/reference.py, extended to groups and levels), workers as large as the
+world are all-reduce SGD, the counters per level are exact, the simulated backend reproduces a
+hierarchical run, and a bad hierarchy ends every rank with one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpc_localsgd.config import load_config
+from hpc_localsgd.train.loop import train
+from tests.helpers import run_mpi
+from tests.mpi.cases import BASE, HIERARCHY_CASES, STEPS, reference_run
+
+BACKENDS = ["mpi", "horovod", "torch"]
+RANKS = 4
+# Ranks that form one worker in each case (node: mpirun starts all 4 on this node).
+RANKS_PER_WORKER = {
+    "allreduce_4": 1,
+    "workers2_local_H4": 2,
+    "workers2_post_local_slowmo": 2,
+    "level2_nesterov_H4": 1,
+    "workers_node_H3": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("groups")
+    for backend in BACKENDS:
+        argv = ["python", "tests/mpi/train_driver.py", "--backend", backend, "--out", str(out)]
+        proc = run_mpi(RANKS, [*argv, "--cases", ",".join(HIERARCHY_CASES)], timeout=300)
+        assert proc.returncode == 0, f"{backend} run failed:\n{proc.stdout}\n{proc.stderr}"
+        assert proc.stdout.count(f"OK {backend}") == RANKS, proc.stdout
+    return {backend: out / backend for backend in BACKENDS}
+
+
+def load(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict[str, np.ndarray]:
+    with np.load(runs[backend] / case / f"rank{rank}.npz") as f:
+        return dict(f)
+
+
+def counters(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict:
+    return json.loads((runs[backend] / case / f"rank{rank}.json").read_text())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(HIERARCHY_CASES))
+def test_matches_reference_and_the_ranks_of_a_worker_agree(runs: dict[str, Path], backend: str, case: str) -> None:
+    expected, model = reference_run(BASE + HIERARCHY_CASES[case], RANKS)
+    got = [load(runs, backend, case, rank) for rank in range(RANKS)]
+    for rank in range(RANKS):
+        for key, want in expected[rank].items():
+            np.testing.assert_allclose(
+                got[rank][key], want, rtol=2e-4, atol=2e-5, err_msg=f"{backend} {case} rank {rank} {key}"
+            )
+    per_worker = RANKS_PER_WORKER[case]
+    for rank in range(RANKS):
+        first = rank - rank % per_worker
+        for name, _ in model.named_parameters():
+            np.testing.assert_array_equal(got[rank][name], got[first][name], err_msg=f"{backend} {case} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_workers_as_large_as_the_world_are_all_reduce_sgd(runs: dict[str, Path], backend: str) -> None:
+    _, model = reference_run(BASE + HIERARCHY_CASES["allreduce_4"], RANKS)
+    for rank in range(RANKS):
+        one_worker, synchronous = load(runs, backend, "workers_node_H3", rank), load(runs, backend, "allreduce_4", rank)
+        for name, _ in model.named_parameters():
+            np.testing.assert_allclose(one_worker[name], synchronous[name], rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None:
+    for rank in range(RANKS):
+        c = {case: counters(runs, backend, case, rank) for case in HIERARCHY_CASES}
+        sync, grad = c["workers2_local_H4"]["bytes_per_sync"], c["workers2_local_H4"]["gradient_bytes_per_step"]
+        assert sync > 0 and grad > 0
+        expected = {  # case: {level: (rounds, bytes)}
+            "allreduce_4": {"global": (STEPS, STEPS * grad)},
+            "workers2_local_H4": {"worker": (STEPS, STEPS * grad), "global": (STEPS // 4, STEPS // 4 * sync)},
+            # 6 synchronous steps (global gradients), 6 local ones in workers of 2, global syncs after 9 and 12.
+            "workers2_post_local_slowmo": {"worker": (6, 6 * grad), "global": (6 + 2, 6 * grad + 2 * sync)},
+            # Groups of 2 every 2 local steps unless the global sync (every 4) is due: after 2, 6 and 10.
+            "level2_nesterov_H4": {"level1": (3, 3 * sync), "global": (3, 3 * sync)},
+            "workers_node_H3": {"worker": (STEPS, STEPS * grad), "global": (STEPS // 3, STEPS // 3 * sync)},
+        }
+        for case, levels in expected.items():
+            got = {level: (c[case][f"rounds.{level}"], c[case][f"bytes.{level}"]) for level in levels}
+            assert got == levels, (backend, case, rank)
+            assert c[case]["sync_rounds"] == sum(r for r, _ in levels.values())
+            assert c[case]["bytes_sent"] == sum(b for _, b in levels.values())
+
+
+def test_the_simulated_backend_reproduces_a_hierarchical_run(runs: dict[str, Path], tmp_path: Path) -> None:
+    for case in ("workers2_post_local_slowmo", "level2_nesterov_H4"):
+        overrides = BASE + HIERARCHY_CASES[case]
+        cfg = load_config(
+            None,
+            [
+                *overrides,
+                f"output.run_dir={tmp_path / case}",
+                "comm.backend=simulated",
+                f"comm.simulated_workers={RANKS}",
+            ],
+        )
+        result = train(cfg, print_fn=lambda _line: None)
+        for rank in range(RANKS):
+            want = load(runs, "mpi", case, rank)
+            got = result.model.worker_state(rank)
+            for key, value in want.items():
+                np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-4, atol=1e-6, err_msg=f"{case} {key}")
+        mpi = counters(runs, "mpi", case, 0)
+        assert result.stats.rounds_by_level == {
+            k[len("rounds.") :]: v for k, v in mpi.items() if k.startswith("rounds.")
+        }
+        assert result.stats.bytes_by_level == {k[len("bytes.") :]: v for k, v in mpi.items() if k.startswith("bytes.")}
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["algorithm.ranks_per_worker=3"], "algorithm.ranks_per_worker: 3 ranks per worker do not divide the 4 ranks"),
+        (
+            ["algorithm.ranks_per_worker=2", "algorithm.levels=[{ranks: 2, sync_period: 2}]"],
+            r"algorithm.levels\[0\].ranks: groups of 2 ranks must be larger than",
+        ),
+        (["algorithm.levels=[{ranks: node, sync_period: 2}]"], r"algorithm.levels\[0\].ranks: groups of 4 ranks"),
+    ],
+)
+def test_a_bad_hierarchy_ends_every_rank_with_one_line(tmp_path: Path, overrides: list[str], message: str) -> None:
+    import re
+
+    args = ["python", "-m", "hpc_localsgd", "train", "configs/demo.yaml", "--run-dir", str(tmp_path / "run")]
+    for item in ["comm.backend=mpi", "algorithm.method=local_sgd", "algorithm.sync_period=4", *overrides]:
+        args += ["--set", item]
+    proc = run_mpi(RANKS, args, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("hpc-localsgd: error:")]
+    assert len(lines) == RANKS and all(re.search(message, line) for line in lines), proc.stderr
+    assert "Traceback" not in proc.stderr
