@@ -8,6 +8,9 @@ run under MPI; only this communicator differs.
 
 Sums run in worker order 0..W−1, as the ``threads`` backend sums in rank order, so a simulation
 agrees bit for bit with W threads and, for W = 2, with any MPI's a + b.
+
+``split(n)`` gives the communicator of the simulated groups of n consecutive workers: its buffers are
+still stacked over all W workers, and each collective acts within every block of n rows at once.
 """
 
 from __future__ import annotations
@@ -16,21 +19,29 @@ import torch
 
 from ..launcher.env import WorldLayout
 from ._buffers import divide_by_size_
-from .base import Communicator, DoneHandle, Handle
+from .base import Communicator, DoneHandle, Handle, check_group_size
 
 # 16-bit floats are summed in float32 and rounded once at the end, as the other backends do.
 _ACCUMULATION_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 class SimulatedCommunicator(Communicator):
-    """``workers`` workers in this process; every buffer has shape ``[workers, ...]``."""
+    """``workers`` workers in this process; every buffer has shape ``[workers, ...]``.
+
+    With ``group_size`` n (a divisor of ``workers``), the communicator of every group of n consecutive
+    workers at once: rows g·n .. g·n + n − 1 are reduced among themselves, and ``size`` is n (the size
+    of each group, as ``size`` is the size of its group for one MPI rank). ``rank`` is 0 either way:
+    one process stands for all of them.
+    """
 
     name = "simulated"
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, group_size: int | None = None) -> None:
         if workers < 1:
             raise ValueError(f"a simulation needs at least one worker, got {workers}")
-        super().__init__(WorldLayout(rank=0, size=workers, local_rank=0, local_size=workers, node_rank=0, num_nodes=1))
+        size = workers if group_size is None else group_size
+        check_group_size(size, workers)
+        super().__init__(WorldLayout(rank=0, size=size, local_rank=0, local_size=size, node_rank=0, num_nodes=1))
         self.replicas = workers
 
     def _check(self, buffer: torch.Tensor) -> None:
@@ -40,23 +51,33 @@ class SimulatedCommunicator(Communicator):
                 f"got shape {tuple(buffer.shape)}"
             )
 
+    def _blocks(self, buffer: torch.Tensor) -> torch.Tensor:
+        """``buffer`` viewed as [groups, group size, ...]; ``view`` (never a copy) so writes land in it."""
+        return buffer.view(self.replicas // self.size, self.size, *buffer.shape[1:])
+
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         self._check(buffer)
-        if self.replicas == 1:
+        if self.size == 1:
             return DoneHandle()
-        total = buffer[0].to(dtype=_ACCUMULATION_DTYPES.get(buffer.dtype, buffer.dtype), copy=True)
-        for worker in range(1, self.replicas):
-            total += buffer[worker]
+        blocks = self._blocks(buffer)
+        total = blocks[:, 0].to(dtype=_ACCUMULATION_DTYPES.get(buffer.dtype, buffer.dtype), copy=True)
+        for member in range(1, self.size):
+            total += blocks[:, member]
         if average:
-            divide_by_size_(total, self.replicas)
-        buffer.copy_(total.to(buffer.dtype).unsqueeze(0).expand_as(buffer))
+            divide_by_size_(total, self.size)
+        blocks.copy_(total.to(buffer.dtype).unsqueeze(1).expand_as(blocks))
         return DoneHandle()
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         self._check(buffer)
-        if not 0 <= root < self.replicas:
-            raise ValueError(f"broadcast root {root} does not exist among {self.replicas} workers")
-        buffer.copy_(buffer[root : root + 1].expand_as(buffer).clone())
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} does not exist among {self.size} workers")
+        blocks = self._blocks(buffer)
+        blocks.copy_(blocks[:, root : root + 1].expand_as(blocks).clone())
 
     def barrier(self) -> None:
         return None
+
+    def _split(self, ranks: int) -> Communicator:
+        # Blocks of ``ranks`` inside blocks of ``size`` are the world's blocks of ``ranks``: no offset to carry.
+        return SimulatedCommunicator(self.replicas, group_size=ranks)

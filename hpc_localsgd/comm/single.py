@@ -12,12 +12,17 @@ SINGLE_PROCESS_LAYOUT = WorldLayout(rank=0, size=1, local_rank=0, local_size=1, 
 
 
 class SingleCommunicator(Communicator):
-    """The world of one rank; lets the whole stack run without MPI (laptops, unit tests)."""
+    """The world of one rank; lets the whole stack run without MPI (laptops, unit tests).
+
+    Also every backend's group of one rank (``split(1)``), then carrying that backend's ``name``.
+    """
 
     name = "single"
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
         super().__init__(SINGLE_PROCESS_LAYOUT)
+        if name is not None:
+            self.name = name
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)

@@ -9,6 +9,10 @@ thread, bit for bit.
 One round per collective is enough: the combined tensor of round n is replaced only by the
 action of round n+1, which cannot run before every thread has arrived there, that is after
 every thread has copied round n's result.
+
+``split`` is a round too: its action builds one ``ThreadGroup`` per group of consecutive ranks, so
+every thread of a group gets the very same sub-group object, and the sub-groups' rounds only ever
+involve their own threads.
 """
 
 from __future__ import annotations
@@ -20,9 +24,8 @@ from typing import TypeVar
 
 import torch
 
-from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, DoneHandle, Handle
+from .base import Communicator, DoneHandle, Handle, group_layout
 
 T = TypeVar("T")
 
@@ -34,15 +37,16 @@ _ACCUMULATION_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.floa
 class _Contribution:
     """What one rank brought to a collective round."""
 
-    kind: str  # "allreduce", "broadcast" or "barrier"
+    kind: str  # "allreduce", "broadcast", "barrier" or "split"
     buffer: torch.Tensor | None = None
     average: bool = False
     root: int = 0
+    ranks: int = 0  # the group size, for "split"
 
     def signature(self) -> tuple[object, ...]:
         """What every rank must agree on; a difference means the ranks called different collectives."""
         if self.buffer is None:
-            return (self.kind,)
+            return self.kind, self.ranks
         return self.kind, self.average, self.root, tuple(self.buffer.shape), self.buffer.dtype
 
 
@@ -50,7 +54,8 @@ class ThreadGroup:
     """``size`` communicators for ``size`` threads of this process.
 
     ``communicators[r]`` is rank r's; hand each to its own thread (``run`` does that). All
-    ranks share one node. ``timeout`` bounds every wait for the other threads, so a thread
+    ranks share one node. The groups a ``split`` makes are ``ThreadGroup``s too, driven by the
+    threads of this one. ``timeout`` bounds every wait for the other threads, so a thread
     that died or skipped a collective ends the others with ``threading.BrokenBarrierError``
     instead of a hang.
     """
@@ -59,8 +64,11 @@ class ThreadGroup:
         if size < 1:
             raise ValueError(f"a thread group needs at least one rank, got {size}")
         self.size = size
+        self._timeout = timeout
         self._slots: list[_Contribution | None] = [None] * size
         self._combined: torch.Tensor | None = None
+        self._split_groups: list[ThreadGroup] = []  # the last split's groups, in order of their first rank
+        self._descendants: list[ThreadGroup] = []  # every group split off, aborted with this one
         self._round = threading.Barrier(size, action=self._combine, timeout=timeout)
         self.communicators: list[ThreadCommunicator] = [ThreadCommunicator(self, rank) for rank in range(size)]
 
@@ -77,7 +85,7 @@ class ThreadGroup:
                 results[rank] = function(self.communicators[rank])
             except BaseException as failure:  # re-raised in the caller below
                 failures[rank] = failure
-                self._round.abort()  # the other ranks fail now rather than at the timeout
+                self.abort()  # the other ranks fail now rather than at the timeout
 
         threads = [threading.Thread(target=run_rank, args=(rank,), name=f"rank-{rank}") for rank in range(self.size)]
         for thread in threads:
@@ -89,6 +97,12 @@ class ThreadGroup:
             root_causes = [failure for failure in raised if not isinstance(failure, threading.BrokenBarrierError)]
             raise (root_causes or raised)[0]
         return results  # type: ignore[return-value]  # every rank returned
+
+    def abort(self) -> None:
+        """Break this group's and its sub-groups' rounds: threads waiting in them raise BrokenBarrierError."""
+        self._round.abort()
+        for group in self._descendants:
+            group.abort()
 
     def _collective(self, rank: int, contribution: _Contribution) -> None:
         """One round: deposit, wait for all (the last arrival combines), copy the combined value back."""
@@ -120,6 +134,12 @@ class ThreadGroup:
             root_buffer = contributions[first.root].buffer
             assert root_buffer is not None
             self._combined = root_buffer.clone()
+        elif first.kind == "split":
+            self._split_groups = [
+                ThreadGroup(first.ranks, timeout=self._timeout) for _ in range(self.size // first.ranks)
+            ]
+            self._descendants += self._split_groups
+            self._combined = None
         else:
             self._combined = None
 
@@ -130,9 +150,7 @@ class ThreadCommunicator(Communicator):
     name = "threads"
 
     def __init__(self, group: ThreadGroup, rank: int) -> None:
-        super().__init__(
-            WorldLayout(rank=rank, size=group.size, local_rank=rank, local_size=group.size, node_rank=0, num_nodes=1)
-        )
+        super().__init__(group_layout(rank, group.size))
         self._group = group
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
@@ -148,3 +166,8 @@ class ThreadCommunicator(Communicator):
 
     def barrier(self) -> None:
         self._group._collective(self.rank, _Contribution("barrier"))
+
+    def _split(self, ranks: int) -> Communicator:
+        self._group._collective(self.rank, _Contribution("split", ranks=ranks))
+        # Read before this thread enters another round of the parent, the only thing that replaces it.
+        return self._group._split_groups[self.rank // ranks].communicators[self.rank % ranks]
