@@ -186,6 +186,10 @@ def describe_method(cfg: RunConfig) -> str:
         name += f" + SlowMo (α={a.slow_lr:g}, β={a.slow_momentum:g})"
     elif a.outer == "nesterov":
         name += f" + outer Nesterov (η={a.outer_lr:g}, μ={a.outer_momentum:g})"
+    if a.ranks_per_worker != 1 and a.method != "allreduce":
+        name += f", workers of {'a node' if a.ranks_per_worker == 'node' else f'{a.ranks_per_worker} ranks'}"
+    for level in a.levels:
+        name += f", groups of {'a node' if level.ranks == 'node' else level.ranks} every {level.sync_period}"
     return name
 
 

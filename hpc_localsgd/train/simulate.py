@@ -67,7 +67,10 @@ class SimulatedWorkers:
                 f"simulated workers × data.batch_size {cfg.data.batch_size}"
             )
         self.hierarchy = hierarchy_from_config(cfg.algorithm, workers, None)
-        self.description = f"{workers} simulated worker(s) in one process, {device}"
+        if not self.hierarchy.is_flat:
+            # comm.simulated_workers counts ranks; workers are groups of them.
+            self.unit = "simulated rank"
+        self.description = f"{workers} {self.unit}(s) in one process, {device}"
         self.world: dict[str, Any] = {
             "size": workers,
             "nodes": 1,
