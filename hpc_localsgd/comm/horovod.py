@@ -91,8 +91,16 @@ class HorovodCommunicator(Communicator):
             else:
                 hvd.init()
         except Exception as error:  # e.g. a Gloo-only build started by mpirun instead of horovodrun
+            # The sets are built for the launcher's world: a Horovod that sees a smaller one (built
+            # against another MPI) refuses them here, before ``check_world`` could name the mismatch.
+            hint = (
+                f" (it was given process sets for groups of {', '.join(map(str, sizes))} of the launcher's "
+                f"{world} ranks; is Horovod built against another MPI than the launcher's?)"
+                if process_sets
+                else ""
+            )
             raise BackendUnavailable(
-                f"comm.backend is 'horovod' but Horovod failed to start: {one_line(error)}"
+                f"comm.backend is 'horovod' but Horovod failed to start: {one_line(error)}{hint}"
             ) from None
         self._hvd = hvd
         self._process_set: Any = hvd.global_process_set
