@@ -9,12 +9,13 @@ failure, a text), written once on top of the interface.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
 from ..errors import BackendUnavailable, ConfigError, LauncherMismatch, one_line
 from ..launcher.env import LaunchEnvironment, WorldLayout
-from .base import Communicator, DoneHandle, Handle
+from .base import Communicator, DoneHandle, Handle, check_group_size
 from .single import SingleCommunicator
 from .threads import ThreadCommunicator, ThreadGroup
 
@@ -96,7 +97,11 @@ def _let_mpi_yield_when_idle(launch: LaunchEnvironment) -> None:
 
 
 def _construct(
-    backend: str, launch: LaunchEnvironment, device: torch.device, horovod_cycle_time_ms: float | None
+    backend: str,
+    launch: LaunchEnvironment,
+    device: torch.device,
+    horovod_cycle_time_ms: float | None,
+    group_sizes: Sequence[int],
 ) -> Communicator:
     if backend == "single":
         if launch.layout.size != 1:
@@ -116,7 +121,7 @@ def _construct(
             )
         from .horovod import HorovodCommunicator
 
-        return HorovodCommunicator(launch.layout, horovod_cycle_time_ms)
+        return HorovodCommunicator(launch.layout, horovod_cycle_time_ms, group_sizes)
     if backend == "mpi":
         try:
             import mpi4py.MPI  # noqa: F401  # initialises MPI; failures here are the user's to fix
@@ -151,7 +156,11 @@ def check_world(communicator: Communicator, launch: LaunchEnvironment) -> None:
 
 
 def make_communicator(
-    backend: str, launch: LaunchEnvironment, device: torch.device, horovod_cycle_time_ms: float | None = None
+    backend: str,
+    launch: LaunchEnvironment,
+    device: torch.device,
+    horovod_cycle_time_ms: float | None = None,
+    group_sizes: Sequence[int] = (),
 ) -> Communicator:
     """The communicator for ``backend`` (one of ``BACKENDS``), checked against the launcher's world.
 
@@ -159,8 +168,16 @@ def make_communicator(
     library is missing, and ``LauncherMismatch`` when the backend sees another world than
     the launcher started (each a one-line ``UserError``). ``horovod_cycle_time_ms`` sets Horovod's
     cycle time when Horovod is the backend (None: Horovod's own setting).
+
+    ``group_sizes`` are the group sizes the caller will ``split`` this communicator into (every
+    level of a hierarchy). Only Horovod needs them in advance: its groups are process sets
+    registered at ``hvd.init``, and its ``split`` refuses other sizes (1 and the world size need no
+    registration). The other backends split into any size, but the sizes are checked for every
+    backend alike: ValueError unless each divides the launcher's world size.
     """
-    communicator = _construct(resolve_backend(backend, launch), launch, device, horovod_cycle_time_ms)
+    for ranks in group_sizes:
+        check_group_size(ranks, launch.layout.size)
+    communicator = _construct(resolve_backend(backend, launch), launch, device, horovod_cycle_time_ms, group_sizes)
     try:
         check_world(communicator, launch)
     except LauncherMismatch:

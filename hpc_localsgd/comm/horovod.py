@@ -3,7 +3,7 @@
 Horovod matches operations across ranks by name, and a name may not be reused while an
 operation with it is in flight. Each operation is named from a per-communicator counter;
 since every rank starts collectives in the same order, the n-th operation carries the same
-name everywhere.
+name everywhere. A group's names also carry its process set's id.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ import torch
 from ..errors import BackendUnavailable, one_line
 from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, Handle
+from .base import Communicator, Handle, check_group_size, group_layout
+from .single import SingleCommunicator
 
 # The dtypes horovod.torch 0.28 accepts (horovod/torch/adapter_v2.cc); bfloat16 is not one of them.
 _HOROVOD_DTYPES = frozenset(
@@ -49,28 +51,86 @@ class _HorovodHandle(Handle):
 
 
 class HorovodCommunicator(Communicator):
-    """Collectives through ``horovod.torch``; Horovod's own rank and size, node fields from the launcher."""
+    """Collectives through ``horovod.torch``; Horovod's own rank and size, node fields from the launcher.
+
+    ``group_sizes`` are the sizes ``split`` will be asked for. Horovod 0.28 runs collectives on a
+    subset of ranks through process sets, which exist either from ``hvd.init(process_sets=[...])`` on
+    or, with dynamic process sets switched on before ``hvd.init``, from ``hvd.add_process_set`` on.
+    They are registered at ``hvd.init`` here: dynamic process sets make Horovod's background thread
+    coordinate the table of sets on every cycle, for every operation, also in runs that never split
+    (Horovod's own test suite keeps its process-set tests on static sets because dynamic ones were
+    seen to slow all operations down), while the sizes a run needs are known from its configuration
+    before the communicator exists. A run without groups initialises Horovod exactly as before.
+    Each group of ``n`` consecutive ranks is one process set; ``split(n)`` for an ``n`` not among
+    ``group_sizes`` (other than 1 and the world size) raises ValueError.
+    """
 
     name = "horovod"
 
-    def __init__(self, launcher_layout: WorldLayout, cycle_time_ms: float | None = None) -> None:
+    def __init__(
+        self, launcher_layout: WorldLayout, cycle_time_ms: float | None = None, group_sizes: Sequence[int] = ()
+    ) -> None:
         import horovod.torch as hvd  # imported here: horovod is optional and initialises MPI
 
         if cycle_time_ms is not None:
             os.environ["HOROVOD_CYCLE_TIME"] = f"{cycle_time_ms:g}"  # read once, by hvd.init()
 
+        world = launcher_layout.size
+        for ranks in group_sizes:
+            check_group_size(ranks, world)
+        # Every rank registers every set, in the same order (Horovod requires it); sets of one rank
+        # and of the whole world need none (``split`` handles those without Horovod).
+        sizes = sorted({ranks for ranks in group_sizes if 1 < ranks < world})
+        process_sets = {
+            ranks: [hvd.ProcessSet(list(range(first, first + ranks))) for first in range(0, world, ranks)]
+            for ranks in sizes
+        }
         try:
-            hvd.init()
+            if process_sets:
+                hvd.init(process_sets=[each for sets in process_sets.values() for each in sets])
+            else:
+                hvd.init()
         except Exception as error:  # e.g. a Gloo-only build started by mpirun instead of horovodrun
+            # The sets are built for the launcher's world: a Horovod that sees a smaller one (built
+            # against another MPI) refuses them here, before ``check_world`` could name the mismatch.
+            hint = (
+                f" (it was given process sets for groups of {', '.join(map(str, sizes))} of the launcher's "
+                f"{world} ranks; is Horovod built against another MPI than the launcher's?)"
+                if process_sets
+                else ""
+            )
             raise BackendUnavailable(
-                f"comm.backend is 'horovod' but Horovod failed to start: {one_line(error)}"
+                f"comm.backend is 'horovod' but Horovod failed to start: {one_line(error)}{hint}"
             ) from None
         self._hvd = hvd
+        self._process_set: Any = hvd.global_process_set
+        self._process_sets = process_sets  # by group size: the sets of all groups, in rank order
+        self._groups: dict[int, HorovodCommunicator] = {}  # by group size, one communicator per process set
+        self._is_world = True
+        self._world: HorovodCommunicator = self
         self._operation_numbers = itertools.count()
+        self._name_prefix = "hpc_localsgd"
         super().__init__(dataclasses.replace(launcher_layout, rank=hvd.rank(), size=hvd.size()))
 
+    def _group(self, ranks: int) -> HorovodCommunicator:
+        """This rank's group of ``ranks`` as a communicator on its process set (the world's only)."""
+        process_set = self._process_sets[ranks][self.rank // ranks]
+        group = HorovodCommunicator.__new__(HorovodCommunicator)
+        group._hvd = self._hvd
+        group._process_set = process_set
+        group._process_sets = {}
+        group._groups = {}
+        group._is_world = False
+        group._world = self
+        group._operation_numbers = itertools.count()
+        # Names must be unique among the operations in flight; the set's id keeps a group's apart from
+        # the world's and from other groups' (a counter is per communicator).
+        group._name_prefix = f"hpc_localsgd.set{process_set.process_set_id}"
+        Communicator.__init__(group, group_layout(self.rank, ranks))
+        return group
+
     def _next_name(self, kind: str) -> str:
-        return f"hpc_localsgd.{kind}.{next(self._operation_numbers)}"
+        return f"{self._name_prefix}.{kind}.{next(self._operation_numbers)}"
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)
@@ -84,21 +144,48 @@ class HorovodCommunicator(Communicator):
         # integers are summed and then floor-divided like on every other backend.
         native_average = average and reduced.is_floating_point()
         op = self._hvd.Average if native_average else self._hvd.Sum
-        hvd_handle = self._hvd.allreduce_async_(reduced, op=op, name=self._next_name("allreduce"))
+        hvd_handle = self._hvd.allreduce_async_(
+            reduced, op=op, name=self._next_name("allreduce"), process_set=self._process_set
+        )
         divisor = self.size if average and not native_average else 1
         return _HorovodHandle(self._hvd, hvd_handle, buffer, reduced, divisor)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         check_buffer(buffer)
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} is not a rank of this group of {self.size}")
         # A same-width integer view shares the buffer's memory, so the broadcast still lands in place.
         travelling = buffer if buffer.dtype in _HOROVOD_DTYPES else buffer.view(_SAME_WIDTH_INT[buffer.element_size()])
-        self._hvd.broadcast_(travelling, root_rank=root, name=self._next_name("broadcast"))
+        # Horovod names the root by its rank in the world, also within a process set.
+        world_root = self._world.rank - self.rank + root
+        self._hvd.broadcast_(
+            travelling, root_rank=world_root, name=self._next_name("broadcast"), process_set=self._process_set
+        )
 
     def barrier(self) -> None:
-        if hasattr(self._hvd, "barrier"):
+        if not self._is_world:  # process sets came with Horovod 0.23, as did hvd.barrier
+            self._hvd.barrier(process_set=self._process_set)
+        elif hasattr(self._hvd, "barrier"):
             self._hvd.barrier()
         else:  # Horovod < 0.23: a one-element allreduce cannot finish before every rank joins it
             self._hvd.allreduce_(torch.zeros(1), op=self._hvd.Sum, name=self._next_name("barrier"))
 
+    def _split(self, ranks: int) -> Communicator:
+        if ranks == 1:
+            return SingleCommunicator(name=self.name)
+        # Consecutive blocks of ``ranks`` inside a group are the world's blocks of ``ranks``.
+        world = self._world
+        if ranks not in world._process_sets:
+            registered = ", ".join(map(str, sorted(world._process_sets))) or "none"
+            raise ValueError(
+                f"the horovod backend has no process sets for groups of {ranks} ranks (registered: {registered}); "
+                f"pass group_sizes=[{ranks}, ...] to make_communicator, which registers them at hvd.init"
+            )
+        if ranks not in world._groups:  # one communicator per set, so operation names never repeat
+            world._groups[ranks] = world._group(ranks)
+        return world._groups[ranks]
+
     def close(self) -> None:
-        self._hvd.shutdown()
+        """The world's close shuts Horovod down, and with it every process set; a group's does nothing."""
+        if self._is_world:
+            self._hvd.shutdown()

@@ -11,6 +11,8 @@ during backward would not move until ``finish_gradients`` waited on them (the be
 of a ResNet-50 step blocked that way even with ``MPI_Test`` from every gradient hook); the thread
 overlaps them with backward as Horovod's background thread and Gloo's do. Without
 ``MPI_THREAD_MULTIPLE`` the backend falls back to ``Iallreduce`` advanced by ``progress()``.
+Groups of ranks (``split``) are ``Comm.Split`` communicators sharing that thread (see
+``MPICommunicator``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch
 
 from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, Handle
+from .base import Communicator, Handle, group_layout
+from .single import SingleCommunicator
 
 # MPI reduces these in place through numpy's buffer protocol (numpy's format codes map to MPI types).
 _NATIVE_SUM_DTYPES = frozenset(
@@ -76,13 +79,14 @@ class _MPIHandle(Handle):
 class _CollectiveThread:
     """One thread that runs blocking collectives in the order they were submitted.
 
+    The collectives it runs go over communicators of their own (``MPICommunicator._thread_comm``),
+    so they never match one of the main thread's.
+
     A daemon thread (a ThreadPoolExecutor's is joined at exit): a rank that stops on an error must
     be able to exit even when its thread waits in a collective that a peer will never join.
     """
 
-    def __init__(self, comm: Any) -> None:
-        # Its own communicator: its collectives never match one of the main thread's.
-        self.comm = comm
+    def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
@@ -136,6 +140,18 @@ class MPICommunicator(Communicator):
     ``COMM_WORLD`` (e.g. the torch backend's rendezvous). Rank and size are MPI's own, so
     that ``make_communicator`` can compare them with what the launcher announced; the node
     fields come from the launcher's layout.
+
+    Groups (``split``) are ``Comm.Split`` of this communicator, and they share its communication
+    thread rather than each starting one: one thread per process, as Horovod has one background
+    thread, and no more threads polling in MPI beside the compute threads. The shared thread runs
+    the blocking ``Allreduce`` calls of the world and of every group one after another, in the order
+    they were started. That cannot deadlock when, as ``split`` requires, the ranks of each group start
+    the group's and its parents' collectives in the same order: groups are nested blocks of
+    consecutive ranks, so any two ranks order the collectives they share alike, and the operations
+    run in an order consistent with every rank's queue (the rule MPI sets for blocking collectives
+    on overlapping communicators). Each group's allreduces go over a communicator of their own
+    (split from the main one, used only by that thread), so they never match a broadcast or
+    barrier that the main thread runs on the group meanwhile.
     """
 
     name = "mpi"
@@ -146,9 +162,27 @@ class MPICommunicator(Communicator):
         self._mpi = MPI
         self._comm = MPI.COMM_WORLD.Dup()
         self._thread: _CollectiveThread | None = None
+        self._thread_comm: Any = None  # used only by the communication thread
+        self._owns_thread = True
         if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
-            self._thread = _CollectiveThread(MPI.COMM_WORLD.Dup())
+            self._thread_comm = MPI.COMM_WORLD.Dup()
+            self._thread = _CollectiveThread()
+        self._groups: list[MPICommunicator] = []
+        self._closed = False
         super().__init__(dataclasses.replace(launcher_layout, rank=self._comm.Get_rank(), size=self._comm.Get_size()))
+
+    @classmethod
+    def _group(
+        cls, mpi: Any, comm: Any, thread_comm: Any | None, thread: _CollectiveThread | None, layout: WorldLayout
+    ) -> MPICommunicator:
+        """A group's communicator around communicators already split; the thread stays its parent's."""
+        group = cls.__new__(cls)
+        group._mpi, group._comm, group._thread_comm, group._thread = mpi, comm, thread_comm, thread
+        group._owns_thread = False
+        group._groups = []
+        group._closed = False
+        Communicator.__init__(group, layout)
+        return group
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)
@@ -162,13 +196,15 @@ class MPICommunicator(Communicator):
         array = _numpy_view(reduced)
         divisor = self.size if average else 1
         if self._thread is not None:
-            future = self._thread.submit(self._thread.comm.Allreduce, self._mpi.IN_PLACE, array, self._mpi.SUM)
+            future = self._thread.submit(self._thread_comm.Allreduce, self._mpi.IN_PLACE, array, self._mpi.SUM)
             return _ThreadedHandle(future, buffer, reduced, array, divisor)
         request = self._comm.Iallreduce(self._mpi.IN_PLACE, array, op=self._mpi.SUM)
         return _MPIHandle(request, buffer, reduced, array, divisor)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         check_buffer(buffer)
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} is not a rank of this group of {self.size}")
         # Broadcast moves bytes without arithmetic, so any dtype travels as raw bytes.
         staged = buffer if buffer.device.type == "cpu" else buffer.cpu()
         self._comm.Bcast(_numpy_view(staged.reshape(-1).view(torch.uint8)), root=root)
@@ -178,13 +214,32 @@ class MPICommunicator(Communicator):
     def barrier(self) -> None:
         self._comm.Barrier()
 
+    def _split(self, ranks: int) -> Communicator:
+        if ranks == 1:
+            return SingleCommunicator(name=self.name)
+        color, key = self.rank // ranks, self.rank
+        # Both splits run on the main thread, over the main communicator: the communication thread
+        # may be inside a collective on its own communicator meanwhile, and MPI forbids two threads
+        # in collectives on one communicator at once.
+        comm = self._comm.Split(color, key)
+        thread_comm = self._comm.Split(color, key) if self._thread is not None else None
+        group = MPICommunicator._group(self._mpi, comm, thread_comm, self._thread, group_layout(self.rank, ranks))
+        self._groups.append(group)
+        return group
+
     def close(self) -> None:
-        thread_comm = None
-        if self._thread is not None:
+        """Free this communicator's MPI communicators, its groups' first (closing a group before its
+        parent is fine too, and closing twice does nothing). The world's close also ends the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        for group in self._groups:
+            group.close()
+        if self._owns_thread and self._thread is not None:
             self._thread.shutdown()
-            thread_comm, self._thread = self._thread.comm, None
+        self._thread = None
         # When Horovod initialised MPI, its shutdown finalises MPI, after which no MPI call is allowed.
         if not self._mpi.Is_finalized():
-            for comm in (self._comm, thread_comm):
+            for comm in (self._comm, self._thread_comm):
                 if comm is not None and comm != self._mpi.COMM_NULL:
                     comm.Free()

@@ -1,7 +1,7 @@
 """torch.distributed backend: NCCL for CUDA tensors, Gloo on the CPU.
 
 Gloo has no average reduction, so every reduction is a sum followed by a division by the
-world size, the same rule as the other backends.
+world size (a group's size, for a group), the same rule as the other backends.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch.distributed as dist
 from ..errors import BackendUnavailable, LauncherMismatch, one_line
 from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, Handle
+from .base import Communicator, Handle, group_layout
+from .single import SingleCommunicator
 
 # Long enough for a slow node to reach the first collective; short enough that a rank that
 # died before the rendezvous ends the job instead of hanging it for the default 30 minutes.
@@ -95,7 +96,14 @@ class _WorkHandle(Handle):
 
 
 class TorchDistributedCommunicator(Communicator):
-    """A default process group built from the launcher's layout; destroyed by ``close``."""
+    """A default process group built from the launcher's layout; destroyed by ``close``.
+
+    Groups (``split``) are ``dist.new_group`` process groups on the same backend (Gloo or NCCL).
+    torch.distributed wants every rank of the world to create every group, members or not, in the
+    same order; ``split(n)`` does that for all groups of n, keeps this rank's, and keeps it for a
+    later ``split(n)`` too. A group's ``split`` is therefore collective over the world, not only
+    over the group: every rank of the world must call it (through its own group) in the same order.
+    """
 
     name = "torch"
 
@@ -117,28 +125,67 @@ class TorchDistributedCommunicator(Communicator):
             world_size=launcher_layout.size,
             timeout=_RENDEZVOUS_TIMEOUT,
         )
+        self._process_group: Any = None  # None: the default (world) group
+        self._first_rank = 0  # the world rank of this group's rank 0
+        self._world: TorchDistributedCommunicator = self
+        self._groups: dict[int, TorchDistributedCommunicator] = {}  # by group size
         super().__init__(dataclasses.replace(launcher_layout, rank=dist.get_rank(), size=dist.get_world_size()))
+
+    def _group(self, ranks: int) -> TorchDistributedCommunicator:
+        """Create every group of ``ranks`` (collective over the world) and wrap this rank's."""
+        mine = None
+        for first in range(0, self.size, ranks):
+            process_group = dist.new_group(ranks=list(range(first, first + ranks)))
+            if first <= self.rank < first + ranks:
+                mine = process_group
+        group = TorchDistributedCommunicator.__new__(TorchDistributedCommunicator)
+        group._device = self._device
+        group._process_backend = self._process_backend
+        group._process_group = mine
+        group._first_rank = self.rank - self.rank % ranks
+        group._world = self
+        group._groups = {}
+        Communicator.__init__(group, group_layout(self.rank, ranks))
+        return group
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)
-        work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True)
+        work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self._process_group, async_op=True)
         return _WorkHandle(work, buffer, self.size if average else 1)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         check_buffer(buffer)
-        dist.broadcast(buffer, src=root)
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} is not a rank of this group of {self.size}")
+        # ``src`` is a rank of the world, also for a group.
+        dist.broadcast(buffer, src=self._first_rank + root, group=self._process_group)
 
     def barrier(self) -> None:
         if self._process_backend == "nccl":
             # Without device_ids NCCL guesses the device from the rank and may pick the wrong one.
-            dist.barrier(device_ids=[self._device.index or 0])
+            dist.barrier(group=self._process_group, device_ids=[self._device.index or 0])
         else:
-            dist.barrier()
+            dist.barrier(group=self._process_group)
+
+    def _split(self, ranks: int) -> Communicator:
+        if ranks == 1:
+            return SingleCommunicator(name=self.name)
+        # Consecutive blocks of ``ranks`` inside a group are the world's blocks of ``ranks``.
+        world = self._world
+        if ranks not in world._groups:
+            world._groups[ranks] = world._group(ranks)
+        return world._groups[ranks]
 
     def close(self) -> None:
+        """The world's close destroys every process group, its groups' too; a group's does nothing."""
+        if self._world is not self:
+            return
         if dist.is_initialized():
             # Gloo's worker threads release the tensors of finished collectives; one that does so
             # while the interpreter shuts down aborts the process. A barrier issued after every
-            # other collective lets them finish that work before the group goes away.
+            # other collective lets them finish that work before the group goes away (each group
+            # has threads of its own, hence a barrier in each of this rank's groups first).
+            for group in self._groups.values():
+                group.barrier()
             self.barrier()
             dist.destroy_process_group()

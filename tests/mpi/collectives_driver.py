@@ -3,9 +3,15 @@
 Every buffer is built from the rank number, so the expected results follow from sums over
 ranks 0..N−1 (written out below with numpy, independently of the code under test).
 Prints ``OK <backend> rank <r> of <N>`` on success; exits 1 naming the first wrong value
-otherwise, or 2 with ``hpc-localsgd: error: <message>`` for a ``UserError``.
+otherwise, or 2 with ``hpc-localsgd: error: <message>`` for a ``UserError`` (and for a refused
+``--split``).
+
+With ``--groups`` it also checks the communicators of groups of consecutive ranks (``split``) of
+sizes 2, N and 1, where they divide N: sums over the group's ranks only, broadcasts from a rank of
+the group, and group collectives in flight together with the world's.
 
     mpirun -np 2 python tests/mpi/collectives_driver.py --backend mpi
+    mpirun -np 4 --oversubscribe python tests/mpi/collectives_driver.py --backend horovod --groups
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ def check_allreduce(comm: Communicator, device: torch.device) -> None:
 def check_sixteen_bit_average(comm: Communicator, device: torch.device) -> None:
     """float16/bfloat16 have no MPI type; their averages must still be right (values chosen to be exact)."""
     rank, size = comm.rank, comm.size
-    ramp = np.arange(64, dtype=np.int64)
+    # bfloat16 holds 8 significant bits: the means k·(N + 1)/2 stay exact up to k = 63 for N = 2, k = 15 for N = 4.
+    ramp = np.arange(64 if size <= 2 else 16, dtype=np.int64)
     for dtype in (torch.float16, torch.bfloat16):
         buffer = torch.from_numpy(ramp * (rank + 1)).to(device=device, dtype=dtype)
         comm.allreduce_(buffer, average=True)
@@ -143,17 +150,126 @@ def check_broadcast(comm: Communicator, device: torch.device) -> None:
             expect_equal(f"broadcast {dtype} length {length} from rank {root}", buffer, np.full(length, 10 * root + 7))
 
 
+def group_sum(world_rank: int, ranks: int) -> int:
+    """Σ (r + 1) over the world ranks r of ``world_rank``'s group of ``ranks`` consecutive ranks."""
+    first = world_rank - world_rank % ranks
+    return sum(r + 1 for r in range(first, first + ranks))
+
+
+def check_group_layout(world: Communicator, group: Communicator, ranks: int) -> None:
+    got = (group.rank, group.size, group.local_rank, group.name, group.is_root)
+    wanted = (world.rank % ranks, ranks, world.rank % ranks, world.name, world.rank % ranks == 0)
+    if got != wanted:
+        raise CheckFailed(f"group of {ranks}: (rank, size, local rank, name, is_root) {got}, expected {wanted}")
+
+
+def check_group_allreduce(world: Communicator, group: Communicator, ranks: int, device: torch.device) -> None:
+    """Sums and averages over the group's ranks only; a world allreduce between two group ones."""
+    rank_sum = group_sum(world.rank, ranks)
+    for dtype in EXACT_DTYPES:
+        for length in (1, 1000, 100_003):
+            ramp = signed_ramp(length)
+            for average in (False, True):
+                buffer = torch.from_numpy(ramp * (world.rank + 1)).to(device=device, dtype=dtype)
+                group.allreduce_(buffer, average=average)
+                total = ramp * rank_sum
+                expected = total if not average else (total / ranks if dtype.is_floating_point else total // ranks)
+                what = f"group of {ranks}: allreduce {'average' if average else 'sum'} {dtype} length {length}"
+                expect_equal(what, buffer, expected)
+        interleaved = torch.full((5,), world.rank + 1, dtype=dtype, device=device)
+        world.allreduce_(interleaved, average=False)
+        expect_equal(
+            f"world allreduce {dtype} between group ones", interleaved, np.full(5, world.size * (world.size + 1) // 2)
+        )
+    for dtype in (torch.float16, torch.bfloat16):
+        # Small enough that every value and mean (a multiple of 1/4 below 64) is exact in 8 bits.
+        buffer = torch.from_numpy(np.arange(16) * (world.rank + 1)).to(device=device, dtype=dtype)
+        group.allreduce_(buffer, average=True)
+        expect_equal(f"group of {ranks}: allreduce average {dtype}", buffer.float(), np.arange(16) * rank_sum / ranks)
+
+
+def check_group_broadcast(world: Communicator, group: Communicator, ranks: int, device: torch.device) -> None:
+    """The root is a rank of the group: each group gets its own root's value."""
+    root = 1 % ranks
+    source = world.rank - world.rank % ranks + root
+    for dtype in (torch.float32, torch.float64, torch.int64, torch.bfloat16):
+        buffer = torch.full((100_003,), 10 * world.rank + 7, dtype=dtype, device=device)
+        group.broadcast_(buffer, root=root)
+        expect_equal(
+            f"group of {ranks}: broadcast {dtype} from group rank {root}", buffer, np.full(100_003, 10 * source + 7)
+        )
+
+
+def check_group_in_flight_with_world(
+    world: Communicator, group: Communicator, ranks: int, device: torch.device
+) -> None:
+    """Group allreduces started while a world allreduce is in flight, and the other way round;
+    waited in one order on every rank (not the order they were started in)."""
+    plans = [  # (communicator, dtype, length, average)
+        (world, torch.float32, 250_001, True),
+        (group, torch.float32, 250_001, True),
+        (group, torch.int64, 1000, False),
+        (world, torch.float64, 33, False),
+        (group, torch.float64, 7, True),
+    ]
+    buffers, handles = [], []
+    for index, (comm, dtype, length, average) in enumerate(plans):
+        ramp = signed_ramp(length) + 10 * index
+        buffer = torch.from_numpy(ramp * (world.rank + 1)).to(device=device, dtype=dtype)
+        buffers.append(buffer)
+        handles.append(comm.iallreduce_(buffer, average=average))
+    for index in (2, 0, 4, 1, 3):
+        handles[index].wait()
+        comm, dtype, length, average = plans[index]
+        size = comm.size
+        rank_sum = world.size * (world.size + 1) // 2 if comm is world else group_sum(world.rank, ranks)
+        total = (signed_ramp(length) + 10 * index) * rank_sum
+        expected = total if not average else (total / size if dtype.is_floating_point else total // size)
+        which = "world" if comm is world else f"group of {ranks}"
+        expect_equal(f"in flight together: {which} allreduce #{index} ({dtype})", buffers[index], expected)
+
+
+def check_groups(world: Communicator, device: torch.device) -> None:
+    for ranks in dict.fromkeys((2, world.size, 1)):
+        if world.size % ranks != 0:
+            continue
+        group = world.split(ranks)
+        check_group_layout(world, group, ranks)
+        check_group_allreduce(world, group, ranks, device)
+        check_group_broadcast(world, group, ranks, device)
+        check_group_in_flight_with_world(world, group, ranks, device)
+        group.barrier()
+        # Another split into the same size works too, and so does splitting a group further.
+        again = world.split(ranks).split(1)
+        buffer = torch.full((3,), float(world.rank), device=device)
+        again.allreduce_(buffer)
+        expect_equal(f"group of one split from a group of {ranks}", buffer, np.full(3, float(world.rank)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, choices=("auto", "horovod", "mpi", "torch", "single"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--groups", action="store_true", help="also check groups of ranks (split)")
+    parser.add_argument("--split", type=int, help="only split into groups of this size (to see it refused)")
+    parser.add_argument(
+        "--group-sizes", default="2", help="the group sizes announced to make_communicator (comma-separated)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    group_sizes = [int(size) for size in args.group_sizes.split(",") if size]
     try:
-        comm = make_communicator(args.backend, detect_launch(), device)
+        comm = make_communicator(args.backend, detect_launch(), device, group_sizes=group_sizes)
     except UserError as error:
         print_line(f"hpc-localsgd: error: {error}", sys.stderr)
         return error.exit_code
+    if args.split is not None:
+        try:
+            comm.split(args.split)
+        except ValueError as error:
+            print_line(f"hpc-localsgd: error: {error}", sys.stderr)
+            comm.close()
+            return 2
     try:
         check_allreduce(comm, device)
         check_sixteen_bit_average(comm, device)
@@ -161,12 +277,14 @@ def main() -> int:
         check_slices_of_one_flat_buffer(comm, device)
         check_progress_then_wait(comm, device)
         check_broadcast(comm, device)
+        if args.groups:
+            check_groups(comm, device)
         comm.barrier()
     except Exception as failure:
         detail = str(failure) if isinstance(failure, CheckFailed) else traceback.format_exc()
         print_line(f"FAIL {comm.name} rank {comm.rank} of {comm.size}: {detail}", sys.stderr)
         return 1
-    print(f"OK {comm.name} rank {comm.rank} of {comm.size}", flush=True)
+    print_line(f"OK {comm.name} rank {comm.rank} of {comm.size}", sys.stdout)
     comm.close()
     return 0
 

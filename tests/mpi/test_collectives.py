@@ -1,4 +1,5 @@
-"""Each backend's collectives under ``mpirun -np 2`` (one launcher invocation per backend).
+"""Each backend's collectives under ``mpirun -np 2`` (one launcher invocation per backend), and its
+groups of ranks (``split``) under ``mpirun -np 4``.
 
 The checks themselves run inside ``collectives_driver.py`` on every rank; this file launches it
 and reads its verdict. Horovod is part of the install (scripts/install.sh builds it), so a
@@ -32,10 +33,10 @@ def report(done: subprocess.CompletedProcess) -> str:
     return f"exit code {done.returncode}\n--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
 
 
-def assert_every_rank_ok(done: subprocess.CompletedProcess, backend: str) -> None:
+def assert_every_rank_ok(done: subprocess.CompletedProcess, backend: str, ranks: int = RANKS) -> None:
     assert done.returncode == 0, report(done)
-    for rank in range(RANKS):
-        assert f"OK {backend} rank {rank} of {RANKS}" in done.stdout, report(done)
+    for rank in range(ranks):
+        assert f"OK {backend} rank {rank} of {ranks}" in done.stdout, report(done)
 
 
 @pytest.mark.parametrize("backend", ["mpi", "torch", "horovod"])
@@ -120,3 +121,62 @@ def test_a_backend_that_sees_fewer_ranks_than_the_launcher_stops_with_one_line(b
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpc-localsgd: error: the launcher (slurm) "), report(done)
     assert "srun --mpi=pmix" in lines[0] and "Traceback" not in done.stdout, report(done)
+
+
+GROUP_RANKS = 4
+
+
+@pytest.mark.parametrize("backend", ["mpi", "torch", "horovod"])
+def test_groups_of_ranks(backend: str) -> None:
+    # Groups of 2, of 4 (the world) and of 1: exact sums over the group, broadcasts from a rank of the
+    # group, and group allreduces in flight together with the world's (collectives_driver.check_groups).
+    done = run_mpi(GROUP_RANKS, ["python", DRIVER, "--backend", backend, "--groups"], timeout=180, env=WITHOUT_MASTER)
+    assert_every_rank_ok(done, backend, GROUP_RANKS)
+
+
+def test_groups_of_ranks_on_mpi_without_thread_multiple() -> None:
+    # Without MPI_THREAD_MULTIPLE there is no communication thread: groups use Iallreduce directly.
+    done = run_mpi(
+        GROUP_RANKS,
+        ["python", DRIVER, "--backend", "mpi", "--groups"],
+        timeout=180,
+        env={"MPI4PY_RC_THREAD_LEVEL": "serialized"},
+    )
+    assert_every_rank_ok(done, "mpi", GROUP_RANKS)
+
+
+def run_each_rank_reporting_its_exit_status(argv: list[str]) -> subprocess.CompletedProcess:
+    """As ``test_single_under_mpirun_stops_every_rank_with_one_line``: each rank's shell prints its exit status."""
+    shell = '"$0" "$@"; echo "exit status $?"'
+    return run_mpi(
+        GROUP_RANKS,
+        ["sh", "-c", shell, sys.executable, DRIVER, *argv],
+        timeout=120,
+        env={**WITHOUT_MASTER, "OMPI_MCA_orte_abort_on_non_zero_status": "0"},
+    )
+
+
+def assert_one_line_and_status_2_on_every_rank(done: subprocess.CompletedProcess, line: str) -> None:
+    assert done.stdout.splitlines() == ["exit status 2"] * GROUP_RANKS, report(done)
+    errors = [text for text in done.stderr.splitlines() if text.startswith("hpc-localsgd: error:")]
+    assert errors == [line] * GROUP_RANKS, report(done)
+    assert "Traceback" not in done.stdout + done.stderr, report(done)
+
+
+@pytest.mark.parametrize("backend", ["mpi", "torch", "horovod"])
+def test_a_group_size_that_does_not_divide_the_world_stops_every_rank_with_one_line(backend: str) -> None:
+    done = run_each_rank_reporting_its_exit_status(["--backend", backend, "--split", "3"])
+    assert_one_line_and_status_2_on_every_rank(
+        done,
+        "hpc-localsgd: error: cannot split a communicator of 4 ranks into groups of 3 ranks: "
+        "the group size must be a positive divisor of 4",
+    )
+
+
+def test_horovod_refuses_a_group_size_not_registered_at_init() -> None:
+    done = run_each_rank_reporting_its_exit_status(["--backend", "horovod", "--split", "2", "--group-sizes", ""])
+    assert_one_line_and_status_2_on_every_rank(
+        done,
+        "hpc-localsgd: error: the horovod backend has no process sets for groups of 2 ranks (registered: none); "
+        "pass group_sizes=[2, ...] to make_communicator, which registers them at hvd.init",
+    )
