@@ -8,17 +8,20 @@ Horovod built against another MPI than the ``mpirun`` that launched it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import LauncherMismatch, RankLocalError
 
-# (launcher, rank, size, local rank, local size, node rank) variable names, most specific first.
+# (launcher, rank, size, local rank, local size, node index) variable names, most specific first.
+# Open MPI has no node index: its OMPI_COMM_WORLD_NODE_RANK is a rank among the processes of the
+# node (of every job there), not the node's number; node_rank stays 0 there.
 _LAUNCHERS: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
     ("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE", "HOROVOD_CROSS_RANK"),
     (
@@ -27,7 +30,7 @@ _LAUNCHERS: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
         "OMPI_COMM_WORLD_SIZE",
         "OMPI_COMM_WORLD_LOCAL_RANK",
         "OMPI_COMM_WORLD_LOCAL_SIZE",
-        "OMPI_COMM_WORLD_NODE_RANK",
+        None,
     ),
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None),
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"),
@@ -37,7 +40,8 @@ _LAUNCHERS: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
 
 @dataclass(frozen=True)
 class WorldLayout:
-    """Where this rank sits: global rank and size, rank and size on its node, node index."""
+    """Where this rank sits: global rank and size, rank and size on its node, node index (0 where the
+    launcher does not say: Open MPI, MPICH)."""
 
     rank: int
     size: int
@@ -104,24 +108,34 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnvironment:
     return LaunchEnvironment("none", WorldLayout(0, 1, 0, 1, 0, 1))
 
 
-def ranks_per_node(layout: WorldLayout) -> int:
-    """How many ranks each node holds, when every node holds as many and in one block of
-    consecutive ranks (what ``algorithm.ranks_per_worker: node`` needs); else ``LauncherMismatch``.
+def host_id() -> int:
+    """This machine as a number below 2**62 (a hash of its host name), for ranks to compare nodes."""
+    digest = hashlib.blake2b(platform.node().encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
-    Each rank sees only its own node; the training loop makes the ranks agree on the outcome.
-    """
-    where = f"rank {layout.rank} of {layout.size} is local rank {layout.local_rank} of {layout.local_size}"
-    if layout.local_size * layout.num_nodes != layout.size:
+
+def ranks_per_node(host_ids: Sequence[int]) -> int:
+    """How many ranks each node holds, given every rank's :func:`host_id` in rank order, when every
+    node holds as many ranks in one block of consecutive ranks (what ``ranks_per_worker: node``
+    needs); else ``LauncherMismatch`` saying how the ranks are placed."""
+    blocks: list[tuple[int, int]] = []  # (host, ranks) in rank order
+    for host in host_ids:
+        if blocks and blocks[-1][0] == host:
+            blocks[-1] = (host, blocks[-1][1] + 1)
+        else:
+            blocks.append((host, 1))
+    if len({host for host, _ in blocks}) != len(blocks):
         raise LauncherMismatch(
-            f"nodes hold different numbers of ranks ({where} on {layout.num_nodes} node(s)); "
-            "'node' groups need as many ranks on every node"
-        )
-    if layout.node_rank != layout.rank // layout.local_size or layout.local_rank != layout.rank % layout.local_size:
-        raise LauncherMismatch(
-            f"the ranks of a node are not consecutive ({where} on node {layout.node_rank}); "
+            f"the ranks of a node are not consecutive ({len(host_ids)} ranks on {len(set(host_ids))} nodes); "
             "place ranks by node (mpirun --map-by slot, srun --distribution=block)"
         )
-    return layout.local_size
+    sizes = sorted({count for _, count in blocks})
+    if len(sizes) > 1:
+        raise LauncherMismatch(
+            f"nodes hold different numbers of ranks ({', '.join(map(str, sizes))}); 'node' groups need as many "
+            "ranks on every node"
+        )
+    return sizes[0]
 
 
 def software_versions() -> dict[str, str]:

@@ -24,7 +24,7 @@ from ..launcher.env import LaunchEnvironment, detect_launch, select_device, thre
 from .checkpointer import Checkpointer
 from .control import requeue_slurm_job
 from .data import derive_seed
-from .ranks import RankWorkers
+from .ranks import RankWorkers, planned_group_sizes
 from .resume import ChosenCheckpoint, choose_checkpoint, restore
 from .run import (
     EvalResult,
@@ -96,7 +96,13 @@ def train(
         torch.cuda.set_device(device)
     if comm is not None:
         return _train(cfg, comm, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
-    own = make_communicator(cfg.comm.backend, launch, device, horovod_cycle_time_ms(cfg))
+    own = make_communicator(
+        cfg.comm.backend,
+        launch,
+        device,
+        horovod_cycle_time_ms(cfg),
+        group_sizes=planned_group_sizes(cfg, launch.layout),
+    )
     result = _train(cfg, own, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
     # Closed on success only: after an error the other ranks may not reach the closing collective.
     own.close()

@@ -10,11 +10,10 @@ import torch.nn.functional as F
 
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.hierarchy import Hierarchy, hierarchy_from_config
-from ..comm.agree import agree_on_failure
 from ..comm.base import Communicator
 from ..config.schema import RunConfig
 from ..errors import ConfigError, UserError
-from ..launcher.env import LaunchEnvironment, WorldLayout, ranks_per_node
+from ..launcher.env import LaunchEnvironment, WorldLayout, host_id, ranks_per_node
 from .data import ShardedBatches, build_datasets, eval_batches
 from .models import build_model
 from .run import Batch, EvalResult, seed_everything
@@ -47,7 +46,7 @@ class RankWorkers:
                 f"× data.batch_size {cfg.data.batch_size}"
             )
         layout = launch.layout
-        self.hierarchy = agreed_hierarchy(cfg, comm, layout)
+        self.hierarchy = agreed_hierarchy(cfg, comm)
         self.description = f"{comm.size} rank(s) on {layout.num_nodes} node(s), {comm.name} backend, {device}"
         self.world: dict[str, Any] = {
             "size": comm.size,
@@ -100,37 +99,37 @@ class RankWorkers:
         )
 
 
-def agreed_hierarchy(cfg: RunConfig, comm: Communicator, layout: WorldLayout) -> Hierarchy:
+def _uses_node(cfg: RunConfig) -> bool:
+    a = cfg.algorithm
+    return "node" in [a.ranks_per_worker, *(level.ranks for level in a.levels)]
+
+
+def agreed_hierarchy(cfg: RunConfig, comm: Communicator) -> Hierarchy:
     """The worker groups and levels of ``cfg.algorithm`` in this world, the same on every rank.
 
-    Numbers alone decide the same everywhere; ``node`` depends on what each rank's launcher says
-    about its node, so then the ranks agree: a rank that finds the nodes uneven, or a node size
-    that differs from rank 0's, ends every rank with one line.
+    ``node`` is found from where the ranks really run: every rank contributes its host's id to one
+    small allreduce, so every rank sees the same placement and takes the same decision (a bad
+    placement ends every rank with the same line).
     """
-    a = cfg.algorithm
-    if "node" not in [a.ranks_per_worker, *(level.ranks for level in a.levels)]:
-        return hierarchy_from_config(a, comm.size, None)
-    failure, hierarchy = None, None
+    if not _uses_node(cfg):
+        return hierarchy_from_config(cfg.algorithm, comm.size, None)
+    hosts = torch.zeros(comm.size, dtype=torch.int64)
+    hosts[comm.rank] = host_id()
+    comm.allreduce_(hosts, average=False)
     try:
-        hierarchy = hierarchy_from_config(a, comm.size, ranks_per_node(layout))
+        nodes = ranks_per_node(hosts.tolist())
     except UserError as error:
-        failure = f"algorithm.ranks_per_worker: 'node' on rank {comm.rank}: {error}"
-    message = agree_on_failure(comm, failure)
-    if message is not None:
-        raise ConfigError(message)
-    assert hierarchy is not None
-    sizes = torch.tensor([hierarchy.ranks_per_worker, *(level.ranks for level in hierarchy.levels)])
-    root_sizes = sizes.clone()
-    comm.broadcast_(root_sizes, root=0)
-    differs = (
-        None
-        if torch.equal(sizes, root_sizes)
-        else (
-            f"algorithm.ranks_per_worker: 'node' means {sizes.tolist()} ranks on rank {comm.rank} but "
-            f"{root_sizes.tolist()} on rank 0: every node must hold as many ranks"
-        )
-    )
-    message = agree_on_failure(comm, differs)
-    if message is not None:
-        raise ConfigError(message)
-    return hierarchy
+        raise ConfigError(f"algorithm.ranks_per_worker: 'node': {error}") from None
+    return hierarchy_from_config(cfg.algorithm, comm.size, nodes)
+
+
+def planned_group_sizes(cfg: RunConfig, layout: WorldLayout) -> list[int]:
+    """The group sizes this run's hierarchy splits the world into, for backends that must know them
+    before they start (Horovod registers its process sets at init). Empty when the hierarchy is not
+    valid here: the run then stops with the reason, on every rank, once the communicator exists."""
+    try:
+        # The launcher's count of ranks on this node; agreed_hierarchy checks it once ranks can talk.
+        hierarchy = hierarchy_from_config(cfg.algorithm, layout.size, layout.local_size if _uses_node(cfg) else None)
+    except UserError:
+        return []
+    return sorted({hierarchy.ranks_per_worker, *(level.ranks for level in hierarchy.levels)} - {1, layout.size})

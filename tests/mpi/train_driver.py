@@ -21,6 +21,7 @@ from hpc_localsgd.config import load_config  # noqa: E402
 from hpc_localsgd.errors import UserError, print_line  # noqa: E402
 from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
 from hpc_localsgd.train.loop import train  # noqa: E402
+from hpc_localsgd.train.ranks import planned_group_sizes  # noqa: E402
 from tests.mpi.cases import ALL_CASES, BASE, CASES  # noqa: E402
 
 
@@ -31,12 +32,21 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names from cases.py")
     args = parser.parse_args()
     launch = detect_launch()
+    names = args.cases.split(",")
+    # Every group size the cases split the world into (Horovod registers its process sets at init).
+    group_sizes = sorted(
+        {
+            size
+            for name in names
+            for size in planned_group_sizes(load_config(None, BASE + ALL_CASES[name]), launch.layout)
+        }
+    )
     try:
-        comm = make_communicator(args.backend, launch, torch.device("cpu"))
+        comm = make_communicator(args.backend, launch, torch.device("cpu"), group_sizes=group_sizes)
     except UserError as exc:
         print_line(f"hpc-localsgd: error: {exc}", sys.stderr)
         return 2
-    for name in args.cases.split(","):
+    for name in names:
         overrides = ALL_CASES[name]
         run_dir = Path(args.out) / args.backend / name
         cfg = load_config(None, BASE + overrides + [f"output.run_dir={run_dir}", f"comm.backend={args.backend}"])

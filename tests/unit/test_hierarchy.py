@@ -8,7 +8,8 @@ import pytest
 from hpc_localsgd.algorithms.hierarchy import GroupLevel, Hierarchy, check_hierarchy, hierarchy_from_config
 from hpc_localsgd.config import load_config
 from hpc_localsgd.errors import ConfigError, LauncherMismatch
-from hpc_localsgd.launcher.env import WorldLayout, detect_launch, ranks_per_node
+from hpc_localsgd.launcher.env import detect_launch, ranks_per_node
+from hpc_localsgd.train.ranks import planned_group_sizes
 
 
 def test_level_due_takes_the_largest_due_group_and_yields_to_the_global_sync() -> None:
@@ -67,7 +68,6 @@ def test_two_nodes_of_four_from_open_mpi_and_slurm_variables() -> None:
         "OMPI_COMM_WORLD_SIZE": "8",
         "OMPI_COMM_WORLD_LOCAL_RANK": "1",
         "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
-        "OMPI_COMM_WORLD_NODE_RANK": "1",
     }
     slurm = {
         "SLURM_PROCID": "5",
@@ -77,22 +77,25 @@ def test_two_nodes_of_four_from_open_mpi_and_slurm_variables() -> None:
         "SLURM_NNODES": "2",
         "SLURM_TASKS_PER_NODE": "4(x2)",
     }
+    node_workers = load_config(None, ["algorithm.ranks_per_worker=node", "algorithm.sync_period=8"])
+    with_level = load_config(None, ["algorithm.sync_period=8", "algorithm.levels=[{ranks: node, sync_period: 2}]"])
     for env in (open_mpi, slurm):
         layout = detect_launch(env).layout
-        assert ranks_per_node(layout) == 4
-        cfg = load_config(None, ["algorithm.ranks_per_worker=node"])
-        assert hierarchy_from_config(cfg.algorithm, layout.size, ranks_per_node(layout)).workers == 2
+        assert (layout.size, layout.local_size, layout.num_nodes) == (8, 4, 2)
+        # What Horovod's process sets are planned for before the ranks can compare their hosts.
+        assert planned_group_sizes(node_workers, layout) == [4] == planned_group_sizes(with_level, layout)
+    # The hosts the ranks then report: two nodes of four, in blocks.
+    assert ranks_per_node([7, 7, 7, 7, 9, 9, 9, 9]) == 4
+    assert ranks_per_node([7, 7, 7, 7]) == 4 and ranks_per_node([3]) == 1
 
 
 @pytest.mark.parametrize(
-    "layout,message",
+    "hosts,message",
     [
-        # Slurm's "3,1": this node holds 3 of 4 ranks.
-        (WorldLayout(rank=1, size=4, local_rank=1, local_size=3, node_rank=0, num_nodes=2), "different numbers"),
-        # Round-robin placement: rank 1 on node 1.
-        (WorldLayout(rank=1, size=4, local_rank=0, local_size=2, node_rank=1, num_nodes=2), "not consecutive"),
+        ([7, 7, 7, 9], "nodes hold different numbers of ranks \\(1, 3\\)"),
+        ([7, 9, 7, 9], "the ranks of a node are not consecutive \\(4 ranks on 2 nodes\\)"),
     ],
 )
-def test_nodes_that_are_not_equal_blocks_of_ranks_are_refused(layout: WorldLayout, message: str) -> None:
+def test_nodes_that_are_not_equal_blocks_of_ranks_are_refused(hosts: list[int], message: str) -> None:
     with pytest.raises(LauncherMismatch, match=message):
-        ranks_per_node(layout)
+        ranks_per_node(hosts)

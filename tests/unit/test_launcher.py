@@ -27,11 +27,12 @@ def test_open_mpi_on_two_nodes_of_two() -> None:
         "OMPI_COMM_WORLD_SIZE": "4",
         "OMPI_COMM_WORLD_LOCAL_RANK": "1",
         "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        # The rank among the node's processes (of every job there), not the node's number: ignored.
         "OMPI_COMM_WORLD_NODE_RANK": "1",
     }
     launch = detect_launch(env)
     assert launch.launcher == "openmpi"
-    assert launch.layout == WorldLayout(rank=3, size=4, local_rank=1, local_size=2, node_rank=1, num_nodes=2)
+    assert launch.layout == WorldLayout(rank=3, size=4, local_rank=1, local_size=2, node_rank=0, num_nodes=2)
 
 
 def test_slurm_task_counts_with_repeats() -> None:
