@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
@@ -79,16 +80,19 @@ class JobControl:
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
-def requeue_slurm_job() -> str:
-    """Ask Slurm to run this job again (it will resume from the checkpoint); says what happened."""
+def requeue_slurm_job(say: Callable[[str], None]) -> None:
+    """Ask Slurm to run this job again (it will resume from the checkpoint), saying so first: a
+    successful requeue cancels this job step at once, often before a line printed after it."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
-        return "hpc-localsgd: not a Slurm job: nothing to requeue"
+        say("hpc-localsgd: not a Slurm job: nothing to requeue")
+        return
+    say(f"hpc-localsgd: requeueing Slurm job {job}; it resumes from the checkpoint when it starts again")
     try:
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"hpc-localsgd: warning: scontrol requeue {job} failed: {exc}"
+        say(f"hpc-localsgd: warning: scontrol requeue {job} failed: {exc}")
+        return
     if done.returncode != 0:
         reason = " ".join((done.stderr or done.stdout).split())
-        return f"hpc-localsgd: warning: scontrol requeue {job} failed: {reason} (is the job submitted with --requeue?)"
-    return f"hpc-localsgd: requeued Slurm job {job}; it resumes from the checkpoint when it starts again"
+        say(f"hpc-localsgd: warning: scontrol requeue {job} failed: {reason} (is the job submitted with --requeue?)")

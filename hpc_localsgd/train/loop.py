@@ -166,7 +166,7 @@ def _train(
             f"{checkpointer.last}; continue with --resume auto"
         )
         if comm.is_root and result.stopped == "SIGUSR1" and cfg.checkpoint.requeue_on_usr1:
-            say(requeue_slurm_job())
+            requeue_slurm_job(say)
     return result
 
 

@@ -21,8 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hpc_localsgd.comm import make_communicator  # noqa: E402
 from hpc_localsgd.config import load_config  # noqa: E402
+from hpc_localsgd.io.metrics import read_metrics  # noqa: E402
 from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
 from hpc_localsgd.train.loop import TrainResult, train  # noqa: E402
+from hpc_localsgd.train.ranks import planned_group_sizes  # noqa: E402
 from tests.mpi.cases import BASE  # noqa: E402
 
 STOP = 7  # between two syncs for H = 4, before the post-local switch
@@ -52,6 +54,16 @@ RESUME_CASES: dict[str, list[str]] = {
         "algorithm.momentum_buffers=average",
     ],
 }
+# Cases for 4 ranks (--cases), run by tests/mpi/test_worker_groups.py: workers of 2 ranks.
+FOUR_RANK_RESUME_CASES: dict[str, list[str]] = {
+    "workers2_post_local_slowmo_np4": [
+        "algorithm.method=post_local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.switch_step=5",
+        "algorithm.ranks_per_worker=2",
+        "algorithm.outer=slowmo",
+    ],
+}
 OVERRIDES = [
     *BASE,
     f"train.max_steps={TOTAL}",
@@ -73,15 +85,44 @@ def save(result: TrainResult, run_dir: Path, rank: int) -> None:
     np.savez(run_dir / f"rank{rank}.npz", **state)
 
 
+def assert_resumed_equals_full(full: Path, resumed: Path, ranks: int) -> None:
+    """Every rank's whole training state, and the metrics file's deterministic series, are bit-identical."""
+    for rank in range(ranks):
+        a, b = np.load(full / f"rank{rank}.npz"), np.load(resumed / f"rank{rank}.npz")
+        assert sorted(a.files) == sorted(b.files)
+        assert any(k.endswith(".momentum") for k in a.files)  # optimizer state is compared too
+        for key in a.files:
+            np.testing.assert_array_equal(b[key], a[key], err_msg=f"rank {rank} {key}")
+    ma, mb = read_metrics(full / "metrics.h5"), read_metrics(resumed / "metrics.h5")
+    for group in ("steps", "evals"):
+        # Everything but times: the counters (totals and per level) and the learning figures.
+        names = [name for name in ma[group] if not name.endswith(("seconds", "samples_per_s"))]
+        assert {"global_bytes_sent", "loss" if group == "steps" else "test_loss"} <= set(names)
+        assert set(names) == {name for name in mb[group] if not name.endswith(("seconds", "samples_per_s"))}
+        for name in names:
+            np.testing.assert_array_equal(mb[group][name], ma[group][name], err_msg=f"{group}/{name}")
+    # The resumed run's metrics continue the stopped run's file: one row per step, no gap, no repeat.
+    assert list(mb["steps"]["step"]) == list(range(1, 2 * STOP + 1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("phase", choices=("first", "resume"))
     parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", default=",".join(RESUME_CASES))
     args = parser.parse_args()
+    cases = {**RESUME_CASES, **FOUR_RANK_RESUME_CASES}
+    names = args.cases.split(",")
     launch = detect_launch()
-    comm = make_communicator("auto", launch, torch.device("cpu"))
+    group_sizes = {
+        size
+        for name in names
+        for size in planned_group_sizes(load_config(None, [*OVERRIDES, *cases[name]]), launch.layout)
+    }
+    comm = make_communicator("auto", launch, torch.device("cpu"), group_sizes=sorted(group_sizes))
     quiet = {"launch": launch, "comm": comm, "print_fn": lambda _line: None}
-    for name, overrides in RESUME_CASES.items():
+    for name in names:
+        overrides = cases[name]
         full, resumed = Path(args.out) / name / "full", Path(args.out) / name / "resumed"
         if args.phase == "first":
             result = train(load_config(None, [*OVERRIDES, *overrides, f"output.run_dir={full}"]), **quiet)

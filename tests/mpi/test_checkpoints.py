@@ -15,13 +15,9 @@ import numpy as np
 import pytest
 
 from hpc_localsgd.io.checkpoint import Checkpoint, list_checkpoints
-from hpc_localsgd.io.metrics import read_metrics
 from tests.helpers import MPI_TEST_ENV, REPO_ROOT, kill_session, run_mpi
 from tests.mpi.cases import BASE
-from tests.mpi.resume_driver import RESUME_CASES, STOP
-
-STEP_FIELDS = ("step", "epoch", "lr", "loss", "accuracy", "bytes_sent", "sync_rounds", "synced")
-EVAL_FIELDS = ("step", "epoch", "train_loss", "test_loss", "test_accuracy", "bytes_sent", "sync_rounds")
+from tests.mpi.resume_driver import RESUME_CASES, STOP, assert_resumed_equals_full
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +31,7 @@ def resumed_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_stopped_and_resumed_run_is_bit_identical(resumed_runs: Path, case: str) -> None:
-    full, resumed = resumed_runs / case / "full", resumed_runs / case / "resumed"
-    for rank in range(2):
-        a, b = np.load(full / f"rank{rank}.npz"), np.load(resumed / f"rank{rank}.npz")
-        assert sorted(a.files) == sorted(b.files)
-        assert any(k.endswith(".momentum") for k in a.files)  # optimizer state is compared too
-        for key in a.files:
-            np.testing.assert_array_equal(b[key], a[key], err_msg=f"rank {rank} {key}")
-    ma, mb = read_metrics(full / "metrics.h5"), read_metrics(resumed / "metrics.h5")
-    for group, fields in (("steps", STEP_FIELDS), ("evals", EVAL_FIELDS)):
-        for name in fields:
-            np.testing.assert_array_equal(mb[group][name], ma[group][name], err_msg=f"{group}/{name}")
-        level_counters = ("_bytes_sent", "_sync_rounds")
-        per_level = [name for name in ma[group] if name.endswith(level_counters)]
-        assert "global_bytes_sent" in per_level
-        assert set(per_level) == {name for name in mb[group] if name.endswith(level_counters)}
-        for name in per_level:
-            np.testing.assert_array_equal(mb[group][name], ma[group][name], err_msg=f"{group}/{name}")
-    # The resumed run's metrics continue the stopped run's file: one row per step, no gap, no repeat.
-    assert list(mb["steps"]["step"]) == list(range(1, 2 * STOP + 1))
+    assert_resumed_equals_full(resumed_runs / case / "full", resumed_runs / case / "resumed", ranks=2)
 
 
 def test_checkpoint_between_syncs_keeps_each_ranks_replica(resumed_runs: Path) -> None:

@@ -16,6 +16,7 @@ from hpc_localsgd.config import load_config
 from hpc_localsgd.train.loop import train
 from tests.helpers import run_mpi
 from tests.mpi.cases import BASE, HIERARCHY_CASES, STEPS, reference_run
+from tests.mpi.resume_driver import assert_resumed_equals_full
 
 BACKENDS = ["mpi", "horovod", "torch"]
 RANKS = 4
@@ -133,7 +134,9 @@ def test_the_simulated_backend_reproduces_a_hierarchical_run(runs: dict[str, Pat
         (["algorithm.levels=[{ranks: node, sync_period: 2}]"], r"algorithm.levels\[0\].ranks: groups of 4 ranks"),
     ],
 )
-def test_a_bad_hierarchy_ends_every_rank_with_one_line_from_rank_0(tmp_path: Path, overrides: list[str], message: str) -> None:
+def test_a_bad_hierarchy_ends_every_rank_with_one_line_from_rank_0(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
     import re
 
     args = ["python", "-m", "hpc_localsgd", "train", "configs/demo.yaml", "--run-dir", str(tmp_path / "run")]
@@ -145,3 +148,12 @@ def test_a_bad_hierarchy_ends_every_rank_with_one_line_from_rank_0(tmp_path: Pat
     # Seen alike by every rank (the same config, the same world): every rank stops, rank 0 says why once.
     assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_resumed_hierarchical_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    case = "workers2_post_local_slowmo_np4"
+    for phase in ("first", "resume"):
+        argv = ["python", "tests/mpi/resume_driver.py", phase, "--out", str(tmp_path), "--cases", case]
+        proc = run_mpi(RANKS, argv, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.count(f"OK {phase}") == RANKS, proc.stdout + proc.stderr
+    assert_resumed_equals_full(tmp_path / case / "full", tmp_path / case / "resumed", ranks=RANKS)

@@ -80,7 +80,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster:
     assert slurm_cluster.wait(job, timeout=240) == "COMPLETED", output_of(tmp_path, "preempted", job)
     out = output_of(tmp_path, "preempted", job)
     assert slurm_cluster.job(job)["Restarts"] == "1", out
-    assert "(SIGUSR1)" in out and "requeued Slurm job" in out and "restart 1" in out, out
+    assert "(SIGUSR1)" in out and "requeueing Slurm job" in out and "restart 1" in out, out
     stopped_at = int(out.split("stopped at step ")[1].split("/")[0])
     assert 0 < stopped_at < 1500 and stopped_at % 5 == 0
     assert f"at step {stopped_at}" in out.split("restart 1")[1]  # the second run resumed there
