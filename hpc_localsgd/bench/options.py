@@ -163,8 +163,8 @@ class BenchOptions:
         r = self.ranks_per_worker
         if world_size % r or world_size // r < 2:
             raise UserError(
-                f"--ranks-per-worker: {r} ranks per worker need a world of 2·{r}, 3·{r}, ... ranks (two workers or more); "
-                f"this run has {world_size}"
+                f"--ranks-per-worker: {r} ranks per worker need a world of 2·{r}, 3·{r}, ... ranks "
+                f"(two workers or more); this run has {world_size}"
             )
         return r
 
