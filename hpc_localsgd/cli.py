@@ -130,6 +130,8 @@ def _bench(args: argparse.Namespace) -> int:
             "threads",
             "device",
             "projection_step_seconds",
+            "ranks_per_worker",
+            "projection_ranks_per_node",
         )
     }
     run_bench(BenchOptions.from_given(quick=args.quick, **given), command=["hpc-localsgd", *sys.argv[1:]])
@@ -238,13 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--sync-periods", type=_int_list, metavar="H,H,...", help="local SGD periods to measure (default 1,2,4,8,16,32)"
     )
     plan.add_argument(
-        "--phases", type=_name_list, metavar="NAME,...", help="averaging,throughput,slowmo,checkpoint (default all)"
+        "--phases",
+        type=_name_list,
+        metavar="NAME,...",
+        help="averaging,throughput,hierarchy,slowmo,checkpoint (default all)",
     )
     plan.add_argument(
         "--baselines",
         type=_name_list,
         metavar="NAME,...|none",
         help="reference loops for synchronous training: horovod,ddp (default both)",
+    )
+    plan.add_argument(
+        "--ranks-per-worker",
+        type=int,
+        metavar="R",
+        help="ranks per local-SGD worker in the hierarchy phase (default 2 where the world size is even and > 2)",
     )
     plan.add_argument("--backend", help="comm.backend of the package: auto, horovod, mpi, torch, single (default auto)")
     plan.add_argument("--bucket-mb", type=float, help="gradient bucket size for the engine and DDP (default 25)")
@@ -256,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="S",
         help="compute time per step for the projection instead of the measured one",
+    )
+    plan.add_argument(
+        "--project-ranks-per-node",
+        dest="projection_ranks_per_node",
+        type=int,
+        metavar="N",
+        help="GPUs per node in the two-fabric projection (default 8)",
     )
     output = bench.add_argument_group("output")
     output.add_argument(

@@ -16,7 +16,7 @@ from ..config import build, setting
 from ..config.fields import check_declared
 from ..errors import UserError
 
-PHASES = ("averaging", "throughput", "slowmo", "checkpoint")
+PHASES = ("averaging", "throughput", "hierarchy", "slowmo", "checkpoint")
 BASELINES = ("horovod", "ddp")
 
 
@@ -69,11 +69,21 @@ class BenchOptions:
     )
     threads: int = setting(0, "torch threads per rank (0: as for training).", range=">= 0")
     device: str = setting("auto", "auto, cpu or cuda[:N].", rule="'auto', 'cpu' or 'cuda[:N]'")
+    ranks_per_worker: int | None = setting(
+        None,
+        "Ranks per local-SGD worker in the hierarchy phase: gradients averaged inside the worker every step, "
+        "the model over all ranks every H steps (null: 2 where the world size is even and above 2, else the "
+        "phase is skipped).",
+        range=">= 2",
+    )
     projection_step_seconds: float | None = setting(
         None,
         "Compute time per step for the projection instead of the measured one (e.g. a GPU's).",
         range="> 0",
         flag="--project-step-seconds",
+    )
+    projection_ranks_per_node: int = setting(
+        8, "GPUs per node in the two-fabric projection.", range=">= 2", flag="--project-ranks-per-node"
     )
     quick: bool = setting(
         False, "A problem that runs in seconds on two CPU cores; options given explicitly still apply."
@@ -139,6 +149,24 @@ class BenchOptions:
             folder = self.checkpoint_folder()
             need(folder.is_dir(), f"--io-dir: folder '{folder}' does not exist")
             need(os.access(folder, os.W_OK | os.X_OK), f"--io-dir: folder '{folder}' is not writable")
+
+    def workers_of(self, world_size: int) -> int | None:
+        """Ranks per worker for the hierarchy phase in a world of ``world_size`` ranks, or None when
+        the phase cannot run and was not asked for explicitly (it is then skipped, with the reason).
+
+        Raises ``UserError`` when ``--ranks-per-worker`` was given and the world cannot hold at least
+        two workers of that many ranks: one worker of every rank is all-reduce SGD, measured already."""
+        if "hierarchy" not in self.phases:
+            return None
+        if self.ranks_per_worker is None:
+            return 2 if world_size > 2 and world_size % 2 == 0 else None
+        r = self.ranks_per_worker
+        if world_size % r or world_size // r < 2:
+            raise UserError(
+                f"--ranks-per-worker: {r} ranks per worker need a world of 2·{r}, 3·{r}, ... ranks "
+                f"(two workers or more); this run has {world_size}"
+            )
+        return r
 
     def checkpoint_folder(self) -> Path:
         if self.io_dir is not None:

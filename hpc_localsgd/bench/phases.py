@@ -1,4 +1,4 @@
-"""The five measurements. Each appends ``Figure``s to the run's list and never prints.
+"""The six measurements. Each appends ``Figure``s to the run's list and never prints.
 
 Inside a phase the configurations being compared alternate within every repetition
 (A B, then B A, ...), and every timed region starts behind a barrier, so that each
@@ -21,8 +21,10 @@ import numpy as np
 import torch
 import xxhash
 
+from ..algorithms.accounting import GLOBAL
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.flat import PARAMS
+from ..algorithms.hierarchy import Hierarchy
 from ..comm.agree import broadcast_text
 from ..comm.base import Communicator
 from ..io.checkpoint import Checkpoint, CheckpointWriter, bytes_of, fsync_path, to_numpy
@@ -216,8 +218,8 @@ def measure_bare_limit(options: BenchOptions, workload: Workload) -> list[float]
 class _Window:
     loop: TrainingLoop
     steps: int
-    sync_period: int | None = None  # for the local SGD loop: H, or None for the no-communication limit
-    local: bool = False
+    sync_period: int | None = None  # for a local SGD loop: H, or None for the no-communication limit
+    local: bool = False  # a local SGD EngineLoop whose period is set to sync_period before the window
 
 
 @dataclass
@@ -226,16 +228,24 @@ class _Measured:
     seconds: list[float]  # per repetition, slowest rank
     share: list[float]  # per repetition, blocked-in-communication share, mean over ranks
     sent: list[int]  # per repetition, bytes this rank sent (the same on every rank)
+    sent_global: list[int] = field(default_factory=list)  # per repetition, of which over all ranks
+
+
+def _global_bytes(loop: TrainingLoop) -> int:
+    """Bytes ``loop`` has sent in collectives over all ranks (for an engine: its ``global`` level)."""
+    return loop.bytes_by_level().get(GLOBAL, 0) if isinstance(loop, EngineLoop) else loop.bytes_sent()
 
 
 def _interleaved_windows(ctx: BenchContext, windows: dict[str, _Window]) -> dict[str, _Measured]:
     comm, options = ctx.comm, ctx.options
-    local = ctx.local_loop()
 
-    def run(window: _Window) -> tuple[float, float, int]:
+    def run(window: _Window) -> tuple[float, float, int, int]:
         if window.local:
-            local.set_sync_period(window.sync_period)
-        return time_window(comm, window.loop, window.steps)
+            assert isinstance(window.loop, EngineLoop)
+            window.loop.set_sync_period(window.sync_period)
+        global_before = _global_bytes(window.loop)
+        seconds, blocked, sent = time_window(comm, window.loop, window.steps)
+        return seconds, blocked, sent, _global_bytes(window.loop) - global_before
 
     for _ in range(options.warmup):
         for window in windows.values():
@@ -244,18 +254,20 @@ def _interleaved_windows(ctx: BenchContext, windows: dict[str, _Window]) -> dict
     seconds: dict[str, list[float]] = {n: [] for n in names}
     shares: dict[str, list[float]] = {n: [] for n in names}
     sent: dict[str, list[int]] = {n: [] for n in names}
+    sent_global: dict[str, list[int]] = {n: [] for n in names}
     for repetition in range(options.repeats):
         shift = repetition % len(names)
         for name in names[shift:] + names[:shift]:
-            t, c, b = run(windows[name])
+            t, c, b, g = run(windows[name])
             seconds[name].append(t)
             shares[name].append(c / t)
             sent[name].append(b)
+            sent_global[name].append(g)
     r = options.repeats
     slow = slowest(comm, [t for n in names for t in seconds[n]])
     mean = rank_mean(comm, [c for n in names for c in shares[n]])
     return {
-        n: _Measured(windows[n].steps, slow[i * r : (i + 1) * r], mean[i * r : (i + 1) * r], sent[n])
+        n: _Measured(windows[n].steps, slow[i * r : (i + 1) * r], mean[i * r : (i + 1) * r], sent[n], sent_global[n])
         for i, n in enumerate(names)
     }
 
@@ -448,6 +460,131 @@ def measure_horovod_baseline(ctx: BenchContext, horovod: TrainingLoop) -> None:
                 "samples/s",
                 _rate(ctx, measured["allreduce"]),
             )
+        )
+
+
+# --- 3b. worker groups: hierarchical local SGD against the flat methods -------------------------------
+def hierarchy_loop(ctx: BenchContext, ranks_per_worker: int) -> EngineLoop:
+    """Local SGD with workers of ``ranks_per_worker`` consecutive ranks: gradients averaged inside the
+    worker every step (bucketed, overlapped with backward), the model over all ranks every H steps."""
+    return EngineLoop(
+        f"workers_r{ranks_per_worker}",
+        ctx.workload,
+        ctx.comm,
+        "local_sgd",
+        1,
+        hierarchy=Hierarchy(ctx.comm.size, ranks_per_worker),
+    )
+
+
+def _bytes_per_sample(sent: list[int], steps: int, batch: int) -> list[float]:
+    """Bytes each rank sent per sample it trained, per repetition."""
+    return [b / (steps * batch) for b in sent]
+
+
+def measure_hierarchy(ctx: BenchContext, bare_seconds: list[float], ranks_per_worker: int) -> None:
+    """At every H: local SGD with workers of R ranks, flat local SGD (a worker per rank) and method
+    allreduce, interleaved with the in-process no-communication limit in one block.
+
+    Bytes are what each rank sent per sample it trained, split by level: ``global`` (collectives
+    over all ranks, the traffic that crosses the slow network between nodes when a worker is a
+    node) and ``worker`` (the gradient allreduces inside a worker)."""
+    comm, options = ctx.comm, ctx.options
+    batch, r = options.batch, ranks_per_worker
+    workers = comm.size // r
+    local, grouped = ctx.local_loop(), hierarchy_loop(ctx, r)
+    windows: dict[str, _Window] = {
+        "limit": _Window(local, options.window_steps(), None, local=True),
+        "allreduce": _Window(ctx.allreduce_loop(), options.window_steps()),
+    }
+    for period in options.sync_periods:
+        windows[f"local_sgd_h{period}"] = _Window(local, options.window_steps(period), period, local=True)
+        windows[f"workers_r{r}_h{period}"] = _Window(grouped, options.window_steps(period), period, local=True)
+    try:
+        measured = _interleaved_windows(ctx, windows)
+    finally:
+        grouped.close()
+    bare_slowest = slowest(comm, bare_seconds)
+    bare_median = float(np.median(_rate(ctx, _Measured(options.window_steps(), bare_slowest, [], []))))
+    # The projection's compute time, as the throughput phase takes it when it runs.
+    ctx.facts.setdefault(
+        "compute_seconds_per_step", float(np.median([t / options.window_steps() for t in bare_slowest]))
+    )
+    limit = _rate(ctx, measured["limit"])
+    ctx.add(
+        Figure(
+            "hierarchy.limit.samples_per_s",
+            "hierarchy",
+            "in-process no-communication limit, interleaved with this block (global samples/s)",
+            "samples/s",
+            limit,
+        )
+    )
+    configurations = [("allreduce", "all-reduce SGD (method allreduce, gradients over all ranks every step)")]
+    for period in options.sync_periods:
+        configurations += [
+            (f"local_sgd_h{period}", f"flat local SGD, {comm.size} workers of 1 rank, H={period}"),
+            (
+                f"workers_r{r}_h{period}",
+                f"local SGD with {workers} workers of {r} ranks (gradients inside a worker every step), H={period}",
+            ),
+        ]
+    for name, label in configurations:
+        m = measured[name]
+        rate = _rate(ctx, m)
+        ctx.add(
+            Figure(f"hierarchy.{name}.samples_per_s", "hierarchy", f"{label} (global samples/s)", "samples/s", rate),
+            Figure(
+                f"hierarchy.{name}.efficiency",
+                "hierarchy",
+                f"{label}: throughput over the median no-communication (bare) limit",
+                "ratio",
+                [v / bare_median for v in rate],
+            ),
+            Figure(
+                f"hierarchy.{name}.efficiency_in_process",
+                "hierarchy",
+                f"{label}: throughput over the in-process limit (paired)",
+                "ratio",
+                paired_ratios(rate, limit),
+            ),
+            Figure(
+                f"hierarchy.{name}.global_bytes_per_sample",
+                "hierarchy",
+                f"{label}: bytes each rank sends to collectives over all ranks per sample it trains",
+                "B/sample",
+                _bytes_per_sample(m.sent_global, m.steps, batch),
+                exact=True,
+            ),
+            Figure(
+                f"hierarchy.{name}.bytes_per_sample",
+                "hierarchy",
+                f"{label}: bytes each rank sends to all collectives per sample it trains",
+                "B/sample",
+                _bytes_per_sample(m.sent, m.steps, batch),
+                exact=True,
+            ),
+        )
+    for period in options.sync_periods:
+        name, flat = f"workers_r{r}_h{period}", f"local_sgd_h{period}"
+        m = measured[name]
+        ctx.add(
+            Figure(
+                f"hierarchy.{name}.worker_bytes_per_sample",
+                "hierarchy",
+                f"workers of {r} ranks, H={period}: bytes each rank sends to its worker's gradient allreduces "
+                "per sample it trains",
+                "B/sample",
+                _bytes_per_sample([b - g for b, g in zip(m.sent, m.sent_global, strict=True)], m.steps, batch),
+                exact=True,
+            ),
+            Figure(
+                f"hierarchy.{name}.over_local_sgd",
+                "hierarchy",
+                f"workers of {r} ranks over flat local SGD, H={period}: throughput (paired)",
+                "ratio",
+                paired_ratios(_rate(ctx, m), _rate(ctx, measured[flat])),
+            ),
         )
 
 

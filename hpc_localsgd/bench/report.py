@@ -18,7 +18,7 @@ import torch
 from ..launcher.env import software_versions
 from .stats import Figure
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: the hierarchy phase, measurement.ranks_per_worker, projection.two_fabrics
 SUMMARY_PREFIX = "hpc-localsgd-bench:"
 
 # Figures named in the summary line, with their keys there (ReFrame and grep read these).
@@ -121,7 +121,8 @@ def _shown(value: float, unit: str, measured_unit: str) -> str:
 
 
 def format_table(header: str, figures: list[Figure]) -> str:
-    lines = [header, f"{'figure':<42} {'median':>13} {'min … max':>27} {'unit':<10} {'target':<8} met"]
+    width = max([42, *(len(f.id) for f in figures)])
+    lines = [header, f"{'figure':<{width}} {'median':>13} {'min … max':>27} {'unit':<10} {'target':<8} met"]
     group = None
     for f in figures:
         if f.group != group:
@@ -134,7 +135,9 @@ def format_table(header: str, figures: list[Figure]) -> str:
         )
         target = "" if f.target is None else f"{f.target.op}{f.target.value:g}"
         met = "" if f.met is None else ("yes" if f.met else "MISSED")
-        lines.append(f"{f.id:<42} {_shown(f.median, unit, f.unit):>13} {spread_text:>27} {unit:<10} {target:<8} {met}")
+        lines.append(
+            f"{f.id:<{width}} {_shown(f.median, unit, f.unit):>13} {spread_text:>27} {unit:<10} {target:<8} {met}"
+        )
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from .phases import (
     measure_averaging,
     measure_bare_limit,
     measure_checkpoint,
+    measure_hierarchy,
     measure_horovod_baseline,
     measure_slowmo,
     measure_throughput,
@@ -72,6 +73,8 @@ def run_bench(
     options.validate()
     started = time.perf_counter()
     launch = detect_launch()
+    # Refused here, before any rank communicates; Horovod registers the workers' groups at start-up.
+    ranks_per_worker = options.workers_of(launch.layout.size)
     threads = threads_for_rank(options.threads, launch.layout)
     torch.set_num_threads(threads)
     device = select_device(options.device, launch.layout)
@@ -93,9 +96,12 @@ def run_bench(
     workload = Workload.create(cfg, device, launch.layout.rank, options.num_classes)
     sizes = _probe(workload, options)
     env_info = environment(device, threads)
-    bare_seconds = measure_bare_limit(options, workload) if "throughput" in options.phases else []
+    needs_bare = "throughput" in options.phases or ranks_per_worker is not None
+    bare_seconds = measure_bare_limit(options, workload) if needs_bare else []
 
-    comm = make_communicator(cfg.comm.backend, launch, device)
+    comm = make_communicator(
+        cfg.comm.backend, launch, device, group_sizes=[ranks_per_worker] if ranks_per_worker else []
+    )
     say = print_fn if comm.is_root else (lambda _line: None)
     world = {
         "size": comm.size,
@@ -136,6 +142,14 @@ def run_bench(
                 f"local_sgd.h{LOCAL_SGD_TARGET_PERIOD}.efficiency",
                 f"--sync-periods does not include {LOCAL_SGD_TARGET_PERIOD}, the period its target is set for",
             )
+    if ranks_per_worker is not None:
+        measure_hierarchy(ctx, bare_seconds, ranks_per_worker)
+    elif "hierarchy" in options.phases:
+        ctx.skip(
+            "hierarchy",
+            f"{comm.size} rank(s) hold no two workers of 2 ranks; give --ranks-per-worker R, R dividing the "
+            "world size and at most half of it",
+        )
     if "slowmo" in options.phases or "checkpoint" in options.phases:
         slowmo = EngineLoop("slowmo", workload, comm, "local_sgd", SLOWMO_SYNC_PERIOD, outer="slowmo")
         if "slowmo" in options.phases:
@@ -159,6 +173,7 @@ def run_bench(
             sizes["gradient_bytes"],
             options.batch,
             options.sync_periods,
+            ranks_per_node=options.projection_ranks_per_node,
         )
     problem = {
         "model": options.model,
@@ -179,6 +194,7 @@ def run_bench(
         "phases": list(options.phases),
         "baselines": ran_baselines,
         "bucket_mb": options.bucket_mb,
+        "ranks_per_worker": ranks_per_worker,
         "method": METHOD,
     }
     ctx.close()

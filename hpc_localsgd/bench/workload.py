@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..algorithms.engine import AveragingEngine
+from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
 from ..config.schema import Method, OuterMethod, RunConfig
@@ -103,18 +104,34 @@ class EngineLoop:
         algorithm: Method,
         sync_period: int = 1,
         outer: OuterMethod = "none",
+        hierarchy: Hierarchy | None = None,
     ) -> None:
+        """``hierarchy``: worker groups (None: every rank is a worker). With workers of several ranks the
+        engine averages gradients inside each worker every local step and the model over all ranks
+        every ``sync_period`` steps."""
         self.name = name
         self.workload = workload
         cfg = workload.cfg
-        self.algorithm = dataclasses.replace(cfg.algorithm, method=algorithm, sync_period=sync_period, outer=outer)
+        self.algorithm = dataclasses.replace(
+            cfg.algorithm,
+            method=algorithm,
+            sync_period=sync_period,
+            outer=outer,
+            ranks_per_worker=1 if hierarchy is None else hierarchy.ranks_per_worker,
+        )
         self.algorithm.validate()
         self.model = workload.new_model()
         self.optimizer = workload.new_optimizer(self.model)
         # Local SGD from step 0, or synchronous throughout (no LR decay: post-local SGD is not measured).
         schedule = SyncSchedule.from_config(self.algorithm, steps_per_epoch=1)
         self.engine = AveragingEngine(
-            self.model, self.optimizer, comm, self.algorithm, schedule, bucket_bytes=int(cfg.comm.bucket_mb * 2**20)
+            self.model,
+            self.optimizer,
+            comm,
+            self.algorithm,
+            schedule,
+            bucket_bytes=int(cfg.comm.bucket_mb * 2**20),
+            hierarchy=hierarchy,
         )
         self.engine.broadcast_initial_state()
 
@@ -142,6 +159,10 @@ class EngineLoop:
 
     def bytes_sent(self) -> int:
         return self.engine.stats.bytes_sent
+
+    def bytes_by_level(self) -> dict[str, int]:
+        """Bytes sent so far per level of the hierarchy (``worker``, ``global``)."""
+        return dict(self.engine.stats.bytes_by_level)
 
     def close(self) -> None:
         self.engine.close()

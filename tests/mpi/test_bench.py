@@ -1,6 +1,7 @@
 """``hpc-localsgd bench`` on real ranks: the quick problem under ``mpirun -np 2`` writes JSON that
 follows the shipped schema, whose counted figures equal what the maths says and whose timed
-figures are sane; bad input ends every rank with one line; the ReFrame check runs locally."""
+figures are sane; the hierarchy phase alone under ``mpirun -np 4`` (workers of 2 ranks) likewise;
+bad input ends every rank with one line; the ReFrame check runs locally."""
 
 from __future__ import annotations
 
@@ -33,6 +34,20 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     proc = run_mpi(2, bench("--quick", "--out", str(folder / "bench.json")), timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, json.loads((folder / "bench.json").read_text()), folder
+
+
+HIERARCHY_PERIODS, HIERARCHY_STEPS = (2, 4), 4
+
+
+@pytest.fixture(scope="module")
+def hierarchy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
+    """The hierarchy phase alone, 4 ranks: workers of 2 ranks (the default for an even world above 2)."""
+    folder = tmp_path_factory.mktemp("bench-hierarchy")
+    periods = ",".join(map(str, HIERARCHY_PERIODS))
+    args = ["--quick", "--phases", "hierarchy", "--sync-periods", periods, "--steps", str(HIERARCHY_STEPS)]
+    proc = run_mpi(4, bench(*args, "--out", str(folder / "bench.json")), timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, json.loads((folder / "bench.json").read_text())
 
 
 # What the ranks' interpreter reports about itself, asked in a process of its own: the modules'
@@ -167,6 +182,82 @@ def test_projection_follows_the_alpha_beta_model(quick_run) -> None:
         ring = 2 * (m - 1) * link["alpha_seconds"] + 2 * (m - 1) / m * n / link["beta_bytes_per_second"]
         assert row["comm_seconds_per_step"] == pytest.approx(ring / row["sync_period"])
         assert row["efficiency"] == pytest.approx(compute / (compute + ring / row["sync_period"]))
+
+
+def test_quick_bench_at_two_ranks_skips_the_hierarchy_saying_why(quick_run) -> None:
+    _, document, _ = quick_run
+    skipped = {entry["id"]: entry["reason"] for entry in document["skipped"]}
+    assert skipped["hierarchy"].startswith("2 rank(s) hold no two workers of 2 ranks")
+    assert document["measurement"]["ranks_per_worker"] is None
+    assert not [f for f in document["figures"] if f["group"] == "hierarchy"]
+
+
+def test_hierarchy_phase_follows_the_schema_and_names_every_configuration(hierarchy_run) -> None:
+    proc, document = hierarchy_run
+    jsonschema.validate(document, SCHEMA)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert document["schema_version"] == "1.1" and document["world"]["size"] == 4
+    assert document["measurement"]["ranks_per_worker"] == 2
+    per_configuration = ("samples_per_s", "efficiency", "efficiency_in_process", "global_bytes_per_sample")
+    configurations = ["allreduce"] + [f"{kind}_h{h}" for h in HIERARCHY_PERIODS for kind in ("local_sgd", "workers_r2")]
+    expected = {"hierarchy.limit.samples_per_s"}
+    expected |= {f"hierarchy.{c}.{name}" for c in configurations for name in (*per_configuration, "bytes_per_sample")}
+    expected |= {
+        f"hierarchy.workers_r2_h{h}.{name}"
+        for h in HIERARCHY_PERIODS
+        for name in ("worker_bytes_per_sample", "over_local_sgd")
+    }
+    assert {f["id"] for f in document["figures"]} == expected
+    for figure in document["figures"]:
+        assert figure["group"] == "hierarchy" and figure["repetitions"] == 3, figure["id"]
+        assert all(math.isfinite(v) and v > 0 for v in figure["samples"]), figure["id"]
+    # The projection carries the two fabrics, from the bare limit this phase measured.
+    two = document["projection"]["two_fabrics"]
+    assert two["label"] == "projection, not a measurement" and two["ranks_per_node"] == 8
+
+
+def test_hierarchy_phase_counts_bytes_per_level_exactly(hierarchy_run) -> None:
+    _, document = hierarchy_run
+    by_id = figures(document)
+    params, buffers = model_bytes()
+    model = params + buffers  # one model average: parameters and BatchNorm statistics
+    repeats = [None] * 3
+
+    def samples(figure_id: str) -> list[float]:
+        figure = by_id[figure_id]
+        assert figure["exact"], figure_id
+        return figure["samples"]
+
+    # All-reduce SGD: every step's gradients over all ranks.
+    assert samples("hierarchy.allreduce.global_bytes_per_sample") == [params / QUICK_BATCH for _ in repeats]
+    assert samples("hierarchy.allreduce.bytes_per_sample") == [params / QUICK_BATCH for _ in repeats]
+    for h in HIERARCHY_PERIODS:
+        window = h * -(-HIERARCHY_STEPS // h)
+        # Flat local SGD and workers of 2 ranks send the same model average over all ranks every H steps ...
+        for name in (f"local_sgd_h{h}", f"workers_r2_h{h}"):
+            assert samples(f"hierarchy.{name}.global_bytes_per_sample") == [model / (h * QUICK_BATCH) for _ in repeats]
+        assert samples(f"hierarchy.local_sgd_h{h}.bytes_per_sample") == [model / (h * QUICK_BATCH) for _ in repeats]
+        # ... and the workers average every step's gradients inside the worker besides.
+        assert samples(f"hierarchy.workers_r2_h{h}.worker_bytes_per_sample") == [params / QUICK_BATCH for _ in repeats]
+        total = (window * params + window // h * model) / (window * QUICK_BATCH)
+        assert samples(f"hierarchy.workers_r2_h{h}.bytes_per_sample") == [total for _ in repeats]
+        # Paired: each repetition's two rates measured in the same repetition.
+        grouped = by_id[f"hierarchy.workers_r2_h{h}.samples_per_s"]["samples"]
+        flat = by_id[f"hierarchy.local_sgd_h{h}.samples_per_s"]["samples"]
+        assert by_id[f"hierarchy.workers_r2_h{h}.over_local_sgd"]["samples"] == pytest.approx(
+            [g / f for g, f in zip(grouped, flat, strict=True)]
+        )
+
+
+def test_bad_ranks_per_worker_ends_every_rank_with_one_line_and_status_2(tmp_path: Path) -> None:
+    proc = run_mpi(4, bench("--quick", "--phases", "hierarchy", "--ranks-per-worker", "3"), timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hpc-localsgd: error:")]
+    assert errors == [
+        "hpc-localsgd: error: --ranks-per-worker: 3 ranks per worker need a world of 2·3, 3·3, ... ranks "
+        "(two workers or more); this run has 4"
+    ], proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -30,3 +30,34 @@ def test_quick_defaults_yield_to_given_options() -> None:
     options = BenchOptions.from_given(quick=True, batch=4, repeats=None, sync_periods=[2, 4])
     assert (options.model, options.batch, options.repeats, options.sync_periods) == ("smallcnn", 4, 3, (2, 4))
     assert options.quick and BenchOptions.from_given().model == "resnet50"
+
+
+@pytest.mark.parametrize(
+    "world,given,expected",
+    [(4, None, 2), (8, None, 2), (2, None, None), (6, None, 2), (3, None, None), (1, None, None), (8, 4, 4)],
+)
+def test_ranks_per_worker_defaults_to_pairs_where_the_world_allows(world: int, given: int | None, expected) -> None:
+    options = BenchOptions.from_given(quick=True, phases=("hierarchy",), ranks_per_worker=given)
+    options.validate()
+    assert options.workers_of(world) == expected
+
+
+@pytest.mark.parametrize("world,given", [(4, 3), (4, 4), (6, 4), (2, 2)])
+def test_ranks_per_worker_that_leaves_fewer_than_two_workers_is_refused(world: int, given: int) -> None:
+    options = BenchOptions.from_given(quick=True, phases=("hierarchy",), ranks_per_worker=given)
+    with pytest.raises(UserError) as info:
+        options.workers_of(world)
+    assert str(info.value) == (
+        f"--ranks-per-worker: {given} ranks per worker need a world of 2·{given}, 3·{given}, ... ranks "
+        f"(two workers or more); this run has {world}"
+    )
+
+
+def test_ranks_per_worker_below_two_names_the_option() -> None:
+    with pytest.raises(UserError) as info:
+        BenchOptions.from_given(quick=True, phases=("hierarchy",), ranks_per_worker=1).validate()
+    assert str(info.value) == "--ranks-per-worker: must be >= 2, got 1"
+
+
+def test_without_the_phase_ranks_per_worker_is_not_used() -> None:
+    assert BenchOptions.from_given(quick=True, phases=("averaging",), ranks_per_worker=3).workers_of(4) is None
