@@ -151,7 +151,9 @@ def plot_accuracy_vs_sync_period(rows: Sequence[ResultRow], files: Sequence[Path
             )
         )
         labels.append("seeds still running\n(accuracy so far)")
-    figure.legend(handles, labels, loc="outside right upper", frameon=False)
+    # Room for the legend beside the panels: labels that name a setting are long.
+    figure.set_figwidth(figure.get_figwidth() + 0.08 * max((len(label) for label in labels), default=0))
+    figure.legend(handles, labels, loc="outside right center", frameon=False)
     figure.suptitle(title)
     _save(figure, files)
 
