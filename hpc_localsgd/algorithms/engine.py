@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm.base import Communicator
+from ..comm.base import Communicator, Handle
 from ..config.schema import AlgorithmConfig
 from .accounting import GLOBAL, CommStats
 from .flat import BUFFERS, MOMENTUM, PARAMS, FlatGroup, flatten_training_state
@@ -75,6 +75,8 @@ class AveragingEngine:
             raise ValueError(f"a hierarchy of {self.hierarchy.world_size} ranks for a world of {comm.size}")
         ranks_per_worker = self.hierarchy.ranks_per_worker
         self.worker_comm = comm.split(ranks_per_worker) if ranks_per_worker > 1 else None
+        # Rank j of every worker: the global average runs between workers one shard per rank.
+        self.across_comm = comm.split_across(ranks_per_worker) if ranks_per_worker > 1 else None
         self.level_comms = [comm.split(level.ranks) for level in self.hierarchy.levels]
 
         averaged = {PARAMS}
@@ -147,7 +149,10 @@ class AveragingEngine:
 
     def sync(self, lr: float) -> None:
         """One model average over all ranks, then the outer step and the buffer policy."""
-        self._average(self.comm, GLOBAL)
+        if self.worker_comm is None:
+            self._average(self.comm, GLOBAL)
+        else:
+            self._average_between_workers()
         with torch.no_grad():
             for index, group in enumerate(self.groups):
                 anchor = self.anchors[index] if self.anchors else None
@@ -169,6 +174,54 @@ class AveragingEngine:
             for handle in handles:
                 handle.wait()
         self.stats.count(level, self.bytes_per_sync)
+
+    def _average_between_workers(self) -> None:
+        """The global average when workers are groups of R ranks. A worker's ranks hold the same
+        parameters and momentum (their gradients are averaged every step), so averaging them all
+        over the world would send the same bytes R times: instead BatchNorm statistics, which do
+        differ between a worker's ranks, are averaged inside the worker; then rank j of each
+        worker averages the j-th of R shards with rank j of every other worker, and the worker's
+        ranks gather the shards (each contributes its own shard and zeros, summed: exact). A rank
+        sends 1/R of the model between workers, where the network is slow, and the rest inside
+        its worker (a node's fast fabric). The result equals the plain average over all ranks up
+        to float rounding (it sums workers instead of ranks)."""
+        worker, across = self.worker_comm, self.across_comm
+        assert worker is not None and across is not None
+        size = worker.size
+        spans = [
+            (g, start, end)
+            for g, group_spans in zip(self.groups, self._sync_spans, strict=True)
+            for start, end in group_spans
+        ]
+        statistics = [g.slice(BUFFERS) for g in self.groups] if BUFFERS in self.averaged_kinds else []
+        statistics = [t for t in statistics if t.shape[-1]]
+        # This rank's shard; a process simulating every rank (the simulated backend) owns them all.
+        mine = self.comm.rank % size
+        owned = range(size) if self.comm.replicas > 1 else [mine]
+        with self.stats.timed():
+            _wait_all([worker.iallreduce_(t, average=True) for t in statistics])
+            if across.size > 1:  # else one worker: its ranks already agree
+                shards = [(g, *_shard(start, end, size, j)) for g, start, end in spans for j in owned]
+                _wait_all([across.iallreduce_(g.flat[..., a:b], average=True) for g, a, b in shards])
+                if self.comm.replicas == 1:  # a simulation's rows already hold every averaged shard
+                    for g, start, end in spans:
+                        a, b = _shard(start, end, size, mine)
+                        g.flat[..., start:a].zero_()
+                        g.flat[..., b:end].zero_()
+                    _wait_all([worker.iallreduce_(g.flat[..., start:end], average=False) for g, start, end in spans])
+        # What rank ``mine`` sends (a simulation counts for rank 0 of a worker, as for every process).
+        counted = mine if self.comm.replicas == 1 else 0
+        inside = sum(t.shape[-1] * t.element_size() for t in statistics)
+        if across.size > 1:
+            inside += sum((end - start) * g.flat.element_size() for g, start, end in spans)
+            between = sum(
+                (b - a) * g.flat.element_size()
+                for g, start, end in spans
+                for a, b in [_shard(start, end, size, counted)]
+            )
+            self.stats.count(GLOBAL, between)
+        if inside:
+            self.stats.count(WORKER, inside)
 
     # --- state for checkpoints -------------------------------------------------------------------
     def rank_state(self) -> dict[str, torch.Tensor]:
@@ -245,3 +298,15 @@ class AveragingEngine:
     def close(self) -> None:
         if self.gradients is not None:
             self.gradients.remove()
+
+
+def _shard(start: int, end: int, parts: int, index: int) -> tuple[int, int]:
+    """Shard ``index`` of ``parts`` of [start, end): the first (length % parts) shards one longer."""
+    base, extra = divmod(end - start, parts)
+    first = start + index * base + min(index, extra)
+    return first, first + base + (1 if index < extra else 0)
+
+
+def _wait_all(handles: list[Handle]) -> None:
+    for handle in handles:
+        handle.wait()

@@ -227,7 +227,7 @@ class _Measured:
     steps: int
     seconds: list[float]  # per repetition, slowest rank
     share: list[float]  # per repetition, blocked-in-communication share, mean over ranks
-    sent: list[int]  # per repetition, bytes this rank sent (the same on every rank)
+    sent: list[int]  # per repetition, bytes this rank sent (alike on every rank, to one element's bytes)
     sent_global: list[int] = field(default_factory=list)  # per repetition, of which over all ranks
 
 

@@ -233,13 +233,19 @@ def test_hierarchy_phase_counts_bytes_per_level_exactly(hierarchy_run) -> None:
     assert samples("hierarchy.allreduce.bytes_per_sample") == [params / QUICK_BATCH for _ in repeats]
     for h in HIERARCHY_PERIODS:
         window = h * -(-HIERARCHY_STEPS // h)
-        # Flat local SGD and workers of 2 ranks send the same model average over all ranks every H steps ...
-        for name in (f"local_sgd_h{h}", f"workers_r2_h{h}"):
-            assert samples(f"hierarchy.{name}.global_bytes_per_sample") == [model / (h * QUICK_BATCH) for _ in repeats]
-        assert samples(f"hierarchy.local_sgd_h{h}.bytes_per_sample") == [model / (h * QUICK_BATCH) for _ in repeats]
-        # ... and the workers average every step's gradients inside the worker besides.
-        assert samples(f"hierarchy.workers_r2_h{h}.worker_bytes_per_sample") == [params / QUICK_BATCH for _ in repeats]
-        total = (window * params + window // h * model) / (window * QUICK_BATCH)
+        # Flat local SGD sends the whole model average over all ranks every H steps; workers of 2 ranks
+        # send one half each between workers (rank 0's figure: the first, longer half of an odd count) ...
+        flat_model = model / (h * QUICK_BATCH)
+        assert samples(f"hierarchy.local_sgd_h{h}.global_bytes_per_sample") == [flat_model for _ in repeats]
+        assert samples(f"hierarchy.local_sgd_h{h}.bytes_per_sample") == [flat_model for _ in repeats]
+        half = 4 * -(-(model // 4) // 2)
+        assert samples(f"hierarchy.workers_r2_h{h}.global_bytes_per_sample") == [
+            half / (h * QUICK_BATCH) for _ in repeats
+        ]
+        # ... and inside the worker every step's gradients, and at a sync the BN average and the gathered halves.
+        inside = (window * params + window // h * (buffers + model)) / (window * QUICK_BATCH)
+        assert samples(f"hierarchy.workers_r2_h{h}.worker_bytes_per_sample") == [inside for _ in repeats]
+        total = (window * params + window // h * (buffers + model + half)) / (window * QUICK_BATCH)
         assert samples(f"hierarchy.workers_r2_h{h}.bytes_per_sample") == [total for _ in repeats]
         # Paired: each repetition's two rates measured in the same repetition.
         grouped = by_id[f"hierarchy.workers_r2_h{h}.samples_per_s"]["samples"]

@@ -80,19 +80,36 @@ def test_workers_as_large_as_the_world_are_all_reduce_sgd(runs: dict[str, Path],
 def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None:
     for rank in range(RANKS):
         c = {case: counters(runs, backend, case, rank) for case in HIERARCHY_CASES}
-        sync, grad = c["workers2_local_H4"]["bytes_per_sync"], c["workers2_local_H4"]["gradient_bytes_per_step"]
-        assert sync > 0 and grad > 0
+        # What a sync averages (parameters and BN statistics, float32) and the gradients of a step.
+        span, grad = c["workers2_local_H4"]["bytes_per_sync"], c["workers2_local_H4"]["gradient_bytes_per_step"]
+        bn = span - grad
+        assert grad > 0 and bn > 0
+        # Between workers of 2, rank j sends shard j of the span; the first (elements % 2) shards are longer.
+        elements = span // 4
+        shard = 4 * (elements // 2 + (1 if rank % 2 < elements % 2 else 0))
+        inside = bn + span  # a sync inside a worker: its BN average, then the gathered shards
         expected = {  # case: {level: (rounds, bytes)}
             "allreduce_4": {"global": (STEPS, STEPS * grad)},
-            "workers2_local_H4": {"worker": (STEPS, STEPS * grad), "global": (STEPS // 4, STEPS // 4 * sync)},
-            # 6 synchronous steps (global gradients), 6 local ones in workers of 2, global syncs after 9 and 12.
-            "workers2_post_local_slowmo": {"worker": (6, 6 * grad), "global": (6 + 2, 6 * grad + 2 * sync)},
+            "workers2_local_H4": {
+                "worker": (STEPS + STEPS // 4, STEPS * grad + STEPS // 4 * inside),
+                "global": (STEPS // 4, STEPS // 4 * shard),
+            },
+            # 6 synchronous steps (global gradients), 6 local ones in workers of 2, syncs after 9 and 12.
+            "workers2_post_local_slowmo": {
+                "worker": (6 + 2, 6 * grad + 2 * inside),
+                "global": (6 + 2, 6 * grad + 2 * shard),
+            },
             # Groups of 2 every 2 local steps unless the global sync (every 4) is due: after 2, 6 and 10.
-            "level2_nesterov_H4": {"level1": (3, 3 * sync), "global": (3, 3 * sync)},
-            "workers_node_H3": {"worker": (STEPS, STEPS * grad), "global": (STEPS // 3, STEPS // 3 * sync)},
+            "level2_nesterov_H4": {"level1": (3, 3 * span), "global": (3, 3 * span)},
+            # One worker of 4: a sync only averages its BN statistics; nothing goes between workers.
+            "workers_node_H3": {"worker": (STEPS + STEPS // 3, STEPS * grad + STEPS // 3 * bn)},
         }
         for case, levels in expected.items():
-            got = {level: (c[case][f"rounds.{level}"], c[case][f"bytes.{level}"]) for level in levels}
+            got = {
+                k[len("rounds.") :]: (v, c[case][f"bytes.{k[len('rounds.') :]}"])
+                for k, v in c[case].items()
+                if k.startswith("rounds.")
+            }
             assert got == levels, (backend, case, rank)
             assert c[case]["sync_rounds"] == sum(r for r, _ in levels.values())
             assert c[case]["bytes_sent"] == sum(b for _, b in levels.values())

@@ -257,16 +257,23 @@ def test_worker_groups_and_levels_match_the_reference(name: str) -> None:
 
 def test_counts_per_level_are_exact() -> None:
     cfg = AlgorithmConfig(method="post_local_sgd", sync_period=4, switch_step=4)
-    hierarchy = Hierarchy(4, 2)
-    (_, engine), *_ = run_engine(cfg, 4, make_batches(workers=4), hierarchy=hierarchy)
-    gradient_bytes = engine.gradients.bytes_per_step
-    # 4 synchronous steps (global gradients), 8 local steps (worker gradients), global syncs after 8 and 12.
-    assert engine.stats.rounds_by_level == {"global": 4 + 2, "worker": 8}
-    assert engine.stats.bytes_by_level == {
-        "global": 4 * gradient_bytes + 2 * engine.bytes_per_sync,
-        "worker": 8 * gradient_bytes,
-    }
-    assert engine.stats.sync_rounds == 14 and engine.stats.bytes_sent == sum(engine.stats.bytes_by_level.values())
+    runs = run_engine(cfg, 4, make_batches(workers=4), hierarchy=Hierarchy(4, 2))
+    model = make_model()
+    gradients = 8 * sum(p.numel() for p in model.parameters())  # float64
+    statistics = 8 * sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    span = gradients + statistics  # what a sync averages: parameters and BN statistics
+    for rank, (_, engine) in enumerate(runs):
+        # Rank j of a worker averages shard j of the span with rank j of the other worker.
+        elements = span // 8
+        shard = 8 * (elements // 2 + (1 if rank % 2 < elements % 2 else 0))
+        # 4 synchronous steps (global gradients), 8 local steps (worker gradients), syncs after 8 and 12:
+        # between workers one shard each; inside the worker the BN average and the gathered shards.
+        assert engine.stats.rounds_by_level == {"global": 4 + 2, "worker": 8 + 2}, rank
+        assert engine.stats.bytes_by_level == {
+            "global": 4 * gradients + 2 * shard,
+            "worker": 8 * gradients + 2 * (statistics + span),
+        }, rank
+        assert engine.stats.sync_rounds == 16 and engine.stats.bytes_sent == sum(engine.stats.bytes_by_level.values())
 
 
 def test_workers_as_large_as_the_world_are_all_reduce_sgd() -> None:
