@@ -102,6 +102,7 @@ def _construct(
     device: torch.device,
     horovod_cycle_time_ms: float | None,
     group_sizes: Sequence[int],
+    across_sizes: Sequence[int],
 ) -> Communicator:
     if backend == "single":
         if launch.layout.size != 1:
@@ -121,7 +122,7 @@ def _construct(
             )
         from .horovod import HorovodCommunicator
 
-        return HorovodCommunicator(launch.layout, horovod_cycle_time_ms, group_sizes)
+        return HorovodCommunicator(launch.layout, horovod_cycle_time_ms, group_sizes, across_sizes)
     if backend == "mpi":
         try:
             import mpi4py.MPI  # noqa: F401  # initialises MPI; failures here are the user's to fix
@@ -161,6 +162,7 @@ def make_communicator(
     device: torch.device,
     horovod_cycle_time_ms: float | None = None,
     group_sizes: Sequence[int] = (),
+    across_sizes: Sequence[int] = (),
 ) -> Communicator:
     """The communicator for ``backend`` (one of ``BACKENDS``), checked against the launcher's world.
 
@@ -172,12 +174,16 @@ def make_communicator(
     ``group_sizes`` are the group sizes the caller will ``split`` this communicator into (every
     level of a hierarchy). Only Horovod needs them in advance: its groups are process sets
     registered at ``hvd.init``, and its ``split`` refuses other sizes (1 and the world size need no
-    registration). The other backends split into any size, but the sizes are checked for every
-    backend alike: ValueError unless each divides the launcher's world size.
+    registration). ``across_sizes`` are, in the same way, the sizes the caller will ``split_across``
+    (the world communicator only, on Horovod). The other backends split into any size, but the sizes are
+    checked for every backend alike: ValueError unless each divides the launcher's world size.
     """
     for ranks in group_sizes:
         check_group_size(ranks, launch.layout.size)
-    communicator = _construct(resolve_backend(backend, launch), launch, device, horovod_cycle_time_ms, group_sizes)
+    for ranks in across_sizes:
+        check_group_size(ranks, launch.layout.size, across=True)
+    chosen = resolve_backend(backend, launch)
+    communicator = _construct(chosen, launch, device, horovod_cycle_time_ms, group_sizes, across_sizes)
     try:
         check_world(communicator, launch)
     except LauncherMismatch:

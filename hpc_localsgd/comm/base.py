@@ -2,8 +2,9 @@
 
 Backends (``single``, ``mpi``, ``horovod``, ``torch``, ``threads``, ``simulated``) each live in one
 file and implement the four primitives below on *contiguous* tensors, plus ``split`` into groups of
-consecutive ranks (a worker of several ranks, a node). Nothing above this package imports horovod,
-mpi4py or torch.distributed.
+consecutive ranks (a worker of several ranks, a node) and ``split_across`` them (the ranks at one position
+in every group, to average a worker's model between workers one shard per rank). Nothing above this
+package imports horovod, mpi4py or torch.distributed.
 
 Averaging is "sum, then divide by size" everywhere so that every backend computes the
 same value; backends with a native average may use it (results agree to float rounding).
@@ -109,16 +110,40 @@ class Communicator(abc.ABC):
         """``split`` for 1 <= ranks < size, ``ranks`` dividing size (checked by ``split``)."""
         raise NotImplementedError(f"the {self.name} backend has no groups of ranks")
 
+    def split_across(self, ranks: int) -> Communicator:
+        """The ranks at this rank's position in every group of ``ranks`` consecutive ranks: the ranks
+        {rank % ranks + k * ranks for k in range(size // ranks)}, as a communicator of its own:
+        rank = rank // ranks, size = size // ranks (so for workers of R ranks, rank j of every worker).
+        Collective over this communicator: every rank calls it with the same ``ranks``, in the same order.
+        ``ranks`` must divide ``size`` (else ValueError naming both). ranks == 1 returns self; ranks == size
+        gives a communicator of one rank.
+
+        Everything else is as for ``split``: the layout (rank and size within the new communicator, also as
+        local rank and size, node_rank 0 of num_nodes 1), the parent's ``name`` and ``replicas``, broadcast
+        roots that are ranks within the new communicator, interleaving with the collectives of the parent and
+        of other groups in an order that is the same on every rank, and ``close()`` of the parent.
+        """
+        check_group_size(ranks, self.size, across=True)
+        if ranks == 1:
+            return self
+        return self._split_across(ranks)
+
+    def _split_across(self, ranks: int) -> Communicator:
+        """``split_across`` for 1 < ranks <= size, ``ranks`` dividing size (checked by ``split_across``)."""
+        raise NotImplementedError(f"the {self.name} backend has no communicators across groups of ranks")
+
     def close(self) -> None:
         """Release backend resources; the communicator is unusable afterwards."""
         return None
 
 
-def check_group_size(ranks: int, size: int) -> None:
-    """Groups of consecutive ranks tile the communicator only when their size divides its size."""
+def check_group_size(ranks: int, size: int, across: bool = False) -> None:
+    """Groups of consecutive ranks tile the communicator only when their size divides its size
+    (``across``: the message speaks of ``split_across``)."""
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1 or size % ranks != 0:
+        preposition = "across" if across else "into"
         raise ValueError(
-            f"cannot split a communicator of {size} ranks into groups of {ranks!r} ranks: "
+            f"cannot split a communicator of {size} ranks {preposition} groups of {ranks!r} ranks: "
             f"the group size must be a positive divisor of {size}"
         )
 
@@ -128,3 +153,31 @@ def group_layout(rank: int, ranks: int) -> WorldLayout:
     return WorldLayout(
         rank=rank % ranks, size=ranks, local_rank=rank % ranks, local_size=ranks, node_rank=0, num_nodes=1
     )
+
+
+def across_layout(rank: int, ranks: int, size: int) -> WorldLayout:
+    """The layout of rank ``rank``'s communicator across the groups of ``ranks`` consecutive ranks of a
+    communicator of ``size`` ranks (see ``Communicator.split_across``)."""
+    return WorldLayout(
+        rank=rank // ranks,
+        size=size // ranks,
+        local_rank=rank // ranks,
+        local_size=size // ranks,
+        node_rank=0,
+        num_nodes=1,
+    )
+
+
+# A partition of the world's ranks into communicators of equal size, each as its world ranks in rank order:
+# how the backends that must create every group on every rank (torch, horovod) name the groups of a split.
+Partition = tuple[tuple[int, ...], ...]
+
+
+def partition_into(partition: Partition, ranks: int) -> Partition:
+    """Every part split into its groups of ``ranks`` consecutive ranks, in order (``split``)."""
+    return tuple(part[first : first + ranks] for part in partition for first in range(0, len(part), ranks))
+
+
+def partition_across(partition: Partition, ranks: int) -> Partition:
+    """Every part split across its groups of ``ranks`` (``split_across``): positions j, j + ranks, ..., in order."""
+    return tuple(part[position::ranks] for part in partition for position in range(ranks))

@@ -3,7 +3,7 @@
 Horovod matches operations across ranks by name, and a name may not be reused while an
 operation with it is in flight. Each operation is named from a per-communicator counter;
 since every rank starts collectives in the same order, the n-th operation carries the same
-name everywhere. A group's names also carry its process set's id.
+name everywhere. A group's names also carry its process set's id, so no two sets' names collide.
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ import torch
 from ..errors import BackendUnavailable, one_line
 from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, Handle, check_group_size, group_layout
+from .base import (
+    Communicator,
+    Handle,
+    Partition,
+    across_layout,
+    check_group_size,
+    group_layout,
+    partition_across,
+    partition_into,
+)
 from .single import SingleCommunicator
 
 # The dtypes horovod.torch 0.28 accepts (horovod/torch/adapter_v2.cc); bfloat16 is not one of them.
@@ -53,7 +62,8 @@ class _HorovodHandle(Handle):
 class HorovodCommunicator(Communicator):
     """Collectives through ``horovod.torch``; Horovod's own rank and size, node fields from the launcher.
 
-    ``group_sizes`` are the sizes ``split`` will be asked for. Horovod 0.28 runs collectives on a
+    ``group_sizes`` are the sizes ``split`` will be asked for, ``across_sizes`` those ``split_across``
+    will be asked for (both of this, the world's, communicator). Horovod 0.28 runs collectives on a
     subset of ranks through process sets, which exist either from ``hvd.init(process_sets=[...])`` on
     or, with dynamic process sets switched on before ``hvd.init``, from ``hvd.add_process_set`` on.
     They are registered at ``hvd.init`` here: dynamic process sets make Horovod's background thread
@@ -61,14 +71,22 @@ class HorovodCommunicator(Communicator):
     (Horovod's own test suite keeps its process-set tests on static sets because dynamic ones were
     seen to slow all operations down), while the sizes a run needs are known from its configuration
     before the communicator exists. A run without groups initialises Horovod exactly as before.
-    Each group of ``n`` consecutive ranks is one process set; ``split(n)`` for an ``n`` not among
-    ``group_sizes`` (other than 1 and the world size) raises ValueError.
+    Each group of ``n`` consecutive ranks is one process set, and so is each class across groups of
+    ``n`` (ranks j, j + n, ...); the two are asked for separately because each registered set costs
+    Horovod's background thread some coordination on every cycle. ``split(n)`` for an ``n`` not among
+    ``group_sizes``, or ``split_across(n)`` for one not among ``across_sizes`` (other than 1 and the world
+    size), raises ValueError; so does a split of a group into sets not registered (say, across the
+    groups inside a group): only the world's consecutive groups and the classes across them exist.
     """
 
     name = "horovod"
 
     def __init__(
-        self, launcher_layout: WorldLayout, cycle_time_ms: float | None = None, group_sizes: Sequence[int] = ()
+        self,
+        launcher_layout: WorldLayout,
+        cycle_time_ms: float | None = None,
+        group_sizes: Sequence[int] = (),
+        across_sizes: Sequence[int] = (),
     ) -> None:
         import horovod.torch as hvd  # imported here: horovod is optional and initialises MPI
 
@@ -78,13 +96,16 @@ class HorovodCommunicator(Communicator):
         world = launcher_layout.size
         for ranks in group_sizes:
             check_group_size(ranks, world)
+        for ranks in across_sizes:
+            check_group_size(ranks, world, across=True)
+        world_ranks = tuple(range(world))
         # Every rank registers every set, in the same order (Horovod requires it); sets of one rank
-        # and of the whole world need none (``split`` handles those without Horovod).
+        # and of the whole world need none (the splits handle those without Horovod).
         sizes = sorted({ranks for ranks in group_sizes if 1 < ranks < world})
-        process_sets = {
-            ranks: [hvd.ProcessSet(list(range(first, first + ranks))) for first in range(0, world, ranks)]
-            for ranks in sizes
-        }
+        sizes_across = sorted({ranks for ranks in across_sizes if 1 < ranks < world})
+        partitions = [partition_into((world_ranks,), ranks) for ranks in sizes]
+        partitions += [partition_across((world_ranks,), ranks) for ranks in sizes_across]
+        process_sets = {partition: [hvd.ProcessSet(list(part)) for part in partition] for partition in partitions}
         try:
             if process_sets:
                 hvd.init(process_sets=[each for sets in process_sets.values() for each in sets])
@@ -93,8 +114,9 @@ class HorovodCommunicator(Communicator):
         except Exception as error:  # e.g. a Gloo-only build started by mpirun instead of horovodrun
             # The sets are built for the launcher's world: a Horovod that sees a smaller one (built
             # against another MPI) refuses them here, before ``check_world`` could name the mismatch.
+            described = [f"groups of {ranks}" for ranks in sizes] + [f"across groups of {r}" for r in sizes_across]
             hint = (
-                f" (it was given process sets for groups of {', '.join(map(str, sizes))} of the launcher's "
+                f" (it was given process sets for {', '.join(described)} of the launcher's "
                 f"{world} ranks; is Horovod built against another MPI than the launcher's?)"
                 if process_sets
                 else ""
@@ -104,29 +126,42 @@ class HorovodCommunicator(Communicator):
             ) from None
         self._hvd = hvd
         self._process_set: Any = hvd.global_process_set
-        self._process_sets = process_sets  # by group size: the sets of all groups, in rank order
-        self._groups: dict[int, HorovodCommunicator] = {}  # by group size, one communicator per process set
+        self._process_sets = process_sets  # by partition of the world: the sets of its parts, in order
+        self._registered = (sizes, sizes_across)  # for the messages of refused splits
+        self._members = world_ranks  # the world ranks of this communicator's ranks 0, 1, ...
+        self._partition: Partition = (world_ranks,)  # this communicator's members and its siblings'
+        # This rank's communicator on each partition's set: one per set, so operation names never repeat.
+        self._groups: dict[Partition, HorovodCommunicator] = {}
         self._is_world = True
         self._world: HorovodCommunicator = self
         self._operation_numbers = itertools.count()
         self._name_prefix = "hpc_localsgd"
         super().__init__(dataclasses.replace(launcher_layout, rank=hvd.rank(), size=hvd.size()))
 
-    def _group(self, ranks: int) -> HorovodCommunicator:
-        """This rank's group of ``ranks`` as a communicator on its process set (the world's only)."""
-        process_set = self._process_sets[ranks][self.rank // ranks]
+    def _group(self, partition: Partition, layout: WorldLayout) -> HorovodCommunicator:
+        """This rank's part of ``partition`` as a communicator on its process set (the world's only)."""
+        world = self._world
+        if partition in world._groups:
+            return world._groups[partition]
+        world_rank = self._members[self.rank]
+        part = next(index for index, members in enumerate(partition) if world_rank in members)
+        process_set = world._process_sets[partition][part]
         group = HorovodCommunicator.__new__(HorovodCommunicator)
         group._hvd = self._hvd
         group._process_set = process_set
         group._process_sets = {}
+        group._registered = world._registered
+        group._members = partition[part]
+        group._partition = partition
         group._groups = {}
         group._is_world = False
-        group._world = self
+        group._world = world
         group._operation_numbers = itertools.count()
         # Names must be unique among the operations in flight; the set's id keeps a group's apart from
         # the world's and from other groups' (a counter is per communicator).
         group._name_prefix = f"hpc_localsgd.set{process_set.process_set_id}"
-        Communicator.__init__(group, group_layout(self.rank, ranks))
+        Communicator.__init__(group, layout)
+        world._groups[partition] = group
         return group
 
     def _next_name(self, kind: str) -> str:
@@ -157,7 +192,7 @@ class HorovodCommunicator(Communicator):
         # A same-width integer view shares the buffer's memory, so the broadcast still lands in place.
         travelling = buffer if buffer.dtype in _HOROVOD_DTYPES else buffer.view(_SAME_WIDTH_INT[buffer.element_size()])
         # Horovod names the root by its rank in the world, also within a process set.
-        world_root = self._world.rank - self.rank + root
+        world_root = self._members[root]
         self._hvd.broadcast_(
             travelling, root_rank=world_root, name=self._next_name("broadcast"), process_set=self._process_set
         )
@@ -174,16 +209,37 @@ class HorovodCommunicator(Communicator):
         if ranks == 1:
             return SingleCommunicator(name=self.name)
         # Consecutive blocks of ``ranks`` inside a group are the world's blocks of ``ranks``.
-        world = self._world
-        if ranks not in world._process_sets:
-            registered = ", ".join(map(str, sorted(world._process_sets))) or "none"
+        partition = partition_into(self._partition, ranks)
+        if partition not in self._world._process_sets:
+            world_ranks = (self._world._members,)
+            registered = ", ".join(map(str, self._registered[0])) or "none"
+            if partition != partition_into(world_ranks, ranks):
+                raise self._unregistered(f"groups of {ranks} ranks of a communicator across groups")
             raise ValueError(
                 f"the horovod backend has no process sets for groups of {ranks} ranks (registered: {registered}); "
                 f"pass group_sizes=[{ranks}, ...] to make_communicator, which registers them at hvd.init"
             )
-        if ranks not in world._groups:  # one communicator per set, so operation names never repeat
-            world._groups[ranks] = world._group(ranks)
-        return world._groups[ranks]
+        return self._group(partition, group_layout(self.rank, ranks))
+
+    def _split_across(self, ranks: int) -> Communicator:
+        if ranks == self.size:
+            return SingleCommunicator(name=self.name)
+        partition = partition_across(self._partition, ranks)
+        if partition not in self._world._process_sets:
+            if not self._is_world:
+                raise self._unregistered(f"the communicators across groups of {ranks} ranks inside a group")
+            registered = ", ".join(map(str, self._registered[1])) or "none"
+            raise ValueError(
+                f"the horovod backend has no process sets across groups of {ranks} ranks (registered: {registered}); "
+                f"pass across_sizes=[{ranks}, ...] to make_communicator, which registers them at hvd.init"
+            )
+        return self._group(partition, across_layout(self.rank, ranks, self.size))
+
+    def _unregistered(self, what: str) -> ValueError:
+        return ValueError(
+            f"the horovod backend has no process sets for {what}: it registers at hvd.init only the world's "
+            "groups of consecutive ranks (group_sizes) and the communicators across them (across_sizes)"
+        )
 
     def close(self) -> None:
         """The world's close shuts Horovod down, and with it every process set; a group's does nothing."""

@@ -11,8 +11,8 @@ during backward would not move until ``finish_gradients`` waited on them (the be
 of a ResNet-50 step blocked that way even with ``MPI_Test`` from every gradient hook); the thread
 overlaps them with backward as Horovod's background thread and Gloo's do. Without
 ``MPI_THREAD_MULTIPLE`` the backend falls back to ``Iallreduce`` advanced by ``progress()``.
-Groups of ranks (``split``) are ``Comm.Split`` communicators sharing that thread (see
-``MPICommunicator``).
+Groups of ranks (``split``) and the communicators across them (``split_across``) are ``Comm.Split``
+communicators sharing that thread (see ``MPICommunicator``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, Handle, group_layout
+from .base import Communicator, Handle, across_layout, group_layout
 from .single import SingleCommunicator
 
 # MPI reduces these in place through numpy's buffer protocol (numpy's format codes map to MPI types).
@@ -141,17 +141,17 @@ class MPICommunicator(Communicator):
     that ``make_communicator`` can compare them with what the launcher announced; the node
     fields come from the launcher's layout.
 
-    Groups (``split``) are ``Comm.Split`` of this communicator, and they share its communication
-    thread rather than each starting one: one thread per process, as Horovod has one background
-    thread, and no more threads polling in MPI beside the compute threads. The shared thread runs
-    the blocking ``Allreduce`` calls of the world and of every group one after another, in the order
-    they were started. That cannot deadlock when, as ``split`` requires, the ranks of each group start
-    the group's and its parents' collectives in the same order: groups are nested blocks of
-    consecutive ranks, so any two ranks order the collectives they share alike, and the operations
-    run in an order consistent with every rank's queue (the rule MPI sets for blocking collectives
-    on overlapping communicators). Each group's allreduces go over a communicator of their own
-    (split from the main one, used only by that thread), so they never match a broadcast or
-    barrier that the main thread runs on the group meanwhile.
+    Groups (``split``, ``split_across``) are ``Comm.Split`` of this communicator, and they share its
+    communication thread rather than each starting one: one thread per process, as Horovod has one
+    background thread, and no more threads polling in MPI beside the compute threads. The shared thread
+    runs the blocking ``Allreduce`` calls of the world and of every group one after another, in the order
+    they were started. That cannot deadlock when, as ``split`` and ``split_across`` require, every rank
+    starts the collectives of the same sequence of communicators (each rank on its own group of each
+    kind) in the same order: the n-th collective of that sequence can run once every rank has run the
+    ones before it, so the operations run in an order consistent with every rank's queue (the rule MPI
+    sets for blocking collectives on overlapping communicators). Each group's allreduces go over a
+    communicator of their own (split from the main one, used only by that thread), so they never match
+    a broadcast or barrier that the main thread runs on the group meanwhile.
     """
 
     name = "mpi"
@@ -217,13 +217,22 @@ class MPICommunicator(Communicator):
     def _split(self, ranks: int) -> Communicator:
         if ranks == 1:
             return SingleCommunicator(name=self.name)
-        color, key = self.rank // ranks, self.rank
+        return self._split_by(self.rank // ranks, group_layout(self.rank, ranks))
+
+    def _split_across(self, ranks: int) -> Communicator:
+        if ranks == self.size:
+            return SingleCommunicator(name=self.name)
+        return self._split_by(self.rank % ranks, across_layout(self.rank, ranks, self.size))
+
+    def _split_by(self, color: int, layout: WorldLayout) -> MPICommunicator:
+        """The group of the ranks with this ``color``, ordered by rank (collective over this communicator)."""
+        key = self.rank
         # Both splits run on the main thread, over the main communicator: the communication thread
         # may be inside a collective on its own communicator meanwhile, and MPI forbids two threads
         # in collectives on one communicator at once.
         comm = self._comm.Split(color, key)
         thread_comm = self._comm.Split(color, key) if self._thread is not None else None
-        group = MPICommunicator._group(self._mpi, comm, thread_comm, self._thread, group_layout(self.rank, ranks))
+        group = MPICommunicator._group(self._mpi, comm, thread_comm, self._thread, layout)
         self._groups.append(group)
         return group
 

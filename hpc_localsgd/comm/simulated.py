@@ -11,6 +11,10 @@ agrees bit for bit with W threads and, for W = 2, with any MPI's a + b.
 
 ``split(n)`` gives the communicator of the simulated groups of n consecutive workers: its buffers are
 still stacked over all W workers, and each collective acts within every block of n rows at once.
+``split_across(n)`` gives the communicator of the stride classes: rows j, j + n, j + 2n, ... for each j.
+Both are views of the rows as [outer, size, inner]: a communicator's members are the ``size`` rows
+o·size·inner + m·inner + i (m = 0..size−1) for each (o, i), so every split of every such communicator
+is one too (see ``_split`` and ``_split_across``).
 """
 
 from __future__ import annotations
@@ -31,18 +35,21 @@ class SimulatedCommunicator(Communicator):
     With ``group_size`` n (a divisor of ``workers``), the communicator of every group of n consecutive
     workers at once: rows g·n .. g·n + n − 1 are reduced among themselves, and ``size`` is n (the size
     of each group, as ``size`` is the size of its group for one MPI rank). ``rank`` is 0 either way:
-    one process stands for all of them.
+    one process stands for all of them. ``split_across`` gives communicators whose members are spread
+    over the rows (``stride``: the distance between a class's consecutive rows).
     """
 
     name = "simulated"
 
-    def __init__(self, workers: int, group_size: int | None = None) -> None:
+    def __init__(self, workers: int, group_size: int | None = None, stride: int = 1) -> None:
         if workers < 1:
             raise ValueError(f"a simulation needs at least one worker, got {workers}")
         size = workers if group_size is None else group_size
         check_group_size(size, workers)
+        check_group_size(size * stride, workers)
         super().__init__(WorldLayout(rank=0, size=size, local_rank=0, local_size=size, node_rank=0, num_nodes=1))
         self.replicas = workers
+        self._stride = stride  # ``inner`` of the [outer, size, inner] view of the rows
 
     def _check(self, buffer: torch.Tensor) -> None:
         if buffer.dim() == 0 or buffer.shape[0] != self.replicas:
@@ -52,8 +59,10 @@ class SimulatedCommunicator(Communicator):
             )
 
     def _blocks(self, buffer: torch.Tensor) -> torch.Tensor:
-        """``buffer`` viewed as [groups, group size, ...]; ``view`` (never a copy) so writes land in it."""
-        return buffer.view(self.replicas // self.size, self.size, *buffer.shape[1:])
+        """``buffer`` viewed as [outer, size, inner, ...], members along dimension 1; ``view`` (never a copy,
+        splitting one dimension always has strides) so writes land in it."""
+        outer = self.replicas // (self.size * self._stride)
+        return buffer.view(outer, self.size, self._stride, *buffer.shape[1:])
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         self._check(buffer)
@@ -61,7 +70,7 @@ class SimulatedCommunicator(Communicator):
             return DoneHandle()
         blocks = self._blocks(buffer)
         total = blocks[:, 0].to(dtype=_ACCUMULATION_DTYPES.get(buffer.dtype, buffer.dtype), copy=True)
-        for member in range(1, self.size):
+        for member in range(1, self.size):  # in row order, as the threads backend sums in rank order
             total += blocks[:, member]
         if average:
             divide_by_size_(total, self.size)
@@ -79,5 +88,9 @@ class SimulatedCommunicator(Communicator):
         return None
 
     def _split(self, ranks: int) -> Communicator:
-        # Blocks of ``ranks`` inside blocks of ``size`` are the world's blocks of ``ranks``: no offset to carry.
-        return SimulatedCommunicator(self.replicas, group_size=ranks)
+        # Members m = b·ranks + m' of [outer, size, inner]: [outer·size/ranks, ranks, inner], same stride.
+        return SimulatedCommunicator(self.replicas, group_size=ranks, stride=self._stride)
+
+    def _split_across(self, ranks: int) -> Communicator:
+        # Members m = k·ranks + j of [outer, size, inner]: [outer, size/ranks, ranks·inner].
+        return SimulatedCommunicator(self.replicas, group_size=self.size // ranks, stride=self._stride * ranks)

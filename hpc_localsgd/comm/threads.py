@@ -12,7 +12,8 @@ every thread has copied round n's result.
 
 ``split`` is a round too: its action builds one ``ThreadGroup`` per group of consecutive ranks, so
 every thread of a group gets the very same sub-group object, and the sub-groups' rounds only ever
-involve their own threads.
+involve their own threads. ``split_across`` is the same round with one ``ThreadGroup`` per position in
+the groups (the ranks j, j + R, j + 2R, ...).
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ _ACCUMULATION_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.floa
 class _Contribution:
     """What one rank brought to a collective round."""
 
-    kind: str  # "allreduce", "broadcast", "barrier" or "split"
+    kind: str  # "allreduce", "broadcast", "barrier", "split" or "split_across"
     buffer: torch.Tensor | None = None
     average: bool = False
     root: int = 0
-    ranks: int = 0  # the group size, for "split"
+    ranks: int = 0  # the group size, for "split" and "split_across"
 
     def signature(self) -> tuple[object, ...]:
         """What every rank must agree on; a difference means the ranks called different collectives."""
@@ -67,7 +68,8 @@ class ThreadGroup:
         self._timeout = timeout
         self._slots: list[_Contribution | None] = [None] * size
         self._combined: torch.Tensor | None = None
-        self._split_groups: list[ThreadGroup] = []  # the last split's groups, in order of their first rank
+        # The last split's groups, in order of their first rank (for "split_across": of their position j).
+        self._split_groups: list[ThreadGroup] = []
         self._descendants: list[ThreadGroup] = []  # every group split off, aborted with this one
         self._round = threading.Barrier(size, action=self._combine, timeout=timeout)
         self.communicators: list[ThreadCommunicator] = [ThreadCommunicator(self, rank) for rank in range(size)]
@@ -134,10 +136,14 @@ class ThreadGroup:
             root_buffer = contributions[first.root].buffer
             assert root_buffer is not None
             self._combined = root_buffer.clone()
-        elif first.kind == "split":
-            self._split_groups = [
-                ThreadGroup(first.ranks, timeout=self._timeout) for _ in range(self.size // first.ranks)
-            ]
+        elif first.kind in ("split", "split_across"):
+            # Groups of ``ranks`` consecutive ranks, or ``ranks`` groups across them of size // ranks each.
+            count, size = (
+                (self.size // first.ranks, first.ranks)
+                if first.kind == "split"
+                else (first.ranks, self.size // first.ranks)
+            )
+            self._split_groups = [ThreadGroup(size, timeout=self._timeout) for _ in range(count)]
             self._descendants += self._split_groups
             self._combined = None
         else:
@@ -171,3 +177,8 @@ class ThreadCommunicator(Communicator):
         self._group._collective(self.rank, _Contribution("split", ranks=ranks))
         # Read before this thread enters another round of the parent, the only thing that replaces it.
         return self._group._split_groups[self.rank // ranks].communicators[self.rank % ranks]
+
+    def _split_across(self, ranks: int) -> Communicator:
+        self._group._collective(self.rank, _Contribution("split_across", ranks=ranks))
+        # As in ``_split``: read before this thread enters another round of the parent.
+        return self._group._split_groups[self.rank % ranks].communicators[self.rank // ranks]

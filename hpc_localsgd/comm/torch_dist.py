@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..errors import BackendUnavailable, LauncherMismatch, one_line
 from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, divide_by_size_
-from .base import Communicator, Handle, group_layout
+from .base import Communicator, Handle, Partition, across_layout, group_layout, partition_across, partition_into
 from .single import SingleCommunicator
 
 # Long enough for a slow node to reach the first collective; short enough that a rank that
@@ -98,11 +98,13 @@ class _WorkHandle(Handle):
 class TorchDistributedCommunicator(Communicator):
     """A default process group built from the launcher's layout; destroyed by ``close``.
 
-    Groups (``split``) are ``dist.new_group`` process groups on the same backend (Gloo or NCCL).
-    torch.distributed wants every rank of the world to create every group, members or not, in the
-    same order; ``split(n)`` does that for all groups of n, keeps this rank's, and keeps it for a
-    later ``split(n)`` too. A group's ``split`` is therefore collective over the world, not only
-    over the group: every rank of the world must call it (through its own group) in the same order.
+    Groups (``split``, ``split_across``) are ``dist.new_group`` process groups on the same backend (Gloo or
+    NCCL). torch.distributed wants every rank of the world to create every group, members or not, in the
+    same order. Each communicator therefore knows the partition of the world it belongs to (its own world
+    ranks and those of its siblings, the same on every rank): a split creates the groups of every part's
+    split, in order, keeps this rank's, and keeps the lot for a later split into the same partition. A
+    group's split is therefore collective over the world, not only over the group: every rank of the world
+    must call it (through its own group) in the same order.
     """
 
     name = "torch"
@@ -126,26 +128,36 @@ class TorchDistributedCommunicator(Communicator):
             timeout=_RENDEZVOUS_TIMEOUT,
         )
         self._process_group: Any = None  # None: the default (world) group
-        self._first_rank = 0  # the world rank of this group's rank 0
+        world_ranks = tuple(range(dist.get_world_size()))
+        self._members = world_ranks  # the world ranks of this communicator's ranks 0, 1, ...
+        self._partition: Partition = (world_ranks,)  # this communicator's members and its siblings'
         self._world: TorchDistributedCommunicator = self
-        self._groups: dict[int, TorchDistributedCommunicator] = {}  # by group size
+        self._groups: dict[Partition, TorchDistributedCommunicator] = {}  # this rank's group of each partition
         super().__init__(dataclasses.replace(launcher_layout, rank=dist.get_rank(), size=dist.get_world_size()))
 
-    def _group(self, ranks: int) -> TorchDistributedCommunicator:
-        """Create every group of ``ranks`` (collective over the world) and wrap this rank's."""
-        mine = None
-        for first in range(0, self.size, ranks):
-            process_group = dist.new_group(ranks=list(range(first, first + ranks)))
-            if first <= self.rank < first + ranks:
-                mine = process_group
+    def _group(self, partition: Partition, layout: WorldLayout) -> TorchDistributedCommunicator:
+        """This rank's part of ``partition`` (of the world), creating the groups of every part first
+        (collective over the world) unless an earlier split made them."""
+        world = self._world
+        if partition in world._groups:
+            return world._groups[partition]
+        world_rank = self._members[self.rank]
+        mine: Any = None
+        members: tuple[int, ...] = ()
+        for part in partition:
+            process_group = dist.new_group(ranks=list(part))
+            if world_rank in part:
+                mine, members = process_group, part
         group = TorchDistributedCommunicator.__new__(TorchDistributedCommunicator)
         group._device = self._device
         group._process_backend = self._process_backend
         group._process_group = mine
-        group._first_rank = self.rank - self.rank % ranks
-        group._world = self
+        group._members = members
+        group._partition = partition
+        group._world = world
         group._groups = {}
-        Communicator.__init__(group, group_layout(self.rank, ranks))
+        Communicator.__init__(group, layout)
+        world._groups[partition] = group
         return group
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
@@ -158,7 +170,7 @@ class TorchDistributedCommunicator(Communicator):
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast root {root} is not a rank of this group of {self.size}")
         # ``src`` is a rank of the world, also for a group.
-        dist.broadcast(buffer, src=self._first_rank + root, group=self._process_group)
+        dist.broadcast(buffer, src=self._members[root], group=self._process_group)
 
     def barrier(self) -> None:
         if self._process_backend == "nccl":
@@ -170,11 +182,12 @@ class TorchDistributedCommunicator(Communicator):
     def _split(self, ranks: int) -> Communicator:
         if ranks == 1:
             return SingleCommunicator(name=self.name)
-        # Consecutive blocks of ``ranks`` inside a group are the world's blocks of ``ranks``.
-        world = self._world
-        if ranks not in world._groups:
-            world._groups[ranks] = world._group(ranks)
-        return world._groups[ranks]
+        return self._group(partition_into(self._partition, ranks), group_layout(self.rank, ranks))
+
+    def _split_across(self, ranks: int) -> Communicator:
+        if ranks == self.size:
+            return SingleCommunicator(name=self.name)
+        return self._group(partition_across(self._partition, ranks), across_layout(self.rank, ranks, self.size))
 
     def close(self) -> None:
         """The world's close destroys every process group, its groups' too; a group's does nothing."""

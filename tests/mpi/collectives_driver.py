@@ -8,10 +8,13 @@ otherwise, or 2 with ``hpc-localsgd: error: <message>`` for a ``UserError`` (and
 
 With ``--groups`` it also checks the communicators of groups of consecutive ranks (``split``) of
 sizes 2, N and 1, where they divide N: sums over the group's ranks only, broadcasts from a rank of
-the group, and group collectives in flight together with the world's.
+the group, and group collectives in flight together with the world's. With ``--across`` it checks the
+communicators across groups of 2 (``split_across``): sums over ranks j, j + 2, ... only, broadcasts from
+a rank of that communicator, and an allreduce of the consecutive group started while one across is in
+flight.
 
     mpirun -np 2 python tests/mpi/collectives_driver.py --backend mpi
-    mpirun -np 4 --oversubscribe python tests/mpi/collectives_driver.py --backend horovod --groups
+    mpirun -np 4 --oversubscribe python tests/mpi/collectives_driver.py --backend horovod --groups --across
 """
 
 from __future__ import annotations
@@ -246,26 +249,122 @@ def check_groups(world: Communicator, device: torch.device) -> None:
         expect_equal(f"group of one split from a group of {ranks}", buffer, np.full(3, float(world.rank)))
 
 
+def across_sum(world_rank: int, ranks: int, world_size: int) -> int:
+    """Σ (r + 1) over the world ranks r at ``world_rank``'s position in every group of ``ranks``."""
+    return sum(r + 1 for r in range(world_rank % ranks, world_size, ranks))
+
+
+def check_across(world: Communicator, ranks: int, device: torch.device) -> None:
+    """The communicator across groups of ``ranks``: layout, exact sums and averages, broadcasts, 16-bit
+    averages, and collectives of the group, of the world and across in flight together."""
+    across = world.split_across(ranks)
+    size = world.size // ranks
+    got = (across.rank, across.size, across.local_rank, across.name, across.is_root)
+    wanted = (world.rank // ranks, size, world.rank // ranks, world.name, world.rank < ranks)
+    if got != wanted:
+        raise CheckFailed(f"across groups of {ranks}: (rank, size, local rank, name, is_root) {got}, expected {wanted}")
+    rank_sum = across_sum(world.rank, ranks, world.size)
+    for dtype in EXACT_DTYPES:
+        for length in (1, 1000, 100_003):
+            ramp = signed_ramp(length)
+            for average in (False, True):
+                buffer = torch.from_numpy(ramp * (world.rank + 1)).to(device=device, dtype=dtype)
+                across.allreduce_(buffer, average=average)
+                total = ramp * rank_sum
+                expected = total if not average else (total / size if dtype.is_floating_point else total // size)
+                what = f"across groups of {ranks}: allreduce {'average' if average else 'sum'} {dtype} length {length}"
+                expect_equal(what, buffer, expected)
+    for dtype in (torch.float16, torch.bfloat16):
+        buffer = torch.from_numpy(np.arange(16) * (world.rank + 1)).to(device=device, dtype=dtype)
+        across.allreduce_(buffer, average=True)
+        expect_equal(
+            f"across groups of {ranks}: allreduce average {dtype}", buffer.float(), np.arange(16) * rank_sum / size
+        )
+    root = 1 % size
+    source = world.rank % ranks + root * ranks
+    for dtype in (torch.float32, torch.float64, torch.int64, torch.bfloat16):
+        buffer = torch.full((100_003,), 10 * world.rank + 7, dtype=dtype, device=device)
+        across.broadcast_(buffer, root=root)
+        expect_equal(
+            f"across groups of {ranks}: broadcast {dtype} from rank {root} across",
+            buffer,
+            np.full(100_003, 10 * source + 7),
+        )
+    check_across_in_flight_with_the_group(world, across, ranks, device)
+    across.barrier()
+    alone = world.split_across(world.size)
+    buffer = torch.full((3,), float(world.rank), device=device)
+    alone.allreduce_(buffer, average=False)
+    alone.broadcast_(buffer, root=0)
+    expect_equal("across groups of the whole world (one rank)", buffer, np.full(3, float(world.rank)))
+    if (alone.size, world.split_across(1)) != (1, world):
+        raise CheckFailed("split_across(size) is not one rank, or split_across(1) is not the communicator itself")
+
+
+def check_across_in_flight_with_the_group(
+    world: Communicator, across: Communicator, ranks: int, device: torch.device
+) -> None:
+    """An allreduce inside the consecutive group started while one across is in flight (the engine's
+    pattern: gradients in the worker while its model shard travels between workers), with the world's
+    too; waited in one order on every rank, not the order they were started in."""
+    group = world.split(ranks)
+    plans = [  # (communicator, dtype, length, average)
+        (across, torch.float32, 250_001, True),
+        (group, torch.float32, 250_001, False),
+        (world, torch.float64, 33, False),
+        (across, torch.int64, 1000, False),
+        (group, torch.float64, 7, True),
+    ]
+    buffers, handles = [], []
+    for index, (comm, dtype, length, average) in enumerate(plans):
+        buffer = torch.from_numpy((signed_ramp(length) + 10 * index) * (world.rank + 1)).to(device=device, dtype=dtype)
+        buffers.append(buffer)
+        handles.append(comm.iallreduce_(buffer, average=average))
+    for index in (1, 4, 0, 2, 3):
+        handles[index].wait()
+        comm, dtype, length, average = plans[index]
+        if comm is world:
+            rank_sum, which = world.size * (world.size + 1) // 2, "world"
+        elif comm is group:
+            rank_sum, which = group_sum(world.rank, ranks), f"group of {ranks}"
+        else:
+            rank_sum, which = across_sum(world.rank, ranks, world.size), f"across groups of {ranks}"
+        total = (signed_ramp(length) + 10 * index) * rank_sum
+        expected = total if not average else (total / comm.size if dtype.is_floating_point else total // comm.size)
+        expect_equal(f"in flight together: {which} allreduce #{index} ({dtype})", buffers[index], expected)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, choices=("auto", "horovod", "mpi", "torch", "single"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--groups", action="store_true", help="also check groups of ranks (split)")
+    parser.add_argument("--across", action="store_true", help="also check the communicators across groups of 2")
     parser.add_argument("--split", type=int, help="only split into groups of this size (to see it refused)")
+    parser.add_argument("--split-across", type=int, help="only split across groups of this size (to see it refused)")
     parser.add_argument(
         "--group-sizes", default="2", help="the group sizes announced to make_communicator (comma-separated)"
+    )
+    parser.add_argument(
+        "--across-sizes", default="2", help="the sizes across announced to make_communicator (comma-separated)"
     )
     args = parser.parse_args()
     device = torch.device(args.device)
     group_sizes = [int(size) for size in args.group_sizes.split(",") if size]
+    across_sizes = [int(size) for size in args.across_sizes.split(",") if size]
     try:
-        comm = make_communicator(args.backend, detect_launch(), device, group_sizes=group_sizes)
+        comm = make_communicator(
+            args.backend, detect_launch(), device, group_sizes=group_sizes, across_sizes=across_sizes
+        )
     except UserError as error:
         print_line(f"hpc-localsgd: error: {error}", sys.stderr)
         return error.exit_code
-    if args.split is not None:
+    if args.split is not None or args.split_across is not None:
         try:
-            comm.split(args.split)
+            if args.split is not None:
+                comm.split(args.split)
+            if args.split_across is not None:
+                comm.split_across(args.split_across)
         except ValueError as error:
             print_line(f"hpc-localsgd: error: {error}", sys.stderr)
             comm.close()
@@ -279,6 +378,8 @@ def main() -> int:
         check_broadcast(comm, device)
         if args.groups:
             check_groups(comm, device)
+        if args.across and comm.size % 2 == 0:
+            check_across(comm, 2, device)
         comm.barrier()
     except Exception as failure:
         detail = str(failure) if isinstance(failure, CheckFailed) else traceback.format_exc()

@@ -180,3 +180,38 @@ def test_horovod_refuses_a_group_size_not_registered_at_init() -> None:
         "hpc-localsgd: error: the horovod backend has no process sets for groups of 2 ranks (registered: none); "
         "pass group_sizes=[2, ...] to make_communicator, which registers them at hvd.init",
     )
+
+
+@pytest.mark.parametrize(
+    ("backend", "env"),
+    [("mpi", {}), ("mpi", {"MPI4PY_RC_THREAD_LEVEL": "serialized"}), ("torch", {}), ("horovod", {})],
+    ids=["mpi", "mpi-without-thread-multiple", "torch", "horovod"],
+)
+def test_communicators_across_groups_of_ranks(backend: str, env: dict[str, str]) -> None:
+    # Across groups of 2 in a world of 4 (ranks 0, 2 and 1, 3): exact sums, averages and broadcasts, and an
+    # allreduce inside the group of 2 started while one across is in flight (collectives_driver.check_across).
+    done = run_mpi(
+        GROUP_RANKS, ["python", DRIVER, "--backend", backend, "--across"], timeout=180, env={**WITHOUT_MASTER, **env}
+    )
+    assert_every_rank_ok(done, backend, GROUP_RANKS)
+
+
+@pytest.mark.parametrize("backend", ["mpi", "torch", "horovod"])
+def test_a_size_across_that_does_not_divide_the_world_stops_every_rank_with_one_line(backend: str) -> None:
+    done = run_each_rank_reporting_its_exit_status(["--backend", backend, "--split-across", "3"])
+    assert_one_line_and_status_2_on_every_rank(
+        done,
+        "hpc-localsgd: error: cannot split a communicator of 4 ranks across groups of 3 ranks: "
+        "the group size must be a positive divisor of 4",
+    )
+
+
+def test_horovod_refuses_a_size_across_not_registered_at_init() -> None:
+    done = run_each_rank_reporting_its_exit_status(
+        ["--backend", "horovod", "--split-across", "2", "--across-sizes", ""]
+    )
+    assert_one_line_and_status_2_on_every_rank(
+        done,
+        "hpc-localsgd: error: the horovod backend has no process sets across groups of 2 ranks (registered: none); "
+        "pass across_sizes=[2, ...] to make_communicator, which registers them at hvd.init",
+    )

@@ -243,3 +243,215 @@ def test_make_communicator_checks_the_announced_group_sizes() -> None:
     assert make_communicator("single", alone, torch.device("cpu"), group_sizes=[1]).name == "single"
     with pytest.raises(ValueError, match="communicator of 1 ranks into groups of 2 ranks"):
         make_communicator("single", alone, torch.device("cpu"), group_sizes=[2])
+
+
+# Communicators across the groups (``split_across``): rank j of every group of ``ranks`` consecutive ranks.
+
+
+def across(rank: int, ranks: int, world: int) -> range:
+    """The world ranks at ``rank``'s position in every group of ``ranks`` consecutive ranks."""
+    return range(rank % ranks, world, ranks)
+
+
+def expected_across(rank: int, ranks: int, world: int, dtype: torch.dtype, average: bool) -> torch.Tensor:
+    total = ramp() * sum(r + 1 for r in across(rank, ranks, world))
+    size = world // ranks
+    if not average:
+        return total.to(dtype)
+    return (total / size if dtype.is_floating_point else torch.div(total, size, rounding_mode="floor")).to(dtype)
+
+
+@pytest.mark.parametrize(("world", "ranks"), [(4, 2), (6, 2), (6, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_threads_across_groups_reduce_and_broadcast_over_one_position(
+    world: int, ranks: int, dtype: torch.dtype
+) -> None:
+    root = 1  # a rank of the communicator across, not of the world
+
+    def worker(comm: ThreadCommunicator) -> dict[str, object]:
+        group = comm.split(ranks)
+        across_groups = comm.split_across(ranks)
+        summed = (ramp() * (comm.rank + 1)).to(dtype)
+        averaged = summed.clone()
+        in_group = torch.tensor([comm.rank + 1], dtype=dtype)
+        everyone = torch.tensor([comm.rank + 1], dtype=dtype)
+        across_groups.allreduce_(summed, average=False)
+        group.allreduce_(in_group, average=False)  # the group's and the world's go on between
+        comm.allreduce_(everyone, average=False)
+        across_groups.allreduce_(averaged, average=True)
+        broadcast = torch.full((4,), 10 * comm.rank + 7, dtype=dtype)
+        across_groups.broadcast_(broadcast, root=root)
+        across_groups.barrier()
+        layout = (
+            across_groups.rank,
+            across_groups.size,
+            across_groups.local_rank,
+            across_groups.layout.local_size,
+            across_groups.name,
+            across_groups.replicas,
+        )
+        return {
+            "summed": summed,
+            "averaged": averaged,
+            "in_group": in_group,
+            "everyone": everyone,
+            "broadcast": broadcast,
+            "layout": layout,
+        }
+
+    for rank, result in enumerate(ThreadGroup(world, timeout=30).run(worker)):
+        assert torch.equal(result["summed"], expected_across(rank, ranks, world, dtype, average=False))
+        assert torch.equal(result["averaged"], expected_across(rank, ranks, world, dtype, average=True))
+        assert torch.equal(result["in_group"], torch.tensor([sum(r + 1 for r in members(rank, ranks))], dtype=dtype))
+        assert torch.equal(result["everyone"], torch.tensor([world * (world + 1) // 2], dtype=dtype))
+        source = across(rank, ranks, world)[root]
+        assert torch.equal(result["broadcast"], torch.full((4,), 10 * source + 7, dtype=dtype))
+        assert result["layout"] == (rank // ranks, world // ranks, rank // ranks, world // ranks, "threads", 1)
+
+
+@pytest.mark.parametrize(("world", "ranks"), [(4, 2), (6, 2), (6, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_simulated_across_groups_reduce_over_stride_classes_of_rows(world: int, ranks: int, dtype: torch.dtype) -> None:
+    across_groups = SimulatedCommunicator(world).split_across(ranks)
+    assert (across_groups.rank, across_groups.size, across_groups.replicas, across_groups.name) == (
+        0,
+        world // ranks,
+        world,
+        "simulated",
+    )
+    storage = torch.zeros(world, 12, dtype=dtype)  # columns 1..10 of a wider storage: rows not contiguous
+    for average in (False, True):
+        storage[:, 1:11] = torch.stack([ramp() * (worker + 1) for worker in range(world)]).to(dtype)
+        across_groups.allreduce_(storage[:, 1:11], average=average)
+        for worker in range(world):
+            assert torch.equal(storage[worker, 1:11], expected_across(worker, ranks, world, dtype, average))
+        assert not storage[:, 0].any() and not storage[:, 11].any()
+    rows = torch.stack([torch.full((3,), 10 * worker + 7) for worker in range(world)]).to(dtype)
+    across_groups.broadcast_(rows, root=1)
+    for worker in range(world):
+        assert torch.equal(rows[worker], torch.full((3,), 10 * across(worker, ranks, world)[1] + 7, dtype=dtype))
+
+
+def test_simulated_across_groups_interleave_with_groups_and_the_world() -> None:
+    world = SimulatedCommunicator(4)
+    pairs, across_pairs = world.split(2), world.split_across(2)
+    values = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    across_pairs.allreduce_(values, average=False)  # rows 0+2, 1+3: 4, 6, 4, 6
+    pairs.allreduce_(values, average=False)  # 10 everywhere
+    values += torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    across_pairs.allreduce_(values, average=True)  # 11, 12, 11, 12
+    world.allreduce_(values, average=False)  # 46 everywhere
+    values += torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    across_pairs.broadcast_(values, root=1)  # from rows 2 and 3
+    assert values.reshape(-1).tolist() == [48.0, 49.0, 48.0, 49.0]
+
+
+def test_simulated_across_groups_sum_sixteen_bit_floats_in_float32() -> None:
+    # Rows 0, 2, 4, 6 and 1, 3, 5, 7 (across groups of 2): float16 summed in order would give 2048.
+    values = torch.tensor([[2048.0], [1.0], [1.0], [2.0], [1.0], [2.0], [2.0], [4.0]], dtype=torch.float16)
+    SimulatedCommunicator(8).split_across(2).allreduce_(values, average=False)
+    assert values.reshape(-1).tolist() == [2052.0, 9.0] * 4
+
+
+def float32_sums_that_depend_on_order(world: int) -> np.ndarray:
+    """float32 values whose sums depend on the order of additions (1e8 + 1 rounds back to 1e8)."""
+    pattern = np.array([5.0, 1e8, 1.0, -1e8, 1.0, 3.0, 7.0, -2.0, 1e8, 1.0, -1e8, 0.5], dtype=np.float32)
+    return pattern[:world].copy()
+
+
+def nested_sums(comm: Communicator, buffer: torch.Tensor, ranks: int) -> None:
+    """Every kind of communicator in turn on one buffer: across, the group, across inside the group when
+    it splits, the group of the across, and the world (sums only, so values keep depending on order)."""
+    comm.split_across(ranks).allreduce_(buffer, average=False)
+    buffer.mul_(1.5)
+    comm.split(ranks).allreduce_(buffer, average=True)
+    across_groups = comm.split_across(ranks)
+    if across_groups.size % 2 == 0:  # consecutive pairs of the communicator across
+        buffer.add_(1.0)
+        across_groups.split(2).allreduce_(buffer, average=False)
+    if ranks % 2 == 0:  # across pairs inside the group
+        buffer.sub_(3.0)
+        comm.split(ranks).split_across(2).allreduce_(buffer, average=False)
+    comm.allreduce_(buffer, average=True)
+
+
+@pytest.mark.parametrize(("world", "ranks"), [(4, 2), (6, 2), (6, 3), (8, 2), (8, 4), (12, 2)])
+def test_simulated_across_groups_equal_threads_bit_for_bit(world: int, ranks: int) -> None:
+    contributions = float32_sums_that_depend_on_order(world)
+
+    def worker(comm: ThreadCommunicator) -> list[float]:
+        first = torch.tensor([contributions[comm.rank]])
+        comm.split_across(ranks).allreduce_(first, average=False)
+        nested = torch.tensor([contributions[comm.rank]])
+        nested_sums(comm, nested, ranks)
+        return [first.item(), nested.item()]
+
+    threads = ThreadGroup(world, timeout=30).run(worker)
+    simulated = SimulatedCommunicator(world)
+    first = torch.from_numpy(contributions).reshape(world, 1).clone()
+    simulated.split_across(ranks).allreduce_(first, average=False)
+    nested = torch.from_numpy(contributions).reshape(world, 1).clone()
+    nested_sums(simulated, nested, ranks)
+    assert [result[0] for result in threads] == first.reshape(-1).tolist()
+    assert [result[1] for result in threads] == nested.reshape(-1).tolist()
+    # Summed in rank order of the class, which the pattern makes observable: 5 + 1 + 1e8 (+ ...) in float32.
+    in_order = np.float32(0)
+    for value in contributions[0::ranks]:
+        in_order = np.float32(in_order + value)
+    assert threads[0][0] == in_order
+
+
+def test_across_one_rank_per_group_is_the_communicator_itself_and_across_the_whole_world_one_rank() -> None:
+    def worker(comm: ThreadCommunicator) -> tuple[bool, float, tuple[int, int]]:
+        alone = comm.split_across(comm.size)
+        buffer = torch.tensor([float(comm.rank)])
+        alone.allreduce_(buffer, average=True)
+        alone.broadcast_(buffer, root=0)
+        return comm.split_across(1) is comm, buffer.item(), (alone.rank, alone.size)
+
+    assert ThreadGroup(3, timeout=30).run(worker) == [(True, float(r), (0, 1)) for r in range(3)]
+    simulated = SimulatedCommunicator(3)
+    assert simulated.split_across(1) is simulated
+    alone = simulated.split_across(3)
+    values = torch.tensor([[1.0], [2.0], [3.0]])
+    alone.allreduce_(values, average=False)
+    alone.broadcast_(values, root=0)
+    assert (alone.size, alone.replicas, values.reshape(-1).tolist()) == (1, 3, [1.0, 2.0, 3.0])
+    single = SingleCommunicator()
+    assert single.split_across(1) is single
+
+
+@pytest.mark.parametrize("ranks", [0, -2, 3, 5, 8])
+def test_sizes_across_that_do_not_divide_the_world_are_refused(ranks: int) -> None:
+    for comm in [*world_of(4), SingleCommunicator()]:
+        with pytest.raises(ValueError, match=rf"communicator of {comm.size} ranks across groups of {ranks} ranks"):
+            comm.split_across(ranks)
+
+
+def test_a_refused_split_across_leaves_the_threads_able_to_go_on() -> None:
+    def worker(comm: ThreadCommunicator) -> float:
+        with pytest.raises(ValueError, match="across groups of 3 ranks"):
+            comm.split_across(3)
+        buffer = torch.tensor([1.0])
+        comm.split_across(2).allreduce_(buffer, average=False)
+        return buffer.item()
+
+    assert ThreadGroup(4, timeout=30).run(worker) == [2.0] * 4
+
+
+def test_threads_splitting_across_and_into_groups_at_once_fail_instead_of_mixing() -> None:
+    with pytest.raises(RuntimeError, match="different collectives"):
+        ThreadGroup(4, timeout=10).run(lambda comm: comm.split(2) if comm.rank == 0 else comm.split_across(2))
+
+
+def test_every_thread_across_the_groups_gets_the_same_communicator() -> None:
+    groups = ThreadGroup(6, timeout=30).run(lambda comm: comm.split_across(3)._group)  # type: ignore[attr-defined]
+    assert groups[0] is groups[3] and groups[1] is groups[4] and groups[2] is groups[5]
+    assert len({id(group) for group in groups}) == 3 and groups[0].size == 2
+
+
+def test_make_communicator_checks_the_announced_sizes_across() -> None:
+    alone = LaunchEnvironment("none", WorldLayout(0, 1, 0, 1, 0, 1))
+    assert make_communicator("single", alone, torch.device("cpu"), across_sizes=[1]).name == "single"
+    with pytest.raises(ValueError, match="communicator of 1 ranks across groups of 2 ranks"):
+        make_communicator("single", alone, torch.device("cpu"), across_sizes=[2])
