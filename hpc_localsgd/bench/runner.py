@@ -100,7 +100,11 @@ def run_bench(
     bare_seconds = measure_bare_limit(options, workload) if needs_bare else []
 
     comm = make_communicator(
-        cfg.comm.backend, launch, device, group_sizes=[ranks_per_worker] if ranks_per_worker else []
+        cfg.comm.backend,
+        launch,
+        device,
+        group_sizes=[ranks_per_worker] if ranks_per_worker else [],
+        across_sizes=[ranks_per_worker] if ranks_per_worker else [],
     )
     say = print_fn if comm.is_root else (lambda _line: None)
     world = {

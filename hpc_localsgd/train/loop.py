@@ -24,7 +24,7 @@ from ..launcher.env import LaunchEnvironment, detect_launch, select_device, thre
 from .checkpointer import Checkpointer
 from .control import requeue_slurm_job
 from .data import derive_seed
-from .ranks import RankWorkers, planned_group_sizes
+from .ranks import RankWorkers, planned_groups
 from .resume import ChosenCheckpoint, choose_checkpoint, restore
 from .run import (
     EvalResult,
@@ -101,7 +101,7 @@ def train(
         launch,
         device,
         horovod_cycle_time_ms(cfg),
-        group_sizes=planned_group_sizes(cfg, launch.layout),
+        **planned_groups(cfg, launch.layout),
     )
     result = _train(cfg, own, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
     # Closed on success only: after an error the other ranks may not reach the closing collective.

@@ -123,13 +123,22 @@ def agreed_hierarchy(cfg: RunConfig, comm: Communicator) -> Hierarchy:
     return hierarchy_from_config(cfg.algorithm, comm.size, nodes)
 
 
-def planned_group_sizes(cfg: RunConfig, layout: WorldLayout) -> list[int]:
-    """The group sizes this run's hierarchy splits the world into, for backends that must know them
-    before they start (Horovod registers its process sets at init). Empty when the hierarchy is not
-    valid here: the run then stops with the reason, on every rank, once the communicator exists."""
+def planned_groups(cfg: RunConfig, layout: WorldLayout) -> dict[str, list[int]]:
+    """The communicators this run's hierarchy splits the world into, as ``make_communicator``'s
+    ``group_sizes`` (blocks of consecutive ranks: workers, levels) and ``across_sizes`` (rank j of
+    every worker, for the sharded global average), for backends that must know them before they
+    start (Horovod registers its process sets at init). Empty when the hierarchy is not valid here:
+    the run then stops with the reason, on every rank, once the communicator exists."""
     try:
         # The launcher's count of ranks on this node; agreed_hierarchy checks it once ranks can talk.
         hierarchy = hierarchy_from_config(cfg.algorithm, layout.size, layout.local_size if _uses_node(cfg) else None)
     except UserError:
-        return []
-    return sorted({hierarchy.ranks_per_worker, *(level.ranks for level in hierarchy.levels)} - {1, layout.size})
+        return {"group_sizes": [], "across_sizes": []}
+    workers = hierarchy.ranks_per_worker
+    blocks = {workers, *(level.ranks for level in hierarchy.levels)} - {1, layout.size}
+    return {"group_sizes": sorted(blocks), "across_sizes": [workers] if 1 < workers < layout.size else []}
+
+
+def merged_groups(plans: list[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """The communicators several runs on one communicator need (test drivers run many cases)."""
+    return {key: sorted({size for plan in plans for size in plan[key]}) for key in ("group_sizes", "across_sizes")}

@@ -24,7 +24,7 @@ from hpc_localsgd.config import load_config  # noqa: E402
 from hpc_localsgd.io.metrics import read_metrics  # noqa: E402
 from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
 from hpc_localsgd.train.loop import TrainResult, train  # noqa: E402
-from hpc_localsgd.train.ranks import planned_group_sizes  # noqa: E402
+from hpc_localsgd.train.ranks import merged_groups, planned_groups  # noqa: E402
 from tests.mpi.cases import BASE  # noqa: E402
 
 STOP = 7  # between two syncs for H = 4, before the post-local switch
@@ -114,12 +114,8 @@ def main() -> int:
     cases = {**RESUME_CASES, **FOUR_RANK_RESUME_CASES}
     names = args.cases.split(",")
     launch = detect_launch()
-    group_sizes = {
-        size
-        for name in names
-        for size in planned_group_sizes(load_config(None, [*OVERRIDES, *cases[name]]), launch.layout)
-    }
-    comm = make_communicator("auto", launch, torch.device("cpu"), group_sizes=sorted(group_sizes))
+    plans = [planned_groups(load_config(None, [*OVERRIDES, *cases[name]]), launch.layout) for name in names]
+    comm = make_communicator("auto", launch, torch.device("cpu"), **merged_groups(plans))
     quiet = {"launch": launch, "comm": comm, "print_fn": lambda _line: None}
     for name in names:
         overrides = cases[name]

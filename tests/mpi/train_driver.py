@@ -21,7 +21,7 @@ from hpc_localsgd.config import load_config  # noqa: E402
 from hpc_localsgd.errors import UserError, print_line  # noqa: E402
 from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
 from hpc_localsgd.train.loop import train  # noqa: E402
-from hpc_localsgd.train.ranks import planned_group_sizes  # noqa: E402
+from hpc_localsgd.train.ranks import merged_groups, planned_groups  # noqa: E402
 from tests.mpi.cases import ALL_CASES, BASE, CASES  # noqa: E402
 
 
@@ -33,16 +33,10 @@ def main() -> int:
     args = parser.parse_args()
     launch = detect_launch()
     names = args.cases.split(",")
-    # Every group size the cases split the world into (Horovod registers its process sets at init).
-    group_sizes = sorted(
-        {
-            size
-            for name in names
-            for size in planned_group_sizes(load_config(None, BASE + ALL_CASES[name]), launch.layout)
-        }
-    )
+    # Every communicator the cases split the world into (Horovod registers its process sets at init).
+    groups = merged_groups([planned_groups(load_config(None, BASE + ALL_CASES[name]), launch.layout) for name in names])
     try:
-        comm = make_communicator(args.backend, launch, torch.device("cpu"), group_sizes=group_sizes)
+        comm = make_communicator(args.backend, launch, torch.device("cpu"), **groups)
     except UserError as exc:
         print_line(f"hpc-localsgd: error: {exc}", sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from hpc_localsgd.algorithms.hierarchy import GroupLevel, Hierarchy, check_hiera
 from hpc_localsgd.config import load_config
 from hpc_localsgd.errors import ConfigError, LauncherMismatch
 from hpc_localsgd.launcher.env import detect_launch, ranks_per_node
-from hpc_localsgd.train.ranks import planned_group_sizes
+from hpc_localsgd.train.ranks import planned_groups
 
 
 def test_level_due_takes_the_largest_due_group_and_yields_to_the_global_sync() -> None:
@@ -83,7 +83,8 @@ def test_two_nodes_of_four_from_open_mpi_and_slurm_variables() -> None:
         layout = detect_launch(env).layout
         assert (layout.size, layout.local_size, layout.num_nodes) == (8, 4, 2)
         # What Horovod's process sets are planned for before the ranks can compare their hosts.
-        assert planned_group_sizes(node_workers, layout) == [4] == planned_group_sizes(with_level, layout)
+        assert planned_groups(node_workers, layout) == {"group_sizes": [4], "across_sizes": [4]}
+        assert planned_groups(with_level, layout) == {"group_sizes": [4], "across_sizes": []}
     # The hosts the ranks then report: two nodes of four, in blocks.
     assert ranks_per_node([7, 7, 7, 7, 9, 9, 9, 9]) == 4
     assert ranks_per_node([7, 7, 7, 7]) == 4 and ranks_per_node([3]) == 1
