@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hpc_localsgd.config.schema import AlgorithmConfig
+
 
 @dataclass
 class ReferenceAlgorithm:
@@ -28,6 +30,29 @@ class ReferenceAlgorithm:
     average_bn_buffers: bool = True
     ranks_per_worker: int = 1  # consecutive ranks that average gradients every local step
     levels: tuple[tuple[int, int], ...] = ()  # (group size, period): model averages inside groups
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: AlgorithmConfig,
+        local_start: int | None,
+        ranks_per_worker: int = 1,
+        levels: tuple[tuple[int, int], ...] = (),
+    ) -> ReferenceAlgorithm:
+        """The algorithm a config section asks for; ``node`` already replaced by numbers by the caller."""
+        return cls(
+            sync_period=cfg.sync_period,
+            local_start=local_start,
+            outer=cfg.outer,
+            slow_lr=cfg.slow_lr,
+            slow_momentum=cfg.slow_momentum,
+            outer_lr=cfg.outer_lr,
+            outer_momentum=cfg.outer_momentum,
+            momentum_buffers=cfg.momentum_buffers,
+            average_bn_buffers=cfg.average_bn_buffers,
+            ranks_per_worker=ranks_per_worker,
+            levels=levels,
+        )
 
 
 def _groups(size: int, ranks: int) -> list[range]:

@@ -3,6 +3,9 @@ problem trained by the independent reference (tests/reference.py) for them to be
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -83,6 +86,27 @@ HIERARCHY_CASES: dict[str, list[str]] = {
 ALL_CASES = {**CASES, **HIERARCHY_CASES}
 
 
+def run_cases(ranks: int, backends: list[str], out: Path, cases: list[str] | None = None) -> dict[str, Path]:
+    """tests/mpi/train_driver.py under ``mpirun -np ranks`` once per backend; each backend's run folder."""
+    from tests.helpers import run_mpi
+
+    for backend in backends:
+        argv = ["python", "tests/mpi/train_driver.py", "--backend", backend, "--out", str(out)]
+        proc = run_mpi(ranks, [*argv, *(["--cases", ",".join(cases)] if cases else [])], timeout=300)
+        assert proc.returncode == 0, f"{backend} run failed:\n{proc.stdout}\n{proc.stderr}"
+        assert proc.stdout.count(f"OK {backend}") == ranks, proc.stdout
+    return {backend: out / backend for backend in backends}
+
+
+def load_state(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict[str, np.ndarray]:
+    with np.load(runs[backend] / case / f"rank{rank}.npz") as f:
+        return dict(f)
+
+
+def load_counters(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict:
+    return json.loads((runs[backend] / case / f"rank{rank}.json").read_text())
+
+
 def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.ndarray]], torch.nn.Module]:
     """Each rank's final state_dict when tests/reference.py trains ``ranks`` ranks on the problem of
     ``overrides`` (same data shards, initial model and LR as the package), and the initial model.
@@ -111,16 +135,9 @@ def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.n
     def group(value: int | str) -> int:
         return ranks if value == "node" else int(value)
 
-    algo = ReferenceAlgorithm(
-        sync_period=a.sync_period,
-        local_start=local_start,
-        outer=a.outer,
-        slow_lr=a.slow_lr,
-        slow_momentum=a.slow_momentum,
-        outer_lr=a.outer_lr,
-        outer_momentum=a.outer_momentum,
-        momentum_buffers=a.momentum_buffers,
-        average_bn_buffers=a.average_bn_buffers,
+    algo = ReferenceAlgorithm.from_config(
+        a,
+        local_start,
         ranks_per_worker=group(a.ranks_per_worker),
         levels=tuple((group(level.ranks), level.sync_period) for level in a.levels),
     )

@@ -3,15 +3,13 @@ backends agree, the result matches the independent reference, and the counters a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import run_mpi
-from tests.mpi.cases import ALL_CASES, BASE, CASES, STEPS, reference_run
+from tests.mpi.cases import ALL_CASES, BASE, CASES, STEPS, load_counters, load_state, reference_run, run_cases
 
 BACKENDS = ["mpi", "horovod", "torch"]
 RANKS = 2
@@ -19,23 +17,7 @@ RANKS = 2
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("algorithms")
-    for backend in BACKENDS:
-        proc = run_mpi(
-            RANKS, ["python", "tests/mpi/train_driver.py", "--backend", backend, "--out", str(out)], timeout=300
-        )
-        assert proc.returncode == 0, f"{backend} run failed:\n{proc.stdout}\n{proc.stderr}"
-        assert proc.stdout.count(f"OK {backend}") == RANKS, proc.stdout
-    return {backend: out / backend for backend in BACKENDS}
-
-
-def load(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict[str, np.ndarray]:
-    with np.load(runs[backend] / case / f"rank{rank}.npz") as f:
-        return dict(f)
-
-
-def counters(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict:
-    return json.loads((runs[backend] / case / f"rank{rank}.json").read_text())
+    return run_cases(RANKS, BACKENDS, tmp_path_factory.mktemp("algorithms"))
 
 
 def reference_states(case: str, ranks: int = RANKS) -> tuple[list[dict[str, np.ndarray]], torch.nn.Module]:
@@ -53,22 +35,22 @@ def param_names(case: str) -> list[str]:
 def test_matches_reference_and_ranks_agree(runs: dict[str, Path], backend: str, case: str) -> None:
     expected, model = reference_states(case)
     for rank in range(RANKS):
-        got = load(runs, backend, case, rank)
+        got = load_state(runs, backend, case, rank)
         for key, want in expected[rank].items():
             np.testing.assert_allclose(
                 got[key], want, rtol=2e-4, atol=2e-5, err_msg=f"{backend} {case} rank {rank} {key}"
             )
     # Every case ends on a sync (or never lets replicas drift): the parameters are identical.
-    rank0, rank1 = load(runs, backend, case, 0), load(runs, backend, case, 1)
+    rank0, rank1 = load_state(runs, backend, case, 0), load_state(runs, backend, case, 1)
     for name, _ in model.named_parameters():
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=f"{backend} {case} {name}")
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_backends_agree(runs: dict[str, Path], case: str) -> None:
-    base = load(runs, BACKENDS[0], case, 0)
+    base = load_state(runs, BACKENDS[0], case, 0)
     for backend in BACKENDS[1:]:
-        other = load(runs, backend, case, 0)
+        other = load_state(runs, backend, case, 0)
         for key in base:
             np.testing.assert_allclose(other[key], base[key], rtol=1e-5, atol=1e-6, err_msg=f"{backend} {case} {key}")
 
@@ -78,7 +60,7 @@ def test_local_sgd_period_1_equals_synchronous_sgd(runs: dict[str, Path], backen
     # Equal in exact arithmetic; in float32 the two orders of summation (average the gradients, then
     # step; step, then average the models) drift apart by rounding over the 12 steps: 3e-6 at most
     # on this machine's CPU, and machine-dependent. The reference comparison's tolerance applies.
-    sync, local = load(runs, backend, "allreduce", 0), load(runs, backend, "local_H1", 0)
+    sync, local = load_state(runs, backend, "allreduce", 0), load_state(runs, backend, "local_H1", 0)
     for name in param_names("allreduce"):
         np.testing.assert_allclose(local[name], sync[name], rtol=2e-4, atol=2e-5, err_msg=name)
 
@@ -93,7 +75,7 @@ def test_local_sgd_period_1_equals_synchronous_sgd(runs: dict[str, Path], backen
 )
 def test_bit_identical_to(runs: dict[str, Path], backend: str, case: str, same_as: str) -> None:
     for rank in range(RANKS):
-        want, got = load(runs, backend, same_as, rank), load(runs, backend, case, rank)
+        want, got = load_state(runs, backend, same_as, rank), load_state(runs, backend, case, rank)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"rank {rank} {key}")
 
@@ -116,6 +98,6 @@ def test_communication_counters(runs: dict[str, Path], backend: str) -> None:
     }
     for case, (rounds, nbytes) in expected.items():
         for rank in range(RANKS):
-            c = counters(runs, backend, case, rank)
+            c = load_counters(runs, backend, case, rank)
             assert (c["steps"], c["sync_rounds"], c["bytes_sent"]) == (STEPS, rounds, nbytes), (case, rank, c)
             assert c["comm_seconds"] > 0

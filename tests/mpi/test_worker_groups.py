@@ -6,7 +6,6 @@ hierarchical run, and a bad hierarchy ends every rank with one line."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 from hpc_localsgd.config import load_config
 from hpc_localsgd.train.loop import train
 from tests.helpers import run_mpi
-from tests.mpi.cases import BASE, HIERARCHY_CASES, STEPS, reference_run
+from tests.mpi.cases import BASE, HIERARCHY_CASES, STEPS, load_counters, load_state, reference_run, run_cases
 from tests.mpi.resume_driver import assert_resumed_equals_full
 
 BACKENDS = ["mpi", "horovod", "torch"]
@@ -32,29 +31,14 @@ RANKS_PER_WORKER = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("groups")
-    for backend in BACKENDS:
-        argv = ["python", "tests/mpi/train_driver.py", "--backend", backend, "--out", str(out)]
-        proc = run_mpi(RANKS, [*argv, "--cases", ",".join(HIERARCHY_CASES)], timeout=300)
-        assert proc.returncode == 0, f"{backend} run failed:\n{proc.stdout}\n{proc.stderr}"
-        assert proc.stdout.count(f"OK {backend}") == RANKS, proc.stdout
-    return {backend: out / backend for backend in BACKENDS}
-
-
-def load(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict[str, np.ndarray]:
-    with np.load(runs[backend] / case / f"rank{rank}.npz") as f:
-        return dict(f)
-
-
-def counters(runs: dict[str, Path], backend: str, case: str, rank: int) -> dict:
-    return json.loads((runs[backend] / case / f"rank{rank}.json").read_text())
+    return run_cases(RANKS, BACKENDS, tmp_path_factory.mktemp("groups"), list(HIERARCHY_CASES))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(HIERARCHY_CASES))
 def test_matches_reference_and_the_ranks_of_a_worker_agree(runs: dict[str, Path], backend: str, case: str) -> None:
     expected, model = reference_run(BASE + HIERARCHY_CASES[case], RANKS)
-    got = [load(runs, backend, case, rank) for rank in range(RANKS)]
+    got = [load_state(runs, backend, case, rank) for rank in range(RANKS)]
     for rank in range(RANKS):
         for key, want in expected[rank].items():
             np.testing.assert_allclose(
@@ -71,7 +55,10 @@ def test_matches_reference_and_the_ranks_of_a_worker_agree(runs: dict[str, Path]
 def test_workers_as_large_as_the_world_are_all_reduce_sgd(runs: dict[str, Path], backend: str) -> None:
     _, model = reference_run(BASE + HIERARCHY_CASES["allreduce_4"], RANKS)
     for rank in range(RANKS):
-        one_worker, synchronous = load(runs, backend, "workers_node_H3", rank), load(runs, backend, "allreduce_4", rank)
+        one_worker, synchronous = (
+            load_state(runs, backend, "workers_node_H3", rank),
+            load_state(runs, backend, "allreduce_4", rank),
+        )
         for name, _ in model.named_parameters():
             np.testing.assert_allclose(one_worker[name], synchronous[name], rtol=2e-4, atol=2e-5, err_msg=name)
 
@@ -79,7 +66,7 @@ def test_workers_as_large_as_the_world_are_all_reduce_sgd(runs: dict[str, Path],
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None:
     for rank in range(RANKS):
-        c = {case: counters(runs, backend, case, rank) for case in HIERARCHY_CASES}
+        c = {case: load_counters(runs, backend, case, rank) for case in HIERARCHY_CASES}
         # What a sync averages (parameters and BN statistics, float32) and the gradients of a step.
         span, grad = c["workers2_local_H4"]["bytes_per_sync"], c["workers2_local_H4"]["gradient_bytes_per_step"]
         bn = span - grad
@@ -129,11 +116,11 @@ def test_the_simulated_backend_reproduces_a_hierarchical_run(runs: dict[str, Pat
         )
         result = train(cfg, print_fn=lambda _line: None)
         for rank in range(RANKS):
-            want = load(runs, "mpi", case, rank)
+            want = load_state(runs, "mpi", case, rank)
             got = result.model.worker_state(rank)
             for key, value in want.items():
                 np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-4, atol=1e-6, err_msg=f"{case} {key}")
-        mpi = counters(runs, "mpi", case, 0)
+        mpi = load_counters(runs, "mpi", case, 0)
         assert result.stats.rounds_by_level == {
             k[len("rounds.") :]: v for k, v in mpi.items() if k.startswith("rounds.")
         }

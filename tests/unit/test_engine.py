@@ -75,16 +75,9 @@ def run_engine(cfg: AlgorithmConfig, local_start, batches, bucket_bytes: int = 1
 
 
 def reference(cfg: AlgorithmConfig, local_start, batches, hierarchy=None):
-    ref = ReferenceAlgorithm(
-        sync_period=cfg.sync_period,
-        local_start=local_start,
-        outer=cfg.outer,
-        slow_lr=cfg.slow_lr,
-        slow_momentum=cfg.slow_momentum,
-        outer_lr=cfg.outer_lr,
-        outer_momentum=cfg.outer_momentum,
-        momentum_buffers=cfg.momentum_buffers,
-        average_bn_buffers=cfg.average_bn_buffers,
+    ref = ReferenceAlgorithm.from_config(
+        cfg,
+        local_start,
         ranks_per_worker=hierarchy.ranks_per_worker if hierarchy else 1,
         levels=tuple((level.ranks, level.sync_period) for level in hierarchy.levels) if hierarchy else (),
     )
