@@ -47,6 +47,7 @@ class StepResult:
     outputs: torch.Tensor
     loss: torch.Tensor
     synced: bool
+    skipped: bool = False  # fp16: the (averaged) gradients overflowed and the optimizer step was skipped
 
 
 class AveragingEngine:
@@ -59,6 +60,7 @@ class AveragingEngine:
         schedule: SyncSchedule,
         bucket_bytes: int = 25 * 2**20,
         hierarchy: Hierarchy | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -68,6 +70,15 @@ class AveragingEngine:
         self.stats = CommStats()  # training communication
         self.eval_stats = CommStats()  # evaluation only: never part of the training cost
         self.outer = make_outer_optimizer(cfg)
+        # Mixed precision: autocast around forward and loss; fp16 scales the loss (GradScaler). The
+        # scaler acts after the gradients are averaged, so in a synchronous step every rank sees the
+        # same overflow and skips alike; in a local step a rank skips alone, and its step counter,
+        # LR and sync schedule go on, so no rank ever waits in a collective the others skip.
+        device_type = next(iter(model.parameters())).device.type
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast_device = device_type
+        self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+        self.skipped_steps = 0  # by this rank, fp16 only
         # Worker groups (algorithms/hierarchy.py): the ranks of a worker average gradients every local
         # step; intermediate levels average models inside larger groups; ``comm`` is the world.
         self.hierarchy = hierarchy or Hierarchy(comm.size)
@@ -115,11 +126,25 @@ class AveragingEngine:
             group["lr"] = lr
         self.begin_step(step)
         self.optimizer.zero_grad(set_to_none=True)
-        outputs, loss = forward()
-        loss.backward()
-        self.finish_gradients()
-        self.optimizer.step()
-        return StepResult(outputs, loss, self.end_step(step + 1, lr))
+        if self.autocast_dtype is None:
+            outputs, loss = forward()
+        else:
+            with torch.autocast(self.autocast_device, dtype=self.autocast_dtype):
+                outputs, loss = forward()
+        skipped = False
+        if self.scaler is None:
+            loss.backward()
+            self.finish_gradients()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.finish_gradients()
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # unscales; skips the step on inf or NaN
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale  # the scale backs off exactly when a step is skipped
+            self.skipped_steps += int(skipped)
+        return StepResult(outputs, loss, self.end_step(step + 1, lr), skipped)
 
     # The parts of ``train_step``, public for measurements that time one part alone.
     def begin_step(self, step: int) -> None:
@@ -225,13 +250,31 @@ class AveragingEngine:
 
     # --- state for checkpoints -------------------------------------------------------------------
     def rank_state(self) -> dict[str, torch.Tensor]:
-        """Live views of what may differ between ranks: parameters, BN statistics, momentum buffers."""
+        """What may differ between ranks: live views of parameters, BN statistics and momentum buffers,
+        and fp16's loss-scaler state (a snapshot)."""
         return {
-            f"flat{index}.{kind}": group.flat[..., start:end]
-            for index, group in enumerate(self.groups)
-            for kind, start, end in group.segments
-            if end > start
+            **{
+                f"flat{index}.{kind}": group.flat[..., start:end]
+                for index, group in enumerate(self.groups)
+                for kind, start, end in group.segments
+                if end > start
+            },
+            **self.loss_scaler_state(),
         }
+
+    def loss_scaler_state(self) -> dict[str, torch.Tensor]:
+        """fp16's loss scale and growth tracker, per rank (a rank that overflowed alone backed off
+        alone), for a checkpoint; empty otherwise."""
+        if self.scaler is None:
+            return {}
+        state = self.scaler.state_dict()
+        return {"loss_scaler": torch.tensor([state["scale"], state["_growth_tracker"]], dtype=torch.float64)}
+
+    def load_loss_scaler_state(self, saved: dict[str, torch.Tensor]) -> None:
+        if self.scaler is None or "loss_scaler" not in saved:
+            return
+        scale, tracker = saved["loss_scaler"].tolist()
+        self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": scale, "_growth_tracker": int(tracker)})
 
     def int_buffers(self) -> dict[str, torch.Tensor]:
         """The model's integer buffers (BatchNorm's batch counters): never averaged, outside the flat
@@ -255,6 +298,7 @@ class AveragingEngine:
                     live.copy_(rank_state[name].reshape(live.shape))
                 else:
                     live.zero_()  # momentum absent from a checkpoint (re-shard with reset)
+        self.load_loss_scaler_state(rank_state)
         self.anchors = [
             shared_state[f"anchor{i}"].clone() for i in range(len(self.groups)) if f"anchor{i}" in shared_state
         ]

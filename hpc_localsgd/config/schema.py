@@ -22,6 +22,7 @@ BuffersPolicy = Literal["keep", "average", "reset"]
 Backend = Literal["auto", "horovod", "mpi", "torch", "single", "simulated"]
 DatasetName = Literal["digits", "synthetic", "cifar10", "imagenet"]
 LRScheduleName = Literal["constant", "step", "cosine"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -353,6 +354,12 @@ class TrainConfig:
         "torch intra-op threads per rank; 0: OMP_NUM_THREADS, SLURM_CPUS_PER_TASK, or cores ÷ ranks on the node.",
         range=">= 0",
     )
+    precision: Precision = setting(
+        "fp32",
+        "The forward pass and the loss under torch.autocast: fp32 (none), bf16 (what to pick on current GPUs; "
+        "runs on CPUs too) or fp16 (with loss scaling: a rank whose gradients overflow skips its optimizer step, "
+        "its sync schedule goes on). Parameters, gradients, optimizer state, averaging and checkpoints stay fp32.",
+    )
 
     def validate(self, key: str = "train") -> None:
         check_declared(self, key)
@@ -451,4 +458,12 @@ class RunConfig:
                 "checkpoint",
                 "comm.backend=simulated writes no checkpoints; set checkpoint.every_steps=0 and "
                 "checkpoint.every_minutes=0",
+            )
+            # One process, one GradScaler: an overflow in one simulated worker would skip every worker's
+            # step, where ranks skip alone; the simulation would no longer be what mpirun computes.
+            _check(
+                self.train.precision != "fp16",
+                "train.precision",
+                "fp16 needs a loss scaler per rank; comm.backend=simulated has one for all its workers: "
+                "use bf16 or fp32",
             )

@@ -127,6 +127,7 @@ def build_optimization(
         schedule,
         bucket_bytes=int(cfg.comm.bucket_mb * 2**20),
         hierarchy=hierarchy,
+        precision=cfg.train.precision,
     )
     engine.broadcast_initial_state()
     return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)
@@ -253,7 +254,8 @@ def open_metrics(
 
 def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
     return (
-        f"hpc-localsgd: {describe_method(cfg)} | {workers.description} | {cfg.model.name} on {cfg.data.name} | "
+        f"hpc-localsgd: {describe_method(cfg)} | {workers.description}, {cfg.train.precision} | "
+        f"{cfg.model.name} on {cfg.data.name} | "
         f"global batch {opt.global_batch}, peak lr {opt.lr_schedule.peak:.4g} | {opt.total_steps} steps "
         f"({workers.steps_per_epoch}/epoch) | run dir {cfg.output.run_dir}"
     )
@@ -298,6 +300,7 @@ def run_training(
         f"in {wall:.1f} s | test acc {result.final.test_accuracy:.4f} | "
         f"{traffic_summary(stats, engine.hierarchy, workers.unit)} | "
         f"comm {100 * stats.comm_seconds / max(wall, 1e-9):.0f}% of time"
+        + (f" | {engine.skipped_steps} fp16 step(s) skipped on overflow" if engine.scaler is not None else "")
     )
     return result
 

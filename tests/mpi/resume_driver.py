@@ -54,6 +54,14 @@ RESUME_CASES: dict[str, list[str]] = {
         "algorithm.momentum_buffers=average",
     ],
 }
+# Mixed precision: bf16 autocast; fp16 with its per-rank loss scaler, which the checkpoint carries.
+RESUME_CASES["bf16_local_H4"] = ["algorithm.method=local_sgd", "algorithm.sync_period=4", "train.precision=bf16"]
+RESUME_CASES["fp16_post_local_switch5_H4"] = [
+    "algorithm.method=post_local_sgd",
+    "algorithm.sync_period=4",
+    "algorithm.switch_step=5",
+    "train.precision=fp16",
+]
 # Cases for 4 ranks (--cases), run by tests/mpi/test_worker_groups.py: workers of 2 ranks.
 FOUR_RANK_RESUME_CASES: dict[str, list[str]] = {
     "workers2_post_local_slowmo_np4": [

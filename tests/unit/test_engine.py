@@ -276,3 +276,64 @@ def test_workers_as_large_as_the_world_are_all_reduce_sgd() -> None:
     for (a, _), (b, _) in zip(synchronous, one_worker, strict=True):
         for (key, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
             torch.testing.assert_close(pb, pa, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def overflowing_forward(model, x, y, overflow: bool):
+    out, loss = logits_and_loss(model, x, y)
+    return out, loss * float("inf") if overflow else loss
+
+
+@pytest.mark.parametrize("method,skipping_ranks", [("local_sgd", [1]), ("allreduce", [0, 1])])
+def test_fp16_overflow_on_one_rank_keeps_the_sync_schedule_aligned(method: str, skipping_ranks: list[int]) -> None:
+    """Rank 1's loss overflows at step 3, the last step before a sync (H = 4). Local SGD: rank 1 alone
+    skips its optimizer step and backs off its loss scale, and both ranks still average after steps 4
+    and 8 (nobody waits in a collective the other skipped). All-reduce SGD: the averaged gradients
+    overflow on every rank, so every rank skips together."""
+    cfg = AlgorithmConfig(method=method, sync_period=4)
+    batches = make_batches(workers=2, steps=8)
+    initial = make_model()
+
+    def worker(comm):
+        model = copy.deepcopy(initial)
+        opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        local_start = None if method == "allreduce" else 0
+        engine = AveragingEngine(model, opt, comm, cfg, SyncSchedule(4, local_start), precision="fp16")
+        engine.broadcast_initial_state()
+        results = []
+        for step, (x, y) in enumerate(batches[comm.rank]):
+            forward = functools.partial(overflowing_forward, model, x, y, comm.rank == 1 and step == 3)
+            results.append(engine.train_step(step, lr_at(step), forward))
+        engine.close()
+        return model, engine, results
+
+    got = ThreadGroup(2).run(worker)
+    for rank, (model, engine, results) in enumerate(got):
+        assert [r.skipped for r in results] == [step == 3 and rank in skipping_ranks for step in range(8)], rank
+        assert engine.skipped_steps == int(rank in skipping_ranks)
+        assert engine.loss_scaler_state()["loss_scaler"][0].item() == (2.0**15 if rank in skipping_ranks else 2.0**16)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    if method == "local_sgd":
+        assert [[r.synced for r in results] for _, _, results in got] == [[s in (3, 7) for s in range(8)]] * 2
+        assert all(engine.stats.rounds_by_level == {"global": 2} for _, engine, _ in got)
+    for a, b in zip(got[0][0].parameters(), got[1][0].parameters(), strict=True):
+        assert torch.equal(a, b)  # step 8 is a sync (and all-reduce keeps replicas identical)
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_state() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    group = ThreadGroup(1)
+
+    def worker(comm):
+        engine = AveragingEngine(
+            model, opt, comm, AlgorithmConfig(method="local_sgd"), SyncSchedule(4, 0), precision="bf16"
+        )
+        x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+        done = engine.train_step(0, 0.1, functools.partial(logits_and_loss, model, x, y))
+        engine.close()
+        return done
+
+    (done,) = group.run(worker)
+    assert done.outputs.dtype == torch.bfloat16 and not done.skipped
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(s["momentum_buffer"].dtype == torch.float32 for s in opt.state.values())

@@ -183,3 +183,10 @@ def test_a_simulation_prints_the_progress_lines_of_a_run_on_ranks(tmp_path: Path
     # Same steps, so the same step windows and evaluations, in the same order.
     assert [line.split(" |")[0] for line in simulated[1:-1]] == [line.split(" |")[0] for line in on_rank[1:-1]]
     assert "2 simulated workers" in simulated[-1] and "1 ranks" in on_rank[-1]
+
+
+def test_fp16_is_refused_in_a_simulation_and_bf16_runs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train.precision: fp16 needs a loss scaler per rank"):
+        load_config(None, ["comm.backend=simulated", "comm.simulated_workers=2", "train.precision=fp16"])
+    result = train(_config(tmp_path, "local_H4", 2, ("train.precision=bf16",)), print_fn=lambda _line: None)
+    assert result.steps == 12 and result.final is not None and result.final.test_accuracy > 0
