@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..comm.base import Communicator, Handle
-from ..config.schema import AlgorithmConfig
+from ..config.schema import AlgorithmConfig, Precision
 from .accounting import GLOBAL, CommStats
 from .flat import BUFFERS, MOMENTUM, PARAMS, FlatGroup, flatten_training_state
 from .gradients import GradientAllreduce
@@ -60,7 +60,7 @@ class AveragingEngine:
         schedule: SyncSchedule,
         bucket_bytes: int = 25 * 2**20,
         hierarchy: Hierarchy | None = None,
-        precision: str = "fp32",
+        precision: Precision = "fp32",
     ) -> None:
         self.model = model
         self.optimizer = optimizer
