@@ -132,6 +132,11 @@ class Communicator(abc.ABC):
         """``split_across`` for 1 < ranks <= size, ``ranks`` dividing size (checked by ``split_across``)."""
         raise NotImplementedError(f"the {self.name} backend has no communicators across groups of ranks")
 
+    def collective_path(self, device: torch.device) -> str:
+        """How this backend's collectives move tensors that live on ``device`` (the start-up line names it:
+        on GPUs, whether the reduction runs on device memory or is staged through the host)."""
+        return f"{self.name} collectives"
+
     def close(self) -> None:
         """Release backend resources; the communicator is unusable afterwards."""
         return None

@@ -125,6 +125,8 @@ class HorovodCommunicator(Communicator):
                 f"comm.backend is 'horovod' but Horovod failed to start: {one_line(error)}{hint}"
             ) from None
         self._hvd = hvd
+        # A Horovod built without NCCL cannot reduce CUDA tensors: they are staged through the host.
+        self._nccl = bool(hvd.nccl_built())
         self._process_set: Any = hvd.global_process_set
         self._process_sets = process_sets  # by partition of the world: the sets of its parts, in order
         self._registered = (sizes, sizes_across)  # for the messages of refused splits
@@ -148,6 +150,7 @@ class HorovodCommunicator(Communicator):
         process_set = world._process_sets[partition][part]
         group = HorovodCommunicator.__new__(HorovodCommunicator)
         group._hvd = self._hvd
+        group._nccl = self._nccl
         group._process_set = process_set
         group._process_sets = {}
         group._registered = world._registered
@@ -169,10 +172,11 @@ class HorovodCommunicator(Communicator):
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)
+        staging = torch.device("cpu") if buffer.device.type == "cuda" and not self._nccl else buffer.device
         if buffer.dtype == torch.bfloat16:
-            reduced = buffer.float()
+            reduced = buffer.to(device=staging, dtype=torch.float32)
         elif buffer.dtype in _HOROVOD_DTYPES:
-            reduced = buffer
+            reduced = buffer.to(staging)
         else:
             raise TypeError(f"the horovod backend cannot all-reduce {buffer.dtype} buffers")
         # Horovod's Average scales by 1/size, which would truncate integers toward zero;
@@ -191,11 +195,21 @@ class HorovodCommunicator(Communicator):
             raise ValueError(f"broadcast root {root} is not a rank of this group of {self.size}")
         # A same-width integer view shares the buffer's memory, so the broadcast still lands in place.
         travelling = buffer if buffer.dtype in _HOROVOD_DTYPES else buffer.view(_SAME_WIDTH_INT[buffer.element_size()])
+        staged = travelling.cpu() if buffer.device.type == "cuda" and not self._nccl else travelling
         # Horovod names the root by its rank in the world, also within a process set.
         world_root = self._members[root]
         self._hvd.broadcast_(
-            travelling, root_rank=world_root, name=self._next_name("broadcast"), process_set=self._process_set
+            staged, root_rank=world_root, name=self._next_name("broadcast"), process_set=self._process_set
         )
+        if staged is not travelling:
+            travelling.copy_(staged)
+
+    def collective_path(self, device: torch.device) -> str:
+        if device.type != "cuda":
+            return "Horovod on host memory (MPI/Gloo), a background thread"
+        if self._nccl:
+            return "Horovod NCCL on device memory, a background thread"
+        return "Horovod staged through host memory (built without NCCL), a background thread"
 
     def barrier(self) -> None:
         if not self._is_world:  # process sets came with Horovod 0.23, as did hvd.barrier

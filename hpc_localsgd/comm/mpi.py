@@ -1,8 +1,9 @@
 """mpi4py backend: MPI collectives directly on the tensors' memory.
 
 CPU tensors are reduced in place through a zero-copy numpy view. Tensors MPI cannot sum
-natively (float16, bfloat16: MPI has no such types) and CUDA tensors go through a host
-copy; the copy is written back when the handle is waited on.
+natively (float16, bfloat16: MPI has no such types) are widened to float32 first. CUDA tensors
+are reduced in device memory when the MPI library says it is CUDA-aware (``cuda_aware_mpi``), and
+otherwise go through a host copy; a copy is written back when the handle is waited on.
 
 Non-blocking allreduces run as blocking ``Allreduce`` calls on a communication thread with a
 communicator of its own, in the order they were started. Open MPI advances an
@@ -17,6 +18,7 @@ communicators sharing that thread (see ``MPICommunicator``).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import queue
 import threading
@@ -36,9 +38,36 @@ from .single import SingleCommunicator
 _NATIVE_SUM_DTYPES = frozenset(
     {torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
 )
+# MPI datatypes of device buffers, which MPI reads through the CUDA array interface, not numpy's
+# format codes (float16/bfloat16 are widened to float32 first, as on the host).
+_MPI_TYPES: dict[torch.dtype, Callable[[Any], Any]] = {
+    torch.float32: lambda mpi: mpi.FLOAT,
+    torch.float64: lambda mpi: mpi.DOUBLE,
+    torch.int8: lambda mpi: mpi.INT8_T,
+    torch.int16: lambda mpi: mpi.INT16_T,
+    torch.int32: lambda mpi: mpi.INT32_T,
+    torch.int64: lambda mpi: mpi.INT64_T,
+    torch.uint8: lambda mpi: mpi.UINT8_T,
+}
 # No MPI datatype sums 16-bit floats (a uint16 view would add bit patterns), so they are
 # summed as float32, which also rounds only once, at the final cast back.
 _WIDENED_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether the MPI library in this process reduces CUDA device memory itself, as its own run-time
+    query says (Open MPI's ``MPIX_Query_cuda_support``, MPICH's ``MPIX_GPU_query_support``); False for a
+    library that has neither. Call after MPI is initialised (the symbols come with mpi4py's libmpi)."""
+    library = ctypes.CDLL(None)
+    if hasattr(library, "MPIX_Query_cuda_support"):
+        return bool(library.MPIX_Query_cuda_support())
+    if hasattr(library, "MPIX_GPU_query_support"):
+        supported = ctypes.c_int(0)
+        mpix_gpu_support_cuda = 0  # MPICH's enum value for CUDA
+        return library.MPIX_GPU_query_support(mpix_gpu_support_cuda, ctypes.byref(supported)) == 0 and bool(
+            supported.value
+        )
+    return False
 
 
 def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
@@ -49,9 +78,7 @@ def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
 class _MPIHandle(Handle):
     """An ``Iallreduce`` in flight; the averaging division and any copy-back happen in ``wait``."""
 
-    def __init__(
-        self, request: Any, buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray, divisor: int
-    ) -> None:
+    def __init__(self, request: Any, buffer: torch.Tensor, reduced: torch.Tensor, array: Any, divisor: int) -> None:
         self._request: Any | None = request
         self._buffer = buffer
         self._reduced = reduced  # ``buffer`` itself, or its host/float32 staging copy
@@ -115,7 +142,7 @@ class _ThreadedHandle(Handle):
     """An ``Allreduce`` queued on (or running in) the communication thread."""
 
     def __init__(
-        self, future: Future[Any], buffer: torch.Tensor, reduced: torch.Tensor, array: np.ndarray, divisor: int
+        self, future: Future[Any], buffer: torch.Tensor, reduced: torch.Tensor, array: Any, divisor: int
     ) -> None:
         self._future: Future[Any] | None = future
         self._buffer = buffer
@@ -169,6 +196,7 @@ class MPICommunicator(Communicator):
             self._thread = _CollectiveThread()
         self._groups: list[MPICommunicator] = []
         self._closed = False
+        self._cuda_aware = cuda_aware_mpi()
         super().__init__(dataclasses.replace(launcher_layout, rank=self._comm.Get_rank(), size=self._comm.Get_size()))
 
     @classmethod
@@ -181,19 +209,30 @@ class MPICommunicator(Communicator):
         group._owns_thread = False
         group._groups = []
         group._closed = False
+        group._cuda_aware = cuda_aware_mpi()
         Communicator.__init__(group, layout)
         return group
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)
-        if buffer.dtype in _NATIVE_SUM_DTYPES and buffer.device.type == "cpu":
-            reduced = buffer
-        elif buffer.dtype in _NATIVE_SUM_DTYPES or buffer.dtype in _WIDENED_DTYPES:
-            # CUDA-aware MPI could reduce device memory directly; a host copy works with any MPI build.
-            reduced = buffer.to(device="cpu", dtype=_WIDENED_DTYPES.get(buffer.dtype, buffer.dtype))
-        else:
+        if buffer.dtype not in _NATIVE_SUM_DTYPES and buffer.dtype not in _WIDENED_DTYPES:
             raise TypeError(f"the mpi backend cannot all-reduce {buffer.dtype} buffers")
-        array = _numpy_view(reduced)
+        on_device = buffer.device.type == "cuda" and self._cuda_aware
+        # A CUDA-aware MPI reduces device memory itself; any other build gets a host copy.
+        staging_device = buffer.device if on_device else torch.device("cpu")
+        widened = _WIDENED_DTYPES.get(buffer.dtype, buffer.dtype)
+        reduced = (
+            buffer
+            if (buffer.device == staging_device and widened == buffer.dtype)
+            else buffer.to(device=staging_device, dtype=widened)
+        )
+        array: Any
+        if on_device:
+            # MPI reads the memory directly: the kernels that wrote it must have finished.
+            torch.cuda.current_stream(buffer.device).synchronize()
+            array = [reduced, _MPI_TYPES[widened](self._mpi)]
+        else:
+            array = _numpy_view(reduced)
         divisor = self.size if average else 1
         if self._thread is not None:
             future = self._thread.submit(self._thread_comm.Allreduce, self._mpi.IN_PLACE, array, self._mpi.SUM)
@@ -213,6 +252,14 @@ class MPICommunicator(Communicator):
 
     def barrier(self) -> None:
         self._comm.Barrier()
+
+    def collective_path(self, device: torch.device) -> str:
+        progress = "a communication thread" if self._thread is not None else "Iallreduce progressed by polling"
+        if device.type != "cuda":
+            return f"MPI on host memory, {progress}"
+        if self._cuda_aware:
+            return f"CUDA-aware MPI on device memory, {progress}"
+        return f"MPI staged through host memory (this MPI is not CUDA-aware), {progress}"
 
     def _split(self, ranks: int) -> Communicator:
         if ranks == 1:

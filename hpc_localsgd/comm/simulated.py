@@ -51,6 +51,9 @@ class SimulatedCommunicator(Communicator):
         self.replicas = workers
         self._stride = stride  # ``inner`` of the [outer, size, inner] view of the rows
 
+    def collective_path(self, device: torch.device) -> str:
+        return f"in-process averages over stacked replicas on {device.type}"
+
     def _check(self, buffer: torch.Tensor) -> None:
         if buffer.dim() == 0 or buffer.shape[0] != self.replicas:
             raise ValueError(

@@ -1,5 +1,9 @@
 """torch.distributed backend: NCCL for CUDA tensors, Gloo on the CPU.
 
+NCCL refuses two ranks on one GPU; when more ranks run on a node than it has GPUs and the launcher
+bound no GPU to each rank, CUDA tensors go over Gloo instead (``process_group_backend``), which
+stages them through host memory.
+
 Gloo has no average reduction, so every reduction is a sum followed by a division by the
 world size (a group's size, for a group), the same rule as the other backends.
 """
@@ -25,6 +29,19 @@ from .single import SingleCommunicator
 # Long enough for a slow node to reach the first collective; short enough that a rank that
 # died before the rendezvous ends the job instead of hanging it for the default 30 minutes.
 _RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+def process_group_backend(
+    device: torch.device, ranks_on_node: int, visible_gpus: int, env: Mapping[str, str] | None = None
+) -> str:
+    """The torch.distributed backend for tensors on ``device``: Gloo on the CPU; on CUDA, NCCL unless
+    ranks must share a GPU (more ranks on the node than GPUs visible, and no CUDA_VISIBLE_DEVICES set
+    per rank by the launcher, as Slurm's --gpus-per-task does), where NCCL refuses to start."""
+    env = os.environ if env is None else env
+    if device.type != "cuda":
+        return "gloo"
+    sharing = ranks_on_node > visible_gpus and not env.get("CUDA_VISIBLE_DEVICES")
+    return "gloo" if sharing else "nccl"
 
 
 def _free_tcp_port() -> int:
@@ -113,7 +130,8 @@ class TorchDistributedCommunicator(Communicator):
         if not dist.is_available():
             raise BackendUnavailable("comm.backend is 'torch' but this torch is built without torch.distributed")
         self._device = device
-        self._process_backend = "nccl" if device.type == "cuda" else "gloo"
+        visible_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        self._process_backend = process_group_backend(device, launcher_layout.local_size, visible_gpus)
         if self._process_backend == "nccl" and not dist.is_nccl_available():
             raise BackendUnavailable("comm.backend is 'torch' on a CUDA device but this torch has no NCCL")
         if self._process_backend == "gloo" and not dist.is_gloo_available():
@@ -178,6 +196,13 @@ class TorchDistributedCommunicator(Communicator):
             dist.barrier(group=self._process_group, device_ids=[self._device.index or 0])
         else:
             dist.barrier(group=self._process_group)
+
+    def collective_path(self, device: torch.device) -> str:
+        if self._process_backend == "nccl":
+            return "torch.distributed NCCL on device memory"
+        if device.type == "cuda":
+            return "torch.distributed Gloo on CUDA tensors via host memory (ranks share a GPU: NCCL refuses)"
+        return "torch.distributed Gloo on host memory"
 
     def _split(self, ranks: int) -> Communicator:
         if ranks == 1:
