@@ -83,8 +83,11 @@ class DataConfig:
         "test set is split across ranks); affects speed and memory, not results.",
         range=">= 1",
     )
-    num_workers: int = setting(
-        4, "DataLoader worker processes for file-backed datasets (imagenet); in-memory sets use none.", range=">= 0"
+    num_workers: int | Literal["auto"] = setting(
+        "auto",
+        "DataLoader worker processes per rank for file-backed datasets (imagenet), kept alive across epochs; "
+        "auto: the rank's CPUs minus one for the training process, at most 8. In-memory sets use none.",
+        range=">= 0",
     )
     augment: bool = setting(True, "Random crop and horizontal flip of cifar10 / imagenet training images.")
     image_size: int = setting(224, "Side of the square crops fed to the model for imagenet.", range=">= 8")
@@ -360,6 +363,17 @@ class TrainConfig:
         "runs on CPUs too) or fp16 (with loss scaling: a rank whose gradients overflow skips its optimizer step, "
         "its sync schedule goes on). Parameters, gradients, optimizer state, averaging and checkpoints stay fp32.",
     )
+    channels_last: bool | Literal["auto"] = setting(
+        "auto",
+        "Feed images to convolutional models in channels-last (NHWC) memory format, which tensor cores run "
+        "fastest; auto: on for models with 2-D convolutions on CUDA, off on CPUs. The weights keep their flat "
+        "storage, so checkpoints do not depend on it.",
+    )
+    compile: bool = setting(
+        False,
+        "Run the model's forward and backward through torch.compile (TorchInductor); the first steps pay "
+        "the compilation. Not with comm.backend=simulated.",
+    )
 
     def validate(self, key: str = "train") -> None:
         check_declared(self, key)
@@ -461,6 +475,12 @@ class RunConfig:
             )
             # One process, one GradScaler: an overflow in one simulated worker would skip every worker's
             # step, where ranks skip alone; the simulation would no longer be what mpirun computes.
+            _check(
+                not self.train.compile,
+                "train.compile",
+                "comm.backend=simulated runs its workers as one batched model (torch.func over stacked "
+                "weights), which is not compiled; set train.compile=false",
+            )
             _check(
                 self.train.precision != "fp16",
                 "train.precision",

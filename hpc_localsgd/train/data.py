@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config.schema import DataConfig, SyntheticConfig
 from ..errors import UserError
@@ -375,6 +375,24 @@ def shard_indices(num_samples: int, rank: int, size: int, epoch: int, seed: int)
     return permutation[rank * per_rank : (rank + 1) * per_rank]
 
 
+# Batches each DataLoader worker prepares ahead (PyTorch's default is 2): enough to ride out a slow JPEG.
+LOADER_PREFETCH_BATCHES = 4
+
+
+class _EpochKeys(Sampler):
+    """The sampler of a loader that lives across epochs: the current epoch's sample keys, set before
+    each pass (a new pass reads them afresh, also in persistent workers' loaders)."""
+
+    def __init__(self) -> None:
+        self.keys: Sequence[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 class ShardedBatches:
     """One rank's training batches, epoch by epoch; see the module docstring for the invariants.
 
@@ -410,6 +428,8 @@ class ShardedBatches:
         self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self._epoch_keys = _EpochKeys()
+        self._loader: DataLoader | None = None
         self.num_samples = len(self.dataset)  # type: ignore[arg-type]
         if self.steps_per_epoch == 0:
             raise UserError(
@@ -446,18 +466,24 @@ class ShardedBatches:
             keys: Sequence[Any] = [(self.seed, epoch, index) for index in chosen]
         else:
             keys = chosen
-        # An own generator for the workers' base seed: a DataLoader otherwise draws it from the global
-        # RNG, and the data pipeline would shift the model's random stream (dropout, ...).
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=keys,
-            drop_last=True,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            generator=_generator(self.seed, "loader", epoch, self.rank),
-        )
-        yield from loader
+        if self._loader is None:
+            # One loader for the whole run: its worker processes stay alive between epochs (starting
+            # them costs seconds per epoch on a large node) and prefetch ahead of the step. The data
+            # never depends on the workers' seeds (every random choice is keyed by seed, epoch and
+            # sample), so the loader's own generator only keeps the global RNG untouched.
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=self._epoch_keys,
+                drop_last=True,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0,
+                prefetch_factor=LOADER_PREFETCH_BATCHES if self.num_workers > 0 else None,
+                generator=_generator(self.seed, "loader", self.rank),
+            )
+        self._epoch_keys.keys = keys
+        yield from self._loader
 
 
 def eval_indices(num_samples: int, rank: int, size: int) -> torch.Tensor:

@@ -13,8 +13,9 @@ from ..algorithms.hierarchy import Hierarchy, hierarchy_from_config
 from ..comm.base import Communicator
 from ..config.schema import RunConfig
 from ..errors import ConfigError, UserError
-from ..launcher.env import LaunchEnvironment, WorldLayout, host_id, ranks_per_node
+from ..launcher.env import LaunchEnvironment, WorldLayout, host_id, ranks_per_node, threads_for_rank
 from .data import ShardedBatches, build_datasets, eval_batches
+from .device import check_precision, compiled_forward, loader_workers, to_device, use_channels_last
 from .models import build_model
 from .run import Batch, EvalResult, seed_everything
 
@@ -26,18 +27,24 @@ class RankWorkers:
 
     def __init__(self, cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device: torch.device) -> None:
         self.cfg, self.comm, self.device = cfg, comm, device
+        check_precision(cfg.train.precision, device)
         # Same seed on every rank: identical initial models (broadcast anyway by the engine).
         seed_everything(cfg.seed)
         self.datasets = build_datasets(cfg.data, cfg.seed)
         self.model = build_model(cfg.model, self.datasets.num_classes, self.datasets.input_shape).to(device)
+        # Compiled lazily, at the first step: after the engine has moved the weights into its flat buffer.
+        self.forward_model = compiled_forward(self.model, device) if cfg.train.compile else self.model
+        self.channels_last = use_channels_last(cfg, self.model, device)
+        self.loader_workers = loader_workers(cfg, threads_for_rank(cfg.train.threads, launch.layout))
         self.shard = ShardedBatches(
             self.datasets.train,
             cfg.data.batch_size,
             comm.rank,
             comm.size,
             cfg.seed,
-            num_workers=cfg.data.num_workers,
+            num_workers=self.loader_workers,
             augment=cfg.data.augment,
+            pin_memory=device.type == "cuda",
         )
         self.steps_per_epoch = self.shard.steps_per_epoch
         if self.steps_per_epoch < 1:
@@ -47,7 +54,11 @@ class RankWorkers:
             )
         layout = launch.layout
         self.hierarchy = agreed_hierarchy(cfg, comm)
-        self.description = f"{comm.size} rank(s) on {layout.num_nodes} node(s), {comm.name} backend, {device}"
+        layouts = ["channels-last"] * self.channels_last + ["compiled"] * cfg.train.compile
+        self.description = (
+            f"{comm.size} rank(s) on {layout.num_nodes} node(s), {comm.name} backend "
+            f"({comm.collective_path(device)}), {', '.join([str(device), *layouts])}"
+        )
         self.world: dict[str, Any] = {
             "size": comm.size,
             "nodes": layout.num_nodes,
@@ -55,14 +66,15 @@ class RankWorkers:
             "launcher": launch.launcher,
             "backend": comm.name,
             "device": str(device),
+            "collectives": comm.collective_path(device),
         }
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         for x, y in self.shard.epoch(epoch, start_batch=start_batch):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield to_device(x, self.device, self.channels_last), to_device(y, self.device, False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(x)
+        out = self.forward_model(x)
         return out, F.cross_entropy(out, y)
 
     def step_figures(self, outputs: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
@@ -78,9 +90,14 @@ class RankWorkers:
             model.eval()
             with torch.no_grad():
                 for x, y in eval_batches(
-                    self.datasets.test, self.cfg.data.eval_batch_size, comm.rank, comm.size, self.cfg.data.num_workers
+                    self.datasets.test,
+                    self.cfg.data.eval_batch_size,
+                    comm.rank,
+                    comm.size,
+                    self.loader_workers,
+                    pin_memory=device.type == "cuda",
                 ):
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    x, y = to_device(x, device, self.channels_last), to_device(y, device, False)
                     out = model(x)
                     sums[0] += F.cross_entropy(out, y, reduction="sum").item()
                     sums[1] += (out.argmax(1) == y).sum().item()

@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..io.rundir import prepare_run_dir, write_text_atomically
 from ..launcher.env import LaunchEnvironment, select_device, threads_for_rank
 from .data import Datasets, build_datasets, eval_batches
+from .device import check_precision, to_device
 from .models import build_model
 from .replicas import ReplicatedBatches, ReplicatedModel
 from .run import (
@@ -52,6 +53,7 @@ class SimulatedWorkers:
 
     def __init__(self, cfg: RunConfig, workers: int, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
+        check_precision(cfg.train.precision, device)
         self.comm = SimulatedCommunicator(workers)
         seed_everything(cfg.seed)
         self.datasets: Datasets = build_datasets(cfg.data, cfg.seed)
@@ -70,7 +72,7 @@ class SimulatedWorkers:
         if not self.hierarchy.is_flat:
             # comm.simulated_workers counts ranks; workers are groups of them.
             self.unit = "simulated rank"
-        self.description = f"{workers} {self.unit}(s) in one process, {device}"
+        self.description = f"{workers} {self.unit}(s) in one process ({self.comm.collective_path(device)}), {device}"
         self.world: dict[str, Any] = {
             "size": workers,
             "nodes": 1,
@@ -82,7 +84,7 @@ class SimulatedWorkers:
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         for x, y in self.stacked_batches.epoch(epoch, start_batch):
-            yield x.to(self.device), y.to(self.device)
+            yield to_device(x, self.device, False), to_device(y, self.device, False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Σ_w (mean loss of worker w): each worker's gradient lands in its row, unscaled."""
