@@ -107,6 +107,12 @@ def _name_list(text: str) -> tuple[str, ...]:
     return () if text.strip() == "none" else tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _true_or_false(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text == "true"
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchOptions, run_bench
 
@@ -132,6 +138,9 @@ def _bench(args: argparse.Namespace) -> int:
             "projection_step_seconds",
             "ranks_per_worker",
             "projection_ranks_per_node",
+            "precisions",
+            "channels_last",
+            "simulated_workers",
         )
     }
     run_bench(BenchOptions.from_given(quick=args.quick, **given), command=["hpc-localsgd", *sys.argv[1:]])
@@ -243,7 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--phases",
         type=_name_list,
         metavar="NAME,...",
-        help="averaging,throughput,hierarchy,slowmo,checkpoint (default all)",
+        help="averaging,throughput,precision,simulation,hierarchy,slowmo,checkpoint (default all)",
+    )
+    plan.add_argument(
+        "--precisions",
+        type=_name_list,
+        metavar="NAME,...",
+        help="train.precision values the precision phase measures: fp32,bf16,fp16 (default fp32,bf16)",
+    )
+    plan.add_argument("--simulated-workers", type=int, metavar="W", help="workers of the simulation phase (default 16)")
+    plan.add_argument(
+        "--channels-last",
+        type=_true_or_false,
+        metavar="true|false",
+        help="channels-last images in the precision phase (default: on for convolutional models on CUDA)",
     )
     plan.add_argument(
         "--baselines",

@@ -7,6 +7,7 @@ the config loader checks their names, types and ranges; messages name the comman
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ from typing import Any
 from ..comm import BACKENDS
 from ..config import build, setting
 from ..config.fields import check_declared
+from ..config.schema import Precision
 from ..errors import UserError
 
-PHASES = ("averaging", "throughput", "hierarchy", "slowmo", "checkpoint")
+PHASES = ("averaging", "throughput", "precision", "simulation", "hierarchy", "slowmo", "checkpoint")
+PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
 BASELINES = ("horovod", "ddp")
 
 
@@ -57,6 +60,19 @@ class BenchOptions:
         BASELINES, "Reference loops for synchronous training.", rule=f"any of {', '.join(BASELINES)}"
     )
     phases: tuple[str, ...] = setting(PHASES, "What to measure.", rule=f"at least one of {', '.join(PHASES)}")
+    precisions: tuple[Precision, ...] = setting(
+        ("fp32", "bf16"),
+        "train.precision values the precision phase measures (fp16 autocast is very slow on CPUs).",
+        rule=f"any of {', '.join(PRECISIONS)}",
+    )
+    simulated_workers: int = setting(
+        16, "Workers the simulation phase runs as one batched model in one process.", range=">= 2"
+    )
+    channels_last: bool | None = setting(
+        None,
+        "Channels-last images in the precision phase (null: as train.channels_last auto: on for convolutional "
+        "models on CUDA).",
+    )
     out: str | None = setting(
         None, "Write the results as JSON to this file (null: print only).", rule="a file in an existing folder"
     )
@@ -99,6 +115,7 @@ class BenchOptions:
             "repeats": 3,
             "warmup": 1,
             "steps": 8,
+            "simulated_workers": 4,
         }
 
     @classmethod
@@ -135,6 +152,7 @@ class BenchOptions:
                 f"--baselines: unknown baseline {name!r}; choose from {', '.join(BASELINES)} or 'none'",
             )
         need(len(self.phases) >= 1, "--phases: choose at least one phase")
+        need(len(self.precisions) >= 1, "--precisions: choose at least one precision")
         for name in self.phases:
             need(name in PHASES, f"--phases: unknown phase {name!r}; choose from {', '.join(PHASES)}")
         need(

@@ -18,7 +18,9 @@ import torch
 from ..launcher.env import software_versions
 from .stats import Figure
 
-SCHEMA_VERSION = "1.1"  # 1.1: the hierarchy phase, measurement.ranks_per_worker, projection.two_fabrics
+# 1.1: the hierarchy phase, measurement.ranks_per_worker, projection.two_fabrics; 1.2: the precision and
+# simulation phases
+SCHEMA_VERSION = "1.2"
 SUMMARY_PREFIX = "hpc-localsgd-bench:"
 
 # Figures named in the summary line, with their keys there (ReFrame and grep read these).

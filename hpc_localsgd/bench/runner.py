@@ -13,7 +13,9 @@ from ..comm import make_communicator
 from ..config import load_config
 from ..errors import UserError, one_line
 from ..launcher.env import detect_launch, select_device, threads_for_rank
+from ..train.device import has_2d_convolutions
 from .baselines import DDPLoop, DDPSession, HorovodLoop, HorovodSession, horovod_unavailable
+from .compute import measure_precision, measure_simulation
 from .options import BenchOptions
 from .phases import (
     LOCAL_SGD_TARGET_PERIOD,
@@ -146,6 +148,16 @@ def run_bench(
                 f"local_sgd.h{LOCAL_SGD_TARGET_PERIOD}.efficiency",
                 f"--sync-periods does not include {LOCAL_SGD_TARGET_PERIOD}, the period its target is set for",
             )
+    if "precision" in options.phases:
+        model = workload.new_model()
+        channels_last = (
+            options.channels_last
+            if options.channels_last is not None
+            else device.type == "cuda" and has_2d_convolutions(model)
+        )
+        measure_precision(ctx, channels_last)
+    if "simulation" in options.phases:
+        measure_simulation(ctx)
     if ranks_per_worker is not None:
         measure_hierarchy(ctx, bare_seconds, ranks_per_worker)
     elif "hierarchy" in options.phases:
@@ -199,6 +211,8 @@ def run_bench(
         "baselines": ran_baselines,
         "bucket_mb": options.bucket_mb,
         "ranks_per_worker": ranks_per_worker,
+        "precisions": list(options.precisions) if "precision" in options.phases else [],
+        "simulated_workers": options.simulated_workers if "simulation" in options.phases else None,
         "method": METHOD,
     }
     ctx.close()

@@ -22,7 +22,7 @@ from ..algorithms.engine import AveragingEngine
 from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
-from ..config.schema import Method, OuterMethod, RunConfig
+from ..config.schema import Method, OuterMethod, Precision, RunConfig
 from ..train.data import derive_seed
 from ..train.models import build_model
 
@@ -75,6 +75,12 @@ class Workload:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batches[step % len(self.batches)]
 
+    def batches_in(self, channels_last: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches, their images in channels-last memory format when asked."""
+        if not channels_last:
+            return self.batches
+        return [(x.contiguous(memory_format=torch.channels_last), y) for x, y in self.batches]
+
 
 def _logits_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = model(x)
@@ -105,6 +111,8 @@ class EngineLoop:
         sync_period: int = 1,
         outer: OuterMethod = "none",
         hierarchy: Hierarchy | None = None,
+        precision: Precision = "fp32",
+        channels_last: bool = False,
     ) -> None:
         """``hierarchy``: worker groups (None: every rank is a worker). With workers of several ranks the
         engine averages gradients inside each worker every local step and the model over all ranks
@@ -132,8 +140,11 @@ class EngineLoop:
             schedule,
             bucket_bytes=int(cfg.comm.bucket_mb * 2**20),
             hierarchy=hierarchy,
+            precision=precision,
         )
         self.engine.broadcast_initial_state()
+        # As training feeds them (train/device.py): the weights keep the flat buffer's layout.
+        self.batches = workload.batches_in(channels_last)
 
     def set_sync_period(self, sync_period: int | None) -> None:
         """Local SGD with period H from the next window on; None: never average (each rank alone).
@@ -150,7 +161,7 @@ class EngineLoop:
     def run(self, steps: int) -> None:
         model = self.model
         for step in range(steps):
-            x, y = self.workload.batch(step)
+            x, y = self.batches[step % len(self.batches)]
             self.engine.train_step(step, LEARNING_RATE, functools.partial(_logits_and_loss, model, x, y))
         synchronize_device(self.workload.device)
 
@@ -169,21 +180,38 @@ class EngineLoop:
 
 
 class PlainLoop:
-    """Each rank alone: forward, backward, optimizer step; no engine, no communicator."""
+    """Each rank alone: forward, backward, optimizer step; no engine, no communicator. With a precision
+    or channels-last, written the way torchvision's reference recipe does it: the model converted with
+    ``.to(memory_format=torch.channels_last)``, autocast around forward and loss, GradScaler for fp16."""
 
     name = "bare"
 
-    def __init__(self, workload: Workload) -> None:
+    def __init__(self, workload: Workload, precision: Precision = "fp32", channels_last: bool = False) -> None:
         self.workload = workload
         self.model = workload.new_model()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = workload.new_optimizer(self.model)
+        self.batches = workload.batches_in(channels_last)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(workload.device.type) if precision == "fp16" else None
 
     def run(self, steps: int) -> None:
+        device_type = self.workload.device.type
         for step in range(steps):
-            x, y = self.workload.batch(step)
+            x, y = self.batches[step % len(self.batches)]
             self.optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(self.model(x), y).backward()
-            self.optimizer.step()
+            with torch.autocast(
+                device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+            ):
+                loss = F.cross_entropy(self.model(x), y)
+            if self.scaler is None:
+                loss.backward()
+                self.optimizer.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         synchronize_device(self.workload.device)
 
 

@@ -168,6 +168,26 @@ def test_quick_bench_figures_are_sane(quick_run) -> None:
     assert totals["total"] == len(judged) and totals["met"] == sum(f["met"] for f in judged)
 
 
+def test_quick_bench_measures_every_precision_and_the_batched_simulation(quick_run) -> None:
+    _, document, _ = quick_run
+    by_id = figures(document)
+    assert document["measurement"]["precisions"] == ["fp32", "bf16"]
+    assert document["measurement"]["simulated_workers"] == 4
+    for precision in ("fp32", "bf16"):
+        engine = by_id[f"precision.{precision}.samples_per_s"]["samples"]
+        plain = by_id[f"precision.{precision}.plain_samples_per_s"]["samples"]
+        # The same window in both: the paired ratio of times is the ratio of the rates.
+        assert by_id[f"precision.{precision}.vs_plain"]["samples"] == pytest.approx(
+            [e / p for e, p in zip(engine, plain, strict=True)]
+        )
+        assert by_id[f"precision.{precision}.vs_plain"]["target"] == {"op": ">=", "value": 0.95}
+    batched = by_id["simulation.replicated_samples_per_s"]["samples"]
+    sequential = by_id["simulation.sequential_samples_per_s"]["samples"]
+    assert by_id["simulation.speedup"]["samples"] == pytest.approx(
+        [b / s for b, s in zip(batched, sequential, strict=True)]
+    )
+
+
 def test_projection_follows_the_alpha_beta_model(quick_run) -> None:
     _, document, _ = quick_run
     projection = document["projection"]
