@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -96,10 +97,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _integer(text: str) -> int:
+    """An integer option; exponent notation counts when it is whole (``--steps 1e3``), as in a config."""
+    from .config.load import number_from_text
+
+    try:
+        return int(text)
+    except ValueError:
+        number = number_from_text(text, int)
+        if number is None:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        return int(number)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
+        return tuple(_integer(part) for part in text.split(",") if part.strip())
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
@@ -183,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--stop-at-step",
-        type=int,
+        type=_integer,
         metavar="N",
         help="write a checkpoint after step N and stop, as a preempted job would",
     )
@@ -204,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write everything, then run every point on this machine (simulated points in-process, "
         "others under mpirun), skipping runs already finished",
     )
-    sweep.add_argument("--jobs", type=int, default=1, help="with --run-here: runs at a time (default 1)")
+    sweep.add_argument("--jobs", type=_integer, default=1, help="with --run-here: runs at a time (default 1)")
     sweep.add_argument("--out", help="output folder (default: sweeps/<name>)")
     sweep.add_argument("--overwrite", action="store_true", help="regenerate a sweep folder that already exists")
     sweep.set_defaults(handler=_sweep)
@@ -228,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size = bench.add_argument_group("problem size (defaults: ResNet-50, 32 images of 224x224 per rank)")
     size.add_argument("--model", help="smallcnn, mlp or a torchvision classifier (default resnet50)")
-    size.add_argument("--batch", type=int, help="samples per rank and step (default 32)")
-    size.add_argument("--image-size", type=int, help="side of the square input images (default 224)")
-    size.add_argument("--classes", dest="num_classes", type=int, help="output classes (default 1000)")
+    size.add_argument("--batch", type=_integer, help="samples per rank and step (default 32)")
+    size.add_argument("--image-size", type=_integer, help="side of the square input images (default 224)")
+    size.add_argument("--classes", dest="num_classes", type=_integer, help="output classes (default 1000)")
     size.add_argument(
         "--quick",
         action="store_true",
@@ -238,11 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
         "8 steps); options given explicitly still apply",
     )
     plan = bench.add_argument_group("measurement")
-    plan.add_argument("--repeats", type=int, help="timed repetitions of every measurement (default 5)")
-    plan.add_argument("--warmup", type=int, help="untimed repetitions first (default 1)")
+    plan.add_argument("--repeats", type=_integer, help="timed repetitions of every measurement (default 5)")
+    plan.add_argument("--warmup", type=_integer, help="untimed repetitions first (default 1)")
     plan.add_argument(
         "--steps",
-        type=int,
+        type=_integer,
         help="training steps per timed window (default 16; local SGD windows are rounded up to whole sync periods)",
     )
     plan.add_argument(
@@ -275,13 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--ranks-per-worker",
-        type=int,
+        type=_integer,
         metavar="R",
         help="ranks per local-SGD worker in the hierarchy phase (default 2 where the world size is even and > 2)",
     )
     plan.add_argument("--backend", help="comm.backend of the package: auto, horovod, mpi, torch, single (default auto)")
     plan.add_argument("--bucket-mb", type=float, help="gradient bucket size for the engine and DDP (default 25)")
-    plan.add_argument("--threads", type=int, help="torch threads per rank (default: as for training)")
+    plan.add_argument("--threads", type=_integer, help="torch threads per rank (default: as for training)")
     plan.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     plan.add_argument(
         "--project-step-seconds",
@@ -293,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--project-ranks-per-node",
         dest="projection_ranks_per_node",
-        type=int,
+        type=_integer,
         metavar="N",
         help="GPUs per node in the two-fabric projection (default 8)",
     )
@@ -311,7 +325,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status when the reader of stdout goes away (``hpc-localsgd inspect FILE | head -1``):
+#: 128 + SIGPIPE, what a shell reports for a program that SIGPIPE ended, as it ends ``cat`` or ``grep``.
+EXIT_BROKEN_PIPE = 141
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for the closed pipe is dropped at exit,
+    where flushing it would print "Exception ignored ... BrokenPipeError" (Python's documented recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Written out now, while a closed pipe can still be answered, rather than at exit.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    # --help and --help-config print while parsing: main's flush covers them, so a closed pipe ends them quietly.
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

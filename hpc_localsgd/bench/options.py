@@ -40,21 +40,23 @@ class BenchOptions:
     """
 
     model: str = setting("resnet50", "smallcnn, mlp or a torchvision classifier.", rule="not empty")
-    batch: int = setting(32, "Samples per rank and step.", range=">= 1")
-    image_size: int = setting(224, "Side of the square input images.", range=">= 8")
-    num_classes: int = setting(1000, "Output classes of the model.", range=">= 2", flag="--classes")
+    batch: int = setting(32, "Samples per rank and step.", range=">= 1, <= 1e6")
+    image_size: int = setting(224, "Side of the square input images.", range=">= 8, <= 8192")
+    num_classes: int = setting(1000, "Output classes of the model.", range=">= 2, <= 1e6", flag="--classes")
     backend: str = setting("auto", "comm.backend of the package for the measured engine.", choices=BACKENDS)
-    bucket_mb: float = setting(25.0, "Gradient bucket size in MiB for the engine and DDP.", range="> 0")
-    repeats: int = setting(5, "Timed repetitions of every measurement, after the untimed warm-up ones.", range=">= 1")
-    warmup: int = setting(1, "Untimed repetitions of every measurement, first.", range=">= 0")
+    bucket_mb: float = setting(25.0, "Gradient bucket size in MiB for the engine and DDP.", range="> 0, <= 1e5")
+    repeats: int = setting(
+        5, "Timed repetitions of every measurement, after the untimed warm-up ones.", range=">= 1, <= 1e6"
+    )
+    warmup: int = setting(1, "Untimed repetitions of every measurement, first.", range=">= 0, <= 1e6")
     steps: int = setting(
         16,
         "Optimizer steps in one timed training window; a local SGD window is rounded up to "
         "whole sync periods (H · ⌈steps / H⌉), so that every window ends with a sync.",
-        range=">= 1",
+        range=">= 1, <= 1e6",
     )
     sync_periods: tuple[int, ...] = setting(
-        (1, 2, 4, 8, 16, 32), "Local SGD periods H to measure.", rule="distinct positive integers"
+        (1, 2, 4, 8, 16, 32), "Local SGD periods H to measure.", range="<= 1e6", rule="distinct positive integers"
     )
     baselines: tuple[str, ...] = setting(
         BASELINES, "Reference loops for synchronous training.", rule=f"any of {', '.join(BASELINES)}"
@@ -83,23 +85,23 @@ class BenchOptions:
         "subfolder is made and removed.",
         rule="an existing writable folder",
     )
-    threads: int = setting(0, "torch threads per rank (0: as for training).", range=">= 0")
+    threads: int = setting(0, "torch threads per rank (0: as for training).", range=">= 0, <= 4096")
     device: str = setting("auto", "auto, cpu or cuda[:N].", rule="'auto', 'cpu' or 'cuda[:N]'")
     ranks_per_worker: int | None = setting(
         None,
         "Ranks per local-SGD worker in the hierarchy phase: gradients averaged inside the worker every step, "
         "the model over all ranks every H steps (null: 2 where the world size is even and above 2, else the "
         "phase is skipped).",
-        range=">= 2",
+        range=">= 2, <= 1e6",
     )
     projection_step_seconds: float | None = setting(
         None,
         "Compute time per step for the projection instead of the measured one (e.g. a GPU's).",
-        range="> 0",
+        range="> 0, <= 1e6",
         flag="--project-step-seconds",
     )
     projection_ranks_per_node: int = setting(
-        8, "GPUs per node in the two-fabric projection.", range=">= 2", flag="--project-ranks-per-node"
+        8, "GPUs per node in the two-fabric projection.", range=">= 2, <= 4096", flag="--project-ranks-per-node"
     )
     quick: bool = setting(
         False, "A problem that runs in seconds on two CPU cores; options given explicitly still apply."

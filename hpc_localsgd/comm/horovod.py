@@ -1,17 +1,17 @@
 """Horovod backend (``horovod.torch``): Horovod's background thread runs the collectives.
 
 Horovod matches operations across ranks by name, and a name may not be reused while an
-operation with it is in flight. Each operation is named from a per-communicator counter;
-since every rank starts collectives in the same order, the n-th operation carries the same
-name everywhere. A group's names also carry its process set's id, so no two sets' names collide.
+operation with it is in flight. Names are stable (:class:`_OperationNames`): the same buffer role
+gets the same name at every step, so Horovod's response cache answers its negotiation after the
+first step (a fresh name per operation made every collective a cache miss, and evicted entries).
+A group's names also carry its process set's id, so no two sets' names collide.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,21 +39,59 @@ _HOROVOD_DTYPES = frozenset(
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+class _OperationNames:
+    """Stable operation names, the same on every rank: ``<prefix>.<kind>.<dtype>.<shape>.<op>.<n>``.
+
+    What a buffer is (its dtype and shape, the operation) names it, so a flat group's sync or a
+    gradient bucket carries the same name at every step and Horovod's response cache recognises it.
+    ``n`` is the smallest number not in flight with the same description, so that two buffers of
+    one shape in flight at once never share a name. The buffer's address is not part of the name:
+    it differs between ranks, and names must match across ranks. Every rank starts and waits for
+    its collectives in the same order, so every rank draws the same ``n``.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._in_flight: dict[str, set[int]] = {}
+
+    def take(self, kind: str, tensor: torch.Tensor, op: str) -> tuple[str, Callable[[], None]]:
+        """A name for an operation about to start, and the call that frees it once it has completed."""
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        shape = "x".join(str(n) for n in tensor.shape) or "scalar"
+        description = f"{kind}.{dtype}.{shape}.{op}"
+        busy = self._in_flight.setdefault(description, set())
+        number = 0
+        while number in busy:
+            number += 1
+        busy.add(number)
+        return f"{self._prefix}.{description}.{number}", lambda: busy.discard(number)
+
+
 class _HorovodHandle(Handle):
     """A Horovod allreduce in flight; integer averaging and bfloat16 copy-back happen in ``wait``."""
 
-    def __init__(self, hvd: Any, hvd_handle: int, buffer: torch.Tensor, reduced: torch.Tensor, divisor: int) -> None:
+    def __init__(
+        self,
+        hvd: Any,
+        hvd_handle: int,
+        buffer: torch.Tensor,
+        reduced: torch.Tensor,
+        divisor: int,
+        release_name: Callable[[], None],
+    ) -> None:
         self._hvd = hvd
         self._hvd_handle: int | None = hvd_handle
         self._buffer = buffer
         self._reduced = reduced  # ``buffer`` itself, or its float32 copy for bfloat16
         self._divisor = divisor
+        self._release_name = release_name
 
     def wait(self) -> None:
         if self._hvd_handle is None:
             return
         self._hvd.synchronize(self._hvd_handle)
         self._hvd_handle = None
+        self._release_name()
         divide_by_size_(self._reduced, self._divisor)
         if self._reduced is not self._buffer:
             self._buffer.copy_(self._reduced)
@@ -136,8 +174,7 @@ class HorovodCommunicator(Communicator):
         self._groups: dict[Partition, HorovodCommunicator] = {}
         self._is_world = True
         self._world: HorovodCommunicator = self
-        self._operation_numbers = itertools.count()
-        self._name_prefix = "hpc_localsgd"
+        self._names = _OperationNames("hpc_localsgd")
         super().__init__(dataclasses.replace(launcher_layout, rank=hvd.rank(), size=hvd.size()))
 
     def _group(self, partition: Partition, layout: WorldLayout) -> HorovodCommunicator:
@@ -159,16 +196,12 @@ class HorovodCommunicator(Communicator):
         group._groups = {}
         group._is_world = False
         group._world = world
-        group._operation_numbers = itertools.count()
         # Names must be unique among the operations in flight; the set's id keeps a group's apart from
-        # the world's and from other groups' (a counter is per communicator).
-        group._name_prefix = f"hpc_localsgd.set{process_set.process_set_id}"
+        # the world's and from other groups' (the numbers in flight are counted per communicator).
+        group._names = _OperationNames(f"hpc_localsgd.set{process_set.process_set_id}")
         Communicator.__init__(group, layout)
         world._groups[partition] = group
         return group
-
-    def _next_name(self, kind: str) -> str:
-        return f"{self._name_prefix}.{kind}.{next(self._operation_numbers)}"
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)
@@ -183,11 +216,14 @@ class HorovodCommunicator(Communicator):
         # integers are summed and then floor-divided like on every other backend.
         native_average = average and reduced.is_floating_point()
         op = self._hvd.Average if native_average else self._hvd.Sum
-        hvd_handle = self._hvd.allreduce_async_(
-            reduced, op=op, name=self._next_name("allreduce"), process_set=self._process_set
-        )
+        name, release_name = self._names.take("allreduce", reduced, "average" if native_average else "sum")
+        try:
+            hvd_handle = self._hvd.allreduce_async_(reduced, op=op, name=name, process_set=self._process_set)
+        except BaseException:
+            release_name()
+            raise
         divisor = self.size if average and not native_average else 1
-        return _HorovodHandle(self._hvd, hvd_handle, buffer, reduced, divisor)
+        return _HorovodHandle(self._hvd, hvd_handle, buffer, reduced, divisor, release_name)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         check_buffer(buffer)
@@ -198,9 +234,11 @@ class HorovodCommunicator(Communicator):
         staged = travelling.cpu() if buffer.device.type == "cuda" and not self._nccl else travelling
         # Horovod names the root by its rank in the world, also within a process set.
         world_root = self._members[root]
-        self._hvd.broadcast_(
-            staged, root_rank=world_root, name=self._next_name("broadcast"), process_set=self._process_set
-        )
+        name, release_name = self._names.take("broadcast", staged, f"root{world_root}")
+        try:
+            self._hvd.broadcast_(staged, root_rank=world_root, name=name, process_set=self._process_set)
+        finally:
+            release_name()
         if staged is not travelling:
             travelling.copy_(staged)
 
@@ -217,7 +255,12 @@ class HorovodCommunicator(Communicator):
         elif hasattr(self._hvd, "barrier"):
             self._hvd.barrier()
         else:  # Horovod < 0.23: a one-element allreduce cannot finish before every rank joins it
-            self._hvd.allreduce_(torch.zeros(1), op=self._hvd.Sum, name=self._next_name("barrier"))
+            token = torch.zeros(1)
+            name, release_name = self._names.take("barrier", token, "sum")
+            try:
+                self._hvd.allreduce_(token, op=self._hvd.Sum, name=name)
+            finally:
+                release_name()
 
     def _split(self, ranks: int) -> Communicator:
         if ranks == 1:

@@ -2,10 +2,12 @@
 
 Every schema of the package (the run config, the bench options, the sweep file) declares its
 fields with :func:`setting` and its nested sections with :func:`section`. The meaning is what
-``hpc-localsgd train --help-config`` prints, and a simple range (``">= 1"``, ``"[0, 1)"``) or a
+``hpc-localsgd train --help-config`` prints, and a range (``">= 1, <= 1e6"``, ``"[0, 1)"``) or a
 set of choices is checked by :func:`check_declared` from the declaration itself, so the help and
-the check cannot drift apart. Rules that involve several fields, or a list as a whole, stay in
-the schema's ``validate()``; ``rule`` then says in words what it checks, for the help.
+the check cannot drift apart. Every number has a finite upper bound: ``1e308`` or ``.inf`` is
+refused with the key's name here, not met later as an overflow deep in torch. Rules that involve
+several fields, or a list as a whole, stay in the schema's ``validate()``; ``rule`` then says in
+words what it checks, for the help.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import re
 import textwrap
 import types
@@ -41,39 +44,64 @@ _INTERVAL = re.compile(rf"^([\[(])\s*({_NUMBER})\s*,\s*({_NUMBER})\s*([\])])$")
 
 @dataclass(frozen=True)
 class Range:
-    """A closed or open bound on a number: written ``">= 1"``, ``"> 0"``, ``"[0, 1)"`` or ``"(0, 1]"``."""
+    """Bounds on a number: ``">= 1"``, ``"> 0"``, ``"[0, 1)"``, ``"(0, 1]"``, or two one-sided bounds
+    ``">= 1, <= 1e6"`` (a lower bound and a finite upper one, each named alone when it is broken)."""
 
     text: str
     low: float | None = None
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    low_text: str | None = None  # how a broken bound is named: ">= 1", or the interval for one
+    high_text: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Range:
         text = text.strip()
-        bound = _BOUND.match(text)
-        if bound:
-            op, number = bound.group(1), float(bound.group(2))
-            if op.startswith(">"):
-                return cls(text, low=number, low_open=op == ">")
-            return cls(text, high=number, high_open=op == "<")
         interval = _INTERVAL.match(text)
         if interval:
+            whole = f"in {text}"
             return cls(
-                f"in {text}",
+                whole,
                 low=float(interval.group(2)),
                 high=float(interval.group(3)),
                 low_open=interval.group(1) == "(",
                 high_open=interval.group(4) == ")",
+                low_text=whole,
+                high_text=whole,
             )
-        raise ValueError(f"not a range: {text!r} (write '>= 1', '> 0', '[0, 1)' or '(0, 1]')")
+        bounds: dict[str, Any] = {"text": text}
+        for part in text.split(","):
+            bound = _BOUND.match(part.strip())
+            op = bound.group(1) if bound else ""
+            side = "low" if op.startswith(">") else "high"
+            if bound is None or f"{side}_text" in bounds:
+                raise ValueError(f"not a range: {text!r} (write '>= 1', '> 0', '>= 1, <= 1e6', '[0, 1)' or '(0, 1]')")
+            bounds[side] = float(bound.group(2))
+            bounds[f"{side}_open"] = op in (">", "<")
+            bounds[f"{side}_text"] = f"{op} {bound.group(2)}"
+        return cls(**bounds)
+
+    def _above_low(self, value: float) -> bool:
+        return self.low is None or (value > self.low if self.low_open else value >= self.low)
+
+    def _below_high(self, value: float) -> bool:
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def __contains__(self, value: float) -> bool:
         # Written as what must hold, so that NaN (which every comparison fails) is outside every range.
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
+        return self._above_low(value) and self._below_high(value)
+
+    def broken_by(self, value: float) -> str:
+        """The bound ``value`` breaks, as a message names it (the lower one for NaN)."""
+        if not self._above_low(value) and self.low_text is not None:
+            return self.low_text
+        return self.high_text or self.low_text or self.text
+
+    @property
+    def finite(self) -> bool:
+        """Whether both ends are finite: then no infinity passes, and NaN passes nothing."""
+        return self.high is not None and math.isfinite(self.high) and (self.low is None or math.isfinite(self.low))
 
     def __str__(self) -> str:
         return self.text
@@ -91,7 +119,8 @@ def setting(
     """A field of a schema dataclass.
 
     help     what the setting means (one or two sentences; printed by ``--help-config``)
-    range    a bound checked for every value given: ``">= 1"``, ``"> 0"``, ``"[0, 1)"``, ``"(0, 1]"``
+    range    bounds checked for every value given (each item of a list): ``"[0, 1)"``, ``"(0, 1]"``,
+             ``">= 1, <= 1e6"``; every number has a finite upper bound, so that no value overflows later
     choices  the allowed strings, for a setting whose choices are not a ``Literal`` type
     rule     in words, what ``validate()`` checks when it is not a simple bound (for the help only)
     flag     the command-line option that sets it, when messages name options (the bench)
@@ -149,8 +178,12 @@ def check_declared(obj: Any, prefix: str = "", name: KeyNamer = dotted) -> None:
         if value is None or isinstance(value, bool):
             continue
         bound = f.metadata.get("range")
-        if bound is not None and isinstance(value, (int, float)) and value not in bound:
-            raise ConfigError(f"{name(prefix, f.name)}: must be {bound}, got {value}")
+        if bound is not None:
+            numbers = value if isinstance(value, (list, tuple)) else [value]
+            for index, number in enumerate(numbers):
+                if isinstance(number, (int, float)) and not isinstance(number, bool) and number not in bound:
+                    where = f"[{index}]" if numbers is value else ""
+                    raise ConfigError(f"{name(prefix, f.name)}{where}: must be {bound.broken_by(number)}, got {number}")
         allowed = f.metadata.get("choices")
         if allowed is not None and value not in allowed:
             raise ConfigError(f"{name(prefix, f.name)}: must be one of {choices_text(allowed)}, got {value!r}")

@@ -10,7 +10,9 @@ declaration (:mod:`.fields`); :func:`load_config` reads the run config on top of
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -26,16 +28,41 @@ from .schema import RunConfig
 T = TypeVar("T")
 
 
+# A number in exponent notation as YAML 1.2 and JSON write it (1e-4, 5E+3, -2.5e3). PyYAML follows
+# YAML 1.1, which reads these as strings (its floats need a dot and a signed exponent); every
+# published config writes them so. Only this form is taken from a string: "8" stays a string.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def number_from_text(text: str, tp: type) -> int | float | None:
+    """``text`` in exponent notation as an ``int`` or ``float`` (``tp``); None when it is not one, or
+    when an integer is asked for and ``text`` is not a whole number (``1e3`` is one, ``1e-3`` is not)."""
+    if not _EXPONENT_NUMBER.fullmatch(text.strip()):
+        return None
+    if tp is float:
+        return float(text)
+    exact = decimal.Decimal(text)
+    # Past 30 digits no integer setting can hold it; int() of "1e999999999" would take all the memory.
+    if exact.adjusted() > 30 or exact != exact.to_integral_value():
+        return None
+    return int(exact)
+
+
 def _number(value: Any, tp: type, key: str) -> Any:
     """The one place where a value becomes an integer or a number.
 
     bool is an int in Python; a YAML ``true`` given for a number is almost surely a mistake.
+    A string in exponent notation (``1e-4``, see ``_EXPONENT_NUMBER``) is a number.
     """
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
-    if tp is int and isinstance(value, int):
+    if isinstance(value, str):
+        number = number_from_text(value, tp)
+        if number is not None:
+            return number
+    elif tp is int and isinstance(value, int):
         return value
-    if tp is float and isinstance(value, (int, float)):
+    elif tp is float and isinstance(value, (int, float)):
         return float(value)
     raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
 

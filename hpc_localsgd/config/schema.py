@@ -34,14 +34,15 @@ def _check(ok: bool, key: str, message: str) -> None:
 class SyntheticConfig:
     """A learnable synthetic task: inputs ~ N(0, 1), labels = argmax of a fixed random linear teacher."""
 
-    train_samples: int = setting(4096, "Samples in the synthetic training set.", range=">= 1")
-    test_samples: int = setting(1024, "Samples in the synthetic test set.", range=">= 1")
+    train_samples: int = setting(4096, "Samples in the synthetic training set.", range=">= 1, <= 1e9")
+    test_samples: int = setting(1024, "Samples in the synthetic test set.", range=">= 1, <= 1e9")
     shape: list[int] = setting(
         [3, 32, 32],
         "Shape of one input: [features] for an MLP, or [channels, height, width] for an image model.",
+        range="<= 65536",
         rule="[features] or [channels, height, width] of positive sizes",
     )
-    num_classes: int = setting(10, "Classes of the teacher's labels (outputs of the model).", range=">= 2")
+    num_classes: int = setting(10, "Classes of the teacher's labels (outputs of the model).", range=">= 2, <= 1e6")
     label_noise: float = setting(
         0.0,
         "Share of training labels replaced by a random class, so that the task "
@@ -75,22 +76,24 @@ class DataConfig:
         rule="required for cifar10 and imagenet",
     )
     batch_size: int = setting(
-        32, "Training samples per worker and step: the global batch is batch_size × world size.", range=">= 1"
+        32,
+        "Training samples per worker and step: the global batch is batch_size × world size.",
+        range=">= 1, <= 1e6",
     )
     eval_batch_size: int = setting(
         256,
         "Test samples per forward pass during evaluation, on each rank (the "
         "test set is split across ranks); affects speed and memory, not results.",
-        range=">= 1",
+        range=">= 1, <= 1e6",
     )
     num_workers: int | Literal["auto"] = setting(
         "auto",
         "DataLoader worker processes per rank for file-backed datasets (imagenet), kept alive across epochs; "
         "auto: the rank's CPUs minus one for the training process, at most 8. In-memory sets use none.",
-        range=">= 0",
+        range=">= 0, <= 1024",
     )
     augment: bool = setting(True, "Random crop and horizontal flip of cifar10 / imagenet training images.")
-    image_size: int = setting(224, "Side of the square crops fed to the model for imagenet.", range=">= 8")
+    image_size: int = setting(224, "Side of the square crops fed to the model for imagenet.", range=">= 8, <= 8192")
     synthetic: SyntheticConfig = section(SyntheticConfig, "The synthetic task (data.name: synthetic).")
 
     def validate(self, key: str = "data") -> None:
@@ -113,7 +116,9 @@ class ModelConfig:
         False, "Replace the ImageNet stem (7×7 stride-2 conv + max-pool) by a 3×3 stride-1 conv, for 32×32 inputs."
     )
     width: int = setting(
-        32, "Width (channels or hidden units) of the small models; unused by torchvision models.", range=">= 1"
+        32,
+        "Width (channels or hidden units) of the small models; unused by torchvision models.",
+        range=">= 1, <= 65536",
     )
 
     def validate(self, key: str = "model") -> None:
@@ -128,13 +133,15 @@ class OptimConfig:
     lr_per_256: float = setting(
         0.1,
         "Peak learning rate per 256 samples: the peak LR is lr_per_256 × global batch / 256 (linear scaling).",
-        range="> 0",
+        range="> 0, <= 1e6",
     )
     momentum: float = setting(0.9, "Momentum of the base (inner) SGD optimizer on every worker.", range="[0, 1)")
     nesterov: bool = setting(False, "Nesterov momentum for the base optimizer (needs momentum > 0).")
-    weight_decay: float = setting(1e-4, "L2 weight decay of the base optimizer.", range=">= 0")
+    weight_decay: float = setting(1e-4, "L2 weight decay of the base optimizer.", range="[0, 1]")
     warmup_epochs: float = setting(
-        5.0, "Epochs of linear warm-up from peak / warm-up steps to the peak LR (0: start at the peak).", range=">= 0"
+        5.0,
+        "Epochs of linear warm-up from peak / warm-up steps to the peak LR (0: start at the peak).",
+        range=">= 0, <= 1e6",
     )
     schedule: LRScheduleName = setting(
         "step",
@@ -144,6 +151,7 @@ class OptimConfig:
     decay_epochs: list[float] = setting(
         [30.0, 60.0, 80.0],
         "Epochs at which the step schedule decays the LR; the first one is also post-local SGD's default switch.",
+        range="<= 1e6",
         rule="increasing, each > 0",
     )
     decay_factor: float = setting(0.1, "Factor the step schedule multiplies the LR by at each decay.", range="(0, 1]")
@@ -165,12 +173,13 @@ class LevelConfig:
     ranks: int | Literal["node"] = setting(
         "node",
         "Consecutive ranks per group: a number, or node (the ranks of one node).",
+        range="<= 1e6",
         rule="larger than, and a multiple of, the level below; divides the world size",
     )
     sync_period: int = setting(
         1,
         "Local steps between two averagings inside the groups.",
-        range=">= 1",
+        range=">= 1, <= 1e6",
         rule="larger than the level below's, smaller than algorithm.sync_period",
     )
 
@@ -193,18 +202,18 @@ class AlgorithmConfig:
         "switch, local_sgd after).",
     )
     sync_period: int = setting(
-        4, "Local steps between two model averagings (H) for local_sgd and post_local_sgd.", range=">= 1"
+        4, "Local steps between two model averagings (H) for local_sgd and post_local_sgd.", range=">= 1, <= 1e6"
     )
     switch_step: int | None = setting(
         None,
         "post_local_sgd: the optimizer step at which local SGD starts (null: see switch_epoch).",
-        range=">= 0",
+        range=">= 0, <= 1e12",
         rule="not with switch_epoch; only for post_local_sgd",
     )
     switch_epoch: float | None = setting(
         None,
         "post_local_sgd: the epoch at which local SGD starts (null with switch_step null: the first LR decay).",
-        range=">= 0",
+        range=">= 0, <= 1e6",
         rule="not with switch_step; only for post_local_sgd",
     )
     outer: OuterMethod = setting(
@@ -212,12 +221,14 @@ class AlgorithmConfig:
         "The outer step on the averaged model at each sync: none (plain average), slowmo or nesterov.",
         rule="not with method allreduce",
     )
-    slow_lr: float = setting(1.0, "SlowMo's slow learning rate α (1 with slow_momentum 0: plain average).", range="> 0")
+    slow_lr: float = setting(
+        1.0, "SlowMo's slow learning rate α (1 with slow_momentum 0: plain average).", range="> 0, <= 100"
+    )
     slow_momentum: float = setting(0.5, "SlowMo's slow momentum β.", range="[0, 1)")
     outer_lr: float = setting(
         0.7,
         "Outer Nesterov's learning rate η on the outer gradient x_prev − x̄ (1 with outer_momentum 0: plain average).",
-        range="> 0",
+        range="> 0, <= 100",
     )
     outer_momentum: float = setting(0.9, "Outer Nesterov's momentum μ.", range="[0, 1)")
     momentum_buffers: BuffersPolicy = setting(
@@ -233,6 +244,7 @@ class AlgorithmConfig:
         "Ranks that form one local-SGD worker: 1 (every rank is a worker), a number N (ranks 0..N-1, N..2N-1, ... "
         "average their gradients every step, as all-reduce SGD does) or node (the ranks of one node). Model "
         "averaging, the outer optimizer and the buffer policies then act between workers.",
+        range="<= 1e6",
         rule=">= 1 and divides the world size; node: every node holds as many ranks",
     )
     levels: list[LevelConfig] = setting(
@@ -293,13 +305,14 @@ class CommConfig:
     bucket_mb: float = setting(
         25.0,
         "Gradient bucket size in MiB for the synchronous phase: allreduces start during backward once a bucket fills.",
-        range="> 0",
+        range="> 0, <= 1e5",
     )
     simulated_workers: int = setting(
         0,
         "backend simulated: this many workers run in one process (no launcher), "
         "their models stacked and computed as one batch; same engine, same numbers "
         "as that many MPI ranks.",
+        range="<= 4096",
         rule=">= 1 with backend simulated, else 0",
     )
     horovod_cycle_time_ms: float | None = setting(
@@ -307,7 +320,7 @@ class CommConfig:
         "How often Horovod's background thread coordinates the ranks, in ms. null: Horovod's default (or "
         "HOROVOD_CYCLE_TIME) for all-reduce SGD, 10 ms for local and post-local SGD, whose ranks have "
         "nothing to coordinate between syncs (docs/BENCHMARKS.md, target 3).",
-        range="> 0",
+        range="> 0, <= 60000",
     )
 
     def validate(self, key: str = "comm") -> None:
@@ -334,18 +347,22 @@ class TrainConfig:
         90.0,
         "Length of the run in epochs (passes over the training set, split across the "
         "workers); a fraction is allowed. The LR schedule is laid out over it.",
-        range="> 0",
+        range="> 0, <= 1e6",
     )
     max_steps: int | None = setting(
-        None, "Stop after this many optimizer steps even if epochs are not done (null: run all epochs).", range=">= 1"
+        None,
+        "Stop after this many optimizer steps even if epochs are not done (null: run all epochs).",
+        range=">= 1, <= 1e12",
     )
     eval_every_epochs: float = setting(
-        1.0, "Evaluate on the test set every this many epochs (rounded to whole steps), and at the end.", range="> 0"
+        1.0,
+        "Evaluate on the test set every this many epochs (rounded to whole steps), and at the end.",
+        range="> 0, <= 1e6",
     )
     log_every_steps: int = setting(
         50,
         "Print a progress line (loss, accuracy, LR, speed) every this many optimizer steps, and at the last one.",
-        range=">= 1",
+        range=">= 1, <= 1e12",
     )
     device: str = setting(
         "auto",
@@ -355,7 +372,7 @@ class TrainConfig:
     threads: int = setting(
         0,
         "torch intra-op threads per rank; 0: OMP_NUM_THREADS, SLURM_CPUS_PER_TASK, or cores ÷ ranks on the node.",
-        range=">= 0",
+        range=">= 0, <= 4096",
     )
     precision: Precision = setting(
         "fp32",
@@ -388,20 +405,22 @@ class TrainConfig:
 class CheckpointConfig:
     """When checkpoints are written to RUN_DIR/checkpoints/ (see hpc_localsgd/io/checkpoint.py)."""
 
-    every_steps: int = setting(0, "Write a checkpoint every this many optimizer steps (0: off).", range=">= 0")
+    every_steps: int = setting(0, "Write a checkpoint every this many optimizer steps (0: off).", range=">= 0, <= 1e12")
     every_minutes: float = setting(
-        0.0, "Write a checkpoint every this many minutes of training, as measured by rank 0 (0: off).", range=">= 0"
+        0.0,
+        "Write a checkpoint every this many minutes of training, as measured by rank 0 (0: off).",
+        range=">= 0, <= 1e6",
     )
     at_end: bool = setting(True, "Write a checkpoint at the end of training.")
     keep: int = setting(
-        3, "How many checkpoints to keep; older ones are deleted once a newer one is complete.", range=">= 1"
+        3, "How many checkpoints to keep; older ones are deleted once a newer one is complete.", range=">= 1, <= 1e6"
     )
     # A step-by-step poll would add a latency-bound collective to every local SGD step.
     poll_every_steps: int = setting(
         10,
         "Ranks agree on time- and signal-triggered checkpoints (and on stopping) "
         "every this many steps, through one tiny allreduce.",
-        range=">= 1",
+        range=">= 1, <= 1e6",
     )
     requeue_on_usr1: bool = setting(
         True,
@@ -429,7 +448,7 @@ class OutputConfig:
         "Metrics rows are buffered and appended to metrics.h5 (opened, "
         "written, closed) every this many seconds, so the file is complete "
         "and readable (h5py, h5dump) while the run goes on.",
-        range=">= 0",
+        range=">= 0, <= 1e6",
     )
     # Every file here has a single writer at a time, so locking buys nothing.
     hdf5_file_locking: bool = setting(
@@ -451,6 +470,7 @@ class RunConfig:
         0,
         "Seeds the model's initialisation, the data order, augmentation and synthetic data; the "
         "same seed and world size give the same run.",
+        range=">= 0, <= 4294967295",
     )
     model: ModelConfig = section(ModelConfig, "The network.")
     data: DataConfig = section(DataConfig, "The dataset and batches.")

@@ -53,16 +53,19 @@ class SlurmShape:
     nodes: list[int] = setting(
         [1],
         "Node counts; each gets its own job array, in which every point runs.",
+        range="<= 1e5",
         rule="positive integers; one number means a list of it",
     )
-    ntasks_per_node: int = setting(1, "Ranks per node (#SBATCH --ntasks-per-node).", range=">= 1")
-    cpus_per_task: int = setting(1, "Cores per rank (#SBATCH --cpus-per-task).", range=">= 1")
-    gpus_per_task: int = setting(0, "GPUs per rank (#SBATCH --gpus-per-task; 0: none asked for).", range=">= 0")
+    ntasks_per_node: int = setting(1, "Ranks per node (#SBATCH --ntasks-per-node).", range=">= 1, <= 4096")
+    cpus_per_task: int = setting(1, "Cores per rank (#SBATCH --cpus-per-task).", range=">= 1, <= 4096")
+    gpus_per_task: int = setting(
+        0, "GPUs per rank (#SBATCH --gpus-per-task; 0: none asked for).", range=">= 0, <= 1024"
+    )
     time: str = setting(
         "01:00:00", "Time limit of every task (#SBATCH --time); quote it in YAML, which reads 24:00:00 as a number."
     )
     throttle: int = setting(
-        0, "At most this many tasks of an array at once (--array=...%N; 0: no limit).", range=">= 0"
+        0, "At most this many tasks of an array at once (--array=...%N; 0: no limit).", range=">= 0, <= 1e6"
     )
     options: list[str] = setting([], "More #SBATCH lines, e.g. --partition=gpu.")
     launcher: Literal["srun", "mpirun"] = setting(
