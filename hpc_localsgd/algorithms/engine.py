@@ -146,6 +146,18 @@ class AveragingEngine:
             self.skipped_steps += int(skipped)
         return StepResult(outputs, loss, self.end_step(step + 1, lr), skipped)
 
+    def model_finite(self, step: int, synced: bool) -> bool | None:
+        """Whether the parameters are finite after step ``step`` (0-based), judged only where every
+        rank holds the same parameters, so that all ranks reach the same verdict without a
+        collective: after a global sync, and after every step of the synchronous phase (averaged
+        gradients). None after a local step: a replica's NaN reaches every rank at the next sync.
+        One float64 sum per dtype group, which NaN or inf makes non-finite (and finite float32
+        values cannot overflow); fp16's skipped steps leave the parameters finite."""
+        if not synced and not self.schedule.is_synchronous(step):
+            return None
+        total = torch.stack([g.slice(PARAMS).sum(dtype=torch.float64) for g in self.groups]).sum()
+        return bool(torch.isfinite(total).item())
+
     # The parts of ``train_step``, public for measurements that time one part alone.
     def begin_step(self, step: int) -> None:
         if self.gradients is not None:
