@@ -116,9 +116,10 @@ class Checkpointer:
             self.comm.allreduce_(broken, average=False)
         if not broken.any():
             return
-        ranks = ", ".join(str(r) for r in broken.nonzero().flatten().tolist())
+        ranks = broken.nonzero().flatten().tolist()
+        named = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(str(r) for r in ranks)}"
         line = (
-            f"training diverged by step {step}: the model of rank {ranks} is NaN or inf; its checkpoint was not "
+            f"training diverged by step {step}: the model of {named} is NaN or inf; its checkpoint was not "
             "written (lower the learning rate, or resume from an earlier checkpoint)"
         )
         if self.metrics is not None:

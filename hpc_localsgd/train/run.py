@@ -223,7 +223,7 @@ class DivergenceWatch:
             seen[self.comm.rank] = self.first_bad_loss[0]
             self.comm.allreduce_(seen, average=False)
         named = [f"{self.unit} {index} at step {int(first)}" for index, first in enumerate(seen.tolist()) if first]
-        who = f"non-finite loss on {', '.join(named)}" if named else "no worker's loss was non-finite before"
+        who = f"non-finite loss on {', '.join(named)}" if named else "every worker's loss was finite"
         return (
             f"training diverged at step {step}: the model is NaN or inf ({who}); no checkpoint of it was written "
             "(lower the learning rate, or resume from an earlier checkpoint)"
