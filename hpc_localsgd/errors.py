@@ -32,6 +32,20 @@ class LauncherMismatch(UserError):
     same_on_every_rank = False
 
 
+class TrainingDiverged(UserError):
+    """The loss or the averaged model became non-finite (NaN or inf): the run stopped at that step, and
+    nothing of the broken state was checkpointed. A distinct exit status tells it apart from bad input."""
+
+    exit_code = 3
+
+
+class WriteFailed(UserError):
+    """A checkpoint or ``metrics.h5`` could not be written (disk full, I/O error, permission): the run
+    stopped, and what was written before is intact."""
+
+    exit_code = 4
+
+
 class RankLocalError(UserError):
     """A problem only this rank can see (its device, its node's files)."""
 

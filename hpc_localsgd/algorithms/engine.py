@@ -146,6 +146,27 @@ class AveragingEngine:
             self.skipped_steps += int(skipped)
         return StepResult(outputs, loss, self.end_step(step + 1, lr), skipped)
 
+    def model_finite(self, step: int, synced: bool) -> bool | None:
+        """Whether the model is finite after step ``step`` (0-based), judged only where every rank
+        holds the same values, so that all ranks reach the same verdict without a collective: after a
+        global sync what it averaged (parameters, and BN statistics and momentum where averaged),
+        and after a step of the synchronous phase the parameters (averaged gradients). None after a
+        local step: a replica's NaN reaches every rank at the next sync. One float64 sum per span,
+        which NaN or inf makes non-finite (finite float32 values cannot overflow it); fp16's skipped
+        steps leave the model finite."""
+        if synced:
+            spans = [
+                g.flat[..., a:b]
+                for g, group_spans in zip(self.groups, self._sync_spans, strict=True)
+                for a, b in group_spans
+            ]
+        elif self.schedule.is_synchronous(step):
+            spans = [g.slice(PARAMS) for g in self.groups]
+        else:
+            return None
+        total = torch.stack([t.sum(dtype=torch.float64) for t in spans]).sum()
+        return bool(torch.isfinite(total).item())
+
     # The parts of ``train_step``, public for measurements that time one part alone.
     def begin_step(self, step: int) -> None:
         if self.gradients is not None:

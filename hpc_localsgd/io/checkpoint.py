@@ -22,6 +22,10 @@ then each rank in turn appends its own group (so no rank ever holds another rank
 the file must sit on a filesystem every rank sees); rank 0 marks the file complete, fsyncs it,
 renames it into place, and replaces the ``latest`` pointer by another rename. A crash at any
 instant leaves the previous checkpoint untouched and loadable; leftovers are ``.tmp`` files.
+A write that fails (disk full, I/O error, permission) on any rank fails on every rank alike
+(:class:`CheckpointWriteError`, one line): rank 0 removes the temporary file, and the previous
+checkpoint and ``latest`` stay as they were. Free space is checked before the first byte, since
+HDF5 does not recover cleanly from a write that runs out of space midway.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ import xxhash
 
 from ..comm.agree import agree_on_failure
 from ..comm.base import Communicator
-from ..errors import UserError
-from .hdf5 import open_error_reason
+from ..errors import UserError, WriteFailed, one_line
+from .hdf5 import check_free_space, failed_writes_reported_once, open_error_reason
 
 FORMAT = "hpc-localsgd/checkpoint"
 FORMAT_VERSION = 2
@@ -58,6 +62,15 @@ LATEST = "latest"
 
 class CheckpointError(UserError):
     """A checkpoint file that cannot be used: the message names the file and what is wrong."""
+
+
+class CheckpointWriteError(CheckpointError, WriteFailed):
+    """A checkpoint that could not be written; the previous one and ``latest`` are intact."""
+
+
+# What a failed HDF5 write raises: OSError from the OS, RuntimeError or ValueError when h5py fails
+# to flush or free an object whose data it could not write.
+_WRITE_ERRORS = (OSError, RuntimeError, ValueError)
 
 
 def checkpoint_name(step: int) -> str:
@@ -257,12 +270,19 @@ class CheckpointWriter:
             for stale in directory.glob(".step-*.tmp"):
                 stale.unlink()  # left by a writer that crashed; never a complete checkpoint
 
-    def _agree(self, failure: str | None) -> None:
+    def _agree(self, failure: str | None, step: int, tmp: Path) -> None:
         """Every rank learns whether any rank failed, so that none waits for another, and every rank
-        reports the same cause: the lowest failing rank's."""
+        reports the same cause: the lowest failing rank's. On failure rank 0 removes the temporary
+        file (every rank is past its last use of it here)."""
         message = agree_on_failure(self.comm, failure)
-        if message is not None:
-            raise CheckpointError(f"checkpoint could not be written: {message}")
+        if message is None:
+            return
+        if self.comm.is_root:
+            for leftover in (tmp, self.directory / f".{LATEST}.tmp"):
+                leftover.unlink(missing_ok=True)
+        latest = self.directory / LATEST
+        kept = f"'{latest}' still names {latest.read_text().strip()}" if latest.is_file() else "no earlier checkpoint"
+        raise CheckpointWriteError(f"the checkpoint of step {step} could not be written ({message}); {kept}")
 
     def write(
         self, step: int, epoch: float, attrs: dict[str, Any], shared: dict[str, torch.Tensor], rank_state: RankState
@@ -279,7 +299,12 @@ class CheckpointWriter:
         failure: str | None = None
         if self.comm.is_root:
             try:
-                with h5py.File(tmp, "w", locking=self.locking) as f:
+                # At most every rank's state in full (links make it less), and the shared state.
+                size = self.comm.size * sum(t.numel() * t.element_size() for t in rank_state.tensors.values())
+                check_free_space(
+                    self.directory, size + sum(t.numel() * t.element_size() for t in shared.values()), tmp.name
+                )
+                with failed_writes_reported_once(), h5py.File(tmp, "w", locking=self.locking) as f:
                     f.attrs.update(
                         {
                             "format": FORMAT,
@@ -297,34 +322,45 @@ class CheckpointWriter:
                     for name, tensor in shared.items():
                         _write_tensor(shared_group, name, tensor)
                     f.create_group("ranks")
-            except OSError as exc:
-                failure = f"{tmp}: {exc}"
-        self._agree(failure)
+            except _WRITE_ERRORS as exc:
+                failure = f"{tmp}: {one_line(exc)}"
+        self._agree(failure, step, tmp)
         for turn in range(self.comm.size):
             failure = None
             if self.comm.rank == turn:
                 try:
-                    self._append_rank(tmp, rank_state, names, digests, same_as_root)
-                except OSError as exc:
-                    failure = f"{tmp} (rank {turn}): {exc}"
-            self._agree(failure)
+                    with failed_writes_reported_once():
+                        self._append_rank(tmp, rank_state, names, digests, same_as_root)
+                except _WRITE_ERRORS as exc:
+                    failure = f"{tmp} (rank {turn}): {one_line(exc)}"
+            self._agree(failure, step, tmp)
         failure = None
         if self.comm.is_root:
             try:
-                with h5py.File(tmp, "a", locking=self.locking) as f:
-                    f.attrs["complete"] = 1
-                fsync_path(tmp)
-                os.replace(tmp, final)
-                fsync_path(self.directory)
-                pointer = self.directory / f".{LATEST}.tmp"
-                pointer.write_text(final.name + "\n")
-                fsync_path(pointer)
-                os.replace(pointer, self.directory / LATEST)
-                self._prune()
-            except OSError as exc:
-                failure = f"{final}: {exc}"
-        self._agree(failure)
+                self._complete(tmp, final)
+            except _WRITE_ERRORS as exc:
+                failure = f"{final}: {one_line(exc)}"
+        self._agree(failure, step, tmp)
+        if self.comm.is_root:
+            self._prune()
         return final
+
+    def _complete(self, tmp: Path, final: Path) -> None:
+        """Mark ``tmp`` complete, rename it to ``final`` and point ``latest`` at it; on failure undo the
+        rename, so that the previous checkpoint stays the newest and ``latest`` names it."""
+        with failed_writes_reported_once(), h5py.File(tmp, "a", locking=self.locking) as f:
+            f.attrs["complete"] = 1
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        try:
+            fsync_path(self.directory)
+            pointer = self.directory / f".{LATEST}.tmp"
+            pointer.write_text(final.name + "\n")
+            fsync_path(pointer)
+            os.replace(pointer, self.directory / LATEST)
+        except OSError:
+            final.unlink(missing_ok=True)
+            raise
 
     def _append_rank(
         self, tmp: Path, state: RankState, names: list[str], digests: list[str], same_as_root: list[bool]
@@ -354,9 +390,14 @@ class CheckpointWriter:
         fsync_path(tmp)
 
     def _prune(self) -> None:
+        """Delete the checkpoints beyond the newest ``keep``; one that cannot be deleted stays (it is
+        complete and valid: nothing is lost)."""
         complete = sorted(p for p in self.directory.iterdir() if _NAME.match(p.name))
         for old in complete[: -self.keep]:
-            old.unlink()
+            try:
+                old.unlink()
+            except OSError:
+                pass
 
 
 # --- reading --------------------------------------------------------------------------------------

@@ -8,18 +8,26 @@ Layout: groups ``steps`` and ``evals``, one 1-D dataset per field (all the same 
 root attributes ``config`` (the resolved YAML), ``world`` (JSON), ``versions`` (JSON),
 ``format`` = "hpc-localsgd/metrics", ``format_version`` = 1, ``total_steps`` (the steps the run
 was planned for), ``levels`` (JSON: the levels of the run's hierarchy, ``global`` last) and more
-written by the training loop. Besides the totals ``bytes_sent`` and ``sync_rounds``, both groups
-have ``<level>_bytes_sent`` and ``<level>_sync_rounds`` for every level (files written before
-levels existed have neither: all their traffic is ``global``).
+written by the training loop; ``stopped`` ("diverged"), ``stopped_step`` and ``stopped_reason``
+when training stopped on a non-finite loss or model; ``first_step`` when the file was started
+afresh on a resume (its rows begin after that step: the damaged file before it was set aside).
+Besides the totals ``bytes_sent`` and ``sync_rounds``, both groups have ``<level>_bytes_sent``
+and ``<level>_sync_rounds`` for every level (files written before levels existed have neither:
+all their traffic is ``global``).
 
 This module owns that contract: the file name, the format tag, the fields and when a run counts as
-finished (:func:`run_finished`). It imports no torch, so that the report reads metrics files
-without it.
+finished (:func:`run_finished`) or diverged (:func:`run_status`). It imports no torch, so that
+the report reads metrics files without it.
+
+Appends never lose the rows already written: free space is checked before HDF5 touches the file
+(HDF5 does not roll back a write that runs out of space midway), and a failed append leaves its
+rows pending and says so in one line (:class:`~hpc_localsgd.errors.WriteFailed`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,10 +36,19 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..errors import WriteFailed, one_line
+from .hdf5 import attr_text, check_free_space, failed_writes_reported_once
+
 METRICS_FILE = "metrics.h5"  # in the run directory
 METRICS_FORMAT = "hpc-localsgd/metrics"  # the root attribute ``format``
 METRICS_FORMAT_VERSION = 1
 TOTAL_STEPS_ATTR = "total_steps"  # root attribute: the step the run ends at
+STOPPED_ATTR = "stopped"  # root attribute: why training stopped for good before its end ("diverged")
+STOPPED_STEP_ATTR = "stopped_step"
+STOPPED_REASON_ATTR = "stopped_reason"  # the one line the run ended with
+FIRST_STEP_ATTR = "first_step"  # root attribute of a file restarted on resume: its rows follow this step
+DIVERGED = "diverged"
+FINISHED, UNFINISHED = "finished", "unfinished"  # the other values of run_status
 
 STEP_FIELDS = (
     "step",
@@ -80,18 +97,30 @@ class MetricsWriter:
         locking: bool = False,
         resume_after_step: int | None = None,
         levels: Sequence[str] = (GLOBAL_LEVEL,),
+        defer_failures: bool = False,
     ) -> None:
         """Create ``path``; or, with ``resume_after_step``, reopen it and drop the rows logged after
         that step (they were written after the checkpoint being resumed and will be logged again).
-        ``levels``: the hierarchy's levels, for the per-level counters every row then carries."""
+        A file that cannot be reopened (truncated, not HDF5, not a metrics file) is moved aside to
+        ``metrics.h5.damaged-<UTC time>`` (:attr:`set_aside` says where and why) and a fresh one starts
+        after that step. ``levels``: the hierarchy's levels, for the per-level counters every row then
+        carries. ``defer_failures``: a failed append is kept in :attr:`failure` instead of raised (MPI
+        rank 0, whose ranks agree on stopping; see ``train/checkpointer.py``)."""
         self.path = Path(path)
         self.flush_seconds = flush_seconds
         self.locking = locking
+        self.defer_failures = defer_failures
+        self.failure: str | None = None  # the last append that failed, while its rows are pending
+        self.set_aside: tuple[Path, str] | None = None  # (where a damaged file went, what was wrong)
         self._pending: dict[str, list[dict[str, float]]] = {"steps": [], "evals": []}
         self._last_flush = time.monotonic()
         if resume_after_step is not None and self.path.exists():
-            self._truncate_after(resume_after_step)
-            return
+            try:
+                self._truncate_after(resume_after_step)
+                return
+            except (OSError, KeyError, ValueError) as exc:
+                self.set_aside = (_move_aside(self.path), one_line(exc))
+            attrs = {**attrs, FIRST_STEP_ATTR: resume_after_step}
         with h5py.File(self.path, "w-", locking=locking) as f:
             f.attrs["format"] = METRICS_FORMAT
             f.attrs["format_version"] = METRICS_FORMAT_VERSION
@@ -111,11 +140,22 @@ class MetricsWriter:
                     )
 
     def _truncate_after(self, step: int) -> None:
+        with h5py.File(self.path, "r", locking=self.locking) as f:  # read first: a damaged file is set aside untouched
+            if attr_text(f.attrs, "format") != METRICS_FORMAT:
+                raise ValueError(f"not an hpc-localsgd metrics file (format {attr_text(f.attrs, 'format')!r})")
+            keep = {
+                group: int(np.searchsorted(f[group]["step"][()], step, side="right")) for group in ("steps", "evals")
+            }
+            for group in keep:
+                lengths = {dataset.shape[0] for dataset in f[group].values()}
+                if min(lengths) < keep[group]:
+                    raise ValueError(f"{group}/ has datasets of different lengths {sorted(lengths)}")
         with h5py.File(self.path, "a", locking=self.locking) as f:
-            for group in ("steps", "evals"):
-                keep = int(np.searchsorted(f[group]["step"][()], step, side="right"))
+            for group, rows in keep.items():
                 for dataset in f[group].values():
-                    dataset.resize((keep,))
+                    dataset.resize((rows,))
+            for name in (STOPPED_ATTR, STOPPED_STEP_ATTR, STOPPED_REASON_ATTR):
+                f.attrs.pop(name, None)  # the run goes on: whatever stopped it before no longer holds
 
     def log_step(self, **row: float) -> None:
         self._pending["steps"].append(row)
@@ -127,22 +167,86 @@ class MetricsWriter:
         self.flush()
 
     def flush(self) -> None:
+        """Append the pending rows. On failure they stay pending (a later flush retries them), the rows
+        in the file are intact, and :class:`WriteFailed` is raised (or kept in :attr:`failure`)."""
         if not any(self._pending.values()):
             return
+        try:
+            with failed_writes_reported_once():
+                self._append()
+        except (OSError, RuntimeError, ValueError) as exc:
+            written = self._written_steps()
+            self.failure = f"{self.path}: metrics could not be appended ({one_line(exc)}); " + (
+                f"the rows up to step {written} are kept" if written is not None else "no step row was written yet"
+            )
+            if not self.defer_failures:
+                raise WriteFailed(self.failure) from None
+            return
+        self.failure = None
+        for rows in self._pending.values():
+            rows.clear()
+        self._last_flush = time.monotonic()
+
+    def _append(self) -> None:
+        rows = sum(len(r) for r in self._pending.values())
+        # Data plus HDF5's chunk rounding: a new chunk of each dataset may be allocated.
+        widths = len(self._pending["steps"][0]) if self._pending["steps"] else len(EVAL_FIELDS)
+        check_free_space(self.path.parent, 8 * widths * (rows + 2 * 1024), f"appending to {self.path.name}")
         with h5py.File(self.path, "a", locking=self.locking) as f:
-            for group, rows in self._pending.items():
-                if not rows:
+            for group, pending in self._pending.items():
+                if not pending:
                     continue
                 for name, dataset in f[group].items():
-                    values = np.asarray([row[name] for row in rows], dtype=dataset.dtype)
+                    values = np.asarray([row[name] for row in pending], dtype=dataset.dtype)
                     old = dataset.shape[0]
                     dataset.resize((old + len(values),))
                     dataset[old:] = values
-                rows.clear()
-        self._last_flush = time.monotonic()
+
+    def _written_steps(self) -> int | None:
+        try:
+            with h5py.File(self.path, "r", locking=self.locking) as f:
+                steps = f["steps/step"]
+                return int(steps[-1]) if steps.shape[0] else None
+        except (OSError, KeyError, ValueError, RuntimeError):
+            return None
+
+    def mark_stopped(self, reason: str, step: int, line: str) -> None:
+        """Record that training stopped for good at ``step`` (``reason``: "diverged"), with the line it
+        ended with, after appending the pending rows: the report and the sweep read it. Best effort: a
+        failed write here must not replace the line the run ends with by another."""
+        try:
+            self.flush()
+            with failed_writes_reported_once(), h5py.File(self.path, "a", locking=self.locking) as f:
+                f.attrs[STOPPED_ATTR] = reason
+                f.attrs[STOPPED_STEP_ATTR] = step
+                f.attrs[STOPPED_REASON_ATTR] = line
+        except (WriteFailed, OSError, RuntimeError, ValueError):
+            pass
 
     def close(self) -> None:
+        """Append what is pending; a failure is raised now whatever ``defer_failures`` says."""
         self.flush()
+        if self.failure is not None:
+            raise WriteFailed(self.failure)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a damaged ``path`` to ``<name>.damaged-<UTC time>``, never over an existing file."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for attempt in range(1000):
+        target = path.with_name(f"{path.name}.damaged-{stamp}" + (f".{attempt}" if attempt else ""))
+        try:
+            os.link(path, target)  # fails if target exists: no race can overwrite a file
+        except FileExistsError:
+            continue
+        except OSError:  # a filesystem without hard links
+            if target.exists():
+                continue
+            path.rename(target)
+            return target
+        path.unlink()
+        return target
+    raise OSError(f"cannot find a free name to set '{path}' aside")
 
 
 def read_metrics(path: str | Path, locking: bool = False) -> dict[str, dict[str, np.ndarray]]:
@@ -163,14 +267,30 @@ def run_finished(eval_steps: Sequence[int] | np.ndarray, total_steps: int) -> bo
     return len(eval_steps) > 0 and int(eval_steps[-1]) >= int(total_steps)
 
 
-def metrics_file_finished(path: str | Path) -> bool:
-    """:func:`run_finished` for a metrics file; False when it is missing, unreadable (a writer may
-    be appending right now) or lacks ``evals/step`` or ``total_steps``."""
+def run_status(eval_steps: Sequence[int] | np.ndarray, total_steps: int, stopped: str | None) -> str:
+    """``"diverged"`` when training stopped on a non-finite loss or model (the root attribute
+    ``stopped``), else ``"finished"`` (:func:`run_finished`) or ``"unfinished"`` (still going, or
+    stopped early by a signal, a crash or a time limit: resumable)."""
+    if stopped == DIVERGED:
+        return DIVERGED
+    return FINISHED if run_finished(eval_steps, total_steps) else UNFINISHED
+
+
+def metrics_file_status(path: str | Path) -> str:
+    """:func:`run_status` for a metrics file; ``"unfinished"`` when it is missing, unreadable (a
+    writer may be appending right now) or lacks ``evals/step`` or ``total_steps``."""
     path = Path(path)
     if not path.is_file():
-        return False
+        return UNFINISHED
     try:
         with h5py.File(path, "r", locking=False) as f:
-            return run_finished(f["evals/step"][()], int(f.attrs[TOTAL_STEPS_ATTR]))
+            if attr_text(f.attrs, STOPPED_ATTR) == DIVERGED:
+                return DIVERGED
+            return run_status(f["evals/step"][()], int(f.attrs[TOTAL_STEPS_ATTR]), None)
     except (OSError, KeyError):
-        return False
+        return UNFINISHED
+
+
+def metrics_file_finished(path: str | Path) -> bool:
+    """Whether :func:`metrics_file_status` is ``"finished"``."""
+    return metrics_file_status(path) == FINISHED

@@ -96,9 +96,11 @@ def write_report(
             if say:
                 say(f"wrote {file}")
     if say:
-        going = sum(not run.finished for run in runs)
+        going = sum(run.status == "unfinished" for run in runs)
+        diverged = sum(run.status == "diverged" for run in runs)
+        also = f", {diverged} diverged" if diverged else ""
         say(
-            f"report: {len(runs)} run(s) ({going} still going) in {len(group_runs(runs))} group(s), "
+            f"report: {len(runs)} run(s) ({going} still going{also}) in {len(group_runs(runs))} group(s), "
             f"{len(set(run.task for run in runs))} task(s); {len(written)} files in {out}"
         )
     return written

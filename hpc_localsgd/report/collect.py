@@ -21,7 +21,16 @@ import yaml
 
 from ..errors import UserError, print_line
 from ..io.hdf5 import attr_text, is_hdf5, open_error_reason
-from ..io.metrics import METRICS_FILE, METRICS_FORMAT, TOTAL_STEPS_ATTR, read_metrics, run_finished
+from ..io.metrics import (
+    FINISHED,
+    METRICS_FILE,
+    METRICS_FORMAT,
+    STOPPED_ATTR,
+    STOPPED_STEP_ATTR,
+    TOTAL_STEPS_ATTR,
+    read_metrics,
+    run_status,
+)
 
 # The order in which methods appear in tables and legends: the baseline first, then the study's
 # story (local SGD loses accuracy, post-local SGD and the outer optimizers win it back).
@@ -92,10 +101,17 @@ class Run:
     evals: Evals
     # The run's config flattened to dotted keys: what tells apart runs of one method, H and workers.
     settings: dict[str, Any] = field(default_factory=dict)
+    stopped: str | None = None  # "diverged": training stopped at ``stopped_step`` on a NaN or inf model
+    stopped_step: int | None = None
+
+    @property
+    def status(self) -> str:
+        """ "finished", "diverged" or "unfinished" (:func:`~hpc_localsgd.io.metrics.run_status`)."""
+        return run_status(self.evals.step, self.total_steps, self.stopped)
 
     @property
     def finished(self) -> bool:
-        return run_finished(self.evals.step, self.total_steps)
+        return self.status == FINISHED
 
 
 def find_metrics_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -168,6 +184,8 @@ def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.
             },
         ),
         settings=_flatten(config),
+        stopped=attr_text(attrs, STOPPED_ATTR) or None,
+        stopped_step=int(attrs[STOPPED_STEP_ATTR]) if STOPPED_STEP_ATTR in attrs else None,
     )
 
 
@@ -262,9 +280,12 @@ def collect_runs(
         run = read_run(file, pause_seconds=pause_seconds, warn=warn)
         if run is None:
             continue
+        diverged = f"diverged at step {run.stopped_step}" if run.stopped else ""
         if len(run.evals) == 0:
-            warn(f"skipping '{file}': no evaluation yet")
+            warn(f"skipping '{file}': {diverged + ' before its first evaluation' if diverged else 'no evaluation yet'}")
             continue
+        if diverged:
+            warn(f"'{file}' {diverged}: its last evaluation before that (step {int(run.evals.step[-1])}) is reported")
         runs.append(run)
     if not runs:
         raise UserError("no run with an evaluation to report on in " + ", ".join(f"'{p}'" for p in paths))

@@ -297,11 +297,22 @@ def submit(plan: SweepPlan) -> list[str]:
 
 
 # --- running a sweep on this machine ------------------------------------------------------------
+def _status(run_dir: Path) -> str:
+    """ "finished" (the run reached its last step and evaluated it), "diverged" (it stopped on a NaN
+    or inf model: running it again would diverge again) or "unfinished"."""
+    from ..io.metrics import METRICS_FILE, metrics_file_status  # h5py only when a sweep runs here
+
+    return metrics_file_status(run_dir / METRICS_FILE)
+
+
 def _finished(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run that reached its last step and evaluated it."""
-    from ..io.metrics import METRICS_FILE, metrics_file_finished  # h5py only when a sweep runs here
+    return _status(run_dir) == "finished"
 
-    return metrics_file_finished(run_dir / METRICS_FILE)
+
+# What a point's run ends with besides a test accuracy (see _run_point).
+_FINISHED_LINE = "finished"
+_DIVERGED_PREFIX = "diverged: "
 
 
 def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tuple[float | None, str]:
@@ -312,6 +323,7 @@ def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tup
     import traceback
 
     from ..config.load import load_config as load
+    from ..errors import TrainingDiverged
     from ..errors import UserError as Refused
 
     cfg = load(config_path, [])
@@ -327,6 +339,9 @@ def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tup
                 result = train(
                     cfg, overwrite=True, launch=detect_launch({}), print_fn=lambda line: print(line, file=log)
                 )
+            except TrainingDiverged as exc:
+                print(f"hpc-localsgd: error: {exc}", file=log)
+                return None, f"{_DIVERGED_PREFIX}{exc}"
             except Refused as exc:
                 print(f"hpc-localsgd: error: {exc}", file=log)
                 return None, str(exc)
@@ -348,29 +363,34 @@ def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tup
             "auto",
         ]
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode == TrainingDiverged.exit_code:
+            return None, f"{_DIVERGED_PREFIX}see {log_path}"
         if done.returncode != 0:
             return None, f"mpirun exited with {done.returncode} (see {log_path})"
-    return None, "finished"
+    return None, _FINISHED_LINE
 
 
 def run_here(plan: SweepPlan, jobs: int, print_fn: Any = print) -> int:
     """Run every point of a written sweep on this machine, ``jobs`` at a time, skipping points whose
-    run already finished (so an interrupted sweep continues where it stopped). Simulated points
-    run inside the pool's processes (one torch import per process, not per run); others run
-    under ``mpirun -np <ranks>`` with ``--resume auto``. Returns the number of failed points."""
+    run already finished or diverged (so an interrupted sweep continues where it stopped). Simulated
+    points run inside the pool's processes (one torch import per process, not per run); others run
+    under ``mpirun -np <ranks>`` with ``--resume auto``. Returns the number of failed points: a run
+    that diverged is an outcome of the study (shown as DIVERGED, counted apart), not a failure."""
     import multiprocessing
     import time
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
-    todo = [p for p in plan.points if not _finished(p.run_dir)]
+    status = {p.name: _status(p.run_dir) for p in plan.points}
+    todo = [p for p in plan.points if status[p.name] == "unfinished"]
     skipped = len(plan.points) - len(todo)
+    done_before = sum(s == "diverged" for s in status.values())
     print_fn(
-        f"sweep '{plan.name}': {len(todo)} of {len(plan.points)} runs to go ({skipped} already finished), "
-        f"{jobs} at a time; logs in {plan.out / 'logs'}"
+        f"sweep '{plan.name}': {len(todo)} of {len(plan.points)} runs to go ({skipped - done_before} already "
+        f"finished{f', {done_before} diverged' if done_before else ''}), {jobs} at a time; logs in {plan.out / 'logs'}"
     )
-    failed = 0
+    failed = diverged = 0
     start = time.perf_counter()
     # spawn: a forked child would inherit the parent's torch threads and locks.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -389,14 +409,20 @@ def run_here(plan: SweepPlan, jobs: int, print_fn: Any = print) -> int:
             point = futures[future]
             try:
                 accuracy, line = future.result()
-                ok = accuracy is not None or line == "finished"
+                ok = accuracy is not None or line == _FINISHED_LINE
             except Exception as exc:  # the worker process died (killed, out of memory)
                 ok, line = False, f"worker died: {type(exc).__name__}: {exc}"
-            failed += 0 if ok else 1
-            print_fn(f"[{count}/{len(todo)}] {point.name}: {line if ok else 'FAILED: ' + line}")
+            if line.startswith(_DIVERGED_PREFIX):
+                diverged += 1
+                line = "DIVERGED: " + line.removeprefix(_DIVERGED_PREFIX)
+            elif not ok:
+                failed += 1
+                line = "FAILED: " + line
+            print_fn(f"[{count}/{len(todo)}] {point.name}: {line}")
     print_fn(
-        f"sweep '{plan.name}': {len(todo) - failed} runs done, {skipped} skipped, {failed} failed in "
-        f"{time.perf_counter() - start:.0f} s; figures and table: hpc-localsgd report {plan.out / 'runs'}"
+        f"sweep '{plan.name}': {len(todo) - failed - diverged} runs done, {skipped} skipped, {failed} failed"
+        f"{f', {diverged} diverged' if diverged else ''} in {time.perf_counter() - start:.0f} s; "
+        f"figures and table: hpc-localsgd report {plan.out / 'runs'}"
     )
     return failed
 

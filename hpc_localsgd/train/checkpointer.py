@@ -2,7 +2,9 @@
 
 After every step the :class:`Checkpointer` combines the job's requests (signals, the checkpoint
 clock; ``control.py``), the configured cadence (``checkpoint.every_steps``, ``at_end``) and
-``--stop-at-step``, and writes one checkpoint when any of them asks. What a checkpoint holds is
+``--stop-at-step``, and writes one checkpoint when any of them asks; it never writes a model that is
+NaN or inf (a replica can break between two syncs), and stops every rank when rank 0's metrics.h5
+could not be appended. What a checkpoint holds is
 asked of the components that own it (the engine's flat state and counters, the run's progress),
 so the training loop and the benchmark never assemble it by hand.
 """
@@ -12,12 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..algorithms.engine import AveragingEngine
 from ..comm.base import Communicator
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
+from ..errors import TrainingDiverged, WriteFailed
 from ..io.checkpoint import CheckpointWriter, RankState
-from ..io.metrics import MetricsWriter
+from ..io.metrics import DIVERGED, MetricsWriter
 from ..launcher.env import software_versions
 from .control import JobControl
 from .run import Optimization, Progress, describe_method
@@ -59,7 +64,9 @@ class Checkpointer:
     def after_step(self, step: int) -> str | None:
         """Checkpoint if anything asks for one after ``step`` completed steps; say why to stop, if so.
         Every rank calls it after every step (it may run a collective)."""
-        decision = self.control.poll(step)
+        decision = self.control.poll(step, self.metrics.failure if self.metrics is not None else None)
+        if decision.write_failure is not None:
+            raise WriteFailed(decision.write_failure)
         policy = self.cfg.checkpoint
         stop_reason = (decision.stop_signal or "a signal on another rank") if decision.stop else None
         if step == self.stop_at_step:
@@ -76,6 +83,7 @@ class Checkpointer:
     def save(self, step: int) -> Path:
         if self.metrics is not None:
             self.metrics.flush()  # rows up to this step must survive a crash that follows
+        self._refuse_non_finite(step)
         cfg, engine = self.cfg, self.opt.engine
         attrs: dict[str, Any] = {
             "config": config_to_yaml(cfg),
@@ -91,6 +99,32 @@ class Checkpointer:
         )
         self.control.checkpoint_written()
         return path
+
+    def _refuse_non_finite(self, step: int) -> None:
+        """Stop every rank, writing nothing, when any rank's state is NaN or inf. Between two syncs a
+        replica can break unseen (the run's own check waits for the next sync, where every rank sees
+        the same model), so each rank checks its own state here and the ranks compare (one small
+        allreduce per checkpoint)."""
+        finite = all(
+            bool(torch.isfinite(t.sum(dtype=torch.float64)).item())
+            for t in self.opt.engine.rank_state().values()
+            if t.is_floating_point()
+        )
+        broken = torch.zeros(self.comm.size, dtype=torch.int64)
+        broken[self.comm.rank] = int(not finite)
+        if self.comm.size > 1:
+            self.comm.allreduce_(broken, average=False)
+        if not broken.any():
+            return
+        ranks = broken.nonzero().flatten().tolist()
+        named = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(str(r) for r in ranks)}"
+        line = (
+            f"training diverged by step {step}: the model of {named} is NaN or inf; its checkpoint was not "
+            "written (lower the learning rate, or resume from an earlier checkpoint)"
+        )
+        if self.metrics is not None:
+            self.metrics.mark_stopped(DIVERGED, step, line)
+        raise TrainingDiverged(line)
 
     def close(self) -> None:
         self.control.close()

@@ -4,7 +4,8 @@ A signal only sets a flag on the rank that received it. Every ``poll_every_steps
 ranks combine their flags (and rank 0's "a timed checkpoint is due") in one tiny allreduce,
 so all of them take the same decision at the same step and none is left waiting in a
 collective. SIGUSR2 asks for a checkpoint; SIGUSR1 and SIGTERM (what Slurm sends before a
-time limit or preemption) ask for a checkpoint and a clean stop.
+time limit or preemption) ask for a checkpoint and a clean stop. The same allreduce carries
+rank 0's "metrics.h5 could not be appended", so that every rank stops together on it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from types import FrameType
 
 import torch
 
+from ..comm.agree import agree_on_failure
 from ..comm.base import Communicator
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -31,6 +33,7 @@ class Decision:
     checkpoint: bool = False
     stop: bool = False
     stop_signal: str | None = None
+    write_failure: str | None = None  # a rank's failed write (rank 0's metrics), the same on every rank
 
 
 class JobControl:
@@ -57,8 +60,9 @@ class JobControl:
         self.last_checkpoint = time.monotonic()
         self._checkpoint_requested = False
 
-    def poll(self, completed_steps: int) -> Decision:
-        """Collective every ``poll_every_steps`` steps (all ranks call it at every step)."""
+    def poll(self, completed_steps: int, write_failure: str | None = None) -> Decision:
+        """Collective every ``poll_every_steps`` steps (all ranks call it at every step).
+        ``write_failure``: this rank's failed write, if any (its text travels only when one failed)."""
         if completed_steps % self.poll_every_steps != 0:
             return Decision()
         timed = (
@@ -67,10 +71,17 @@ class JobControl:
             and time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds
         )
         flags = torch.tensor(
-            [int(self._checkpoint_requested or timed), int(self._stop_signal is not None)], dtype=torch.int64
+            [
+                int(self._checkpoint_requested or timed),
+                int(self._stop_signal is not None),
+                int(write_failure is not None),
+            ],
+            dtype=torch.int64,
         )
         if self.comm.size > 1:
             self.comm.allreduce_(flags, average=False)
+        if flags[2].item():
+            return Decision(write_failure=agree_on_failure(self.comm, write_failure))
         stop = bool(flags[1].item())
         name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else None
         return Decision(checkpoint=bool(flags[0].item()) or stop, stop=stop, stop_signal=name)

@@ -19,6 +19,7 @@ from ..comm.base import Communicator
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import UserError
+from ..io.metrics import MetricsWriter
 from ..io.rundir import prepare_run_dir, write_text_atomically
 from ..launcher.env import LaunchEnvironment, detect_launch, select_device, threads_for_rank
 from .checkpointer import Checkpointer
@@ -28,6 +29,7 @@ from .ranks import RankWorkers, planned_groups
 from .resume import ChosenCheckpoint, choose_checkpoint, restore
 from .run import (
     EvalResult,
+    Optimization,
     Progress,
     TrainResult,
     build_optimization,
@@ -142,11 +144,13 @@ def _train(
     # From here on each rank draws its own random numbers (dropout, say): same seed, other stream.
     seed_everything(derive_seed(cfg.seed, "rank", comm.rank))
     progress = _restored_progress(chosen, opt.engine, workers.model, comm.rank, reshard)
-    metrics = None
-    if comm.is_root:
-        # Resuming without a checkpoint (stopped before the first one) starts the metrics afresh.
-        metrics = open_metrics(cfg, workers, opt, resume_after_step=progress.step if resume is not None else None)
+    metrics = (
+        _open_rank_metrics(cfg, workers, opt, progress.step if resume is not None else None) if comm.is_root else None
+    )
     say(start_line(cfg, workers, opt))
+    if metrics is not None and metrics.set_aside is not None:
+        moved, reason = metrics.set_aside
+        say(f"hpc-localsgd: warning: {metrics.path} is damaged ({reason}); moved to {moved}, a fresh one continues")
     if chosen is not None:
         say(
             f"hpc-localsgd: resuming from {chosen.checkpoint.path} at step {progress.step}"
@@ -168,6 +172,17 @@ def _train(
         if comm.is_root and result.stopped == "SIGUSR1" and cfg.checkpoint.requeue_on_usr1:
             requeue_slurm_job(say)
     return result
+
+
+def _open_rank_metrics(
+    cfg: RunConfig, workers: RankWorkers, opt: Optimization, resume_after_step: int | None
+) -> MetricsWriter:
+    """Rank 0's metrics.h5. Resuming without a checkpoint (stopped before the first one) starts it
+    afresh. A failed append does not stop rank 0 alone (the others would wait for it in their next
+    collective): the checkpointer's poll stops every rank on it."""
+    metrics = open_metrics(cfg, workers, opt, resume_after_step=resume_after_step)
+    metrics.defer_failures = True
+    return metrics
 
 
 def _restored_progress(

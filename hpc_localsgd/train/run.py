@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from ..algorithms.accounting import CommStats
-from ..algorithms.engine import AveragingEngine
+from ..algorithms.engine import AveragingEngine, StepResult
 from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
-from ..io.metrics import METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter
+from ..errors import TrainingDiverged
+from ..io.metrics import DIVERGED, METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter
 from ..launcher.env import software_versions
 from .lr import LRSchedule
 
@@ -173,6 +174,59 @@ class ProgressWindow:
         return (
             f"loss {self.loss_sum / samples:.4f} | acc {self.correct / samples:.3f} | "
             f"{self.global_samples / seconds:.0f} samples/s | comm {100 * self.comm_seconds / seconds:.0f}%"
+        )
+
+
+class DivergenceWatch:
+    """Stops a run whose model became non-finite, on every worker at the same step.
+
+    The verdict is the engine's (:meth:`AveragingEngine.model_finite`): taken where every rank holds
+    the same parameters, so every rank reaches it alike without a collective, within one sync of
+    the first NaN (one step in the synchronous phase). Each worker also notes the first step since
+    the last verdict at which its own loss was non-finite, to name it: only on the diverged path,
+    which every rank takes together, does one small allreduce gather those notes. fp16's skipped
+    steps (a non-finite loss, a finite model) are not divergence.
+    """
+
+    def __init__(self, comm: Communicator, unit: str) -> None:
+        self.comm, self.unit = comm, unit
+        # Per worker this process trains (several with the simulated backend): 1 + the first step
+        # since the last verdict with a non-finite loss; 0: none.
+        self.first_bad_loss = torch.zeros(comm.replicas, dtype=torch.int64)
+
+    def check(
+        self, engine: AveragingEngine, step: int, done: StepResult, loss: float, metrics: MetricsWriter | None
+    ) -> None:
+        """After completed step ``step`` (1-based), with the loss rank 0 logs: raise
+        :class:`TrainingDiverged` on every rank once the model is non-finite."""
+        if not math.isfinite(loss):
+            bad = torch.ones(self.comm.replicas, dtype=torch.bool)
+            if self.comm.replicas > 1:  # stacked workers: those whose outputs are not finite
+                per_worker = ~torch.isfinite(done.outputs.detach().reshape(self.comm.replicas, -1)).all(1).cpu()
+                bad = per_worker if per_worker.any() else bad
+            self.first_bad_loss[bad & (self.first_bad_loss == 0)] = step
+        verdict = engine.model_finite(step - 1, done.synced)
+        if verdict is None:
+            return
+        if verdict:
+            self.first_bad_loss.zero_()
+            return
+        line = self._message(step)
+        if metrics is not None:
+            metrics.mark_stopped(DIVERGED, step, line)
+        raise TrainingDiverged(line)
+
+    def _message(self, step: int) -> str:
+        seen = self.first_bad_loss
+        if self.comm.replicas == 1 and self.comm.size > 1:
+            seen = torch.zeros(self.comm.size, dtype=torch.int64)
+            seen[self.comm.rank] = self.first_bad_loss[0]
+            self.comm.allreduce_(seen, average=False)
+        named = [f"{self.unit} {index} at step {int(first)}" for index, first in enumerate(seen.tolist()) if first]
+        who = f"non-finite loss on {', '.join(named)}" if named else "every worker's loss was finite"
+        return (
+            f"training diverged at step {step}: the model is NaN or inf ({who}); no checkpoint of it was written "
+            "(lower the learning rate, or resume from an earlier checkpoint)"
         )
 
 
@@ -319,7 +373,7 @@ def _step_loop(
     steps_per_epoch = workers.steps_per_epoch
     eval_interval = max(1, int(round(cfg.train.eval_every_epochs * steps_per_epoch)))
     evals: list[EvalResult] = []
-    window = ProgressWindow()
+    window, watch = ProgressWindow(), DivergenceWatch(workers.comm, workers.unit)
     first_epoch = progress.step // steps_per_epoch
     workers.model.train()
     for epoch in range(first_epoch, math.ceil(total / steps_per_epoch)):
@@ -358,6 +412,7 @@ def _step_loop(
                         f"{window.summary()}"
                     )
                     window = ProgressWindow()
+            watch.check(engine, progress.step, done, loss, metrics)  # before evaluating or checkpointing it
             if progress.step % eval_interval == 0 or progress.step == total:
                 evals.append(_evaluate(workers, engine, progress, metrics, say))
             stop = after_step(progress.step) if after_step is not None else None
