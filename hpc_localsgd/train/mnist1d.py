@@ -38,7 +38,7 @@ def mnist1d_arrays(train_samples: int, test_samples: int, seed: int) -> tuple[np
     4,000/1,000 split is the package's exactly.
     """
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.data import get_dataset_args, make_dataset  # type: ignore[import-untyped]
     except ImportError as exc:
         raise UserError("data.name: dataset 'mnist1d' needs the mnist1d package; `pip install mnist1d`") from exc
     args = get_dataset_args()

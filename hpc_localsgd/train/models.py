@@ -7,6 +7,7 @@ Weights are random; the caller seeds torch first, so that every rank builds the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -57,23 +58,20 @@ class SmallCNN(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int) -> None:
         super().__init__()
-        if len(input_shape) == 2:
-            channels, length = input_shape
-            conv, norm, pool, global_pool, side, shrink = (
-                nn.Conv1d,
-                nn.BatchNorm1d,
-                nn.MaxPool1d,
-                nn.AdaptiveAvgPool1d,
-                length,
-                1,
-            )
-            layers: list[nn.Module] = []
+        one_d = len(input_shape) == 2  # sequences (channels, length): the same network in 1-D
+        conv: Callable[..., nn.Module] = nn.Conv1d if one_d else nn.Conv2d
+        norm: Callable[[int], nn.Module] = nn.BatchNorm1d if one_d else nn.BatchNorm2d
+        pool: Callable[[int], nn.Module] = nn.MaxPool1d if one_d else nn.MaxPool2d
+        global_pool: Callable[[int], nn.Module] = nn.AdaptiveAvgPool1d if one_d else nn.AdaptiveAvgPool2d
+        layers: list[nn.Module] = []
+        if one_d:
+            channels, side = input_shape
         else:
             channels, height, width_px = _image_shape("smallcnn", input_shape)
-            conv, norm, pool, global_pool = nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d
             shrink = max(1, min(height, width_px) // SMALLCNN_MAX_SIDE)
             side = min(height, width_px) // shrink
-            layers = [nn.AvgPool2d(shrink)] if shrink > 1 else []
+            if shrink > 1:
+                layers.append(nn.AvgPool2d(shrink))
         layers += [conv(channels, width, 3, padding=1, bias=False), norm(width), nn.ReLU(inplace=True)]
         # Pool once when there is room, so that the second layer sees a wider context.
         if side >= 16:
