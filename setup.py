@@ -22,6 +22,8 @@ setup(
         "xxhash>=3",
         # hpc-localsgd report: the study's figures as PNG and SVG.
         "matplotlib>=3.7",
+        # data.name: mnist1d, generated offline by the package (Greydanus & Kobak 2024).
+        "mnist1d>=0.0.2",
     ],
     extras_require={
         # Horovod must be built against the installed torch and MPI: see scripts/install.sh.

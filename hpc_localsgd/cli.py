@@ -93,7 +93,14 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    write_report(args.run_dirs, out=args.out, overwrite=args.overwrite)
+    write_report(
+        args.run_dirs,
+        out=args.out,
+        overwrite=args.overwrite,
+        tradeoff=args.tradeoff,
+        timing=args.timing,
+        target=args.target,
+    )
     return 0
 
 
@@ -234,6 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", default="report", metavar="DIR", help="output folder (default: ./report)")
     report.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
+    report.add_argument(
+        "--tradeoff",
+        action="store_true",
+        help="add the speed-accuracy trade-off (tradeoff.csv, .md, figure): every configuration at projected time "
+        "to train on an interconnect and final accuracy, its Pareto front, time to --target (stated default timing)",
+    )
+    report.add_argument(
+        "--timing",
+        metavar="BENCH_JSON",
+        help="compute time per step and interconnects (α, β) for the trade-off, from the JSON that "
+        "`hpc-localsgd bench --out` writes (implies --tradeoff)",
+    )
+    report.add_argument(
+        "--target",
+        type=float,
+        default=0.9,
+        metavar="FRACTION",
+        help="time to target: steps, bytes and projected time to reach this fraction of all-reduce's final test "
+        "accuracy at the same task and worker count (default: 0.9)",
+    )
     report.set_defaults(handler=_report)
     bench = verbs.add_parser(
         "bench",

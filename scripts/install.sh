@@ -60,7 +60,7 @@ if ! "$PY" -c 'import torch, torchvision' 2>/dev/null; then
   # shellcheck disable=SC2086
   pip install $TORCH_SPEC
 fi
-pip install 'mpi4py>=4' h5py 'pyyaml>=6' 'xxhash>=3' 'matplotlib>=3.7' scikit-learn tqdm numpy 'pytest>=8' psutil cloudpickle packaging wheel \
+pip install 'mpi4py>=4' h5py 'pyyaml>=6' 'xxhash>=3' 'matplotlib>=3.7' scikit-learn 'mnist1d>=0.0.2' tqdm numpy 'pytest>=8' psutil cloudpickle packaging wheel \
   'jsonschema>=4.18' 'reframe-hpc>=4.5' ruff mypy types-PyYAML import-linter
 
 # --- Horovod 0.28.1, built against this torch --------------------------------

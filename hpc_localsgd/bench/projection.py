@@ -30,38 +30,23 @@ The node-level global average is the engine's: over all ranks, so over both fabr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
+
+# The α–β ring model sits below bench and report, which both use it.
+from ..algorithms.network import INTERCONNECTS, Interconnect, ring_allreduce_seconds
 
 LABEL = "projection, not a measurement"
 WORKER_COUNTS = (8, 16, 32, 64, 128, 256)
 PAYS_OFF_EFFICIENCY = 0.9
 
 
-@dataclass(frozen=True)
-class Interconnect:
-    name: str
-    alpha_seconds: float  # latency per message
-    beta_bytes_per_second: float  # link bandwidth per rank
-
-
-# Typical values for MPI over each network; measure yours with the OSU or nccl-tests benchmarks.
-INTERCONNECTS = (
-    Interconnect("10 Gb/s Ethernet (TCP)", 30e-6, 1.25e9),
-    Interconnect("100 Gb/s InfiniBand EDR", 2e-6, 12.5e9),
-)
 # Typical values for an NVLink-class fabric inside a GPU node (order of magnitude of the allreduce
 # bus bandwidth nccl-tests reports inside a node of V100/A100 GPUs), not measured here: replace them
 # with nccl-tests' all_reduce_perf figures of the machine in question.
 INTRA_NODE = Interconnect("NVLink-class intra-node fabric", 3e-6, 150e9)
 NODE_COUNTS = (8, 16, 32, 64)
 RANKS_PER_NODE = 8
-
-
-def ring_allreduce_seconds(nbytes: float, workers: int, link: Interconnect) -> float:
-    if workers <= 1:
-        return 0.0
-    return 2 * (workers - 1) * link.alpha_seconds + 2 * (workers - 1) / workers * nbytes / link.beta_bytes_per_second
 
 
 def two_level_allreduce_seconds(

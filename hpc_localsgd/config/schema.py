@@ -20,7 +20,7 @@ Method = Literal["allreduce", "local_sgd", "post_local_sgd"]
 OuterMethod = Literal["none", "slowmo", "nesterov"]
 BuffersPolicy = Literal["keep", "average", "reset"]
 Backend = Literal["auto", "horovod", "mpi", "torch", "single", "simulated"]
-DatasetName = Literal["digits", "synthetic", "cifar10", "imagenet"]
+DatasetName = Literal["digits", "synthetic", "mnist1d", "cifar10", "imagenet"]
 LRScheduleName = Literal["constant", "step", "cosine"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -60,13 +60,33 @@ class SyntheticConfig:
 
 
 @dataclass
+class Mnist1dConfig:
+    """MNIST-1D (Greydanus & Kobak 2024): 1-D sequences of 40 values, 10 classes, generated offline."""
+
+    train_samples: int = setting(
+        4000, "Training sequences (the package's default split is 4000/1000).", range=">= 1, <= 10000000"
+    )
+    test_samples: int = setting(1000, "Test sequences.", range=">= 1, <= 10000000")
+    seed: int = setting(
+        42,
+        "Seed the data is generated from (the package's default). The dataset's own, not the run's: "
+        "runs of different seeds train and test on the same sequences.",
+        range=">= 0, <= 4294967295",
+    )
+
+    def validate(self, key: str) -> None:
+        check_declared(self, key)
+
+
+@dataclass
 class DataConfig:
     """What the model learns from, and how it is batched."""
 
     name: DatasetName = setting(
         "digits",
         "The dataset: digits (scikit-learn's 8×8 digits, in memory), synthetic "
-        "(see data.synthetic), cifar10 or imagenet (read from data.path).",
+        "(see data.synthetic), mnist1d (generated offline, see data.mnist1d), cifar10 or imagenet (read "
+        "from data.path).",
     )
     path: str | None = setting(
         None,
@@ -95,12 +115,14 @@ class DataConfig:
     augment: bool = setting(True, "Random crop and horizontal flip of cifar10 / imagenet training images.")
     image_size: int = setting(224, "Side of the square crops fed to the model for imagenet.", range=">= 8, <= 8192")
     synthetic: SyntheticConfig = section(SyntheticConfig, "The synthetic task (data.name: synthetic).")
+    mnist1d: Mnist1dConfig = section(Mnist1dConfig, "MNIST-1D's size and seed (data.name: mnist1d).")
 
     def validate(self, key: str = "data") -> None:
         check_declared(self, key)
         if self.name in ("cifar10", "imagenet"):
             _check(self.path is not None, f"{key}.path", f"is required for dataset {self.name!r}")
         self.synthetic.validate(f"{key}.synthetic")
+        self.mnist1d.validate(f"{key}.mnist1d")
 
 
 @dataclass
@@ -110,14 +132,14 @@ class ModelConfig:
     name: str = setting(
         "smallcnn",
         "A torchvision classification model by name (resnet18, resnet50, ...), or "
-        "smallcnn / mlp (the package's small models).",
+        "smallcnn / mlp (the package's small models) or resnet1d (a small 1-D ResNet for sequences: mnist1d).",
     )
     cifar_stem: bool = setting(
         False, "Replace the ImageNet stem (7×7 stride-2 conv + max-pool) by a 3×3 stride-1 conv, for 32×32 inputs."
     )
     width: int = setting(
         32,
-        "Width (channels or hidden units) of the small models; unused by torchvision models.",
+        "Width (channels or hidden units) of the small models and resnet1d; unused by torchvision models.",
         range=">= 1, <= 65536",
     )
 

@@ -1,7 +1,9 @@
 """``hpc-localsgd report RUN_DIR...``: the study's figures and results table from metrics files.
 
 collect (find and read runs) → table (group by task, method, H, workers; aggregate seeds) →
-plots (accuracy against H; curves against steps, time, bytes and sync rounds).
+plots (accuracy against H; curves against steps, time, bytes and sync rounds); on request,
+tradeoff (every configuration at projected time to train and final accuracy, the Pareto front,
+time to a target accuracy).
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ from ..errors import UserError
 from .collect import Run, collect_runs
 from .plots import plot_accuracy_vs_sync_period, plot_curves
 from .table import GroupKey, ResultRow, group_runs, summarise, write_csv, write_markdown
+from .tradeoff import (
+    DEFAULT_TARGET,
+    Timing,
+    load_timing,
+    plot_tradeoff,
+    tradeoff_rows,
+    write_tradeoff_csv,
+    write_tradeoff_markdown,
+)
 
 __all__ = ["write_report", "plan_outputs", "Output", "Run", "GroupKey", "ResultRow"]
 
@@ -36,12 +47,15 @@ def _figure(out: Path, name: str) -> list[Path]:
     return [out / f"{name}.png", out / f"{name}.svg"]
 
 
-def plan_outputs(runs: Sequence[Run], out: Path) -> list[Output]:
+def plan_outputs(
+    runs: Sequence[Run], out: Path, timing: Timing | None = None, target: float = DEFAULT_TARGET
+) -> list[Output]:
     """Every file the report will write, with what writes it.
 
     Known before anything is written, so that a refusal to overwrite leaves no half-written report.
     When the runs span several tasks (dataset/model), each task gets figures of its own, named with
     the task; the tables hold every task (a task column in CSV, a section per task in Markdown).
+    With ``timing``, the trade-off table (tradeoff.csv, tradeoff.md) and a trade-off figure per task.
     """
     rows = summarise(runs)
     groups = group_runs(runs)
@@ -62,6 +76,22 @@ def plan_outputs(runs: Sequence[Run], out: Path) -> list[Output]:
             files = _figure(out, f"curves{suffix}-W{workers}")
             title = f"Training curves — {task}, {workers} workers (mean over seeds)"
             plan.append(Output(files, functools.partial(plot_curves, subset, files, title)))
+    if timing is not None:
+        plan += _tradeoff_outputs(runs, out, timing, target, tasks)
+    return plan
+
+
+def _tradeoff_outputs(runs: Sequence[Run], out: Path, timing: Timing, target: float, tasks: list[str]) -> list[Output]:
+    rows = tradeoff_rows(runs, timing, target)
+    plan = [
+        Output([out / "tradeoff.csv"], lambda: write_tradeoff_csv(rows, out / "tradeoff.csv")),
+        Output([out / "tradeoff.md"], lambda: write_tradeoff_markdown(rows, timing, target, out / "tradeoff.md")),
+    ]
+    for task in tasks:
+        files = _figure(out, "tradeoff" + (_task_suffix(task) if len(tasks) > 1 else ""))
+        task_rows = [row for row in rows if row.key.task == task]
+        title = f"Projected time to train against final test accuracy — {task}"
+        plan.append(Output(files, functools.partial(plot_tradeoff, task_rows, files, title, timing)))
     return plan
 
 
@@ -70,9 +100,15 @@ def write_report(
     out: str | Path = "report",
     overwrite: bool = False,
     say: Callable[[str], None] | None = print,
+    tradeoff: bool = False,
+    timing: str | Path | None = None,
+    target: float = DEFAULT_TARGET,
 ) -> list[Path]:
     """Read every run below ``paths`` (run directories, sweep folders or metrics files) and write the
     results table (CSV, Markdown) and the figures (PNG, SVG) into ``out``.
+
+    ``tradeoff`` (implied by ``timing``, a ``bench`` JSON) adds the speed–accuracy trade-off
+    (:mod:`.tradeoff`); ``target``: time to reach this fraction of all-reduce SGD's final accuracy.
 
     Returns the files written, in order. Raises :class:`UserError` for bad input, and for an
     existing output file unless ``overwrite``. ``say`` receives one line per file and a summary.
@@ -80,8 +116,11 @@ def write_report(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a directory")
+    if not target > 0:
+        raise UserError(f"--target: must be a fraction > 0 of all-reduce's final accuracy, got {target}")
+    chosen = load_timing(timing) if tradeoff or timing is not None else None
     runs = collect_runs(paths)
-    plan = plan_outputs(runs, out)
+    plan = plan_outputs(runs, out, chosen, target)
     if not overwrite:
         for output in plan:
             for file in output.files:

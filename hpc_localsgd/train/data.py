@@ -14,7 +14,7 @@ Invariants the training loop relies on:
 * Evaluation splits the test set ``r::size`` without dropping anything, so the correct counts
   summed over ranks cover the whole test set.
 
-In-memory datasets (digits, synthetic, cifar10) are indexed as tensors, batch by batch: for
+In-memory datasets (digits, synthetic, mnist1d, cifar10) are indexed as tensors, batch by batch: for
 small images this is far faster than a DataLoader, which pays per-sample Python overhead.
 """
 
@@ -30,8 +30,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config.schema import DataConfig, SyntheticConfig
+from ..config.schema import DataConfig, Mnist1dConfig, SyntheticConfig
 from ..errors import UserError
+from .mnist1d import NUM_CLASSES as MNIST1D_CLASSES
+from .mnist1d import SEQUENCE_LENGTH as MNIST1D_LENGTH
+from .mnist1d import mnist1d_tensors
 
 if TYPE_CHECKING:  # torchvision is imported only when an image folder is read
     from torchvision.datasets import ImageFolder
@@ -183,11 +186,13 @@ def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
         return _digits()
     if cfg.name == "synthetic":
         return _synthetic(cfg.synthetic, seed)
+    if cfg.name == "mnist1d":
+        return _mnist1d(cfg.mnist1d)
     if cfg.name == "cifar10":
         return _cifar10(_require_path(cfg), cfg.augment)
     if cfg.name == "imagenet":
         return _imagenet(_require_path(cfg), cfg.image_size, cfg.augment)
-    raise UserError(f"data.name: unknown dataset {cfg.name!r}; choose digits, synthetic, cifar10 or imagenet")
+    raise UserError(f"data.name: unknown dataset {cfg.name!r}; choose digits, synthetic, mnist1d, cifar10 or imagenet")
 
 
 def _require_path(cfg: DataConfig) -> str:
@@ -259,6 +264,17 @@ def _synthetic(cfg: SyntheticConfig, seed: int) -> Datasets:
         test=TensorSamples(test_x, test_y),
         num_classes=cfg.num_classes,
         input_shape=shape,
+    )
+
+
+def _mnist1d(cfg: Mnist1dConfig) -> Datasets:
+    """Sequences of shape (1, 40): one channel, for Conv1d models (see :mod:`.mnist1d`)."""
+    train_x, train_y, test_x, test_y = mnist1d_tensors(cfg.train_samples, cfg.test_samples, cfg.seed)
+    return Datasets(
+        train=TensorSamples(train_x, train_y),
+        test=TensorSamples(test_x, test_y),
+        num_classes=MNIST1D_CLASSES,
+        input_shape=(1, MNIST1D_LENGTH),
     )
 
 

@@ -1,4 +1,4 @@
-"""Models by name: two small ones for tests and laptops, and any torchvision classifier.
+"""Models by name: small ones for tests and laptops, a 1-D ResNet for sequences, and any torchvision classifier.
 
 Weights are random; the caller seeds torch first, so that every rank builds the same model
 (and a broadcast from rank 0 only confirms it).
@@ -7,6 +7,7 @@ Weights are random; the caller seeds torch first, so that every rank builds the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,6 +33,8 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]
         return SmallCNN(input_shape, num_classes, cfg.width)
     if cfg.name == "mlp":
         return mlp(input_shape, num_classes, cfg.width)
+    if cfg.name == "resnet1d":
+        return ResNet1d(input_shape, num_classes, cfg.width)
     return _torchvision_model(cfg, num_classes, input_shape)
 
 
@@ -40,6 +43,7 @@ def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
         raise ConfigError(
             f"model.name: {name!r} needs images (channels, height, width), but the data gives "
             f"samples of shape {tuple(input_shape)}; use 'mlp'"
+            + (", 'smallcnn' or 'resnet1d'" if len(input_shape) == 2 else "")
         )
     channels, height, width = input_shape
     return channels, height, width
@@ -49,27 +53,98 @@ class SmallCNN(nn.Module):
     """conv3×3(c→w)-BN-ReLU-[maxpool]-conv3×3(w→2w)-BN-ReLU-global average pool-Linear(2w→classes).
 
     BatchNorm is there on purpose: it gives the averaging engine running statistics to average.
+    Sequences (channels, length), such as MNIST-1D's, get the same network in 1-D (kernel 3).
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int) -> None:
         super().__init__()
-        channels, height, width_px = _image_shape("smallcnn", input_shape)
-        shrink = max(1, min(height, width_px) // SMALLCNN_MAX_SIDE)
-        side = min(height, width_px) // shrink
-        layers: list[nn.Module] = [nn.AvgPool2d(shrink)] if shrink > 1 else []
-        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        one_d = len(input_shape) == 2  # sequences (channels, length): the same network in 1-D
+        conv: Callable[..., nn.Module] = nn.Conv1d if one_d else nn.Conv2d
+        norm: Callable[[int], nn.Module] = nn.BatchNorm1d if one_d else nn.BatchNorm2d
+        pool: Callable[[int], nn.Module] = nn.MaxPool1d if one_d else nn.MaxPool2d
+        global_pool: Callable[[int], nn.Module] = nn.AdaptiveAvgPool1d if one_d else nn.AdaptiveAvgPool2d
+        layers: list[nn.Module] = []
+        if one_d:
+            channels, side = input_shape
+        else:
+            channels, height, width_px = _image_shape("smallcnn", input_shape)
+            shrink = max(1, min(height, width_px) // SMALLCNN_MAX_SIDE)
+            side = min(height, width_px) // shrink
+            if shrink > 1:
+                layers.append(nn.AvgPool2d(shrink))
+        layers += [conv(channels, width, 3, padding=1, bias=False), norm(width), nn.ReLU(inplace=True)]
         # Pool once when there is room, so that the second layer sees a wider context.
         if side >= 16:
-            layers.append(nn.MaxPool2d(2))
+            layers.append(pool(2))
         layers += [
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
+            conv(width, 2 * width, 3, padding=1, bias=False),
+            norm(2 * width),
             nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
+            global_pool(1),
             nn.Flatten(),
             nn.Linear(2 * width, num_classes),
         ]
         self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ResidualBlock1d(nn.Module):
+    """conv3-BN-ReLU-conv3-BN plus the shortcut, then ReLU (He et al. 2016's basic block, in 1-D).
+
+    The shortcut is a strided 1×1 conv + BN where the block changes width or length, else identity.
+    """
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv1d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm1d(channels_out),
+            nn.ReLU(inplace=True),
+            nn.Conv1d(channels_out, channels_out, 3, padding=1, bias=False),
+            nn.BatchNorm1d(channels_out),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or channels_in != channels_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv1d(channels_in, channels_out, 1, stride=stride, bias=False), nn.BatchNorm1d(channels_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet1d(nn.Module):
+    """A small 1-D ResNet for sequences (channels, length), e.g. MNIST-1D's (1, 40).
+
+    stem conv5(c→w)-BN-ReLU, three basic blocks of widths w, 2w, 4w (the last two halve the
+    length), global average pool, Linear(4w→classes). BatchNorm in every block, as in the
+    study's ResNet-50, so that running statistics drift between syncs and are averaged.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int) -> None:
+        super().__init__()
+        if len(input_shape) != 2:
+            raise ConfigError(
+                f"model.name: 'resnet1d' needs sequences (channels, length), but the data gives samples of "
+                f"shape {tuple(input_shape)}; use it with data.name mnist1d"
+            )
+        channels = input_shape[0]
+        self.layers = nn.Sequential(
+            nn.Conv1d(channels, width, 5, padding=2, bias=False),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+            ResidualBlock1d(width, width, stride=1),
+            ResidualBlock1d(width, 2 * width, stride=2),
+            ResidualBlock1d(2 * width, 4 * width, stride=2),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+            nn.Linear(4 * width, num_classes),
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Conv1d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
