@@ -118,7 +118,8 @@ def decode(codec: Codec, encoded: torch.Tensor, numel: int) -> torch.Tensor:
     blocks = int8_blocks(numel)
     leading = encoded.shape[:-1]
     # Copied out: a row of a gathered buffer need not start at a multiple of 4 bytes, as a float32 view wants.
-    scales = encoded[..., : 4 * blocks].contiguous().view(torch.float32)
+    scales = torch.empty((*leading, blocks), dtype=torch.float32, device=encoded.device)
+    scales.view(torch.uint8).copy_(encoded[..., : 4 * blocks])
     quantized = encoded[..., 4 * blocks :].view(torch.int8).float()
     padded = F.pad(quantized, (0, blocks * INT8_BLOCK - numel)).view(*leading, blocks, INT8_BLOCK)
     return (padded * scales.unsqueeze(-1)).view(*leading, blocks * INT8_BLOCK)[..., :numel].contiguous()

@@ -168,7 +168,9 @@ class TorchDistributedCommunicator(Communicator):
     def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
         check_gather(buffer, output, self.size)
         # Raw bytes, so that any dtype travels on Gloo and NCCL alike (no arithmetic happens).
-        work = dist.all_gather_into_tensor(
+        # torch 2.14 renamed all_gather_into_tensor (deprecated there) to all_gather_single.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = gather(
             output.view(torch.uint8).reshape(-1),
             buffer.reshape(-1).view(torch.uint8),
             group=self._process_group,
