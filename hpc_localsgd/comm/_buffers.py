@@ -25,3 +25,16 @@ def divide_by_size_(buffer: torch.Tensor, size: int) -> None:
         buffer.div_(size)
     else:
         buffer.div_(size, rounding_mode="floor")
+
+
+def check_gather(buffer: torch.Tensor, output: torch.Tensor, size: int) -> None:
+    """An allgather's output holds ``size`` copies of the buffer's shape, in its dtype and on its device."""
+    check_buffer(buffer)
+    check_buffer(output)
+    wanted = (size, *buffer.shape)
+    if tuple(output.shape) != wanted or output.dtype != buffer.dtype or output.device != buffer.device:
+        raise ValueError(
+            f"an allgather of {tuple(buffer.shape)} {buffer.dtype} buffers over {size} ranks needs a "
+            f"{wanted} {buffer.dtype} output on {buffer.device}; got {tuple(output.shape)} {output.dtype} "
+            f"on {output.device}"
+        )

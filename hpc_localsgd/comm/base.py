@@ -1,7 +1,7 @@
 """The communicator interface: everything the algorithms need from a backend, and no more.
 
 Backends (``single``, ``mpi``, ``horovod``, ``torch``, ``threads``, ``simulated``) each live in one
-file and implement the four primitives below on *contiguous* tensors, plus ``split`` into groups of
+file and implement the five primitives below on *contiguous* tensors, plus ``split`` into groups of
 consecutive ranks (a worker of several ranks, a node) and ``split_across`` them (the ranks at one position
 in every group, to average a worker's model between workers one shard per rank). Nothing above this
 package imports horovod, mpi4py or torch.distributed.
@@ -78,6 +78,19 @@ class Communicator(abc.ABC):
     def allreduce_(self, buffer: torch.Tensor, average: bool = True) -> None:
         """Blocking in-place allreduce of a contiguous tensor."""
         self.iallreduce_(buffer, average).wait()
+
+    @abc.abstractmethod
+    def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        """Start gathering every rank's ``buffer`` into ``output`` on every rank: after ``wait``,
+        ``output[r]`` holds rank r's buffer, bit for bit (no arithmetic, so any dtype travels).
+
+        ``buffer`` is contiguous; ``output`` is contiguous with shape ``(size, *buffer.shape)`` and the
+        buffer's dtype and device. Neither may be touched until ``wait`` returns. Collectives, this one
+        included, must be started in the same order on every rank, as for ``iallreduce_``.
+        The simulated backend is the exception to the shape: there every worker's row is already in
+        the one process, so ``output`` has the buffer's shape and receives a copy of it (``size`` rows of
+        each group sit along the rows as for its allreduce).
+        """
 
     @abc.abstractmethod
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:

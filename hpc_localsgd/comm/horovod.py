@@ -18,7 +18,7 @@ import torch
 
 from ..errors import BackendUnavailable, one_line
 from ..launcher.env import WorldLayout
-from ._buffers import check_buffer, divide_by_size_
+from ._buffers import check_buffer, check_gather, divide_by_size_
 from .base import (
     Communicator,
     Handle,
@@ -95,6 +95,22 @@ class _HorovodHandle(Handle):
         divide_by_size_(self._reduced, self._divisor)
         if self._reduced is not self._buffer:
             self._buffer.copy_(self._reduced)
+
+
+class _HorovodGatherHandle(Handle):
+    """A Horovod allgather in flight; Horovod returns a new tensor, copied into the output in ``wait``."""
+
+    def __init__(self, hvd: Any, hvd_handle: int, output: torch.Tensor) -> None:
+        self._hvd = hvd
+        self._hvd_handle: int | None = hvd_handle
+        self._output = output
+
+    def wait(self) -> None:
+        if self._hvd_handle is None:
+            return
+        gathered = self._hvd.synchronize(self._hvd_handle)
+        self._hvd_handle = None
+        self._output.reshape(-1).view(torch.uint8).view(gathered.shape).copy_(gathered)
 
 
 class HorovodCommunicator(Communicator):
@@ -224,6 +240,14 @@ class HorovodCommunicator(Communicator):
             raise
         divisor = self.size if average and not native_average else 1
         return _HorovodHandle(self._hvd, hvd_handle, buffer, reduced, divisor, release_name)
+
+    def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        check_gather(buffer, output, self.size)
+        # Horovod concatenates along the first dimension: one row of raw bytes per rank, whatever the
+        # dtype (bfloat16 is not one Horovod accepts, and no arithmetic happens).
+        row = buffer.reshape(1, -1).view(torch.uint8)
+        hvd_handle = self._hvd.allgather_async(row, name=self._next_name("allgather"), process_set=self._process_set)
+        return _HorovodGatherHandle(self._hvd, hvd_handle, output)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         check_buffer(buffer)

@@ -5,13 +5,13 @@ natively (float16, bfloat16: MPI has no such types) are widened to float32 first
 are reduced in device memory when the MPI library says it is CUDA-aware (``cuda_aware_mpi``), and
 otherwise go through a host copy; a copy is written back when the handle is waited on.
 
-Non-blocking allreduces run as blocking ``Allreduce`` calls on a communication thread with a
-communicator of its own, in the order they were started. Open MPI advances an
+Non-blocking allreduces and allgathers run as blocking ``Allreduce`` and ``Allgather`` calls on a
+communication thread with a communicator of its own, in the order they were started. Open MPI advances an
 ``MPI_Iallreduce`` only while the calling thread is inside MPI, so gradient buckets started
 during backward would not move until ``finish_gradients`` waited on them (the benchmark saw 25-30%
 of a ResNet-50 step blocked that way even with ``MPI_Test`` from every gradient hook); the thread
 overlaps them with backward as Horovod's background thread and Gloo's do. Without
-``MPI_THREAD_MULTIPLE`` the backend falls back to ``Iallreduce`` advanced by ``progress()``.
+``MPI_THREAD_MULTIPLE`` the backend falls back to ``Iallreduce`` and ``Iallgather`` advanced by ``progress()``.
 Groups of ranks (``split``) and the communicators across them (``split_across``) are ``Comm.Split``
 communicators sharing that thread (see ``MPICommunicator``).
 """
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..launcher.env import WorldLayout
-from ._buffers import check_buffer, divide_by_size_
+from ._buffers import check_buffer, check_gather, divide_by_size_
 from .base import Communicator, Handle, across_layout, group_layout
 from .single import SingleCommunicator
 
@@ -101,6 +101,43 @@ class _MPIHandle(Handle):
         divide_by_size_(self._reduced, self._divisor)
         if self._reduced is not self._buffer:
             self._buffer.copy_(self._reduced)
+
+
+def _byte_view(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes of a CPU tensor's memory as a flat uint8 numpy array (writes go to the tensor): collectives
+    that only move data (allgather, broadcast) carry any dtype, bfloat16 included, this way."""
+    return _numpy_view(tensor.reshape(-1).view(torch.uint8))
+
+
+class _GatherHandle(Handle):
+    """An allgather in flight, as an ``Iallgather`` request or a future of the communication thread;
+    a host staging copy of a device output is copied back in ``wait``."""
+
+    def __init__(
+        self, pending: Any, output: torch.Tensor, staged: torch.Tensor, arrays: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        self._pending: Any | None = pending
+        self._output = output
+        self._staged = staged  # ``output`` itself, or its host copy
+        self._arrays = arrays  # the memory MPI reads and writes, alive until the collective is done
+
+    def wait(self) -> None:
+        if self._pending is None:
+            return
+        if isinstance(self._pending, Future):
+            self._pending.result()  # re-raises an MPI error of the thread here
+        else:
+            self._pending.Wait()
+        self._finish()
+
+    def progress(self) -> None:
+        if self._pending is not None and not isinstance(self._pending, Future) and self._pending.Test():
+            self._finish()
+
+    def _finish(self) -> None:
+        self._pending = None
+        if self._staged is not self._output:
+            self._output.copy_(self._staged)
 
 
 class _CollectiveThread:
@@ -239,6 +276,18 @@ class MPICommunicator(Communicator):
             return _ThreadedHandle(future, buffer, reduced, array, divisor)
         request = self._comm.Iallreduce(self._mpi.IN_PLACE, array, op=self._mpi.SUM)
         return _MPIHandle(request, buffer, reduced, array, divisor)
+
+    def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        check_gather(buffer, output, self.size)
+        # No arithmetic: the bytes travel, whatever the dtype; device memory goes through the host.
+        send = buffer if buffer.device.type == "cpu" else buffer.cpu()
+        staged = output if output.device.type == "cpu" else torch.empty_like(output, device="cpu")
+        arrays = (_byte_view(send), _byte_view(staged))
+        if self._thread is not None:
+            pending: Any = self._thread.submit(self._thread_comm.Allgather, *arrays)
+        else:
+            pending = self._comm.Iallgather(*arrays)
+        return _GatherHandle(pending, output, staged, arrays)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         check_buffer(buffer)

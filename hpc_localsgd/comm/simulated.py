@@ -80,6 +80,18 @@ class SimulatedCommunicator(Communicator):
         blocks.copy_(total.to(buffer.dtype).unsqueeze(1).expand_as(blocks))
         return DoneHandle()
 
+    def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        """The identity on the stacked rows: every worker's buffer is already in this process, and each
+        group's members are where ``iallreduce_`` finds them (``output`` has the buffer's shape)."""
+        self._check(buffer)
+        if output.shape != buffer.shape or output.dtype != buffer.dtype or output.device != buffer.device:
+            raise ValueError(
+                f"the simulated backend gathers into an output shaped like its stacked buffer "
+                f"({tuple(buffer.shape)} {buffer.dtype}); got {tuple(output.shape)} {output.dtype}"
+            )
+        output.copy_(buffer)
+        return DoneHandle()
+
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         self._check(buffer)
         if not 0 <= root < self.size:

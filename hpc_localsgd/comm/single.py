@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..launcher.env import WorldLayout
-from ._buffers import check_buffer
+from ._buffers import check_buffer, check_gather
 from .base import Communicator, DoneHandle, Handle
 
 SINGLE_PROCESS_LAYOUT = WorldLayout(rank=0, size=1, local_rank=0, local_size=1, node_rank=0, num_nodes=1)
@@ -26,6 +26,11 @@ class SingleCommunicator(Communicator):
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)
+        return DoneHandle()
+
+    def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        check_gather(buffer, output, 1)
+        output[0].copy_(buffer)
         return DoneHandle()
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import torch
 
-from ._buffers import check_buffer, divide_by_size_
+from ._buffers import check_buffer, check_gather, divide_by_size_
 from .base import Communicator, DoneHandle, Handle, group_layout
 
 T = TypeVar("T")
@@ -38,8 +38,9 @@ _ACCUMULATION_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.floa
 class _Contribution:
     """What one rank brought to a collective round."""
 
-    kind: str  # "allreduce", "broadcast", "barrier", "split" or "split_across"
+    kind: str  # "allreduce", "allgather", "broadcast", "barrier", "split" or "split_across"
     buffer: torch.Tensor | None = None
+    output: torch.Tensor | None = None  # where the result goes, when not into ``buffer`` (allgather)
     average: bool = False
     root: int = 0
     ranks: int = 0  # the group size, for "split" and "split_across"
@@ -110,8 +111,9 @@ class ThreadGroup:
         """One round: deposit, wait for all (the last arrival combines), copy the combined value back."""
         self._slots[rank] = contribution
         self._round.wait()
-        if contribution.buffer is not None and self._combined is not None:
-            contribution.buffer.copy_(self._combined)
+        destination = contribution.buffer if contribution.output is None else contribution.output
+        if destination is not None and self._combined is not None:
+            destination.copy_(self._combined)
 
     def _combine(self) -> None:
         """The barrier's action: runs once per round, while every thread is waiting."""
@@ -132,6 +134,9 @@ class ThreadGroup:
             if first.average:
                 divide_by_size_(total, self.size)
             self._combined = total
+        elif first.kind == "allgather":
+            # Rank order: row r is rank r's buffer.
+            self._combined = torch.stack([c.buffer for c in contributions if c.buffer is not None])
         elif first.kind == "broadcast":
             root_buffer = contributions[first.root].buffer
             assert root_buffer is not None
@@ -162,6 +167,11 @@ class ThreadCommunicator(Communicator):
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)
         self._group._collective(self.rank, _Contribution("allreduce", buffer, average=average))
+        return DoneHandle()
+
+    def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        check_gather(buffer, output, self.size)
+        self._group._collective(self.rank, _Contribution("allgather", buffer, output=output))
         return DoneHandle()
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..errors import BackendUnavailable, LauncherMismatch, one_line
 from ..launcher.env import WorldLayout
-from ._buffers import check_buffer, divide_by_size_
+from ._buffers import check_buffer, check_gather, divide_by_size_
 from .base import Communicator, Handle, Partition, across_layout, group_layout, partition_across, partition_into
 from .single import SingleCommunicator
 
@@ -182,6 +182,19 @@ class TorchDistributedCommunicator(Communicator):
         check_buffer(buffer)
         work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self._process_group, async_op=True)
         return _WorkHandle(work, buffer, self.size if average else 1)
+
+    def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        check_gather(buffer, output, self.size)
+        # Raw bytes, so that any dtype travels on Gloo and NCCL alike (no arithmetic happens).
+        # torch 2.14 renamed all_gather_into_tensor (deprecated there) to all_gather_single.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = gather(
+            output.view(torch.uint8).reshape(-1),
+            buffer.reshape(-1).view(torch.uint8),
+            group=self._process_group,
+            async_op=True,
+        )
+        return _WorkHandle(work, output, 1)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         check_buffer(buffer)

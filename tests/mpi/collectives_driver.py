@@ -6,6 +6,11 @@ Prints ``OK <backend> rank <r> of <N>`` on success; exits 1 naming the first wro
 otherwise, or 2 with ``hpc-localsgd: error: <message>`` for a ``UserError`` (and for a refused
 ``--split``).
 
+Allgathers are checked too (rows in rank order, bit for bit, any dtype). With ``--compression`` it checks
+only allgathers and the compressed average (``algorithms/compression.py``) of every codec, with and
+without error feedback, over three syncs, bit for bit against the numpy reference
+(``tests/compression_reference.py``) and identical on every rank.
+
 With ``--groups`` it also checks the communicators of groups of consecutive ranks (``split``) of
 sizes 2, N and 1, where they divide N: sums over the group's ranks only, broadcasts from a rank of
 the group, and group collectives in flight together with the world's. With ``--across`` it checks the
@@ -15,6 +20,7 @@ flight.
 
     mpirun -np 2 python tests/mpi/collectives_driver.py --backend mpi
     mpirun -np 4 --oversubscribe python tests/mpi/collectives_driver.py --backend horovod --groups --across
+    mpirun -np 2 python tests/mpi/collectives_driver.py --backend torch --compression
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import traceback
 import numpy as np
 import torch
 
+from hpc_localsgd.algorithms.compression import CODECS, CompressedAverager
 from hpc_localsgd.comm import Communicator, make_communicator
 from hpc_localsgd.errors import UserError, print_line
 from hpc_localsgd.launcher.env import detect_launch
+from tests.compression_reference import compressed_average, rank_update
 
 EXACT_DTYPES = (torch.float32, torch.float64, torch.int64)
 # An odd length checks that nothing assumes a multiple of a vector width; the large one is ~1M elements.
@@ -153,6 +161,70 @@ def check_broadcast(comm: Communicator, device: torch.device) -> None:
             expect_equal(f"broadcast {dtype} length {length} from rank {root}", buffer, np.full(length, 10 * root + 7))
 
 
+def gather_value(base: np.ndarray, world_rank: int) -> np.ndarray:
+    """What world rank r contributes to an allgather: below 200 for 4 ranks (uint8) and exact in bfloat16."""
+    return base % 50 + 50 * world_rank
+
+
+def check_allgather(comm: Communicator, device: torch.device, members: list[int], what: str = "allgather") -> None:
+    """Row r of the output is the buffer of the communicator's rank r (world rank ``members[r]``), bit for bit,
+    for dtypes MPI cannot sum (bfloat16) and 1-byte ones; 2-D buffers gather into (size, rows, columns)."""
+    world_rank = members[comm.rank]
+    for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.uint8):
+        for shape in ((1,), (1000,), (100_003,), (3, 5)):
+            base = np.arange(int(np.prod(shape))).reshape(shape)
+            buffer = torch.from_numpy(gather_value(base, world_rank)).to(device=device, dtype=dtype)
+            output = torch.empty((comm.size, *shape), dtype=dtype, device=device)
+            comm.iallgather(buffer, output).wait()
+            expected = np.stack([gather_value(base, member) for member in members])
+            expect_equal(f"{what} {dtype} shape {shape}", output, expected)
+
+
+def check_allgather_in_flight(comm: Communicator, device: torch.device) -> None:
+    """Allgathers in flight together with an allreduce, waited in another order than started."""
+    rank, size = comm.rank, comm.size
+    first, first_out = torch.full((777,), rank + 1.0, device=device), torch.empty((size, 777), device=device)
+    summed = torch.full((5,), rank + 1.0, device=device)
+    second = torch.full((33,), rank + 10, dtype=torch.int64, device=device)
+    second_out = torch.empty((size, 33), dtype=torch.int64, device=device)
+    handles = [comm.iallgather(first, first_out), comm.iallreduce_(summed, average=False)]
+    handles.append(comm.iallgather(second, second_out))
+    for index in (2, 0, 1):
+        handles[index].wait()
+    expect_equal(
+        "allgather #0 in flight with an allreduce",
+        first_out,
+        np.repeat(np.arange(1.0, size + 1), 777).reshape(size, 777),
+    )
+    expect_equal("allreduce in flight between allgathers", summed, np.full(5, size * (size + 1) / 2))
+    expect_equal("allgather #2 in flight", second_out, np.repeat(np.arange(size) + 10, 33).reshape(size, 33))
+
+
+COMPRESSION_LENGTH = 100_003  # 391 int8 blocks, the last one partial
+
+
+def check_compressed_average(
+    comm: Communicator, device: torch.device, members: list[int], what: str = "compressed average"
+) -> None:
+    """Three syncs of a fixed update per codec, with and without error feedback: bit for bit the numpy
+    reference's avg_r Q(Δ_r + e_r) (summed in rank order), and the same bytes on every rank."""
+    updates = [rank_update(member, COMPRESSION_LENGTH) for member in members]
+    for codec in CODECS:
+        for feedback in (True, False) if codec != "none" else (False,):
+            averager = CompressedAverager(codec, (COMPRESSION_LENGTH,), feedback, device)
+            errors = [np.zeros(COMPRESSION_LENGTH, dtype=np.float32)] * comm.size if feedback else None
+            for sync in range(3):
+                update = torch.from_numpy(updates[comm.rank].copy()).to(device)
+                averager.average_(comm, update)
+                expected, errors = compressed_average(codec, updates, errors)
+                label = f"{what} {codec} {'with' if feedback else 'without'} error feedback, sync {sync}"
+                expect_equal(label, update, expected)
+            everyone = torch.empty((comm.size, COMPRESSION_LENGTH), device=device)
+            comm.iallgather(update, everyone).wait()
+            if not all(torch.equal(everyone[0], row) for row in everyone):
+                raise CheckFailed(f"{what} {codec}: the ranks hold different averages")
+
+
 def group_sum(world_rank: int, ranks: int) -> int:
     """Σ (r + 1) over the world ranks r of ``world_rank``'s group of ``ranks`` consecutive ranks."""
     first = world_rank - world_rank % ranks
@@ -241,6 +313,11 @@ def check_groups(world: Communicator, device: torch.device) -> None:
         check_group_allreduce(world, group, ranks, device)
         check_group_broadcast(world, group, ranks, device)
         check_group_in_flight_with_world(world, group, ranks, device)
+        first = world.rank - world.rank % ranks
+        members = list(range(first, first + ranks))
+        check_allgather(group, device, members, f"group of {ranks}: allgather")
+        if ranks == 2:  # more ranks than 2 may sum fp32 (codec none) in another order than rank order
+            check_compressed_average(group, device, members, f"group of {ranks}: compressed average")
         group.barrier()
         # Another split into the same size works too, and so does splitting a group further.
         again = world.split(ranks).split(1)
@@ -340,6 +417,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--groups", action="store_true", help="also check groups of ranks (split)")
     parser.add_argument("--across", action="store_true", help="also check the communicators across groups of 2")
+    parser.add_argument("--compression", action="store_true", help="only check allgathers and the compressed average")
     parser.add_argument("--split", type=int, help="only split into groups of this size (to see it refused)")
     parser.add_argument("--split-across", type=int, help="only split across groups of this size (to see it refused)")
     parser.add_argument(
@@ -370,6 +448,15 @@ def main() -> int:
             comm.close()
             return 2
     try:
+        world_members = list(range(comm.size))
+        check_allgather(comm, device, world_members)
+        check_allgather_in_flight(comm, device)
+        if args.compression:
+            check_compressed_average(comm, device, world_members)
+            comm.barrier()
+            print_line(f"OK {comm.name} rank {comm.rank} of {comm.size}", sys.stdout)
+            comm.close()
+            return 0
         check_allreduce(comm, device)
         check_sixteen_bit_average(comm, device)
         check_several_in_flight(comm, device)

@@ -45,6 +45,25 @@ def test_backend_collectives(backend: str) -> None:
     assert_every_rank_ok(done, backend)
 
 
+@pytest.mark.parametrize("backend", ["mpi", "torch", "horovod"])
+def test_compressed_average_agrees_with_the_reference_on_every_rank(backend: str) -> None:
+    # Every codec, with and without error feedback, three syncs: bit for bit the numpy reference
+    # (tests/compression_reference.py), the same average on every rank (collectives_driver.check_compressed_average).
+    done = run_mpi(RANKS, ["python", DRIVER, "--backend", backend, "--compression"], timeout=120, env=WITHOUT_MASTER)
+    assert_every_rank_ok(done, backend)
+
+
+def test_compressed_average_on_mpi_without_thread_multiple() -> None:
+    # No communication thread: the allgather is an Iallgather request.
+    done = run_mpi(
+        RANKS,
+        ["python", DRIVER, "--backend", "mpi", "--compression"],
+        timeout=120,
+        env={"MPI4PY_RC_THREAD_LEVEL": "serialized"},
+    )
+    assert_every_rank_ok(done, "mpi")
+
+
 def test_torch_backend_with_master_address_and_port() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
