@@ -100,16 +100,18 @@ class _HorovodHandle(Handle):
 class _HorovodGatherHandle(Handle):
     """A Horovod allgather in flight; Horovod returns a new tensor, copied into the output in ``wait``."""
 
-    def __init__(self, hvd: Any, hvd_handle: int, output: torch.Tensor) -> None:
+    def __init__(self, hvd: Any, hvd_handle: int, output: torch.Tensor, release_name: Callable[[], None]) -> None:
         self._hvd = hvd
         self._hvd_handle: int | None = hvd_handle
         self._output = output
+        self._release_name = release_name
 
     def wait(self) -> None:
         if self._hvd_handle is None:
             return
         gathered = self._hvd.synchronize(self._hvd_handle)
         self._hvd_handle = None
+        self._release_name()
         self._output.reshape(-1).view(torch.uint8).view(gathered.shape).copy_(gathered)
 
 
@@ -246,8 +248,14 @@ class HorovodCommunicator(Communicator):
         # Horovod concatenates along the first dimension: one row of raw bytes per rank, whatever the
         # dtype (bfloat16 is not one Horovod accepts, and no arithmetic happens).
         row = buffer.reshape(1, -1).view(torch.uint8)
-        hvd_handle = self._hvd.allgather_async(row, name=self._next_name("allgather"), process_set=self._process_set)
-        return _HorovodGatherHandle(self._hvd, hvd_handle, output)
+        if row.device.type == "cuda" and not self._nccl:
+            row = row.cpu()  # staged through the host, as allreduce is        name, release_name = self._names.take("allgather", row, "gather")
+        try:
+            hvd_handle = self._hvd.allgather_async(row, name=name, process_set=self._process_set)
+        except BaseException:
+            release_name()
+            raise
+        return _HorovodGatherHandle(self._hvd, hvd_handle, output, release_name)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         check_buffer(buffer)
