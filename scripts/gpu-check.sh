@@ -174,7 +174,7 @@ for phase in precision simulation; do
         "$(figure "$OUT/bench-$phase.json" precision.bf16.vs_plain); package" \
         "$(figure "$OUT/bench-$phase.json" precision.bf16.samples_per_s)"
     else
-      say "4 simulated ${simulation_args[11]} replicas of ${simulation_args[1]} vs one model in a row on $DEVICE:" \
+      say "4 simulated ${simulation_args[9]} replicas of ${simulation_args[1]} vs one model in a row on $DEVICE:" \
         "MEASURED speed-up $(figure "$OUT/bench-$phase.json" simulation.speedup); batched" \
         "$(figure "$OUT/bench-$phase.json" simulation.replicated_samples_per_s)"
     fi
