@@ -9,6 +9,10 @@
 #   HPC_LOCALSGD_CACHE=dir    cache for the Horovod wheel (default: ~/.cache/hpc-localsgd)
 #   WITH_HOROVOD=0            skip Horovod (the mpi and torch backends still work)
 #   WITH_APT=0                do not touch system packages (e.g. on a cluster: `module load` instead)
+#   WITH_NCCL=1               build Horovod's GPU collectives on NCCL (HOROVOD_GPU_OPERATIONS=NCCL): needs a
+#                             CUDA build of torch, a CUDA toolkit, and NCCL's headers and library, taken from
+#                             NCCL_HOME or else from the nvidia-nccl wheel that comes with torch (default 0:
+#                             Horovod then stages CUDA tensors through host memory, as the start-up line says)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,6 +20,7 @@ VENV=${VENV:-$here/.venv}
 CACHE=${HPC_LOCALSGD_CACHE:-$HOME/.cache/hpc-localsgd}
 WITH_HOROVOD=${WITH_HOROVOD:-1}
 WITH_APT=${WITH_APT:-1}
+WITH_NCCL=${WITH_NCCL:-0}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 HOROVOD_VERSION=0.28.1
 
@@ -68,6 +73,13 @@ pip install 'mpi4py>=4' h5py 'pyyaml>=6' 'xxhash>=3' 'matplotlib>=3.7' scikit-le
 # a CUDA toolkit when torch is a CUDA build. The wheel is cached per torch/python version.
 if [ "$WITH_HOROVOD" = 1 ] && ! "$PY" -c 'import horovod.torch' 2>/dev/null; then
   tag=$("$PY" -c 'import sys, torch; print(f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.replace(chr(43), chr(95))}")')
+  if [ "$WITH_NCCL" = 1 ]; then
+    # NCCL_HOME, or the wheel torch's CUDA builds depend on (include/nccl.h, lib/libnccl.so.2).
+    NCCL_HOME=${NCCL_HOME:-$("$PY" -c 'import nvidia.nccl as n; print(list(n.__path__)[0])' 2>/dev/null || true)}
+    [ -e "${NCCL_HOME:-/nonexistent}/include/nccl.h" ] || {
+      echo "install: WITH_NCCL=1 but no NCCL was found (no nvidia-nccl wheel beside torch); set NCCL_HOME" >&2; exit 1; }
+    tag="$tag-nccl"
+  fi
   wheeldir="$CACHE/horovod-$HOROVOD_VERSION-$tag"
   if ! ls "$wheeldir"/horovod-*.whl >/dev/null 2>&1; then
     log "building Horovod $HOROVOD_VERSION (about 5 minutes on 2 cores); cache: $wheeldir"
@@ -88,6 +100,17 @@ if [ "$WITH_HOROVOD" = 1 ] && ! "$PY" -c 'import horovod.torch' 2>/dev/null; the
         echo "install: torch is a CUDA build but no CUDA toolkit (include/cuda_runtime.h) was found; set CUDA_HOME" >&2; exit 1; }
       # Horovod finds the toolkit through the nvcc it runs: use the real one, not a wrapper on PATH.
       export CUDA_HOME CUDAToolkit_ROOT=$CUDA_HOME CUDACXX=$CUDA_HOME/bin/nvcc PATH=$CUDA_HOME/bin:$PATH
+    elif [ "$WITH_NCCL" = 1 ]; then
+      echo "install: WITH_NCCL=1 needs a CUDA build of torch; this torch is CPU-only" >&2; exit 1
+    fi
+    if [ "$WITH_NCCL" = 1 ]; then
+      # The wheel ships only libnccl.so.2; the linker looks for libnccl.so. At run time the library is the
+      # one torch has loaded already (same soname).
+      mkdir -p "$build/nccl-lib"
+      ln -sf "$(ls "$NCCL_HOME"/lib/libnccl.so* | head -n 1)" "$build/nccl-lib/libnccl.so"
+      export HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_INCLUDE=$NCCL_HOME/include HOROVOD_NCCL_LIB=$build/nccl-lib \
+             HOROVOD_NCCL_LINK=SHARED
+      log "Horovod's GPU collectives on NCCL from $NCCL_HOME"
     fi
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
            HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \

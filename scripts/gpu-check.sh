@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# The GPU path, verified on a machine with one NVIDIA GPU and the project's Python dependencies (PyTorch,
+# torchvision, h5py, PyYAML, xxhash; no Horovod, no system MPI needed). Runs from the source tree:
+#
+#   scripts/gpu-check.sh [OUT_DIR]        (default OUT_DIR: $OUT, else a new temporary folder)
+#   CHECKS="2 3" scripts/gpu-check.sh     (only some of the checks; default all four)
+#
+# Prints one line per check ("gpu-check: <check>: PASS|FAIL|MEASURED|SKIP ...") and keeps every run's
+# output, metrics.h5 and the benchmark JSON in OUT_DIR. Exit status 1 when a correctness check fails;
+# throughput targets are reported, never failed (they are benchmark figures, not tests).
+#   1. a single-process CUDA run of configs/demo.yaml in fp32, bf16 and fp16: accuracy far above chance;
+#   2. two ranks on the one GPU through the torch backend (torchrun; Gloo, as NCCL refuses two ranks on
+#      one device) and the simulated backend on CUDA: each equal to the same run on the CPU (fp32, TF32 off);
+#   3. ResNet-50, batch 128 per rank, 224x224, bf16, channels-last: the package's training step without
+#      communication against a plain PyTorch loop (bench --phases precision; target >= 0.95);
+#   4. the simulated backend's 16 ResNet-18 replicas at 32x32 as one batched step against 16 steps of one
+#      model in a row (bench --phases simulation).
+# Without a GPU it runs the same checks on the CPU where they make sense (1 in fp32 and bf16, 2 with the
+# CPU as both sides, 3 and 4 on small problems) and says which it skipped: a test of the script's logic.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+OUT=${1:-${OUT:-$(mktemp -d -t gpu-check.XXXXXX)}}
+mkdir -p "$OUT"
+# Check 2 compares the GPU with the CPU to float tolerance: no TF32 in cuDNN or cuBLAS.
+export NVIDIA_TF32_OVERRIDE=0
+CHECKS=" ${CHECKS:-1 2 3 4} "
+failed=0
+started=$SECONDS
+# Check 2's runs take every setting from --set.
+EMPTY_CONFIG="$OUT/empty.yaml"
+echo "# every value comes from --set" >"$EMPTY_CONFIG"
+
+say() { printf 'gpu-check: %s\n' "$*" | tee -a "$OUT/gpu-check.txt"; }
+
+GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')") || {
+  say "FAIL: $PY cannot import torch"
+  exit 1
+}
+if [[ -n $GPU ]]; then
+  DEVICE=cuda
+  say "device: $GPU ($("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)'))"
+else
+  DEVICE=cpu
+  say "device: no CUDA device visible: the CPU fallback (the checks' logic, small problems)"
+fi
+
+# train NAME [ARGS...]: one training run, its output in $OUT/NAME.log, its run dir $OUT/NAME.
+train() {
+  local name=$1
+  shift
+  rm -rf "${OUT:?}/$name"
+  "$@" --run-dir "$OUT/$name" >"$OUT/$name.log" 2>&1
+}
+
+final_accuracy() {
+  "$PY" -c "import sys; from hpc_localsgd.io.metrics import read_metrics
+print(f\"{read_metrics(sys.argv[1])['evals']['test_accuracy'][-1]:.4f}\")" "$OUT/$1/metrics.h5"
+}
+
+# same_run A B same-backend|other-backend: the averaged model's test loss and accuracy at every
+# evaluation of runs A and B agree (rtol 1e-3), and so does the logged training loss at every step when
+# both runs are of one backend (ranks log rank 0's loss, a simulation its workers' mean).
+same_run() {
+  "$PY" - "$OUT/$1/metrics.h5" "$OUT/$2/metrics.h5" "$3" <<'EOF'
+import sys
+import numpy as np
+from hpc_localsgd.io.metrics import read_metrics
+a, b = (read_metrics(path) for path in sys.argv[1:3])
+evals = len(a["evals"]["test_loss"])
+assert evals == len(b["evals"]["test_loss"]) and evals > 1, "different numbers of evaluations"
+compared = ["evals test_loss"] + (["steps loss"] if sys.argv[3] == "same-backend" else [])
+worst = 0.0
+for group, name in (c.split() for c in compared):
+    x, y = a[group][name], b[group][name]
+    np.testing.assert_allclose(x, y, rtol=1e-3)
+    worst = max(worst, float(np.max(np.abs(x - y) / np.abs(y))))
+np.testing.assert_allclose(a["evals"]["test_accuracy"], b["evals"]["test_accuracy"], atol=2 / 256)
+print(f"{evals} evaluations, largest relative difference ({', '.join(compared)}) {worst:.1e}")
+EOF
+}
+
+# --- 1. the demo in every precision ------------------------------------------------------------------
+precisions="fp32 bf16 fp16"
+[[ $DEVICE == cpu ]] && precisions="fp32 bf16"  # CPU autocast in fp16 is far too slow for a check
+[[ $CHECKS == *" 1 "* ]] || precisions=""
+for precision in $precisions; do
+  name="demo-$precision"
+  began=$SECONDS
+  if train "$name" "$PY" -m hpc_localsgd train configs/demo.yaml --set comm.backend=single \
+    --set "train.device=$DEVICE" --set "train.precision=$precision"; then
+    accuracy=$(final_accuracy "$name")
+    if "$PY" -c "import sys; sys.exit(float(sys.argv[1]) <= 0.9)" "$accuracy"; then
+      say "1 demo $precision on $DEVICE: PASS test accuracy $accuracy (chance 0.1) in $((SECONDS - began)) s"
+    else
+      say "1 demo $precision on $DEVICE: FAIL test accuracy $accuracy <= 0.9 ($OUT/$name.log)"
+      failed=1
+    fi
+  else
+    say "1 demo $precision on $DEVICE: FAIL the run ended with an error: $(tail -n 1 "$OUT/$name.log")"
+    failed=1
+  fi
+done
+[[ $DEVICE == cpu && -n $precisions ]] && say "1 demo fp16: SKIP no GPU (fp16 autocast on CPUs is correct but very slow)"
+
+# --- 2. two ranks on one GPU, and the simulation, against the CPU --------------------------------------
+SMALL=(--set seed=3 --set model.name=smallcnn --set model.width=8 --set data.name=synthetic
+  --set data.synthetic.train_samples=1024 --set data.synthetic.test_samples=256
+  --set "data.synthetic.shape=[1, 8, 8]" --set data.synthetic.num_classes=4 --set data.batch_size=16
+  --set optim.lr_per_256=3.2 --set optim.warmup_epochs=0.25 --set algorithm.method=local_sgd
+  --set algorithm.sync_period=4 --set algorithm.outer=slowmo --set algorithm.slow_momentum=0.5
+  --set train.max_steps=32 --set train.epochs=10 --set train.eval_every_epochs=0.25 --set train.threads=1)
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node 2)
+two_workers() {  # two_workers BACKEND DEVICE: the small run with 2 workers, in $OUT/two-BACKEND-DEVICE
+  local command
+  if [[ $1 == torch ]]; then
+    command=("${TORCHRUN[@]}" -m hpc_localsgd train "$EMPTY_CONFIG" --set comm.backend=torch)
+  else
+    command=("$PY" -m hpc_localsgd train "$EMPTY_CONFIG" --set comm.backend=simulated --set comm.simulated_workers=2)
+  fi
+  train "two-$1-$2" "${command[@]}" "${SMALL[@]}" --set "train.device=$2" || {
+    say "2 $1, 2 workers on $2: FAIL the run ended with an error: $(tail -n 1 "$OUT/two-$1-$2.log")"
+    failed=1
+    return 1
+  }
+}
+compare() {  # compare RUN REFERENCE same-backend|other-backend: the check's line
+  local path verdict
+  path=$(grep -o 'torch.distributed [^,)]*\|in-process [^,)]*' "$OUT/$1.log" | head -n 1)
+  if verdict=$(same_run "$1" "$2" "$3" 2>&1); then
+    say "2 $1 ($path) = $2: PASS $verdict"
+  else
+    say "2 $1 = $2: FAIL $(tail -n 1 <<<"$verdict")"
+    failed=1
+  fi
+}
+if [[ $CHECKS != *" 2 "* ]]; then
+  :
+elif [[ $DEVICE == cuda ]]; then
+  for backend in torch simulated; do
+    two_workers "$backend" cuda && two_workers "$backend" cpu && compare "two-$backend-cuda" "two-$backend-cpu" same-backend
+  done
+else  # the fallback: the simulation reproduces two torch.distributed ranks on the CPU
+  two_workers torch cpu && two_workers simulated cpu && compare two-simulated-cpu two-torch-cpu other-backend
+  say "2 two ranks on one GPU, simulation on CUDA: SKIP no GPU"
+fi
+
+# --- 3 and 4: the benchmark's compute phases ------------------------------------------------------------
+if [[ $DEVICE == cuda ]]; then
+  precision_args=(--model resnet50 --batch 128 --image-size 224 --classes 1000 --precisions bf16
+    --channels-last true --steps 10 --warmup 2 --repeats 5)
+  simulation_args=(--model resnet18 --batch 32 --image-size 32 --classes 10 --simulated-workers 16
+    --steps 4 --warmup 1 --repeats 5)
+else
+  precision_args=(--model resnet18 --batch 8 --image-size 32 --classes 10 --precisions bf16
+    --channels-last true --steps 2 --warmup 1 --repeats 2)
+  simulation_args=(--model resnet18 --batch 4 --image-size 32 --classes 10 --simulated-workers 4
+    --steps 2 --warmup 1 --repeats 2)
+fi
+figure() {  # figure FILE ID: "median (min … max)" of one figure of a bench JSON
+  "$PY" -c "import json, sys
+f = {f['id']: f for f in json.load(open(sys.argv[1]))['figures']}[sys.argv[2]]
+print(f\"{f['median']:.4g} ({f['spread']['min']:.4g} … {f['spread']['max']:.4g}) {f['unit']}\" + (
+    '' if f['target'] is None else f\", target {f['target']['op']} {f['target']['value']}: {'met' if f['met'] else 'MISSED'}\"))" "$@"
+}
+for phase in precision simulation; do
+  [[ $phase == precision && $CHECKS != *" 3 "* || $phase == simulation && $CHECKS != *" 4 "* ]] && continue
+  args_name=${phase}_args[@]
+  if "$PY" -m hpc_localsgd bench --phases "$phase" --device "$DEVICE" "${!args_name}" \
+    --out "$OUT/bench-$phase.json" >"$OUT/bench-$phase.log" 2>&1; then
+    if [[ $phase == precision ]]; then
+      say "3 training step vs plain loop, ${precision_args[1]} bf16 channels-last on $DEVICE: MEASURED" \
+        "$(figure "$OUT/bench-$phase.json" precision.bf16.vs_plain); package" \
+        "$(figure "$OUT/bench-$phase.json" precision.bf16.samples_per_s)"
+    else
+      say "4 simulated ${simulation_args[9]} replicas of ${simulation_args[1]} vs one model in a row on $DEVICE:" \
+        "MEASURED speed-up $(figure "$OUT/bench-$phase.json" simulation.speedup); batched" \
+        "$(figure "$OUT/bench-$phase.json" simulation.replicated_samples_per_s)"
+    fi
+  else
+    say "$([[ $phase == precision ]] && echo 3 || echo 4) bench --phases $phase: FAIL $(tail -n 1 "$OUT/bench-$phase.log")"
+    failed=1
+  fi
+done
+
+say "$([[ $failed == 0 ]] && echo "all checks passed" || echo "SOME CHECKS FAILED") in $((SECONDS - started)) s;" \
+  "outputs in $OUT"
+exit $failed
