@@ -30,6 +30,7 @@ class ReferenceAlgorithm:
     average_bn_buffers: bool = True
     ranks_per_worker: int = 1  # consecutive ranks that average gradients every local step
     levels: tuple[tuple[int, int], ...] = ()  # (group size, period): model averages inside groups
+    outer_every: int = 1  # the outer step after every k-th global average only (fairscale's SlowMo)
 
     @classmethod
     def from_config(
@@ -52,6 +53,7 @@ class ReferenceAlgorithm:
             average_bn_buffers=cfg.average_bn_buffers,
             ranks_per_worker=ranks_per_worker,
             levels=levels,
+            outer_every=cfg.outer_every,
         )
 
 
@@ -67,8 +69,14 @@ def simulate(
     momentum: float,
     weight_decay: float,
     nesterov: bool = False,
+    record: list[dict[str, float]] | None = None,
 ) -> list[torch.nn.Module]:
-    """Train ``len(batches)`` workers; ``batches[i][s]`` is worker i's (x, y) at step s."""
+    """Train ``len(batches)`` workers; ``batches[i][s]`` is worker i's (x, y) at step s.
+
+    ``record``: one dict per global sync is appended, measured directly (float64, parameters only):
+    ``step``; ``consensus_distance``, the mean over workers of ‖x_w − x̄‖² over ‖x̄‖² (a worker of
+    several ranks counted once); ``outer_update_norm`` ‖Δ‖ and ``outer_update_cosine`` cos(Δ, Δ of
+    the previous outer step), NaN without an outer step (the cosine also at the first)."""
     workers = [copy.deepcopy(initial) for _ in batches]
     opts = [
         torch.optim.SGD(w.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
@@ -77,6 +85,7 @@ def simulate(
     steps = len(batches[0])
     x_prev: list[torch.Tensor] = []
     slow_u: list[torch.Tensor] = []
+    previous_delta: list[torch.Tensor] = []
     for s in range(steps):
         lr = lr_at(s)
         synchronous = algo.local_start is None or s < algo.local_start
@@ -107,16 +116,25 @@ def simulate(
             if due:
                 _average_inside_groups(workers, opts, due[-1], algo)
             continue
+        # The outer step after the k-th, 2k-th, ... average; between them a plain average, x_prev kept.
+        outer_step = algo.outer != "none" and (local_steps // algo.sync_period) % algo.outer_every == 0
         with torch.no_grad():
             # x̄ = avg_i x⁽ⁱ⁾
             averaged = [sum(ps) / len(ps) for ps in zip(*(w.parameters() for w in workers), strict=True)]
-            if algo.outer == "slowmo":
+            if record is not None:
+                entry = {"step": float(done), **_consensus(workers, algo.ranks_per_worker)}
+                if outer_step:
+                    outer_delta = [(x - avg).double() for x, avg in zip(x_prev, averaged, strict=True)]
+                    entry.update(_update_figures(outer_delta, previous_delta))
+                    previous_delta = outer_delta
+                record.append(entry)
+            if outer_step and algo.outer == "slowmo":
                 # u ← β·u + (x_prev − x̄)/γ ;  x ← x_prev − α·γ·u
                 for i, avg in enumerate(averaged):
                     slow_u[i] = algo.slow_momentum * slow_u[i] + (x_prev[i] - avg) / lr
                     averaged[i] = x_prev[i] - algo.slow_lr * lr * slow_u[i]
                     x_prev[i] = averaged[i].clone()
-            elif algo.outer == "nesterov":
+            elif outer_step and algo.outer == "nesterov":
                 # Δ = x_prev − x̄ ; b ← μ·b + Δ ; x ← x_prev − η·(Δ + μ·b)
                 for i, avg in enumerate(averaged):
                     delta = x_prev[i] - avg
@@ -144,6 +162,27 @@ def simulate(
                     for b in bufs:
                         b.copy_(new)
     return workers
+
+
+def _flat64(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+
+
+def _consensus(workers: list[torch.nn.Module], ranks_per_worker: int) -> dict[str, float]:
+    """Ξ²/‖x̄‖² = mean_w ‖x_w − x̄‖² / ‖x̄‖² over the workers (rank 0 of each), straight from the definition."""
+    xs = [_flat64(workers[group[0]]) for group in _groups(len(workers), ranks_per_worker)]
+    mean = sum(xs) / len(xs)
+    spread = sum(float(((x - mean) ** 2).sum()) for x in xs) / len(xs)
+    return {"consensus_distance": spread / float((mean**2).sum()), "model_norm": float(mean.norm())}
+
+
+def _update_figures(delta: list[torch.Tensor], previous: list[torch.Tensor]) -> dict[str, float]:
+    flat = torch.cat([d.reshape(-1) for d in delta])
+    cosine = float("nan")
+    if previous:
+        before = torch.cat([d.reshape(-1) for d in previous])
+        cosine = float(flat @ before / (flat.norm() * before.norm()))
+    return {"outer_update_norm": float(flat.norm()), "outer_update_cosine": cosine}
 
 
 def _average_inside_groups(

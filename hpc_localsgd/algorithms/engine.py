@@ -16,6 +16,7 @@ which are averaged whenever the model is evaluated).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import torch
 from ..comm.base import Communicator, Handle
 from ..config.schema import AlgorithmConfig, Precision
 from .accounting import GLOBAL, CommStats
+from .drift import SyncMeasurement, first_row, relative_consensus_distance, row_dot
 from .flat import BUFFERS, MOMENTUM, PARAMS, FlatGroup, flatten_training_state
 from .gradients import GradientAllreduce
 from .hierarchy import WORKER, Hierarchy
@@ -108,6 +110,7 @@ class AveragingEngine:
         )
         # x_prev for the outer optimizer: the model right after the previous sync (parameters only).
         self.anchors: list[torch.Tensor] = []
+        self.last_sync: SyncMeasurement | None = None  # what the latest global sync measured
         self.gradients: GradientAllreduce | None = None
         if schedule.local_start is None or schedule.local_start > 0 or self.worker_comm is not None:
             self.gradients = GradientAllreduce(list(model.parameters()), comm, bucket_bytes, self.stats)
@@ -186,25 +189,62 @@ class AveragingEngine:
         LR the last step used (SlowMo's γ). Returns whether a (global) sync happened; an
         intermediate level of a hierarchy averages its groups when it alone is due."""
         if self.schedule.averages_after(completed_steps):
-            self.sync(lr)
+            self.sync(lr, self.schedule.outer_step_after(completed_steps))
             return True
         level = self.hierarchy.level_due(completed_steps, self.schedule.local_start, self.schedule.sync_period)
         if level is not None:
             self._average(self.level_comms[level], f"level{level + 1}")
         return False
 
-    def sync(self, lr: float) -> None:
-        """One model average over all ranks, then the outer step and the buffer policy."""
+    def sync(self, lr: float, outer_step: bool = True) -> None:
+        """One model average over all ranks, then the outer step (unless ``outer_step`` is false: a
+        plain average between two outer steps, whose x_prev stays) and the buffer policy. What the
+        sync measured is in ``last_sync``."""
+        consensus = self._start_consensus_distance()
         if self.worker_comm is None:
             self._average(self.comm, GLOBAL)
         else:
             self._average_between_workers()
+        distance, model_norm = self._finish_consensus_distance(*consensus)
         with torch.no_grad():
             for index, group in enumerate(self.groups):
-                anchor = self.anchors[index] if self.anchors else None
-                self.outer.step(group.slice(PARAMS), anchor, lr, index)
+                if outer_step:
+                    anchor = self.anchors[index] if self.anchors else None
+                    self.outer.step(group.slice(PARAMS), anchor, lr, index)
                 if self.cfg.momentum_buffers == "reset":
                     group.slice(MOMENTUM).zero_()
+        update_norm, update_cosine = self.outer.update_figures() if outer_step else (math.nan, math.nan)
+        self.last_sync = SyncMeasurement(distance, model_norm, update_norm, update_cosine, outer_step)
+
+    # --- drift measurements (algorithms/drift.py) ----------------------------------------------------
+    def _start_consensus_distance(self) -> tuple[torch.Tensor, Handle | None]:
+        """Start averaging each worker's ‖xᵢ‖² (float64, parameters only) over the workers.
+
+        A separate allreduce of one float64 (per simulated worker), started before the model's and
+        in flight beside it: the model's flat buffer is in the model's dtype (float32 or lower, which
+        would lose the digits Ξ² = mean‖xᵢ‖² − ‖x̄‖² needs) and its sync span has no room for an extra
+        element without changing the layout. Workers are the units: with workers of R ranks it runs
+        between workers (rank j of each), whose R ranks hold the same x. Not counted in the traffic
+        (8 bytes, a measurement). Parameters only."""
+        buffer = self._squared_parameter_norms().reshape(-1).contiguous()
+        between = self.comm if self.worker_comm is None else self.across_comm
+        assert between is not None
+        if between.size == 1:
+            return buffer, None
+        return buffer, between.iallreduce_(buffer, average=True)
+
+    def _finish_consensus_distance(self, mean_squared: torch.Tensor, handle: Handle | None) -> tuple[float, float]:
+        """(Ξ²/‖x̄‖², ‖x̄‖) once the model is averaged, before the outer step changes it."""
+        if handle is not None:
+            with self.stats.timed():
+                handle.wait()
+        averaged = first_row(self._squared_parameter_norms())
+        return relative_consensus_distance(first_row(mean_squared), averaged), math.sqrt(averaged)
+
+    def _squared_parameter_norms(self) -> torch.Tensor:
+        """‖x‖² of this rank's parameters (of each simulated worker's), in float64."""
+        norms = [row_dot(params, params) for params in (g.slice(PARAMS) for g in self.groups)]
+        return torch.stack([n.to(norms[0].device) for n in norms]).sum(dim=0)
 
     def _average(self, comm: Communicator, level: str) -> None:
         """Average what a sync averages over ``comm``: a single allreduce per dtype. One rank

@@ -5,6 +5,10 @@ model on exit; ``anchor`` holds the model after the previous sync, x_prev, and i
 the new model. The formulas are rearranged as ``x_new = x̄ + (1 − lr)·Δ − …`` with
 Δ = x_prev − x̄ so that the plain-average special cases (SlowMo with α = 1, β = 0) give x̄
 bit for bit.
+
+The momentum-based ones also measure Δ for the drift figures (``algorithms/drift.py``): its norm
+and its cosine with the previous outer step's Δ, which they keep (one more parameter-sized copy,
+part of their checkpointed state so that a resumed run measures the same cosine).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import abc
 
 import torch
+
+from .drift import UpdateFigures, combine_update_figures, first_row, row_dot
 
 
 class OuterOptimizer(abc.ABC):
@@ -30,6 +36,10 @@ class OuterOptimizer(abc.ABC):
     def load_state_tensors(self, state: dict[str, list[torch.Tensor]]) -> None:
         return None
 
+    def update_figures(self) -> tuple[float, float]:
+        """(‖Δ‖, cos(Δ, previous Δ)) of the last outer step over all groups; NaN where not measured."""
+        return combine_update_figures([])
+
 
 class PlainAverage(OuterOptimizer):
     """Plain model averaging: x ← x̄ (local SGD)."""
@@ -43,6 +53,8 @@ class _MomentumOuter(OuterOptimizer):
 
     def __init__(self) -> None:
         self.momentum: dict[int, torch.Tensor] = {}
+        self.previous_update: dict[int, torch.Tensor] = {}  # Δ of the last outer step, per group
+        self._figures: dict[int, UpdateFigures] = {}
 
     def _buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
         if index not in self.momentum:
@@ -50,11 +62,31 @@ class _MomentumOuter(OuterOptimizer):
             self.momentum[index] = torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32))
         return self.momentum[index]
 
+    def _measure(self, index: int, delta: torch.Tensor) -> None:
+        """‖Δ‖² and ⟨Δ, Δ_prev⟩ in float64 (identical rows in a simulation: worker 0's), then Δ
+        becomes the next outer step's Δ_prev."""
+        squared = first_row(row_dot(delta, delta))
+        previous = self.previous_update.get(index)
+        if previous is None:
+            self._figures[index] = UpdateFigures(squared)
+            self.previous_update[index] = delta.clone()
+            return
+        dot, previous_squared = first_row(row_dot(delta, previous)), first_row(row_dot(previous, previous))
+        self._figures[index] = UpdateFigures(squared, dot, previous_squared)
+        previous.copy_(delta)
+
+    def update_figures(self) -> tuple[float, float]:
+        return combine_update_figures([self._figures[i] for i in sorted(self._figures)])
+
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
-        return {"momentum": [self.momentum[i] for i in sorted(self.momentum)]}
+        state = {"momentum": [self.momentum[i] for i in sorted(self.momentum)]}
+        if self.previous_update:
+            state["previous_update"] = [self.previous_update[i] for i in sorted(self.previous_update)]
+        return state
 
     def load_state_tensors(self, state: dict[str, list[torch.Tensor]]) -> None:
         self.momentum = {i: t.clone() for i, t in enumerate(state.get("momentum", []))}
+        self.previous_update = {i: t.clone() for i, t in enumerate(state.get("previous_update", []))}
 
 
 class SlowMo(_MomentumOuter):
@@ -76,6 +108,7 @@ class SlowMo(_MomentumOuter):
         delta = anchor.sub_(averaged)  # the anchor's storage now holds Δ; it is rewritten below
         averaged.add_(delta, alpha=1.0 - alpha).add_(u.to(averaged.dtype), alpha=-alpha * beta * lr)
         u.mul_(beta).add_(delta.to(u.dtype), alpha=1.0 / lr)
+        self._measure(index, delta)
         anchor.copy_(averaged)
 
 
@@ -99,4 +132,5 @@ class OuterNesterov(_MomentumOuter):
         delta = anchor.sub_(averaged)
         b.mul_(mu).add_(delta.to(b.dtype))
         averaged.add_(delta, alpha=1.0 - eta).add_(b.to(averaged.dtype), alpha=-eta * mu)
+        self._measure(index, delta)
         anchor.copy_(averaged)

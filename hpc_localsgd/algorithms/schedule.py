@@ -16,10 +16,15 @@ class SyncSchedule:
     from the first step; anything else is post-local SGD (Lin et al. 2020). Averaging
     happens after completed step s when s > local_start and (s − local_start) % H == 0,
     so the warm-up and the switch can never drift apart.
+
+    ``outer_every`` k: the outer optimizer steps after every k-th average only (fairscale's SlowMo
+    has the two periods apart); the count of averages comes from the same step counter, so a
+    resumed run knows where it stands without saving it.
     """
 
     sync_period: int
     local_start: int | None
+    outer_every: int = 1
 
     @classmethod
     def from_config(
@@ -28,7 +33,7 @@ class SyncSchedule:
         """The one place that says when local SGD starts: never for all-reduce SGD, at step 0 for
         local SGD, and for post-local SGD at ``switch_step``, ``switch_epoch`` or else at the LR
         schedule's first decay (``first_decay_step``), as Lin et al. (2020) switch."""
-        return cls(cfg.sync_period, _local_start(cfg, steps_per_epoch, first_decay_step))
+        return cls(cfg.sync_period, _local_start(cfg, steps_per_epoch, first_decay_step), cfg.outer_every)
 
     def is_synchronous(self, step: int) -> bool:
         """Whether the gradients of step ``step`` (0-based, about to run) are averaged."""
@@ -39,6 +44,14 @@ class SyncSchedule:
         if self.local_start is None or completed_steps <= self.local_start:
             return False
         return (completed_steps - self.local_start) % self.sync_period == 0
+
+    def outer_step_after(self, completed_steps: int) -> bool:
+        """Whether the average after ``completed_steps`` steps is followed by the outer step: the
+        k-th, 2k-th, ... average of the local phase (k = ``outer_every``)."""
+        if not self.averages_after(completed_steps):
+            return False
+        assert self.local_start is not None  # averages_after says the local phase has begun
+        return (completed_steps - self.local_start) // self.sync_period % self.outer_every == 0
 
 
 def _local_start(cfg: AlgorithmConfig, steps_per_epoch: int, first_decay_step: int | None) -> int | None:

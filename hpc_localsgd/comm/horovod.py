@@ -249,7 +249,8 @@ class HorovodCommunicator(Communicator):
         # dtype (bfloat16 is not one Horovod accepts, and no arithmetic happens).
         row = buffer.reshape(1, -1).view(torch.uint8)
         if row.device.type == "cuda" and not self._nccl:
-            row = row.cpu()  # staged through the host, as allreduce is        name, release_name = self._names.take("allgather", row, "gather")
+            row = row.cpu()  # staged through the host, as allreduce is
+        name, release_name = self._names.take("allgather", row, "gather")
         try:
             hvd_handle = self._hvd.allgather_async(row, name=name, process_set=self._process_set)
         except BaseException:

@@ -253,6 +253,15 @@ class AlgorithmConfig:
         range="> 0, <= 100",
     )
     outer_momentum: float = setting(0.9, "Outer Nesterov's momentum μ.", range="[0, 1)")
+    outer_every: int = setting(
+        1,
+        "The outer step (slowmo, nesterov) on every k-th model average only, as fairscale's SlowMo decouples "
+        "its period from the averaging period: the model is averaged every sync_period steps, and the outer "
+        "step runs every outer_every·sync_period steps on the model of outer_every averages ago (1: at every "
+        "average).",
+        range=">= 1",
+        rule="above 1 only with outer slowmo or nesterov",
+    )
     momentum_buffers: BuffersPolicy = setting(
         "keep",
         "The base optimizer's momentum buffers at a sync: kept local, averaged (2× bytes), or reset to zero.",
@@ -302,6 +311,11 @@ class AlgorithmConfig:
                 f"{key}.levels[{index}].ranks",
                 f"must be >= 2 or 'node', got {level.ranks}",
             )
+        _check(
+            self.outer_every == 1 or self.outer != "none",
+            f"{key}.outer_every",
+            "applies to an outer optimizer: set algorithm.outer to slowmo or nesterov",
+        )
         if self.method == "allreduce":
             _check(not self.levels, f"{key}.levels", "apply to model averaging; method 'allreduce' averages every step")
             _check(

@@ -15,6 +15,15 @@ Besides the totals ``bytes_sent`` and ``sync_rounds``, both groups have ``<level
 and ``<level>_sync_rounds`` for every level (files written before levels existed have neither:
 all their traffic is ``global``).
 
+A third group, ``syncs``, has one row per global sync (model average) with what it measured
+(``SYNC_FIELDS``, see ``algorithms/drift.py``): ``step`` (completed steps at the sync),
+``consensus_distance`` (mean over workers of ‖xᵢ − x̄‖², relative to ‖x̄‖²), ``model_norm`` (‖x̄‖),
+``outer_update_norm`` and ``outer_update_cosine`` (‖Δ‖ of the outer step, Δ = x_prev − x̄, and its
+cosine with the previous outer step's Δ; NaN where no outer step ran, the cosine also at the first)
+and ``outer_step`` (1 where the outer optimizer stepped). A table of its own rather than columns of
+``steps`` that would be NaN between syncs. Files written before it existed have no ``syncs`` group;
+:func:`read_metrics` then gives none, and a resumed run adds it.
+
 This module owns that contract: the file name, the format tag, the fields and when a run counts as
 finished (:func:`run_finished`) or diverged (:func:`run_status`). It imports no torch, so that
 the report reads metrics files without it.
@@ -74,7 +83,16 @@ EVAL_FIELDS = (
     "bytes_sent",
     "sync_rounds",
 )
-_INT_FIELDS = {"step", "bytes_sent", "sync_rounds", "synced"}
+SYNC_FIELDS = (
+    "step",
+    "consensus_distance",
+    "model_norm",
+    "outer_update_norm",
+    "outer_update_cosine",
+    "outer_step",
+)
+SYNCS = "syncs"  # the group of SYNC_FIELDS
+_INT_FIELDS = {"step", "bytes_sent", "sync_rounds", "synced", "outer_step"}
 LEVELS_ATTR = "levels"
 GLOBAL_LEVEL = "global"  # every rank, over the slowest network: what a flat run's traffic is
 
@@ -112,7 +130,7 @@ class MetricsWriter:
         self.defer_failures = defer_failures
         self.failure: str | None = None  # the last append that failed, while its rows are pending
         self.set_aside: tuple[Path, str] | None = None  # (where a damaged file went, what was wrong)
-        self._pending: dict[str, list[dict[str, float]]] = {"steps": [], "evals": []}
+        self._pending: dict[str, list[dict[str, float]]] = {"steps": [], "evals": [], SYNCS: []}
         self._last_flush = time.monotonic()
         if resume_after_step is not None and self.path.exists():
             try:
@@ -129,28 +147,22 @@ class MetricsWriter:
             f.attrs[LEVELS_ATTR] = json.dumps(list(levels))
             per_level = level_fields(levels)
             for group, fields in (("steps", STEP_FIELDS + per_level), ("evals", EVAL_FIELDS + per_level)):
-                g = f.create_group(group)
-                for name in fields:
-                    g.create_dataset(
-                        name,
-                        shape=(0,),
-                        maxshape=(None,),
-                        chunks=(1024,),
-                        dtype=np.int64 if _is_int(name) else np.float64,
-                    )
+                _create_series(f, group, fields)
+            _create_series(f, SYNCS, SYNC_FIELDS)
 
     def _truncate_after(self, step: int) -> None:
         with h5py.File(self.path, "r", locking=self.locking) as f:  # read first: a damaged file is set aside untouched
             if attr_text(f.attrs, "format") != METRICS_FORMAT:
                 raise ValueError(f"not an hpc-localsgd metrics file (format {attr_text(f.attrs, 'format')!r})")
-            keep = {
-                group: int(np.searchsorted(f[group]["step"][()], step, side="right")) for group in ("steps", "evals")
-            }
+            groups = ("steps", "evals", SYNCS) if SYNCS in f else ("steps", "evals")
+            keep = {group: int(np.searchsorted(f[group]["step"][()], step, side="right")) for group in groups}
             for group in keep:
                 lengths = {dataset.shape[0] for dataset in f[group].values()}
                 if min(lengths) < keep[group]:
                     raise ValueError(f"{group}/ has datasets of different lengths {sorted(lengths)}")
         with h5py.File(self.path, "a", locking=self.locking) as f:
+            if SYNCS not in f:  # written before per-sync measurements: they start with this resume
+                _create_series(f, SYNCS, SYNC_FIELDS)
             for group, rows in keep.items():
                 for dataset in f[group].values():
                     dataset.resize((rows,))
@@ -165,6 +177,10 @@ class MetricsWriter:
     def log_eval(self, **row: float) -> None:
         self._pending["evals"].append(row)
         self.flush()
+
+    def log_sync(self, **row: float) -> None:
+        """One row of the ``syncs`` table (every field of ``SYNC_FIELDS``), written with the steps."""
+        self._pending[SYNCS].append(row)
 
     def flush(self) -> None:
         """Append the pending rows. On failure they stay pending (a later flush retries them), the rows
@@ -249,10 +265,31 @@ def _move_aside(path: Path) -> Path:
     raise OSError(f"cannot find a free name to set '{path}' aside")
 
 
+def _create_series(f: h5py.File, group: str, fields: Sequence[str]) -> None:
+    g = f.create_group(group)
+    for name in fields:
+        g.create_dataset(
+            name, shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.int64 if _is_int(name) else np.float64
+        )
+
+
 def read_metrics(path: str | Path, locking: bool = False) -> dict[str, dict[str, np.ndarray]]:
-    """Both series as numpy arrays: ``{"steps": {field: array}, "evals": {...}}``."""
+    """The series as numpy arrays: ``{"steps": {field: array}, "evals": {...}}``, and ``"syncs"``
+    when the file has that table (files written before it existed do not)."""
     with h5py.File(path, "r", locking=locking) as f:
-        return {group: {name: f[group][name][()] for name in f[group]} for group in ("steps", "evals")}
+        groups = ("steps", "evals", SYNCS) if SYNCS in f else ("steps", "evals")
+        return {group: {name: f[group][name][()] for name in f[group]} for group in groups}
+
+
+def read_syncs(path: str | Path, locking: bool = False) -> dict[str, np.ndarray] | None:
+    """The ``syncs`` table alone (``{field: array}``, rows every field has), or None for a file
+    written before it existed."""
+    with h5py.File(path, "r", locking=locking) as f:
+        if SYNCS not in f:
+            return None
+        table = {name: f[SYNCS][name][()] for name in f[SYNCS]}
+    rows = min((len(values) for values in table.values()), default=0)
+    return {name: values[:rows] for name, values in table.items()}
 
 
 def run_finished(eval_steps: Sequence[int] | np.ndarray, total_steps: int) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .collect import Run, collect_runs
+from .drift import drift_figures
 from .plots import plot_accuracy_vs_sync_period, plot_curves
 from .table import GroupKey, ResultRow, group_runs, summarise, write_csv, write_markdown
 from .tradeoff import (
@@ -76,6 +77,8 @@ def plan_outputs(
             files = _figure(out, f"curves{suffix}-W{workers}")
             title = f"Training curves — {task}, {workers} workers (mean over seeds)"
             plan.append(Output(files, functools.partial(plot_curves, subset, files, title)))
+    many = len(tasks) > 1  # drift figures (report/drift.py): named like the curves, per task and worker count
+    plan += [Output(f, write) for f, write in drift_figures(runs, out, lambda t: _task_suffix(t) if many else "")]
     if timing is not None:
         plan += _tradeoff_outputs(runs, out, timing, target, tasks)
     return plan

@@ -241,6 +241,8 @@ def describe_method(cfg: RunConfig) -> str:
         name += f" + SlowMo (α={a.slow_lr:g}, β={a.slow_momentum:g})"
     elif a.outer == "nesterov":
         name += f" + outer Nesterov (η={a.outer_lr:g}, μ={a.outer_momentum:g})"
+    if a.outer_every > 1 and a.outer != "none":
+        name += f" every {a.outer_every} averages"
     if a.ranks_per_worker != 1 and a.method != "allreduce":
         name += f", workers of {'a node' if a.ranks_per_worker == 'node' else f'{a.ranks_per_worker} ranks'}"
     for level in a.levels:
@@ -405,6 +407,8 @@ def _step_loop(
                     synced=int(done.synced),
                     **counters(stats, engine.hierarchy),
                 )
+                if done.synced and engine.last_sync is not None:
+                    metrics.log_sync(step=progress.step, **engine.last_sync.as_row())
                 window.add(elapsed, comm_seconds, loss, correct, samples, opt.global_batch)
                 if progress.step % cfg.train.log_every_steps == 0 or progress.step == total:
                     say(
