@@ -11,10 +11,12 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hpc_localsgd.config.schema import AlgorithmConfig
+from tests.compression_reference import compressed_average
 
 
 @dataclass
@@ -31,6 +33,16 @@ class ReferenceAlgorithm:
     ranks_per_worker: int = 1  # consecutive ranks that average gradients every local step
     levels: tuple[tuple[int, int], ...] = ()  # (group size, period): model averages inside groups
     outer_every: int = 1  # the outer step after every k-th global average only (fairscale's SlowMo)
+    # Streaming DiLoCo and compressed syncs (ALGORITHMS.md, "Streaming, delayed and compressed ..."):
+    sync_delay: int = 0  # τ: a fragment's Δ = x_prev − x is taken τ steps before its sync
+    sync_mix: float = 0.0  # α: after a sync, x ← (1 − α)·x_g + α·x_now
+    fragments: int = 1  # F contiguous fragments of the flat parameters, fragment f offset by f·H/F
+    compression: str = "none"  # what Δ is sent as: none | bf16 | fp16 | int8 (tests/compression_reference.py)
+    error_feedback: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        return self.sync_delay > 0 or self.fragments > 1 or self.compression != "none"
 
     @classmethod
     def from_config(
@@ -54,6 +66,9 @@ class ReferenceAlgorithm:
             ranks_per_worker=ranks_per_worker,
             levels=levels,
             outer_every=cfg.outer_every,
+            sync_delay=cfg.sync_delay,
+            sync_mix=cfg.sync_mix,
+            fragments=cfg.fragments,
         )
 
 
@@ -83,6 +98,7 @@ def simulate(
         for w in workers
     ]
     steps = len(batches[0])
+    stream = _Stream(algo) if algo.streaming else None
     x_prev: list[torch.Tensor] = []
     slow_u: list[torch.Tensor] = []
     previous_delta: list[torch.Tensor] = []
@@ -92,6 +108,8 @@ def simulate(
         if s == algo.local_start and algo.outer != "none":
             x_prev = [p.detach().clone() for p in workers[0].parameters()]
             slow_u = [torch.zeros_like(p) for p in x_prev]
+        if s == algo.local_start and stream is not None:
+            stream.start(workers)
         for w, opt, wb in zip(workers, opts, batches, strict=True):
             opt.zero_grad()
             x, y = wb[s]
@@ -108,6 +126,9 @@ def simulate(
             opt.step()
         done = s + 1
         if synchronous or algo.local_start is None:
+            continue
+        if stream is not None:
+            stream.after_step(done, workers, opts, lr)
             continue
         local_steps = done - algo.local_start
         if local_steps % algo.sync_period != 0:
@@ -162,6 +183,122 @@ def simulate(
                     for b in bufs:
                         b.copy_(new)
     return workers
+
+
+class _Stream:
+    """Delayed, fragmented and compressed global syncs over the workers' flat parameter vectors:
+
+    fragment f (contiguous part f of F of the flat parameters, the first n % F parts one longer) syncs
+    after completed steps c with c − local_start − f·H/F ≥ 0 a multiple of H and c − τ > local_start;
+    its Δ_w = x_prev − x_w is taken after step c − τ and averaged (as Q(Δ_w + e_w) when compressed);
+    at c: x̄ = x_prev − avg, the outer step on the fragment (on its k-th, 2k-th, ... sync), x_prev ← x_g,
+    x_w ← (1 − α)·x_g + α·x_w. BN statistics and the momentum policy act at fragment 0's syncs."""
+
+    def __init__(self, algo: ReferenceAlgorithm) -> None:
+        self.algo = algo
+        self.x_prev: torch.Tensor | None = None
+        self.slow: torch.Tensor | None = None  # SlowMo's u or Nesterov's b, flat
+        self.pending: dict[int, torch.Tensor] = {}
+        self.errors: dict[int, list[np.ndarray]] = {}
+
+    def _offset(self, fragment: int) -> int:
+        return fragment * self.algo.sync_period // self.algo.fragments
+
+    def _syncs(self, fragment: int, done: int) -> bool:
+        algo = self.algo
+        assert algo.local_start is not None
+        since = done - algo.local_start - self._offset(fragment)
+        return since >= 0 and since % algo.sync_period == 0 and done - algo.sync_delay > algo.local_start
+
+    def _bounds(self, n: int, fragment: int) -> tuple[int, int]:
+        base, extra = divmod(n, self.algo.fragments)
+        start = fragment * base + min(fragment, extra)
+        return start, start + base + (1 if fragment < extra else 0)
+
+    def after_step(self, done: int, workers: list[torch.nn.Module], opts: list, lr: float) -> None:
+        algo = self.algo
+        flats = [torch.cat([p.detach().reshape(-1) for p in w.parameters()]) for w in workers]
+        for fragment in range(algo.fragments):
+            if self._syncs(fragment, done + algo.sync_delay):
+                a, b = self._bounds(len(flats[0]), fragment)
+                assert self.x_prev is not None
+                deltas = [self.x_prev[a:b] - x[a:b] for x in flats]
+                self.pending[fragment] = self._average(fragment, deltas)
+        for fragment in range(algo.fragments):
+            if not self._syncs(fragment, done):
+                continue
+            a, b = self._bounds(len(flats[0]), fragment)
+            assert self.x_prev is not None and self.slow is not None
+            averaged = self.x_prev[a:b] - self.pending.pop(fragment)
+            first = 1 if self._offset(fragment) > algo.sync_delay else 0
+            number = (done - algo.local_start - self._offset(fragment)) // algo.sync_period + first
+            new = averaged
+            if algo.outer != "none" and number % algo.outer_every == 0:
+                delta = self.x_prev[a:b] - averaged
+                if algo.outer == "slowmo":
+                    self.slow[a:b] = algo.slow_momentum * self.slow[a:b] + delta / lr
+                    new = self.x_prev[a:b] - algo.slow_lr * lr * self.slow[a:b]
+                else:
+                    self.slow[a:b] = algo.outer_momentum * self.slow[a:b] + delta
+                    new = self.x_prev[a:b] - algo.outer_lr * (delta + algo.outer_momentum * self.slow[a:b])
+                self.x_prev[a:b] = new
+            elif algo.outer == "none":
+                self.x_prev[a:b] = averaged
+            for w, x in zip(workers, flats, strict=True):
+                mixed = (1 - algo.sync_mix) * new + algo.sync_mix * x[a:b]
+                _write_flat(w, a, mixed)
+            if fragment == 0:
+                _average_bn_and_momentum(workers, opts, algo)
+
+    def start(self, workers: list[torch.nn.Module]) -> None:
+        self.x_prev = torch.cat([p.detach().reshape(-1) for p in workers[0].parameters()]).clone()
+        self.slow = torch.zeros_like(self.x_prev)
+
+    def _average(self, fragment: int, deltas: list[torch.Tensor]) -> torch.Tensor:
+        algo = self.algo
+        if algo.compression == "none":
+            return sum(deltas) / len(deltas)
+        errors = self.errors.get(fragment)
+        if algo.error_feedback and errors is None:
+            errors = [np.zeros(d.numel(), dtype=np.float32) for d in deltas]
+        average, errors = compressed_average(
+            algo.compression, [d.numpy() for d in deltas], errors if algo.error_feedback else None
+        )
+        if errors is not None:
+            self.errors[fragment] = errors
+        return torch.from_numpy(average)
+
+
+def _write_flat(model: torch.nn.Module, start: int, values: torch.Tensor) -> None:
+    """Write ``values`` into the model's parameters from flat position ``start`` on."""
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            lo, hi = max(start, offset), min(start + values.numel(), offset + p.numel())
+            if lo < hi:
+                p.view(-1)[lo - offset : hi - offset] = values[lo - start : hi - start]
+            offset += p.numel()
+
+
+def _average_bn_and_momentum(workers: list[torch.nn.Module], opts: list, algo: ReferenceAlgorithm) -> None:
+    with torch.no_grad():
+        if algo.average_bn_buffers:
+            for bufs in zip(*(w.buffers() for w in workers), strict=True):
+                if bufs[0].is_floating_point():
+                    mean = sum(bufs) / len(bufs)
+                    for b in bufs:
+                        b.copy_(mean)
+        if algo.momentum_buffers != "keep":
+            states = [
+                [opt.state[p].get("momentum_buffer") for p in w.parameters()]
+                for w, opt in zip(workers, opts, strict=True)
+            ]
+            for bufs in zip(*states, strict=True):
+                if bufs[0] is None:
+                    continue
+                new = sum(bufs) / len(bufs) if algo.momentum_buffers == "average" else torch.zeros_like(bufs[0])
+                for b in bufs:
+                    b.copy_(new)
 
 
 def _flat64(model: torch.nn.Module) -> torch.Tensor:

@@ -23,14 +23,15 @@ from dataclasses import dataclass
 import torch
 
 from ..comm.base import Communicator, Handle
-from ..config.schema import AlgorithmConfig, Precision
+from ..config.schema import AlgorithmConfig, Precision, SyncCompression
 from .accounting import GLOBAL, CommStats
 from .drift import SyncMeasurement, first_row, relative_consensus_distance, row_dot
-from .flat import BUFFERS, MOMENTUM, PARAMS, FlatGroup, flatten_training_state
+from .flat import BUFFERS, MOMENTUM, PARAMS, FlatGroup, contiguous_part, flatten_training_state
 from .gradients import GradientAllreduce
 from .hierarchy import WORKER, Hierarchy
 from .outer import OuterNesterov, OuterOptimizer, PlainAverage, SlowMo
 from .schedule import SyncSchedule
+from .streaming import StreamingSync
 
 
 def make_outer_optimizer(cfg: AlgorithmConfig) -> OuterOptimizer:
@@ -63,6 +64,8 @@ class AveragingEngine:
         bucket_bytes: int = 25 * 2**20,
         hierarchy: Hierarchy | None = None,
         precision: Precision = "fp32",
+        compression: SyncCompression = "none",
+        error_feedback: bool = False,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -111,6 +114,23 @@ class AveragingEngine:
         # x_prev for the outer optimizer: the model right after the previous sync (parameters only).
         self.anchors: list[torch.Tensor] = []
         self.last_sync: SyncMeasurement | None = None  # what the latest global sync measured
+        # Compressed, delayed or fragmented global syncs (algorithms/streaming.py); None: the plain sync below.
+        self.streaming: StreamingSync | None = None
+        if compression != "none" or cfg.sync_delay > 0 or cfg.fragments > 1:
+            if self.worker_comm is not None or self.hierarchy.levels:
+                raise ValueError("compressed, delayed or fragmented syncs do not yet combine with worker groups")
+            self.streaming = StreamingSync(
+                self.groups,
+                self._sync_spans,
+                comm,
+                cfg,
+                schedule.local_start,
+                compression,
+                error_feedback,
+                self.outer,
+                self.stats,
+            )
+            self.bytes_per_sync = self.streaming.bytes_per_model
         self.gradients: GradientAllreduce | None = None
         if schedule.local_start is None or schedule.local_start > 0 or self.worker_comm is not None:
             self.gradients = GradientAllreduce(list(model.parameters()), comm, bucket_bytes, self.stats)
@@ -157,7 +177,9 @@ class AveragingEngine:
         local step: a replica's NaN reaches every rank at the next sync. One float64 sum per span,
         which NaN or inf makes non-finite (finite float32 values cannot overflow it); fp16's skipped
         steps leave the model finite."""
-        if synced:
+        if synced and self.streaming is not None:
+            spans = self.anchors  # x_prev ← x_g on every rank alike (the live fragment may hold a mix)
+        elif synced:
             spans = [
                 g.flat[..., a:b]
                 for g, group_spans in zip(self.groups, self._sync_spans, strict=True)
@@ -177,7 +199,8 @@ class AveragingEngine:
                 self.gradients.start_step(self.comm if self.comm.size > 1 else None, GLOBAL)
             else:
                 self.gradients.start_step(self.worker_comm, WORKER)
-        if step == self.schedule.local_start and self.outer.needs_anchor and not self.anchors:
+        needs_anchor = self.outer.needs_anchor or self.streaming is not None  # streaming sends x_prev − x
+        if step == self.schedule.local_start and needs_anchor and not self.anchors:
             self.anchors = [g.slice(PARAMS).clone() for g in self.groups]
 
     def finish_gradients(self) -> None:
@@ -188,6 +211,12 @@ class AveragingEngine:
         """Average the model if a sync is due after ``completed_steps`` steps; ``lr`` is the base
         LR the last step used (SlowMo's γ). Returns whether a (global) sync happened; an
         intermediate level of a hierarchy averages its groups when it alone is due."""
+        if self.streaming is not None:
+            self.outer.forget_update_figures()
+            synced, outer_stepped = self.streaming.end_step(completed_steps, lr, self.anchors)
+            if synced:  # consensus distance: not measured here (x̄ of a delayed sync is of an older x)
+                self.last_sync = SyncMeasurement(math.nan, math.nan, *self.outer.update_figures(), outer_stepped)
+            return synced
         if self.schedule.averages_after(completed_steps):
             self.sync(lr, self.schedule.outer_step_after(completed_steps))
             return True
@@ -287,11 +316,11 @@ class AveragingEngine:
         with self.stats.timed():
             _wait_all([worker.iallreduce_(t, average=True) for t in statistics])
             if across.size > 1:  # else one worker: its ranks already agree
-                shards = [(g, *_shard(start, end, size, j)) for g, start, end in spans for j in owned]
+                shards = [(g, *contiguous_part(start, end, size, j)) for g, start, end in spans for j in owned]
                 _wait_all([across.iallreduce_(g.flat[..., a:b], average=True) for g, a, b in shards])
                 if self.comm.replicas == 1:  # a simulation's rows already hold every averaged shard
                     for g, start, end in spans:
-                        a, b = _shard(start, end, size, mine)
+                        a, b = contiguous_part(start, end, size, mine)
                         g.flat[..., start:a].zero_()
                         g.flat[..., b:end].zero_()
                     _wait_all([worker.iallreduce_(g.flat[..., start:end], average=False) for g, start, end in spans])
@@ -303,7 +332,7 @@ class AveragingEngine:
             between = sum(
                 (b - a) * g.flat.element_size()
                 for g, start, end in spans
-                for a, b in [_shard(start, end, size, counted)]
+                for a, b in [contiguous_part(start, end, size, counted)]
             )
             self.stats.count(GLOBAL, between)
         if inside:
@@ -321,6 +350,7 @@ class AveragingEngine:
                 if end > start
             },
             **self.loss_scaler_state(),
+            **({} if self.streaming is None else self.streaming.rank_state()),
         }
 
     def loss_scaler_state(self) -> dict[str, torch.Tensor]:
@@ -347,6 +377,8 @@ class AveragingEngine:
         state = {f"anchor{index}": anchor for index, anchor in enumerate(self.anchors)}
         for name, tensors in self.outer.state_tensors().items():
             state.update({f"outer_{name}{index}": t for index, t in enumerate(tensors)})
+        if self.streaming is not None:
+            state.update(self.streaming.shared_state())  # averages in flight, settled
         return state
 
     def load_state(
@@ -371,6 +403,8 @@ class AveragingEngine:
         self.outer.load_state_tensors(
             {base: [by_index[i] for i in sorted(by_index)] for base, by_index in outer.items()}
         )
+        if self.streaming is not None:
+            self.streaming.load_shared_state(shared_state)
         local_start = self.schedule.local_start
         if self.outer.needs_anchor and not self.anchors and local_start is not None and completed_steps > local_start:
             # Re-sharded into an outer optimizer from a run without one: start it here.
@@ -400,16 +434,15 @@ class AveragingEngine:
             for live, saved in backups:
                 live.copy_(saved)
 
+    def drain(self) -> None:
+        """Wait for the averages still in flight when training ends (a delayed sync whose step never
+        came): every rank started them, so every rank must complete them."""
+        if self.streaming is not None:
+            self.streaming.settle()
+
     def close(self) -> None:
         if self.gradients is not None:
             self.gradients.remove()
-
-
-def _shard(start: int, end: int, parts: int, index: int) -> tuple[int, int]:
-    """Shard ``index`` of ``parts`` of [start, end): the first (length % parts) shards one longer."""
-    base, extra = divmod(end - start, parts)
-    first = start + index * base + min(index, extra)
-    return first, first + base + (1 if index < extra else 0)
 
 
 def _wait_all(handles: list[Handle]) -> None:

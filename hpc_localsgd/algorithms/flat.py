@@ -56,6 +56,14 @@ class FlatGroup:
         return self.flat[..., 0:0]
 
 
+def contiguous_part(start: int, end: int, parts: int, index: int) -> tuple[int, int]:
+    """Part ``index`` of ``parts`` contiguous parts of [start, end) (shards, fragments): the first
+    (length % parts) parts one element longer."""
+    base, extra = divmod(end - start, parts)
+    first = start + index * base + min(index, extra)
+    return first, first + base + (1 if index < extra else 0)
+
+
 def column_view(flat: torch.Tensor, start: int, end: int, shape: torch.Size) -> torch.Tensor:
     """Elements [start, end) of every row of ``flat`` (1-D, or 2-D with one row per simulated
     worker) viewed as a tensor of ``shape`` (which includes the worker dimension when 2-D)."""

@@ -40,6 +40,10 @@ class OuterOptimizer(abc.ABC):
         """(‖Δ‖, cos(Δ, previous Δ)) of the last outer step over all groups; NaN where not measured."""
         return combine_update_figures([])
 
+    def forget_update_figures(self) -> None:
+        """Before a sync that steps only some parts (fragments): the figures then cover those parts."""
+        return None
+
 
 class PlainAverage(OuterOptimizer):
     """Plain model averaging: x ← x̄ (local SGD)."""
@@ -77,6 +81,9 @@ class _MomentumOuter(OuterOptimizer):
 
     def update_figures(self) -> tuple[float, float]:
         return combine_update_figures([self._figures[i] for i in sorted(self._figures)])
+
+    def forget_update_figures(self) -> None:
+        self._figures = {}
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         state = {"momentum": [self.momentum[i] for i in sorted(self.momentum)]}

@@ -23,6 +23,7 @@ Backend = Literal["auto", "horovod", "mpi", "torch", "single", "simulated"]
 DatasetName = Literal["digits", "synthetic", "mnist1d", "cifar10", "imagenet"]
 LRScheduleName = Literal["constant", "step", "cosine"]
 Precision = Literal["fp32", "bf16", "fp16"]
+SyncCompression = Literal["none", "bf16", "fp16", "int8"]
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -259,8 +260,31 @@ class AlgorithmConfig:
         "its period from the averaging period: the model is averaged every sync_period steps, and the outer "
         "step runs every outer_every·sync_period steps on the model of outer_every averages ago (1: at every "
         "average).",
-        range=">= 1",
+        range=">= 1, <= 1e6",
         rule="above 1 only with outer slowmo or nesterov",
+    )
+    sync_delay: int = setting(
+        0,
+        "Overlap (Streaming DiLoCo): each global sync's update x_prev − x is taken this many local steps before "
+        "the sync step and averaged in the background while they run; at the sync step the outer step gives "
+        "the new global model (0: a blocking sync, as before).",
+        range=">= 0, <= 1e6",
+        rule="below sync_period / fragments",
+    )
+    sync_mix: float = setting(
+        0.0,
+        "With sync_delay: after a delayed sync each rank continues from (1 − sync_mix)·x_global + "
+        "sync_mix·x_local, keeping that share of the progress it made meanwhile (torchft's "
+        "fragment_update_alpha; 0: the global model).",
+        range="[0, 1]",
+    )
+    fragments: int = setting(
+        1,
+        "Split the flat parameters into this many contiguous fragments, each averaged every sync_period steps "
+        "on its own staggered schedule (offset f·sync_period/fragments), so that each sync sends 1/fragments "
+        "of the model (Streaming DiLoCo).",
+        range=">= 1, <= 1e6",
+        rule="divides sync_period",
     )
     momentum_buffers: BuffersPolicy = setting(
         "keep",
@@ -316,7 +340,27 @@ class AlgorithmConfig:
             f"{key}.outer_every",
             "applies to an outer optimizer: set algorithm.outer to slowmo or nesterov",
         )
+        streaming = self.sync_delay > 0 or self.fragments > 1
+        _check(
+            self.sync_period % self.fragments == 0,
+            f"{key}.fragments",
+            f"must divide sync_period ({self.sync_period}) for evenly staggered syncs, got {self.fragments}",
+        )
+        _check(
+            self.sync_delay < self.sync_period // self.fragments,
+            f"{key}.sync_delay",
+            f"must be below sync_period / fragments ({self.sync_period // self.fragments}): a fragment's update "
+            f"must arrive before the next sync starts, got {self.sync_delay}",
+        )
+        _check(self.sync_mix == 0 or self.sync_delay > 0, f"{key}.sync_mix", "applies with sync_delay > 0")
+        if streaming:
+            _check(
+                self.ranks_per_worker == 1 and not self.levels,
+                f"{key}.sync_delay" if self.sync_delay else f"{key}.fragments",
+                "does not yet combine with worker groups (ranks_per_worker, levels)",
+            )
         if self.method == "allreduce":
+            _check(not streaming, f"{key}.sync_delay", "applies to model averaging, not to method 'allreduce'")
             _check(not self.levels, f"{key}.levels", "apply to model averaging; method 'allreduce' averages every step")
             _check(
                 self.outer == "none", f"{key}.outer", "an outer optimizer needs method 'local_sgd' or 'post_local_sgd'"
@@ -351,6 +395,17 @@ class CommConfig:
         range="<= 4096",
         rule=">= 1 with backend simulated, else 0",
     )
+    sync_compression: SyncCompression = setting(
+        "none",
+        "How a global sync sends each rank's update since the last sync (x_prev − x, never the parameters): "
+        "none (fp32), bf16 or fp16 (half the bytes), int8 (one byte an element plus a float32 scale per "
+        "256-element block). Decoded and summed in fp32 on every rank.",
+    )
+    error_feedback: bool | Literal["auto"] = setting(
+        "auto",
+        "Carry each rank's compression error into its next sync (e ← Δ + e − Q(Δ + e)): nothing is lost, "
+        "only delayed. auto: on for int8, off for bf16/fp16.",
+    )
     horovod_cycle_time_ms: float | None = setting(
         None,
         "How often Horovod's background thread coordinates the ranks, in ms. null: Horovod's default (or "
@@ -358,6 +413,13 @@ class CommConfig:
         "nothing to coordinate between syncs (docs/BENCHMARKS.md, target 3).",
         range="> 0, <= 60000",
     )
+
+    @property
+    def uses_error_feedback(self) -> bool:
+        """``error_feedback`` resolved: auto is on for int8 only; no codec, no error."""
+        if self.sync_compression == "none":
+            return False
+        return self.sync_compression == "int8" if self.error_feedback == "auto" else bool(self.error_feedback)
 
     def validate(self, key: str = "comm") -> None:
         check_declared(self, key)
@@ -521,6 +583,17 @@ class RunConfig:
         check_declared(self)
         for name in ("model", "data", "optim", "algorithm", "comm", "train", "checkpoint", "output"):
             getattr(self, name).validate(name)
+        if self.comm.sync_compression != "none":
+            _check(
+                self.algorithm.method != "allreduce",
+                "comm.sync_compression",
+                "compresses model averages; method 'allreduce' averages gradients (keep it at none)",
+            )
+            _check(
+                self.algorithm.ranks_per_worker == 1 and not self.algorithm.levels,
+                "comm.sync_compression",
+                "does not yet combine with worker groups (algorithm.ranks_per_worker, algorithm.levels)",
+            )
         if self.comm.backend == "simulated":
             # A simulation is one process that runs minutes: it writes no checkpoints.
             _check(

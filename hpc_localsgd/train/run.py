@@ -129,6 +129,8 @@ def build_optimization(
         bucket_bytes=int(cfg.comm.bucket_mb * 2**20),
         hierarchy=hierarchy,
         precision=cfg.train.precision,
+        compression=cfg.comm.sync_compression,
+        error_feedback=cfg.comm.uses_error_feedback,
     )
     engine.broadcast_initial_state()
     return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)
@@ -247,6 +249,13 @@ def describe_method(cfg: RunConfig) -> str:
         name += f", workers of {'a node' if a.ranks_per_worker == 'node' else f'{a.ranks_per_worker} ranks'}"
     for level in a.levels:
         name += f", groups of {'a node' if level.ranks == 'node' else level.ranks} every {level.sync_period}"
+    if a.fragments > 1:
+        name += f", {a.fragments} fragments"
+    if a.sync_delay > 0:
+        name += f", syncs overlapped with {a.sync_delay} step(s)" + (f" (mix {a.sync_mix:g})" if a.sync_mix else "")
+    if cfg.comm.sync_compression != "none":
+        feedback = "with" if cfg.comm.uses_error_feedback else "without"
+        name += f", {cfg.comm.sync_compression} syncs {feedback} error feedback"
     return name
 
 
@@ -332,6 +341,7 @@ def run_training(
     progress.started = time.perf_counter()
     try:
         evals, stopped = _step_loop(cfg, workers, opt, progress, metrics, say, after_step)
+        engine.drain()  # a delayed sync whose step never came: started by every rank, so completed by every rank
     finally:
         if metrics is not None:
             metrics.close()

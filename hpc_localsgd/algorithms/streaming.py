@@ -1,0 +1,236 @@
+"""Streaming, delayed and compressed global syncs (../shared/ALGORITHMS.md, "Streaming, delayed and
+compressed synchronisation"): what the engine's global sync becomes when ``comm.sync_compression``,
+``algorithm.sync_delay`` or ``algorithm.fragments`` is set.
+
+What travels is each rank's update since the last sync, Δ = x_prev − x, never the parameters:
+
+* fragments F: the parameters of each flat group are split into F contiguous fragments; fragment f
+  syncs every H steps, offset by f·H/F (fragment 0 on the usual schedule), so each sync sends 1/F of
+  the model and the network is busy evenly;
+* delay τ: fragment f's Δ is taken τ steps before its sync step and averaged (non-blocking) while
+  those steps run; at the sync step x̄ = x_prev − avg Δ, the outer step (plain, SlowMo, Nesterov) gives
+  x_g, x_prev ← x_g, and the rank continues from (1 − α)·x_g + α·x_now (α = ``sync_mix``);
+* compression: avg Δ is the average of Q(Δ + e) (``compression.CompressedAverager``, error feedback e
+  per rank); none is an fp32 allreduce of Δ.
+
+With none of them the engine keeps its own sync, which averages x itself (bit for bit today's). BN
+statistics and averaged momentum buffers travel uncompressed, blocking, with fragment 0's sync, where
+the momentum policy ``reset`` also acts (on the whole model). Every rank starts and waits for the same
+collectives in the same order: at each step, first the starts that are due (fragment order), then the
+syncs that are due. A sync still in flight when a checkpoint is written is waited for (``settle``),
+and its result is carried in the checkpoint, so a resumed run applies the same average at the same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..comm.base import Communicator, DoneHandle, Handle
+from ..config.schema import AlgorithmConfig, SyncCompression
+from .accounting import GLOBAL, CommStats
+from .compression import CompressedAverager
+from .flat import MOMENTUM, PARAMS, FlatGroup, contiguous_part
+from .outer import OuterOptimizer
+
+
+@dataclass
+class _InFlight:
+    """One fragment's average, started and not yet applied."""
+
+    sync_step: int  # the completed step count at which it is applied
+    updates: list[torch.Tensor]  # per flat group: Δ, then (once waited on) the average
+    handles: list[Handle]
+
+
+class StreamingSync:
+    """The global syncs of one engine, fragment by fragment (see the module docstring)."""
+
+    def __init__(
+        self,
+        groups: list[FlatGroup],
+        sync_spans: list[list[tuple[int, int]]],
+        comm: Communicator,
+        cfg: AlgorithmConfig,
+        local_start: int | None,
+        compression: SyncCompression,
+        error_feedback: bool,
+        outer: OuterOptimizer,
+        stats: CommStats,
+    ) -> None:
+        self.groups, self.comm, self.outer, self.stats = groups, comm, outer, stats
+        self.local_start = local_start
+        self.period, self.fragments, self.outer_every = cfg.sync_period, cfg.fragments, cfg.outer_every
+        self.delay, self.mix = cfg.sync_delay, cfg.sync_mix
+        self.reset_momentum = cfg.momentum_buffers == "reset"
+        self.compression = compression
+        # Where each group's parameters lie, and the rest of its sync span (BN statistics, averaged momentum).
+        params = [_segment(g, PARAMS) for g in groups]
+        self.params_start = [start for start, _ in params]
+        self.rest = [
+            (end, spans[0][1]) if spans and spans[0][1] > end else None
+            for (_, end), spans in zip(params, sync_spans, strict=True)
+        ]
+        # fragment f of group g: [a, b) of its flat buffer; the first (n % F) fragments one element longer.
+        self.ranges = [
+            [contiguous_part(start, end, self.fragments, f) for start, end in params] for f in range(self.fragments)
+        ]
+        # Lossy codecs: one averager (and error state) per fragment and group; none: an allreduce of Δ.
+        self.averagers = [
+            [
+                CompressedAverager(compression, (*g.flat.shape[:-1], b - a), error_feedback, g.flat.device)
+                for g, (a, b) in zip(groups, ranges, strict=True)
+            ]
+            for ranges in self.ranges
+            if compression != "none"
+        ]
+        if compression != "none" and any(g.dtype != torch.float32 for g in groups):
+            raise ValueError("compressed syncs encode float32 parameters")
+        self.in_flight: dict[int, _InFlight] = {}
+        rest_bytes = sum(
+            (end - start) * g.flat.element_size()
+            for g, rest in zip(groups, self.rest, strict=True)
+            if rest
+            for start, end in [rest]
+        )
+        self.fragment_bytes = [
+            sum(
+                self.averagers[f][g].bytes_per_sync if self.averagers else (b - a) * group.flat.element_size()
+                for g, (group, (a, b)) in enumerate(zip(groups, ranges, strict=True))
+            )
+            + (rest_bytes if f == 0 else 0)
+            for f, ranges in enumerate(self.ranges)
+        ]
+        self.bytes_per_model = sum(self.fragment_bytes)  # one sync of every fragment
+
+    # --- the schedule ----------------------------------------------------------------------------------
+    def offset(self, fragment: int) -> int:
+        return fragment * self.period // self.fragments
+
+    def syncs_after(self, fragment: int, completed: int) -> bool:
+        """Whether fragment ``fragment`` is averaged once ``completed`` steps are done: every H steps from its
+        offset, in the local phase, and only where its update was taken after the local phase began."""
+        if self.local_start is None:
+            return False
+        since = completed - self.local_start - self.offset(fragment)
+        return since >= 0 and since % self.period == 0 and completed - self.delay > self.local_start
+
+    def outer_step_after(self, fragment: int, completed: int) -> bool:
+        """The outer step on the k-th, 2k-th, ... sync of each fragment (k = ``outer_every``)."""
+        assert self.local_start is not None
+        first = 1 if self.offset(fragment) > self.delay else 0  # the index of the fragment's first sync
+        number = (completed - self.local_start - self.offset(fragment)) // self.period + first
+        return number % self.outer_every == 0
+
+    # --- a step's syncs --------------------------------------------------------------------------------
+    def end_step(self, completed: int, lr: float, anchors: list[torch.Tensor]) -> tuple[bool, bool]:
+        """Start the averages due to start after ``completed`` steps, then apply those due now. Returns
+        whether a fragment was synced (every rank's copy of it is then x_g, or the mix) and whether an
+        outer optimizer stepped."""
+        for fragment in range(self.fragments):
+            if self.syncs_after(fragment, completed + self.delay):
+                self._start(fragment, completed + self.delay, anchors)
+        synced = outer_stepped = False
+        for fragment in range(self.fragments):
+            if self.syncs_after(fragment, completed):
+                outer_step = self.outer.needs_anchor and self.outer_step_after(fragment, completed)
+                self._apply(fragment, lr, anchors, outer_step)
+                synced, outer_stepped = True, outer_stepped or outer_step
+        return synced, outer_stepped
+
+    def _start(self, fragment: int, sync_step: int, anchors: list[torch.Tensor]) -> None:
+        updates, handles = [], []
+        with self.stats.timed():  # encoding counts as the sync's cost, as the wait does
+            for g, (a, b) in enumerate(self.ranges[fragment]):
+                first = a - self.params_start[g]
+                update = (anchors[g][..., first : first + b - a] - self.groups[g].flat[..., a:b]).contiguous()
+                if self.compression != "none":
+                    handles.append(self.averagers[fragment][g].iaverage_(self.comm, update))
+                elif self.comm.size > 1:
+                    handles.append(self.comm.iallreduce_(update, average=True))
+                updates.append(update)
+        self.in_flight[fragment] = _InFlight(sync_step, updates, handles)
+
+    def _apply(self, fragment: int, lr: float, anchors: list[torch.Tensor], outer_step: bool) -> None:
+        pending = self.in_flight.pop(fragment)
+        with self.stats.timed():
+            for handle in pending.handles:
+                handle.wait()
+            if fragment == 0:
+                self._average_rest()
+        with torch.no_grad():
+            for g, (a, b) in enumerate(self.ranges[fragment]):
+                first = a - self.params_start[g]
+                anchor = anchors[g][..., first : first + b - a]
+                new = anchor - pending.updates[g]  # x̄ = x_prev − avg Δ
+                if outer_step:
+                    self.outer.step(new, anchor, lr, fragment * len(self.groups) + g)
+                elif not self.outer.needs_anchor:
+                    anchor.copy_(new)  # plain averaging: x_prev ← x̄ for the next Δ
+                live = self.groups[g].flat[..., a:b]
+                if self.mix == 0:
+                    live.copy_(new)
+                else:
+                    live.mul_(self.mix).add_(new, alpha=1.0 - self.mix)
+            if fragment == 0 and self.reset_momentum:
+                for group in self.groups:
+                    group.slice(MOMENTUM).zero_()
+        self.stats.count(GLOBAL, self.fragment_bytes[fragment])
+
+    def _average_rest(self) -> None:
+        if self.comm.size == 1:
+            return
+        handles = [
+            self.comm.iallreduce_(g.flat[..., start:end], average=True)
+            for g, rest in zip(self.groups, self.rest, strict=True)
+            if rest
+            for start, end in [rest]
+        ]
+        for handle in handles:
+            handle.wait()
+
+    # --- in flight at a checkpoint or at the end -------------------------------------------------------
+    def settle(self) -> None:
+        """Wait for every average in flight (its result stays, to be applied at its sync step)."""
+        with self.stats.timed():
+            for pending in self.in_flight.values():
+                for handle in pending.handles:
+                    handle.wait()
+                pending.handles = [DoneHandle() for _ in pending.handles]
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """Live views of each rank's error-feedback state, per fragment and group."""
+        return {
+            f"error{f}.{g}": averager.error
+            for f, row in enumerate(self.averagers)
+            for g, averager in enumerate(row)
+            if averager.error is not None
+        }
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The averages in flight, settled (identical on every rank), with the step they apply at."""
+        self.settle()
+        state: dict[str, torch.Tensor] = {}
+        for fragment, pending in self.in_flight.items():
+            state[f"inflight{fragment}.step"] = torch.tensor([pending.sync_step], dtype=torch.int64)
+            state.update({f"inflight{fragment}.{g}": update for g, update in enumerate(pending.updates)})
+        return state
+
+    def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.in_flight = {}
+        for fragment in range(self.fragments):
+            if f"inflight{fragment}.step" not in state:
+                continue
+            updates = [
+                state[f"inflight{fragment}.{g}"].to(group.flat.device, copy=True) for g, group in enumerate(self.groups)
+            ]
+            step = int(state[f"inflight{fragment}.step"].item())
+            self.in_flight[fragment] = _InFlight(step, updates, [DoneHandle() for _ in updates])
+
+
+def _segment(group: FlatGroup, kind: str) -> tuple[int, int]:
+    for k, start, end in group.segments:
+        if k == kind:
+            return start, end
+    return 0, 0

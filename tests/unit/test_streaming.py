@@ -1,0 +1,246 @@
+"""Delayed, fragmented and compressed global syncs (algorithms/streaming.py) against the independent
+reference (tests/reference.py, compression from tests/compression_reference.py), with W workers as
+threads in one process; the defaults leave today's sync untouched; bytes are counted exactly; a run
+resumed while a delayed sync is in flight continues bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hpc_localsgd.algorithms.compression import encoded_bytes
+from hpc_localsgd.algorithms.engine import AveragingEngine
+from hpc_localsgd.algorithms.schedule import SyncSchedule
+from hpc_localsgd.comm.threads import ThreadGroup
+from hpc_localsgd.config.schema import AlgorithmConfig, SyncCompression
+from tests.reference import ReferenceAlgorithm, simulate
+
+WORKERS, STEPS, BATCH = 3, 16, 8
+MOMENTUM, WEIGHT_DECAY = 0.9, 1e-3
+
+
+def make_model(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+    )
+    return model.to(dtype)
+
+
+def make_batches(dtype: torch.dtype, steps: int = STEPS) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(7)
+    return [
+        [
+            (torch.randn(BATCH, 6, generator=g).to(dtype), torch.randint(0, 4, (BATCH,), generator=g))
+            for _ in range(steps)
+        ]
+        for _ in range(WORKERS)
+    ]
+
+
+def lr_at(step: int) -> float:
+    return 0.05 * (1.0 + 0.5 * (step % 3))
+
+
+def logits_and_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(x)
+    return out, F.cross_entropy(out, y)
+
+
+def make_engine(model, comm, cfg: AlgorithmConfig, local_start, codec: SyncCompression, feedback: bool):
+    opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    schedule = SyncSchedule(cfg.sync_period, local_start, cfg.outer_every)
+    engine = AveragingEngine(model, opt, comm, cfg, schedule, compression=codec, error_feedback=feedback)
+    engine.broadcast_initial_state()
+    return engine
+
+
+def run_engine(cfg, local_start, batches, dtype, codec: SyncCompression = "none", feedback: bool = False):
+    initial = make_model(dtype)
+
+    def worker(comm):
+        model = copy.deepcopy(initial)
+        engine = make_engine(model, comm, cfg, local_start, codec, feedback)
+        for step, (x, y) in enumerate(batches[comm.rank]):
+            engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
+        engine.drain()
+        engine.close()
+        return model, engine
+
+    return ThreadGroup(WORKERS).run(worker)
+
+
+def reference(cfg, local_start, batches, dtype, codec: str = "none", feedback: bool = False):
+    algo = ReferenceAlgorithm.from_config(cfg, local_start)
+    algo.compression, algo.error_feedback = codec, feedback
+    return simulate(make_model(dtype), algo, batches, lr_at, MOMENTUM, WEIGHT_DECAY)
+
+
+def local(**kwargs) -> AlgorithmConfig:
+    return AlgorithmConfig(method=kwargs.pop("method", "local_sgd"), **kwargs)
+
+
+# name: (config, local_start, compression, error feedback)
+CASES = {
+    "delay1_H4": (local(sync_period=4, sync_delay=1), 0, "none", False),
+    "delay3_H4_mix": (local(sync_period=4, sync_delay=3, sync_mix=0.5), 0, "none", False),
+    "fragments2_H4": (local(sync_period=4, fragments=2), 0, "none", False),
+    "fragments4_H4_delay": (local(sync_period=4, fragments=4, sync_delay=0), 0, "none", False),
+    "fragments2_delay1_slowmo": (
+        local(sync_period=4, fragments=2, sync_delay=1, outer="slowmo", slow_momentum=0.6),
+        0,
+        "none",
+        False,
+    ),
+    "delay2_nesterov_reset": (
+        local(sync_period=3, sync_delay=2, outer="nesterov", momentum_buffers="reset"),
+        0,
+        "none",
+        False,
+    ),
+    "post_local_delay1_avg_momentum": (
+        local(method="post_local_sgd", switch_step=5, sync_period=3, sync_delay=1, momentum_buffers="average"),
+        5,
+        "none",
+        False,
+    ),
+    "slowmo_every2_fragments2": (
+        local(sync_period=2, fragments=2, outer="slowmo", slow_momentum=0.5, outer_every=2),
+        0,
+        "none",
+        False,
+    ),
+    "int8_feedback_H2": (local(sync_period=2), 0, "int8", True),
+    "int8_no_feedback_H2": (local(sync_period=2), 0, "int8", False),
+    "bf16_H4_slowmo": (local(sync_period=4, outer="slowmo", slow_momentum=0.5), 0, "bf16", False),
+    "fp16_feedback_delay1_fragments2": (local(sync_period=4, sync_delay=1, fragments=2), 0, "fp16", True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_streaming_matches_the_reference(name: str) -> None:
+    cfg, local_start, codec, feedback = CASES[name]
+    dtype = torch.float64 if codec == "none" else torch.float32  # compression encodes float32
+    batches = make_batches(dtype)
+    got = run_engine(cfg, local_start, batches, dtype, codec, feedback)
+    want = reference(cfg, local_start, batches, dtype, codec, feedback)
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+    for rank, ((model, _), ref_model) in enumerate(zip(got, want, strict=True)):
+        ours, theirs = model.state_dict(), ref_model.state_dict()
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], **tolerance, msg=f"{name}: rank {rank} {key}")
+
+
+def test_defaults_keep_the_blocking_sync() -> None:
+    """sync_delay 0, fragments 1, compression none: the engine's own sync, unchanged (bit for bit today's)."""
+    (model, engine), *_ = run_engine(local(sync_period=4), 0, make_batches(torch.float64), torch.float64)
+    assert engine.streaming is None
+
+
+def test_replicas_hold_the_global_model_after_a_delayed_sync() -> None:
+    got = run_engine(local(sync_period=4, sync_delay=2), 0, make_batches(torch.float64), torch.float64)  # 16: a sync
+    first = dict(got[0][0].named_parameters())
+    for model, _ in got[1:]:
+        for key, p in model.named_parameters():
+            assert torch.equal(p, first[key]), key
+
+
+@pytest.mark.parametrize("codec", ["none", "bf16", "fp16", "int8"])
+def test_bytes_are_counted_exactly(codec: SyncCompression) -> None:
+    cfg = local(sync_period=4, fragments=2, average_bn_buffers=True)
+    got = run_engine(cfg, 0, make_batches(torch.float32), torch.float32, codec, codec == "int8")
+    model = make_model(torch.float32)
+    numel = sum(p.numel() for p in model.parameters())
+    bn_bytes = sum(b.numel() * b.element_size() for b in model.buffers() if b.is_floating_point())
+    first, second = numel - numel // 2, numel // 2  # the first fragment takes the odd element
+    # 16 steps, H 4, 2 fragments: fragment 0 at 4, 8, 12, 16 (with the BN statistics), fragment 1 at 2, 6, 10, 14.
+    expected = 4 * (encoded_bytes(codec, first) + bn_bytes) + 4 * encoded_bytes(codec, second)
+    for _, engine in got:
+        assert engine.stats.sync_rounds == 8
+        assert engine.stats.bytes_sent == expected
+    if codec in ("bf16", "fp16"):
+        assert encoded_bytes(codec, numel) * 2 == encoded_bytes("none", numel)
+    if codec == "int8":
+        assert encoded_bytes(codec, numel) <= 0.27 * encoded_bytes("none", numel) + 4  # one block's scale
+
+
+def test_resume_with_a_delayed_sync_in_flight_is_bit_exact() -> None:
+    """Stop after step 6 (H 4, τ 3: fragment 0's sync of step 8 started after step 5, in flight), save what
+    a checkpoint saves, restore it into fresh engines and go on: the same parameters as never stopping."""
+    cfg, codec = local(sync_period=4, sync_delay=3, outer="slowmo", slow_momentum=0.5), "int8"
+    batches = make_batches(torch.float32)
+    uninterrupted = run_engine(cfg, 0, batches, torch.float32, codec, True)
+    initial = make_model(torch.float32)
+    stop = 6
+
+    def first_half(comm):
+        model = copy.deepcopy(initial)
+        engine = make_engine(model, comm, cfg, 0, codec, True)
+        for step, (x, y) in enumerate(batches[comm.rank][:stop]):
+            engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
+        assert engine.streaming is not None and 0 in engine.streaming.in_flight  # mid-delay
+        saved = (
+            {k: v.clone() for k, v in engine.rank_state().items()},
+            {k: v.clone() for k, v in engine.shared_state().items()},
+            {k: v.clone() for k, v in engine.int_buffers().items()},  # BN's batch counters, checkpointed too
+        )
+        engine.close()
+        return saved
+
+    saved = ThreadGroup(WORKERS).run(first_half)
+
+    def second_half(comm):
+        model = copy.deepcopy(initial)
+        engine = make_engine(model, comm, cfg, 0, codec, True)
+        rank_state, shared, counters = saved[comm.rank]
+        engine.load_state(rank_state, shared, stop)
+        for name, live in engine.int_buffers().items():
+            live.copy_(counters[name])
+        for step in range(stop, STEPS):
+            x, y = batches[comm.rank][step]
+            engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
+        engine.drain()
+        engine.close()
+        return model
+
+    resumed = ThreadGroup(WORKERS).run(second_half)
+    for (want, _), got in zip(uninterrupted, resumed, strict=True):
+        for (key, a), b in zip(want.state_dict().items(), got.state_dict().values(), strict=True):
+            assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"sync_period": 4, "fragments": 3}, "algorithm.fragments: must divide sync_period (4)"),
+        ({"sync_period": 4, "sync_delay": 4}, "algorithm.sync_delay: must be below sync_period / fragments (4)"),
+        ({"sync_period": 4, "fragments": 2, "sync_delay": 2}, "below sync_period / fragments (2)"),
+        ({"sync_period": 4, "sync_mix": 0.5}, "algorithm.sync_mix: applies with sync_delay > 0"),
+        ({"method": "allreduce", "sync_delay": 0, "fragments": 2, "sync_period": 2}, "method 'allreduce'"),
+        ({"sync_period": 4, "sync_delay": 1, "ranks_per_worker": 2}, "worker groups"),
+    ],
+)
+def test_bad_streaming_settings_are_refused_in_one_line(overrides: dict, message: str) -> None:
+    from hpc_localsgd.config import load_config
+    from hpc_localsgd.errors import ConfigError
+
+    sets = [f"algorithm.{k}={v}" for k, v in {"method": "local_sgd", **overrides}.items()]
+    with pytest.raises(ConfigError) as error:
+        load_config(None, sets)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_compression_is_refused_where_it_cannot_apply() -> None:
+    from hpc_localsgd.config import load_config
+    from hpc_localsgd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="comm.sync_compression: compresses model averages"):
+        load_config(None, ["algorithm.method=allreduce", "comm.sync_compression=int8"])
+    cfg = load_config(None, ["algorithm.method=local_sgd", "comm.sync_compression=int8"])
+    assert cfg.comm.uses_error_feedback  # auto: on for int8
+    cfg = load_config(None, ["algorithm.method=local_sgd", "comm.sync_compression=bf16"])
+    assert not cfg.comm.uses_error_feedback  # auto: off for bf16
