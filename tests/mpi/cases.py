@@ -61,7 +61,25 @@ CASES: dict[str, list[str]] = {
     # Evaluating every 3 steps (between syncs) must not change the trajectory of local_H4.
     "local_H4_evaluated": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "train.eval_every_epochs=0.1"],
     "nesterov_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.outer=nesterov"],
+    # Streaming and compressed syncs (algorithms/streaming.py).
+    "delay2_H4": ["algorithm.method=local_sgd", "algorithm.sync_period=4", "algorithm.sync_delay=2"],
+    "int8_slowmo_H4": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.outer=slowmo",
+        "algorithm.slow_momentum=0.5",
+        "comm.sync_compression=int8",
+    ],
+    "bf16_fragments2_delay1_H4": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.fragments=2",
+        "algorithm.sync_delay=1",
+        "comm.sync_compression=bf16",
+    ],
 }
+# Cases whose last step syncs only part of the model (fragment 1 last synced at step 10 of 12).
+ENDS_BETWEEN_FRAGMENT_SYNCS = {"bf16_fragments2_delay1_H4"}
 
 # Worker groups and levels, for 4 ranks (tests/mpi/test_worker_groups.py).
 HIERARCHY_CASES: dict[str, list[str]] = {
@@ -141,6 +159,7 @@ def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.n
         ranks_per_worker=group(a.ranks_per_worker),
         levels=tuple((group(level.ranks), level.sync_period) for level in a.levels),
     )
+    algo.compression, algo.error_feedback = cfg.comm.sync_compression, cfg.comm.uses_error_feedback
     workers = simulate(
         model, algo, batches, schedule.at, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov
     )

@@ -62,6 +62,14 @@ RESUME_CASES["fp16_post_local_switch5_H4"] = [
     "algorithm.switch_step=5",
     "train.precision=fp16",
 ]
+# Stopped while a delayed sync is in flight (step 8's, started after step 5), with int8's error feedback.
+RESUME_CASES["int8_delay3_slowmo_H4"] = [
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=4",
+    "algorithm.sync_delay=3",
+    "algorithm.outer=slowmo",
+    "comm.sync_compression=int8",
+]
 # Cases for 4 ranks (--cases), run by tests/mpi/test_worker_groups.py: workers of 2 ranks.
 FOUR_RANK_RESUME_CASES: dict[str, list[str]] = {
     "workers2_post_local_slowmo_np4": [

@@ -300,8 +300,20 @@ def test_world_size_change_needs_reshard(tmp_path: Path) -> None:
     # What a re-shard loads is checked exactly in tests/unit/test_checkpoint.py.
 
 
-def test_signal_checkpoints_and_stops(tmp_path: Path) -> None:
-    """SIGUSR1 to every rank (as Slurm's --signal does): all agree, checkpoint, exit cleanly."""
+# Local SGD with a delayed, compressed sync: a poll at step 5k finds step 5k + (4 − 5k mod 4)'s sync in flight
+# unless 5k is a multiple of 4 (τ = 3 of H = 4), so the checkpoint usually carries an average in flight.
+DELAYED = [
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=4",
+    "algorithm.sync_delay=3",
+    "comm.sync_compression=int8",
+]
+
+
+@pytest.mark.parametrize("extra", [[], DELAYED], ids=["default", "delayed_int8_sync"])
+def test_signal_checkpoints_and_stops(tmp_path: Path, extra: list[str]) -> None:
+    """SIGUSR1 to every rank (as Slurm's --signal does): all agree, checkpoint, exit cleanly; the run
+    resumes from that checkpoint and finishes."""
     (tmp_path / "c.yaml").write_text("{}\n")
     run_dir = tmp_path / "run"
     overrides = [
@@ -310,6 +322,7 @@ def test_signal_checkpoints_and_stops(tmp_path: Path) -> None:
         "train.epochs=1000",
         "checkpoint.poll_every_steps=5",
         "train.eval_every_epochs=1000",
+        *extra,
     ]
     env = {**os.environ, **MPI_TEST_ENV, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen(
@@ -348,7 +361,16 @@ def test_signal_checkpoints_and_stops(tmp_path: Path) -> None:
     assert "stopped at step" in stdout and "(SIGUSR1)" in stdout and "Traceback" not in stderr
     (newest,) = list_checkpoints(run_dir / "checkpoints")[:1]
     Checkpoint(newest).verify()
-    assert Checkpoint(newest).meta.step % 5 == 0  # decided at a poll, the same step on every rank
+    step = Checkpoint(newest).meta.step
+    assert step % 5 == 0  # decided at a poll, the same step on every rank
+    if extra:
+        if step % 4:
+            assert any(name.startswith("inflight0") for name in Checkpoint(newest).shared())  # carried
+        more = [*overrides, f"train.max_steps={step + 6}"]
+        argv = ["python", "-m", "hpc_localsgd", "train", str(tmp_path / "c.yaml"), "--run-dir", str(run_dir)]
+        resumed = run_mpi(2, [*argv, "--resume", "auto", *sets(more)], timeout=120)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert f"resuming from {newest} at step {step}" in resumed.stdout, resumed.stdout
 
 
 def test_damage_in_another_ranks_part_is_found_by_that_rank(tmp_path: Path) -> None:
