@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--phases",
         type=_name_list,
         metavar="NAME,...",
-        help="averaging,throughput,precision,simulation,hierarchy,slowmo,checkpoint (default all)",
+        help="averaging,throughput,streaming,precision,simulation,hierarchy,slowmo,checkpoint (default all)",
     )
     plan.add_argument(
         "--precisions",

@@ -18,7 +18,7 @@ from ..config.fields import check_declared
 from ..config.schema import Precision
 from ..errors import UserError
 
-PHASES = ("averaging", "throughput", "precision", "simulation", "hierarchy", "slowmo", "checkpoint")
+PHASES = ("averaging", "throughput", "streaming", "precision", "simulation", "hierarchy", "slowmo", "checkpoint")
 PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
 BASELINES = ("horovod", "ddp")
 

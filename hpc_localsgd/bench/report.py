@@ -18,8 +18,8 @@ import torch
 from ..launcher.env import software_versions
 from .stats import Figure
 
-# 1.1: the hierarchy phase, measurement.ranks_per_worker, projection.two_fabrics; 1.2: the precision and
-# simulation phases
+# 1.1: the hierarchy phase, measurement.ranks_per_worker, projection.two_fabrics; 1.2: the streaming,
+# precision and simulation phases
 SCHEMA_VERSION = "1.2"
 SUMMARY_PREFIX = "hpc-localsgd-bench:"
 

@@ -31,6 +31,7 @@ from .phases import (
 )
 from .projection import format_projection, project
 from .report import build_document, environment, format_table, summary_line, validate_document, write_document
+from .streaming import measure_streaming
 from .workload import EngineLoop, Workload
 
 METHOD = (
@@ -98,7 +99,7 @@ def run_bench(
     workload = Workload.create(cfg, device, launch.layout.rank, options.num_classes)
     sizes = _probe(workload, options)
     env_info = environment(device, threads)
-    needs_bare = "throughput" in options.phases or ranks_per_worker is not None
+    needs_bare = "throughput" in options.phases or "streaming" in options.phases or ranks_per_worker is not None
     bare_seconds = measure_bare_limit(options, workload) if needs_bare else []
 
     comm = make_communicator(
@@ -148,6 +149,8 @@ def run_bench(
                 f"local_sgd.h{LOCAL_SGD_TARGET_PERIOD}.efficiency",
                 f"--sync-periods does not include {LOCAL_SGD_TARGET_PERIOD}, the period its target is set for",
             )
+    if "streaming" in options.phases:
+        measure_streaming(ctx, bare_seconds)
     if "precision" in options.phases:
         model = workload.new_model()
         channels_last = (

@@ -22,7 +22,7 @@ from ..algorithms.engine import AveragingEngine
 from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
-from ..config.schema import Method, OuterMethod, Precision, RunConfig
+from ..config.schema import Method, OuterMethod, Precision, RunConfig, SyncCompression
 from ..train.data import derive_seed
 from ..train.models import build_model
 
@@ -113,10 +113,14 @@ class EngineLoop:
         hierarchy: Hierarchy | None = None,
         precision: Precision = "fp32",
         channels_last: bool = False,
+        sync_delay: int = 0,
+        fragments: int = 1,
+        compression: SyncCompression = "none",
     ) -> None:
         """``hierarchy``: worker groups (None: every rank is a worker). With workers of several ranks the
         engine averages gradients inside each worker every local step and the model over all ranks
-        every ``sync_period`` steps."""
+        every ``sync_period`` steps. ``sync_delay``, ``fragments``, ``compression``: the streaming and
+        compressed global syncs (with error feedback for int8, as training's auto)."""
         self.name = name
         self.workload = workload
         cfg = workload.cfg
@@ -126,6 +130,8 @@ class EngineLoop:
             sync_period=sync_period,
             outer=outer,
             ranks_per_worker=1 if hierarchy is None else hierarchy.ranks_per_worker,
+            sync_delay=sync_delay,
+            fragments=fragments,
         )
         self.algorithm.validate()
         self.model = workload.new_model()
@@ -141,6 +147,8 @@ class EngineLoop:
             bucket_bytes=int(cfg.comm.bucket_mb * 2**20),
             hierarchy=hierarchy,
             precision=precision,
+            compression=compression,
+            error_feedback=compression == "int8",
         )
         self.engine.broadcast_initial_state()
         # As training feeds them (train/device.py): the weights keep the flat buffer's layout.
