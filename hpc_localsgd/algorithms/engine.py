@@ -406,7 +406,8 @@ class AveragingEngine:
         if self.streaming is not None:
             self.streaming.load_shared_state(shared_state)
         local_start = self.schedule.local_start
-        if self.outer.needs_anchor and not self.anchors and local_start is not None and completed_steps > local_start:
+        needs_anchor = self.outer.needs_anchor or self.streaming is not None
+        if needs_anchor and not self.anchors and local_start is not None and completed_steps > local_start:
             # Re-sharded into an outer optimizer from a run without one: start it here.
             self.anchors = [g.slice(PARAMS).clone() for g in self.groups]
 
