@@ -68,7 +68,7 @@ class BenchOptions:
         rule=f"any of {', '.join(PRECISIONS)}",
     )
     simulated_workers: int = setting(
-        16, "Workers the simulation phase runs as one batched model in one process.", range=">= 2"
+        16, "Workers the simulation phase runs as one batched model in one process.", range=">= 2, <= 4096"
     )
     channels_last: bool | None = setting(
         None,

@@ -219,7 +219,7 @@ def test_hierarchy_phase_follows_the_schema_and_names_every_configuration(hierar
     proc, document = hierarchy_run
     jsonschema.validate(document, SCHEMA)
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert document["schema_version"] == "1.1" and document["world"]["size"] == 4
+    assert document["schema_version"] == "1.2" and document["world"]["size"] == 4
     assert document["measurement"]["ranks_per_worker"] == 2
     per_configuration = ("samples_per_s", "efficiency", "efficiency_in_process", "global_bytes_per_sample")
     configurations = ["allreduce"] + [f"{kind}_h{h}" for h in HIERARCHY_PERIODS for kind in ("local_sgd", "workers_r2")]
