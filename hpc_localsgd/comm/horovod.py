@@ -180,6 +180,12 @@ class HorovodCommunicator(Communicator):
             raise BackendUnavailable(
                 f"comm.backend is 'horovod' but Horovod failed to start: {one_line(error)}{hint}"
             ) from None
+        if hasattr(hvd, "barrier"):
+            # hvd.init reads its table of process sets after its background thread has started; a rank
+            # that finished early and then stopped (bad input found next) would shut the others' threads
+            # down under them, and a slower rank's init fails with "Process set table was modified
+            # outside of _get_process_set_ids_and_ranks()". No rank goes on until every init is done.
+            hvd.barrier()
         self._hvd = hvd
         # A Horovod built without NCCL cannot reduce CUDA tensors: they are staged through the host.
         self._nccl = bool(hvd.nccl_built())
