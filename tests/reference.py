@@ -165,23 +165,7 @@ def simulate(
             for w in workers:
                 for p, avg in zip(w.parameters(), averaged, strict=True):
                     p.copy_(avg)
-            if algo.average_bn_buffers:
-                for bufs in zip(*(w.buffers() for w in workers), strict=True):
-                    if bufs[0].is_floating_point():
-                        mean = sum(bufs) / len(bufs)
-                        for b in bufs:
-                            b.copy_(mean)
-            if algo.momentum_buffers != "keep":
-                states = [
-                    [opt.state[p].get("momentum_buffer") for p in w.parameters()]
-                    for w, opt in zip(workers, opts, strict=True)
-                ]
-                for bufs in zip(*states, strict=True):
-                    if bufs[0] is None:
-                        continue
-                    new = sum(bufs) / len(bufs) if algo.momentum_buffers == "average" else torch.zeros_like(bufs[0])
-                    for b in bufs:
-                        b.copy_(new)
+        _average_bn_and_momentum(workers, opts, algo)
     return workers
 
 
@@ -281,6 +265,7 @@ def _write_flat(model: torch.nn.Module, start: int, values: torch.Tensor) -> Non
 
 
 def _average_bn_and_momentum(workers: list[torch.nn.Module], opts: list, algo: ReferenceAlgorithm) -> None:
+    """At a global sync: BN statistics averaged (if so configured), momentum kept, averaged or reset."""
     with torch.no_grad():
         if algo.average_bn_buffers:
             for bufs in zip(*(w.buffers() for w in workers), strict=True):
