@@ -213,7 +213,13 @@ _NOT_A_VARIANT = (
 )
 
 
+# ... except these comm settings, which change what a sync computes (compressed updates).
+_COMPUTING_COMM_SETTINGS = ("comm.sync_compression", "comm.error_feedback")
+
+
 def _is_location(key: str) -> bool:
+    if key in _COMPUTING_COMM_SETTINGS:
+        return False
     return any(key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in _NOT_A_VARIANT)
 
 

@@ -316,6 +316,13 @@ def test_runs_differing_in_another_setting_are_told_apart_but_not_by_where_they_
             )
     write_run(tmp_path / "sim", "local_sgd", 8, 2, 0, extra=("comm.backend=simulated", "comm.simulated_workers=2"))
     write_run(tmp_path / "mpi", "local_sgd", 8, 2, 0, extra=("comm.backend=mpi",))
+    # A compressed sync computes something else: its own label (comm.* settings otherwise are where a run ran).
+    write_run(tmp_path / "int8", "local_sgd", 8, 2, 0, extra=("comm.backend=mpi", "comm.sync_compression=int8"))
     runs = collect.collect_runs([tmp_path], warn=lambda _line: None)
     labels = sorted({(run.method, run.workers) for run in runs})
-    assert labels == [("SlowMo (slow_momentum=0.2)", 4), ("SlowMo (slow_momentum=0.8)", 4), ("local SGD", 2)]
+    assert labels == [
+        ("SlowMo (slow_momentum=0.2)", 4),
+        ("SlowMo (slow_momentum=0.8)", 4),
+        ("local SGD (sync_compression=int8)", 2),
+        ("local SGD (sync_compression=none)", 2),
+    ]
