@@ -176,7 +176,8 @@ class StreamingSync:
             if fragment == 0 and self.reset_momentum:
                 for group in self.groups:
                     group.slice(MOMENTUM).zero_()
-        self.stats.count(GLOBAL, self.fragment_bytes[fragment])
+        if self.comm.size > 1:  # one rank sends nothing, as the engine's own sync counts it
+            self.stats.count(GLOBAL, self.fragment_bytes[fragment])
 
     def _average_rest(self) -> None:
         if self.comm.size == 1:

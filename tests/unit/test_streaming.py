@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hpc_localsgd.algorithms.compression import encoded_bytes
 from hpc_localsgd.algorithms.engine import AveragingEngine
 from hpc_localsgd.algorithms.schedule import SyncSchedule
+from hpc_localsgd.comm.single import SingleCommunicator
 from hpc_localsgd.comm.threads import ThreadGroup
 from hpc_localsgd.config.schema import AlgorithmConfig, SyncCompression
 from tests.reference import ReferenceAlgorithm, simulate
@@ -244,3 +245,14 @@ def test_compression_is_refused_where_it_cannot_apply() -> None:
     assert cfg.comm.uses_error_feedback  # auto: on for int8
     cfg = load_config(None, ["algorithm.method=local_sgd", "comm.sync_compression=bf16"])
     assert not cfg.comm.uses_error_feedback  # auto: off for bf16
+
+
+def test_one_rank_sends_nothing() -> None:
+    """As the engine's own sync: a world of one rank counts no round and no byte, and still takes its outer step."""
+    cfg = local(sync_period=2, sync_delay=1, outer="slowmo", slow_momentum=0.5)
+    model = make_model(torch.float32)
+    engine = make_engine(model, SingleCommunicator(), cfg, 0, "int8", True)
+    for step, (x, y) in enumerate(make_batches(torch.float32)[0][:6]):
+        engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
+    assert (engine.stats.sync_rounds, engine.stats.bytes_sent) == (0, 0)
+    assert engine.last_sync is not None and engine.last_sync.outer_step
