@@ -127,14 +127,13 @@ def simulate(
         done = s + 1
         if synchronous or algo.local_start is None:
             continue
+        local_steps = done - algo.local_start
         if stream is not None:
             stream.after_step(done, workers, opts, lr)
-            continue
-        local_steps = done - algo.local_start
-        if local_steps % algo.sync_period != 0:
+        if stream is not None or local_steps % algo.sync_period != 0:
             # Not a global sync: the largest group whose period has come averages its members' models.
             due = [ranks for ranks, period in algo.levels if local_steps % period == 0]
-            if due:
+            if due and local_steps % algo.sync_period != 0:
                 _average_inside_groups(workers, opts, due[-1], algo)
             continue
         # The outer step after the k-th, 2k-th, ... average; between them a plain average, x_prev kept.
@@ -176,14 +175,17 @@ class _Stream:
     after completed steps c with c − local_start − f·H/F ≥ 0 a multiple of H and c − τ > local_start;
     its Δ_w = x_prev − x_w is taken after step c − τ and averaged (as Q(Δ_w + e_w) when compressed);
     at c: x̄ = x_prev − avg, the outer step on the fragment (on its k-th, 2k-th, ... sync), x_prev ← x_g,
-    x_w ← (1 − α)·x_g + α·x_w. BN statistics and the momentum policy act at fragment 0's syncs."""
+    x_w ← (1 − α)·x_g + α·x_w. BN statistics and the momentum policy act at fragment 0's syncs.
+    Workers of R ranks: the average is over the workers (rank 0 of each), and a compressed one is taken
+    shard by shard (R contiguous shards of the fragment, the first n % R one longer), each shard with its
+    own error state, as rank j of every worker averages shard j."""
 
     def __init__(self, algo: ReferenceAlgorithm) -> None:
         self.algo = algo
         self.x_prev: torch.Tensor | None = None
         self.slow: torch.Tensor | None = None  # SlowMo's u or Nesterov's b, flat
         self.pending: dict[int, torch.Tensor] = {}
-        self.errors: dict[int, list[np.ndarray]] = {}
+        self.errors: dict[tuple[int, int], list[np.ndarray]] = {}  # (fragment, shard): per worker
 
     def _offset(self, fragment: int) -> int:
         return fragment * self.algo.sync_period // self.algo.fragments
@@ -206,7 +208,9 @@ class _Stream:
             if self._syncs(fragment, done + algo.sync_delay):
                 a, b = self._bounds(len(flats[0]), fragment)
                 assert self.x_prev is not None
-                deltas = [self.x_prev[a:b] - x[a:b] for x in flats]
+                deltas = [
+                    self.x_prev[a:b] - flats[group[0]][a:b] for group in _groups(len(flats), algo.ranks_per_worker)
+                ]
                 self.pending[fragment] = self._average(fragment, deltas)
         for fragment in range(algo.fragments):
             if not self._syncs(fragment, done):
@@ -242,15 +246,23 @@ class _Stream:
         algo = self.algo
         if algo.compression == "none":
             return sum(deltas) / len(deltas)
-        errors = self.errors.get(fragment)
-        if algo.error_feedback and errors is None:
-            errors = [np.zeros(d.numel(), dtype=np.float32) for d in deltas]
-        average, errors = compressed_average(
-            algo.compression, [d.numpy() for d in deltas], errors if algo.error_feedback else None
-        )
-        if errors is not None:
-            self.errors[fragment] = errors
-        return torch.from_numpy(average)
+        n, shards = len(deltas[0]), algo.ranks_per_worker
+        parts = []
+        for shard in range(shards):
+            base, extra = divmod(n, shards)
+            a = shard * base + min(shard, extra)
+            b = a + base + (1 if shard < extra else 0)
+            key = (fragment, shard)
+            errors = self.errors.get(key)
+            if algo.error_feedback and errors is None:
+                errors = [np.zeros(b - a, dtype=np.float32) for _ in deltas]
+            average, errors = compressed_average(
+                algo.compression, [d[a:b].numpy() for d in deltas], errors if algo.error_feedback else None
+            )
+            if errors is not None:
+                self.errors[key] = errors
+            parts.append(torch.from_numpy(average))
+        return torch.cat(parts)
 
 
 def _write_flat(model: torch.nn.Module, start: int, values: torch.Tensor) -> None:

@@ -105,24 +105,28 @@ class AveragingEngine:
         # One contiguous prefix per dtype group by construction of the layout.
         self._sync_spans = [g.span(self.averaged_kinds) for g in self.groups]
         assert all(len(spans) <= 1 for spans in self._sync_spans)
-        # Per worker, also when this process simulates several.
-        self.bytes_per_sync = sum(
+        # What a plain average of the sync spans sends, per worker (also when this process simulates several).
+        self.span_bytes = sum(
             (end - start) * g.flat.element_size()
             for g, spans in zip(self.groups, self._sync_spans, strict=True)
             for start, end in spans
         )
+        # What a global sync sends per worker: the spans, or the encoded updates of a streaming sync.
+        self.bytes_per_sync = self.span_bytes
         # x_prev for the outer optimizer: the model right after the previous sync (parameters only).
         self.anchors: list[torch.Tensor] = []
         self.last_sync: SyncMeasurement | None = None  # what the latest global sync measured
         # Compressed, delayed or fragmented global syncs (algorithms/streaming.py); None: the plain sync below.
         self.streaming: StreamingSync | None = None
         if compression != "none" or cfg.sync_delay > 0 or cfg.fragments > 1:
-            if self.worker_comm is not None or self.hierarchy.levels:
-                raise ValueError("compressed, delayed or fragmented syncs do not yet combine with worker groups")
+            between_workers = None
+            if self.worker_comm is not None and self.across_comm is not None:
+                between_workers = (self.worker_comm, self.across_comm)
             self.streaming = StreamingSync(
                 self.groups,
                 self._sync_spans,
                 comm,
+                between_workers,
                 cfg,
                 schedule.local_start,
                 compression,
@@ -216,14 +220,16 @@ class AveragingEngine:
             synced, outer_stepped = self.streaming.end_step(completed_steps, lr, self.anchors)
             if synced:  # consensus distance: not measured here (x̄ of a delayed sync is of an older x)
                 self.last_sync = SyncMeasurement(math.nan, math.nan, *self.outer.update_figures(), outer_stepped)
-            return synced
-        if self.schedule.averages_after(completed_steps):
+        elif self.schedule.averages_after(completed_steps):
             self.sync(lr, self.schedule.outer_step_after(completed_steps))
             return True
+        else:
+            synced = False
+        # An intermediate level averages x inside its groups when due; with streaming syncs, after them.
         level = self.hierarchy.level_due(completed_steps, self.schedule.local_start, self.schedule.sync_period)
         if level is not None:
             self._average(self.level_comms[level], f"level{level + 1}")
-        return False
+        return synced
 
     def sync(self, lr: float, outer_step: bool = True) -> None:
         """One model average over all ranks, then the outer step (unless ``outer_step`` is false: a
@@ -288,7 +294,7 @@ class AveragingEngine:
             ]
             for handle in handles:
                 handle.wait()
-        self.stats.count(level, self.bytes_per_sync)
+        self.stats.count(level, self.span_bytes)
 
     def _average_between_workers(self) -> None:
         """The global average when workers are groups of R ranks. A worker's ranks hold the same

@@ -14,11 +14,20 @@ What travels is each rank's update since the last sync, Δ = x_prev − x, never
   per rank); none is an fp32 allreduce of Δ.
 
 With none of them the engine keeps its own sync, which averages x itself (bit for bit today's). BN
-statistics and averaged momentum buffers travel uncompressed, blocking, with fragment 0's sync, where
-the momentum policy ``reset`` also acts (on the whole model). Every rank starts and waits for the same
-collectives in the same order: at each step, first the starts that are due (fragment order), then the
-syncs that are due. A sync still in flight when a checkpoint is written is waited for (``settle``),
-and its result is carried in the checkpoint, so a resumed run applies the same average at the same step.
+statistics and averaged momentum buffers travel uncompressed, blocking, over all ranks, with fragment
+0's sync, where the momentum policy ``reset`` also acts (on the whole model).
+
+Worker groups (algorithms/hierarchy.py): compression and overlap act at the global level, between
+workers. A worker's R ranks hold the same x, so rank j of each worker averages only shard j of R of
+each fragment's Δ with rank j of every other worker (compressed, delayed; its error state is that of
+its shard), and when the average is waited for, the worker's ranks assemble the whole fragment (each
+adds its shard to zeros, summed inside the worker: exact). A rank sends 1/R of the update between
+workers, as the engine's own sync does. Intermediate levels average x inside their groups as usual.
+
+Every rank starts and waits for the same collectives in the same order: at each step, first the
+starts that are due (fragment order), then the syncs that are due. A sync still in flight when a
+checkpoint is written is waited for (``settle``), and its result is carried in the checkpoint, so a
+resumed run applies the same average at the same step.
 """
 
 from __future__ import annotations
@@ -27,11 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm.base import Communicator, DoneHandle, Handle
+from ..comm.base import Communicator, Handle
 from ..config.schema import AlgorithmConfig, SyncCompression
 from .accounting import GLOBAL, CommStats
 from .compression import CompressedAverager
 from .flat import MOMENTUM, PARAMS, FlatGroup, contiguous_part
+from .hierarchy import WORKER
 from .outer import OuterOptimizer
 
 
@@ -40,8 +50,11 @@ class _InFlight:
     """One fragment's average, started and not yet applied."""
 
     sync_step: int  # the completed step count at which it is applied
-    updates: list[torch.Tensor]  # per flat group: Δ, then (once waited on) the average
+    # Per flat group: the shards of Δ this rank averages (one; every shard in a simulation), then, once
+    # waited on and assembled, one tensor: the whole fragment's average.
+    updates: list[list[torch.Tensor]]
     handles: list[Handle]
+    assembled: bool = False
 
 
 class StreamingSync:
@@ -52,6 +65,7 @@ class StreamingSync:
         groups: list[FlatGroup],
         sync_spans: list[list[tuple[int, int]]],
         comm: Communicator,
+        worker_comms: tuple[Communicator, Communicator] | None,
         cfg: AlgorithmConfig,
         local_start: int | None,
         compression: SyncCompression,
@@ -60,6 +74,12 @@ class StreamingSync:
         stats: CommStats,
     ) -> None:
         self.groups, self.comm, self.outer, self.stats = groups, comm, outer, stats
+        # Workers of R ranks: (the worker's ranks, rank j of every worker); Δ travels between workers.
+        self.worker: Communicator | None = worker_comms[0] if worker_comms is not None else None
+        self.between = worker_comms[1] if worker_comms is not None else comm
+        shards = self.worker.size if self.worker is not None else 1
+        # The shards this process averages: its own; all of them where it simulates every rank.
+        self.owned = list(range(shards)) if comm.replicas > 1 or self.worker is None else [self.worker.rank]
         self.local_start = local_start
         self.period, self.fragments, self.outer_every = cfg.sync_period, cfg.fragments, cfg.outer_every
         self.delay, self.mix = cfg.sync_delay, cfg.sync_mix
@@ -76,33 +96,47 @@ class StreamingSync:
         self.ranges = [
             [contiguous_part(start, end, self.fragments, f) for start, end in params] for f in range(self.fragments)
         ]
-        # Lossy codecs: one averager (and error state) per fragment and group; none: an allreduce of Δ.
+        # Shard j of R of fragment f of group g, relative to the fragment's start.
+        self.shards = [
+            [[contiguous_part(0, b - a, shards, j) for j in self.owned] for a, b in ranges] for ranges in self.ranges
+        ]
+        # Lossy codecs: one averager (and error state) per fragment, group and shard; none: an allreduce of Δ.
         self.averagers = [
             [
-                CompressedAverager(compression, (*g.flat.shape[:-1], b - a), error_feedback, g.flat.device)
-                for g, (a, b) in zip(groups, ranges, strict=True)
+                [
+                    CompressedAverager(compression, (*g.flat.shape[:-1], e - s), error_feedback, g.flat.device)
+                    for s, e in group_shards
+                ]
+                for g, group_shards in zip(groups, fragment_shards, strict=True)
             ]
-            for ranges in self.ranges
+            for fragment_shards in self.shards
             if compression != "none"
         ]
         if compression != "none" and any(g.dtype != torch.float32 for g in groups):
             raise ValueError("compressed syncs encode float32 parameters")
         self.in_flight: dict[int, _InFlight] = {}
-        rest_bytes = sum(
+        self.rest_bytes = sum(
             (end - start) * g.flat.element_size()
             for g, rest in zip(groups, self.rest, strict=True)
             if rest
             for start, end in [rest]
         )
-        self.fragment_bytes = [
+        # What a rank sends between workers per sync of each fragment: its shard (rank 0's in a simulation,
+        # as every process counts), encoded; and what it sends inside its worker to assemble the fragment.
+        self.shard_bytes = [
             sum(
-                self.averagers[f][g].bytes_per_sync if self.averagers else (b - a) * group.flat.element_size()
-                for g, (group, (a, b)) in enumerate(zip(groups, ranges, strict=True))
+                self.averagers[f][g][0].bytes_per_sync if self.averagers else (e - s) * group.flat.element_size()
+                for g, (group, [(s, e), *_]) in enumerate(zip(groups, fragment_shards, strict=True))
             )
-            + (rest_bytes if f == 0 else 0)
-            for f, ranges in enumerate(self.ranges)
+            for f, fragment_shards in enumerate(self.shards)
         ]
-        self.bytes_per_model = sum(self.fragment_bytes)  # one sync of every fragment
+        self.assembly_bytes = [
+            sum((b - a) * group.flat.element_size() for group, (a, b) in zip(groups, ranges, strict=True))
+            if self.worker is not None
+            else 0
+            for ranges in self.ranges
+        ]
+        self.bytes_per_model = sum(self.shard_bytes) + self.rest_bytes  # a sync of every fragment, between workers
 
     # --- the schedule ----------------------------------------------------------------------------------
     def offset(self, fragment: int) -> int:
@@ -140,30 +174,60 @@ class StreamingSync:
         return synced, outer_stepped
 
     def _start(self, fragment: int, sync_step: int, anchors: list[torch.Tensor]) -> None:
-        updates, handles = [], []
+        updates: list[list[torch.Tensor]] = []
+        handles: list[Handle] = []
         with self.stats.timed():  # encoding counts as the sync's cost, as the wait does
-            for g, (a, b) in enumerate(self.ranges[fragment]):
+            for g, (a, _) in enumerate(self.ranges[fragment]):
                 first = a - self.params_start[g]
-                update = (anchors[g][..., first : first + b - a] - self.groups[g].flat[..., a:b]).contiguous()
-                if self.compression != "none":
-                    handles.append(self.averagers[fragment][g].iaverage_(self.comm, update))
-                elif self.comm.size > 1:
-                    handles.append(self.comm.iallreduce_(update, average=True))
-                updates.append(update)
+                shards = []
+                for k, (s, e) in enumerate(self.shards[fragment][g]):
+                    anchor = anchors[g][..., first + s : first + e]
+                    update = (anchor - self.groups[g].flat[..., a + s : a + e]).contiguous()
+                    if self.compression != "none":
+                        handles.append(self.averagers[fragment][g][k].iaverage_(self.between, update))
+                    elif self.between.size > 1:
+                        handles.append(self.between.iallreduce_(update, average=True))
+                    shards.append(update)
+                updates.append(shards)
         self.in_flight[fragment] = _InFlight(sync_step, updates, handles)
 
+    def _complete(self, fragment: int) -> None:
+        """Wait for fragment ``fragment``'s average and, with worker groups, assemble it: then
+        ``updates`` holds one tensor per flat group, the whole fragment's average, identical on every rank."""
+        pending = self.in_flight[fragment]
+        for handle in pending.handles:
+            handle.wait()
+        pending.handles = []
+        if pending.assembled:
+            return
+        pending.assembled = True
+        if self.worker is None:
+            return  # one shard: the whole fragment
+        if self.comm.replicas > 1:  # a simulation holds every shard
+            pending.updates = [[torch.cat(shards, dim=-1)] for shards in pending.updates]
+            return
+        # A rank of a worker holds its shard: put it in zeros and sum over the worker's ranks (exact).
+        wholes = []
+        for (a, b), [shard], [(start, end)] in zip(
+            self.ranges[fragment], pending.updates, self.shards[fragment], strict=True
+        ):
+            whole = torch.zeros(b - a, dtype=shard.dtype, device=shard.device)
+            whole[start:end] = shard
+            wholes.append(whole)
+        _wait_all([self.worker.iallreduce_(whole, average=False) for whole in wholes])
+        pending.updates = [[whole] for whole in wholes]
+
     def _apply(self, fragment: int, lr: float, anchors: list[torch.Tensor], outer_step: bool) -> None:
-        pending = self.in_flight.pop(fragment)
         with self.stats.timed():
-            for handle in pending.handles:
-                handle.wait()
+            self._complete(fragment)
             if fragment == 0:
                 self._average_rest()
+        pending = self.in_flight.pop(fragment)
         with torch.no_grad():
             for g, (a, b) in enumerate(self.ranges[fragment]):
                 first = a - self.params_start[g]
                 anchor = anchors[g][..., first : first + b - a]
-                new = anchor - pending.updates[g]  # x̄ = x_prev − avg Δ
+                new = anchor - pending.updates[g][0]  # x̄ = x_prev − avg Δ
                 if outer_step:
                     self.outer.step(new, anchor, lr, fragment * len(self.groups) + g)
                 elif not self.outer.needs_anchor:
@@ -176,8 +240,14 @@ class StreamingSync:
             if fragment == 0 and self.reset_momentum:
                 for group in self.groups:
                     group.slice(MOMENTUM).zero_()
-        if self.comm.size > 1:  # one rank sends nothing, as the engine's own sync counts it
-            self.stats.count(GLOBAL, self.fragment_bytes[fragment])
+        # One rank sends nothing, as the engine's own sync counts it; one worker sends only its BN statistics.
+        sent = (self.shard_bytes[fragment] if self.between.size > 1 else 0) + (
+            self.rest_bytes if fragment == 0 and self.comm.size > 1 else 0
+        )
+        if sent:
+            self.stats.count(GLOBAL, sent)
+        if self.assembly_bytes[fragment]:
+            self.stats.count(WORKER, self.assembly_bytes[fragment])
 
     def _average_rest(self) -> None:
         if self.comm.size == 1:
@@ -195,17 +265,17 @@ class StreamingSync:
     def settle(self) -> None:
         """Wait for every average in flight (its result stays, to be applied at its sync step)."""
         with self.stats.timed():
-            for pending in self.in_flight.values():
-                for handle in pending.handles:
-                    handle.wait()
-                pending.handles = [DoneHandle() for _ in pending.handles]
+            for fragment in sorted(self.in_flight):  # the same order on every rank (the assembly is a collective)
+                self._complete(fragment)
 
     def rank_state(self) -> dict[str, torch.Tensor]:
-        """Live views of each rank's error-feedback state, per fragment and group."""
+        """Live views of each rank's error-feedback state, per fragment and group (and shard, where a
+        simulation holds a worker's every shard)."""
         return {
-            f"error{f}.{g}": averager.error
+            f"error{f}.{g}" + (f".{k}" if len(shards) > 1 else ""): averager.error
             for f, row in enumerate(self.averagers)
-            for g, averager in enumerate(row)
+            for g, shards in enumerate(row)
+            for k, averager in enumerate(shards)
             if averager.error is not None
         }
 
@@ -215,7 +285,7 @@ class StreamingSync:
         state: dict[str, torch.Tensor] = {}
         for fragment, pending in self.in_flight.items():
             state[f"inflight{fragment}.step"] = torch.tensor([pending.sync_step], dtype=torch.int64)
-            state.update({f"inflight{fragment}.{g}": update for g, update in enumerate(pending.updates)})
+            state.update({f"inflight{fragment}.{g}": whole for g, [whole] in enumerate(pending.updates)})
         return state
 
     def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -224,10 +294,16 @@ class StreamingSync:
             if f"inflight{fragment}.step" not in state:
                 continue
             updates = [
-                state[f"inflight{fragment}.{g}"].to(group.flat.device, copy=True) for g, group in enumerate(self.groups)
+                [state[f"inflight{fragment}.{g}"].to(group.flat.device, copy=True)]
+                for g, group in enumerate(self.groups)
             ]
             step = int(state[f"inflight{fragment}.step"].item())
-            self.in_flight[fragment] = _InFlight(step, updates, [DoneHandle() for _ in updates])
+            self.in_flight[fragment] = _InFlight(step, updates, [], assembled=True)
+
+
+def _wait_all(handles: list[Handle]) -> None:
+    for handle in handles:
+        handle.wait()
 
 
 def _segment(group: FlatGroup, kind: str) -> tuple[int, int]:

@@ -353,12 +353,6 @@ class AlgorithmConfig:
             f"must arrive before the next sync starts, got {self.sync_delay}",
         )
         _check(self.sync_mix == 0 or self.sync_delay > 0, f"{key}.sync_mix", "applies with sync_delay > 0")
-        if streaming:
-            _check(
-                self.ranks_per_worker == 1 and not self.levels,
-                f"{key}.sync_delay" if self.sync_delay else f"{key}.fragments",
-                "does not yet combine with worker groups (ranks_per_worker, levels)",
-            )
         if self.method == "allreduce":
             _check(not streaming, f"{key}.sync_delay", "applies to model averaging, not to method 'allreduce'")
             _check(not self.levels, f"{key}.levels", "apply to model averaging; method 'allreduce' averages every step")
@@ -588,11 +582,6 @@ class RunConfig:
                 self.algorithm.method != "allreduce",
                 "comm.sync_compression",
                 "compresses model averages; method 'allreduce' averages gradients (keep it at none)",
-            )
-            _check(
-                self.algorithm.ranks_per_worker == 1 and not self.algorithm.levels,
-                "comm.sync_compression",
-                "does not yet combine with worker groups (algorithm.ranks_per_worker, algorithm.levels)",
             )
         if self.comm.backend == "simulated":
             # A simulation is one process that runs minutes: it writes no checkpoints.

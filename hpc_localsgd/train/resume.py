@@ -134,7 +134,8 @@ def restore(
 
     Exact resume: rank r takes rank r's saved state and random states. Re-shard: every rank
     takes the mean over the saved ranks of parameters and BN statistics, and of the momentum
-    buffers (``average``) or zeros (``reset``); RNG and loss accumulators start afresh.
+    buffers (``average``) or zeros (``reset``); error feedback starts at zero; RNG and loss
+    accumulators start afresh.
     Returns (communication counters, train loss sum, train loss count) to continue from.
     """
     if isinstance(chosen, Checkpoint):
@@ -147,10 +148,12 @@ def restore(
         checkpoint.restore_rng(rank)
     else:
         state = checkpoint.rank_state(0)
-        tensors = {name: t.double() for name, t in state.tensors.items()}
+        # Error-feedback residuals belong to one rank (and its shard): a re-sharded run starts them at zero.
+        tensors = {name: t.double() for name, t in state.tensors.items() if not name.startswith("error")}
         for other in range(1, checkpoint.meta.world_size):  # one saved rank in memory at a time
             for name, t in checkpoint.rank_state(other).tensors.items():
-                tensors[name] += t.double()
+                if name in tensors:
+                    tensors[name] += t.double()
         tensors = {name: (t / checkpoint.meta.world_size).to(state.tensors[name].dtype) for name, t in tensors.items()}
         if reshard == "reset":
             tensors = {name: t for name, t in tensors.items() if not name.endswith(".momentum")}

@@ -79,6 +79,14 @@ FOUR_RANK_RESUME_CASES: dict[str, list[str]] = {
         "algorithm.ranks_per_worker=2",
         "algorithm.outer=slowmo",
     ],
+    # Stopped while step 8's delayed sync between workers is in flight: each rank's int8 error is its shard's.
+    "workers2_int8_delay3_np4": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.sync_delay=3",
+        "algorithm.ranks_per_worker=2",
+        "comm.sync_compression=int8",
+    ],
 }
 OVERRIDES = [
     *BASE,

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hpc_localsgd.algorithms.compression import encoded_bytes
 from hpc_localsgd.config import load_config
 from hpc_localsgd.train.loop import train
 from tests.helpers import run_mpi
 from tests.mpi.cases import BASE, HIERARCHY_CASES, STEPS, load_counters, load_state, reference_run, run_cases
-from tests.mpi.resume_driver import assert_resumed_equals_full
+from tests.mpi.resume_driver import FOUR_RANK_RESUME_CASES, assert_resumed_equals_full
 
 BACKENDS = ["mpi", "horovod", "torch"]
 RANKS = 4
@@ -26,6 +27,8 @@ RANKS_PER_WORKER = {
     "workers2_post_local_slowmo": 2,
     "level2_nesterov_H4": 1,
     "workers_node_H3": 4,
+    "workers2_int8_delay1_slowmo_H4": 2,
+    "level2_bf16_fragments2_H4": 1,
 }
 
 
@@ -75,6 +78,8 @@ def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None
         elements = span // 4
         shard = 4 * (elements // 2 + (1 if rank % 2 < elements % 2 else 0))
         inside = bn + span  # a sync inside a worker: its BN average, then the gathered shards
+        params = grad // 4  # a streaming sync's shards are of the parameters alone
+        param_shard = params // 2 + (1 if rank % 2 < params % 2 else 0)
         expected = {  # case: {level: (rounds, bytes)}
             "allreduce_4": {"global": (STEPS, STEPS * grad)},
             "workers2_local_H4": {
@@ -90,6 +95,15 @@ def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None
             "level2_nesterov_H4": {"level1": (3, 3 * span), "global": (3, 3 * span)},
             # One worker of 4: a sync only averages its BN statistics; nothing goes between workers.
             "workers_node_H3": {"worker": (STEPS + STEPS // 3, STEPS * grad + STEPS // 3 * bn)},
+            # Syncs after 4, 8 and 12: rank j's int8 shard of Δ and the BN statistics (fp32) between
+            # workers; the fragment assembled inside the worker (fp32 parameters).
+            "workers2_int8_delay1_slowmo_H4": {
+                "worker": (STEPS + 3, STEPS * grad + 3 * grad),
+                "global": (3, 3 * (encoded_bytes("int8", param_shard) + bn)),
+            },
+            # Fragment 1 after 2, 6, 10, fragment 0 (with the BN statistics) after 4, 8, 12, each in bf16;
+            # the level (groups of 2, fp32 parameters and BN statistics) after 2, 6, 10 as well.
+            "level2_bf16_fragments2_H4": {"level1": (3, 3 * span), "global": (6, 3 * (grad // 2) + 3 * bn)},
         }
         for case, levels in expected.items():
             got = {
@@ -103,7 +117,7 @@ def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None
 
 
 def test_the_simulated_backend_reproduces_a_hierarchical_run(runs: dict[str, Path], tmp_path: Path) -> None:
-    for case in ("workers2_post_local_slowmo", "level2_nesterov_H4"):
+    for case in ("workers2_post_local_slowmo", "level2_nesterov_H4", "workers2_int8_delay1_slowmo_H4"):
         overrides = BASE + HIERARCHY_CASES[case]
         cfg = load_config(
             None,
@@ -154,8 +168,8 @@ def test_a_bad_hierarchy_ends_every_rank_with_one_line_from_rank_0(
     assert "Traceback" not in proc.stderr
 
 
-def test_a_resumed_hierarchical_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
-    case = "workers2_post_local_slowmo_np4"
+@pytest.mark.parametrize("case", list(FOUR_RANK_RESUME_CASES))
+def test_a_resumed_hierarchical_run_equals_an_uninterrupted_one(tmp_path: Path, case: str) -> None:
     for phase in ("first", "resume"):
         argv = ["python", "tests/mpi/resume_driver.py", phase, "--out", str(tmp_path), "--cases", case]
         proc = run_mpi(RANKS, argv, timeout=300)

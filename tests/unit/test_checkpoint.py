@@ -128,6 +128,37 @@ def test_reshard_takes_the_mean_of_the_saved_ranks(tmp_path: Path, mode: str) ->
     assert stats["sync_rounds"] == 2 and (loss_sum, loss_count) == (0.0, 0)
 
 
+def test_reshard_starts_error_feedback_at_zero(tmp_path: Path) -> None:
+    """Error-feedback residuals are one rank's (of its shard, with worker groups: of unequal sizes): a
+    re-shard neither averages them nor fails on their sizes; it starts them at zero."""
+    cfg = AlgorithmConfig(method="local_sgd", sync_period=4)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = AveragingEngine(
+        model, opt, SingleCommunicator(), cfg, SyncSchedule(4, 0), compression="int8", error_feedback=True
+    )
+    assert engine.streaming is not None and set(engine.streaming.rank_state()) == {"error0.0"}
+    before = {name: t.clone() for name, t in engine.rank_state().items()}
+
+    def each(comm):
+        mine = {name: t.clone() + 1 for name, t in engine.rank_state().items()}
+        mine["error0.0"] = torch.ones(5 + comm.rank)  # shards of unequal length
+        CheckpointWriter(tmp_path, comm, keep=1).write(
+            8,
+            1.0,
+            {"config": "{}"},
+            {},
+            RankState(mine, {}, {"sync_rounds": 0, "bytes_sent": 0, "comm_seconds": 0}, 0.0, 0),
+        )
+
+    ThreadGroup(2).run(each)
+    restore(Checkpoint(tmp_path / "step-000000008.h5"), engine, model, 0, "average")
+    live = engine.rank_state()
+    assert torch.count_nonzero(live["error0.0"]) == 0
+    assert torch.equal(live["flat0.params"], before["flat0.params"] + 1)  # the rest is the mean, as before
+
+
 def test_format_version_1_files_with_blake2b_digests_are_still_read(tmp_path: Path) -> None:
     """Checkpoints written before the move to xxh3 (format version 1) load and are verified."""
     import hashlib

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 
 from hpc_localsgd.algorithms.compression import encoded_bytes
 from hpc_localsgd.algorithms.engine import AveragingEngine
+from hpc_localsgd.algorithms.flat import contiguous_part
+from hpc_localsgd.algorithms.hierarchy import hierarchy_from_config
 from hpc_localsgd.algorithms.schedule import SyncSchedule
 from hpc_localsgd.comm.single import SingleCommunicator
 from hpc_localsgd.comm.threads import ThreadGroup
-from hpc_localsgd.config.schema import AlgorithmConfig, SyncCompression
+from hpc_localsgd.config.schema import AlgorithmConfig, LevelConfig, SyncCompression
 from tests.reference import ReferenceAlgorithm, simulate
 
 WORKERS, STEPS, BATCH = 3, 16, 8
@@ -32,14 +34,16 @@ def make_model(dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype)
 
 
-def make_batches(dtype: torch.dtype, steps: int = STEPS) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+def make_batches(
+    dtype: torch.dtype, steps: int = STEPS, workers: int = WORKERS
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     g = torch.Generator().manual_seed(7)
     return [
         [
             (torch.randn(BATCH, 6, generator=g).to(dtype), torch.randint(0, 4, (BATCH,), generator=g))
             for _ in range(steps)
         ]
-        for _ in range(WORKERS)
+        for _ in range(workers)
     ]
 
 
@@ -55,13 +59,17 @@ def logits_and_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 def make_engine(model, comm, cfg: AlgorithmConfig, local_start, codec: SyncCompression, feedback: bool):
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     schedule = SyncSchedule(cfg.sync_period, local_start, cfg.outer_every)
-    engine = AveragingEngine(model, opt, comm, cfg, schedule, compression=codec, error_feedback=feedback)
+    hierarchy = hierarchy_from_config(cfg, comm.size, None)
+    engine = AveragingEngine(
+        model, opt, comm, cfg, schedule, hierarchy=hierarchy, compression=codec, error_feedback=feedback
+    )
     engine.broadcast_initial_state()
     return engine
 
 
 def run_engine(cfg, local_start, batches, dtype, codec: SyncCompression = "none", feedback: bool = False):
     initial = make_model(dtype)
+    workers = len(batches)
 
     def worker(comm):
         model = copy.deepcopy(initial)
@@ -72,11 +80,13 @@ def run_engine(cfg, local_start, batches, dtype, codec: SyncCompression = "none"
         engine.close()
         return model, engine
 
-    return ThreadGroup(WORKERS).run(worker)
+    return ThreadGroup(workers).run(worker)
 
 
 def reference(cfg, local_start, batches, dtype, codec: str = "none", feedback: bool = False):
-    algo = ReferenceAlgorithm.from_config(cfg, local_start)
+    hierarchy = hierarchy_from_config(cfg, len(batches), None)
+    levels = tuple((level.ranks, level.sync_period) for level in hierarchy.levels)
+    algo = ReferenceAlgorithm.from_config(cfg, local_start, hierarchy.ranks_per_worker, levels)
     algo.compression, algo.error_feedback = codec, feedback
     return simulate(make_model(dtype), algo, batches, lr_at, MOMENTUM, WEIGHT_DECAY)
 
@@ -134,6 +144,71 @@ def test_streaming_matches_the_reference(name: str) -> None:
         ours, theirs = model.state_dict(), ref_model.state_dict()
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], **tolerance, msg=f"{name}: rank {rank} {key}")
+
+
+# Compression and overlap act between workers: 4 ranks in workers of 2 (rank j of each worker averages
+# shard j of Δ), or a level of 2 between the rank and the world.
+GROUP_CASES = {
+    "workers2_delay1_fragments2": (local(sync_period=4, sync_delay=1, fragments=2, ranks_per_worker=2), "none", False),
+    "workers2_int8_feedback_delay1_slowmo": (
+        local(sync_period=4, sync_delay=1, ranks_per_worker=2, outer="slowmo", slow_momentum=0.5),
+        "int8",
+        True,
+    ),
+    "workers2_bf16_fragments2_mix": (
+        local(sync_period=4, fragments=2, sync_delay=1, sync_mix=0.5, ranks_per_worker=2),
+        "bf16",
+        False,
+    ),
+    "level2_int8_delay1_nesterov": (
+        local(sync_period=4, sync_delay=1, outer="nesterov", levels=[LevelConfig(ranks=2, sync_period=2)]),
+        "int8",
+        True,
+    ),
+    "level2_fragments2": (
+        local(sync_period=4, fragments=2, levels=[LevelConfig(ranks=2, sync_period=2)]),
+        "none",
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUP_CASES))
+def test_streaming_between_workers_matches_the_reference(name: str) -> None:
+    cfg, codec, feedback = GROUP_CASES[name]
+    dtype = torch.float64 if codec == "none" else torch.float32
+    batches = make_batches(dtype, workers=4)
+    got = run_engine(cfg, 0, batches, dtype, codec, feedback)
+    want = reference(cfg, 0, batches, dtype, codec, feedback)
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+    for rank, ((model, _), ref_model) in enumerate(zip(got, want, strict=True)):
+        ours, theirs = model.state_dict(), ref_model.state_dict()
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], **tolerance, msg=f"{name}: rank {rank} {key}")
+    if cfg.ranks_per_worker == 2:  # the ranks of a worker hold the same parameters, bit for bit
+        for first, second in ((0, 1), (2, 3)):
+            for (key, mine), theirs in zip(got[first][0].named_parameters(), got[second][0].parameters(), strict=True):
+                torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+def test_a_worker_sends_its_shard_between_workers() -> None:
+    """int8 between workers of 2: rank j sends the encoded shard j of each fragment (and the BN statistics,
+    fp32, with fragment 0), and assembles the fragment inside its worker (fp32, zeros elsewhere)."""
+    cfg = local(sync_period=4, fragments=2, ranks_per_worker=2)
+    got = run_engine(cfg, 0, make_batches(torch.float32, workers=4), torch.float32, "int8", True)
+    _, engine = got[0]
+    group = engine.groups[0]
+    params = group.slice("params").shape[-1]
+    bn = 4 * 2 * 16  # running mean and variance of BatchNorm1d(16), fp32
+    for rank, (_, engine) in enumerate(got):
+        fragments = [contiguous_part(0, params, 2, f) for f in range(2)]
+        shards = [contiguous_part(a, b, 2, rank % 2) for a, b in fragments]
+        syncs = STEPS // 4  # per fragment: fragment 1 at steps 2, 6, 10, 14; fragment 0 at 4, 8, 12, 16
+        between = syncs * sum(encoded_bytes("int8", b - a) for a, b in shards) + syncs * bn
+        # Inside the worker: every step's gradients, and each fragment's assembly once per period, in fp32.
+        inside = STEPS * 4 * params + syncs * 4 * params
+        assert engine.stats.bytes_by_level == {"global": between, "worker": inside}, rank
+        assert engine.stats.rounds_by_level == {"global": 2 * syncs, "worker": STEPS + 2 * syncs}, rank
 
 
 def test_defaults_keep_the_blocking_sync() -> None:
@@ -222,7 +297,6 @@ def test_resume_with_a_delayed_sync_in_flight_is_bit_exact() -> None:
         ({"sync_period": 4, "fragments": 2, "sync_delay": 2}, "below sync_period / fragments (2)"),
         ({"sync_period": 4, "sync_mix": 0.5}, "algorithm.sync_mix: applies with sync_delay > 0"),
         ({"method": "allreduce", "sync_delay": 0, "fragments": 2, "sync_period": 2}, "method 'allreduce'"),
-        ({"sync_period": 4, "sync_delay": 1, "ranks_per_worker": 2}, "worker groups"),
     ],
 )
 def test_bad_streaming_settings_are_refused_in_one_line(overrides: dict, message: str) -> None:
