@@ -20,6 +20,11 @@ Codecs (``CODECS``):
            decoded q·s, so |x − q·s| ≤ s/2. A block of zeros has s = 0. 1 byte an element plus 4 bytes a
            block: ``encoded_bytes``. A non-finite value makes its block decode to NaN.
 
+Speed: the update being averaged is the encoding's working space (no copy of it), int8 works through
+it in chunks of whole blocks that stay in cache between its passes, with error feedback computed from
+the quantised levels (no decoding of this rank's own bytes), and the received rows are decoded a chunk
+at a time straight into the fp32 sum.
+
 Exchange: every compressed codec is one allgather of the encoded bytes (payload and scales in one uint8
 row per rank), then each rank decodes the m rows and sums them in fp32 in rank order. Nothing is summed in
 low precision or on the wire, every rank sums the same bytes in the same order, so the result is identical
@@ -41,10 +46,10 @@ and the engine's ``bytes_per_sync`` (4n for fp32), so their ratio is the compres
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 
 from ..comm.base import Communicator, DoneHandle, Handle
 
@@ -94,13 +99,11 @@ def encode(codec: Codec, values: torch.Tensor) -> torch.Tensor:
     if codec == "fp16":
         return values.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).view(torch.uint8)
     numel = values.shape[-1]
-    blocks = int8_blocks(numel)
-    padded = F.pad(values, (0, blocks * INT8_BLOCK - numel)).view(*values.shape[:-1], blocks, INT8_BLOCK)
-    scales = padded.abs().amax(dim=-1) / INT8_LEVELS
-    divisor = torch.where(scales > 0, scales, torch.ones_like(scales))  # a block of zeros stays zero
-    quantized = torch.round(padded / divisor.unsqueeze(-1)).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
-    quantized = quantized.view(*values.shape[:-1], blocks * INT8_BLOCK)[..., :numel]
-    return torch.cat([scales.view(torch.uint8), quantized.view(torch.uint8)], dim=-1)
+    rows = values.reshape(-1, numel)
+    encoded = torch.empty((rows.shape[0], encoded_bytes(codec, numel)), dtype=torch.uint8, device=values.device)
+    for row, out in zip(rows, encoded, strict=True):
+        _encode_int8(row.clone(), out)
+    return encoded.view(*values.shape[:-1], -1)
 
 
 def decode(codec: Codec, encoded: torch.Tensor, numel: int) -> torch.Tensor:
@@ -115,14 +118,82 @@ def decode(codec: Codec, encoded: torch.Tensor, numel: int) -> torch.Tensor:
         return encoded.contiguous().view(torch.float32).clone()
     if codec in ("bf16", "fp16"):
         return encoded.contiguous().view(torch.bfloat16 if codec == "bf16" else torch.float16).float()
+    rows = encoded.reshape(-1, encoded.shape[-1])
+    decoded = torch.empty((rows.shape[0], numel), dtype=torch.float32, device=encoded.device)
+    for row, out in zip(rows, decoded, strict=True):
+        _decode_int8(row, out)
+    return decoded.view(*encoded.shape[:-1], numel)
+
+
+# int8 works through the vector in chunks of whole blocks small enough to stay in cache between the
+# passes over them (max, divide, round, clamp, cast): a few passes over a chunk, not over 100 MB.
+INT8_CHUNK = 1024 * INT8_BLOCK
+
+
+def _chunks(numel: int) -> range:
+    return range(0, numel, INT8_CHUNK)
+
+
+def _encode_int8(values: torch.Tensor, out: torch.Tensor) -> None:
+    """int8-encode the 1-D float32 ``values`` into the uint8 row ``out``; ``values`` is overwritten
+    with the quantised levels q (as float32), from which q·s follows without decoding the bytes."""
+    numel = values.numel()
     blocks = int8_blocks(numel)
-    leading = encoded.shape[:-1]
+    scales = torch.empty(blocks, dtype=torch.float32, device=values.device)
+    levels = out[4 * blocks :].view(torch.int8)
+    for start in _chunks(numel):
+        chunk = values[start : start + INT8_CHUNK]
+        first = start // INT8_BLOCK
+        whole = chunk.numel() // INT8_BLOCK
+        if whole:
+            body = chunk[: whole * INT8_BLOCK].view(whole, INT8_BLOCK)
+            low, high = torch.aminmax(body, dim=-1)
+            # max|x| of each block (abs: a block of ±0 has the scale +0)
+            torch.maximum(low.neg_(), high, out=scales[first : first + whole]).abs_()
+        if chunk.numel() > whole * INT8_BLOCK:  # the last block, shorter
+            scales[first + whole] = chunk[whole * INT8_BLOCK :].abs().max()
+        chunk_scales = scales[first : first + int8_blocks(chunk.numel())].div_(INT8_LEVELS)
+        divisor = torch.where(chunk_scales > 0, chunk_scales, torch.ones_like(chunk_scales))  # zeros stay zero
+        _per_block(torch.div, chunk, divisor, chunk)
+        chunk.round_().clamp_(-INT8_LEVELS, INT8_LEVELS)
+        levels[start : start + chunk.numel()].copy_(chunk)
+    out[: 4 * blocks].copy_(scales.view(torch.uint8))
+
+
+def _int8_scales(row: torch.Tensor, numel: int) -> torch.Tensor:
     # Copied out: a row of a gathered buffer need not start at a multiple of 4 bytes, as a float32 view wants.
-    scales = torch.empty((*leading, blocks), dtype=torch.float32, device=encoded.device)
-    scales.view(torch.uint8).copy_(encoded[..., : 4 * blocks])
-    quantized = encoded[..., 4 * blocks :].view(torch.int8).float()
-    padded = F.pad(quantized, (0, blocks * INT8_BLOCK - numel)).view(*leading, blocks, INT8_BLOCK)
-    return (padded * scales.unsqueeze(-1)).view(*leading, blocks * INT8_BLOCK)[..., :numel].contiguous()
+    blocks = int8_blocks(numel)
+    scales = torch.empty(blocks, dtype=torch.float32, device=row.device)
+    scales.view(torch.uint8).copy_(row[: 4 * blocks])
+    return scales
+
+
+def _decode_int8(row: torch.Tensor, out: torch.Tensor, add: bool = False) -> None:
+    """q·s of the encoded uint8 ``row`` into the 1-D float32 ``out``, or added to it (``add``: the
+    product rounded to float32 first, then the sum, as decode-then-add would)."""
+    numel = out.numel()
+    scales = _int8_scales(row, numel)
+    levels = row[4 * int8_blocks(numel) :].view(torch.int8)
+    scratch = torch.empty(min(INT8_CHUNK, numel), dtype=torch.float32, device=out.device) if add else None
+    for start in _chunks(numel):
+        target = out[start : start + INT8_CHUNK]
+        product = target if scratch is None else scratch[: target.numel()]
+        chunk_scales = scales[start // INT8_BLOCK : start // INT8_BLOCK + int8_blocks(target.numel())]
+        _per_block(torch.mul, levels[start : start + target.numel()], chunk_scales, product)
+        if scratch is not None:
+            target.add_(product)
+
+
+def _per_block(
+    op: Callable[..., torch.Tensor], values: torch.Tensor, per_block: torch.Tensor, out: torch.Tensor
+) -> None:
+    """out = op(values, the value of each one's block), for 1-D ``values`` starting at a block boundary."""
+    whole = values.numel() // INT8_BLOCK
+    if whole:
+        shape = (whole, INT8_BLOCK)
+        op(values[: whole * INT8_BLOCK].view(shape), per_block[:whole, None], out=out[: whole * INT8_BLOCK].view(shape))
+    if values.numel() > whole * INT8_BLOCK:
+        op(values[whole * INT8_BLOCK :], per_block[whole], out=out[whole * INT8_BLOCK :])
 
 
 class _AverageHandle(Handle):
@@ -181,28 +252,49 @@ class CompressedAverager:
     def iaverage_(self, comm: Communicator, update: torch.Tensor) -> Handle:
         """Start averaging ``update`` (this rank's Δ) over ``comm``; after ``wait`` it holds
         avg_r Q(Δ_r + e_r), identical on every rank, and e has moved on (error feedback). ``update``
-        must not be touched meanwhile. On one rank the average is Q(Δ + e) itself, with no collective."""
+        is working space meanwhile: do not touch it. On one rank the average is Q(Δ + e) itself, with
+        no collective."""
         self._check(comm, update)
         if self._in_flight:
             raise RuntimeError("a compressed average is already in flight on this averager; wait for it first")
-        corrected = update if self.error is None else update + self.error
-        if self.codec == "none":
-            if corrected is not update:
-                update.copy_(corrected)
-            return comm.iallreduce_(update, average=True) if comm.size > 1 else DoneHandle()
-        encoded = encode(self.codec, corrected)
         if self.error is not None:
-            # e ← (Δ + e) − Q(Δ + e), from this rank's own decoded bytes: what the others will receive.
-            torch.sub(corrected, decode(self.codec, encoded, self.numel), out=self.error)
+            update.add_(self.error)  # Δ + e, in place: ``update`` is consumed
+        if self.codec == "none":
+            return comm.iallreduce_(update, average=True) if comm.size > 1 else DoneHandle()
+        encoded = self._encode(update)
         if comm.size == 1:
             update.copy_(decode(self.codec, encoded, self.numel))
             return DoneHandle()
         gathered_shape = encoded.shape if comm.replicas > 1 else (comm.size, *encoded.shape)
         if self._gathered is None or tuple(self._gathered.shape) != tuple(gathered_shape):
             self._gathered = torch.empty(gathered_shape, dtype=torch.uint8, device=encoded.device)
-        self._encoded = encoded
         self._in_flight = True
         return _AverageHandle(self, comm, comm.iallgather(encoded, self._gathered), update)
+
+    def _encode(self, corrected: torch.Tensor) -> torch.Tensor:
+        """Q(Δ + e) as this rank's encoded rows (kept alive while the gather runs), and with error
+        feedback e ← (Δ + e) − Q(Δ + e), exactly what the others decode from those bytes."""
+        if self.codec != "int8":
+            encoded = encode(self.codec, corrected)
+            if self.error is not None:
+                torch.sub(corrected, decode(self.codec, encoded, self.numel), out=self.error)
+            self._encoded = encoded
+            return encoded
+        if self._encoded is None:
+            self._encoded = torch.empty(
+                (*self.shape[:-1], self.bytes_per_sync), dtype=torch.uint8, device=corrected.device
+            )
+        rows, encoded_rows = corrected.view(-1, self.numel), self._encoded.view(-1, self.bytes_per_sync)
+        errors = self.error.view(-1, self.numel) if self.error is not None else [None] * rows.shape[0]
+        for row, out, error in zip(rows, encoded_rows, errors, strict=True):
+            if error is None:
+                _encode_int8(row, out)  # the row becomes its levels: no copy needed
+                continue
+            error.copy_(row)
+            _encode_int8(error, out)  # e holds the levels q, then q·s, then (Δ + e) − q·s
+            _decode_int8(out, error)
+            torch.sub(row, error, out=error)
+        return self._encoded
 
     def average_(self, comm: Communicator, update: torch.Tensor) -> None:
         """Blocking ``iaverage_``."""
@@ -211,18 +303,24 @@ class CompressedAverager:
     def _finish(self, comm: Communicator, update: torch.Tensor) -> None:
         gathered = self._gathered
         assert gathered is not None
-        self._encoded = None
         self._in_flight = False
+        if self.codec != "int8":
+            self._encoded = None
         if comm.replicas > 1:
             # Every worker's row is here: decode them all, and let the simulated allreduce sum each group's
             # rows in worker order (in fp32) and divide, as the gathered rows are summed below.
             update.copy_(decode(self.codec, gathered, self.numel))
             comm.allreduce_(update, average=True)
             return
-        # Rank order, one row at a time (memory: one decoded row besides the sum).
-        update.copy_(decode(self.codec, gathered[0], self.numel))
-        for rank in range(1, comm.size):
-            update.add_(decode(self.codec, gathered[rank], self.numel))
+        # Rank order, in float32 (int8: decoded a chunk at a time into the sum, no row in memory).
+        if self.codec == "int8":
+            _decode_int8(gathered[0], update)
+            for rank in range(1, comm.size):
+                _decode_int8(gathered[rank], update, add=True)
+        else:
+            update.copy_(decode(self.codec, gathered[0], self.numel))
+            for rank in range(1, comm.size):
+                update.add_(decode(self.codec, gathered[rank], self.numel))
         update.div_(comm.size)
 
     def _check(self, comm: Communicator, update: torch.Tensor) -> None:
@@ -254,9 +352,11 @@ class CompressedAverager:
             self.error.zero_()
 
     def memory_bytes(self, size: int) -> int:
-        """Bytes this averager holds between and during syncs over ``size`` ranks: the fp32 error (if
-        any), and while a sync runs its encoded rows and the gathered rows of every rank (on a rank;
-        the simulated backend gathers in place of its encoded rows). Decoding adds transient fp32 rows."""
+        """Bytes this averager holds over ``size`` ranks: the fp32 error (if any), its encoded rows and
+        the gathered rows of every rank (on a rank; the simulated backend gathers in place of its
+        encoded rows), kept from the first sync on for reuse. The update being averaged is the working
+        space of the encoding; int8 decodes a chunk of 256 Ki elements at a time (bf16 and fp16 decode
+        a transient fp32 row)."""
         rows = self.shape[0] if len(self.shape) == 2 else 1
         error = 4 * self.numel * rows if self.error is not None else 0
         if self.codec == "none" or size == 1:

@@ -13,6 +13,7 @@ import torch
 from hpc_localsgd.algorithms.compression import (
     CODECS,
     INT8_BLOCK,
+    INT8_CHUNK,
     CompressedAverager,
     decode,
     encode,
@@ -177,6 +178,35 @@ def test_every_rank_gets_the_reference_average_bit_for_bit(codec: str, feedback:
     # Deterministic: a second run gives the very same bits.
     again = thread_averages(codec, feedback, syncs=3)
     assert all(torch.equal(a, b) for ra, rb in zip(per_rank, again, strict=True) for a, b in zip(ra, rb, strict=True))
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+def test_int8_across_its_working_chunks_matches_the_reference_bit_for_bit(feedback: bool) -> None:
+    """int8 encodes and decodes in chunks of whole blocks: a vector of several chunks and a short last
+    block gives the reference's average and errors, sync after sync."""
+    numel = 2 * INT8_CHUNK + 3 * INT8_BLOCK + 5
+    updates = [rank_update(rank, numel) for rank in range(2)]
+
+    def run(comm: ThreadCommunicator) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        averager = CompressedAverager("int8", (numel,), feedback)
+        results = []
+        for _ in range(2):
+            update = torch.from_numpy(updates[comm.rank].copy())
+            averager.average_(comm, update)
+            results.append(update)
+        return results, averager.error
+
+    got = ThreadGroup(2).run(run)
+    errors = [np.zeros(numel, dtype=np.float32)] * 2 if feedback else None
+    for sync in range(2):
+        expected, errors = compressed_average("int8", updates, errors)
+        for rank in range(2):
+            assert torch.equal(got[rank][0][sync], torch.from_numpy(expected)), (rank, sync)
+    for rank in range(2):
+        error = got[rank][1]
+        assert (error is None) == (errors is None)
+        if errors is not None and error is not None:
+            assert torch.equal(error, torch.from_numpy(errors[rank])), rank
 
 
 @pytest.mark.parametrize("codec", LOSSY)
