@@ -98,7 +98,7 @@ def simulate(
         for w in workers
     ]
     steps = len(batches[0])
-    stream = _Stream(algo) if algo.streaming else None
+    stream = _Stream(algo, record) if algo.streaming else None
     x_prev: list[torch.Tensor] = []
     slow_u: list[torch.Tensor] = []
     previous_delta: list[torch.Tensor] = []
@@ -180,8 +180,12 @@ class _Stream:
     shard by shard (R contiguous shards of the fragment, the first n % R one longer), each shard with its
     own error state, as rank j of every worker averages shard j."""
 
-    def __init__(self, algo: ReferenceAlgorithm) -> None:
+    def __init__(self, algo: ReferenceAlgorithm, record: list[dict[str, float]] | None = None) -> None:
         self.algo = algo
+        # Per applied fragment: the consensus distance of the workers' x as their Δ was taken, over the
+        # fragment, straight from the definition: mean_w ‖x_w − x̄‖² / ‖x̄‖² with x̄ their exact mean.
+        self.record = record
+        self.taken: dict[int, list[torch.Tensor]] = {}
         self.x_prev: torch.Tensor | None = None
         self.slow: torch.Tensor | None = None  # SlowMo's u or Nesterov's b, flat
         self.pending: dict[int, torch.Tensor] = {}
@@ -208,9 +212,9 @@ class _Stream:
             if self._syncs(fragment, done + algo.sync_delay):
                 a, b = self._bounds(len(flats[0]), fragment)
                 assert self.x_prev is not None
-                deltas = [
-                    self.x_prev[a:b] - flats[group[0]][a:b] for group in _groups(len(flats), algo.ranks_per_worker)
-                ]
+                workers_x = [flats[group[0]][a:b].clone() for group in _groups(len(flats), algo.ranks_per_worker)]
+                deltas = [self.x_prev[a:b] - x for x in workers_x]
+                self.taken[fragment] = workers_x
                 self.pending[fragment] = self._average(fragment, deltas)
         for fragment in range(algo.fragments):
             if not self._syncs(fragment, done):
@@ -218,6 +222,17 @@ class _Stream:
             a, b = self._bounds(len(flats[0]), fragment)
             assert self.x_prev is not None and self.slow is not None
             averaged = self.x_prev[a:b] - self.pending.pop(fragment)
+            taken = [x.double() for x in self.taken.pop(fragment)]
+            if self.record is not None:
+                mean = sum(taken) / len(taken)
+                spread = sum(float(((x - mean) ** 2).sum()) for x in taken) / len(taken)
+                self.record.append(
+                    {
+                        "step": float(done),
+                        "consensus_distance": spread / float((mean**2).sum()),
+                        "model_norm": float(mean.norm()),
+                    }
+                )
             first = 1 if self._offset(fragment) > algo.sync_delay else 0
             number = (done - algo.local_start - self._offset(fragment)) // algo.sync_period + first
             new = averaged

@@ -218,8 +218,10 @@ class AveragingEngine:
         if self.streaming is not None:
             self.outer.forget_update_figures()
             synced, outer_stepped = self.streaming.end_step(completed_steps, lr, self.anchors)
-            if synced:  # consensus distance: not measured here (x̄ of a delayed sync is of an older x)
-                self.last_sync = SyncMeasurement(math.nan, math.nan, *self.outer.update_figures(), outer_stepped)
+            if synced:  # consensus distance of the synced fragment, as its update was taken
+                distance, model_norm = self.streaming.last_consensus
+                update_figures = self.outer.update_figures() if outer_stepped else (math.nan, math.nan)
+                self.last_sync = SyncMeasurement(distance, model_norm, *update_figures, outer_stepped)
         elif self.schedule.averages_after(completed_steps):
             self.sync(lr, self.schedule.outer_step_after(completed_steps))
             return True

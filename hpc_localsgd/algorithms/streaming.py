@@ -32,6 +32,7 @@ resumed run applies the same average at the same step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ from ..comm.base import Communicator, Handle
 from ..config.schema import AlgorithmConfig, SyncCompression
 from .accounting import GLOBAL, CommStats
 from .compression import CompressedAverager
+from .drift import first_row, row_dot
 from .flat import MOMENTUM, PARAMS, FlatGroup, contiguous_part
 from .hierarchy import WORKER
 from .outer import OuterOptimizer
@@ -54,6 +56,8 @@ class _InFlight:
     # waited on and assembled, one tensor: the whole fragment's average.
     updates: list[list[torch.Tensor]]
     handles: list[Handle]
+    # mean over workers of ‖Δ‖² of this fragment (float64; per simulated worker), averaged beside Δ
+    squared_norm: torch.Tensor | None = None
     assembled: bool = False
 
 
@@ -115,6 +119,7 @@ class StreamingSync:
         if compression != "none" and any(g.dtype != torch.float32 for g in groups):
             raise ValueError("compressed syncs encode float32 parameters")
         self.in_flight: dict[int, _InFlight] = {}
+        self.last_consensus = (math.nan, math.nan)  # (Ξ²/‖x̄‖², ‖x̄‖) of the last fragment applied
         self.rest_bytes = sum(
             (end - start) * g.flat.element_size()
             for g, rest in zip(groups, self.rest, strict=True)
@@ -176,6 +181,7 @@ class StreamingSync:
     def _start(self, fragment: int, sync_step: int, anchors: list[torch.Tensor]) -> None:
         updates: list[list[torch.Tensor]] = []
         handles: list[Handle] = []
+        norms: list[torch.Tensor] = []
         with self.stats.timed():  # encoding counts as the sync's cost, as the wait does
             for g, (a, _) in enumerate(self.ranges[fragment]):
                 first = a - self.params_start[g]
@@ -183,13 +189,18 @@ class StreamingSync:
                 for k, (s, e) in enumerate(self.shards[fragment][g]):
                     anchor = anchors[g][..., first + s : first + e]
                     update = (anchor - self.groups[g].flat[..., a + s : a + e]).contiguous()
+                    norms.append(row_dot(update, update))  # before the average consumes ``update``
                     if self.compression != "none":
                         handles.append(self.averagers[fragment][g][k].iaverage_(self.between, update))
                     elif self.between.size > 1:
                         handles.append(self.between.iallreduce_(update, average=True))
                     shards.append(update)
                 updates.append(shards)
-        self.in_flight[fragment] = _InFlight(sync_step, updates, handles)
+            # ‖Δ‖² of this rank's shards, averaged over the workers beside Δ (the consensus distance).
+            squared_norm = torch.stack(norms).sum(dim=0).reshape(-1).contiguous()
+            if self.between.size > 1:
+                handles.append(self.between.iallreduce_(squared_norm, average=True))
+        self.in_flight[fragment] = _InFlight(sync_step, updates, handles, squared_norm)
 
     def _complete(self, fragment: int) -> None:
         """Wait for fragment ``fragment``'s average and, with worker groups, assemble it: then
@@ -206,8 +217,10 @@ class StreamingSync:
         if self.comm.replicas > 1:  # a simulation holds every shard
             pending.updates = [[torch.cat(shards, dim=-1)] for shards in pending.updates]
             return
-        # A rank of a worker holds its shard: put it in zeros and sum over the worker's ranks (exact).
-        wholes = []
+        # A rank of a worker holds its shard: put it in zeros and sum over the worker's ranks (exact); the
+        # squared norms of the shards add up to the worker's.
+        assert pending.squared_norm is not None
+        wholes = [pending.squared_norm]
         for (a, b), [shard], [(start, end)] in zip(
             self.ranges[fragment], pending.updates, self.shards[fragment], strict=True
         ):
@@ -215,7 +228,7 @@ class StreamingSync:
             whole[start:end] = shard
             wholes.append(whole)
         _wait_all([self.worker.iallreduce_(whole, average=False) for whole in wholes])
-        pending.updates = [[whole] for whole in wholes]
+        pending.updates = [[whole] for whole in wholes[1:]]
 
     def _apply(self, fragment: int, lr: float, anchors: list[torch.Tensor], outer_step: bool) -> None:
         with self.stats.timed():
@@ -223,11 +236,14 @@ class StreamingSync:
             if fragment == 0:
                 self._average_rest()
         pending = self.in_flight.pop(fragment)
+        averaged_update = averaged_model = 0.0
         with torch.no_grad():
             for g, (a, b) in enumerate(self.ranges[fragment]):
                 first = a - self.params_start[g]
                 anchor = anchors[g][..., first : first + b - a]
                 new = anchor - pending.updates[g][0]  # x̄ = x_prev − avg Δ
+                averaged_update += first_row(row_dot(pending.updates[g][0], pending.updates[g][0]))
+                averaged_model += first_row(row_dot(new, new))
                 if outer_step:
                     self.outer.step(new, anchor, lr, fragment * len(self.groups) + g)
                 elif not self.outer.needs_anchor:
@@ -240,6 +256,11 @@ class StreamingSync:
             if fragment == 0 and self.reset_momentum:
                 for group in self.groups:
                     group.slice(MOMENTUM).zero_()
+        # Ξ² = mean‖xᵢ − x̄‖² = mean‖Δᵢ‖² − ‖avg Δ‖² over the fragment, as its Δ was taken (drift.py).
+        assert pending.squared_norm is not None
+        mean_squared = first_row(pending.squared_norm)
+        spread = max(mean_squared - averaged_update, 0.0)  # rounding may leave a tiny negative: 0
+        self.last_consensus = (spread / averaged_model if averaged_model > 0 else math.nan, math.sqrt(averaged_model))
         # One rank sends nothing, as the engine's own sync counts it; one worker sends only its BN statistics.
         sent = (self.shard_bytes[fragment] if self.between.size > 1 else 0) + (
             self.rest_bytes if fragment == 0 and self.comm.size > 1 else 0
@@ -285,6 +306,8 @@ class StreamingSync:
         state: dict[str, torch.Tensor] = {}
         for fragment, pending in self.in_flight.items():
             state[f"inflight{fragment}.step"] = torch.tensor([pending.sync_step], dtype=torch.int64)
+            if pending.squared_norm is not None:
+                state[f"inflight{fragment}.norm"] = pending.squared_norm
             state.update({f"inflight{fragment}.{g}": whole for g, [whole] in enumerate(pending.updates)})
         return state
 
@@ -298,7 +321,9 @@ class StreamingSync:
                 for g, group in enumerate(self.groups)
             ]
             step = int(state[f"inflight{fragment}.step"].item())
-            self.in_flight[fragment] = _InFlight(step, updates, [], assembled=True)
+            norm = state.get(f"inflight{fragment}.norm")
+            norm = torch.full((1,), math.nan, dtype=torch.float64) if norm is None else norm.clone()
+            self.in_flight[fragment] = _InFlight(step, updates, [], norm, assembled=True)
 
 
 def _wait_all(handles: list[Handle]) -> None:

@@ -191,6 +191,48 @@ def test_streaming_between_workers_matches_the_reference(name: str) -> None:
                 torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=f"{name}: {key}")
 
 
+@pytest.mark.parametrize(
+    ("name", "cfg", "codec", "workers"),
+    [
+        ("delay2_H4", local(sync_period=4, sync_delay=2), "none", 3),
+        ("fragments2_delay1_slowmo", local(sync_period=4, fragments=2, sync_delay=1, outer="slowmo"), "none", 3),
+        ("workers2_delay1", local(sync_period=4, sync_delay=1, ranks_per_worker=2), "none", 4),
+        ("int8_feedback_delay1", local(sync_period=4, sync_delay=1), "int8", 3),
+    ],
+)
+def test_streaming_syncs_measure_the_consensus_distance(name: str, cfg: AlgorithmConfig, codec, workers: int) -> None:
+    """Ξ²/‖x̄‖² of the synced fragment, of x as its Δ was taken: from mean‖Δᵢ‖² (averaged beside Δ)
+    and the average Δ, against the definition over the workers' x (float64 model: exact but for
+    rounding; int8: the decoded average stands for the exact mean, so only close)."""
+    dtype = torch.float64 if codec == "none" else torch.float32
+    batches = make_batches(dtype, workers=workers)
+    initial = make_model(dtype)
+
+    def worker(comm):
+        model = copy.deepcopy(initial)
+        engine = make_engine(model, comm, cfg, 0, codec, codec == "int8")
+        measured = []
+        for step, (x, y) in enumerate(batches[comm.rank]):
+            if engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y)).synced:
+                measured.append((step + 1, engine.last_sync))
+        engine.drain()
+        return measured
+
+    got = ThreadGroup(workers).run(worker)
+    record: list[dict[str, float]] = []
+    hierarchy = hierarchy_from_config(cfg, workers, None)
+    algo = ReferenceAlgorithm.from_config(cfg, 0, hierarchy.ranks_per_worker)
+    algo.compression, algo.error_feedback = codec, codec == "int8"
+    simulate(make_model(dtype), algo, batches, lr_at, MOMENTUM, WEIGHT_DECAY, record=record)
+    assert [step for step, _ in got[0]] == [int(entry["step"]) for entry in record] and record
+    rtol = 1e-7 if codec == "none" else 0.05
+    for rank_measured in got:
+        for (_, measurement), entry in zip(rank_measured, record, strict=True):
+            assert measurement.consensus_distance == pytest.approx(entry["consensus_distance"], rel=rtol), name
+            assert measurement.model_norm == pytest.approx(entry["model_norm"], rel=1e-3 if codec == "int8" else 1e-9)
+            assert measurement.consensus_distance > 0
+
+
 def test_a_worker_sends_its_shard_between_workers() -> None:
     """int8 between workers of 2: rank j sends the encoded shard j of each fragment (and the BN statistics,
     fp32, with fragment 0), and assembles the fragment inside its worker (fp32, zeros elsewhere)."""
