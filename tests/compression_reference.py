@@ -53,10 +53,16 @@ def quantize(codec: str, values: np.ndarray) -> np.ndarray:
 
 
 def compressed_average(
-    codec: str, updates: list[np.ndarray], errors: list[np.ndarray] | None
-) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    codec: str,
+    updates: list[np.ndarray],
+    errors: list[np.ndarray] | None,
+    average_error: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[np.ndarray] | None, np.ndarray | None]:
     """avg_r Q(Δ_r + e_r), summed in rank order in float32; and the new errors e_r ← Δ_r + e_r − Q(Δ_r + e_r)
-    (``errors`` None: no error feedback)."""
+    (``errors`` None: no error feedback). Among three or more ranks the average is encoded once more
+    (the two-phase exchange re-encodes the average it gathers): Q(avg + a), with a ← avg + a − Q(avg + a)
+    under error feedback (``average_error`` a, zero at first), plain Q(avg) without. Returns the
+    average, the new errors and the new a (None where there is none)."""
     zeros = [np.zeros_like(u, dtype=np.float32) for u in updates]
     corrected = [u.astype(np.float32) + e for u, e in zip(updates, errors or zeros, strict=True)]
     sent = [quantize(codec, c) for c in corrected]
@@ -65,7 +71,16 @@ def compressed_average(
         total = total + q
     average = total / np.float32(len(updates))
     new_errors = None if errors is None else [c - q for c, q in zip(corrected, sent, strict=True)]
-    return average, new_errors
+    new_average_error = None
+    if len(updates) >= 3:
+        if errors is not None:
+            average = average + (np.zeros_like(average) if average_error is None else average_error)
+            requantized = quantize(codec, average)
+            new_average_error = average - requantized
+            average = requantized
+        else:
+            average = quantize(codec, average)
+    return average, new_errors, new_average_error
 
 
 def rank_update(rank: int, numel: int) -> np.ndarray:

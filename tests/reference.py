@@ -190,6 +190,7 @@ class _Stream:
         self.slow: torch.Tensor | None = None  # SlowMo's u or Nesterov's b, flat
         self.pending: dict[int, torch.Tensor] = {}
         self.errors: dict[tuple[int, int], list[np.ndarray]] = {}  # (fragment, shard): per worker
+        self.average_errors: dict[tuple[int, int], np.ndarray] = {}  # re-encoding's, among 3 or more workers
 
     def _offset(self, fragment: int) -> int:
         return fragment * self.algo.sync_period // self.algo.fragments
@@ -271,11 +272,16 @@ class _Stream:
             errors = self.errors.get(key)
             if algo.error_feedback and errors is None:
                 errors = [np.zeros(b - a, dtype=np.float32) for _ in deltas]
-            average, errors = compressed_average(
-                algo.compression, [d[a:b].numpy() for d in deltas], errors if algo.error_feedback else None
+            average, errors, average_error = compressed_average(
+                algo.compression,
+                [d[a:b].numpy() for d in deltas],
+                errors if algo.error_feedback else None,
+                self.average_errors.get(key),
             )
             if errors is not None:
                 self.errors[key] = errors
+            if average_error is not None:
+                self.average_errors[key] = average_error
             parts.append(torch.from_numpy(average))
         return torch.cat(parts)
 

@@ -25,18 +25,25 @@ it in chunks of whole blocks that stay in cache between its passes, with error f
 the quantised levels (no decoding of this rank's own bytes), and the received rows are decoded a chunk
 at a time straight into the fp32 sum.
 
-Exchange: every compressed codec is one allgather of the encoded bytes (payload and scales in one uint8
-row per rank), then each rank decodes the m rows and sums them in fp32 in rank order. Nothing is summed in
-low precision or on the wire, every rank sums the same bytes in the same order, so the result is identical
-on every rank, bit for bit, and deterministic; and it is exactly avg(Q(Δᵣ + eᵣ)), with no second rounding
-of the average. The simulated backend holds every worker's row already: its gather is the identity and
-its allreduce sums the decoded rows of each group in the same worker order.
-Cost: an allgather delivers a rank's B encoded bytes to m − 1 peers, (m − 1)·B over its link (ring or
-recursive doubling), where an fp32 ring allreduce of the 4n-byte buffer moves 2·(m − 1)/m·4n
-(``link_bytes``). The gather therefore sends fewer bytes than the fp32 allreduce while
-m < 8n/B: below 7.9 ranks for int8, below 4 for bf16/fp16 (equal at 4). A reduce-scatter of encoded
-chunks, an fp32 reduction per chunk and an allgather of the re-quantised chunks (torchft) would move
-about 2·(m − 1)/m·B at any m, at the price of rounding the average a second time.
+Exchange, among m ranks. Nothing is ever summed in low precision or on the wire; every rank ends with
+the same bytes, bit for bit, deterministic.
+- m ≤ 2, gathered: one allgather of the encoded bytes (payload and scales in one uint8 row per rank),
+  then each rank decodes the m rows and sums them in fp32 in rank order: exactly avg_r Q(Δᵣ + eᵣ).
+- m ≥ 3, two-phase (torchft's shape, with error feedback added): the update is cut into m chunks of
+  whole int8 blocks (``chunk``); an all-to-all sends chunk k of every rank's encoded update to rank k,
+  which decodes and sums them in fp32 in rank order, divides, and re-encodes its chunk of the average,
+  Q(avg + a), with its own error feedback a ← avg + a − Q(avg + a) (without error feedback a is 0 and
+  not kept); an allgather brings every rank all the re-encoded chunks. Without the second error
+  feedback the re-encoding's rounding would bias the average sync after sync; with it, the time
+  average converges to the exact one as for the first (tested). The engine starts the second phase
+  at the step after the first (``CompressedAverageHandle.advance``, the same point on every rank), so
+  both travel behind training.
+The simulated backend holds every worker's row already: its gather is the identity, its allreduce sums
+the decoded rows of each group in the same worker order, and among three or more it re-encodes the
+average (whole rows encode as their chunks do, chunks being whole blocks).
+Cost through a rank's link (``link_bytes``): the allgather (m − 1)·B; two-phase about 2·(m − 1)/m·B
+(padding each chunk's row to the longest adds less than one block per chunk); an fp32 ring allreduce
+2·(m − 1)/m·4n. So the ratio to fp32 is B/4n at every m ≥ 3, as at m = 2.
 
 Bytes counted (``bytes_per_sync``): the encoded bytes a rank contributes per sync, scales included, the
 same convention as ``accounting.CommStats.bytes_sent`` (the payload a rank contributes to a collective)
@@ -52,6 +59,7 @@ from typing import Literal, get_args
 import torch
 
 from ..comm.base import Communicator, DoneHandle, Handle
+from .flat import contiguous_part
 
 Codec = Literal["none", "bf16", "fp16", "int8"]
 CODECS: tuple[Codec, ...] = get_args(Codec)
@@ -80,10 +88,16 @@ def encoded_bytes(codec: Codec, numel: int) -> int:
 
 def link_bytes(codec: Codec, numel: int, size: int) -> float:
     """Bytes that cross one rank's link per sync among ``size`` ranks: the ring allreduce of fp32 for
-    ``none`` (2·(m − 1)/m of the buffer), the allgather of the encoded update otherwise ((m − 1)× it)."""
+    ``none`` (2·(m − 1)/m of the buffer); the allgather of the encoded update for m ≤ 2 ((m − 1)× it);
+    for m ≥ 3 the two-phase exchange's all-to-all and allgather of chunk rows padded to the longest,
+    (m − 1) rows each."""
     if codec == "none":
         return 2 * (size - 1) / size * encoded_bytes(codec, numel)
-    return (size - 1) * encoded_bytes(codec, numel)
+    if size <= 2:
+        return (size - 1) * encoded_bytes(codec, numel)
+    blocks = int8_blocks(numel)
+    longest = min(math.ceil(blocks / size) * INT8_BLOCK, numel)
+    return 2 * (size - 1) * encoded_bytes(codec, longest)
 
 
 def encode(codec: Codec, values: torch.Tensor) -> torch.Tensor:
@@ -196,20 +210,34 @@ def _per_block(
         op(values[whole * INT8_BLOCK :], per_block[whole], out=out[whole * INT8_BLOCK :])
 
 
-class _AverageHandle(Handle):
-    """A compressed average in flight: the gather's handle, then decoding and the fp32 sum in ``wait``."""
+class CompressedAverageHandle(Handle):
+    """A compressed average in flight. Gathered (m ≤ 2): the gather, then decoding and the fp32 sum in
+    ``wait``. Two-phase (m ≥ 3): the all-to-all; ``advance`` (at the same point on every rank) waits for
+    it, sums this rank's chunk and starts gathering the re-encoded chunks; ``wait`` advances if not yet
+    done, waits for the gather and decodes."""
 
     def __init__(self, averager: CompressedAverager, comm: Communicator, pending: Handle, update: torch.Tensor) -> None:
         self._averager = averager
         self._comm = comm
         self._pending: Handle | None = pending
         self._update = update
+        self._first_phase = comm.replicas == 1 and averager.two_phase(comm)
 
     def progress(self) -> None:
         if self._pending is not None:
             self._pending.progress()
 
+    def advance(self) -> None:
+        """Start the second phase of a two-phase average (a collective: call it at the same point on
+        every rank); nothing for a gathered one."""
+        if self._pending is None or not self._first_phase:
+            return
+        self._pending.wait()
+        self._first_phase = False
+        self._pending = self._averager._share_chunk(self._comm, self._update)
+
     def wait(self) -> None:
+        self.advance()
         if self._pending is None:
             return
         self._pending.wait()
@@ -228,7 +256,12 @@ class CompressedAverager:
     """
 
     def __init__(
-        self, codec: Codec, shape: tuple[int, ...], error_feedback: bool, device: torch.device | None = None
+        self,
+        codec: Codec,
+        shape: tuple[int, ...],
+        error_feedback: bool,
+        device: torch.device | None = None,
+        comm: Communicator | None = None,
     ) -> None:
         _check_codec(codec)
         if len(shape) not in (1, 2):
@@ -236,12 +269,20 @@ class CompressedAverager:
         self.codec = codec
         self.shape = tuple(shape)
         self.numel = shape[-1]
+        self.device = device
         # Error feedback needs a lossy codec: with ``none`` the error is always zero, so no state is kept.
         self.error = (
             torch.zeros(self.shape, dtype=torch.float32, device=device) if error_feedback and codec != "none" else None
         )
-        self._encoded: torch.Tensor | None = None  # this rank's encoded rows, alive while the gather runs
-        self._gathered: torch.Tensor | None = None  # (size, B) on a rank; the encoded rows' shape when simulated
+        # Two-phase with error feedback: the error of re-encoding the average, for the chunk this rank
+        # re-encodes (every row's whole average in a simulation). Made now when the communicator is known
+        # (so that a checkpoint restores it before the first sync), else at the first two-phase sync.
+        self.average_error: torch.Tensor | None = None
+        if comm is not None:
+            self._average_error(comm)
+        # Staging, allocated at the first sync and reused: this rank's encoded rows (gathered exchange) or
+        # chunks (two-phase: row k for rank k), what arrives, and the two-phase's re-encoded chunk.
+        self._buffers: dict[str, torch.Tensor] = {}
         self._in_flight = False
 
     @property
@@ -249,11 +290,22 @@ class CompressedAverager:
         """Encoded bytes a rank (each simulated worker) contributes per sync, scales included."""
         return encoded_bytes(self.codec, self.numel)
 
+    @staticmethod
+    def two_phase(comm: Communicator) -> bool:
+        """Whether averages over ``comm`` take two phases (m ≥ 3 workers) rather than one gather."""
+        return comm.size >= 3
+
+    def chunk(self, parts: int, index: int) -> tuple[int, int]:
+        """Chunk ``index`` of ``parts`` of the update in the two-phase exchange: whole int8 blocks (so
+        that encoding chunk by chunk gives the bytes of encoding the whole), the first ones longer."""
+        first, last = contiguous_part(0, int8_blocks(self.numel), parts, index)
+        return min(first * INT8_BLOCK, self.numel), min(last * INT8_BLOCK, self.numel)
+
     def iaverage_(self, comm: Communicator, update: torch.Tensor) -> Handle:
         """Start averaging ``update`` (this rank's Δ) over ``comm``; after ``wait`` it holds
-        avg_r Q(Δ_r + e_r), identical on every rank, and e has moved on (error feedback). ``update``
-        is working space meanwhile: do not touch it. On one rank the average is Q(Δ + e) itself, with
-        no collective."""
+        avg_r Q(Δ_r + e_r) (re-encoded, Q(avg_r Q(Δ_r + e_r)), among three or more), identical on every
+        rank, and e has moved on (error feedback). ``update`` is working space meanwhile: do not touch
+        it. On one rank the average is Q(Δ + e) itself, with no collective."""
         self._check(comm, update)
         if self._in_flight:
             raise RuntimeError("a compressed average is already in flight on this averager; wait for it first")
@@ -261,66 +313,124 @@ class CompressedAverager:
             update.add_(self.error)  # Δ + e, in place: ``update`` is consumed
         if self.codec == "none":
             return comm.iallreduce_(update, average=True) if comm.size > 1 else DoneHandle()
-        encoded = self._encode(update)
         if comm.size == 1:
-            update.copy_(decode(self.codec, encoded, self.numel))
+            self._encode_row(update, self._buffer("encoded", (self.bytes_per_sync,)), self.error)
+            self._decode_row(self._buffers["encoded"], update)
             return DoneHandle()
-        gathered_shape = encoded.shape if comm.replicas > 1 else (comm.size, *encoded.shape)
-        if self._gathered is None or tuple(self._gathered.shape) != tuple(gathered_shape):
-            self._gathered = torch.empty(gathered_shape, dtype=torch.uint8, device=encoded.device)
         self._in_flight = True
-        return _AverageHandle(self, comm, comm.iallgather(encoded, self._gathered), update)
-
-    def _encode(self, corrected: torch.Tensor) -> torch.Tensor:
-        """Q(Δ + e) as this rank's encoded rows (kept alive while the gather runs), and with error
-        feedback e ← (Δ + e) − Q(Δ + e), exactly what the others decode from those bytes."""
-        if self.codec != "int8":
-            encoded = encode(self.codec, corrected)
-            if self.error is not None:
-                torch.sub(corrected, decode(self.codec, encoded, self.numel), out=self.error)
-            self._encoded = encoded
-            return encoded
-        if self._encoded is None:
-            self._encoded = torch.empty(
-                (*self.shape[:-1], self.bytes_per_sync), dtype=torch.uint8, device=corrected.device
-            )
-        rows, encoded_rows = corrected.view(-1, self.numel), self._encoded.view(-1, self.bytes_per_sync)
-        errors = self.error.view(-1, self.numel) if self.error is not None else [None] * rows.shape[0]
-        for row, out, error in zip(rows, encoded_rows, errors, strict=True):
-            if error is None:
-                _encode_int8(row, out)  # the row becomes its levels: no copy needed
-                continue
-            error.copy_(row)
-            _encode_int8(error, out)  # e holds the levels q, then q·s, then (Δ + e) − q·s
-            _decode_int8(out, error)
-            torch.sub(row, error, out=error)
-        return self._encoded
+        if comm.replicas == 1 and self.two_phase(comm):
+            size = comm.size
+            width = max(encoded_bytes(self.codec, b - a) for a, b in (self.chunk(size, k) for k in range(size)))
+            chunks = self._buffer("chunks", (size, width))
+            for k in range(size):
+                a, b = self.chunk(size, k)
+                error = None if self.error is None else self.error[a:b]
+                self._encode_row(update[a:b], chunks[k, : encoded_bytes(self.codec, b - a)], error)
+            pending = comm.ialltoall(chunks, self._buffer("received", (size, width)))
+            return CompressedAverageHandle(self, comm, pending, update)
+        encoded = self._buffer("encoded", (*self.shape[:-1], self.bytes_per_sync))
+        rows = zip(update.view(-1, self.numel), encoded.view(-1, self.bytes_per_sync), self._errors(), strict=True)
+        for row, out, error in rows:
+            self._encode_row(row, out, error)
+        gathered_shape = encoded.shape if comm.replicas > 1 else (comm.size, *encoded.shape)
+        pending = comm.iallgather(encoded, self._buffer("gathered", tuple(gathered_shape)))
+        return CompressedAverageHandle(self, comm, pending, update)
 
     def average_(self, comm: Communicator, update: torch.Tensor) -> None:
         """Blocking ``iaverage_``."""
         self.iaverage_(comm, update).wait()
 
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None or tuple(buffer.shape) != shape:
+            # Zeros: a two-phase row's padding travels too, and should be the same bytes on every run.
+            buffer = self._buffers[name] = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+        return buffer
+
+    def _errors(self) -> list[torch.Tensor | None]:
+        rows = 1 if len(self.shape) == 1 else self.shape[0]
+        return [None] * rows if self.error is None else list(self.error.view(-1, self.numel))
+
+    def _average_error(self, comm: Communicator) -> torch.Tensor | None:
+        if self.error is None or not self.two_phase(comm):
+            return None
+        if self.average_error is None:
+            a, b = self.chunk(comm.size, comm.rank) if comm.replicas == 1 else (0, self.numel)
+            self.average_error = torch.zeros((*self.shape[:-1], b - a), dtype=torch.float32, device=self.device)
+        return self.average_error
+
+    def _encode_row(self, values: torch.Tensor, out: torch.Tensor, error: torch.Tensor | None) -> None:
+        """Q(values) into the bytes ``out``; with ``error``, e ← values − Q(values), exactly what the
+        others decode from those bytes. ``values`` may be overwritten (int8 leaves its levels there)."""
+        if self.codec == "int8":
+            if error is None:
+                _encode_int8(values, out)
+                return
+            error.copy_(values)
+            _encode_int8(error, out)  # e holds the levels q, then q·s, then (Δ + e) − q·s
+            _decode_int8(out, error)
+            torch.sub(values, error, out=error)
+            return
+        encoded = encode(self.codec, values)
+        out.copy_(encoded)
+        if error is not None:
+            torch.sub(values, decode(self.codec, encoded, values.numel()), out=error)
+
+    def _decode_row(self, row: torch.Tensor, out: torch.Tensor, add: bool = False) -> None:
+        """The values the bytes ``row`` encode, into (or added to) the 1-D ``out``."""
+        if self.codec == "int8":
+            _decode_int8(row, out, add)
+        elif add:
+            out.add_(decode(self.codec, row, out.numel()))
+        else:
+            out.copy_(decode(self.codec, row, out.numel()))
+
+    def _share_chunk(self, comm: Communicator, update: torch.Tensor) -> Handle:
+        """Two-phase, once the all-to-all is done: this rank's chunk summed over the ranks in rank order
+        in fp32 and divided, re-encoded (without error feedback) and gathered from every rank."""
+        received, rank, size = self._buffers["received"], comm.rank, comm.size
+        a, b = self.chunk(size, rank)
+        nbytes = encoded_bytes(self.codec, b - a)
+        average = update[a:b]  # this chunk's levels are spent: the sum goes here
+        self._decode_row(received[0, :nbytes], average)
+        for source in range(1, size):
+            self._decode_row(received[source, :nbytes], average, add=True)
+        average.div_(size)
+        average_error = self._average_error(comm)
+        if average_error is not None:
+            average.add_(average_error)  # error feedback for the re-encoding too, so nothing is lost
+        mine = self._buffer("chunk", (received.shape[1],))
+        self._encode_row(average, mine[:nbytes], average_error)
+        return comm.iallgather(mine, self._buffer("gathered", tuple(received.shape)))
+
     def _finish(self, comm: Communicator, update: torch.Tensor) -> None:
-        gathered = self._gathered
-        assert gathered is not None
         self._in_flight = False
-        if self.codec != "int8":
-            self._encoded = None
+        gathered = self._buffers["gathered"]
         if comm.replicas > 1:
             # Every worker's row is here: decode them all, and let the simulated allreduce sum each group's
-            # rows in worker order (in fp32) and divide, as the gathered rows are summed below.
+            # rows in worker order (in fp32) and divide, as the ranks' exchanges do; with three or more in
+            # a group, re-encode the average as a two-phase exchange does (chunks are whole blocks, so
+            # encoding whole rows gives the same values).
             update.copy_(decode(self.codec, gathered, self.numel))
             comm.allreduce_(update, average=True)
+            if self.two_phase(comm):
+                average_error = self._average_error(comm)
+                if average_error is not None:
+                    update.add_(average_error)
+                requantized = decode(self.codec, encode(self.codec, update), self.numel)
+                if average_error is not None:
+                    torch.sub(update, requantized, out=average_error)
+                update.copy_(requantized)
+            return
+        if self.two_phase(comm):
+            for k in range(comm.size):
+                a, b = self.chunk(comm.size, k)
+                self._decode_row(gathered[k, : encoded_bytes(self.codec, b - a)], update[a:b])
             return
         # Rank order, in float32 (int8: decoded a chunk at a time into the sum, no row in memory).
-        if self.codec == "int8":
-            _decode_int8(gathered[0], update)
-            for rank in range(1, comm.size):
-                _decode_int8(gathered[rank], update, add=True)
-        else:
-            update.copy_(decode(self.codec, gathered[0], self.numel))
-            for rank in range(1, comm.size):
-                update.add_(decode(self.codec, gathered[rank], self.numel))
+        self._decode_row(gathered[0], update)
+        for rank in range(1, comm.size):
+            self._decode_row(gathered[rank], update, add=True)
         update.div_(comm.size)
 
     def _check(self, comm: Communicator, update: torch.Tensor) -> None:
@@ -339,27 +449,40 @@ class CompressedAverager:
 
     # --- state for checkpoints ---------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """This rank's error feedback state (it differs between ranks); empty without error feedback."""
-        return {} if self.error is None else {"error": self.error}
+        """This rank's error feedback state (it differs between ranks): its update's error and, in a
+        two-phase exchange, the error of the chunk of the average it re-encodes; empty without."""
+        state = {} if self.error is None else {"error": self.error}
+        if self.average_error is not None:
+            state["average_error"] = self.average_error
+        return state
 
     def load_state_tensors(self, saved: dict[str, torch.Tensor]) -> None:
         """Restore ``state_tensors``; an absent error (a run saved without error feedback) starts at zero."""
-        if self.error is None:
-            return
-        if "error" in saved:
-            self.error.copy_(saved["error"].reshape(self.shape))
-        else:
-            self.error.zero_()
+        for name, live in self.state_tensors().items():
+            if name in saved:
+                live.copy_(saved[name].reshape(live.shape))
+            else:
+                live.zero_()
 
     def memory_bytes(self, size: int) -> int:
-        """Bytes this averager holds over ``size`` ranks: the fp32 error (if any), its encoded rows and
-        the gathered rows of every rank (on a rank; the simulated backend gathers in place of its
-        encoded rows), kept from the first sync on for reuse. The update being averaged is the working
-        space of the encoding; int8 decodes a chunk of 256 Ki elements at a time (bf16 and fp16 decode
-        a transient fp32 row)."""
+        """Bytes this averager holds over ``size`` ranks: the fp32 error (if any) and its staging, kept
+        from the first sync on for reuse: gathered (m ≤ 2, and the simulated backend) its encoded rows
+        and the gathered rows of every rank (a simulation gathers in place of its encoded rows);
+        two-phase (m ≥ 3) its m chunks, the m it receives, its re-encoded chunk and the m gathered. The
+        update being averaged is the encoding's working space; int8 decodes a chunk of 256 Ki elements
+        at a time (bf16 and fp16 decode a transient fp32 row or chunk). With error feedback, a
+        two-phase exchange also keeps the error of re-encoding (the longest chunk's counted; a
+        simulation's whole rows)."""
         rows = self.shape[0] if len(self.shape) == 2 else 1
         error = 4 * self.numel * rows if self.error is not None else 0
         if self.codec == "none" or size == 1:
             return error
+        chunks = [self.chunk(size, k) for k in range(size)]
+        if rows == 1 and size >= 3:
+            width = max(encoded_bytes(self.codec, b - a) for a, b in chunks)
+            # the fp32 error of the chunk it re-encodes: the longest (rank 0's) counted
+            average_error = 4 * max(b - a for a, b in chunks) if self.error is not None else 0
+            return error + (3 * size + 1) * width + average_error
         gathered_rows = rows if rows > 1 else size
-        return error + self.bytes_per_sync * (rows + gathered_rows)
+        average_error = 4 * self.numel * rows if self.error is not None and rows > 1 and size >= 3 else 0
+        return error + self.bytes_per_sync * (rows + gathered_rows) + average_error

@@ -349,7 +349,11 @@ class AveragingEngine:
     # --- state for checkpoints -------------------------------------------------------------------
     def rank_state(self) -> dict[str, torch.Tensor]:
         """What may differ between ranks: live views of parameters, BN statistics and momentum buffers,
-        and fp16's loss-scaler state (a snapshot)."""
+        fp16's loss-scaler state (a snapshot) and error feedback. Averages in flight are settled first
+        (a collective: call it at the same point on every rank), since settling a two-phase average
+        moves its error state."""
+        if self.streaming is not None:
+            self.streaming.settle()
         return {
             **{
                 f"flat{index}.{kind}": group.flat[..., start:end]

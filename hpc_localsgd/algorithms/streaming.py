@@ -40,7 +40,7 @@ import torch
 from ..comm.base import Communicator, Handle
 from ..config.schema import AlgorithmConfig, SyncCompression
 from .accounting import GLOBAL, CommStats
-from .compression import CompressedAverager
+from .compression import CompressedAverageHandle, CompressedAverager
 from .drift import first_row
 from .flat import MOMENTUM, PARAMS, FlatGroup, contiguous_part
 from .hierarchy import WORKER
@@ -108,7 +108,9 @@ class StreamingSync:
         self.averagers = [
             [
                 [
-                    CompressedAverager(compression, (*g.flat.shape[:-1], e - s), error_feedback, g.flat.device)
+                    CompressedAverager(
+                        compression, (*g.flat.shape[:-1], e - s), error_feedback, g.flat.device, self.between
+                    )
                     for s, e in group_shards
                 ]
                 for g, group_shards in zip(groups, fragment_shards, strict=True)
@@ -167,6 +169,12 @@ class StreamingSync:
         """Start the averages due to start after ``completed`` steps, then apply those due now. Returns
         whether a fragment was synced (every rank's copy of it is then x_g, or the mix) and whether an
         outer optimizer stepped."""
+        # Two-phase compressed averages started at an earlier step go on to their second phase here, at
+        # the same point on every rank, so that it travels behind the next steps as the first did.
+        for fragment in sorted(self.in_flight):
+            for handle in self.in_flight[fragment].handles:
+                if isinstance(handle, CompressedAverageHandle):
+                    handle.advance()
         for fragment in range(self.fragments):
             if self.syncs_after(fragment, completed + self.delay):
                 self._start(fragment, completed + self.delay, anchors)
@@ -291,13 +299,14 @@ class StreamingSync:
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         """Live views of each rank's error-feedback state, per fragment and group (and shard, where a
-        simulation holds a worker's every shard)."""
+        simulation holds a worker's every shard): its update's error, and among three or more workers
+        the error of the chunk of the average it re-encodes (``.average_error``)."""
         return {
-            f"error{f}.{g}" + (f".{k}" if len(shards) > 1 else ""): averager.error
+            f"error{f}.{g}" + (f".{k}" if len(shards) > 1 else "") + ("" if name == "error" else f".{name}"): tensor
             for f, row in enumerate(self.averagers)
             for g, shards in enumerate(row)
             for k, averager in enumerate(shards)
-            if averager.error is not None
+            for name, tensor in averager.state_tensors().items()
         }
 
     def shared_state(self) -> dict[str, torch.Tensor]:

@@ -38,3 +38,17 @@ def check_gather(buffer: torch.Tensor, output: torch.Tensor, size: int) -> None:
             f"{wanted} {buffer.dtype} output on {buffer.device}; got {tuple(output.shape)} {output.dtype} "
             f"on {output.device}"
         )
+
+
+def check_alltoall(buffer: torch.Tensor, output: torch.Tensor, size: int) -> None:
+    """An all-to-all sends row r of ``buffer`` to rank r and receives rank r's row into ``output[r]``: both
+    contiguous, ``size`` rows, the same shape, dtype and device."""
+    check_buffer(buffer)
+    check_buffer(output)
+    if buffer.dim() < 1 or buffer.shape[0] != size:
+        raise ValueError(f"an all-to-all over {size} ranks sends one row per rank; got shape {tuple(buffer.shape)}")
+    if output.shape != buffer.shape or output.dtype != buffer.dtype or output.device != buffer.device:
+        raise ValueError(
+            f"an all-to-all of {tuple(buffer.shape)} {buffer.dtype} rows needs an output alike; got "
+            f"{tuple(output.shape)} {output.dtype} on {output.device}"
+        )

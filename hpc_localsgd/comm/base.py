@@ -1,7 +1,7 @@
 """The communicator interface: everything the algorithms need from a backend, and no more.
 
 Backends (``single``, ``mpi``, ``horovod``, ``torch``, ``threads``, ``simulated``) each live in one
-file and implement the five primitives below on *contiguous* tensors, plus ``split`` into groups of
+file and implement the primitives below on *contiguous* tensors, plus ``split`` into groups of
 consecutive ranks (a worker of several ranks, a node) and ``split_across`` them (the ranks at one position
 in every group, to average a worker's model between workers one shard per rank). Nothing above this
 package imports horovod, mpi4py or torch.distributed.
@@ -91,6 +91,15 @@ class Communicator(abc.ABC):
         the one process, so ``output`` has the buffer's shape and receives a copy of it (``size`` rows of
         each group sit along the rows as for its allreduce).
         """
+
+    def ialltoall(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        """Start an all-to-all of raw rows: row r of ``buffer`` goes to rank r, and after ``wait``
+        ``output[r]`` holds rank r's row for this rank, bit for bit (no arithmetic, so any dtype travels).
+
+        ``buffer`` and ``output`` are contiguous, of the same shape ``(size, ...)``, dtype and device, and
+        untouched until ``wait`` returns; started in the same order on every rank. The simulated backend
+        has no all-to-all: its averages see every worker's rows in one process (compression.py)."""
+        raise NotImplementedError(f"the {self.name} backend has no all-to-all")
 
     @abc.abstractmethod
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:

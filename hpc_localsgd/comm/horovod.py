@@ -18,7 +18,7 @@ import torch
 
 from ..errors import BackendUnavailable, one_line
 from ..launcher.env import WorldLayout
-from ._buffers import check_buffer, check_gather, divide_by_size_
+from ._buffers import check_alltoall, check_buffer, check_gather, divide_by_size_
 from .base import (
     Communicator,
     Handle,
@@ -98,7 +98,8 @@ class _HorovodHandle(Handle):
 
 
 class _HorovodGatherHandle(Handle):
-    """A Horovod allgather in flight; Horovod returns a new tensor, copied into the output in ``wait``."""
+    """A Horovod allgather or all-to-all in flight; Horovod returns a new tensor, copied into the output in
+    ``wait``."""
 
     def __init__(self, hvd: Any, hvd_handle: int, output: torch.Tensor, release_name: Callable[[], None]) -> None:
         self._hvd = hvd
@@ -110,6 +111,8 @@ class _HorovodGatherHandle(Handle):
         if self._hvd_handle is None:
             return
         gathered = self._hvd.synchronize(self._hvd_handle)
+        if isinstance(gathered, tuple):  # an all-to-all also returns the received splits
+            gathered = gathered[0]
         self._hvd_handle = None
         self._release_name()
         self._output.reshape(-1).view(torch.uint8).view(gathered.shape).copy_(gathered)
@@ -259,6 +262,20 @@ class HorovodCommunicator(Communicator):
         name, release_name = self._names.take("allgather", row, "gather")
         try:
             hvd_handle = self._hvd.allgather_async(row, name=name, process_set=self._process_set)
+        except BaseException:
+            release_name()
+            raise
+        return _HorovodGatherHandle(self._hvd, hvd_handle, output, release_name)
+
+    def ialltoall(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        check_alltoall(buffer, output, self.size)
+        # Raw bytes, one row per rank (Horovod splits the first dimension evenly without ``splits``).
+        rows = buffer.reshape(self.size, -1).view(torch.uint8)
+        if rows.device.type == "cuda" and not self._nccl:
+            rows = rows.cpu()  # staged through the host, as allreduce is
+        name, release_name = self._names.take("alltoall", rows, "alltoall")
+        try:
+            hvd_handle = self._hvd.alltoall_async(rows, name=name, process_set=self._process_set)
         except BaseException:
             release_name()
             raise

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..launcher.env import WorldLayout
-from ._buffers import check_buffer, check_gather, divide_by_size_
+from ._buffers import check_alltoall, check_buffer, check_gather, divide_by_size_
 from .base import Communicator, Handle, across_layout, group_layout
 from .single import SingleCommunicator
 
@@ -287,6 +287,18 @@ class MPICommunicator(Communicator):
             pending: Any = self._thread.submit(self._thread_comm.Allgather, *arrays)
         else:
             pending = self._comm.Iallgather(*arrays)
+        return _GatherHandle(pending, output, staged, arrays)
+
+    def ialltoall(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        check_alltoall(buffer, output, self.size)
+        # Raw bytes, as the allgather: row r of the send buffer is the r-th equal share MPI sends to rank r.
+        send = buffer if buffer.device.type == "cpu" else buffer.cpu()
+        staged = output if output.device.type == "cpu" else torch.empty_like(output, device="cpu")
+        arrays = (_byte_view(send), _byte_view(staged))
+        if self._thread is not None:
+            pending: Any = self._thread.submit(self._thread_comm.Alltoall, *arrays)
+        else:
+            pending = self._comm.Ialltoall(*arrays)
         return _GatherHandle(pending, output, staged, arrays)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..launcher.env import WorldLayout
-from ._buffers import check_buffer, check_gather
+from ._buffers import check_alltoall, check_buffer, check_gather
 from .base import Communicator, DoneHandle, Handle
 
 SINGLE_PROCESS_LAYOUT = WorldLayout(rank=0, size=1, local_rank=0, local_size=1, node_rank=0, num_nodes=1)
@@ -31,6 +31,11 @@ class SingleCommunicator(Communicator):
     def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
         check_gather(buffer, output, 1)
         output[0].copy_(buffer)
+        return DoneHandle()
+
+    def ialltoall(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        check_alltoall(buffer, output, 1)
+        output.copy_(buffer)
         return DoneHandle()
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import torch
 
-from ._buffers import check_buffer, check_gather, divide_by_size_
+from ._buffers import check_alltoall, check_buffer, check_gather, divide_by_size_
 from .base import Communicator, DoneHandle, Handle, group_layout
 
 T = TypeVar("T")
@@ -38,9 +38,9 @@ _ACCUMULATION_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.floa
 class _Contribution:
     """What one rank brought to a collective round."""
 
-    kind: str  # "allreduce", "allgather", "broadcast", "barrier", "split" or "split_across"
+    kind: str  # "allreduce", "allgather", "alltoall", "broadcast", "barrier", "split" or "split_across"
     buffer: torch.Tensor | None = None
-    output: torch.Tensor | None = None  # where the result goes, when not into ``buffer`` (allgather)
+    output: torch.Tensor | None = None  # where the result goes, when not into ``buffer`` (allgather, alltoall)
     average: bool = False
     root: int = 0
     ranks: int = 0  # the group size, for "split" and "split_across"
@@ -113,7 +113,8 @@ class ThreadGroup:
         self._round.wait()
         destination = contribution.buffer if contribution.output is None else contribution.output
         if destination is not None and self._combined is not None:
-            destination.copy_(self._combined)
+            # An all-to-all's combined value holds every rank's rows: this rank takes column ``rank``.
+            destination.copy_(self._combined[:, rank] if contribution.kind == "alltoall" else self._combined)
 
     def _combine(self) -> None:
         """The barrier's action: runs once per round, while every thread is waiting."""
@@ -134,7 +135,7 @@ class ThreadGroup:
             if first.average:
                 divide_by_size_(total, self.size)
             self._combined = total
-        elif first.kind == "allgather":
+        elif first.kind in ("allgather", "alltoall"):
             # Rank order: row r is rank r's buffer.
             self._combined = torch.stack([c.buffer for c in contributions if c.buffer is not None])
         elif first.kind == "broadcast":
@@ -172,6 +173,11 @@ class ThreadCommunicator(Communicator):
     def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
         check_gather(buffer, output, self.size)
         self._group._collective(self.rank, _Contribution("allgather", buffer, output=output))
+        return DoneHandle()
+
+    def ialltoall(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        check_alltoall(buffer, output, self.size)
+        self._group._collective(self.rank, _Contribution("alltoall", buffer, output=output))
         return DoneHandle()
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..errors import BackendUnavailable, LauncherMismatch, one_line
 from ..launcher.env import WorldLayout
-from ._buffers import check_buffer, check_gather, divide_by_size_
+from ._buffers import check_alltoall, check_buffer, check_gather, divide_by_size_
 from .base import Communicator, Handle, Partition, across_layout, group_layout, partition_across, partition_into
 from .single import SingleCommunicator
 
@@ -191,6 +191,17 @@ class TorchDistributedCommunicator(Communicator):
         work = gather(
             output.view(torch.uint8).reshape(-1),
             buffer.reshape(-1).view(torch.uint8),
+            group=self._process_group,
+            async_op=True,
+        )
+        return _WorkHandle(work, output, 1)
+
+    def ialltoall(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        check_alltoall(buffer, output, self.size)
+        # Raw bytes: all_to_all_single splits the first dimension evenly, one row per rank.
+        work = dist.all_to_all_single(
+            output.view(torch.uint8).reshape(self.size, -1),
+            buffer.view(torch.uint8).reshape(self.size, -1),
             group=self._process_group,
             async_op=True,
         )

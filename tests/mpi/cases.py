@@ -100,7 +100,8 @@ HIERARCHY_CASES: dict[str, list[str]] = {
         "algorithm.levels=[{ranks: 2, sync_period: 2}]",
     ],
     "workers_node_H3": ["algorithm.method=local_sgd", "algorithm.sync_period=3", "algorithm.ranks_per_worker=node"],
-    # Compression and overlap between workers (rank j of each worker averages shard j), and under a level.
+    # Compression and overlap between workers (rank j of each worker averages shard j), and under a level
+    # (there among all 4 ranks: the two-phase exchange, its second phase started a step after the first).
     "workers2_int8_delay1_slowmo_H4": [
         "algorithm.method=local_sgd",
         "algorithm.sync_period=4",
@@ -110,10 +111,11 @@ HIERARCHY_CASES: dict[str, list[str]] = {
         "algorithm.ranks_per_worker=2",
         "comm.sync_compression=int8",
     ],
-    "level2_bf16_fragments2_H4": [
+    "level2_bf16_fragments2_delay1_H4": [
         "algorithm.method=local_sgd",
         "algorithm.sync_period=4",
         "algorithm.fragments=2",
+        "algorithm.sync_delay=1",
         "algorithm.levels=[{ranks: 2, sync_period: 2}]",
         "comm.sync_compression=bf16",
     ],

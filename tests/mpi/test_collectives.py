@@ -53,6 +53,14 @@ def test_compressed_average_agrees_with_the_reference_on_every_rank(backend: str
     assert_every_rank_ok(done, backend)
 
 
+@pytest.mark.parametrize("backend", ["mpi", "torch", "horovod"])
+def test_two_phase_compressed_average_on_four_ranks(backend: str) -> None:
+    # Among 4 ranks a compressed average is two-phase: an all-to-all of encoded chunks, each rank's chunk
+    # summed in fp32 and re-encoded (with its own error feedback), an allgather. Bit for bit the reference.
+    done = run_mpi(4, ["python", DRIVER, "--backend", backend, "--compression"], timeout=180, env=WITHOUT_MASTER)
+    assert_every_rank_ok(done, backend, ranks=4)
+
+
 def test_compressed_average_on_mpi_without_thread_multiple() -> None:
     # No communication thread: the allgather is an Iallgather request.
     done = run_mpi(

@@ -28,7 +28,7 @@ RANKS_PER_WORKER = {
     "level2_nesterov_H4": 1,
     "workers_node_H3": 4,
     "workers2_int8_delay1_slowmo_H4": 2,
-    "level2_bf16_fragments2_H4": 1,
+    "level2_bf16_fragments2_delay1_H4": 1,
 }
 
 
@@ -103,7 +103,7 @@ def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None
             },
             # Fragment 1 after 2, 6, 10, fragment 0 (with the BN statistics) after 4, 8, 12, each in bf16;
             # the level (groups of 2, fp32 parameters and BN statistics) after 2, 6, 10 as well.
-            "level2_bf16_fragments2_H4": {"level1": (3, 3 * span), "global": (6, 3 * (grad // 2) + 3 * bn)},
+            "level2_bf16_fragments2_delay1_H4": {"level1": (3, 3 * span), "global": (6, 3 * (grad // 2) + 3 * bn)},
         }
         for case, levels in expected.items():
             got = {
@@ -117,7 +117,12 @@ def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None
 
 
 def test_the_simulated_backend_reproduces_a_hierarchical_run(runs: dict[str, Path], tmp_path: Path) -> None:
-    for case in ("workers2_post_local_slowmo", "level2_nesterov_H4", "workers2_int8_delay1_slowmo_H4"):
+    for case in (
+        "workers2_post_local_slowmo",
+        "level2_nesterov_H4",
+        "workers2_int8_delay1_slowmo_H4",
+        "level2_bf16_fragments2_delay1_H4",  # among 4: the two-phase exchange
+    ):
         overrides = BASE + HIERARCHY_CASES[case]
         cfg = load_config(
             None,

@@ -91,10 +91,14 @@ def test_compression_ratios() -> None:
 
 
 def test_link_bytes() -> None:
-    # Ring allreduce of fp32: 2(m−1)/m of the buffer; allgather of the encoded update: (m−1)× it.
+    # Ring allreduce of fp32: 2(m−1)/m of the buffer; allgather of the encoded update between 2: (m−1)× it;
+    # two-phase among m ≥ 3: (m−1) chunk rows out in the all-to-all and (m−1) in the allgather.
     assert link_bytes("none", 1000, 4) == 1.5 * 4000
-    assert link_bytes("bf16", 1000, 4) == 3 * 2000
     assert link_bytes("int8", 1024, 2) == 1024 + 16
+    assert link_bytes("bf16", 1000, 4) == 2 * 3 * 2 * 256  # chunks of one block, the longest 256
+    assert link_bytes("int8", 25_600_000, 64) == 2 * 63 * (1563 * 256 + 4 * 1563)  # ⌈100000 / 64⌉ blocks a chunk
+    ratio = link_bytes("int8", 25_600_000, 64) / link_bytes("none", 25_600_000, 64)
+    assert ratio == pytest.approx(0.254, abs=0.003)  # int8's saving holds at 64 ranks
 
 
 def test_unknown_codec_and_wrong_updates_are_refused() -> None:
@@ -136,6 +140,31 @@ def test_allgather_refuses_a_wrong_output() -> None:
         SingleCommunicator().iallgather(torch.zeros(4), torch.zeros(2, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_threads_alltoall_sends_row_r_to_rank_r(dtype: torch.dtype) -> None:
+    def exchange(comm: ThreadCommunicator) -> torch.Tensor:
+        rows = torch.stack([torch.full((2, 3), 10 * comm.rank + to, dtype=dtype) for to in range(comm.size)])
+        output = torch.empty_like(rows)
+        comm.ialltoall(rows, output).wait()
+        return output
+
+    for rank, output in enumerate(ThreadGroup(RANKS).run(exchange)):
+        expected = torch.stack([torch.full((2, 3), 10 * source + rank, dtype=dtype) for source in range(RANKS)])
+        assert torch.equal(output, expected), rank
+
+
+def test_alltoall_on_one_rank_refusals_and_the_simulated_backend() -> None:
+    output = torch.empty(1, 3)
+    SingleCommunicator().ialltoall(torch.tensor([[1.0, 2.0, 3.0]]), output).wait()
+    assert output.tolist() == [[1.0, 2.0, 3.0]]
+    with pytest.raises(ValueError, match="sends one row per rank"):
+        SingleCommunicator().ialltoall(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="needs an output alike"):
+        SingleCommunicator().ialltoall(torch.zeros(1, 3), torch.zeros(1, 4))
+    with pytest.raises(NotImplementedError, match="simulated backend has no all-to-all"):
+        SimulatedCommunicator(4).ialltoall(torch.zeros(4, 2), torch.zeros(4, 2))
+
+
 def test_single_and_simulated_allgathers() -> None:
     output = torch.empty(1, 3)
     SingleCommunicator().iallgather(torch.tensor([1.0, 2.0, 3.0]), output).wait()
@@ -171,8 +200,9 @@ def test_every_rank_gets_the_reference_average_bit_for_bit(codec: str, feedback:
     per_rank = thread_averages(codec, feedback, syncs=3)
     updates = [rank_update(rank, NUMEL) for rank in range(RANKS)]
     errors = [np.zeros(NUMEL, dtype=np.float32)] * RANKS if feedback else None
+    average_error = None
     for sync in range(3):
-        expected, errors = compressed_average(codec, updates, errors)
+        expected, errors, average_error = compressed_average(codec, updates, errors, average_error)
         for rank in range(RANKS):
             assert torch.equal(per_rank[rank][sync], torch.from_numpy(expected)), (rank, sync)
     # Deterministic: a second run gives the very same bits.
@@ -199,7 +229,7 @@ def test_int8_across_its_working_chunks_matches_the_reference_bit_for_bit(feedba
     got = ThreadGroup(2).run(run)
     errors = [np.zeros(numel, dtype=np.float32)] * 2 if feedback else None
     for sync in range(2):
-        expected, errors = compressed_average("int8", updates, errors)
+        expected, errors, _ = compressed_average("int8", updates, errors)
         for rank in range(2):
             assert torch.equal(got[rank][0][sync], torch.from_numpy(expected)), (rank, sync)
     for rank in range(2):
@@ -229,7 +259,7 @@ def test_simulated_groups_average_within_each_group(codec: str) -> None:
     stacked = torch.from_numpy(np.stack(updates))
     averager.average_(pairs, stacked)
     for first in (0, 2):
-        expected, _ = compressed_average(codec, updates[first : first + 2], [np.zeros(NUMEL, np.float32)] * 2)
+        expected, _, _ = compressed_average(codec, updates[first : first + 2], [np.zeros(NUMEL, np.float32)] * 2)
         assert torch.equal(stacked[first], torch.from_numpy(expected))
         assert torch.equal(stacked[first + 1], torch.from_numpy(expected))
 
@@ -295,10 +325,31 @@ def test_error_state_round_trips_through_a_checkpoint() -> None:
     assert CompressedAverager("bf16", (NUMEL,), False).state_tensors() == {}
 
 
-def test_memory_is_counted_exactly() -> None:
-    averager = CompressedAverager("int8", (1000,), True)
-    # fp32 error, this rank's encoded row and the 4 gathered rows.
-    assert averager.memory_bytes(4) == 4 * 1000 + 5 * encoded_bytes("int8", 1000)
+def held_bytes(averager: CompressedAverager) -> int:
+    """What an averager really holds: its staging buffers and its error-feedback state."""
+    tensors = [*averager._buffers.values(), *averager.state_tensors().values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_memory_is_counted_exactly(ranks: int) -> None:
+    """After a sync: gathered (2 ranks) the error, its encoded row and every rank's; two-phase (4) the
+    error, 3·4 + 1 chunk rows and the re-encoding's error of a chunk (rank 0's, the longest: counted)."""
+
+    def run(comm: ThreadCommunicator) -> tuple[int, int]:
+        averager = CompressedAverager("int8", (1000,), True)
+        averager.average_(comm, torch.from_numpy(rank_update(comm.rank, 1000)))
+        return held_bytes(averager), averager.memory_bytes(ranks)
+
+    held = ThreadGroup(ranks).run(run)
+    assert held[0][0] == held[0][1]
+    assert all(mine <= counted for mine, counted in held)
+    if ranks == 2:
+        assert held[0][1] == 4 * 1000 + 3 * encoded_bytes("int8", 1000)
+    else:  # chunks of one block (the last 232 elements): rows of 260 bytes, rank 0's error of 256 elements
+        assert held[0][1] == 4 * 1000 + 13 * encoded_bytes("int8", 256) + 4 * 256
     assert CompressedAverager("none", (1000,), False).memory_bytes(4) == 0
     simulated = CompressedAverager("bf16", (8, 1000), True)
-    assert simulated.memory_bytes(8) == 8 * 4 * 1000 + 16 * 2000
+    simulated.average_(SimulatedCommunicator(8), torch.from_numpy(np.stack([rank_update(r, 1000) for r in range(8)])))
+    # 8 workers' errors, encoded rows and gathered rows, and (two-phase among 8) the re-encoding's errors.
+    assert simulated.memory_bytes(8) == held_bytes(simulated) == 8 * 4 * 1000 + 16 * 2000 + 8 * 4 * 1000
