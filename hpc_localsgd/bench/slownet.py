@@ -57,6 +57,10 @@ class SlowNetworkUnavailable(UserError):
     """The emulated network cannot be set up here (not root, no ``ip``/``tc``, namespaces refused)."""
 
 
+# What the ranks of an emulated network find in their environment: the link's rate, as tc writes it.
+EMULATED_LINK_VARIABLE = "HPC_LOCALSGD_EMULATED_LINK"
+
+
 @dataclass(frozen=True)
 class SlowNetwork:
     """The namespaces of a running emulated network, one per rank, and how to launch ranks in them."""
@@ -89,6 +93,8 @@ class SlowNetwork:
             "oob_tcp_if_include",
             SUBNET,
             *[item for name in ("PYTHONPATH", *export) for item in ("-x", name)],
+            "-x",
+            f"{EMULATED_LINK_VARIABLE}={self.rate}",  # the benchmark projects the same link beside its measurement
             *argv,
         ]
         script = f"source {shlex.quote(str(MPI_ENV_SCRIPT))} && exec {shlex.join(mpirun)}"

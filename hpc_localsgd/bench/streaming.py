@@ -10,13 +10,16 @@ Run it where the network is slow, for example the emulated 1 Gb/s link of ``benc
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..algorithms.compression import encoded_bytes
+from ..algorithms.compression import encoded_bytes, link_bytes
+from ..algorithms.network import Interconnect, ring_allreduce_seconds
 from ..config.schema import SyncCompression
 from .phases import BenchContext, _interleaved_windows, _Measured, _rate, _Window
+from .slownet import EMULATED_LINK_VARIABLE
 from .stats import Figure, Target, slowest
 from .workload import EngineLoop
 
@@ -59,6 +62,58 @@ VARIANTS = (
     SyncVariant("h2_int8_delay1", 2, 1, compression="int8", target=COMPRESSED_TARGET),
     SyncVariant("h4_int8_delay3", 4, 3, compression="int8"),
 )
+
+
+_TC_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
+TCP_LATENCY_SECONDS = 30e-6  # per message, as the projection's 10 Gb/s Ethernet (TCP)
+
+
+def emulated_link(rate: str) -> Interconnect:
+    """The α–β model of an emulated link of ``rate`` (tc's notation, e.g. "1gbit") each way."""
+    for unit, scale in _TC_UNITS.items():
+        if rate.endswith(unit) and rate[: -len(unit)].replace(".", "", 1).isdigit():
+            return Interconnect(f"emulated {rate}", TCP_LATENCY_SECONDS, float(rate[: -len(unit)]) * scale / 8)
+    raise ValueError(f"{EMULATED_LINK_VARIABLE}: not a tc rate such as 1gbit or 100mbit: {rate!r}")
+
+
+@dataclass(frozen=True)
+class SyncTraffic:
+    """What one sync of each fragment puts on the link: the elements of its update and, with fragment 0,
+    the fp32 bytes of what travels uncompressed beside it (BN statistics)."""
+
+    fragment_elements: tuple[int, ...]
+    rest_bytes: int
+
+
+def projected_efficiency(
+    variant: SyncVariant, traffic: SyncTraffic, ranks: int, step_seconds: float, link: Interconnect
+) -> float:
+    """The α–β projection of ``variant``'s efficiency: compute time per step over compute plus the sync
+    time it cannot hide. A fragment's sync costs its exchange's bytes through the link (``link_bytes``:
+    the fp32 ring allreduce, or the compressed exchange) over β plus 2(m − 1) latencies; a delay of τ
+    hides up to τ steps of compute. The CPU that communication takes from compute is not modelled: the
+    gap between this and the measurement is that cost."""
+    if ranks <= 1:
+        return 1.0
+    exposed = 0.0
+    for fragment, elements in enumerate(traffic.fragment_elements):
+        seconds = link_bytes(variant.compression, elements, ranks) / link.beta_bytes_per_second
+        seconds += 2 * (ranks - 1) * link.alpha_seconds
+        if fragment == 0 and traffic.rest_bytes:
+            seconds += ring_allreduce_seconds(traffic.rest_bytes, ranks, link)
+        exposed += max(0.0, seconds - variant.sync_delay * step_seconds)
+    return step_seconds / (step_seconds + exposed / variant.sync_period)
+
+
+def sync_traffic(engine: object, fragments: int, numel: int, span_bytes: int) -> SyncTraffic:
+    """Each fragment's elements and the rest's bytes, from a streaming engine's layout, or for a plain
+    sync the whole span (parameters and BN statistics) as one fp32 allreduce."""
+    streaming = getattr(engine, "streaming", None)
+    if streaming is None:
+        return SyncTraffic((span_bytes // 4,), 0)
+    elements = tuple(sum(b - a for a, b in ranges) for ranges in streaming.ranges)
+    assert len(elements) == fragments and sum(elements) == numel
+    return SyncTraffic(elements, streaming.rest_bytes)
 
 
 def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
@@ -120,6 +175,24 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
             ),
         )
     numel = sum(p.numel() for p in loops["h1"].model.parameters())
+    link_rate = os.environ.get(EMULATED_LINK_VARIABLE)
+    if link_rate:
+        link = emulated_link(link_rate)
+        step_seconds = ctx.comm.size * options.batch / bare_rate
+        for variant in VARIANTS:
+            engine = loops[variant.name].engine
+            traffic = sync_traffic(engine, variant.fragments, numel, engine.span_bytes)
+            ctx.add(
+                Figure(
+                    f"streaming.{variant.name}.projected_efficiency",
+                    "streaming",
+                    f"{variant.describe()}: α–β projection on the {link.name} link (a projection, not a "
+                    "measurement; the CPU communication takes is not in it)",
+                    "ratio",
+                    [projected_efficiency(variant, traffic, ctx.comm.size, step_seconds, link)],
+                    exact=True,
+                )
+            )
     for codec, target in (("bf16", HALF_BYTES_TARGET), ("fp16", HALF_BYTES_TARGET), ("int8", INT8_BYTES_TARGET)):
         ctx.add(
             Figure(

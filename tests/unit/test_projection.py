@@ -84,3 +84,39 @@ def test_projection_carries_the_two_fabrics_and_prints_them_labelled() -> None:
     text = format_projection(projection)
     assert text.count(LABEL.upper()) == 2
     assert "32×8" in text and "local SGD H=2, node workers" in text and "local SGD H=2, GPU workers" in text
+
+
+# --- the streaming phase's projection beside its measurement on an emulated link --------------------
+def test_emulated_link_reads_tc_rates() -> None:
+    from hpc_localsgd.bench.streaming import emulated_link
+
+    assert emulated_link("1gbit").beta_bytes_per_second == 1.25e8
+    assert emulated_link("100mbit").beta_bytes_per_second == 1.25e7
+    assert emulated_link("2.5gbit").alpha_seconds == 30e-6
+    with pytest.raises(ValueError, match="not a tc rate such as 1gbit"):
+        emulated_link("fast")
+
+
+def test_streaming_projection_worked_by_hand() -> None:
+    from hpc_localsgd.bench.streaming import SyncTraffic, SyncVariant, emulated_link, projected_efficiency
+
+    link, n = emulated_link("1gbit"), 1_000_000
+    traffic = SyncTraffic((n,), 0)
+    # fp32 between 2 ranks: a ring allreduce moves 4n bytes through the link, plus 2 latencies; every 4 steps.
+    sync = 4 * n / 1.25e8 + 2 * 30e-6
+    assert projected_efficiency(SyncVariant("h4", 4), traffic, 2, 1.0, link) == pytest.approx(1 / (1 + sync / 4))
+    # Overlapped by a step of 1 s, the 0.032 s sync is hidden entirely; by a step of 0.01 s, all but 0.01 s.
+    assert projected_efficiency(SyncVariant("d", 4, 1), traffic, 2, 1.0, link) == 1.0
+    short = projected_efficiency(SyncVariant("d", 4, 1), traffic, 2, 0.01, link)
+    assert short == pytest.approx(0.01 / (0.01 + (sync - 0.01) / 4))
+    # int8 between 2: the allgather of n bytes and 4 per block of 256 (3907 blocks).
+    int8 = (n + 4 * 3907) / 1.25e8 + 2 * 30e-6
+    got = projected_efficiency(SyncVariant("q", 1, compression="int8"), traffic, 2, 1.0, link)
+    assert got == pytest.approx(1 / (1 + int8))
+    # Two fragments of n/2, each synced once per H = 4 with the BN statistics (1000 bytes) beside fragment 0.
+    halves = SyncTraffic((n // 2, n // 2), 1000)
+    fragment = 2 * n / 1.25e8 + 2 * 30e-6
+    rest = 1000 / 1.25e8 + 2 * 30e-6
+    got = projected_efficiency(SyncVariant("f", 4, 0, 2), halves, 2, 1.0, link)
+    assert got == pytest.approx(1 / (1 + (2 * fragment + rest) / 4))
+    assert projected_efficiency(SyncVariant("one", 4), traffic, 1, 1.0, link) == 1.0
