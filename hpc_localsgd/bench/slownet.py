@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError, one_line
+from .streaming import EMULATED_LINK_VARIABLE
 
 SUBNET = "10.213.0.0/24"
 MPI_ENV_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mpi-env.sh"
@@ -55,10 +56,6 @@ exec ip netns exec "$ns" sh -c "$*"
 
 class SlowNetworkUnavailable(UserError):
     """The emulated network cannot be set up here (not root, no ``ip``/``tc``, namespaces refused)."""
-
-
-# What the ranks of an emulated network find in their environment: the link's rate, as tc writes it.
-EMULATED_LINK_VARIABLE = "HPC_LOCALSGD_EMULATED_LINK"
 
 
 @dataclass(frozen=True)

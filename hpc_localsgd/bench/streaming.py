@@ -19,7 +19,6 @@ from ..algorithms.compression import encoded_bytes, link_bytes
 from ..algorithms.network import Interconnect, ring_allreduce_seconds
 from ..config.schema import SyncCompression
 from .phases import BenchContext, _interleaved_windows, _Measured, _rate, _Window
-from .slownet import EMULATED_LINK_VARIABLE
 from .stats import Figure, Target, slowest
 from .workload import EngineLoop
 
@@ -64,6 +63,9 @@ VARIANTS = (
 )
 
 
+# What the ranks of an emulated network (bench/slownet.py) find in their environment: the link's rate,
+# as tc writes it.
+EMULATED_LINK_VARIABLE = "HPC_LOCALSGD_EMULATED_LINK"
 _TC_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
 TCP_LATENCY_SECONDS = 30e-6  # per message, as the projection's 10 Gb/s Ethernet (TCP)
 
