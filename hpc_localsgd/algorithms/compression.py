@@ -313,9 +313,10 @@ class CompressedAverager:
             update.add_(self.error)  # Δ + e, in place: ``update`` is consumed
         if self.codec == "none":
             return comm.iallreduce_(update, average=True) if comm.size > 1 else DoneHandle()
-        if comm.size == 1:
-            self._encode_row(update, self._buffer("encoded", (self.bytes_per_sync,)), self.error)
-            self._decode_row(self._buffers["encoded"], update)
+        if comm.size == 1:  # Q(Δ + e) itself, row by row (a simulation's one-worker groups too)
+            encoded = self._encode_rows(update)
+            for row, out in zip(encoded.view(-1, self.bytes_per_sync), update.view(-1, self.numel), strict=True):
+                self._decode_row(row, out)
             return DoneHandle()
         self._in_flight = True
         if comm.replicas == 1 and self.two_phase(comm):
@@ -328,10 +329,7 @@ class CompressedAverager:
                 self._encode_row(update[a:b], chunks[k, : encoded_bytes(self.codec, b - a)], error)
             pending = comm.ialltoall(chunks, self._buffer("received", (size, width)))
             return CompressedAverageHandle(self, comm, pending, update)
-        encoded = self._buffer("encoded", (*self.shape[:-1], self.bytes_per_sync))
-        rows = zip(update.view(-1, self.numel), encoded.view(-1, self.bytes_per_sync), self._errors(), strict=True)
-        for row, out, error in rows:
-            self._encode_row(row, out, error)
+        encoded = self._encode_rows(update)
         gathered_shape = encoded.shape if comm.replicas > 1 else (comm.size, *encoded.shape)
         pending = comm.iallgather(encoded, self._buffer("gathered", tuple(gathered_shape)))
         return CompressedAverageHandle(self, comm, pending, update)
@@ -346,6 +344,14 @@ class CompressedAverager:
             # Zeros: a two-phase row's padding travels too, and should be the same bytes on every run.
             buffer = self._buffers[name] = torch.zeros(shape, dtype=torch.uint8, device=self.device)
         return buffer
+
+    def _encode_rows(self, update: torch.Tensor) -> torch.Tensor:
+        """Every row of ``update`` (one on a rank, one per worker in a simulation) into the encoded rows."""
+        encoded = self._buffer("encoded", (*self.shape[:-1], self.bytes_per_sync))
+        rows = zip(update.view(-1, self.numel), encoded.view(-1, self.bytes_per_sync), self._errors(), strict=True)
+        for row, out, error in rows:
+            self._encode_row(row, out, error)
+        return encoded
 
     def _errors(self) -> list[torch.Tensor | None]:
         rows = 1 if len(self.shape) == 1 else self.shape[0]

@@ -264,6 +264,18 @@ def test_simulated_groups_average_within_each_group(codec: str) -> None:
         assert torch.equal(stacked[first + 1], torch.from_numpy(expected))
 
 
+def test_a_simulated_group_of_one_worker_averages_each_row_to_its_own_quantized_update() -> None:
+    """Workers as large as a simulation's world leave groups of one between them: each row is Q(Δ + e)."""
+    averager = CompressedAverager("int8", (RANKS, NUMEL), True)
+    alone = SimulatedCommunicator(RANKS).split_across(RANKS)
+    assert alone.size == 1
+    updates = [rank_update(rank, NUMEL) for rank in range(RANKS)]
+    stacked = torch.from_numpy(np.stack(updates))
+    averager.average_(alone, stacked)
+    for rank in range(RANKS):
+        assert torch.equal(stacked[rank], torch.from_numpy(quantize("int8", updates[rank]))), rank
+
+
 def test_one_rank_averages_to_its_own_quantized_update() -> None:
     averager = CompressedAverager("int8", (NUMEL,), True)
     update = torch.from_numpy(rank_update(0, NUMEL))
