@@ -403,8 +403,7 @@ class CommConfig:
     horovod_cycle_time_ms: float | None = setting(
         None,
         "How often Horovod's background thread coordinates the ranks, in ms. null: Horovod's default (or "
-        "HOROVOD_CYCLE_TIME) for all-reduce SGD, 10 ms for local and post-local SGD, whose ranks have "
-        "nothing to coordinate between syncs (docs/BENCHMARKS.md, target 3).",
+        "HOROVOD_CYCLE_TIME), for every method (docs/BENCHMARKS.md, Horovod's cycle time).",
         range="> 0, <= 60000",
     )
 

@@ -7,7 +7,6 @@ signals (``checkpointer.py``), and the Slurm requeue after a SIGUSR1 stop.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,21 +48,12 @@ def _print_now(line: str) -> None:
     print(line, flush=True)
 
 
-# Horovod's cycle for local and post-local SGD: its background thread busy-polls MPI once per cycle
-# even when no collective is pending, which under local SGD takes CPU from the local steps
-# (H = 16 reached 0.67 of the no-communication limit at 1 ms, 0.94 at 10 ms; docs/BENCHMARKS.md).
-LOCAL_SGD_HOROVOD_CYCLE_TIME_MS = 10.0
-
-
 def horovod_cycle_time_ms(cfg: RunConfig) -> float | None:
-    """The configured cycle time; else the user's HOROVOD_CYCLE_TIME or Horovod's default for
-    all-reduce SGD (a gradient allreduce every step wants a short cycle), and a longer one for
-    the local methods (one sync per H steps waits at most one extra cycle)."""
-    if cfg.comm.horovod_cycle_time_ms is not None:
-        return cfg.comm.horovod_cycle_time_ms
-    if "HOROVOD_CYCLE_TIME" in os.environ or cfg.algorithm.method == "allreduce":
-        return None
-    return LOCAL_SGD_HOROVOD_CYCLE_TIME_MS
+    """The configured cycle time, else None: the user's HOROVOD_CYCLE_TIME or Horovod's default, for
+    every method. (Local methods once ran with 10 ms, when Horovod's idle polling took the local steps'
+    CPU; since the backends let Open MPI yield on full nodes, the default is as fast for ResNet-50 at
+    H = 16 and far faster for small models: docs/BENCHMARKS.md.)"""
+    return cfg.comm.horovod_cycle_time_ms
 
 
 def train(

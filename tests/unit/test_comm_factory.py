@@ -117,11 +117,12 @@ def test_torch_rendezvous_from_master_variables() -> None:
 @pytest.mark.parametrize(
     "method,configured,environment,expected",
     [
-        ("allreduce", None, None, None),  # Horovod's own default for a gradient allreduce every step
-        ("local_sgd", None, None, 10.0),  # nothing to coordinate between syncs: a long cycle
-        ("post_local_sgd", None, None, 10.0),
-        ("local_sgd", None, "3", None),  # the user's HOROVOD_CYCLE_TIME wins over the choice by method
+        ("allreduce", None, None, None),  # Horovod's own default (or HOROVOD_CYCLE_TIME), for every method
+        ("local_sgd", None, None, None),
+        ("post_local_sgd", None, None, None),
+        ("local_sgd", None, "3", None),  # the user's HOROVOD_CYCLE_TIME, read by Horovod itself
         ("allreduce", 2.5, "3", 2.5),  # and the config wins over both
+        ("local_sgd", 10.0, None, 10.0),
     ],
 )
 def test_horovod_cycle_time_is_chosen_by_method(
