@@ -3,7 +3,7 @@
 # torchvision, h5py, PyYAML, xxhash; no Horovod, no system MPI needed). Runs from the source tree:
 #
 #   scripts/gpu-check.sh [OUT_DIR]        (default OUT_DIR: $OUT, else a new temporary folder)
-#   CHECKS="2 3" scripts/gpu-check.sh     (only some of the checks; default all four)
+#   CHECKS="2 3" scripts/gpu-check.sh     (only some of the checks; default all five)
 #
 # Prints one line per check ("gpu-check: <check>: PASS|FAIL|MEASURED|SKIP ...") and keeps every run's
 # output, metrics.h5 and the benchmark JSON in OUT_DIR. Exit status 1 when a correctness check fails;
@@ -14,7 +14,10 @@
 #   3. ResNet-50, batch 128 per rank, 224x224, bf16, channels-last: the package's training step without
 #      communication against a plain PyTorch loop (bench --phases precision; target >= 0.95);
 #   4. the simulated backend's 16 ResNet-18 replicas at 32x32 as one batched step against 16 steps of one
-#      model in a row (bench --phases simulation).
+#      model in a row (bench --phases simulation);
+#   5. what compressed syncs cost in compute on the device: encoding and decoding a ResNet-50-sized update
+#      (25,557,032 float32 values) in bf16 and int8 with error feedback, as the engine does it per sync:
+#      its time, and the same bits as on the CPU.
 # Without a GPU it runs the same checks on the CPU where they make sense (1 in fp32 and bf16, 2 with the
 # CPU as both sides, 3 and 4 on small problems) and says which it skipped: a test of the script's logic.
 set -uo pipefail
@@ -25,7 +28,7 @@ OUT=${1:-${OUT:-$(mktemp -d -t gpu-check.XXXXXX)}}
 mkdir -p "$OUT"
 # Check 2 compares the GPU with the CPU to float tolerance: no TF32 in cuDNN or cuBLAS.
 export NVIDIA_TF32_OVERRIDE=0
-CHECKS=" ${CHECKS:-1 2 3 4} "
+CHECKS=" ${CHECKS:-1 2 3 4 5} "
 failed=0
 started=$SECONDS
 # Check 2's runs take every setting from --set.
@@ -183,6 +186,55 @@ for phase in precision simulation; do
     failed=1
   fi
 done
+
+# --- 5. the compression codecs' cost per sync ------------------------------------------------------------
+if [[ $CHECKS == *" 5 "* ]]; then
+  if codecs=$("$PY" - "$DEVICE" 2>&1 <<'EOF'
+import statistics
+import sys
+import time
+
+import torch
+
+from hpc_localsgd.algorithms.compression import CompressedAverager
+from hpc_localsgd.comm import SingleCommunicator
+
+device = torch.device(sys.argv[1])
+numel = 25_557_032  # ResNet-50's parameters
+update = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+line = []
+for codec in ("bf16", "int8"):
+    # One rank's compute per sync, as the engine does it (the collective and the sum of the others'
+    # rows aside): add the error, encode, decode what it sent, keep the new error.
+    averager = CompressedAverager(codec, (numel,), error_feedback=True, device=device)
+    times, first = [], None
+    for repeat in range(6):  # the first is a warm-up
+        work = update.to(device, copy=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        averager.average_(SingleCommunicator(), work)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+        first = first or (work.to("cpu", copy=True), averager.error.to("cpu", copy=True))
+    # The codecs are exact arithmetic (max, divide, round, multiply): the device gives the CPU's bits.
+    on_cpu = CompressedAverager(codec, (numel,), error_feedback=True)
+    work = update.clone()
+    on_cpu.average_(SingleCommunicator(), work)
+    if not (torch.equal(first[0], work) and torch.equal(first[1], on_cpu.error)):
+        counts = [int((a != b).sum()) for a, b in ((first[0], work), (first[1], on_cpu.error))]
+        sys.exit(f"{codec} on {device} differs from the CPU in {counts[0]} averaged values, {counts[1]} errors")
+    line.append(f"{codec} {1e3 * statistics.median(times[1:]):.1f} ms")
+print(", ".join(line) + ", each equal to the CPU's bits")
+EOF
+  ); then
+    say "5 encode + decode + error feedback of 25.6 M float32 values on $DEVICE: PASS $codecs; MEASURED median of 5"
+  else
+    say "5 compression codecs on $DEVICE: FAIL $(tail -n 1 <<<"$codecs")"
+    failed=1
+  fi
+fi
 
 say "$([[ $failed == 0 ]] && echo "all checks passed" || echo "SOME CHECKS FAILED") in $((SECONDS - started)) s;" \
   "outputs in $OUT"

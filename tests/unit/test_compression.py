@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpc_localsgd.algorithms import compression
 from hpc_localsgd.algorithms.compression import (
     CODECS,
     INT8_BLOCK,
@@ -210,10 +211,16 @@ def test_every_rank_gets_the_reference_average_bit_for_bit(codec: str, feedback:
     assert all(torch.equal(a, b) for ra, rb in zip(per_rank, again, strict=True) for a, b in zip(ra, rb, strict=True))
 
 
+@pytest.mark.parametrize("chunk", ["cpu", "three blocks"])
 @pytest.mark.parametrize("feedback", [True, False])
-def test_int8_across_its_working_chunks_matches_the_reference_bit_for_bit(feedback: bool) -> None:
-    """int8 encodes and decodes in chunks of whole blocks: a vector of several chunks and a short last
-    block gives the reference's average and errors, sync after sync."""
+def test_int8_across_its_working_chunks_matches_the_reference_bit_for_bit(
+    feedback: bool, chunk: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int8 encodes and decodes in chunks of whole blocks (the size depends on the device): a vector of
+    several chunks and a short last block gives the reference's average and errors, sync after sync,
+    whatever the chunk size."""
+    if chunk != "cpu":
+        monkeypatch.setattr(compression, "_chunk_size", lambda device: 3 * INT8_BLOCK)
     numel = 2 * INT8_CHUNK + 3 * INT8_BLOCK + 5
     updates = [rank_update(rank, numel) for rank in range(2)]
 
