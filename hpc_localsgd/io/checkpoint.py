@@ -36,11 +36,11 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -133,28 +133,56 @@ def _read_tensor(path: Path, dataset: h5py.Dataset) -> torch.Tensor:
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpc-localsgd-digest")
 
 
-def _read_tensors(path: Path, datasets: dict[str, h5py.Dataset], keep: bool = True) -> dict[str, torch.Tensor]:
+_Key = TypeVar("_Key", bound=Hashable)
+
+
+def _destination(dataset: h5py.Dataset, tensor: torch.Tensor | None) -> np.ndarray | None:
+    """``tensor``'s memory as the array ``dataset`` reads into, where it can take the bytes as they
+    are (host memory, contiguous, the same shape and dtype); None otherwise."""
+    if tensor is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    array = to_numpy(tensor)  # shares the tensor's memory (bfloat16 as its int16 bits)
+    same = array.shape == dataset.shape and array.dtype == dataset.dtype
+    return array if same and str(tensor.dtype).removeprefix("torch.") == dataset.attrs.get("torch_dtype") else None
+
+
+def _read_tensors(
+    path: Path,
+    datasets: dict[_Key, h5py.Dataset],
+    keep: bool = True,
+    into: Mapping[_Key, torch.Tensor] | None = None,
+) -> dict[_Key, torch.Tensor]:
     """Read and verify several datasets, hashing each one while the next is read; ``keep=False``
-    (verification only) holds at most two datasets in memory."""
-    tensors: dict[str, torch.Tensor] = {}
-    pending: tuple[h5py.Dataset, Future[str]] | None = None
+    (verification only) holds at most two datasets in memory. Largest first: the one digest that no
+    read hides is then a small dataset's. A dataset with a matching tensor in ``into`` is read into
+    that tensor's memory and returned as it: no fresh memory to fault in, no later copy. On an error
+    such tensors hold part of the file."""
+    tensors: dict[_Key, torch.Tensor] = {}
+    pending: tuple[h5py.Dataset, str, Future[str]] | None = None
 
     def settle() -> None:
-        if pending is not None and pending[1].result() != pending[0].attrs["xxh3_64"]:
+        if pending is not None and pending[2].result() != pending[1]:
             raise _corrupted(path, pending[0].name)
 
-    for name, dataset in datasets.items():
-        array = np.asarray(dataset[()])
+    for name, dataset in sorted(datasets.items(), key=lambda item: -item[1].nbytes):
+        target = None if into is None else into.get(name)
+        array = _destination(dataset, target)
+        in_place = array is not None
+        if array is None:
+            array = np.asarray(dataset[()])
+        elif array.size:
+            dataset.read_direct(array)
+        digest = dataset.attrs.get("xxh3_64")
         settle()
         pending = None
-        if "xxh3_64" in dataset.attrs:
-            pending = (dataset, _HASHER.submit(_digest, array))
+        if digest is not None:
+            pending = (dataset, digest, _HASHER.submit(_digest, array))
         elif not _digest_matches(dataset, array):
             raise _corrupted(path, dataset.name)
         if keep:
-            tensors[name] = _as_tensor(dataset, array)
+            tensors[name] = target if target is not None and in_place else _as_tensor(dataset, array)
     settle()
-    return tensors
+    return {name: tensors[name] for name in datasets} if keep else tensors
 
 
 def _write_int_buffers(group: h5py.Group, buffers: dict[str, torch.Tensor]) -> None:
@@ -462,15 +490,38 @@ class Checkpoint:
         return self._guard(lambda f: _read_tensors(self.path, dict(f["shared"].items())))
 
     def rank_state(self, rank: int) -> RankState:
-        def read(f: h5py.File) -> RankState:
+        return self.read(rank, shared=False)[0]
+
+    def read(
+        self,
+        rank: int,
+        shared: bool = True,
+        into: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
+    ) -> tuple[RankState, dict[str, torch.Tensor]]:
+        """Rank ``rank``'s state and (``shared``) the shared state, verified, in one open of the file
+        and one pass: each dataset is hashed while the next is read, across both groups. ``into``:
+        (rank state, shared state) tensors by name, such as the engine's live ones, to read into
+        where they match (what is returned is then those tensors); they hold part of the file if
+        the read fails."""
+
+        def read(f: h5py.File) -> tuple[RankState, dict[str, torch.Tensor]]:
             group = f[f"ranks/{rank}"]
-            return RankState(
-                tensors=_read_tensors(self.path, dict(group["state"].items())),
+            datasets = {("state", n): d for n, d in group["state"].items()}
+            if shared:
+                datasets.update({("shared", n): d for n, d in f["shared"].items()})
+            targets: dict[tuple[str, str], torch.Tensor] = {}
+            if into is not None:
+                targets.update({("state", n): t for n, t in into[0].items()})
+                targets.update({("shared", n): t for n, t in into[1].items()})
+            tensors = _read_tensors(self.path, datasets, into=targets)
+            state = RankState(
+                tensors={n: t for (where, n), t in tensors.items() if where == "state"},
                 int_buffers=_read_int_buffers(self.path, group["int_buffers"]),
                 comm_stats=json.loads(group.attrs["comm_stats"]),
                 train_loss_sum=float(group.attrs["train_loss_sum"]),
                 train_loss_count=int(group.attrs["train_loss_count"]),
             )
+            return state, {n: t for (where, n), t in tensors.items() if where == "shared"}
 
         return self._guard(read)
 

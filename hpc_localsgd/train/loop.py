@@ -115,8 +115,11 @@ def _train(
     say = print_fn if comm.is_root else (lambda _line: None)
     run_dir = Path(cfg.output.run_dir)
     prepare_run_dir(comm, run_dir, overwrite, resuming=resume is not None)
+    workers = RankWorkers(cfg, comm, launch, device)
+    opt = build_optimization(cfg, workers.model, comm, workers.steps_per_epoch, workers.hierarchy)
     chosen = None
     if resume is not None:
+        # The engine exists first so that the checkpoint is read straight into its live memory.
         chosen = choose_checkpoint(
             comm,
             resume,
@@ -125,12 +128,10 @@ def _train(
             lambda line: say(f"hpc-localsgd: warning: {line}"),
             cfg,
             reshard,
+            into=(opt.engine.rank_state(), opt.engine.shared_state()),
         )
     if comm.is_root:
         write_text_atomically(run_dir / "config.yaml", config_to_yaml(cfg))
-
-    workers = RankWorkers(cfg, comm, launch, device)
-    opt = build_optimization(cfg, workers.model, comm, workers.steps_per_epoch, workers.hierarchy)
     # From here on each rank draws its own random numbers (dropout, say): same seed, other stream.
     seed_everything(derive_seed(cfg.seed, "rank", comm.rank))
     progress = _restored_progress(chosen, opt.engine, workers.model, comm.rank, reshard)

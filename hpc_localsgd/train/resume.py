@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ def choose_checkpoint(
     warn: Callable[[str], None],
     cfg: RunConfig,
     reshard: str | None,
+    into: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
 ) -> ChosenCheckpoint | None:
     """The checkpoint to continue from, checked against ``cfg`` and verified by the ranks together.
 
@@ -57,7 +58,9 @@ def choose_checkpoint(
     valid. For an exact resume each rank reads and verifies its own state and the shared state,
     and the ranks agree on the outcome: a damaged part stops everyone, whoever owns it, and no
     rank reads another's state. Re-sharding reads every saved rank, so rank 0 verifies the whole
-    file first.
+    file first. ``into``: the engine's live (rank, shared) state, which an exact resume reads into
+    where the saved tensors match it; a checkpoint passed over leaves them partly overwritten,
+    which the chosen one's ``restore`` overwrites in full.
     """
     for position in itertools.count():
         if resume == "auto":
@@ -80,8 +83,7 @@ def choose_checkpoint(
             check_compatible(chosen.checkpoint, cfg, comm.size, reshard)
             try:
                 if reshard is None:
-                    chosen.state = chosen.checkpoint.rank_state(comm.rank)
-                    chosen.shared = chosen.checkpoint.shared()
+                    chosen.state, chosen.shared = chosen.checkpoint.read(comm.rank, into=into)
                     chosen.checkpoint.verify_rng(comm.rank)
                 elif comm.is_root:
                     chosen.checkpoint.verify()

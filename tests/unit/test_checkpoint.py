@@ -66,6 +66,31 @@ def test_round_trip_is_lossless_and_deduplicated(tmp_path: Path) -> None:
         assert isinstance(f.get("ranks/1/state/own", getlink=True), h5py.HardLink)
 
 
+def test_read_goes_into_matching_live_tensors(tmp_path: Path) -> None:
+    """A resume reads straight into the engine's memory where the saved tensor matches it (host,
+    contiguous, same shape and dtype), and into fresh tensors otherwise; either way verified."""
+    write(tmp_path, [4])
+    path = tmp_path / "step-000000004.h5"
+    live = {"same": torch.zeros(6), "half": torch.zeros(4, dtype=torch.bfloat16), "own": torch.zeros(3, 2)[:, 0]}
+    live_shared = {
+        "anchor0": torch.zeros(5, dtype=torch.bfloat16),
+        "outer_momentum0": torch.zeros(5, dtype=torch.float64),
+    }
+    state, shared = Checkpoint(path).read(1, into=(live, live_shared))
+    want = rank_state(1).tensors
+    for name in ("same", "half"):  # a soft link to rank 0's dataset too
+        assert state.tensors[name] is live[name] and torch.equal(live[name], want[name]), name
+    assert state.tensors["own"] is not live["own"] and torch.equal(state.tensors["own"], want["own"])
+    assert not live["own"].any()  # a strided view: not read into
+    assert shared["anchor0"] is live_shared["anchor0"]
+    assert torch.equal(shared["anchor0"], (torch.arange(5) / 7).to(torch.bfloat16))
+    assert shared["outer_momentum0"].dtype == torch.float32 and not live_shared["outer_momentum0"].any()
+    with h5py.File(path, "a") as f:
+        f["ranks/1/state/half"][0] = 1234  # bfloat16 bits, the digest left as it was
+    with pytest.raises(CheckpointError, match="half does not match its checksum"):
+        Checkpoint(path).read(1, into=(live, live_shared))
+
+
 def test_random_states_are_restored(tmp_path: Path) -> None:
     # One rank in this thread: torch's, numpy's and python's generators are process-wide.
     torch.manual_seed(100)
