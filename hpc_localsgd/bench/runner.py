@@ -140,9 +140,12 @@ def run_bench(
             if reason is not None:
                 ctx.skip("synchronous.allreduce_over_horovod", f"horovod.torch cannot be imported: {reason}")
             else:
-                horovod = HorovodSession(comm)
-                measure_horovod_baseline(ctx, HorovodLoop(workload, horovod))
-                horovod.close()
+
+                def start_horovod() -> tuple[HorovodLoop, Callable[[], None]]:
+                    session = HorovodSession(comm)
+                    return HorovodLoop(workload, session), session.close
+
+                measure_horovod_baseline(ctx, start_horovod)
                 ran_baselines.append("horovod")
         if LOCAL_SGD_TARGET_PERIOD not in options.sync_periods:
             ctx.skip(

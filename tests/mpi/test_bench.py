@@ -191,6 +191,26 @@ def test_quick_bench_measures_every_precision_and_the_batched_simulation(quick_r
     )
 
 
+def test_horovod_baseline_runs_apart_from_the_package_on_another_backend(tmp_path: Path) -> None:
+    """With the mpi backend, Horovod's windows run between the package's windows before hvd.init and
+    after hvd.shutdown, and the ratio pairs each with the mean of the package's two."""
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--backend", "mpi", "--phases", "throughput", "--baselines", "horovod"]
+    proc = run_mpi(2, bench(*args, "--sync-periods", "16", "--repeats", "2", "--out", str(out)), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, SCHEMA)
+    assert document["schema_version"] == "1.3" and document["measurement"]["baselines"] == ["horovod"]
+    by_id = figures(document)
+    assert "synchronous.allreduce_with_horovod_running.samples_per_s" not in by_id
+    around = by_id["synchronous.allreduce_around_horovod.samples_per_s"]["samples"]
+    horovod = by_id["synchronous.horovod.samples_per_s"]["samples"]
+    assert len(around) == len(horovod) == 2
+    assert by_id["synchronous.allreduce_over_horovod"]["samples"] == pytest.approx(
+        [a / h for a, h in zip(around, horovod, strict=True)]
+    )
+
+
 def test_projection_follows_the_alpha_beta_model(quick_run) -> None:
     _, document, _ = quick_run
     projection = document["projection"]
@@ -219,7 +239,7 @@ def test_hierarchy_phase_follows_the_schema_and_names_every_configuration(hierar
     proc, document = hierarchy_run
     jsonschema.validate(document, SCHEMA)
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert document["schema_version"] == "1.2" and document["world"]["size"] == 4
+    assert document["schema_version"] == "1.3" and document["world"]["size"] == 4
     assert document["measurement"]["ranks_per_worker"] == 2
     per_configuration = ("samples_per_s", "efficiency", "efficiency_in_process", "global_bytes_per_sample")
     configurations = ["allreduce"] + [f"{kind}_h{h}" for h in HIERARCHY_PERIODS for kind in ("local_sgd", "workers_r2")]
