@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from ..algorithms.network import INTERCONNECTS, Interconnect, ring_allreduce_seconds
 from ..errors import UserError
@@ -345,7 +345,11 @@ def plot_tradeoff(rows: Sequence[TradeoffRow], files: Sequence[Path], title: str
         times = [r.seconds for r in panel]
         if max(times) >= 10 * min(times) > 0:  # all-reduce can be many times slower on a slow network
             ax.set_xscale("log")
+            # 1-2-5 ticks in plain numbers: over a decade or two the default labels the minor ticks
+            # in scientific notation, and they run into each other.
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{link} ({LABEL})", fontsize="medium")
         ax.set_xlabel("projected time to train (s)")
         ax.grid(True, alpha=0.3)
