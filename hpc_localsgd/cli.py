@@ -161,6 +161,7 @@ def _bench(args: argparse.Namespace) -> int:
             "projection_ranks_per_node",
             "precisions",
             "channels_last",
+            "compile",
             "simulated_workers",
         )
     }
@@ -307,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_true_or_false,
         metavar="true|false",
         help="channels-last images in the precision phase (default: on for convolutional models on CUDA)",
+    )
+    plan.add_argument(
+        "--compile",
+        type=_true_or_false,
+        metavar="true|false",
+        help="the precision phase also measures both loops through torch.compile, paired with eager (default false)",
     )
     plan.add_argument(
         "--baselines",

@@ -3,7 +3,7 @@
 # torchvision, h5py, PyYAML, xxhash; no Horovod, no system MPI needed). Runs from the source tree:
 #
 #   scripts/gpu-check.sh [OUT_DIR]        (default OUT_DIR: $OUT, else a new temporary folder)
-#   CHECKS="2 3" scripts/gpu-check.sh     (only some of the checks; default all five)
+#   CHECKS="2 3" scripts/gpu-check.sh     (only some of the checks; default all six)
 #
 # Prints one line per check ("gpu-check: <check>: PASS|FAIL|MEASURED|SKIP ...") and keeps every run's
 # output, metrics.h5 and the benchmark JSON in OUT_DIR. Exit status 1 when a correctness check fails;
@@ -17,7 +17,9 @@
 #      model in a row (bench --phases simulation);
 #   5. what compressed syncs cost in compute on the device: encoding and decoding a ResNet-50-sized update
 #      (25,557,032 float32 values) in bf16 and int8 with error feedback, as the engine does it per sync:
-#      its time, and the same bits as on the CPU.
+#      its time, and the same bits as on the CPU;
+#   6. what train.compile buys: check 3's problem with both loops also through torch.compile, paired
+#      with the eager ones (bench --phases precision --compile true; the compilation is untimed).
 # Without a GPU it runs the same checks on the CPU where they make sense (1 in fp32 and bf16, 2 with the
 # CPU as both sides, 3 and 4 on small problems) and says which it skipped: a test of the script's logic.
 set -uo pipefail
@@ -28,7 +30,7 @@ OUT=${1:-${OUT:-$(mktemp -d -t gpu-check.XXXXXX)}}
 mkdir -p "$OUT"
 # Check 2 compares the GPU with the CPU to float tolerance: no TF32 in cuDNN or cuBLAS.
 export NVIDIA_TF32_OVERRIDE=0
-CHECKS=" ${CHECKS:-1 2 3 4 5} "
+CHECKS=" ${CHECKS:-1 2 3 4 5 6} "
 failed=0
 started=$SECONDS
 # Check 2's runs take every setting from --set.
@@ -155,11 +157,14 @@ if [[ $DEVICE == cuda ]]; then
     --channels-last true --steps 10 --warmup 2 --repeats 5)
   simulation_args=(--model resnet18 --batch 32 --image-size 32 --classes 10 --simulated-workers 16
     --steps 4 --warmup 1 --repeats 5)
+  compile_args=("${precision_args[@]}" --compile true)
 else
   precision_args=(--model resnet18 --batch 8 --image-size 32 --classes 10 --precisions bf16
     --channels-last true --steps 2 --warmup 1 --repeats 2)
   simulation_args=(--model resnet18 --batch 4 --image-size 32 --classes 10 --simulated-workers 4
     --steps 2 --warmup 1 --repeats 2)
+  compile_args=(--model smallcnn --batch 8 --image-size 32 --classes 10 --precisions bf16
+    --channels-last true --steps 2 --warmup 1 --repeats 2 --compile true)
 fi
 figure() {  # figure FILE ID: "median (min … max)" of one figure of a bench JSON
   "$PY" -c "import json, sys
@@ -167,12 +172,18 @@ f = {f['id']: f for f in json.load(open(sys.argv[1]))['figures']}[sys.argv[2]]
 print(f\"{f['median']:.4g} ({f['spread']['min']:.4g} … {f['spread']['max']:.4g}) {f['unit']}\" + (
     '' if f['target'] is None else f\", target {f['target']['op']} {f['target']['value']}: {'met' if f['met'] else 'MISSED'}\"))" "$@"
 }
-for phase in precision simulation; do
+for phase in precision simulation compile; do
   [[ $phase == precision && $CHECKS != *" 3 "* || $phase == simulation && $CHECKS != *" 4 "* ]] && continue
+  [[ $phase == compile && $CHECKS != *" 6 "* ]] && continue
   args_name=${phase}_args[@]
-  if "$PY" -m hpc_localsgd bench --phases "$phase" --device "$DEVICE" "${!args_name}" \
+  if "$PY" -m hpc_localsgd bench --phases "${phase/compile/precision}" --device "$DEVICE" "${!args_name}" \
     --out "$OUT/bench-$phase.json" >"$OUT/bench-$phase.log" 2>&1; then
-    if [[ $phase == precision ]]; then
+    if [[ $phase == compile ]]; then
+      say "6 train.compile, ${compile_args[1]} bf16 channels-last on $DEVICE: MEASURED compiled/eager" \
+        "$(figure "$OUT/bench-$phase.json" precision.bf16.compile_speedup); compiled package/compiled plain" \
+        "$(figure "$OUT/bench-$phase.json" precision.bf16.compiled_vs_plain); compiled package" \
+        "$(figure "$OUT/bench-$phase.json" precision.bf16.compiled_samples_per_s)"
+    elif [[ $phase == precision ]]; then
       say "3 training step vs plain loop, ${precision_args[1]} bf16 channels-last on $DEVICE: MEASURED" \
         "$(figure "$OUT/bench-$phase.json" precision.bf16.vs_plain); package" \
         "$(figure "$OUT/bench-$phase.json" precision.bf16.samples_per_s)"
@@ -182,7 +193,8 @@ for phase in precision simulation; do
         "$(figure "$OUT/bench-$phase.json" simulation.replicated_samples_per_s)"
     fi
   else
-    say "$([[ $phase == precision ]] && echo 3 || echo 4) bench --phases $phase: FAIL $(tail -n 1 "$OUT/bench-$phase.log")"
+    check=$([[ $phase == precision ]] && echo 3 || { [[ $phase == simulation ]] && echo 4 || echo 6; })
+    say "$check bench ($phase): FAIL $(tail -n 1 "$OUT/bench-$phase.log")"
     failed=1
   fi
 done

@@ -22,57 +22,106 @@ from .stats import Figure, paired_ratios
 from .workload import LEARNING_RATE, EngineLoop, PlainLoop, Workload, synchronize_device
 
 
-def measure_precision(ctx: BenchContext, channels_last: bool) -> None:
+def measure_precision(ctx: BenchContext, channels_last: bool, compiled: bool = False) -> None:
     """Per ``train.precision``: the package's training step without communication (the engine's
     train_step over its flat buffer, autocast and, for fp16, the loss scaler) against a plain loop with
     the same precision and memory format written as torchvision's reference recipe writes it, paired
-    repetition by repetition. What mixed precision buys shows across the precisions' rates."""
+    repetition by repetition. What mixed precision buys shows across the precisions' rates. With
+    ``compiled`` both loops also run through torch.compile, alternating with the eager ones in every
+    repetition (the compilation happens in the warm-up)."""
     comm, options = ctx.comm, ctx.options
     steps = options.window_steps()
     layout = "channels-last" if channels_last else "contiguous"
     for precision in options.precisions:
-        engine = EngineLoop(
-            f"engine_{precision}", ctx.workload, comm, "local_sgd", precision=precision, channels_last=channels_last
-        )
-        engine.set_sync_period(None)  # the step alone: no averaging, no gradient hooks
-        plain = PlainLoop(ctx.workload, precision, channels_last)
-        engine_times, plain_times = _alternating(
+        loops: dict[str, EngineLoop | PlainLoop] = {}
+        for mode in ("eager", "compiled") if compiled else ("eager",):
+            engine = EngineLoop(
+                f"engine_{precision}_{mode}",
+                ctx.workload,
+                comm,
+                "local_sgd",
+                precision=precision,
+                channels_last=channels_last,
+                compiled=mode == "compiled",
+            )
+            engine.set_sync_period(None)  # the step alone: no averaging, no gradient hooks
+            loops[f"engine_{mode}"] = engine
+            loops[f"plain_{mode}"] = PlainLoop(ctx.workload, precision, channels_last, compiled=mode == "compiled")
+        measured = _alternating(
             comm,
             ctx.device,
-            [lambda: engine.run(steps), lambda: plain.run(steps)],  # noqa: B023  (run before the loop moves on)
+            [lambda loop=loop: loop.run(steps) for loop in loops.values()],  # type: ignore[misc]
             options.repeats,
-            max(1, options.warmup),  # the first steps allocate autocast caches and the scaler's state
+            max(1, options.warmup),  # the first steps allocate autocast caches and the scaler's state (and compile)
         )
-        engine.close()
+        times = dict(zip(loops, measured, strict=True))
+        for loop in loops.values():
+            if isinstance(loop, EngineLoop):
+                loop.close()
 
-        def rate(times: list[float]) -> list[float]:
-            return [comm.size * options.batch * steps / t for t in times]
+        def rate(seconds: list[float]) -> list[float]:
+            return [comm.size * options.batch * steps / t for t in seconds]
 
+        plain_label = f"a plain PyTorch loop in {precision}, {layout} (model.to(memory_format), autocast" + (
+            ", GradScaler)" if precision == "fp16" else ")"
+        )
         ctx.add(
             Figure(
                 f"precision.{precision}.samples_per_s",
                 "precision",
                 f"the package's training step in {precision}, {layout}, without communication (all ranks)",
                 "samples/s",
-                rate(engine_times),
+                rate(times["engine_eager"]),
             ),
             Figure(
                 f"precision.{precision}.plain_samples_per_s",
                 "precision",
-                f"a plain PyTorch loop in {precision}, {layout} (model.to(memory_format), autocast"
-                + (", GradScaler)" if precision == "fp16" else ")"),
+                plain_label,
                 "samples/s",
-                rate(plain_times),
+                rate(times["plain_eager"]),
             ),
             Figure(
                 f"precision.{precision}.vs_plain",
                 "precision",
                 f"the package's step / the plain loop in {precision} (paired)",
                 "ratio",
-                paired_ratios(plain_times, engine_times),
+                paired_ratios(times["plain_eager"], times["engine_eager"]),
                 target=THROUGHPUT_TARGET,
             ),
         )
+        if compiled:
+            ctx.add(
+                Figure(
+                    f"precision.{precision}.compiled_samples_per_s",
+                    "precision",
+                    f"the package's training step in {precision}, {layout}, forward through torch.compile "
+                    "(train.compile), without communication (all ranks)",
+                    "samples/s",
+                    rate(times["engine_compiled"]),
+                ),
+                Figure(
+                    f"precision.{precision}.compiled_plain_samples_per_s",
+                    "precision",
+                    plain_label + " through torch.compile(model)",
+                    "samples/s",
+                    rate(times["plain_compiled"]),
+                ),
+                Figure(
+                    f"precision.{precision}.compiled_vs_plain",
+                    "precision",
+                    f"the package's compiled step / the compiled plain loop in {precision} (paired)",
+                    "ratio",
+                    paired_ratios(times["plain_compiled"], times["engine_compiled"]),
+                    target=THROUGHPUT_TARGET,
+                ),
+                Figure(
+                    f"precision.{precision}.compile_speedup",
+                    "precision",
+                    f"what train.compile buys: the package's compiled step / its eager step in {precision} (paired)",
+                    "ratio",
+                    paired_ratios(times["engine_eager"], times["engine_compiled"]),
+                ),
+            )
 
 
 class ReplicatedLoop:

@@ -75,6 +75,11 @@ class BenchOptions:
         "Channels-last images in the precision phase (null: as train.channels_last auto: on for convolutional "
         "models on CUDA).",
     )
+    compile: bool = setting(
+        False,
+        "The precision phase also measures both loops through torch.compile (train.compile), paired with "
+        "the eager ones.",
+    )
     out: str | None = setting(
         None, "Write the results as JSON to this file (null: print only).", rule="a file in an existing folder"
     )

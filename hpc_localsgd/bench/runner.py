@@ -161,7 +161,7 @@ def run_bench(
             if options.channels_last is not None
             else device.type == "cuda" and has_2d_convolutions(model)
         )
-        measure_precision(ctx, channels_last)
+        measure_precision(ctx, channels_last, options.compile)
     if "simulation" in options.phases:
         measure_simulation(ctx)
     if ranks_per_worker is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,7 @@ from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
 from ..config.schema import Method, OuterMethod, Precision, RunConfig, SyncCompression
 from ..train.data import derive_seed
+from ..train.device import compiled_forward
 from ..train.models import build_model
 
 # Distinct in-memory batches each rank cycles through.
@@ -82,7 +84,9 @@ class Workload:
         return [(x.contiguous(memory_format=torch.channels_last), y) for x, y in self.batches]
 
 
-def _logits_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits_and_loss(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     out = model(x)
     return out, F.cross_entropy(out, y)
 
@@ -116,6 +120,7 @@ class EngineLoop:
         sync_delay: int = 0,
         fragments: int = 1,
         compression: SyncCompression = "none",
+        compiled: bool = False,
     ) -> None:
         """``hierarchy``: worker groups (None: every rank is a worker). With workers of several ranks the
         engine averages gradients inside each worker every local step and the model over all ranks
@@ -136,6 +141,8 @@ class EngineLoop:
         self.algorithm.validate()
         self.model = workload.new_model()
         self.optimizer = workload.new_optimizer(self.model)
+        # ``compiled``: the forward through torch.compile, as training's train.compile does it.
+        self.forward_model = compiled_forward(self.model, workload.device) if compiled else self.model
         # Local SGD from step 0, or synchronous throughout (no LR decay: post-local SGD is not measured).
         schedule = SyncSchedule.from_config(self.algorithm, steps_per_epoch=1)
         self.engine = AveragingEngine(
@@ -167,7 +174,7 @@ class EngineLoop:
             self.engine.schedule = SyncSchedule(sync_period, 0)
 
     def run(self, steps: int) -> None:
-        model = self.model
+        model = self.forward_model
         for step in range(steps):
             x, y = self.batches[step % len(self.batches)]
             self.engine.train_step(step, LEARNING_RATE, functools.partial(_logits_and_loss, model, x, y))
@@ -194,11 +201,14 @@ class PlainLoop:
 
     name = "bare"
 
-    def __init__(self, workload: Workload, precision: Precision = "fp32", channels_last: bool = False) -> None:
+    def __init__(
+        self, workload: Workload, precision: Precision = "fp32", channels_last: bool = False, compiled: bool = False
+    ) -> None:
         self.workload = workload
         self.model = workload.new_model()
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward_model = torch.compile(self.model) if compiled else self.model  # the usual way
         self.optimizer = workload.new_optimizer(self.model)
         self.batches = workload.batches_in(channels_last)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -212,7 +222,7 @@ class PlainLoop:
             with torch.autocast(
                 device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
             ):
-                loss = F.cross_entropy(self.model(x), y)
+                loss = F.cross_entropy(self.forward_model(x), y)
             if self.scaler is None:
                 loss.backward()
                 self.optimizer.step()

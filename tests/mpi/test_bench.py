@@ -211,6 +211,33 @@ def test_horovod_baseline_runs_apart_from_the_package_on_another_backend(tmp_pat
     )
 
 
+def test_precision_phase_measures_torch_compile_paired_with_eager(tmp_path: Path) -> None:
+    """--compile true adds the compiled package step and the compiled plain loop to the precision phase,
+    every repetition paired with the eager ones."""
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--phases", "precision", "--precisions", "bf16", "--compile", "true", "--repeats", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", "bench", *args, "--device", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, SCHEMA)
+    by_id = figures(document)
+    eager, compiled = by_id["precision.bf16.samples_per_s"], by_id["precision.bf16.compiled_samples_per_s"]
+    assert by_id["precision.bf16.compile_speedup"]["samples"] == pytest.approx(
+        [c / e for c, e in zip(compiled["samples"], eager["samples"], strict=True)]
+    )
+    plain = by_id["precision.bf16.compiled_plain_samples_per_s"]["samples"]
+    assert by_id["precision.bf16.compiled_vs_plain"]["samples"] == pytest.approx(
+        [c / p for c, p in zip(compiled["samples"], plain, strict=True)]
+    )
+    assert by_id["precision.bf16.compiled_vs_plain"]["target"] is not None
+
+
 def test_projection_follows_the_alpha_beta_model(quick_run) -> None:
     _, document, _ = quick_run
     projection = document["projection"]
