@@ -256,26 +256,21 @@ class HorovodCommunicator(Communicator):
         check_gather(buffer, output, self.size)
         # Horovod concatenates along the first dimension: one row of raw bytes per rank, whatever the
         # dtype (bfloat16 is not one Horovod accepts, and no arithmetic happens).
-        row = buffer.reshape(1, -1).view(torch.uint8)
-        if row.device.type == "cuda" and not self._nccl:
-            row = row.cpu()  # staged through the host, as allreduce is
-        name, release_name = self._names.take("allgather", row, "gather")
-        try:
-            hvd_handle = self._hvd.allgather_async(row, name=name, process_set=self._process_set)
-        except BaseException:
-            release_name()
-            raise
-        return _HorovodGatherHandle(self._hvd, hvd_handle, output, release_name)
+        return self._exchange_bytes("allgather", buffer.reshape(1, -1).view(torch.uint8), output, "gather")
 
     def ialltoall(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
         check_alltoall(buffer, output, self.size)
         # Raw bytes, one row per rank (Horovod splits the first dimension evenly without ``splits``).
-        rows = buffer.reshape(self.size, -1).view(torch.uint8)
+        return self._exchange_bytes("alltoall", buffer.reshape(self.size, -1).view(torch.uint8), output, "alltoall")
+
+    def _exchange_bytes(self, collective: str, rows: torch.Tensor, output: torch.Tensor, name_kind: str) -> Handle:
+        """Horovod's ``collective``_async (allgather or alltoall) of the uint8 ``rows``, its result copied
+        into ``output`` when waited on; a stable operation name per call site, as for allreduce."""
         if rows.device.type == "cuda" and not self._nccl:
             rows = rows.cpu()  # staged through the host, as allreduce is
-        name, release_name = self._names.take("alltoall", rows, "alltoall")
+        name, release_name = self._names.take(collective, rows, name_kind)
         try:
-            hvd_handle = self._hvd.alltoall_async(rows, name=name, process_set=self._process_set)
+            hvd_handle = getattr(self._hvd, f"{collective}_async")(rows, name=name, process_set=self._process_set)
         except BaseException:
             release_name()
             raise

@@ -279,26 +279,23 @@ class MPICommunicator(Communicator):
 
     def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
         check_gather(buffer, output, self.size)
-        # No arithmetic: the bytes travel, whatever the dtype; device memory goes through the host.
-        send = buffer if buffer.device.type == "cpu" else buffer.cpu()
-        staged = output if output.device.type == "cpu" else torch.empty_like(output, device="cpu")
-        arrays = (_byte_view(send), _byte_view(staged))
-        if self._thread is not None:
-            pending: Any = self._thread.submit(self._thread_comm.Allgather, *arrays)
-        else:
-            pending = self._comm.Iallgather(*arrays)
-        return _GatherHandle(pending, output, staged, arrays)
+        return self._exchange_bytes("Allgather", buffer, output)
 
     def ialltoall(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
         check_alltoall(buffer, output, self.size)
-        # Raw bytes, as the allgather: row r of the send buffer is the r-th equal share MPI sends to rank r.
+        # Row r of the send buffer is the r-th equal share MPI sends to rank r.
+        return self._exchange_bytes("Alltoall", buffer, output)
+
+    def _exchange_bytes(self, collective: str, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
+        """``collective`` (Allgather or Alltoall) of raw bytes, whatever the dtype (no arithmetic happens),
+        on the communication thread or as MPI's non-blocking I-variant; device memory goes through the host."""
         send = buffer if buffer.device.type == "cpu" else buffer.cpu()
         staged = output if output.device.type == "cpu" else torch.empty_like(output, device="cpu")
         arrays = (_byte_view(send), _byte_view(staged))
         if self._thread is not None:
-            pending: Any = self._thread.submit(self._thread_comm.Alltoall, *arrays)
+            pending: Any = self._thread.submit(getattr(self._thread_comm, collective), *arrays)
         else:
-            pending = self._comm.Ialltoall(*arrays)
+            pending = getattr(self._comm, "I" + collective.lower())(*arrays)
         return _GatherHandle(pending, output, staged, arrays)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
