@@ -70,11 +70,13 @@ def _inspect(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import already_written, describe_plan, plan_sweep, run_here, submit, write_sweep
 
+    if args.emulated_link is not None and not args.run_here:
+        raise UserError("--emulated-link: only with --run-here (it runs the points on this machine)")
     plan = plan_sweep(args.grid, args.out)
     if args.run_here:
         if args.overwrite or not already_written(plan):
             write_sweep(plan, overwrite=args.overwrite)
-        return 1 if run_here(plan, args.jobs) else 0
+        return 1 if run_here(plan, args.jobs, emulated_link=args.emulated_link) else 0
     print(describe_plan(plan))
     if args.dry_run:
         return 0
@@ -100,6 +102,7 @@ def _report(args: argparse.Namespace) -> int:
         tradeoff=args.tradeoff,
         timing=args.timing,
         target=args.target,
+        measured=args.measured or (),
     )
     return 0
 
@@ -227,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         "others under mpirun), skipping runs already finished",
     )
     sweep.add_argument("--jobs", type=_integer, default=1, help="with --run-here: runs at a time (default 1)")
+    sweep.add_argument(
+        "--emulated-link",
+        metavar="RATE",
+        help="with --run-here (as root): run each point's MPI ranks on an emulated network, one namespace per "
+        "rank, links limited to RATE in tc's notation (e.g. 10mbit); their step times are then a measurement "
+        "on that link (report --measured)",
+    )
     sweep.add_argument("--out", help="output folder (default: sweeps/<name>)")
     sweep.add_argument("--overwrite", action="store_true", help="regenerate a sweep folder that already exists")
     sweep.set_defaults(handler=_sweep)
@@ -261,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FRACTION",
         help="time to target: steps, bytes and projected time to reach this fraction of all-reduce's final test "
         "accuracy at the same task and worker count (default: 0.9)",
+    )
+    report.add_argument(
+        "--measured",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="runs trained on an emulated slow network (sweep --run-here --emulated-link): drawn beside the "
+        "projection at their measured and projected time on that link, and tabled in tradeoff-measured.csv, "
+        ".md (implies --tradeoff)",
     )
     report.set_defaults(handler=_report)
     bench = verbs.add_parser(

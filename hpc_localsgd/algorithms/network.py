@@ -30,3 +30,17 @@ def ring_allreduce_seconds(nbytes: float, workers: int, link: Interconnect) -> f
     if workers <= 1:
         return 0.0
     return 2 * (workers - 1) * link.alpha_seconds + 2 * (workers - 1) / workers * nbytes / link.beta_bytes_per_second
+
+
+# An emulated link (launcher/slownet.py): an HTB rate limit in tc's notation, TCP between network
+# namespaces. Its latency is taken as the projection's 10 Gb/s Ethernet's.
+_TC_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
+TCP_LATENCY_SECONDS = 30e-6  # per message
+
+
+def emulated_link(rate: str) -> Interconnect:
+    """The α–β model of an emulated link of ``rate`` (tc's notation, e.g. "1gbit") each way."""
+    for unit, scale in _TC_UNITS.items():
+        if rate.endswith(unit) and rate[: -len(unit)].replace(".", "", 1).isdigit():
+            return Interconnect(f"emulated {rate}", TCP_LATENCY_SECONDS, float(rate[: -len(unit)]) * scale / 8)
+    raise ValueError(f"not a tc rate such as 1gbit or 100mbit: {rate!r}")

@@ -3,21 +3,21 @@
 of the package's one training step, measured as training windows interleaved repetition by
 repetition (phases.py), and the exact bytes each sends per sync.
 
-Run it where the network is slow, for example the emulated 1 Gb/s link of ``bench/slownet.py``:
+Run it where the network is slow, for example the emulated 1 Gb/s link of ``launcher/slownet.py``:
 
-    python -m hpc_localsgd.bench.slownet 2 1gbit -- python -m hpc_localsgd bench --phases streaming ...
+    python -m hpc_localsgd.launcher.slownet 2 1gbit -- python -m hpc_localsgd bench --phases streaming ...
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..algorithms.compression import encoded_bytes, link_bytes
-from ..algorithms.network import Interconnect, ring_allreduce_seconds
+from ..algorithms.network import Interconnect, emulated_link, ring_allreduce_seconds
 from ..config.schema import SyncCompression
+from ..launcher.env import emulated_link_rate
 from .phases import BenchContext, _interleaved_windows, _Measured, _rate, _Window
 from .stats import Figure, Target, slowest
 from .workload import EngineLoop
@@ -61,21 +61,6 @@ VARIANTS = (
     SyncVariant("h2_int8_delay1", 2, 1, compression="int8", target=COMPRESSED_TARGET),
     SyncVariant("h4_int8_delay3", 4, 3, compression="int8"),
 )
-
-
-# What the ranks of an emulated network (bench/slownet.py) find in their environment: the link's rate,
-# as tc writes it.
-EMULATED_LINK_VARIABLE = "HPC_LOCALSGD_EMULATED_LINK"
-_TC_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
-TCP_LATENCY_SECONDS = 30e-6  # per message, as the projection's 10 Gb/s Ethernet (TCP)
-
-
-def emulated_link(rate: str) -> Interconnect:
-    """The α–β model of an emulated link of ``rate`` (tc's notation, e.g. "1gbit") each way."""
-    for unit, scale in _TC_UNITS.items():
-        if rate.endswith(unit) and rate[: -len(unit)].replace(".", "", 1).isdigit():
-            return Interconnect(f"emulated {rate}", TCP_LATENCY_SECONDS, float(rate[: -len(unit)]) * scale / 8)
-    raise ValueError(f"{EMULATED_LINK_VARIABLE}: not a tc rate such as 1gbit or 100mbit: {rate!r}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +162,7 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
             ),
         )
     numel = sum(p.numel() for p in loops["h1"].model.parameters())
-    link_rate = os.environ.get(EMULATED_LINK_VARIABLE)
+    link_rate = emulated_link_rate()
     if link_rate:
         link = emulated_link(link_rate)
         step_seconds = ctx.comm.size * options.batch / bare_rate

@@ -10,7 +10,8 @@ root attributes ``config`` (the resolved YAML), ``world`` (JSON), ``versions`` (
 was planned for), ``levels`` (JSON: the levels of the run's hierarchy, ``global`` last) and more
 written by the training loop; ``stopped`` ("diverged"), ``stopped_step`` and ``stopped_reason``
 when training stopped on a non-finite loss or model; ``first_step`` when the file was started
-afresh on a resume (its rows begin after that step: the damaged file before it was set aside).
+afresh on a resume (its rows begin after that step: the damaged file before it was set aside);
+``emulated_link`` (the rate, e.g. "10mbit") when the ranks ran on an emulated slow network.
 Besides the totals ``bytes_sent`` and ``sync_rounds``, both groups have ``<level>_bytes_sent``
 and ``<level>_sync_rounds`` for every level (files written before levels existed have neither:
 all their traffic is ``global``).
@@ -56,6 +57,9 @@ STOPPED_ATTR = "stopped"  # root attribute: why training stopped for good before
 STOPPED_STEP_ATTR = "stopped_step"
 STOPPED_REASON_ATTR = "stopped_reason"  # the one line the run ended with
 FIRST_STEP_ATTR = "first_step"  # root attribute of a file restarted on resume: its rows follow this step
+# Root attribute of a run whose ranks ran on an emulated slow network (launcher/slownet.py): the
+# link's rate in tc's notation; its step times were measured on that link.
+EMULATED_LINK_ATTR = "emulated_link"
 DIVERGED = "diverged"
 FINISHED, UNFINISHED = "finished", "unfinished"  # the other values of run_status
 

@@ -19,6 +19,17 @@ import torch
 
 from ..errors import LauncherMismatch, RankLocalError
 
+# Set by launcher/slownet.py for every rank it starts on an emulated slow network: the link's rate in
+# tc's notation ("10mbit"). The benchmark projects that link beside its measurement; a training run
+# records it in metrics.h5, where the report finds the runs whose time is a measurement on it.
+EMULATED_LINK_VARIABLE = "HPC_LOCALSGD_EMULATED_LINK"
+
+
+def emulated_link_rate(env: Mapping[str, str] | None = None) -> str | None:
+    """The rate of the emulated link this rank runs on (``launcher/slownet.py``), or None."""
+    return (os.environ if env is None else env).get(EMULATED_LINK_VARIABLE) or None
+
+
 # (launcher, rank, size, local rank, local size, node index) variable names, most specific first.
 # Open MPI has no node index: its OMPI_COMM_WORLD_NODE_RANK is a rank among the processes of the
 # node (of every job there), not the node's number; node_rank stays 0 there.

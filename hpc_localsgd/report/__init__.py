@@ -3,7 +3,7 @@
 collect (find and read runs) → table (group by task, method, H, workers; aggregate seeds) →
 plots (accuracy against H; curves against steps, time, bytes and sync rounds); on request,
 tradeoff (every configuration at projected time to train and final accuracy, the Pareto front,
-time to a target accuracy).
+time to a target accuracy), and beside it runs measured on an emulated slow network.
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ from .plots import plot_accuracy_vs_sync_period, plot_curves
 from .table import GroupKey, ResultRow, group_runs, summarise, write_csv, write_markdown
 from .tradeoff import (
     DEFAULT_TARGET,
+    MeasuredRow,
     Timing,
     load_timing,
+    measured_rows,
     plot_tradeoff,
     tradeoff_rows,
+    write_measured_csv,
+    write_measured_markdown,
     write_tradeoff_csv,
     write_tradeoff_markdown,
 )
@@ -49,14 +53,20 @@ def _figure(out: Path, name: str) -> list[Path]:
 
 
 def plan_outputs(
-    runs: Sequence[Run], out: Path, timing: Timing | None = None, target: float = DEFAULT_TARGET
+    runs: Sequence[Run],
+    out: Path,
+    timing: Timing | None = None,
+    target: float = DEFAULT_TARGET,
+    measured: Sequence[MeasuredRow] = (),
 ) -> list[Output]:
     """Every file the report will write, with what writes it.
 
     Known before anything is written, so that a refusal to overwrite leaves no half-written report.
     When the runs span several tasks (dataset/model), each task gets figures of its own, named with
     the task; the tables hold every task (a task column in CSV, a section per task in Markdown).
-    With ``timing``, the trade-off table (tradeoff.csv, tradeoff.md) and a trade-off figure per task.
+    With ``timing``, the trade-off table (tradeoff.csv, tradeoff.md) and a trade-off figure per task;
+    with ``measured`` rows too, their table (tradeoff-measured.csv, .md) and a panel per emulated link
+    in the trade-off figure of their task.
     """
     rows = summarise(runs)
     groups = group_runs(runs)
@@ -80,21 +90,36 @@ def plan_outputs(
     many = len(tasks) > 1  # drift figures (report/drift.py): named like the curves, per task and worker count
     plan += [Output(f, write) for f, write in drift_figures(runs, out, lambda t: _task_suffix(t) if many else "")]
     if timing is not None:
-        plan += _tradeoff_outputs(runs, out, timing, target, tasks)
+        plan += _tradeoff_outputs(runs, out, timing, target, tasks, measured)
     return plan
 
 
-def _tradeoff_outputs(runs: Sequence[Run], out: Path, timing: Timing, target: float, tasks: list[str]) -> list[Output]:
+def _tradeoff_outputs(
+    runs: Sequence[Run], out: Path, timing: Timing, target: float, tasks: list[str], measured: Sequence[MeasuredRow]
+) -> list[Output]:
     rows = tradeoff_rows(runs, timing, target)
     plan = [
         Output([out / "tradeoff.csv"], lambda: write_tradeoff_csv(rows, out / "tradeoff.csv")),
         Output([out / "tradeoff.md"], lambda: write_tradeoff_markdown(rows, timing, target, out / "tradeoff.md")),
     ]
-    for task in tasks:
-        files = _figure(out, "tradeoff" + (_task_suffix(task) if len(tasks) > 1 else ""))
+    if measured:
+        plan += [
+            Output(
+                [out / "tradeoff-measured.csv"], lambda: write_measured_csv(measured, out / "tradeoff-measured.csv")
+            ),
+            Output(
+                [out / "tradeoff-measured.md"], lambda: write_measured_markdown(measured, out / "tradeoff-measured.md")
+            ),
+        ]
+    every_task = list(dict.fromkeys(tasks + [row.key.task for row in measured]))
+    for task in every_task:
+        files = _figure(out, "tradeoff" + (_task_suffix(task) if len(every_task) > 1 else ""))
         task_rows = [row for row in rows if row.key.task == task]
+        task_measured = [row for row in measured if row.key.task == task]
         title = f"Projected time to train against final test accuracy — {task}"
-        plan.append(Output(files, functools.partial(plot_tradeoff, task_rows, files, title, timing)))
+        if task_measured:
+            title += "; beside it, runs measured on an emulated link"
+        plan.append(Output(files, functools.partial(plot_tradeoff, task_rows, files, title, timing, task_measured)))
     return plan
 
 
@@ -106,12 +131,15 @@ def write_report(
     tradeoff: bool = False,
     timing: str | Path | None = None,
     target: float = DEFAULT_TARGET,
+    measured: Sequence[str | Path] = (),
 ) -> list[Path]:
     """Read every run below ``paths`` (run directories, sweep folders or metrics files) and write the
     results table (CSV, Markdown) and the figures (PNG, SVG) into ``out``.
 
-    ``tradeoff`` (implied by ``timing``, a ``bench`` JSON) adds the speed–accuracy trade-off
-    (:mod:`.tradeoff`); ``target``: time to reach this fraction of all-reduce SGD's final accuracy.
+    ``tradeoff`` (implied by ``timing``, a ``bench`` JSON, and by ``measured``) adds the speed–accuracy
+    trade-off (:mod:`.tradeoff`); ``target``: time to reach this fraction of all-reduce SGD's final
+    accuracy. ``measured``: paths of runs trained on an emulated slow network, drawn at their measured
+    and projected time in a panel of their own beside the projected ones (not in the other outputs).
 
     Returns the files written, in order. Raises :class:`UserError` for bad input, and for an
     existing output file unless ``overwrite``. ``say`` receives one line per file and a summary.
@@ -121,9 +149,10 @@ def write_report(
         raise UserError(f"--out '{out}' exists and is not a directory")
     if not target > 0:
         raise UserError(f"--target: must be a fraction > 0 of all-reduce's final accuracy, got {target}")
-    chosen = load_timing(timing) if tradeoff or timing is not None else None
+    chosen = load_timing(timing) if tradeoff or timing is not None or measured else None
     runs = collect_runs(paths)
-    plan = plan_outputs(runs, out, chosen, target)
+    measured_runs = measured_rows(collect_runs(measured)) if measured else []
+    plan = plan_outputs(runs, out, chosen, target, measured_runs)
     if not overwrite:
         for output in plan:
             for file in output.files:

@@ -22,6 +22,7 @@ import yaml
 from ..errors import UserError, print_line
 from ..io.hdf5 import attr_text, is_hdf5, open_error_reason
 from ..io.metrics import (
+    EMULATED_LINK_ATTR,
     FINISHED,
     METRICS_FILE,
     METRICS_FORMAT,
@@ -82,6 +83,11 @@ class Evals:
     # Over the slowest network: all of a flat run's traffic; between workers when ranks form workers.
     global_bytes_sent: np.ndarray
     global_sync_rounds: np.ndarray
+    # Rank 0's step times summed up to each evaluation (data, forward, backward, update and the time
+    # blocked in communication; evaluations and checkpoints excluded), and the compute part of that;
+    # NaN where the step table does not hold every step up to it.
+    train_seconds: np.ndarray
+    compute_seconds: np.ndarray
 
     def __len__(self) -> int:
         return int(self.step.shape[0])
@@ -103,6 +109,7 @@ class Run:
     settings: dict[str, Any] = field(default_factory=dict)
     stopped: str | None = None  # "diverged": training stopped at ``stopped_step`` on a NaN or inf model
     stopped_step: int | None = None
+    emulated_link: str | None = None  # the rate (tc's notation) of the emulated network it ran on
 
     @property
     def status(self) -> str:
@@ -167,6 +174,7 @@ def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.
         raise UserError(f"'{path}' has no evals/{missing[0]} dataset: not a metrics file this version can read")
     # A read that races a flush could see fields of different lengths; keep the rows all fields have.
     rows = min((len(values) for values in evals.values()), default=0)
+    train_seconds, compute_seconds = summed_step_times(np.asarray(evals["step"][:rows]), series.get("steps", {}))
     return Run(
         path=path,
         task=task,
@@ -182,11 +190,35 @@ def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.
                 f"global_{counter}": np.asarray(evals.get(f"global_{counter}", evals[counter])[:rows])
                 for counter in ("bytes_sent", "sync_rounds")
             },
+            train_seconds=train_seconds,
+            compute_seconds=compute_seconds,
         ),
         settings=_flatten(config),
         stopped=attr_text(attrs, STOPPED_ATTR) or None,
         stopped_step=int(attrs[STOPPED_STEP_ATTR]) if STOPPED_STEP_ATTR in attrs else None,
+        emulated_link=attr_text(attrs, EMULATED_LINK_ATTR) or None,
     )
+
+
+def summed_step_times(eval_steps: np.ndarray, steps: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Rank 0's summed step time and compute time at each evaluation step, from the step table; NaN
+    where the table does not hold steps 1 … that step in order (a metrics file restarted on resume
+    after damage begins later; a read racing a flush may end earlier)."""
+    total = np.full(len(eval_steps), np.nan)
+    compute = np.full(len(eval_steps), np.nan)
+    if not all(name in steps for name in ("step", "compute_seconds", "comm_seconds")):
+        return total, compute
+    rows = min(len(steps[name]) for name in ("step", "compute_seconds", "comm_seconds"))
+    numbered = np.asarray(steps["step"][:rows], dtype=np.int64)
+    gaps = np.flatnonzero(numbered != np.arange(1, rows + 1))
+    complete = int(gaps[0]) if len(gaps) else rows  # steps 1 … complete are all there, in order
+    own = np.asarray(steps["compute_seconds"][:complete], dtype=np.float64)
+    blocked = np.asarray(steps["comm_seconds"][:complete], dtype=np.float64)
+    total_sum, compute_sum = np.cumsum(own + blocked), np.cumsum(own)
+    for i, step in enumerate(np.asarray(eval_steps, dtype=np.int64)):
+        if 1 <= step <= complete:
+            total[i], compute[i] = total_sum[step - 1], compute_sum[step - 1]
+    return total, compute
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,29 +101,32 @@ CSV_COLUMNS = (
 )
 
 
-def write_csv(rows: Sequence[ResultRow], path: Path) -> None:
-    """Raw numbers (accuracy as a fraction) at full precision, for further analysis."""
+def write_table_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """A header and one line per row: the report's CSV files."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for row in rows:
-            writer.writerow(
-                [
-                    row.key.task,
-                    row.key.method,
-                    row.key.sync_period,
-                    row.key.workers,
-                    row.seeds,
-                    repr(row.accuracy_mean),
-                    "" if row.accuracy_std is None else repr(row.accuracy_std),
-                    repr(row.sync_rounds_mean),
-                    repr(row.bytes_sent_mean),
-                    repr(row.wall_seconds_mean),
-                    row.complete,
-                    repr(row.global_sync_rounds_mean),
-                    repr(row.global_bytes_sent_mean),
-                ]
-            )
+        writer.writerow(columns)
+        writer.writerows(rows)
+
+
+def number_cell(value: float | None) -> str:
+    """A CSV cell at full precision (repr); empty for a value that does not exist."""
+    return "" if value is None else repr(value)
+
+
+def write_csv(rows: Sequence[ResultRow], path: Path) -> None:
+    """Raw numbers (accuracy as a fraction) at full precision, for further analysis."""
+    write_table_csv(
+        path,
+        CSV_COLUMNS,
+        (
+            [row.key.task, row.key.method, row.key.sync_period, row.key.workers, row.seeds]
+            + [number_cell(v) for v in (row.accuracy_mean, row.accuracy_std, row.sync_rounds_mean)]
+            + [number_cell(v) for v in (row.bytes_sent_mean, row.wall_seconds_mean)]
+            + [row.complete, number_cell(row.global_sync_rounds_mean), number_cell(row.global_bytes_sent_mean)]
+            for row in rows
+        ),
+    )
 
 
 def human_bytes(n: float) -> str:

@@ -22,11 +22,18 @@ Time to target: the first evaluation at which a run's test accuracy reaches ``ta
 final accuracy of all-reduce SGD (mean over its seeds) for the same task and worker count; its
 steps, bytes and projected time. A relative target because "90 % of what all-reduce reaches" means
 the same on every task, where an absolute accuracy does not.
+
+Measured beside projected (``--measured``): runs whose ranks ran on an emulated slow network
+(``hpc-localsgd sweep --run-here --emulated-link RATE``, launcher/slownet.py) carry the link's rate
+and rank 0's step times. Each is drawn twice in a panel of its own beside the projected ones: at its
+measured time to train (the step times summed: compute and the time blocked in communication;
+evaluations and checkpoints excluded) and at the projection of the same run on the same link, whose
+compute is the run's own measured compute. Compute cancels, so the gap between the two points is
+the α–β model's error on that link: latency, the network stack, the communication thread.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import textwrap
@@ -39,11 +46,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-from ..algorithms.network import INTERCONNECTS, Interconnect, ring_allreduce_seconds
+from ..algorithms.network import INTERCONNECTS, Interconnect, emulated_link, ring_allreduce_seconds
 from ..errors import UserError
 from .collect import Run
 from .plots import BASELINE, _save, method_color
-from .table import GroupKey, group_runs, human_bytes, human_seconds
+from .table import GroupKey, group_runs, human_bytes, human_seconds, number_cell, write_table_csv
 
 # Assumed when no bench JSON is given: of the order of a small CNN's step on one CPU core, so that
 # the latency of a sync weighs against it as it does for a large model on a GPU.
@@ -110,17 +117,37 @@ def projected_seconds(
 
 
 @dataclass
-class TradeoffRow:
-    """One configuration (group of seeds) on one interconnect; times in seconds, means over seeds."""
+class Configuration:
+    """What both trade-off tables say of a configuration (a group of seeds): means over seeds."""
 
     key: GroupKey
-    interconnect: str
     seeds: int
     accuracy_mean: float
     accuracy_std: float | None
     steps: float
     global_sync_rounds: float
     global_bytes_sent: float
+
+    @staticmethod
+    def of(key: GroupKey, runs: Sequence[Run]) -> dict[str, Any]:
+        """The fields, from the runs' last evaluations, for a subclass to be built with."""
+        accuracy = [float(run.evals.test_accuracy[-1]) for run in runs]
+        return dict(
+            key=key,
+            seeds=len(runs),
+            accuracy_mean=statistics.fmean(accuracy),
+            accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
+            steps=statistics.fmean(float(run.evals.step[-1]) for run in runs),
+            global_sync_rounds=statistics.fmean(float(run.evals.global_sync_rounds[-1]) for run in runs),
+            global_bytes_sent=statistics.fmean(float(run.evals.global_bytes_sent[-1]) for run in runs),
+        )
+
+
+@dataclass
+class TradeoffRow(Configuration):
+    """One configuration on one interconnect; times in seconds, means over seeds."""
+
+    interconnect: str
     seconds: float
     comm_seconds: float
     target_accuracy: float | None  # absolute; None without an all-reduce run of the same task and workers
@@ -142,7 +169,6 @@ def _row(key: GroupKey, runs: Sequence[Run], link: Interconnect, compute: float,
             float(e.step[i]), float(e.global_sync_rounds[i]), float(e.global_bytes_sent[i]), run.workers, link, compute
         )
 
-    accuracy = [float(run.evals.test_accuracy[-1]) for run in runs]
     hits: list[tuple[Run, int]] = []  # each run that reaches the target, with its first evaluation there
     for run in runs:
         if target is None:
@@ -151,14 +177,8 @@ def _row(key: GroupKey, runs: Sequence[Run], link: Interconnect, compute: float,
         if len(reached):
             hits.append((run, int(reached[0])))
     return TradeoffRow(
-        key=key,
+        **Configuration.of(key, runs),
         interconnect=link.name,
-        seeds=len(runs),
-        accuracy_mean=statistics.fmean(accuracy),
-        accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
-        steps=statistics.fmean(float(run.evals.step[-1]) for run in runs),
-        global_sync_rounds=statistics.fmean(float(run.evals.global_sync_rounds[-1]) for run in runs),
-        global_bytes_sent=statistics.fmean(float(run.evals.global_bytes_sent[-1]) for run in runs),
         seconds=statistics.fmean(project(run, -1) for run in runs),
         comm_seconds=statistics.fmean(project(run, -1) - compute * float(run.evals.step[-1]) for run in runs),
         target_accuracy=target,
@@ -167,6 +187,184 @@ def _row(key: GroupKey, runs: Sequence[Run], link: Interconnect, compute: float,
         bytes_to_target=_mean([float(run.evals.global_bytes_sent[i]) for run, i in hits]),
         seconds_to_target=_mean([project(run, i) for run, i in hits]),
     )
+
+
+@dataclass
+class MeasuredRow(Configuration):
+    """One configuration run on an emulated link; times in seconds, means over seeds."""
+
+    link: Interconnect
+    compute_seconds_per_step: float  # measured
+    measured_seconds: float  # the step times summed
+    measured_comm_seconds: float  # of which blocked in communication
+    projected_seconds: float  # steps · the measured compute per step + the α–β model of the link
+    projected_comm_seconds: float
+
+    @property
+    def ratio(self) -> float:
+        """Measured over projected time to train."""
+        return self.measured_seconds / self.projected_seconds
+
+
+# The columns both trade-off tables start with after the task and the network: what the configuration
+# is, what it reached and what it counted (means over seeds).
+_CONFIGURATION_COLUMNS = (
+    "method",
+    "H",
+    "workers",
+    "seeds",
+    "test_accuracy_mean",
+    "test_accuracy_std",
+    "steps",
+    "global_sync_rounds",
+    "global_bytes_sent_per_worker",
+)
+
+
+def _configuration_cells(r: Configuration) -> list[object]:
+    return [r.key.method, r.key.sync_period, r.key.workers, r.seeds] + [
+        number_cell(v) for v in (r.accuracy_mean, r.accuracy_std, r.steps, r.global_sync_rounds, r.global_bytes_sent)
+    ]
+
+
+def measured_rows(runs: Sequence[Run]) -> list[MeasuredRow]:
+    """A row per configuration and emulated link, in table order. Raises :class:`UserError` for a run
+    that did not run on an emulated link, or whose step table does not hold every step it trained."""
+    by_link: dict[tuple[GroupKey, str], list[Run]] = {}
+    for key, members in group_runs(runs).items():
+        for run in members:
+            if run.emulated_link is None:
+                raise UserError(
+                    f"--measured: '{run.path}' did not run on an emulated link (run it with "
+                    "`hpc-localsgd sweep --run-here --emulated-link RATE`)"
+                )
+            if not np.isfinite(run.evals.train_seconds[-1]):
+                raise UserError(
+                    f"--measured: '{run.path}' has no step time for every step up to its last evaluation "
+                    "(a metrics file restarted after damage, or one still being written)"
+                )
+            by_link.setdefault((key, run.emulated_link), []).append(run)
+    rows = []
+    for (key, rate), members in by_link.items():
+        try:
+            link = emulated_link(rate)
+        except ValueError as exc:
+            raise UserError(f"--measured: '{members[0].path}': emulated link {exc}") from None
+        projected, projected_comm = [], []
+        for run in members:
+            e = run.evals
+            steps = float(e.step[-1])
+            compute = float(e.compute_seconds[-1])
+            total = projected_seconds(
+                steps,
+                float(e.global_sync_rounds[-1]),
+                float(e.global_bytes_sent[-1]),
+                run.workers,
+                link,
+                compute / steps,
+            )
+            projected.append(total)
+            projected_comm.append(total - compute)
+        rows.append(
+            MeasuredRow(
+                **Configuration.of(key, members),
+                link=link,
+                compute_seconds_per_step=statistics.fmean(
+                    float(run.evals.compute_seconds[-1] / run.evals.step[-1]) for run in members
+                ),
+                measured_seconds=statistics.fmean(float(run.evals.train_seconds[-1]) for run in members),
+                measured_comm_seconds=statistics.fmean(
+                    float(run.evals.train_seconds[-1] - run.evals.compute_seconds[-1]) for run in members
+                ),
+                projected_seconds=statistics.fmean(projected),
+                projected_comm_seconds=statistics.fmean(projected_comm),
+            )
+        )
+    return rows
+
+
+MEASURED_CSV_COLUMNS = (
+    "task",
+    "link",
+    *_CONFIGURATION_COLUMNS,
+    "compute_seconds_per_step",
+    "measured_seconds",
+    "measured_comm_seconds",
+    "projected_seconds",
+    "projected_comm_seconds",
+    "measured_over_projected",
+)
+
+
+def write_measured_csv(rows: Sequence[MeasuredRow], path: Path) -> None:
+    write_table_csv(
+        path,
+        MEASURED_CSV_COLUMNS,
+        (
+            [r.key.task, r.link.name, *_configuration_cells(r)]
+            + [number_cell(v) for v in (r.compute_seconds_per_step, r.measured_seconds, r.measured_comm_seconds)]
+            + [number_cell(v) for v in (r.projected_seconds, r.projected_comm_seconds, r.ratio)]
+            for r in rows
+        ),
+    )
+
+
+def measured_markdown(rows: Sequence[MeasuredRow]) -> str:
+    header = (
+        "method",
+        "H",
+        "workers",
+        "test accuracy (%)",
+        "compute / step",
+        "measured time",
+        "of which comm",
+        "projected time",
+        "of which comm",
+        "measured / projected",
+    )
+    lines = [
+        "# Measured on an emulated link, beside the projection",
+        "",
+        "Each run's ranks ran one per network namespace, joined by links rate-limited with HTB "
+        "(`hpc-localsgd sweep --run-here --emulated-link RATE`). Measured: rank 0's step times summed "
+        "(compute and the time blocked in communication; evaluations and checkpoints excluded). Projected: "
+        "the same run's steps × its own measured compute per step + its global sync rounds and bytes through "
+        "the α–β ring model of the link (no overlap), as on the trade-off figure. Compute cancels: the ratio "
+        "is the network model's error on this machine. Means over seeds.",
+    ]
+    for task in dict.fromkeys(r.key.task for r in rows):
+        for link in dict.fromkeys(r.link for r in rows):
+            mine = [r for r in rows if r.key.task == task and r.link == link]
+            if not mine:
+                continue
+            lines += [
+                "",
+                f"## {task} — {link.name} (α = {link.alpha_seconds * 1e6:g} µs, "
+                f"β = {link.beta_bytes_per_second / 1e6:g} MB/s)",
+                "",
+                "| " + " | ".join(header) + " |",
+            ]
+            lines.append("|---|" + "---:|" * (len(header) - 1))
+            for r in mine:
+                std = "–" if r.accuracy_std is None else f"{100 * r.accuracy_std:.2f}"
+                cells = (
+                    r.key.method,
+                    str(r.key.sync_period),
+                    str(r.key.workers),
+                    f"{100 * r.accuracy_mean:.2f} ± {std}",
+                    f"{1e3 * r.compute_seconds_per_step:.1f} ms",
+                    human_seconds(r.measured_seconds),
+                    human_seconds(r.measured_comm_seconds),
+                    human_seconds(r.projected_seconds),
+                    human_seconds(r.projected_comm_seconds),
+                    f"{r.ratio:.2f}",
+                )
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_measured_markdown(rows: Sequence[MeasuredRow], path: Path) -> None:
+    path.write_text(measured_markdown(rows))
 
 
 def mark_pareto(rows: Sequence[TradeoffRow]) -> None:
@@ -204,15 +402,7 @@ def tradeoff_rows(runs: Sequence[Run], timing: Timing, target: float = DEFAULT_T
 CSV_COLUMNS = (
     "task",
     "interconnect",
-    "method",
-    "H",
-    "workers",
-    "seeds",
-    "test_accuracy_mean",
-    "test_accuracy_std",
-    "steps",
-    "global_sync_rounds",
-    "global_bytes_sent_per_worker",
+    *_CONFIGURATION_COLUMNS,
     "projected_seconds",
     "projected_comm_seconds",
     "pareto",
@@ -224,22 +414,18 @@ CSV_COLUMNS = (
 )
 
 
-def _number(value: float | None) -> str:
-    return "" if value is None else repr(value)
-
-
 def write_tradeoff_csv(rows: Sequence[TradeoffRow], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for r in rows:
-            writer.writerow(
-                [r.key.task, r.interconnect, r.key.method, r.key.sync_period, r.key.workers, r.seeds]
-                + [_number(v) for v in (r.accuracy_mean, r.accuracy_std, r.steps, r.global_sync_rounds)]
-                + [_number(v) for v in (r.global_bytes_sent, r.seconds, r.comm_seconds)]
-                + [int(r.pareto), _number(r.target_accuracy), r.reached]
-                + [_number(v) for v in (r.steps_to_target, r.bytes_to_target, r.seconds_to_target)]
-            )
+    write_table_csv(
+        path,
+        CSV_COLUMNS,
+        (
+            [r.key.task, r.interconnect, *_configuration_cells(r)]
+            + [number_cell(r.seconds), number_cell(r.comm_seconds), int(r.pareto), number_cell(r.target_accuracy)]
+            + [r.reached]
+            + [number_cell(v) for v in (r.steps_to_target, r.bytes_to_target, r.seconds_to_target)]
+            for r in rows
+        ),
+    )
 
 
 def tradeoff_markdown(rows: Sequence[TradeoffRow], timing: Timing, target: float) -> str:
@@ -300,16 +486,73 @@ def write_tradeoff_markdown(rows: Sequence[TradeoffRow], timing: Timing, target:
     path.write_text(tradeoff_markdown(rows, timing, target))
 
 
-def plot_tradeoff(rows: Sequence[TradeoffRow], files: Sequence[Path], title: str, timing: Timing) -> None:
+def _log_time_axis(ax: Any, times: Sequence[float]) -> None:
+    if max(times) >= 10 * min(times) > 0:  # all-reduce can be many times slower on a slow network
+        ax.set_xscale("log")
+        # 1-2-5 ticks in plain numbers: over a decade or two the default labels the minor ticks
+        # in scientific notation, and they run into each other.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _plot_measured(ax: Any, rows: Sequence[MeasuredRow], color: Any, marker: Any) -> None:
+    """Each configuration at its projected time (filled) and its measured time (open), joined."""
+    for r in rows:
+        y = 100 * r.accuracy_mean
+        ax.plot([r.projected_seconds, r.measured_seconds], [y, y], color=color(r), linewidth=0.8, alpha=0.6)
+        ax.plot(r.projected_seconds, y, linestyle="none", marker=marker(r), color=color(r), markersize=6)
+        ax.plot(
+            r.measured_seconds,
+            y,
+            linestyle="none",
+            marker=marker(r),
+            markersize=7,
+            markeredgewidth=1.5,
+            markerfacecolor="none",
+            markeredgecolor=color(r),
+        )
+        if r.key.method != BASELINE:
+            ax.annotate(
+                f"H={r.key.sync_period}", (r.measured_seconds, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
+    _log_time_axis(ax, [t for r in rows for t in (r.projected_seconds, r.measured_seconds)])
+    link = rows[0].link
+    ax.set_title(f"{link.name}: measured (open) and projected (filled)", fontsize="medium")
+    ax.set_xlabel("time to train (s); projected with each run's measured compute")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+
+
+def plot_tradeoff(
+    rows: Sequence[TradeoffRow],
+    files: Sequence[Path],
+    title: str,
+    timing: Timing,
+    measured: Sequence[MeasuredRow] = (),
+) -> None:
     """A panel per interconnect: each configuration at (projected time, final accuracy ± std), color per
-    method, marker per worker count, labelled with H; the Pareto front as a step line."""
+    method, marker per worker count, labelled with H; the Pareto front as a step line. Beside them, a
+    panel per emulated link of the ``measured`` runs: measured and projected time of each."""
     links = list(dict.fromkeys(r.interconnect for r in rows))
-    methods = list(dict.fromkeys(r.key.method for r in rows))
-    workers = sorted({r.key.workers for r in rows})
+    emulated = list(dict.fromkeys(r.link for r in measured))
+    methods = list(dict.fromkeys([r.key.method for r in rows] + [r.key.method for r in measured]))
+    workers = sorted({r.key.workers for r in rows} | {r.key.workers for r in measured})
     markers = dict(zip(workers, "osD^vP*X", strict=False))
-    figure = Figure(figsize=(2.5 + 5.0 * len(links), 5.0), layout="constrained")
-    axes = figure.subplots(1, len(links), sharey=True, squeeze=False)[0]
-    for ax, link in zip(axes, links, strict=True):
+    panels = len(links) + len(emulated)
+    figure = Figure(figsize=(2.5 + 5.0 * panels, 5.0), layout="constrained")
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    for ax in axes[1 : len(links)]:  # the projected panels share one accuracy axis; a measured one has its own
+        ax.sharey(axes[0])
+        ax.tick_params(labelleft=False)
+    for ax, link_of_measured in zip(axes[len(links) :], emulated, strict=True):
+        _plot_measured(
+            ax,
+            [r for r in measured if r.link == link_of_measured],
+            lambda r: method_color(r.key.method, methods),
+            lambda r: markers.get(r.key.workers, "o"),
+        )
+    for ax, link in zip(axes, links, strict=False):
         panel = [r for r in rows if r.interconnect == link]
         for r in panel:
             ax.errorbar(
@@ -342,14 +585,7 @@ def plot_tradeoff(rows: Sequence[TradeoffRow], files: Sequence[Path], title: str
                 linewidth=1,
                 label="Pareto front",
             )
-        times = [r.seconds for r in panel]
-        if max(times) >= 10 * min(times) > 0:  # all-reduce can be many times slower on a slow network
-            ax.set_xscale("log")
-            # 1-2-5 ticks in plain numbers: over a decade or two the default labels the minor ticks
-            # in scientific notation, and they run into each other.
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.xaxis.set_minor_formatter(NullFormatter())
+        _log_time_axis(ax, [r.seconds for r in panel])
         ax.set_title(f"{link} ({LABEL})", fontsize="medium")
         ax.set_xlabel("projected time to train (s)")
         ax.grid(True, alpha=0.3)
@@ -358,6 +594,10 @@ def plot_tradeoff(rows: Sequence[TradeoffRow], files: Sequence[Path], title: str
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
+    for method in dict.fromkeys(m.key.method for m in measured):  # one only measured needs its color too
+        seen.setdefault(
+            method, axes[0].plot([], [], linestyle="none", marker="o", color=method_color(method, methods))[0]
+        )
     for count in workers:
         seen[f"{count} workers"] = axes[0].plot([], [], linestyle="none", marker=markers.get(count, "o"), color="0.3")[
             0

@@ -315,10 +315,13 @@ _FINISHED_LINE = "finished"
 _DIVERGED_PREFIX = "diverged: "
 
 
-def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tuple[float | None, str]:
+def _run_point(
+    config_path: str, log_path: str, ranks: int, threads: int, emulated_link: str | None = None
+) -> tuple[float | None, str]:
     """One point, in a pool worker: (final test accuracy or None, one line about it). ``threads``:
     torch threads for a simulated point whose config leaves them to the machine (train.threads 0),
-    so that the pool's runs share the cores instead of each taking all of them."""
+    so that the pool's runs share the cores instead of each taking all of them. ``emulated_link``:
+    run the ranks on an emulated network of that rate (launcher/slownet.py), one namespace each."""
     import sys
     import traceback
 
@@ -350,19 +353,18 @@ def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tup
                 return None, f"{type(exc).__name__}: {exc} (traceback in {log_path})"
             assert result.final is not None
             return result.final.test_accuracy, f"test acc {result.final.test_accuracy:.4f}"
-        command = [
-            "mpirun",
-            "-np",
-            str(ranks),
-            sys.executable,
-            "-m",
-            "hpc_localsgd",
-            "train",
-            config_path,
-            "--resume",
-            "auto",
-        ]
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        argv = [sys.executable, "-m", "hpc_localsgd", "train", str(Path(config_path).resolve()), "--resume", "auto"]
+        if emulated_link is None:
+            done = subprocess.run(["mpirun", "-np", str(ranks), *argv], stdout=log, stderr=subprocess.STDOUT)
+        else:
+            from ..launcher.slownet import slow_network
+
+            try:
+                with slow_network(ranks, emulated_link) as network:
+                    done = subprocess.run(network.mpirun_command(argv), stdout=log, stderr=subprocess.STDOUT)
+            except Refused as exc:
+                print(f"hpc-localsgd: error: {exc}", file=log)
+                return None, str(exc)
         if done.returncode == TrainingDiverged.exit_code:
             return None, f"{_DIVERGED_PREFIX}see {log_path}"
         if done.returncode != 0:
@@ -370,25 +372,60 @@ def _run_point(config_path: str, log_path: str, ranks: int, threads: int) -> tup
     return None, _FINISHED_LINE
 
 
-def run_here(plan: SweepPlan, jobs: int, print_fn: Any = print) -> int:
+def check_emulated_link(plan: SweepPlan, jobs: int, rate: str) -> None:
+    """Refuse, in one line and before any run starts, a sweep that cannot run on an emulated link of
+    ``rate``: a rate tc does not read, runs at once (they would share the cores their step times
+    measure), a point of simulated workers or of one rank (no network between them), or a machine
+    where the namespaces cannot be created."""
+    from ..algorithms.network import emulated_link
+    from ..launcher.slownet import MAX_RANKS, check_can_create
+
+    try:
+        emulated_link(rate)
+    except ValueError as exc:
+        raise UserError(f"--emulated-link: {exc}") from None
+    if jobs != 1:
+        raise UserError(f"--emulated-link measures step times: run the points one at a time (--jobs 1, not {jobs})")
+    for point in plan.points:
+        ranks = point.nodes * plan.shape.ntasks_per_node
+        if load_config(point.config_path, []).comm.backend == "simulated":
+            raise UserError(
+                f"--emulated-link: point {point.name} runs simulated workers in one process, with no network "
+                "between them (set comm.backend to mpi, horovod or torch)"
+            )
+        if not 2 <= ranks <= MAX_RANKS:
+            raise UserError(
+                f"--emulated-link: point {point.name} runs {ranks} rank(s); an emulated network joins 2 to "
+                f"{MAX_RANKS} (slurm.nodes × slurm.ntasks_per_node)"
+            )
+    check_can_create()
+
+
+def run_here(plan: SweepPlan, jobs: int, print_fn: Any = print, emulated_link: str | None = None) -> int:
     """Run every point of a written sweep on this machine, ``jobs`` at a time, skipping points whose
     run already finished or diverged (so an interrupted sweep continues where it stopped). Simulated
     points run inside the pool's processes (one torch import per process, not per run); others run
-    under ``mpirun -np <ranks>`` with ``--resume auto``. Returns the number of failed points: a run
-    that diverged is an outcome of the study (shown as DIVERGED, counted apart), not a failure."""
+    under ``mpirun -np <ranks>`` with ``--resume auto``, or with ``emulated_link`` (a tc rate such as
+    "10mbit") one rank per network namespace of an emulated network of that rate, so that each run's
+    step times are a measurement on that link (``report --measured``). Returns the number of failed
+    points: a run that diverged is an outcome of the study (shown as DIVERGED, counted apart), not a
+    failure."""
     import multiprocessing
     import time
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
+    if emulated_link is not None:
+        check_emulated_link(plan, jobs, emulated_link)
     status = {p.name: _status(p.run_dir) for p in plan.points}
     todo = [p for p in plan.points if status[p.name] == "unfinished"]
     skipped = len(plan.points) - len(todo)
     done_before = sum(s == "diverged" for s in status.values())
     print_fn(
         f"sweep '{plan.name}': {len(todo)} of {len(plan.points)} runs to go ({skipped - done_before} already "
-        f"finished{f', {done_before} diverged' if done_before else ''}), {jobs} at a time; logs in {plan.out / 'logs'}"
+        f"finished{f', {done_before} diverged' if done_before else ''}), {jobs} at a time"
+        f"{f' on an emulated {emulated_link} network' if emulated_link else ''}; logs in {plan.out / 'logs'}"
     )
     failed = diverged = 0
     start = time.perf_counter()
@@ -402,6 +439,7 @@ def run_here(plan: SweepPlan, jobs: int, print_fn: Any = print) -> int:
                 str(plan.out / "logs" / f"{p.name}.out"),
                 p.nodes * plan.shape.ntasks_per_node,
                 threads,
+                emulated_link,
             ): p
             for p in todo
         }

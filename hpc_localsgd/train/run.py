@@ -31,8 +31,8 @@ from ..comm.base import Communicator
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import TrainingDiverged
-from ..io.metrics import DIVERGED, METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter
-from ..launcher.env import software_versions
+from ..io.metrics import DIVERGED, EMULATED_LINK_ATTR, METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter
+from ..launcher.env import emulated_link_rate, software_versions
 from .lr import LRSchedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -299,17 +299,21 @@ def open_metrics(
 ) -> MetricsWriter:
     """The run's ``metrics.h5`` with its header; ``resume_after_step`` continues an existing file."""
     world = {**workers.world, "threads_per_rank": torch.get_num_threads(), "host": platform.node()}
+    attrs: dict[str, Any] = {
+        "config": config_to_yaml(cfg),
+        "world": world,
+        "versions": software_versions(),
+        "method": describe_method(cfg),
+        "steps_per_epoch": workers.steps_per_epoch,
+        TOTAL_STEPS_ATTR: opt.total_steps,
+        "global_batch": opt.global_batch,
+    }
+    link = emulated_link_rate()
+    if link is not None:  # started by launcher/slownet.py: its step times are a measurement on that link
+        attrs[EMULATED_LINK_ATTR] = link
     return MetricsWriter(
         Path(cfg.output.run_dir) / METRICS_FILE,
-        {
-            "config": config_to_yaml(cfg),
-            "world": world,
-            "versions": software_versions(),
-            "method": describe_method(cfg),
-            "steps_per_epoch": workers.steps_per_epoch,
-            TOTAL_STEPS_ATTR: opt.total_steps,
-            "global_batch": opt.global_batch,
-        },
+        attrs,
         cfg.output.metrics_flush_seconds,
         locking=cfg.output.hdf5_file_locking,
         resume_after_step=resume_after_step,

@@ -1,4 +1,4 @@
-"""Run by tests/mpi/test_slownet.py under ``mpirun -np 2`` on the emulated slow network (bench/slownet.py).
+"""Run by tests/mpi/test_slownet.py under ``mpirun -np 2`` on the emulated slow network (launcher/slownet.py).
 
 Checks an allreduce across the namespaces on the mpi backend, then times a broadcast of ``--bytes`` from
 rank 0, which rank 1 can only finish once every byte crossed the rate-limited links. Prints

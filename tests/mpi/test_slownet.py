@@ -1,4 +1,6 @@
-"""The emulated slow network (bench/slownet.py): two namespaces, a real rate limit, nothing left behind.
+"""The emulated slow network (launcher/slownet.py): two namespaces, a real rate limit, nothing left behind;
+and a sweep run on it (``sweep --run-here --emulated-link``) that ``report --measured`` places beside
+its projection.
 
 It needs root and the ``ip``/``tc`` tools; where it cannot create namespaces the test fails with the
 harness's one line (never a skip).
@@ -6,14 +8,18 @@ harness's one line (never a skip).
 
 from __future__ import annotations
 
+import csv
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import h5py
 import pytest
 
-from hpc_localsgd.bench.slownet import SlowNetworkUnavailable, existing_namespaces, slow_network
-from tests.helpers import REPO_ROOT
+from hpc_localsgd.launcher.slownet import SlowNetworkUnavailable, existing_namespaces, slow_network
+from tests.helpers import MPI_TEST_ENV, REPO_ROOT
 
 DRIVER = str(REPO_ROOT / "tests" / "mpi" / "slownet_driver.py")
 RATE_BITS = 100_000_000  # "100mbit": slow enough that the payload's time dwarfs latency, fast enough for CI
@@ -66,3 +72,88 @@ def test_a_network_that_cannot_be_created_says_so_in_one_line_and_leaves_nothing
     message = str(raised.value)
     assert message.startswith("cannot set up the slow network: tc class add") and "\n" not in message
     assert ours(prefix) == set()
+
+
+MEASURED_GRID = """
+name: measured
+base: {base}
+set:
+  model.width: 32          # 79 KB a sync: much more than what HTB lets through at once after an idle link
+  train.epochs: 1
+  train.eval_every_epochs: 0.5
+  optim.warmup_epochs: 0.25
+  optim.decay_epochs: [0.75]
+  comm.backend: {backend}
+  comm.simulated_workers: {workers}
+variants:
+  - {{algorithm.method: allreduce}}
+  - {{algorithm.method: local_sgd, algorithm.sync_period: 4}}
+slurm:
+  ntasks_per_node: 2
+"""
+MEASURED_RATE, MEASURED_BETA = "20mbit", 20e6 / 8  # bytes per second
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, **MPI_TEST_ENV, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_localsgd", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
+
+
+def grid(tmp_path: Path, backend: str = "mpi", workers: int = 0) -> Path:
+    path = tmp_path / f"grid-{backend}.yaml"
+    base = REPO_ROOT / "configs" / "study" / "digits_smallcnn.yaml"
+    path.write_text(MEASURED_GRID.format(base=base, backend=backend, workers=workers))
+    return path
+
+
+def test_a_sweep_on_the_emulated_network_is_measured_and_reported_beside_its_projection(tmp_path: Path) -> None:
+    before = existing_namespaces()
+    out = tmp_path / "sweep"
+    done = cli(
+        "sweep", str(grid(tmp_path)), "--out", str(out), "--run-here", "--emulated-link", MEASURED_RATE, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"on an emulated {MEASURED_RATE} network" in done.stdout and "2 runs done" in done.stdout, done.stdout
+    assert existing_namespaces() == before  # every namespace of every run removed
+    for run in sorted((out / "runs").iterdir()):
+        with h5py.File(run / "metrics.h5", "r") as f:
+            assert f.attrs["emulated_link"] == MEASURED_RATE
+    report = cli(
+        "report", str(out / "runs"), "--measured", str(out / "runs"), "--out", str(tmp_path / "r"), cwd=tmp_path
+    )
+    assert report.returncode == 0, report.stdout + report.stderr
+    rows = {(r["method"], r["H"]): r for r in csv.DictReader((tmp_path / "r" / "tradeoff-measured.csv").open())}
+    assert set(rows) == {("all-reduce", "1"), ("local SGD", "4")}
+    for row in rows.values():
+        steps, rounds, nbytes = (float(row[k]) for k in ("steps", "global_sync_rounds", "global_bytes_sent_per_worker"))
+        assert row["link"] == f"emulated {MEASURED_RATE}" and row["workers"] == "2"
+        # The projection: the run's measured compute and the ring model of the link (P = 2: 2 latencies,
+        # each byte once).
+        wire = nbytes / MEASURED_BETA
+        projected = steps * float(row["compute_seconds_per_step"]) + rounds * 2 * 30e-6 + wire
+        assert float(row["projected_seconds"]) == pytest.approx(projected)
+        # The rate limit is real and the measurement sees it: training cannot end before its bytes have
+        # crossed the link. HTB lets its burst (about 5 KB at this rate) through at once after the link
+        # idled, at every sync: 10 % of slack.
+        # (Not so the time rank 0 is blocked: the other rank's bytes start crossing while rank 0 still
+        # computes, whenever that rank reaches the sync first.)
+        assert float(row["measured_seconds"]) >= 0.9 * wire, row
+        assert 0 < float(row["measured_comm_seconds"]) < float(row["measured_seconds"])
+    svg = (tmp_path / "r" / "tradeoff.svg").read_text()
+    assert f"emulated {MEASURED_RATE}: measured (open) and projected (filled)" in svg
+
+
+def test_a_sweep_that_cannot_be_measured_on_the_emulated_network_is_refused_in_one_line(tmp_path: Path) -> None:
+    mpi, simulated = str(grid(tmp_path)), str(grid(tmp_path, "simulated", 2))
+    for args, message in (
+        ((mpi, "--jobs", "2", "--emulated-link", MEASURED_RATE), "measures step times: run the points one at a time"),
+        ((simulated, "--emulated-link", MEASURED_RATE), "runs simulated workers in one process"),
+        ((mpi, "--emulated-link", "fast"), "--emulated-link: not a tc rate such as 1gbit or 100mbit: 'fast'"),
+    ):
+        done = cli("sweep", *args, "--run-here", "--out", str(tmp_path / "s"), "--overwrite", cwd=tmp_path)
+        lines = done.stderr.splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+        assert lines[0].startswith("hpc-localsgd: error: ") and message in lines[0]
+        assert not list((tmp_path / "s" / "runs").glob("*/metrics.h5"))  # nothing ran

@@ -88,7 +88,7 @@ def test_projection_carries_the_two_fabrics_and_prints_them_labelled() -> None:
 
 # --- the streaming phase's projection beside its measurement on an emulated link --------------------
 def test_emulated_link_reads_tc_rates() -> None:
-    from hpc_localsgd.bench.streaming import emulated_link
+    from hpc_localsgd.algorithms.network import emulated_link
 
     assert emulated_link("1gbit").beta_bytes_per_second == 1.25e8
     assert emulated_link("100mbit").beta_bytes_per_second == 1.25e7
@@ -98,7 +98,8 @@ def test_emulated_link_reads_tc_rates() -> None:
 
 
 def test_streaming_projection_worked_by_hand() -> None:
-    from hpc_localsgd.bench.streaming import SyncTraffic, SyncVariant, emulated_link, projected_efficiency
+    from hpc_localsgd.algorithms.network import emulated_link
+    from hpc_localsgd.bench.streaming import SyncTraffic, SyncVariant, projected_efficiency
 
     link, n = emulated_link("1gbit"), 1_000_000
     traffic = SyncTraffic((n,), 0)

@@ -15,7 +15,7 @@ import pytest
 
 from hpc_localsgd.config import config_to_yaml, load_config
 from hpc_localsgd.errors import UserError
-from hpc_localsgd.io.metrics import MetricsWriter
+from hpc_localsgd.io.metrics import EMULATED_LINK_ATTR, MetricsWriter
 from hpc_localsgd.report import collect, write_report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,9 +41,13 @@ def write_run(
     data: str = "digits",
     model: str = "smallcnn",
     extra: tuple[str, ...] = (),
+    emulated_link: str | None = None,
+    step_times: tuple[float, float] | None = None,
 ) -> None:
     """A run whose accuracy climbs linearly to ``final_accuracy`` at step TOTAL_STEPS; it syncs every
-    ``sync_period`` steps (every step for all-reduce) and each eval is 0.5 s of wall time per step."""
+    ``sync_period`` steps (every step for all-reduce) and each eval is 0.5 s of wall time per step.
+    ``step_times`` (compute seconds per step, seconds blocked per sync): a step table too, every step;
+    ``emulated_link``: the rate of the emulated network it says it ran on."""
     overrides = [
         f"seed={seed}",
         f"algorithm.method={method}",
@@ -57,19 +61,38 @@ def write_run(
         overrides.append("algorithm.switch_step=10")
     cfg = load_config(None, overrides + list(extra))
     path.mkdir(parents=True)
-    writer = MetricsWriter(
-        path / "metrics.h5",
-        {
-            "config": config_to_yaml(cfg),
-            "world": {"size": workers},
-            "method": method,
-            "steps_per_epoch": 10,
-            "total_steps": TOTAL_STEPS,
-        },
-        flush_seconds=0,
-    )
+    attrs = {
+        "config": config_to_yaml(cfg),
+        "world": {"size": workers},
+        "method": method,
+        "steps_per_epoch": 10,
+        "total_steps": TOTAL_STEPS,
+    }
+    if emulated_link is not None:
+        attrs[EMULATED_LINK_ATTR] = emulated_link
+    writer = MetricsWriter(path / "metrics.h5", attrs, flush_seconds=3600)
     period = 1 if method == "allreduce" else sync_period
     final = final_accuracy(method, period, workers, seed)
+    if step_times is not None:
+        compute, blocked = step_times
+        for step in range(1, max(evals) + 1):
+            synced = step % period == 0
+            rounds = step // period
+            writer.log_step(
+                step=step,
+                epoch=step / 10,
+                lr=0.1,
+                loss=1.0,
+                accuracy=0.5,
+                samples_per_s=100.0,
+                comm_seconds=blocked if synced else 0.0,
+                compute_seconds=compute,
+                bytes_sent=rounds * BYTES_PER_ROUND,
+                sync_rounds=rounds,
+                synced=int(synced),
+                global_bytes_sent=rounds * BYTES_PER_ROUND,
+                global_sync_rounds=rounds,
+            )
     for step in evals:
         rounds = step // period
         writer.log_eval(

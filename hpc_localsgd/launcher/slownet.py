@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError, one_line
-from .streaming import EMULATED_LINK_VARIABLE
+from .env import EMULATED_LINK_VARIABLE
 
 SUBNET = "10.213.0.0/24"
+MAX_RANKS = 250  # addresses 10.213.0.1 … .250 of the subnet
 MPI_ENV_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mpi-env.sh"
 # The agent Open MPI runs as ``agent [options] <host> <command...>`` to start its daemon on <host>.
 _AGENT = """#!/bin/sh
@@ -137,7 +138,8 @@ def _limit(namespace: str, device: str, rate: str) -> None:
     _tc(namespace, "class", "add", "dev", device, "parent", "1:", "classid", "1:10", "htb", "rate", rate)
 
 
-def _check_tools() -> None:
+def check_can_create() -> None:
+    """Raise :class:`SlowNetworkUnavailable` (one line) where namespaces cannot be created here."""
     if os.geteuid() != 0:
         raise SlowNetworkUnavailable("the slow network needs root to create network namespaces (run as root)")
     missing = [tool for tool in ("ip", "tc", "mpirun") if shutil.which(tool) is None]
@@ -167,9 +169,9 @@ def existing_namespaces() -> set[str]:
 @contextmanager
 def slow_network(ranks: int = 2, rate: str = "1gbit", prefix: str | None = None) -> Iterator[SlowNetwork]:
     """``ranks`` namespaces linked through a bridge at ``rate`` each way; removed on exit, whatever happens."""
-    if ranks < 2 or ranks > 250:
-        raise ValueError(f"a slow network joins 2 to 250 ranks, not {ranks}")
-    _check_tools()
+    if ranks < 2 or ranks > MAX_RANKS:
+        raise ValueError(f"a slow network joins 2 to {MAX_RANKS} ranks, not {ranks}")
+    check_can_create()
     prefix = prefix or f"hls{os.getpid()}"
     hub = f"{prefix}-hub"
     namespaces = tuple(f"{prefix}-{rank}" for rank in range(ranks))
@@ -204,13 +206,13 @@ def slow_network(ranks: int = 2, rate: str = "1gbit", prefix: str | None = None)
 
 
 def main() -> None:
-    """``python -m hpc_localsgd.bench.slownet [ranks] [rate] -- command…``: run a command under mpirun on
+    """``python -m hpc_localsgd.launcher.slownet [ranks] [rate] -- command…``: run a command under mpirun on
     an emulated network (for trying it by hand; the benchmark calls ``slow_network`` itself)."""
     import sys
 
     args = sys.argv[1:]
     if "--" not in args:
-        raise SystemExit("usage: python -m hpc_localsgd.bench.slownet [ranks] [rate] -- command...")
+        raise SystemExit("usage: python -m hpc_localsgd.launcher.slownet [ranks] [rate] -- command...")
     split = args.index("--")
     settings, command = args[:split], args[split + 1 :]
     ranks = int(settings[0]) if settings else 2
