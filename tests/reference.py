@@ -39,6 +39,7 @@ class ReferenceAlgorithm:
     fragments: int = 1  # F contiguous fragments of the flat parameters, fragment f offset by f·H/F
     compression: str = "none"  # what Δ is sent as: none | bf16 | fp16 | int8 (tests/compression_reference.py)
     error_feedback: bool = False
+    gradient_compression: str = "none"  # what a synchronous step's gradients are sent as: none | bf16 | fp16
 
     @property
     def streaming(self) -> bool:
@@ -117,7 +118,12 @@ def simulate(
         # Synchronous phase: gradients averaged over all ranks; local phase: inside each worker.
         for group in _groups(len(workers), len(workers) if synchronous else algo.ranks_per_worker):
             for params in zip(*(workers[r].parameters() for r in group), strict=True):
-                g = sum(p.grad for p in params) / len(params)
+                if synchronous and algo.gradient_compression != "none":  # no error feedback
+                    grads = [p.grad.detach().numpy().ravel() for p in params]
+                    average = compressed_average(algo.gradient_compression, grads, None)[0]
+                    g = torch.from_numpy(average).reshape(params[0].shape)
+                else:
+                    g = sum(p.grad for p in params) / len(params)
                 for p in params:
                     p.grad = g.clone()
         for opt in opts:

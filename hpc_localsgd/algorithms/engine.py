@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..comm.base import Communicator, Handle
-from ..config.schema import AlgorithmConfig, Precision, SyncCompression
+from ..config.schema import AlgorithmConfig, GradientCompression, Precision, SyncCompression
 from .accounting import GLOBAL, CommStats
 from .drift import SyncMeasurement, first_row, relative_consensus_distance, row_dot
 from .flat import BUFFERS, MOMENTUM, PARAMS, FlatGroup, contiguous_part, flatten_training_state
@@ -66,6 +66,7 @@ class AveragingEngine:
         precision: Precision = "fp32",
         compression: SyncCompression = "none",
         error_feedback: bool = False,
+        gradient_compression: GradientCompression = "none",
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -137,7 +138,9 @@ class AveragingEngine:
             self.bytes_per_sync = self.streaming.bytes_per_model
         self.gradients: GradientAllreduce | None = None
         if schedule.local_start is None or schedule.local_start > 0 or self.worker_comm is not None:
-            self.gradients = GradientAllreduce(list(model.parameters()), comm, bucket_bytes, self.stats)
+            self.gradients = GradientAllreduce(
+                list(model.parameters()), comm, bucket_bytes, self.stats, gradient_compression
+            )
 
     def broadcast_initial_state(self) -> None:
         """Start every rank from rank 0's model (and zero momentum), whatever each rank's init did."""

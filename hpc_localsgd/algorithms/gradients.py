@@ -10,6 +10,12 @@ synchronous phase, the ranks of one worker in the local phase when workers are g
 ranks (algorithms/hierarchy.py), or none.
 With a simulated backend (``comm.replicas`` workers in one process) every gradient is stacked
 over the workers, and so is each bucket: ``[workers, elements]``.
+
+Compressed gradients (``comm.gradient_compression``, as Horovod's ``Compression.fp16``): a float32
+bucket averaged over all ranks travels as bf16 or fp16, through the compressed exchange of
+algorithms/compression.py without error feedback, so that it is decoded and summed in fp32 in rank
+order on every rank rather than summed in half precision on the wire. Buckets averaged inside a
+worker stay fp32: that traffic stays on the node.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 
 from ..comm.base import Communicator, Handle
 from .accounting import GLOBAL, CommStats
+from .compression import Codec, CompressedAverager
 from .flat import column_view
 
 
@@ -31,13 +38,21 @@ class _Bucket:
     pending: int = 0
     handle: Handle | None = None
     filled: set[int] = field(default_factory=set)
+    compressed: CompressedAverager | None = None  # how it travels between all ranks; None: fp32
 
 
 class GradientAllreduce:
     def __init__(
-        self, params: list[torch.nn.Parameter], comm: Communicator, bucket_bytes: int, stats: CommStats
+        self,
+        params: list[torch.nn.Parameter],
+        comm: Communicator,
+        bucket_bytes: int,
+        stats: CommStats,
+        compression: Codec = "none",
     ) -> None:
+        """``compression``: the codec of float32 buckets averaged over all ranks (``GLOBAL``)."""
         self.stats = stats
+        self.compression = compression
         self.replicas = comm.replicas
         self.enabled = False
         self._step_comm: Communicator = comm  # this step's group
@@ -56,7 +71,12 @@ class GradientAllreduce:
                 sizes[key] = 0
         for members in current.values():
             self._add_bucket(members)
-        self.bytes_per_step = sum(b.flat.shape[-1] * b.flat.element_size() for b in self.buckets)  # per worker
+        # Per worker, per step: over all ranks (encoded where compressed), and inside a worker (fp32).
+        self.bytes_per_step = sum(
+            b.flat.shape[-1] * b.flat.element_size() if b.compressed is None else b.compressed.bytes_per_sync
+            for b in self.buckets
+        )
+        self.fp32_bytes_per_step = sum(b.flat.shape[-1] * b.flat.element_size() for b in self.buckets)
         self._next_to_start = 0
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable]
 
@@ -70,7 +90,10 @@ class GradientAllreduce:
             views.append(column_view(flat, offset, offset + width, p.shape))
             offset += width
             self._where[id(p)] = (len(self.buckets), position)
-        self.buckets.append(_Bucket(members, flat, views))
+        compressed = None
+        if self.compression != "none" and flat.dtype == torch.float32:
+            compressed = CompressedAverager(self.compression, tuple(flat.shape), False, flat.device)
+        self.buckets.append(_Bucket(members, flat, views, compressed=compressed))
 
     def start_step(self, comm: Communicator | None, level: str = GLOBAL) -> None:
         """Average this step's gradients over ``comm`` (counted as ``level``); None: not at all."""
@@ -104,7 +127,10 @@ class GradientAllreduce:
             if len(bucket.filled) < len(bucket.params):
                 return
             with self.stats.timed():
-                bucket.handle = self._step_comm.iallreduce_(bucket.flat, average=True)
+                if bucket.compressed is not None and self._level == GLOBAL:
+                    bucket.handle = bucket.compressed.iaverage_(self._step_comm, bucket.flat)
+                else:
+                    bucket.handle = self._step_comm.iallreduce_(bucket.flat, average=True)
             self._next_to_start += 1
 
     def finish(self) -> None:
@@ -132,7 +158,7 @@ class GradientAllreduce:
                     p.grad = view.clone()
                 else:
                     p.grad.copy_(view)
-        self.stats.count(self._level, self.bytes_per_step)
+        self.stats.count(self._level, self.bytes_per_step if self._level == GLOBAL else self.fp32_bytes_per_step)
         self.enabled = False
 
     def remove(self) -> None:

@@ -1,7 +1,8 @@
 """The global sync's variants against the no-communication limit: longer periods, overlap
-(``sync_delay``), fragments and compressed updates (``comm.sync_compression``), each a configuration
+(``sync_delay``), fragments and compressed updates (``comm.sync_compression``), and beside them
+all-reduce SGD with fp32 and bf16 gradients (``comm.gradient_compression``), each a configuration
 of the package's one training step, measured as training windows interleaved repetition by
-repetition (phases.py), and the exact bytes each sends per sync.
+repetition (phases.py), and the exact bytes each sends per sync (per step for all-reduce).
 
 Run it where the network is slow, for example the emulated 1 Gb/s link of ``launcher/slownet.py``:
 
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..algorithms.compression import encoded_bytes, link_bytes
+from ..algorithms.engine import AveragingEngine
 from ..algorithms.network import Interconnect, emulated_link, ring_allreduce_seconds
-from ..config.schema import SyncCompression
+from ..config.schema import GradientCompression, Method, SyncCompression
 from ..launcher.env import emulated_link_rate
 from .phases import BenchContext, _interleaved_windows, _Measured, _rate, _Window
 from .stats import Figure, Target, slowest
@@ -36,8 +38,22 @@ class SyncVariant:
     fragments: int = 1
     compression: SyncCompression = "none"
     target: Target | None = None
+    method: Method = "local_sgd"
+    gradient_compression: GradientCompression = "none"
+
+    @property
+    def synchronous(self) -> bool:
+        """All-reduce SGD: its gradients travel every step, overlapped with backward."""
+        return self.method == "allreduce"
+
+    @property
+    def codec(self) -> SyncCompression:
+        """How what travels is encoded: the gradients of all-reduce SGD, the update Δ of local SGD."""
+        return self.gradient_compression if self.synchronous else self.compression
 
     def describe(self) -> str:
+        if self.synchronous:
+            return f"all-reduce SGD, {'fp32' if self.codec == 'none' else self.codec} gradient buckets"
         parts = [f"local SGD H={self.sync_period}"]
         if self.sync_delay:
             parts.append(f"sync overlapped with {self.sync_delay} step(s)")
@@ -50,6 +66,8 @@ class SyncVariant:
 
 
 VARIANTS = (
+    SyncVariant("allreduce", 1, method="allreduce"),
+    SyncVariant("allreduce_bf16_gradients", 1, method="allreduce", gradient_compression="bf16"),
     SyncVariant("h1", 1),
     SyncVariant("h4", 4),
     SyncVariant("h4_delay1", 4, 1),
@@ -78,13 +96,14 @@ def projected_efficiency(
     """The α–β projection of ``variant``'s efficiency: compute time per step over compute plus the sync
     time it cannot hide. A fragment's sync costs its exchange's bytes through the link (``link_bytes``:
     the fp32 ring allreduce, or the compressed exchange) over β plus 2(m − 1) latencies; a delay of τ
-    hides up to τ steps of compute. The CPU that communication takes from compute is not modelled: the
-    gap between this and the measurement is that cost."""
+    hides up to τ steps of compute. All-reduce SGD's gradients count as one sync per step, not
+    overlapped with backward (a lower bound on its efficiency). The CPU that communication takes from
+    compute is not modelled: the gap between this and the measurement is that cost."""
     if ranks <= 1:
         return 1.0
     exposed = 0.0
     for fragment, elements in enumerate(traffic.fragment_elements):
-        seconds = link_bytes(variant.compression, elements, ranks) / link.beta_bytes_per_second
+        seconds = link_bytes(variant.codec, elements, ranks) / link.beta_bytes_per_second
         seconds += 2 * (ranks - 1) * link.alpha_seconds
         if fragment == 0 and traffic.rest_bytes:
             seconds += ring_allreduce_seconds(traffic.rest_bytes, ranks, link)
@@ -92,15 +111,40 @@ def projected_efficiency(
     return step_seconds / (step_seconds + exposed / variant.sync_period)
 
 
-def sync_traffic(engine: object, fragments: int, numel: int, span_bytes: int) -> SyncTraffic:
+def sync_traffic(engine: object, fragments: int, numel: int, span_bytes: int, synchronous: bool = False) -> SyncTraffic:
     """Each fragment's elements and the rest's bytes, from a streaming engine's layout, or for a plain
-    sync the whole span (parameters and BN statistics) as one fp32 allreduce."""
+    sync the whole span (parameters and BN statistics) as one fp32 allreduce; ``synchronous``: the
+    gradients of one step (``numel`` elements)."""
+    if synchronous:
+        return SyncTraffic((numel,), 0)
     streaming = getattr(engine, "streaming", None)
     if streaming is None:
         return SyncTraffic((span_bytes // 4,), 0)
     elements = tuple(sum(b - a for a, b in ranges) for ranges in streaming.ranges)
     assert len(elements) == fragments and sum(elements) == numel
     return SyncTraffic(elements, streaming.rest_bytes)
+
+
+def _bytes_figure(variant: SyncVariant, engine: AveragingEngine) -> Figure:
+    """What a rank sends: per step for all-reduce SGD (its gradients), per sync of the whole model else."""
+    if variant.synchronous:
+        assert engine.gradients is not None
+        return Figure(
+            f"streaming.{variant.name}.bytes_per_step",
+            "streaming",
+            f"{variant.describe()}: bytes a rank sends per step (its gradients)",
+            "B",
+            [float(engine.gradients.bytes_per_step)],
+            exact=True,
+        )
+    return Figure(
+        f"streaming.{variant.name}.bytes_per_sync",
+        "streaming",
+        f"{variant.describe()}: bytes a rank sends per sync of the whole model, scales included",
+        "B",
+        [float(engine.bytes_per_sync)],
+        exact=True,
+    )
 
 
 def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
@@ -112,11 +156,12 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
             f"streaming_{v.name}",
             ctx.workload,
             ctx.comm,
-            "local_sgd",
+            v.method,
             v.sync_period,
             sync_delay=v.sync_delay,
             fragments=v.fragments,
             compression=v.compression,
+            gradient_compression=v.gradient_compression,
         )
         for v in VARIANTS
     }
@@ -152,14 +197,7 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
                 "fraction",
                 m.share,
             ),
-            Figure(
-                f"streaming.{variant.name}.bytes_per_sync",
-                "streaming",
-                f"{variant.describe()}: bytes a rank sends per sync of the whole model, scales included",
-                "B",
-                [float(engine.bytes_per_sync)],
-                exact=True,
-            ),
+            _bytes_figure(variant, engine),
         )
     numel = sum(p.numel() for p in loops["h1"].model.parameters())
     link_rate = emulated_link_rate()
@@ -168,7 +206,7 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
         step_seconds = ctx.comm.size * options.batch / bare_rate
         for variant in VARIANTS:
             engine = loops[variant.name].engine
-            traffic = sync_traffic(engine, variant.fragments, numel, engine.span_bytes)
+            traffic = sync_traffic(engine, variant.fragments, numel, engine.span_bytes, variant.synchronous)
             ctx.add(
                 Figure(
                     f"streaming.{variant.name}.projected_efficiency",

@@ -23,7 +23,7 @@ from ..algorithms.engine import AveragingEngine
 from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
-from ..config.schema import Method, OuterMethod, Precision, RunConfig, SyncCompression
+from ..config.schema import GradientCompression, Method, OuterMethod, Precision, RunConfig, SyncCompression
 from ..train.data import derive_seed
 from ..train.device import compiled_forward
 from ..train.models import build_model
@@ -121,11 +121,13 @@ class EngineLoop:
         fragments: int = 1,
         compression: SyncCompression = "none",
         compiled: bool = False,
+        gradient_compression: GradientCompression = "none",
     ) -> None:
         """``hierarchy``: worker groups (None: every rank is a worker). With workers of several ranks the
         engine averages gradients inside each worker every local step and the model over all ranks
         every ``sync_period`` steps. ``sync_delay``, ``fragments``, ``compression``: the streaming and
-        compressed global syncs (with error feedback for int8, as training's auto)."""
+        compressed global syncs (with error feedback for int8, as training's auto);
+        ``gradient_compression``: the synchronous steps' gradients in half precision."""
         self.name = name
         self.workload = workload
         cfg = workload.cfg
@@ -156,6 +158,7 @@ class EngineLoop:
             precision=precision,
             compression=compression,
             error_feedback=compression == "int8",
+            gradient_compression=gradient_compression,
         )
         self.engine.broadcast_initial_state()
         # As training feeds them (train/device.py): the weights keep the flat buffer's layout.

@@ -24,6 +24,7 @@ DatasetName = Literal["digits", "synthetic", "mnist1d", "cifar10", "imagenet"]
 LRScheduleName = Literal["constant", "step", "cosine"]
 Precision = Literal["fp32", "bf16", "fp16"]
 SyncCompression = Literal["none", "bf16", "fp16", "int8"]
+GradientCompression = Literal["none", "bf16", "fp16"]
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -395,6 +396,13 @@ class CommConfig:
         "none (fp32), bf16 or fp16 (half the bytes), int8 (one byte an element plus a float32 scale per "
         "256-element block). Decoded and summed in fp32 on every rank.",
     )
+    gradient_compression: GradientCompression = setting(
+        "none",
+        "How a synchronous step (all-reduce, post-local SGD before its switch) sends its gradients between "
+        "all ranks: none (fp32), bf16 or fp16 (half the bytes, as Horovod's Compression.fp16, without error "
+        "feedback; fp16 saturates at ±65504). Decoded and summed in fp32 on every rank, never in half "
+        "precision on the wire. Gradients averaged inside a worker (worker groups) stay fp32.",
+    )
     error_feedback: bool | Literal["auto"] = setting(
         "auto",
         "Carry each rank's compression error into its next sync (e ← Δ + e − Q(Δ + e)): nothing is lost, "
@@ -581,6 +589,13 @@ class RunConfig:
                 self.algorithm.method != "allreduce",
                 "comm.sync_compression",
                 "compresses model averages; method 'allreduce' averages gradients (keep it at none)",
+            )
+        if self.comm.gradient_compression != "none":
+            _check(
+                self.algorithm.method != "local_sgd",
+                "comm.gradient_compression",
+                "compresses the gradients of synchronous steps; method 'local_sgd' has none (keep it at none, "
+                "or use comm.sync_compression for its model averages)",
             )
         if self.comm.backend == "simulated":
             # A simulation is one process that runs minutes: it writes no checkpoints.

@@ -245,8 +245,8 @@ _NOT_A_VARIANT = (
 )
 
 
-# ... except these comm settings, which change what a sync computes (compressed updates).
-_COMPUTING_COMM_SETTINGS = ("comm.sync_compression", "comm.error_feedback")
+# ... except these comm settings, which change what a sync computes (compressed updates or gradients).
+_COMPUTING_COMM_SETTINGS = ("comm.sync_compression", "comm.error_feedback", "comm.gradient_compression")
 
 
 def _is_location(key: str) -> bool:

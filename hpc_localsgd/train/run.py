@@ -131,6 +131,7 @@ def build_optimization(
         precision=cfg.train.precision,
         compression=cfg.comm.sync_compression,
         error_feedback=cfg.comm.uses_error_feedback,
+        gradient_compression=cfg.comm.gradient_compression,
     )
     engine.broadcast_initial_state()
     return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)

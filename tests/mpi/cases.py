@@ -77,6 +77,14 @@ CASES: dict[str, list[str]] = {
         "algorithm.sync_delay=1",
         "comm.sync_compression=bf16",
     ],
+    # Half-precision gradients in the synchronous phase (comm.gradient_compression).
+    "allreduce_bf16_gradients": ["algorithm.method=allreduce", "comm.gradient_compression=bf16"],
+    "post_local_H3_fp16_gradients": [
+        "algorithm.method=post_local_sgd",
+        "algorithm.sync_period=3",
+        "algorithm.switch_step=6",
+        "comm.gradient_compression=fp16",
+    ],
 }
 # Cases whose last step syncs only part of the model (fragment 1 last synced at step 10 of 12).
 ENDS_BETWEEN_FRAGMENT_SYNCS = {"bf16_fragments2_delay1_H4"}
@@ -118,6 +126,14 @@ HIERARCHY_CASES: dict[str, list[str]] = {
         "algorithm.sync_delay=1",
         "algorithm.levels=[{ranks: 2, sync_period: 2}]",
         "comm.sync_compression=bf16",
+    ],
+    # bf16 gradients between all 4 ranks (the two-phase exchange) before the switch, fp32 inside workers after.
+    "workers2_post_local_bf16_gradients": [
+        "algorithm.method=post_local_sgd",
+        "algorithm.sync_period=3",
+        "algorithm.switch_step=6",
+        "algorithm.ranks_per_worker=2",
+        "comm.gradient_compression=bf16",
     ],
 }
 ALL_CASES = {**CASES, **HIERARCHY_CASES}
@@ -179,6 +195,7 @@ def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.n
         levels=tuple((group(level.ranks), level.sync_period) for level in a.levels),
     )
     algo.compression, algo.error_feedback = cfg.comm.sync_compression, cfg.comm.uses_error_feedback
+    algo.gradient_compression = cfg.comm.gradient_compression
     workers = simulate(
         model, algo, batches, schedule.at, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov
     )

@@ -112,6 +112,9 @@ def test_quick_bench_counts_bytes_exactly(quick_run) -> None:
         figure = by_id[f"local_sgd.h{period}.bytes_per_sample"]
         assert figure["exact"] and figure["samples"] == [(params + buffers) / (period * QUICK_BATCH)] * 3
     assert by_id["synchronous.allreduce.bytes_per_sample"]["median"] == params / QUICK_BATCH
+    # The streaming phase's all-reduce SGD: its gradients per step, in fp32 and in bf16 (half, exactly).
+    assert by_id["streaming.allreduce.bytes_per_step"]["median"] == params
+    assert by_id["streaming.allreduce_bf16_gradients.bytes_per_step"]["median"] == params // 2
     # SlowMo keeps x_prev and u: two fp32 copies of the parameters, nothing else.
     assert by_id["slowmo.extra_memory_bytes"]["median"] == 2 * params
     assert by_id["slowmo.extra_memory_param_copies"]["median"] == 2.0

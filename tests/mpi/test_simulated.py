@@ -15,7 +15,15 @@ from hpc_localsgd.train.loop import train
 from tests.helpers import run_mpi
 from tests.mpi.cases import BASE, CASES
 
-FOUR_RANK_CASES = ["allreduce", "local_H4", "post_local_H3", "slowmo_H4", "nesterov_H4", "local_H3_avg_momentum"]
+FOUR_RANK_CASES = [
+    "allreduce",
+    "local_H4",
+    "post_local_H3",
+    "slowmo_H4",
+    "nesterov_H4",
+    "local_H3_avg_momentum",
+    "allreduce_bf16_gradients",  # the two-phase exchange of the gradients
+]
 CASES_BY_RANKS = {2: list(CASES), 4: FOUR_RANK_CASES}
 
 

@@ -29,6 +29,7 @@ RANKS_PER_WORKER = {
     "workers_node_H3": 4,
     "workers2_int8_delay1_slowmo_H4": 2,
     "level2_bf16_fragments2_delay1_H4": 1,
+    "workers2_post_local_bf16_gradients": 2,
 }
 
 
@@ -104,6 +105,11 @@ def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None
             # Fragment 1 after 2, 6, 10, fragment 0 (with the BN statistics) after 4, 8, 12, each in bf16;
             # the level (groups of 2, fp32 parameters and BN statistics) after 2, 6, 10 as well.
             "level2_bf16_fragments2_delay1_H4": {"level1": (3, 3 * span), "global": (6, 3 * (grad // 2) + 3 * bn)},
+            # As workers2_post_local_slowmo, with the 6 synchronous steps' gradients in bf16 between all ranks.
+            "workers2_post_local_bf16_gradients": {
+                "worker": (6 + 2, 6 * grad + 2 * inside),
+                "global": (6 + 2, 6 * (grad // 2) + 2 * shard),
+            },
         }
         for case, levels in expected.items():
             got = {
@@ -122,6 +128,7 @@ def test_the_simulated_backend_reproduces_a_hierarchical_run(runs: dict[str, Pat
         "level2_nesterov_H4",
         "workers2_int8_delay1_slowmo_H4",
         "level2_bf16_fragments2_delay1_H4",  # among 4: the two-phase exchange
+        "workers2_post_local_bf16_gradients",
     ):
         overrides = BASE + HIERARCHY_CASES[case]
         cfg = load_config(

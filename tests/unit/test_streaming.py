@@ -361,6 +361,12 @@ def test_compression_is_refused_where_it_cannot_apply() -> None:
     assert cfg.comm.uses_error_feedback  # auto: on for int8
     cfg = load_config(None, ["algorithm.method=local_sgd", "comm.sync_compression=bf16"])
     assert not cfg.comm.uses_error_feedback  # auto: off for bf16
+    with pytest.raises(ConfigError, match="comm.gradient_compression: compresses the gradients of synchronous steps"):
+        load_config(None, ["algorithm.method=local_sgd", "comm.gradient_compression=bf16"])
+    with pytest.raises(ConfigError, match="comm.gradient_compression"):
+        load_config(None, ["comm.gradient_compression=int8"])  # half precision only
+    for method in ("allreduce", "post_local_sgd"):
+        assert load_config(None, [f"algorithm.method={method}", "comm.gradient_compression=fp16"])
 
 
 def test_one_rank_sends_nothing() -> None:
