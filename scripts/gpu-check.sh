@@ -10,7 +10,8 @@
 # throughput targets are reported, never failed (they are benchmark figures, not tests).
 #   1. a single-process CUDA run of configs/demo.yaml in fp32, bf16 and fp16: accuracy far above chance;
 #   2. two ranks on the one GPU through the torch backend (torchrun; Gloo, as NCCL refuses two ranks on
-#      one device) and the simulated backend on CUDA: each equal to the same run on the CPU (fp32, TF32 off);
+#      one device) and the simulated backend on CUDA: each equal to the same run on the CPU (fp32, TF32 off),
+#      SlowMo, and post-local SGD with bf16 gradient buckets (comm.gradient_compression) before its switch;
 #   3. ResNet-50, batch 128 per rank, 224x224, bf16, channels-last: the package's training step without
 #      communication against a plain PyTorch loop (bench --phases precision; target >= 0.95);
 #   4. the simulated backend's 16 ResNet-18 replicas at 32x32 as one batched step against 16 steps of one
@@ -116,16 +117,19 @@ SMALL=(--set seed=3 --set model.name=smallcnn --set model.width=8 --set data.nam
   --set optim.lr_per_256=3.2 --set optim.warmup_epochs=0.25 --set algorithm.method=local_sgd
   --set algorithm.sync_period=4 --set algorithm.outer=slowmo --set algorithm.slow_momentum=0.5
   --set train.max_steps=32 --set train.epochs=10 --set train.eval_every_epochs=0.25 --set train.threads=1)
+# The second variant: post-local SGD, its 16 synchronous steps' gradients in bf16.
+GRADIENTS=(--set algorithm.method=post_local_sgd --set algorithm.switch_step=16 --set comm.gradient_compression=bf16)
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node 2)
-two_workers() {  # two_workers BACKEND DEVICE: the small run with 2 workers, in $OUT/two-BACKEND-DEVICE
-  local command
+two_workers() {  # two_workers BACKEND DEVICE [grad]: the small run with 2 workers, in $OUT/two-BACKEND-DEVICE[-grad]
+  local command name="two-$1-$2${3:+-$3}" variant=()
+  [[ ${3:-} == grad ]] && variant=("${GRADIENTS[@]}")
   if [[ $1 == torch ]]; then
     command=("${TORCHRUN[@]}" -m hpc_localsgd train "$EMPTY_CONFIG" --set comm.backend=torch)
   else
     command=("$PY" -m hpc_localsgd train "$EMPTY_CONFIG" --set comm.backend=simulated --set comm.simulated_workers=2)
   fi
-  train "two-$1-$2" "${command[@]}" "${SMALL[@]}" --set "train.device=$2" || {
-    say "2 $1, 2 workers on $2: FAIL the run ended with an error: $(tail -n 1 "$OUT/two-$1-$2.log")"
+  train "$name" "${command[@]}" "${SMALL[@]}" "${variant[@]}" --set "train.device=$2" || {
+    say "2 $1, 2 workers on $2${3:+ ($3)}: FAIL the run ended with an error: $(tail -n 1 "$OUT/$name.log")"
     failed=1
     return 1
   }
@@ -144,10 +148,18 @@ if [[ $CHECKS != *" 2 "* ]]; then
   :
 elif [[ $DEVICE == cuda ]]; then
   for backend in torch simulated; do
-    two_workers "$backend" cuda && two_workers "$backend" cpu && compare "two-$backend-cuda" "two-$backend-cpu" same-backend
+    for variant in "" grad; do
+      suffix=${variant:+-$variant}
+      two_workers "$backend" cuda $variant && two_workers "$backend" cpu $variant &&
+        compare "two-$backend-cuda$suffix" "two-$backend-cpu$suffix" same-backend
+    done
   done
 else  # the fallback: the simulation reproduces two torch.distributed ranks on the CPU
-  two_workers torch cpu && two_workers simulated cpu && compare two-simulated-cpu two-torch-cpu other-backend
+  for variant in "" grad; do
+    suffix=${variant:+-$variant}
+    two_workers torch cpu $variant && two_workers simulated cpu $variant &&
+      compare "two-simulated-cpu$suffix" "two-torch-cpu$suffix" other-backend
+  done
   say "2 two ranks on one GPU, simulation on CUDA: SKIP no GPU"
 fi
 
