@@ -52,7 +52,8 @@ def test_compile_with_the_simulated_backend_is_refused_in_one_line(tmp_path: Pat
 
 
 def test_gpu_check_script_runs_its_cpu_fallback(tmp_path: Path) -> None:
-    """scripts/gpu-check.sh without a GPU: check 2's logic (torchrun ranks against the simulation) on the CPU."""
+    """scripts/gpu-check.sh without a GPU: check 2's logic (torchrun ranks against the simulation) on the CPU,
+    for both of its variants."""
     env = {**os.environ, "PYTHON": sys.executable, "CHECKS": "2", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         ["bash", str(REPO_ROOT / "scripts" / "gpu-check.sh"), str(tmp_path)],
@@ -65,10 +66,11 @@ def test_gpu_check_script_runs_its_cpu_fallback(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("gpu-check: device: no CUDA device visible"), proc.stdout
-    assert any(
-        line.startswith("gpu-check: 2 two-simulated-cpu (in-process") and ": PASS 4 evaluations" in line
-        for line in lines
-    ), proc.stdout
+    for variant in ("", "-grad"):  # SlowMo, and post-local SGD with bf16 gradient buckets
+        assert any(
+            line.startswith(f"gpu-check: 2 two-simulated-cpu{variant} (in-process") and ": PASS 4 evaluations" in line
+            for line in lines
+        ), proc.stdout
     assert "gpu-check: 2 two ranks on one GPU, simulation on CUDA: SKIP no GPU" in lines
     assert lines[-1].startswith("gpu-check: all checks passed")
     assert (tmp_path / "gpu-check.txt").read_text().splitlines() == lines
