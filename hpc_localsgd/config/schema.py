@@ -597,6 +597,14 @@ class RunConfig:
                 "compresses the gradients of synchronous steps; method 'local_sgd' has none (keep it at none, "
                 "or use comm.sync_compression for its model averages)",
             )
+            # fp16 saturates an overflowing gradient at ±65504 where a cast would give inf: the loss scaler
+            # would never see the overflow it must back off from. bf16 keeps inf and NaN.
+            _check(
+                not (self.comm.gradient_compression == "fp16" and self.train.precision == "fp16"),
+                "comm.gradient_compression",
+                "fp16 saturates gradients at ±65504, which hides an overflow from train.precision=fp16's loss "
+                "scaler; use bf16",
+            )
         if self.comm.backend == "simulated":
             # A simulation is one process that runs minutes: it writes no checkpoints.
             _check(

@@ -77,3 +77,20 @@ def test_gradients_inside_a_worker_stay_fp32() -> None:
     for got_first, got_second, own_first, own_second in zip(first[0], second[0], first[1], second[1], strict=True):
         assert torch.equal(got_first, (own_first + own_second) / 2)  # the fp32 average, not a half-precision one
         assert torch.equal(got_second, got_first)
+
+
+def test_bf16_keeps_the_overflow_a_loss_scaler_must_see() -> None:
+    """train.precision=fp16 scales the loss; an overflowing gradient must reach the scaler as inf or NaN
+    after the average. bf16 keeps them (fp16, which saturates, is refused with fp16 precision)."""
+
+    def worker(comm):  # type: ignore[no-untyped-def]
+        weight = torch.nn.Parameter(torch.ones(3))
+        buckets = GradientAllreduce([weight], comm, 64, CommStats(), compression="bf16")
+        buckets.start_step(comm, GLOBAL)
+        scale = torch.tensor([3e38, 1.0, 1.0]) if comm.rank == 0 else torch.tensor([3e38, float("nan"), 1.0])
+        (weight * scale).sum().backward()
+        buckets.finish()
+        return weight.grad.clone()
+
+    for grad in ThreadGroup(2).run(worker):
+        assert torch.isinf(grad[0]) and torch.isnan(grad[1]) and grad[2] == 1.0

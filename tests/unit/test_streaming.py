@@ -367,6 +367,9 @@ def test_compression_is_refused_where_it_cannot_apply() -> None:
         load_config(None, ["comm.gradient_compression=int8"])  # half precision only
     for method in ("allreduce", "post_local_sgd"):
         assert load_config(None, [f"algorithm.method={method}", "comm.gradient_compression=fp16"])
+    with pytest.raises(ConfigError, match="hides an overflow from train.precision=fp16's loss scaler; use bf16"):
+        load_config(None, ["algorithm.method=allreduce", "comm.gradient_compression=fp16", "train.precision=fp16"])
+    assert load_config(None, ["algorithm.method=allreduce", "comm.gradient_compression=bf16", "train.precision=fp16"])
 
 
 def test_one_rank_sends_nothing() -> None:
