@@ -388,10 +388,18 @@ def check_emulated_link(plan: SweepPlan, jobs: int, rate: str) -> None:
         raise UserError(f"--emulated-link measures step times: run the points one at a time (--jobs 1, not {jobs})")
     for point in plan.points:
         ranks = point.nodes * plan.shape.ntasks_per_node
-        if load_config(point.config_path, []).comm.backend == "simulated":
+        backend = load_config(point.config_path, []).comm.backend
+        if backend == "simulated":
             raise UserError(
                 f"--emulated-link: point {point.name} runs simulated workers in one process, with no network "
-                "between them (set comm.backend to mpi, horovod or torch)"
+                "between them (set comm.backend to mpi or horovod)"
+            )
+        if backend == "torch":
+            # Its ranks find rank 0's store by host name, which every namespace shares: they would reach
+            # their own loopback and wait for a store that is not there.
+            raise UserError(
+                f"--emulated-link: point {point.name} uses comm.backend=torch, whose ranks cannot find rank 0 "
+                "across the namespaces (set comm.backend to mpi or horovod)"
             )
         if not 2 <= ranks <= MAX_RANKS:
             raise UserError(

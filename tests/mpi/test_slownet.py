@@ -150,6 +150,7 @@ def test_a_sweep_that_cannot_be_measured_on_the_emulated_network_is_refused_in_o
     for args, message in (
         ((mpi, "--jobs", "2", "--emulated-link", MEASURED_RATE), "measures step times: run the points one at a time"),
         ((simulated, "--emulated-link", MEASURED_RATE), "runs simulated workers in one process"),
+        ((str(grid(tmp_path, "torch")), "--emulated-link", MEASURED_RATE), "uses comm.backend=torch"),
         ((mpi, "--emulated-link", "fast"), "--emulated-link: not a tc rate such as 1gbit or 100mbit: 'fast'"),
     ):
         done = cli("sweep", *args, "--run-here", "--out", str(tmp_path / "s"), "--overwrite", cwd=tmp_path)
