@@ -20,6 +20,12 @@ remote daemon with ``ip netns exec`` in the namespace of that address. ``--mca b
 ``*_if_include`` of the subnet keep ranks on TCP over the links. Open MPI's settings for containers
 come from ``scripts/mpi-env.sh``, sourced first.
 
+The ranks share this machine's cores, as the ranks of one node would. A rankfile binds each rank to
+its own share (``core_shares``), as mpirun binds the ranks of one node. Without it, mpirun sees one
+rank per "node" and binds each to core 0 of its node, which is the same core of this machine for
+every rank: they would all run on one core while the others idle. The binding also lets a rank see
+its share (``threads_for_rank``, and whether Open MPI should yield while idle).
+
 If namespaces cannot be created (not root, no ``ip``/``tc``, no permission) ``SlowNetworkUnavailable``
 says so in one line.
 """
@@ -67,6 +73,7 @@ class SlowNetwork:
     addresses: tuple[str, ...]  # rank i's address
     rate: str  # tc's rate, e.g. "1gbit"
     agent: Path  # the plm_rsh_agent script
+    rankfile: Path  # binds rank i to its share of this machine's cores
 
     def mpirun_command(self, argv: Sequence[str], export: Sequence[str] = ()) -> list[str]:
         """``mpirun -np <ranks>`` of ``argv``, one rank per namespace, over TCP on the emulated links;
@@ -78,6 +85,8 @@ class SlowNetwork:
             str(len(self.namespaces)),
             "--host",
             hosts,
+            "--rankfile",
+            str(self.rankfile),
             "--mca",
             "plm_rsh_agent",
             str(self.agent),
@@ -114,6 +123,26 @@ class SlowNetwork:
             timeout=timeout,
             env={**os.environ, **extra},
         )
+
+
+def core_shares(ranks: int, cores: Sequence[int]) -> list[tuple[int, ...]]:
+    """The cores each of ``ranks`` ranks is bound to: contiguous equal shares of ``cores``, as mpirun binds
+    the ranks of one node; with more ranks than cores, neighbouring ranks share a core."""
+    count = len(cores)
+    shares = []
+    for rank in range(ranks):
+        first = rank * count // ranks
+        shares.append(tuple(cores[first : max(first + 1, (rank + 1) * count // ranks)]))
+    return shares
+
+
+def rankfile_text(addresses: Sequence[str], cores: Sequence[int]) -> str:
+    """Open MPI's rankfile binding rank i (at ``addresses[i]``) to its ``core_shares`` of ``cores``."""
+    shares = core_shares(len(addresses), cores)
+    return "".join(
+        f"rank {rank}={address} slot={','.join(map(str, share))}\n"
+        for rank, (address, share) in enumerate(zip(addresses, shares, strict=True))
+    )
 
 
 def _ip(*args: str) -> None:
@@ -200,7 +229,9 @@ def slow_network(ranks: int = 2, rate: str = "1gbit", prefix: str | None = None)
             agent = Path(scratch) / "netns-agent.sh"
             agent.write_text(_AGENT % cases)
             agent.chmod(0o755)
-            yield SlowNetwork(namespaces, addresses, rate, agent)
+            rankfile = Path(scratch) / "rankfile"
+            rankfile.write_text(rankfile_text(addresses, sorted(os.sched_getaffinity(0))))
+            yield SlowNetwork(namespaces, addresses, rate, agent, rankfile)
         finally:
             _remove(created[::-1])  # the ranks' namespaces, then the hub
 

@@ -2,7 +2,7 @@
 
 Checks an allreduce across the namespaces on the mpi backend, then times a broadcast of ``--bytes`` from
 rank 0, which rank 1 can only finish once every byte crossed the rate-limited links. Prints
-``OK rank <r> netns <namespace id> seconds <broadcast seconds>`` per rank.
+``OK rank <r> netns <namespace id> seconds <broadcast seconds> cores <the cores it may run on>`` per rank.
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ def main() -> int:
         print_line(f"FAIL rank {comm.rank}: broadcast did not arrive", sys.stderr)
         return 1
     comm.barrier()
-    print_line(f"OK rank {comm.rank} netns {os.readlink('/proc/self/ns/net')} seconds {seconds:.4f}", sys.stdout)
+    cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    print_line(
+        f"OK rank {comm.rank} netns {os.readlink('/proc/self/ns/net')} seconds {seconds:.4f} cores {cores}", sys.stdout
+    )
     comm.close()
     return 0
 

@@ -18,7 +18,13 @@ from pathlib import Path
 import h5py
 import pytest
 
-from hpc_localsgd.launcher.slownet import SlowNetworkUnavailable, existing_namespaces, slow_network
+from hpc_localsgd.launcher.slownet import (
+    SlowNetworkUnavailable,
+    core_shares,
+    existing_namespaces,
+    rankfile_text,
+    slow_network,
+)
 from tests.helpers import MPI_TEST_ENV, REPO_ROOT
 
 DRIVER = str(REPO_ROOT / "tests" / "mpi" / "slownet_driver.py")
@@ -41,8 +47,8 @@ def test_ranks_in_two_namespaces_talk_over_a_rate_limited_link() -> None:
     report = f"exit code {done.returncode}\n--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
     assert done.returncode == 0, report
     lines = dict(
-        (int(m[1]), (m[2], float(m[3])))
-        for m in re.finditer(r"^OK rank (\d) netns (\S+) seconds ([\d.]+)$", done.stdout, re.MULTILINE)
+        (int(m[1]), (m[2], float(m[3]), tuple(int(core) for core in m[4].split(","))))
+        for m in re.finditer(r"^OK rank (\d) netns (\S+) seconds ([\d.]+) cores ([\d,]+)$", done.stdout, re.MULTILINE)
     )
     assert sorted(lines) == [0, 1], report
     own = subprocess.run(["readlink", "/proc/self/ns/net"], capture_output=True, text=True).stdout.strip()
@@ -51,7 +57,22 @@ def test_ranks_in_two_namespaces_talk_over_a_rate_limited_link() -> None:
     # Rank 1 finishes the broadcast only when every byte has crossed the link: bytes / rate at least
     # (HTB's burst lets a few kilobytes through early: 2 % of slack).
     assert lines[1][1] >= 0.98 * PAYLOAD * 8 / RATE_BITS, report
+    # Each rank runs on its own share of this machine's cores, as on one node; not every rank on the same
+    # core, which is where mpirun binds one rank per "node" without the rankfile.
+    assert [lines[0][2], lines[1][2]] == core_shares(2, sorted(os.sched_getaffinity(0))), report
     assert ours(prefix) == set()
+
+
+def test_ranks_get_contiguous_shares_of_the_cores_as_on_one_node() -> None:
+    assert core_shares(2, [0, 1]) == [(0,), (1,)]
+    assert core_shares(2, [0, 1, 2, 3]) == [(0, 1), (2, 3)]
+    assert core_shares(4, [0, 1]) == [(0,), (0,), (1,), (1,)]
+    assert core_shares(2, [0, 1, 2]) == [(0,), (1, 2)]
+    assert core_shares(3, [4, 6]) == [(4,), (4,), (6,)]  # the cores this process may use, by number
+    assert core_shares(2, [5]) == [(5,), (5,)]
+    assert rankfile_text(["10.213.0.1", "10.213.0.2"], [0, 1, 2, 3]) == (
+        "rank 0=10.213.0.1 slot=0,1\nrank 1=10.213.0.2 slot=2,3\n"
+    )
 
 
 def test_namespaces_are_removed_when_the_body_fails() -> None:
