@@ -121,6 +121,10 @@ class StreamingSync:
         if compression != "none" and any(g.dtype != torch.float32 for g in groups):
             raise ValueError("compressed syncs encode float32 parameters")
         self.in_flight: dict[int, _InFlight] = {}
+        # Δ's memory per (fragment, group, shard), reused sync after sync: a fresh ResNet-50-sized tensor costs
+        # its page faults on every sync (twice the time of the subtraction itself, on one core). A fragment
+        # has at most one average in flight (sync_delay < H / F), applied before its next Δ is taken.
+        self.update_buffers: dict[tuple[int, int, int], torch.Tensor] = {}
         self.last_consensus = (math.nan, math.nan)  # (Ξ²/‖x̄‖², ‖x̄‖) of the last fragment applied
         self.rest_bytes = sum(
             (end - start) * g.flat.element_size()
@@ -196,7 +200,9 @@ class StreamingSync:
                 shards = []
                 for k, (s, e) in enumerate(self.shards[fragment][g]):
                     anchor = anchors[g][..., first + s : first + e]
-                    update = (anchor - self.groups[g].flat[..., a + s : a + e]).contiguous()
+                    live = self.groups[g].flat[..., a + s : a + e]
+                    update = self._update_buffer((fragment, g, k), anchor, live)
+                    torch.sub(anchor, live, out=update)
                     norms.append(_squared_norm(update))  # before the average consumes ``update``
                     if self.compression != "none":
                         handles.append(self.averagers[fragment][g][k].iaverage_(self.between, update))
@@ -209,6 +215,13 @@ class StreamingSync:
             if self.between.size > 1:
                 handles.append(self.between.iallreduce_(squared_norm, average=True))
         self.in_flight[fragment] = _InFlight(sync_step, updates, handles, squared_norm)
+
+    def _update_buffer(self, key: tuple[int, int, int], anchor: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        buffer = self.update_buffers.get(key)
+        if buffer is None:
+            buffer = torch.empty(live.shape, dtype=torch.result_type(anchor, live), device=live.device)
+            self.update_buffers[key] = buffer
+        return buffer
 
     def _complete(self, fragment: int) -> None:
         """Wait for fragment ``fragment``'s average and, with worker groups, assemble it: then
@@ -249,8 +262,9 @@ class StreamingSync:
             for g, (a, b) in enumerate(self.ranges[fragment]):
                 first = a - self.params_start[g]
                 anchor = anchors[g][..., first : first + b - a]
-                new = anchor - pending.updates[g][0]  # x̄ = x_prev − avg Δ
-                averaged_update += first_row(_squared_norm(pending.updates[g][0]))
+                update = pending.updates[g][0]
+                averaged_update += first_row(_squared_norm(update))
+                new = torch.sub(anchor, update, out=update)  # x̄ = x_prev − avg Δ, in avg Δ's memory (its last use)
                 averaged_model += first_row(_squared_norm(new))
                 if outer_step:
                     self.outer.step(new, anchor, lr, fragment * len(self.groups) + g)
