@@ -166,6 +166,7 @@ def _bench(args: argparse.Namespace) -> int:
             "channels_last",
             "compile",
             "simulated_workers",
+            "streaming_variants",
         )
     }
     run_bench(BenchOptions.from_given(quick=args.quick, **given), command=["hpc-localsgd", *sys.argv[1:]])
@@ -319,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_name_list,
         metavar="NAME,...",
         help="train.precision values the precision phase measures: fp32,bf16,fp16 (default fp32,bf16)",
+    )
+    plan.add_argument(
+        "--streaming-variants",
+        type=_name_list,
+        metavar="NAME,...",
+        help="configurations of the streaming phase, e.g. h4_delay3,h2_int8_delay1 (default all)",
     )
     plan.add_argument("--simulated-workers", type=int, metavar="W", help="workers of the simulation phase (default 16)")
     plan.add_argument(

@@ -17,6 +17,7 @@ from ..config import build, setting
 from ..config.fields import check_declared
 from ..config.schema import Precision
 from ..errors import UserError
+from .variants import VARIANT_NAMES
 
 PHASES = ("averaging", "throughput", "streaming", "precision", "simulation", "hierarchy", "slowmo", "checkpoint")
 PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
@@ -66,6 +67,11 @@ class BenchOptions:
         ("fp32", "bf16"),
         "train.precision values the precision phase measures (fp16 autocast is very slow on CPUs).",
         rule=f"any of {', '.join(PRECISIONS)}",
+    )
+    streaming_variants: tuple[str, ...] = setting(
+        VARIANT_NAMES,
+        "Configurations the streaming phase measures (bench/variants.py), e.g. h4_delay3,h2_int8_delay1.",
+        rule=f"any of {', '.join(VARIANT_NAMES)}",
     )
     simulated_workers: int = setting(
         16, "Workers the simulation phase runs as one batched model in one process.", range=">= 2, <= 4096"
@@ -162,6 +168,12 @@ class BenchOptions:
         need(len(self.precisions) >= 1, "--precisions: choose at least one precision")
         for name in self.phases:
             need(name in PHASES, f"--phases: unknown phase {name!r}; choose from {', '.join(PHASES)}")
+        need(len(self.streaming_variants) >= 1, "--streaming-variants: choose at least one configuration")
+        for name in self.streaming_variants:
+            need(
+                name in VARIANT_NAMES,
+                f"--streaming-variants: unknown configuration {name!r}; choose from {', '.join(VARIANT_NAMES)}",
+            )
         need(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             f"--device: must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",

@@ -219,6 +219,7 @@ def run_bench(
         "ranks_per_worker": ranks_per_worker,
         "precisions": list(options.precisions) if "precision" in options.phases else [],
         "simulated_workers": options.simulated_workers if "simulation" in options.phases else None,
+        "streaming_variants": list(options.streaming_variants) if "streaming" in options.phases else [],
         "method": METHOD,
     }
     ctx.close()

@@ -18,67 +18,11 @@ import numpy as np
 from ..algorithms.compression import encoded_bytes, link_bytes
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.network import Interconnect, emulated_link, ring_allreduce_seconds
-from ..config.schema import GradientCompression, Method, SyncCompression
 from ..launcher.env import emulated_link_rate
 from .phases import BenchContext, _interleaved_windows, _Measured, _rate, _Window
-from .stats import Figure, Target, slowest
+from .stats import Figure, slowest
+from .variants import HALF_BYTES_TARGET, INT8_BYTES_TARGET, VARIANTS, SyncVariant
 from .workload import EngineLoop
-
-OVERLAP_TARGET = Target(">=", 0.95)  # H = 4 with its sync overlapped by 3 steps
-COMPRESSED_TARGET = Target(">=", 0.80)  # int8 with error feedback, every second step, overlapped by one
-INT8_BYTES_TARGET = Target("<=", 0.27)
-HALF_BYTES_TARGET = Target("<=", 0.5)
-
-
-@dataclass(frozen=True)
-class SyncVariant:
-    name: str
-    sync_period: int
-    sync_delay: int = 0
-    fragments: int = 1
-    compression: SyncCompression = "none"
-    target: Target | None = None
-    method: Method = "local_sgd"
-    gradient_compression: GradientCompression = "none"
-
-    @property
-    def synchronous(self) -> bool:
-        """All-reduce SGD: its gradients travel every step, overlapped with backward."""
-        return self.method == "allreduce"
-
-    @property
-    def codec(self) -> SyncCompression:
-        """How what travels is encoded: the gradients of all-reduce SGD, the update Δ of local SGD."""
-        return self.gradient_compression if self.synchronous else self.compression
-
-    def describe(self) -> str:
-        if self.synchronous:
-            return f"all-reduce SGD, {'fp32' if self.codec == 'none' else self.codec} gradient buckets"
-        parts = [f"local SGD H={self.sync_period}"]
-        if self.sync_delay:
-            parts.append(f"sync overlapped with {self.sync_delay} step(s)")
-        if self.fragments > 1:
-            parts.append(f"{self.fragments} fragments")
-        if self.compression != "none":
-            feedback = " with error feedback" if self.compression == "int8" else ""
-            parts.append(f"{self.compression} updates{feedback}")
-        return ", ".join(parts)
-
-
-VARIANTS = (
-    SyncVariant("allreduce", 1, method="allreduce"),
-    SyncVariant("allreduce_bf16_gradients", 1, method="allreduce", gradient_compression="bf16"),
-    SyncVariant("h1", 1),
-    SyncVariant("h4", 4),
-    SyncVariant("h4_delay1", 4, 1),
-    SyncVariant("h4_delay3", 4, 3, target=OVERLAP_TARGET),
-    SyncVariant("h4_fragments4", 4, 0, 4),
-    SyncVariant("h4_fragments2_delay1", 4, 1, 2),
-    SyncVariant("h1_bf16", 1, compression="bf16"),
-    SyncVariant("h1_int8", 1, compression="int8"),
-    SyncVariant("h2_int8_delay1", 2, 1, compression="int8", target=COMPRESSED_TARGET),
-    SyncVariant("h4_int8_delay3", 4, 3, compression="int8"),
-)
 
 
 @dataclass(frozen=True)
@@ -151,6 +95,7 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
     """Every variant's windows (whole sync periods, so that none ends with an average in flight),
     against the bare limit measured before any communication library started."""
     options = ctx.options
+    chosen = [v for v in VARIANTS if v.name in options.streaming_variants]
     loops = {
         v.name: EngineLoop(
             f"streaming_{v.name}",
@@ -163,14 +108,14 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
             compression=v.compression,
             gradient_compression=v.gradient_compression,
         )
-        for v in VARIANTS
+        for v in chosen
     }
-    windows = {v.name: _Window(loops[v.name], options.window_steps(v.sync_period)) for v in VARIANTS}
+    windows = {v.name: _Window(loops[v.name], options.window_steps(v.sync_period)) for v in chosen}
     measured = _interleaved_windows(ctx, windows)
     for loop in loops.values():
         loop.close()
     bare_rate = float(np.median(_rate(ctx, _Measured(options.window_steps(), slowest(ctx.comm, bare_seconds), [], []))))
-    for variant in VARIANTS:
+    for variant in chosen:
         m = measured[variant.name]
         rate = _rate(ctx, m)
         engine = loops[variant.name].engine
@@ -199,12 +144,12 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
             ),
             _bytes_figure(variant, engine),
         )
-    numel = sum(p.numel() for p in loops["h1"].model.parameters())
+    numel = sum(p.numel() for p in next(iter(loops.values())).model.parameters())
     link_rate = emulated_link_rate()
     if link_rate:
         link = emulated_link(link_rate)
         step_seconds = ctx.comm.size * options.batch / bare_rate
-        for variant in VARIANTS:
+        for variant in chosen:
             engine = loops[variant.name].engine
             traffic = sync_traffic(engine, variant.fragments, numel, engine.span_bytes, variant.synchronous)
             ctx.add(

@@ -203,7 +203,7 @@ def test_horovod_baseline_runs_apart_from_the_package_on_another_backend(tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     document = json.loads(out.read_text())
     jsonschema.validate(document, SCHEMA)
-    assert document["schema_version"] == "1.3" and document["measurement"]["baselines"] == ["horovod"]
+    assert document["schema_version"] == "1.4" and document["measurement"]["baselines"] == ["horovod"]
     by_id = figures(document)
     assert "synchronous.allreduce_with_horovod_running.samples_per_s" not in by_id
     around = by_id["synchronous.allreduce_around_horovod.samples_per_s"]["samples"]
@@ -269,7 +269,7 @@ def test_hierarchy_phase_follows_the_schema_and_names_every_configuration(hierar
     proc, document = hierarchy_run
     jsonschema.validate(document, SCHEMA)
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert document["schema_version"] == "1.3" and document["world"]["size"] == 4
+    assert document["schema_version"] == "1.4" and document["world"]["size"] == 4
     assert document["measurement"]["ranks_per_worker"] == 2
     per_configuration = ("samples_per_s", "efficiency", "efficiency_in_process", "global_bytes_per_sample")
     configurations = ["allreduce"] + [f"{kind}_h{h}" for h in HIERARCHY_PERIODS for kind in ("local_sgd", "workers_r2")]
@@ -406,3 +406,21 @@ def test_reframe_check_runs_with_the_local_launcher(tmp_path: Path, ranks_versio
     written = sorted((tmp_path / "stage").rglob("bench.json"))
     assert len(written) == 1, written
     assert recorded_versions(json.loads(written[0].read_text()), ranks_versions) == ranks_versions
+
+
+def test_the_streaming_phase_measures_only_the_configurations_asked_for(tmp_path: Path) -> None:
+    chosen = ("h4_delay3", "h2_int8_delay1")  # the two with targets, neither the first of the list
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--phases", "streaming", "--streaming-variants", ",".join(chosen), "--steps", "4"]
+    proc = run_mpi(2, bench(*args, "--out", str(out)), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, SCHEMA)
+    assert document["measurement"]["streaming_variants"] == list(chosen)
+    measured = {f["id"].split(".")[1] for f in document["figures"] if f["id"].endswith(".efficiency")}
+    assert measured == set(chosen)
+    params, _ = model_bytes()
+    assert figures(document)["streaming.h2_int8_delay1.bytes_per_sync"]["median"] > 0
+    assert figures(document)["streaming.int8.bytes_vs_fp32"]["median"] == pytest.approx(
+        (params // 4 + 4 * math.ceil(params // 4 / 256)) / params
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hpc_localsgd.bench import BenchOptions
+from hpc_localsgd.bench.variants import VARIANT_NAMES, VARIANTS
 from hpc_localsgd.errors import UserError
 
 
@@ -18,6 +19,11 @@ from hpc_localsgd.errors import UserError
         ({"batch": "8"}, "--batch: expected an integer, got '8'"),
         ({"sync_periods": (4, 0)}, "--sync-periods: must be positive integers, got 4,0"),
         ({"repets": 3}, "--repets: unknown key; did you mean 'repeats'?"),
+        (
+            {"streaming_variants": ("h4_delay3", "h4_delay9")},
+            "--streaming-variants: unknown configuration 'h4_delay9'; choose from " + ", ".join(VARIANT_NAMES),
+        ),
+        ({"streaming_variants": ()}, "--streaming-variants: choose at least one configuration"),
     ],
 )
 def test_bad_options_name_the_option(given: dict, message: str) -> None:
@@ -61,3 +67,10 @@ def test_ranks_per_worker_below_two_names_the_option() -> None:
 
 def test_without_the_phase_ranks_per_worker_is_not_used() -> None:
     assert BenchOptions.from_given(quick=True, phases=("averaging",), ranks_per_worker=3).workers_of(4) is None
+
+
+def test_the_streaming_phase_measures_every_configuration_unless_told() -> None:
+    assert BenchOptions.from_given().streaming_variants == tuple(v.name for v in VARIANTS) == VARIANT_NAMES
+    assert len(set(VARIANT_NAMES)) == len(VARIANT_NAMES)
+    chosen = BenchOptions.from_given(streaming_variants=["h2_int8_delay1", "h4_delay3"])
+    assert chosen.streaming_variants == ("h2_int8_delay1", "h4_delay3")

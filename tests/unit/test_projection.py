@@ -99,7 +99,8 @@ def test_emulated_link_reads_tc_rates() -> None:
 
 def test_streaming_projection_worked_by_hand() -> None:
     from hpc_localsgd.algorithms.network import emulated_link
-    from hpc_localsgd.bench.streaming import SyncTraffic, SyncVariant, projected_efficiency, sync_traffic
+    from hpc_localsgd.bench.streaming import SyncTraffic, projected_efficiency, sync_traffic
+    from hpc_localsgd.bench.variants import SyncVariant
 
     link, n = emulated_link("1gbit"), 1_000_000
     traffic = SyncTraffic((n,), 0)
