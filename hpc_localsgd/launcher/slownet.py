@@ -20,11 +20,13 @@ remote daemon with ``ip netns exec`` in the namespace of that address. ``--mca b
 ``*_if_include`` of the subnet keep ranks on TCP over the links. Open MPI's settings for containers
 come from ``scripts/mpi-env.sh``, sourced first.
 
-The ranks share this machine's cores, as the ranks of one node would. A rankfile binds each rank to
-its own share (``core_shares``), as mpirun binds the ranks of one node. Without it, mpirun sees one
-rank per "node" and binds each to core 0 of its node, which is the same core of this machine for
-every rank: they would all run on one core while the others idle. The binding also lets a rank see
-its share (``threads_for_rank``, and whether Open MPI should yield while idle).
+The ranks share this machine's cores, as the ranks of one node would: each starts through a small
+binder script that sets its affinity to its own share (``core_shares``), as mpirun binds the ranks of
+one node, and mpirun itself binds nothing. Left to itself, mpirun sees one rank per "node" and binds
+each to core 0 of its node, which is the same core of this machine for every rank: they would all
+run on one core while the others idle. (A rankfile says the same, but Open MPI 4.1.6 refuses one
+that gives a rank several cores of a one-slot host.) The binding also lets a rank see its share
+(``threads_for_rank``, and whether Open MPI should yield while idle).
 
 If namespaces cannot be created (not root, no ``ip``/``tc``, no permission) ``SlowNetworkUnavailable``
 says so in one line.
@@ -36,6 +38,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -73,7 +76,7 @@ class SlowNetwork:
     addresses: tuple[str, ...]  # rank i's address
     rate: str  # tc's rate, e.g. "1gbit"
     agent: Path  # the plm_rsh_agent script
-    rankfile: Path  # binds rank i to its share of this machine's cores
+    binder: Path  # runs rank i's command on its share of this machine's cores
 
     def mpirun_command(self, argv: Sequence[str], export: Sequence[str] = ()) -> list[str]:
         """``mpirun -np <ranks>`` of ``argv``, one rank per namespace, over TCP on the emulated links;
@@ -85,8 +88,11 @@ class SlowNetwork:
             str(len(self.namespaces)),
             "--host",
             hosts,
-            "--rankfile",
-            str(self.rankfile),
+            "--bind-to",
+            "none",
+            "--mca",
+            "plm",
+            "rsh",  # the agent below starts the other ranks' daemons; an image may set OMPI_MCA_plm=isolated
             "--mca",
             "plm_rsh_agent",
             str(self.agent),
@@ -102,6 +108,7 @@ class SlowNetwork:
             *[item for name in ("PYTHONPATH", *export) for item in ("-x", name)],
             "-x",
             f"{EMULATED_LINK_VARIABLE}={self.rate}",  # the benchmark projects the same link beside its measurement
+            str(self.binder),
             *argv,
         ]
         script = f"source {shlex.quote(str(MPI_ENV_SCRIPT))} && exec {shlex.join(mpirun)}"
@@ -136,12 +143,15 @@ def core_shares(ranks: int, cores: Sequence[int]) -> list[tuple[int, ...]]:
     return shares
 
 
-def rankfile_text(addresses: Sequence[str], cores: Sequence[int]) -> str:
-    """Open MPI's rankfile binding rank i (at ``addresses[i]``) to its ``core_shares`` of ``cores``."""
-    shares = core_shares(len(addresses), cores)
-    return "".join(
-        f"rank {rank}={address} slot={','.join(map(str, share))}\n"
-        for rank, (address, share) in enumerate(zip(addresses, shares, strict=True))
+def binder_text(ranks: int, cores: Sequence[int], python: str) -> str:
+    """A script that runs its arguments on rank $OMPI_COMM_WORLD_RANK's ``core_shares`` of ``cores``."""
+    shares = {rank: list(share) for rank, share in enumerate(core_shares(ranks, cores))}
+    return (
+        f"#!{python}\n"
+        "# hpc-localsgd slow network: run this rank on its share of the cores, as on one node.\n"
+        "import os, sys\n"
+        f"os.sched_setaffinity(0, {shares!r}[int(os.environ['OMPI_COMM_WORLD_RANK'])])\n"
+        "os.execvp(sys.argv[1], sys.argv[1:])\n"
     )
 
 
@@ -229,9 +239,10 @@ def slow_network(ranks: int = 2, rate: str = "1gbit", prefix: str | None = None)
             agent = Path(scratch) / "netns-agent.sh"
             agent.write_text(_AGENT % cases)
             agent.chmod(0o755)
-            rankfile = Path(scratch) / "rankfile"
-            rankfile.write_text(rankfile_text(addresses, sorted(os.sched_getaffinity(0))))
-            yield SlowNetwork(namespaces, addresses, rate, agent, rankfile)
+            binder = Path(scratch) / "bind-rank.py"
+            binder.write_text(binder_text(ranks, sorted(os.sched_getaffinity(0)), sys.executable))
+            binder.chmod(0o755)
+            yield SlowNetwork(namespaces, addresses, rate, agent, binder)
         finally:
             _remove(created[::-1])  # the ranks' namespaces, then the hub
 
@@ -239,7 +250,6 @@ def slow_network(ranks: int = 2, rate: str = "1gbit", prefix: str | None = None)
 def main() -> None:
     """``python -m hpc_localsgd.launcher.slownet [ranks] [rate] -- command…``: run a command under mpirun on
     an emulated network (for trying it by hand; the benchmark calls ``slow_network`` itself)."""
-    import sys
 
     args = sys.argv[1:]
     if "--" not in args:

@@ -22,7 +22,6 @@ from hpc_localsgd.launcher.slownet import (
     SlowNetworkUnavailable,
     core_shares,
     existing_namespaces,
-    rankfile_text,
     slow_network,
 )
 from tests.helpers import MPI_TEST_ENV, REPO_ROOT
@@ -70,9 +69,6 @@ def test_ranks_get_contiguous_shares_of_the_cores_as_on_one_node() -> None:
     assert core_shares(2, [0, 1, 2]) == [(0,), (1, 2)]
     assert core_shares(3, [4, 6]) == [(4,), (4,), (6,)]  # the cores this process may use, by number
     assert core_shares(2, [5]) == [(5,), (5,)]
-    assert rankfile_text(["10.213.0.1", "10.213.0.2"], [0, 1, 2, 3]) == (
-        "rank 0=10.213.0.1 slot=0,1\nrank 1=10.213.0.2 slot=2,3\n"
-    )
 
 
 def test_namespaces_are_removed_when_the_body_fails() -> None:
