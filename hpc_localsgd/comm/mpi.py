@@ -12,6 +12,15 @@ during backward would not move until ``finish_gradients`` waited on them (the be
 of a ResNet-50 step blocked that way even with ``MPI_Test`` from every gradient hook); the thread
 overlaps them with backward as Horovod's background thread and Gloo's do. Without
 ``MPI_THREAD_MULTIPLE`` the backend falls back to ``Iallreduce`` and ``Iallgather`` advanced by ``progress()``.
+
+When Open MPI is told to yield while idle (a fully subscribed node, ``comm/__init__.py``), the thread runs
+the byte exchanges (allgather, all-to-all: compressed syncs) as MPI's non-blocking calls and sleeps
+``POLL_SECONDS`` between tests instead of waiting in the blocking call. A thread that polls with
+``sched_yield`` on a core the step's compute also uses is scheduled so rarely that a 24 MB allgather over
+an emulated 1 Gb/s link took 0.42 s beside a ResNet-50 step instead of its 0.2 s; tested every
+millisecond it took 0.23 s, for the same compute time lost (docs/BENCHMARKS.md). Allreduces stay
+blocking: Open MPI's non-blocking allreduce advances one round per test and took 1.7 s for 94 MB
+where the blocking one takes 0.8 s.
 Groups of ranks (``split``) and the communicators across them (``split_across``) are ``Comm.Split``
 communicators sharing that thread (see ``MPICommunicator``).
 """
@@ -20,8 +29,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -52,6 +63,16 @@ _MPI_TYPES: dict[torch.dtype, Callable[[Any], Any]] = {
 # No MPI datatype sums 16-bit floats (a uint16 view would add bit patterns), so they are
 # summed as float32, which also rounds only once, at the final cast back.
 _WIDENED_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+# How long the communication thread sleeps between tests of a byte exchange when Open MPI yields: at
+# 1 Gb/s a millisecond is 125 kB, well inside the sockets' buffers, and a thousand wake-ups a second
+# cost the step less than the yielding poll's scheduling does.
+POLL_SECONDS = 0.001
+
+
+def mpi_yields_when_idle() -> bool:
+    """Whether Open MPI was told to yield while idle (by ``comm/__init__.py`` on a fully subscribed
+    node, or by the user); read when the communicator is made, after MPI read it."""
+    return os.environ.get("OMPI_MCA_mpi_yield_when_idle", "0").strip().lower() in ("1", "true", "yes")
 
 
 def cuda_aware_mpi() -> bool:
@@ -175,6 +196,14 @@ class _CollectiveThread:
         self._thread.join()
 
 
+def _polled(start: Callable[..., Any], *args: Any) -> None:
+    """Start a non-blocking collective and test it every ``POLL_SECONDS`` until it completes (run by
+    the communication thread; the sleep leaves the core to the step between tests)."""
+    request = start(*args)
+    while not request.Test():
+        time.sleep(POLL_SECONDS)
+
+
 class _ThreadedHandle(Handle):
     """An ``Allreduce`` queued on (or running in) the communication thread."""
 
@@ -220,10 +249,13 @@ class MPICommunicator(Communicator):
 
     name = "mpi"
 
-    def __init__(self, launcher_layout: WorldLayout) -> None:
+    def __init__(self, launcher_layout: WorldLayout, poll_byte_exchanges: bool | None = None) -> None:
+        """``poll_byte_exchanges``: run allgathers and all-to-alls on the communication thread as
+        non-blocking calls tested every ``POLL_SECONDS`` (None: when Open MPI yields while idle)."""
         from mpi4py import MPI  # imported here: importing mpi4py.MPI initialises MPI
 
         self._mpi = MPI
+        self._poll = mpi_yields_when_idle() if poll_byte_exchanges is None else poll_byte_exchanges
         self._comm = MPI.COMM_WORLD.Dup()
         self._thread: _CollectiveThread | None = None
         self._thread_comm: Any = None  # used only by the communication thread
@@ -238,11 +270,18 @@ class MPICommunicator(Communicator):
 
     @classmethod
     def _group(
-        cls, mpi: Any, comm: Any, thread_comm: Any | None, thread: _CollectiveThread | None, layout: WorldLayout
+        cls,
+        mpi: Any,
+        comm: Any,
+        thread_comm: Any | None,
+        thread: _CollectiveThread | None,
+        poll: bool,
+        layout: WorldLayout,
     ) -> MPICommunicator:
         """A group's communicator around communicators already split; the thread stays its parent's."""
         group = cls.__new__(cls)
         group._mpi, group._comm, group._thread_comm, group._thread = mpi, comm, thread_comm, thread
+        group._poll = poll
         group._owns_thread = False
         group._groups = []
         group._closed = False
@@ -292,8 +331,11 @@ class MPICommunicator(Communicator):
         send = buffer if buffer.device.type == "cpu" else buffer.cpu()
         staged = output if output.device.type == "cpu" else torch.empty_like(output, device="cpu")
         arrays = (_byte_view(send), _byte_view(staged))
-        if self._thread is not None:
-            pending: Any = self._thread.submit(getattr(self._thread_comm, collective), *arrays)
+        if self._thread is not None and self._poll:
+            start = getattr(self._thread_comm, "I" + collective.lower())
+            pending: Any = self._thread.submit(_polled, start, *arrays)
+        elif self._thread is not None:
+            pending = self._thread.submit(getattr(self._thread_comm, collective), *arrays)
         else:
             pending = getattr(self._comm, "I" + collective.lower())(*arrays)
         return _GatherHandle(pending, output, staged, arrays)
@@ -312,7 +354,10 @@ class MPICommunicator(Communicator):
         self._comm.Barrier()
 
     def collective_path(self, device: torch.device) -> str:
-        progress = "a communication thread" if self._thread is not None else "Iallreduce progressed by polling"
+        progress = "Iallreduce progressed by polling"
+        if self._thread is not None:
+            polling = f", byte exchanges tested every {POLL_SECONDS * 1000:g} ms" if self._poll else ""
+            progress = f"a communication thread{polling}"
         if device.type != "cuda":
             return f"MPI on host memory, {progress}"
         if self._cuda_aware:
@@ -337,7 +382,7 @@ class MPICommunicator(Communicator):
         # in collectives on one communicator at once.
         comm = self._comm.Split(color, key)
         thread_comm = self._comm.Split(color, key) if self._thread is not None else None
-        group = MPICommunicator._group(self._mpi, comm, thread_comm, self._thread, layout)
+        group = MPICommunicator._group(self._mpi, comm, thread_comm, self._thread, self._poll, layout)
         self._groups.append(group)
         return group
 

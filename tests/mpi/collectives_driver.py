@@ -2,7 +2,8 @@
 
 Every buffer is built from the rank number, so the expected results follow from sums over
 ranks 0..N−1 (written out below with numpy, independently of the code under test).
-Prints ``OK <backend> rank <r> of <N>`` on success; exits 1 naming the first wrong value
+Prints ``OK <backend> rank <r> of <N>`` on success (with ``--compression``, followed by the
+backend's ``collective_path``); exits 1 naming the first wrong value
 otherwise, or 2 with ``hpc-localsgd: error: <message>`` for a ``UserError`` (and for a refused
 ``--split``).
 
@@ -475,7 +476,7 @@ def main() -> int:
         if args.compression:
             check_compressed_average(comm, device, world_members)
             comm.barrier()
-            print_line(f"OK {comm.name} rank {comm.rank} of {comm.size}", sys.stdout)
+            print_line(f"OK {comm.name} rank {comm.rank} of {comm.size} ({comm.collective_path(device)})", sys.stdout)
             comm.close()
             return 0
         check_allreduce(comm, device)

@@ -176,3 +176,20 @@ def test_fully_subscribed_nodes_let_mpi_yield(
     monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", "0")  # the user's choice is kept
     comm_package._let_mpi_yield_when_idle(launch)
     assert comm_package.os.environ["OMPI_MCA_mpi_yield_when_idle"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("setting", "yields"), [(None, False), ("1", True), ("true", True), (" yes", True), ("0", False), ("no", False)]
+)
+def test_the_mpi_backend_polls_byte_exchanges_where_open_mpi_yields(
+    monkeypatch: pytest.MonkeyPatch, setting: str | None, yields: bool
+) -> None:
+    # The communication thread tests non-blocking allgathers and all-to-alls between sleeps exactly where
+    # Open MPI is told to yield while idle (Open MPI reads a boolean parameter's 1/true/yes alike).
+    from hpc_localsgd.comm.mpi import mpi_yields_when_idle
+
+    if setting is None:
+        monkeypatch.delenv("OMPI_MCA_mpi_yield_when_idle", raising=False)
+    else:
+        monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", setting)
+    assert mpi_yields_when_idle() is yields
