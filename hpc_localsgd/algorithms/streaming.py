@@ -264,12 +264,13 @@ class StreamingSync:
                 anchor = anchors[g][..., first : first + b - a]
                 update = pending.updates[g][0]
                 averaged_update += first_row(_squared_norm(update))
-                new = torch.sub(anchor, update, out=update)  # x̄ = x_prev − avg Δ, in avg Δ's memory (its last use)
+                # x̄ = x_prev − avg Δ. Plain averaging keeps it as x_prev for the next Δ, so it is formed in
+                # place there (a copy of the model less per sync); else in avg Δ's memory (its last use).
+                plain = not self.outer.needs_anchor
+                new = torch.sub(anchor, update, out=anchor if plain else update)
                 averaged_model += first_row(_squared_norm(new))
                 if outer_step:
                     self.outer.step(new, anchor, lr, fragment * len(self.groups) + g)
-                elif not self.outer.needs_anchor:
-                    anchor.copy_(new)  # plain averaging: x_prev ← x̄ for the next Δ
                 live = self.groups[g].flat[..., a:b]
                 if self.mix == 0:
                     live.copy_(new)
