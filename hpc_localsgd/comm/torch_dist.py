@@ -89,10 +89,27 @@ def rendezvous_address(layout: WorldLayout, launcher: str, env: Mapping[str, str
             f"rank {world.Get_rank()} of {world.Get_size()}: {cause}, or set MASTER_ADDR and "
             "MASTER_PORT to agree without MPI"
         )
-    chosen = (socket.gethostname(), _free_tcp_port()) if world.Get_rank() == 0 else None
-    root_host, port = world.bcast(chosen, root=0)
-    # Ranks on rank 0's node connect over loopback, which needs no name resolution (often missing in containers).
-    return ("127.0.0.1" if root_host == socket.gethostname() else root_host), port
+    chosen = (socket.gethostname(), _network_namespace(), _free_tcp_port()) if world.Get_rank() == 0 else None
+    root_host, root_namespace, port = world.bcast(chosen, root=0)
+    # Ranks on rank 0's node connect over loopback, which needs no name resolution (often missing in
+    # containers); but a rank in another network namespace of that host cannot reach rank 0's loopback,
+    # and its host name does not say where rank 0 is. Every rank stops then, not only that one.
+    local = root_host == socket.gethostname()
+    if any(world.allgather(local and root_namespace != _network_namespace())):
+        raise BackendUnavailable(
+            "comm.backend is 'torch' and some rank runs on rank 0's host but in another network namespace, "
+            "where rank 0's address cannot be told from its host name; set MASTER_ADDR (an address of rank 0 "
+            "that every rank reaches) and MASTER_PORT"
+        )
+    return ("127.0.0.1" if local else root_host), port
+
+
+def _network_namespace() -> str:
+    """This process's network namespace (``/proc/self/ns/net``'s target), or '' where there is none to read."""
+    try:
+        return os.readlink("/proc/self/ns/net")
+    except OSError:
+        return ""
 
 
 class _WorkHandle(Handle):

@@ -17,8 +17,9 @@ processes left inside are ended first).
 ``mpirun_command`` starts ``mpirun`` inside rank 0's namespace with ``--host`` naming the namespaces'
 addresses; for the others Open MPI's launcher agent (``plm_rsh_agent``) is a small script that runs the
 remote daemon with ``ip netns exec`` in the namespace of that address. ``--mca btl tcp,self`` and the
-``*_if_include`` of the subnet keep ranks on TCP over the links. Open MPI's settings for containers
-come from ``scripts/mpi-env.sh``, sourced first.
+``*_if_include`` of the subnet keep ranks on TCP over the links; ``MASTER_ADDR``/``MASTER_PORT`` (rank 0's
+address) and ``GLOO_SOCKET_IFNAME`` put the torch backend's store and Gloo's connections on them too.
+Open MPI's settings for containers come from ``scripts/mpi-env.sh``, sourced first.
 
 The ranks share this machine's cores, as the ranks of one node would: each starts through a small
 binder script that sets its affinity to its own share (``core_shares``), as mpirun binds the ranks of
@@ -50,6 +51,8 @@ from .env import EMULATED_LINK_VARIABLE
 
 SUBNET = "10.213.0.0/24"
 MAX_RANKS = 250  # addresses 10.213.0.1 … .250 of the subnet
+LINK_DEVICE = "slow0"  # each rank's end of its link, the same name in every namespace
+STORE_PORT = 29500  # torch.distributed's store in rank 0's namespace, where nothing else listens
 MPI_ENV_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mpi-env.sh"
 # The agent Open MPI runs as ``agent [options] <host> <command...>`` to start its daemon on <host>.
 _AGENT = """#!/bin/sh
@@ -108,6 +111,15 @@ class SlowNetwork:
             *[item for name in ("PYTHONPATH", *export) for item in ("-x", name)],
             "-x",
             f"{EMULATED_LINK_VARIABLE}={self.rate}",  # the benchmark projects the same link beside its measurement
+            # torch.distributed over the emulated links: its store at rank 0's address, as torchrun would set
+            # it, and Gloo's connections on each rank's link. The namespaces share this machine's host name,
+            # which would otherwise mean loopback for both.
+            "-x",
+            f"MASTER_ADDR={self.addresses[0]}",
+            "-x",
+            f"MASTER_PORT={STORE_PORT}",
+            "-x",
+            f"GLOO_SOCKET_IFNAME={LINK_DEVICE}",
             str(self.binder),
             *argv,
         ]
@@ -225,13 +237,13 @@ def slow_network(ranks: int = 2, rate: str = "1gbit", prefix: str | None = None)
             _ip("-n", hub, "link", "set", "switch", "up")
             for rank, (namespace, address) in enumerate(zip(namespaces, addresses, strict=True)):
                 port = f"port{rank}"
-                _ip("-n", namespace, "link", "add", "slow0", "type", "veth", "peer", "name", port, "netns", hub)
+                _ip("-n", namespace, "link", "add", LINK_DEVICE, "type", "veth", "peer", "name", port, "netns", hub)
                 _ip("-n", hub, "link", "set", port, "master", "switch")
                 _ip("-n", hub, "link", "set", port, "up")
-                _ip("-n", namespace, "addr", "add", f"{address}/24", "dev", "slow0")
-                _ip("-n", namespace, "link", "set", "slow0", "up")
+                _ip("-n", namespace, "addr", "add", f"{address}/24", "dev", LINK_DEVICE)
+                _ip("-n", namespace, "link", "set", LINK_DEVICE, "up")
                 _ip("-n", namespace, "link", "set", "lo", "up")
-                _limit(namespace, "slow0", rate)  # what the rank sends
+                _limit(namespace, LINK_DEVICE, rate)  # what the rank sends
                 _limit(hub, port, rate)  # what it receives
             cases = "\n".join(
                 f"  {address}) ns={namespace} ;;" for namespace, address in zip(namespaces, addresses, strict=True)

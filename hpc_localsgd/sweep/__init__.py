@@ -392,14 +392,7 @@ def check_emulated_link(plan: SweepPlan, jobs: int, rate: str) -> None:
         if backend == "simulated":
             raise UserError(
                 f"--emulated-link: point {point.name} runs simulated workers in one process, with no network "
-                "between them (set comm.backend to mpi or horovod)"
-            )
-        if backend == "torch":
-            # Its ranks find rank 0's store by host name, which every namespace shares: they would reach
-            # their own loopback and wait for a store that is not there.
-            raise UserError(
-                f"--emulated-link: point {point.name} uses comm.backend=torch, whose ranks cannot find rank 0 "
-                "across the namespaces (set comm.backend to mpi or horovod)"
+                "between them (set comm.backend to mpi, horovod or torch)"
             )
         if not 2 <= ranks <= MAX_RANKS:
             raise UserError(
