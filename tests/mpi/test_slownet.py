@@ -97,6 +97,37 @@ def test_the_torch_backend_reaches_rank_0_across_the_namespaces() -> None:
     assert ours("hlsgd-torch") == set()
 
 
+TRANSFER_SCRIPT = str(REPO_ROOT / "scripts" / "slownet-transfer.py")
+
+
+def test_the_transfer_breakdown_script_times_each_way_of_waiting_on_the_link() -> None:
+    # scripts/slownet-transfer.py gives docs/BENCHMARKS.md its breakdown of a sync's cost beside a step; here
+    # it runs small (a small model, 1 M values) on a 100 Mb/s link, and every transfer it times must have
+    # taken at least what its bytes need on the link: each rank receives the other's 1 MB (allgather) or,
+    # by any algorithm, half the other's 4 MB (allreduce).
+    elements = 1_000_000
+    try:
+        with slow_network(2, "100mbit", prefix="hlsgd-transfer") as network:
+            done = network.run(
+                [sys.executable, TRANSFER_SCRIPT, "--model", "resnet18", "--batch", "2", "--steps", "2"]
+                + ["--elements", str(elements)],
+                timeout=300,
+            )
+    except SlowNetworkUnavailable as error:
+        pytest.fail(str(error))
+    report = f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
+    assert done.returncode == 0, report
+    line = re.compile(r"^rank (\d) (\S+) +transfer ([\d.]+) s beside the step .* speed ([\d.]+), ", re.MULTILINE)
+    found = {(int(m[1]), m[2]): (float(m[3]), float(m[4])) for m in line.finditer(done.stdout)}
+    ways = ("allreduce", "allreduce-polled", "allgather", "allgather-polled")
+    assert sorted(found) == sorted((rank, way) for rank in range(2) for way in ways), report
+    for (_, way), (seconds, speed) in found.items():
+        least_bytes = elements if way.startswith("allgather") else 4 * elements / 2
+        assert seconds >= 0.98 * least_bytes * 8 / RATE_BITS, report
+        assert 0 < speed < 2, report
+    assert ours("hlsgd-transfer") == set()
+
+
 def test_ranks_get_contiguous_shares_of_the_cores_as_on_one_node() -> None:
     assert core_shares(2, [0, 1]) == [(0,), (1,)]
     assert core_shares(2, [0, 1, 2, 3]) == [(0, 1), (2, 3)]

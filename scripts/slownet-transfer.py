@@ -1,0 +1,134 @@
+"""Where a sync's time goes on an emulated link: one transfer beside a training step, per way of waiting.
+
+Run under the emulated network, 2 ranks (as root):
+
+    source scripts/mpi-env.sh
+    PYTHONPATH=$PWD .venv/bin/python -m hpc_localsgd.launcher.slownet 2 1gbit -- \\
+        $PWD/.venv/bin/python scripts/slownet-transfer.py --way all
+
+Each rank times training steps of a torchvision model (one compute thread) without communication, then
+while a second thread runs transfers of ``--elements`` float32 values back to back, as the mpi backend's
+communication thread does, and prints per way of waiting: the transfer's time beside the steps, the
+step's speed meanwhile (1.0: untouched), and the core time the step lost per transfer. Ways:
+
+    allreduce          blocking MPI_Allreduce (the backend's allreduces)
+    allreduce-polled   MPI_Iallreduce tested every millisecond (Open MPI advances it one round per test)
+    allgather          blocking MPI_Allgather of the bytes of a quarter of the values (an int8 sync's size)
+    allgather-polled   MPI_Iallgather of the same, tested every millisecond (the backend's byte exchanges
+                       when Open MPI yields while idle)
+
+``--nice N`` lowers the communication thread's priority, to see whether the transfer's cost to the step
+is its CPU work or its scheduling. Open MPI yields while idle here (``OMPI_MCA_mpi_yield_when_idle=1``,
+as the package sets on a fully subscribed node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")  # before MPI starts
+
+import numpy as np
+import torch
+import torchvision
+from mpi4py import MPI
+
+WAYS = ("allreduce", "allreduce-polled", "allgather", "allgather-polled")
+POLL_SECONDS = 0.001
+
+
+def transfer(way: str, comm: MPI.Intracomm, values: np.ndarray, scratch: np.ndarray) -> None:
+    if way == "allreduce":
+        comm.Allreduce(MPI.IN_PLACE, values, MPI.SUM)
+        return
+    if way == "allgather":
+        comm.Allgather(values.view(np.uint8)[: values.size], scratch)
+        return
+    if way == "allreduce-polled":
+        request = comm.Iallreduce(MPI.IN_PLACE, values, MPI.SUM)
+    else:
+        request = comm.Iallgather(values.view(np.uint8)[: values.size], scratch)
+    while not request.Test():
+        time.sleep(POLL_SECONDS)
+
+
+def measure(way: str, args: argparse.Namespace, step: object, world: MPI.Intracomm) -> str:
+    comm = world.Dup()  # the communication thread's own, as in the backend
+    values = np.zeros(args.elements, dtype=np.float32)
+    scratch = np.zeros((comm.Get_size(), values.size), dtype=np.uint8)
+    seconds: list[float] = []
+    stop = np.zeros(1, dtype=np.int32)
+
+    def transfers() -> None:
+        if args.nice:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), args.nice)
+        agreed = np.zeros(1, dtype=np.int32)
+        while True:  # until every rank's steps are done, decided together
+            start = time.perf_counter()
+            transfer(way, comm, values, scratch)
+            seconds.append(time.perf_counter() - start)
+            agreed[0] = stop[0]
+            comm.Allreduce(MPI.IN_PLACE, agreed, MPI.MAX)
+            if agreed[0]:
+                return
+
+    def timed_steps() -> float:
+        world.Barrier()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()  # type: ignore[operator]
+        return (time.perf_counter() - start) / args.steps
+
+    bare = timed_steps()
+    thread = threading.Thread(target=transfers)
+    thread.start()
+    busy = timed_steps()
+    stop[0] = 1
+    thread.join()
+    comm.Free()
+    typical = float(np.median(seconds))
+    speed = bare / busy
+    return (
+        f"rank {world.Get_rank()} {way:16s} transfer {typical:.3f} s beside the step ({len(seconds)} of them); "
+        f"step {bare:.3f} s bare, {busy:.3f} s beside it: speed {speed:.2f}, "
+        f"{(1 - speed) * typical:.3f} s of the step's core lost per transfer"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--way", choices=(*WAYS, "all"), default="all")
+    parser.add_argument("--elements", type=int, default=23_528_522, help="float32 values (ResNet-50's)")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--nice", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    labels = torch.randint(0, 10, (args.batch,))
+
+    def step() -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    step()  # warm-up
+    world = MPI.COMM_WORLD
+    for way in WAYS if args.way == "all" else (args.way,):
+        lines = world.gather(measure(way, args, step, world), root=0)
+        if lines is not None:  # rank 0 prints every rank's line: mpirun would interleave the ranks' output
+            print("\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
