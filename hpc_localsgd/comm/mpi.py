@@ -17,10 +17,10 @@ When Open MPI is told to yield while idle (a fully subscribed node, ``comm/__ini
 the byte exchanges (allgather, all-to-all: compressed syncs) as MPI's non-blocking calls and sleeps
 ``POLL_SECONDS`` between tests instead of waiting in the blocking call. A thread that polls with
 ``sched_yield`` on a core the step's compute also uses is scheduled so rarely that a 24 MB allgather over
-an emulated 1 Gb/s link took 0.42 s beside a ResNet-50 step instead of its 0.2 s; tested every
-millisecond it took 0.23 s, for the same compute time lost (docs/BENCHMARKS.md). Allreduces stay
-blocking: Open MPI's non-blocking allreduce advances one round per test and took 1.7 s for 94 MB
-where the blocking one takes 0.8 s.
+an emulated 1 Gb/s link took 0.40–0.42 s beside a ResNet-50 step, twice its time on the wire; tested
+every millisecond it took 0.22 s, for the same compute lost (``scripts/slownet-transfer.py``,
+docs/BENCHMARKS.md). Allreduces stay blocking: Open MPI's non-blocking allreduce advances a round per
+test, and polled it took longer (94 MB: 1.74–1.77 s against 1.64–1.67 s) for no less compute lost.
 Groups of ranks (``split``) and the communicators across them (``split_across``) are ``Comm.Split``
 communicators sharing that thread (see ``MPICommunicator``).
 """
