@@ -78,11 +78,13 @@ def test_the_torch_backend_reaches_rank_0_across_the_namespaces() -> None:
     driver = [sys.executable, COLLECTIVES_DRIVER, "--backend", "torch", "--compression"]
     try:
         with slow_network(2, "1gbit", prefix="hlsgd-torch") as network:
-            works = network.run(driver, timeout=180)
+            # The driver imports the tests' reference (tests/compression_reference.py): the repository on the path.
+            on_path = {"PYTHONPATH": str(REPO_ROOT)}
+            works = network.run(driver, timeout=180, env=on_path)
             refused = network.run(
                 ["sh", "-c", shell, "env", "-u", "MASTER_ADDR", "-u", "MASTER_PORT", *driver],
                 timeout=180,
-                env={"OMPI_MCA_orte_abort_on_non_zero_status": "0"},
+                env={**on_path, "OMPI_MCA_orte_abort_on_non_zero_status": "0"},
             )
     except SlowNetworkUnavailable as error:
         pytest.fail(str(error))
