@@ -15,7 +15,8 @@ overlaps them with backward as Horovod's background thread and Gloo's do. Withou
 
 When Open MPI is told to yield while idle (a fully subscribed node, ``comm/__init__.py``), the thread runs
 the byte exchanges (allgather, all-to-all: compressed syncs) as MPI's non-blocking calls and sleeps
-``POLL_SECONDS`` between tests instead of waiting in the blocking call. A thread that polls with
+``POLL_SECONDS`` between tests instead of waiting in the blocking call (``WAITED_POLL_SECONDS`` once the
+step waits for the exchange). A thread that polls with
 ``sched_yield`` on a core the step's compute also uses is scheduled so rarely that a 24 MB allgather over
 an emulated 1 Gb/s link took 0.40–0.42 s beside a ResNet-50 step, twice its time on the wire; tested
 every millisecond it took 0.22 s, for the same compute lost (``scripts/slownet-transfer.py``,
@@ -67,6 +68,10 @@ _WIDENED_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 # 1 Gb/s a millisecond is 125 kB, well inside the sockets' buffers, and a thousand wake-ups a second
 # cost the step less than the yielding poll's scheduling does.
 POLL_SECONDS = 0.001
+# ... and once the step waits for the exchange: Open MPI's non-blocking allgather starts a round per test
+# (a ring of m ranks has m − 1), so a millisecond a test would cost 63 ms among 64 ranks on a network
+# that moves a round in microseconds; still a sleep, so that the kernel's network work has the core.
+WAITED_POLL_SECONDS = 0.00005
 
 
 def mpi_yields_when_idle() -> bool:
@@ -135,16 +140,24 @@ class _GatherHandle(Handle):
     a host staging copy of a device output is copied back in ``wait``."""
 
     def __init__(
-        self, pending: Any, output: torch.Tensor, staged: torch.Tensor, arrays: tuple[np.ndarray, np.ndarray]
+        self,
+        pending: Any,
+        output: torch.Tensor,
+        staged: torch.Tensor,
+        arrays: tuple[np.ndarray, np.ndarray],
+        waited: threading.Event | None = None,
     ) -> None:
         self._pending: Any | None = pending
         self._output = output
         self._staged = staged  # ``output`` itself, or its host copy
         self._arrays = arrays  # the memory MPI reads and writes, alive until the collective is done
+        self._waited = waited  # set when the caller waits: the thread then tests a polled exchange more often
 
     def wait(self) -> None:
         if self._pending is None:
             return
+        if self._waited is not None:
+            self._waited.set()
         if isinstance(self._pending, Future):
             self._pending.result()  # re-raises an MPI error of the thread here
         else:
@@ -196,12 +209,17 @@ class _CollectiveThread:
         self._thread.join()
 
 
-def _polled(start: Callable[..., Any], *args: Any) -> None:
+def _polled(start: Callable[..., Any], waited: threading.Event, *args: Any) -> None:
     """Start a non-blocking collective and test it every ``POLL_SECONDS`` until it completes (run by
-    the communication thread; the sleep leaves the core to the step between tests)."""
+    the communication thread; the sleep leaves the core to the step between tests), every
+    ``WAITED_POLL_SECONDS`` once ``waited`` is set (the step waits for it: nothing to leave the core to,
+    and each test may start the collective's next round)."""
     request = start(*args)
     while not request.Test():
-        time.sleep(POLL_SECONDS)
+        if waited.is_set():
+            time.sleep(WAITED_POLL_SECONDS)
+        else:
+            waited.wait(POLL_SECONDS)  # returns at once when the step starts waiting
 
 
 class _ThreadedHandle(Handle):
@@ -331,14 +349,15 @@ class MPICommunicator(Communicator):
         send = buffer if buffer.device.type == "cpu" else buffer.cpu()
         staged = output if output.device.type == "cpu" else torch.empty_like(output, device="cpu")
         arrays = (_byte_view(send), _byte_view(staged))
+        waited = None
         if self._thread is not None and self._poll:
-            start = getattr(self._thread_comm, "I" + collective.lower())
-            pending: Any = self._thread.submit(_polled, start, *arrays)
+            start, waited = getattr(self._thread_comm, "I" + collective.lower()), threading.Event()
+            pending: Any = self._thread.submit(_polled, start, waited, *arrays)
         elif self._thread is not None:
             pending = self._thread.submit(getattr(self._thread_comm, collective), *arrays)
         else:
             pending = getattr(self._comm, "I" + collective.lower())(*arrays)
-        return _GatherHandle(pending, output, staged, arrays)
+        return _GatherHandle(pending, output, staged, arrays, waited)
 
     def broadcast_(self, buffer: torch.Tensor, root: int = 0) -> None:
         check_buffer(buffer)
