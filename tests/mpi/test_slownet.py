@@ -193,11 +193,21 @@ def grid(tmp_path: Path, backend: str = "mpi", workers: int = 0) -> Path:
     return path
 
 
-def test_a_sweep_on_the_emulated_network_is_measured_and_reported_beside_its_projection(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["mpi", "torch"])  # torch: its store and Gloo over the links too
+def test_a_sweep_on_the_emulated_network_is_measured_and_reported_beside_its_projection(
+    tmp_path: Path, backend: str
+) -> None:
     before = existing_namespaces()
     out = tmp_path / "sweep"
     done = cli(
-        "sweep", str(grid(tmp_path)), "--out", str(out), "--run-here", "--emulated-link", MEASURED_RATE, cwd=tmp_path
+        "sweep",
+        str(grid(tmp_path, backend)),
+        "--out",
+        str(out),
+        "--run-here",
+        "--emulated-link",
+        MEASURED_RATE,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"on an emulated {MEASURED_RATE} network" in done.stdout and "2 runs done" in done.stdout, done.stdout
