@@ -37,8 +37,9 @@ import torch
 import torchvision
 from mpi4py import MPI
 
+from hpc_localsgd.comm.mpi import POLL_SECONDS  # the backend's interval between tests of a polled exchange
+
 WAYS = ("allreduce", "allreduce-polled", "allgather", "allgather-polled")
-POLL_SECONDS = 0.001
 
 
 def transfer(way: str, comm: MPI.Intracomm, values: np.ndarray, scratch: np.ndarray) -> None:
