@@ -16,6 +16,8 @@ step's speed meanwhile (1.0: untouched), and the core time the step lost per tra
     allgather          blocking MPI_Allgather of the bytes of a quarter of the values (an int8 sync's size)
     allgather-polled   MPI_Iallgather of the same, tested every millisecond (the backend's byte exchanges
                        when Open MPI yields while idle)
+    allreduce-exchanges the backend's allreduce when Open MPI yields while idle: an all-to-all of the
+                       parts, each rank's part summed, an allgather, both tested every millisecond
 
 ``--nice N`` lowers the communication thread's priority, to see whether the transfer's cost to the step
 is its CPU work or its scheduling. Open MPI yields while idle here (``OMPI_MCA_mpi_yield_when_idle=1``,
@@ -37,12 +39,16 @@ import torch
 import torchvision
 from mpi4py import MPI
 
-from hpc_localsgd.comm.mpi import POLL_SECONDS  # the backend's interval between tests of a polled exchange
+from hpc_localsgd.comm.mpi import POLL_SECONDS, ReceiveSpace, polled_allreduce
 
-WAYS = ("allreduce", "allreduce-polled", "allgather", "allgather-polled")
+WAYS = ("allreduce", "allreduce-polled", "allgather", "allgather-polled", "allreduce-exchanges")
+RECEIVED = ReceiveSpace()
 
 
 def transfer(way: str, comm: MPI.Intracomm, values: np.ndarray, scratch: np.ndarray) -> None:
+    if way == "allreduce-exchanges":
+        polled_allreduce(comm, MPI, values, RECEIVED, threading.Event())
+        return
     if way == "allreduce":
         comm.Allreduce(MPI.IN_PLACE, values, MPI.SUM)
         return
@@ -62,12 +68,14 @@ def measure(way: str, args: argparse.Namespace, step: object, world: MPI.Intraco
     values = np.zeros(args.elements, dtype=np.float32)
     scratch = np.zeros((comm.Get_size(), values.size), dtype=np.uint8)
     seconds: list[float] = []
+    thread_seconds: list[float] = []  # the communication thread's CPU time, over all its transfers
     stop = np.zeros(1, dtype=np.int32)
 
     def transfers() -> None:
         if args.nice:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), args.nice)
         agreed = np.zeros(1, dtype=np.int32)
+        cpu = time.thread_time()
         while True:  # until every rank's steps are done, decided together
             start = time.perf_counter()
             transfer(way, comm, values, scratch)
@@ -75,6 +83,7 @@ def measure(way: str, args: argparse.Namespace, step: object, world: MPI.Intraco
             agreed[0] = stop[0]
             comm.Allreduce(MPI.IN_PLACE, agreed, MPI.MAX)
             if agreed[0]:
+                thread_seconds.append(time.thread_time() - cpu)
                 return
 
     def timed_steps() -> float:
@@ -96,7 +105,8 @@ def measure(way: str, args: argparse.Namespace, step: object, world: MPI.Intraco
     return (
         f"rank {world.Get_rank()} {way:16s} transfer {typical:.3f} s beside the step ({len(seconds)} of them); "
         f"step {bare:.3f} s bare, {busy:.3f} s beside it: speed {speed:.2f}, "
-        f"{(1 - speed) * typical:.3f} s of the step's core lost per transfer"
+        f"{(1 - speed) * typical:.3f} s of the step's core lost per transfer, "
+        f"{thread_seconds[0] / len(seconds):.3f} s of CPU in the thread per transfer"
     )
 
 

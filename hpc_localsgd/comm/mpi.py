@@ -20,8 +20,14 @@ step waits for the exchange). A thread that polls with
 ``sched_yield`` on a core the step's compute also uses is scheduled so rarely that a 24 MB allgather over
 an emulated 1 Gb/s link took 0.40–0.42 s beside a ResNet-50 step, twice its time on the wire; tested
 every millisecond it took 0.22 s, for the same compute lost (``scripts/slownet-transfer.py``,
-docs/BENCHMARKS.md). Allreduces stay blocking: Open MPI's non-blocking allreduce advances a round per
-test, and polled it took longer (94 MB: 1.74–1.77 s against 1.64–1.67 s) for no less compute lost.
+docs/BENCHMARKS.md). Allreduces of ``POLLED_ALLREDUCE_BYTES`` or more are polled too, as two byte
+exchanges (``polled_allreduce``): an all-to-all sends part k of the buffer to rank k, which sums its part
+in rank order, and an allgather returns the summed parts; the bytes on the wire are a ring allreduce's.
+Open MPI's own non-blocking allreduce advances a round per test and, polled, took longer than the
+blocking one (94 MB: 1.74–1.77 s against 1.64–1.67 s); the blocking one, alone on the link, keeps its
+core busy for the whole 0.8 s of the transfer (0.8 s of CPU a rank), the two polled exchanges use
+0.07 s of it and take 0.83 s. The thread keeps the space it receives the others' parts into
+((m − 1)/m of the largest such buffer) for reuse.
 Groups of ranks (``split``) and the communicators across them (``split_across``) are ``Comm.Split``
 communicators sharing that thread (see ``MPICommunicator``).
 """
@@ -72,6 +78,10 @@ POLL_SECONDS = 0.001
 # (a ring of m ranks has m − 1), so a millisecond a test would cost 63 ms among 64 ranks on a network
 # that moves a round in microseconds; still a sleep, so that the kernel's network work has the core.
 WAITED_POLL_SECONDS = 0.00005
+# Allreduces at least this large go as two polled exchanges where byte exchanges are polled; smaller ones
+# (scalars, norms, BN statistics) stay one blocking call, whose latency is a round trip, not two.
+POLLED_ALLREDUCE_BYTES = 1 << 20
+_POLLED_SUM_DTYPES = frozenset({torch.float32, torch.float64})
 
 
 def mpi_yields_when_idle() -> bool:
@@ -188,6 +198,7 @@ class _CollectiveThread:
         self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
+        self.scratch = ReceiveSpace()  # polled allreduces' receive space, used only by the thread
         self._thread = threading.Thread(target=self._run, name="hpc-localsgd-mpi", daemon=True)
         self._thread.start()
 
@@ -222,21 +233,73 @@ def _polled(start: Callable[..., Any], waited: threading.Event, *args: Any) -> N
             waited.wait(POLL_SECONDS)  # returns at once when the step starts waiting
 
 
+def polled_allreduce(comm: Any, mpi: Any, values: np.ndarray, scratch: ReceiveSpace, waited: threading.Event) -> None:
+    """Sum ``values`` over ``comm``'s ranks in place, as two polled exchanges (run by the communication
+    thread): an all-to-all sends part k of m contiguous parts to rank k (the first n % m parts one
+    element longer); each rank sums its part over the ranks in rank order, ((x_0 + x_1) + x_2) + …, the
+    same bits on every backend run and whatever algorithm MPI would pick; an allgather brings every rank
+    every summed part. Each rank sends and receives (m − 1)/m of the buffer twice, as in a ring allreduce."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    base, extra = divmod(values.size, size)
+    counts = [base + (1 if k < extra else 0) for k in range(size)]
+    starts = [sum(counts[:k]) for k in range(size)]
+    mine = values[starts[rank] : starts[rank] + counts[rank]]
+    # What the others send of this rank's part, one row each (this rank's own row is not sent).
+    received = scratch.get(values.dtype, (size - 1) * counts[rank])
+    others = [r for r in range(size) if r != rank]
+    rows = {r: received[i * counts[rank] : (i + 1) * counts[rank]] for i, r in enumerate(others)}
+    sent = [counts[k] if k != rank else 0 for k in range(size)]
+    landing = [counts[rank] if r != rank else 0 for r in range(size)]
+    offsets = [(r - (r > rank)) * counts[rank] if r != rank else 0 for r in range(size)]  # rows' starts
+    _polled(comm.Ialltoallv, waited, [values, (sent, starts)], [received, (landing, offsets)])
+    rows[rank] = mine
+    total = rows[0]
+    for r in range(1, size):
+        into = mine if r == size - 1 else total  # the last addition lands in this rank's part
+        np.add(total, rows[r], out=into)
+        total = into
+    _polled(comm.Iallgatherv, waited, mpi.IN_PLACE, [values, (counts, starts)])
+
+
+class ReceiveSpace:
+    """The communication thread's receive space for polled allreduces, grown to the largest and reused: a
+    fresh buffer the size of a model costs its page faults on every sync. One collective runs at a time on
+    the thread, so one buffer per dtype serves them all."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[np.dtype[Any], np.ndarray] = {}
+
+    def get(self, dtype: np.dtype[Any], count: int) -> np.ndarray:
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.size < count:
+            buffer = self._buffers[dtype] = np.empty(count, dtype=dtype)
+        return buffer[:count]
+
+
 class _ThreadedHandle(Handle):
     """An ``Allreduce`` queued on (or running in) the communication thread."""
 
     def __init__(
-        self, future: Future[Any], buffer: torch.Tensor, reduced: torch.Tensor, array: Any, divisor: int
+        self,
+        future: Future[Any],
+        buffer: torch.Tensor,
+        reduced: torch.Tensor,
+        array: Any,
+        divisor: int,
+        waited: threading.Event | None = None,
     ) -> None:
         self._future: Future[Any] | None = future
         self._buffer = buffer
         self._reduced = reduced
         self._array = array  # the memory the thread writes into, alive until it is done
         self._divisor = divisor
+        self._waited = waited  # a polled allreduce's: set when the caller waits, to test it more often
 
     def wait(self) -> None:
         if self._future is None:
             return
+        if self._waited is not None:
+            self._waited.set()
         self._future.result()  # re-raises an MPI error of the thread here
         self._future = None
         divide_by_size_(self._reduced, self._divisor)
@@ -328,6 +391,19 @@ class MPICommunicator(Communicator):
         else:
             array = _numpy_view(reduced)
         divisor = self.size if average else 1
+        if (
+            self._thread is not None
+            and self._poll
+            and not on_device
+            and self.size > 1
+            and reduced.dtype in _POLLED_SUM_DTYPES
+            and reduced.numel() * reduced.element_size() >= POLLED_ALLREDUCE_BYTES
+        ):
+            waited = threading.Event()
+            future = self._thread.submit(
+                polled_allreduce, self._thread_comm, self._mpi, array, self._thread.scratch, waited
+            )
+            return _ThreadedHandle(future, buffer, reduced, array, divisor, waited)
         if self._thread is not None:
             future = self._thread.submit(self._thread_comm.Allreduce, self._mpi.IN_PLACE, array, self._mpi.SUM)
             return _ThreadedHandle(future, buffer, reduced, array, divisor)
@@ -375,7 +451,12 @@ class MPICommunicator(Communicator):
     def collective_path(self, device: torch.device) -> str:
         progress = "Iallreduce progressed by polling"
         if self._thread is not None:
-            polling = f", byte exchanges tested every {POLL_SECONDS * 1000:g} ms" if self._poll else ""
+            polling = (
+                f", byte exchanges and allreduces from {POLLED_ALLREDUCE_BYTES >> 20} MiB tested every "
+                f"{POLL_SECONDS * 1000:g} ms"
+                if self._poll
+                else ""
+            )
             progress = f"a communication thread{polling}"
         if device.type != "cuda":
             return f"MPI on host memory, {progress}"

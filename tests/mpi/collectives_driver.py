@@ -2,12 +2,13 @@
 
 Every buffer is built from the rank number, so the expected results follow from sums over
 ranks 0..N−1 (written out below with numpy, independently of the code under test).
-Prints ``OK <backend> rank <r> of <N>`` on success (with ``--compression``, followed by the
-backend's ``collective_path``); exits 1 naming the first wrong value
+Prints ``OK <backend> rank <r> of <N> (<the backend's collective_path>)`` on success; exits 1 naming the
+first wrong value
 otherwise, or 2 with ``hpc-localsgd: error: <message>`` for a ``UserError`` (and for a refused
 ``--split``).
 
-Allgathers are checked too (rows in rank order, bit for bit, any dtype). With ``--compression`` it checks
+Allgathers are checked too (rows in rank order, bit for bit, any dtype), and where the mpi backend polls
+its large allreduces, that they sum in rank order, bit for bit. With ``--compression`` it checks
 only allgathers and the compressed average (``algorithms/compression.py``) of every codec, with and
 without error feedback, over three syncs, bit for bit against the numpy reference
 (``tests/compression_reference.py``) and identical on every rank.
@@ -85,6 +86,22 @@ def check_allreduce(comm: Communicator, device: torch.device) -> None:
                 else:
                     expected = total // size  # numpy's // floors, also for negatives
                 expect_equal(f"allreduce {'average' if average else 'sum'} {dtype} length {length}", buffer, expected)
+
+
+def check_sum_in_rank_order(comm: Communicator, device: torch.device) -> None:
+    """Where the mpi backend polls its allreduces (two exchanges, each rank summing its part), a large
+    float32 sum is ((x_0 + x_1) + x_2) + … in rank order, bit for bit: values of mixed magnitudes, where
+    another order rounds differently, on a length that splits unevenly between the ranks."""
+    length = 1_048_579
+    rows = [np.random.default_rng(rank).standard_normal(length).astype(np.float32) for rank in range(comm.size)]
+    for rank, row in enumerate(rows):
+        row *= np.float32(10.0 ** (3 * (rank % 3)))  # 1, 1e3, 1e6, 1, ...: the order shows in the rounding
+    buffer = torch.from_numpy(rows[comm.rank].copy()).to(device)
+    comm.allreduce_(buffer, average=False)
+    expected = rows[0].copy()
+    for row in rows[1:]:
+        expected += row  # float32, one rank at a time
+    expect_equal("polled allreduce summed in rank order", buffer, expected)
 
 
 def check_sixteen_bit_average(comm: Communicator, device: torch.device) -> None:
@@ -480,6 +497,8 @@ def main() -> int:
             comm.close()
             return 0
         check_allreduce(comm, device)
+        if "allreduces from" in comm.collective_path(device):
+            check_sum_in_rank_order(comm, device)
         check_sixteen_bit_average(comm, device)
         check_several_in_flight(comm, device)
         check_slices_of_one_flat_buffer(comm, device)
@@ -494,7 +513,7 @@ def main() -> int:
         detail = str(failure) if isinstance(failure, CheckFailed) else traceback.format_exc()
         print_line(f"FAIL {comm.name} rank {comm.rank} of {comm.size}: {detail}", sys.stderr)
         return 1
-    print_line(f"OK {comm.name} rank {comm.rank} of {comm.size}", sys.stdout)
+    print_line(f"OK {comm.name} rank {comm.rank} of {comm.size} ({comm.collective_path(device)})", sys.stdout)
     comm.close()
     return 0
 

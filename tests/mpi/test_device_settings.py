@@ -32,8 +32,9 @@ def test_compiled_channels_last_run_matches_the_eager_one(tmp_path: Path) -> Non
     eager_out, eager = train_two_ranks(tmp_path, "eager", [])
     fast_out, fast = train_two_ranks(tmp_path, "fast", ["train.compile=true", "train.channels_last=true"])
     start = fast_out.splitlines()[0]
-    # (The thread tests its byte exchanges every millisecond where the ranks fill the machine's cores.)
-    described = r"mpi backend \(MPI on host memory, a communication thread(, byte exchanges tested every 1 ms)?\), "
+    # (The thread tests its exchanges every millisecond where the ranks fill the machine's cores.)
+    polled = r"(, byte exchanges and allreduces from 1 MiB tested every 1 ms)?"
+    described = rf"mpi backend \(MPI on host memory, a communication thread{polled}\), "
     assert re.search(described + r"cpu, channels-last, compiled, fp32 \|", start), start
     assert "channels-last" not in eager_out.splitlines()[0]
     # Rank 0's loss at every step, and the averaged model's test loss at the end: syncs included.
