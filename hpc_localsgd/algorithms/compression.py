@@ -155,7 +155,8 @@ def _encode_int8(values: torch.Tensor, out: torch.Tensor, error: torch.Tensor | 
     """int8-encode the 1-D float32 ``values`` into the uint8 row ``out``; ``values`` is overwritten
     (with the quantised levels q, as float32). With ``error`` (e, the same length), what is encoded is
     values + e, and e becomes (values + e) − q·s, exactly what the others decode from ``out``: each
-    chunk's sum, levels and error are formed while the chunk is in cache."""
+    chunk's sum, levels and error are formed while the chunk is in cache; ``values`` is then left
+    holding q·s, bit for bit what decoding ``out`` gives."""
     numel = values.numel()
     blocks = int8_blocks(numel)
     scales = torch.empty(blocks, dtype=torch.float32, device=values.device)
@@ -470,6 +471,11 @@ class CompressedAverager:
                 self._decode_row(gathered[k, : encoded_bytes(self.codec, b - a)], update[a:b])
             return
         # Rank order, in float32 (int8: decoded a chunk at a time into the sum, no row in memory).
+        if self.codec == "int8" and comm.size == 2 and self.error is not None:
+            # With error feedback the encoding left this rank's own decoded row, q·s, in ``update``: only the
+            # other's row is decoded and added (x + y = y + x: rank order's bits either way).
+            _decode_sum_int8([gathered[1 - comm.rank]], update, comm.size, first_adds=True)
+            return
         if self.codec == "int8":
             _decode_sum_int8(list(gathered), update, comm.size)
             return
