@@ -6,10 +6,12 @@ Run under the emulated network, 2 ranks (as root):
     PYTHONPATH=$PWD .venv/bin/python -m hpc_localsgd.launcher.slownet 2 1gbit -- \\
         $PWD/.venv/bin/python scripts/slownet-transfer.py --way all
 
-Each rank times training steps of a torchvision model (one compute thread) without communication, then
-while a second thread runs transfers of ``--elements`` float32 values back to back, as the mpi backend's
-communication thread does, and prints per way of waiting: the transfer's time beside the steps, the
-step's speed meanwhile (1.0: untouched), and the core time the step lost per transfer. Ways:
+Each rank first times ``--alone`` transfers of ``--elements`` float32 values with nothing else running
+(their time and the CPU they take), then training steps of a torchvision model (one compute thread)
+without communication, then the steps while a second thread runs transfers back to back, as the mpi
+backend's communication thread does, and prints per way of waiting: the transfer's time alone and beside
+the steps, the step's speed meanwhile (1.0: untouched), the core time the step lost per transfer, and
+the CPU time the transferring thread took per transfer. Ways:
 
     allreduce          blocking MPI_Allreduce (the backend's allreduces)
     allreduce-polled   MPI_Iallreduce tested every millisecond (Open MPI advances it one round per test)
@@ -18,6 +20,11 @@ step's speed meanwhile (1.0: untouched), and the core time the step lost per tra
                        when Open MPI yields while idle)
     allreduce-exchanges the backend's allreduce when Open MPI yields while idle: an all-to-all of the
                        parts, each rank's part summed, an allgather, both tested every millisecond
+    wakeups            no transfer: the thread only sleeps between tests for 0.5 s (what waking up
+                       costs the step, without MPI)
+
+``--poll-ms`` sets the interval between tests (the backend's ``POLL_SECONDS`` by default, set in the
+backend too for ``allreduce-exchanges``).
 
 ``--nice N`` lowers the communication thread's priority, to see whether the transfer's cost to the step
 is its CPU work or its scheduling. Open MPI yields while idle here (``OMPI_MCA_mpi_yield_when_idle=1``,
@@ -39,15 +46,21 @@ import torch
 import torchvision
 from mpi4py import MPI
 
-from hpc_localsgd.comm.mpi import POLL_SECONDS, ReceiveSpace, polled_allreduce
+from hpc_localsgd.comm import mpi as mpi_backend
 
-WAYS = ("allreduce", "allreduce-polled", "allgather", "allgather-polled", "allreduce-exchanges")
-RECEIVED = ReceiveSpace()
+WAYS = ("allreduce", "allreduce-polled", "allgather", "allgather-polled", "allreduce-exchanges", "wakeups")
+RECEIVED = mpi_backend.ReceiveSpace()
+WAKEUPS_SECONDS = 0.5
 
 
 def transfer(way: str, comm: MPI.Intracomm, values: np.ndarray, scratch: np.ndarray) -> None:
     if way == "allreduce-exchanges":
-        polled_allreduce(comm, MPI, values, RECEIVED, threading.Event())
+        mpi_backend.polled_allreduce(comm, MPI, values, RECEIVED, threading.Event())
+        return
+    if way == "wakeups":
+        end = time.perf_counter() + WAKEUPS_SECONDS
+        while time.perf_counter() < end:
+            time.sleep(mpi_backend.POLL_SECONDS)
         return
     if way == "allreduce":
         comm.Allreduce(MPI.IN_PLACE, values, MPI.SUM)
@@ -60,13 +73,20 @@ def transfer(way: str, comm: MPI.Intracomm, values: np.ndarray, scratch: np.ndar
     else:
         request = comm.Iallgather(values.view(np.uint8)[: values.size], scratch)
     while not request.Test():
-        time.sleep(POLL_SECONDS)
+        time.sleep(mpi_backend.POLL_SECONDS)
 
 
 def measure(way: str, args: argparse.Namespace, step: object, world: MPI.Intracomm) -> str:
     comm = world.Dup()  # the communication thread's own, as in the backend
     values = np.zeros(args.elements, dtype=np.float32)
     scratch = np.zeros((comm.Get_size(), values.size), dtype=np.uint8)
+    alone, alone_cpu = [], time.thread_time()
+    for _ in range(args.alone):
+        world.Barrier()
+        start = time.perf_counter()
+        transfer(way, comm, values, scratch)
+        alone.append(time.perf_counter() - start)
+    alone_cpu = (time.thread_time() - alone_cpu) / max(len(alone), 1)
     seconds: list[float] = []
     thread_seconds: list[float] = []  # the communication thread's CPU time, over all its transfers
     stop = np.zeros(1, dtype=np.int32)
@@ -102,8 +122,10 @@ def measure(way: str, args: argparse.Namespace, step: object, world: MPI.Intraco
     comm.Free()
     typical = float(np.median(seconds))
     speed = bare / busy
+    alone_text = f"alone {np.median(alone):.3f} s and {alone_cpu:.3f} s of CPU, " if alone else ""
     return (
-        f"rank {world.Get_rank()} {way:16s} transfer {typical:.3f} s beside the step ({len(seconds)} of them); "
+        f"rank {world.Get_rank()} {way:16s} transfer {alone_text}{typical:.3f} s beside the step "
+        f"({len(seconds)} of them); "
         f"step {bare:.3f} s bare, {busy:.3f} s beside it: speed {speed:.2f}, "
         f"{(1 - speed) * typical:.3f} s of the step's core lost per transfer, "
         f"{thread_seconds[0] / len(seconds):.3f} s of CPU in the thread per transfer"
@@ -119,7 +141,10 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--nice", type=int, default=0)
+    parser.add_argument("--poll-ms", type=float, default=mpi_backend.POLL_SECONDS * 1000)
+    parser.add_argument("--alone", type=int, default=3, help="transfers timed alone first, per way")
     args = parser.parse_args()
+    mpi_backend.POLL_SECONDS = args.poll_ms / 1000  # read at each test, by the backend's exchanges too
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(num_classes=10)
