@@ -25,8 +25,9 @@ exchanges (``polled_allreduce``): an all-to-all sends part k of the buffer to ra
 in rank order, and an allgather returns the summed parts; the bytes on the wire are a ring allreduce's.
 Open MPI's own non-blocking allreduce advances a round per test and, polled, took longer than the
 blocking one (94 MB: 1.74–1.77 s against 1.64–1.67 s); the blocking one, alone on the link, keeps its
-core busy for the whole 0.8 s of the transfer (0.8 s of CPU a rank), the two polled exchanges use
-0.07 s of it and take 0.83 s. The thread keeps the space it receives the others' parts into
+core busy for the whole 0.8 s of the transfer (0.87 s of CPU a rank), the two polled exchanges use
+0.12–0.15 s, the sum included, and take 0.83 s (``scripts/slownet-transfer.py``,
+docs/BENCHMARKS.md). The thread keeps the space it receives the others' parts into
 ((m − 1)/m of the largest such buffer) for reuse.
 Groups of ranks (``split``) and the communicators across them (``split_across``) are ``Comm.Split``
 communicators sharing that thread (see ``MPICommunicator``).
