@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import os
 import queue
 import threading
@@ -199,7 +200,7 @@ class _CollectiveThread:
         self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
-        self.scratch = ReceiveSpace()  # polled allreduces' receive space, used only by the thread
+        self.receive_space = ReceiveSpace()  # polled allreduces', used only by the thread
         self._thread = threading.Thread(target=self._run, name="hpc-localsgd-mpi", daemon=True)
         self._thread.start()
 
@@ -234,19 +235,21 @@ def _polled(start: Callable[..., Any], waited: threading.Event, *args: Any) -> N
             waited.wait(POLL_SECONDS)  # returns at once when the step starts waiting
 
 
-def polled_allreduce(comm: Any, mpi: Any, values: np.ndarray, scratch: ReceiveSpace, waited: threading.Event) -> None:
+def polled_allreduce(
+    comm: Any, mpi: Any, values: np.ndarray, receive_space: ReceiveSpace, waited: threading.Event
+) -> None:
     """Sum ``values`` over ``comm``'s ranks in place, as two polled exchanges (run by the communication
     thread): an all-to-all sends part k of m contiguous parts to rank k (the first n % m parts one
     element longer); each rank sums its part over the ranks in rank order, ((x_0 + x_1) + x_2) + …, the
-    same bits on every backend run and whatever algorithm MPI would pick; an allgather brings every rank
+    same bits whatever algorithm MPI would have picked; an allgather brings every rank
     every summed part. Each rank sends and receives (m − 1)/m of the buffer twice, as in a ring allreduce."""
     size, rank = comm.Get_size(), comm.Get_rank()
     base, extra = divmod(values.size, size)
     counts = [base + (1 if k < extra else 0) for k in range(size)]
-    starts = [sum(counts[:k]) for k in range(size)]
+    starts = [0, *itertools.accumulate(counts)][:size]
     mine = values[starts[rank] : starts[rank] + counts[rank]]
     # What the others send of this rank's part, one row each (this rank's own row is not sent).
-    received = scratch.get(values.dtype, (size - 1) * counts[rank])
+    received = receive_space.get(values.dtype, (size - 1) * counts[rank])
     others = [r for r in range(size) if r != rank]
     rows = {r: received[i * counts[rank] : (i + 1) * counts[rank]] for i, r in enumerate(others)}
     sent = [counts[k] if k != rank else 0 for k in range(size)]
@@ -402,7 +405,7 @@ class MPICommunicator(Communicator):
         ):
             waited = threading.Event()
             future = self._thread.submit(
-                polled_allreduce, self._thread_comm, self._mpi, array, self._thread.scratch, waited
+                polled_allreduce, self._thread_comm, self._mpi, array, self._thread.receive_space, waited
             )
             return _ThreadedHandle(future, buffer, reduced, array, divisor, waited)
         if self._thread is not None:
