@@ -12,10 +12,15 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from hpc_localsgd.io.metrics import read_metrics
 from tests.helpers import MPI_TEST_ENV, REPO_ROOT, mpirun_available, run_mpi
+from tests.mpi.cases import BASE
+from tests.mpi.test_cli import cli, empty_config, sets
 
 DRIVER = str(REPO_ROOT / "tests" / "mpi" / "collectives_driver.py")
 RANKS = 2
@@ -255,3 +260,31 @@ def test_horovod_refuses_a_size_across_not_registered_at_init() -> None:
         "hpc-localsgd: error: the horovod backend has no process sets across groups of 2 ranks (registered: none); "
         "pass across_sizes=[2, ...] to make_communicator, which registers them at hvd.init",
     )
+
+
+@pytest.mark.parametrize("delay", [0, 1], ids=["blocking-sync", "sync-overlapped-by-1"])
+def test_polled_allreduces_train_to_the_bits_of_blocking_ones(tmp_path: Path, delay: int) -> None:
+    # A model whose flat parameters pass 1 MiB (an MLP of 4096 hidden units: 278 k parameters), so that with
+    # Open MPI yielding the model averages go as the two polled exchanges; between 2 ranks their sum is the
+    # blocking allreduce's a + b, so both runs must give the same losses and final test loss, bit for bit.
+    overrides = [
+        *BASE,
+        "model.name=mlp",
+        "model.width=4096",
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=2",
+        f"algorithm.sync_delay={delay}",
+        "comm.backend=mpi",
+    ]
+    results = {}
+    for yields in ("1", "0"):
+        run_dir = tmp_path / f"yields{yields}"
+        argv = cli("train", *sets(overrides), "--run-dir", str(run_dir), empty_config(tmp_path))
+        done = run_mpi(RANKS, argv, timeout=300, env={"OMPI_MCA_mpi_yield_when_idle": yields})
+        assert done.returncode == 0, report(done)
+        assert (POLLED in done.stdout.splitlines()[0]) == (yields == "1"), report(done)
+        results[yields] = read_metrics(run_dir / "metrics.h5")
+    polled, blocking = results["1"], results["0"]
+    assert polled["steps"]["synced"].sum() > 0
+    np.testing.assert_array_equal(polled["steps"]["loss"], blocking["steps"]["loss"])
+    np.testing.assert_array_equal(polled["evals"]["test_loss"], blocking["evals"]["test_loss"])
