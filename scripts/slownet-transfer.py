@@ -11,7 +11,10 @@ Each rank first times ``--alone`` transfers of ``--elements`` float32 values wit
 without communication, then the steps while a second thread runs transfers back to back, as the mpi
 backend's communication thread does, and prints per way of waiting: the transfer's time alone and beside
 the steps, the step's speed meanwhile (1.0: untouched), the core time the step lost per transfer, and
-the CPU time the transferring thread took per transfer. Ways:
+the CPU time the transferring thread took per transfer, and the whole machine's CPU time by kind
+(``/proc/stat``, every core together: user, system, and softirq, where the kernel's network stack runs
+packets through the veth pairs, the bridge and HTB, charged to no thread): per transfer alone, and per
+second of the bare steps and of the steps beside the transfers. Ways:
 
     allreduce          blocking MPI_Allreduce (the backend's allreduces)
     allreduce-polled   MPI_Iallreduce tested every millisecond (Open MPI advances it one round per test)
@@ -50,6 +53,7 @@ from hpc_localsgd.comm import mpi as mpi_backend
 
 WAYS = ("allreduce", "allreduce-polled", "allgather", "allgather-polled", "allreduce-exchanges", "wakeups")
 RECEIVED = mpi_backend.ReceiveSpace()
+CPU_KINDS = {"user": (0, 1), "system": (2,), "softirq": (6,), "irq": (5,)}  # /proc/stat's columns, nice in user
 WAKEUPS_SECONDS = 0.5
 
 
@@ -76,17 +80,34 @@ def transfer(way: str, comm: MPI.Intracomm, values: np.ndarray, scratch: np.ndar
         time.sleep(mpi_backend.POLL_SECONDS)
 
 
+def machine_cpu() -> dict[str, float]:
+    """Seconds of CPU the whole machine has spent, by kind, since boot (every core together)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(t) for t in stat.readline().split()[1:]]
+    hertz = os.sysconf("SC_CLK_TCK")
+    return {kind: sum(ticks[i] for i in columns) / hertz for kind, columns in CPU_KINDS.items()}
+
+
+def cpu_since(before: dict[str, float], per: float) -> str:
+    """The machine's CPU time by kind since ``before``, divided by ``per`` (transfers, or seconds)."""
+    after = machine_cpu()
+    return ", ".join(f"{kind} {(after[kind] - before[kind]) / per:.3f}" for kind in CPU_KINDS)
+
+
 def measure(way: str, args: argparse.Namespace, step: object, world: MPI.Intracomm) -> str:
     comm = world.Dup()  # the communication thread's own, as in the backend
     values = np.zeros(args.elements, dtype=np.float32)
     scratch = np.zeros((comm.Get_size(), values.size), dtype=np.uint8)
     alone, alone_cpu = [], time.thread_time()
+    world.Barrier()
+    alone_machine = machine_cpu()
     for _ in range(args.alone):
         world.Barrier()
         start = time.perf_counter()
         transfer(way, comm, values, scratch)
         alone.append(time.perf_counter() - start)
     alone_cpu = (time.thread_time() - alone_cpu) / max(len(alone), 1)
+    alone_machine_text = cpu_since(alone_machine, len(alone)) if alone else "-"
     seconds: list[float] = []
     thread_seconds: list[float] = []  # the communication thread's CPU time, over all its transfers
     stop = np.zeros(1, dtype=np.int32)
@@ -106,17 +127,20 @@ def measure(way: str, args: argparse.Namespace, step: object, world: MPI.Intraco
                 thread_seconds.append(time.thread_time() - cpu)
                 return
 
-    def timed_steps() -> float:
+    def timed_steps() -> tuple[float, str]:
+        """Seconds a step, and the machine's CPU by kind per second over exactly these steps."""
         world.Barrier()
+        before = machine_cpu()
         start = time.perf_counter()
         for _ in range(args.steps):
             step()  # type: ignore[operator]
-        return (time.perf_counter() - start) / args.steps
+        elapsed = time.perf_counter() - start
+        return elapsed / args.steps, cpu_since(before, elapsed)
 
-    bare = timed_steps()
+    bare, bare_machine_text = timed_steps()
     thread = threading.Thread(target=transfers)
     thread.start()
-    busy = timed_steps()
+    busy, busy_machine_text = timed_steps()
     stop[0] = 1
     thread.join()
     comm.Free()
@@ -128,7 +152,9 @@ def measure(way: str, args: argparse.Namespace, step: object, world: MPI.Intraco
         f"({len(seconds)} of them); "
         f"step {bare:.3f} s bare, {busy:.3f} s beside it: speed {speed:.2f}, "
         f"{(1 - speed) * typical:.3f} s of the step's core lost per transfer, "
-        f"{thread_seconds[0] / len(seconds):.3f} s of CPU in the thread per transfer"
+        f"{thread_seconds[0] / len(seconds):.3f} s of CPU in the thread per transfer; "
+        f"the machine's CPU seconds per transfer alone: {alone_machine_text}; "
+        f"per second of the bare steps: {bare_machine_text}; per second beside the transfers: {busy_machine_text}"
     )
 
 

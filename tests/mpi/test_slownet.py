@@ -133,6 +133,16 @@ def test_the_transfer_breakdown_script_times_each_way_of_waiting_on_the_link() -
         assert 0 < speed < 2, report
     for rank in range(2):  # the thread that only wakes up sleeps for its half second each time
         assert found[(rank, "wakeups")][1] >= 0.5, report
+    # The machine's CPU by kind (/proc/stat): a blocking allreduce's poll never sleeps, so both ranks'
+    # threads are busy for the whole transfer and the machine's CPU time per transfer is at least its time.
+    machine = re.compile(
+        r"^rank 0 allreduce +transfer alone ([\d.]+) s .* per transfer alone: "
+        r"user ([\d.]+), system ([\d.]+), softirq ([\d.]+), irq ([\d.]+); per second of the bare steps: user",
+        re.MULTILINE,
+    ).search(done.stdout)
+    assert machine is not None, report
+    alone_seconds, *cpu = (float(value) for value in machine.groups())
+    assert sum(cpu) >= alone_seconds, report
     assert ours("hlsgd-transfer") == set()
 
 
