@@ -179,7 +179,9 @@ class _Stream:
 
     fragment f (contiguous part f of F of the flat parameters, the first n % F parts one longer) syncs
     after completed steps c with c − local_start − f·H/F ≥ 0 a multiple of H and c − τ > local_start;
-    its Δ_w = x_prev − x_w is taken after step c − τ and averaged (as Q(Δ_w + e_w) when compressed);
+    its Δ_w = x_prev − x_w is taken after step c − τ (before that step's own sync, where τ = H) and
+    averaged (as Q(Δ_w + e_w) when compressed); with τ = H, x_w ← (1 − α)·x_prev + α·x_w after the
+    first Δ, as after a sync of a zero average;
     at c: x̄ = x_prev − avg, the outer step on the fragment (on its k-th, 2k-th, ... sync), x_prev ← x_g,
     x_w ← (1 − α)·x_g + α·x_w. BN statistics and the momentum policy act at fragment 0's syncs.
     Workers of R ranks: the average is over the workers (rank 0 of each), and a compressed one is taken
@@ -215,6 +217,12 @@ class _Stream:
     def after_step(self, done: int, workers: list[torch.nn.Module], opts: list, lr: float) -> None:
         algo = self.algo
         flats = [torch.cat([p.detach().reshape(-1) for p in w.parameters()]) for w in workers]
+        due = [f for f in range(algo.fragments) if self._syncs(f, done)]
+        # With τ = H a fragment's next Δ is taken at its own sync step, before that sync is applied: the
+        # average applied now is set aside first.
+        ready = {}
+        if algo.sync_delay == algo.sync_period:
+            ready = {f: (self.pending.pop(f), self.taken.pop(f)) for f in due}
         for fragment in range(algo.fragments):
             if self._syncs(fragment, done + algo.sync_delay):
                 a, b = self._bounds(len(flats[0]), fragment)
@@ -223,13 +231,20 @@ class _Stream:
                 deltas = [self.x_prev[a:b] - x for x in workers_x]
                 self.taken[fragment] = workers_x
                 self.pending[fragment] = self._average(fragment, deltas)
-        for fragment in range(algo.fragments):
-            if not self._syncs(fragment, done):
-                continue
+                if algo.sync_delay == algo.sync_period and fragment not in ready:
+                    # τ = H, the first Δ: taken H steps into the local phase, where no sync is due. Every
+                    # worker continues as after a sync whose average is zero, so that each later Δ holds
+                    # only the H steps since the one before.
+                    for w, x in zip(workers, flats, strict=True):
+                        _write_flat(w, a, (1 - algo.sync_mix) * self.x_prev[a:b] + algo.sync_mix * x[a:b])
+        for fragment in due:
+            average, taken_x = (
+                ready[fragment] if fragment in ready else (self.pending.pop(fragment), self.taken.pop(fragment))
+            )
             a, b = self._bounds(len(flats[0]), fragment)
             assert self.x_prev is not None and self.slow is not None
-            averaged = self.x_prev[a:b] - self.pending.pop(fragment)
-            taken = [x.double() for x in self.taken.pop(fragment)]
+            averaged = self.x_prev[a:b] - average
+            taken = [x.double() for x in taken_x]
             if self.record is not None:
                 mean = sum(taken) / len(taken)
                 spread = sum(float(((x - mean) ** 2).sum()) for x in taken) / len(taken)

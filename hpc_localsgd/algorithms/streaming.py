@@ -9,7 +9,11 @@ What travels is each rank's update since the last sync, Δ = x_prev − x, never
   the model and the network is busy evenly;
 * delay τ: fragment f's Δ is taken τ steps before its sync step and averaged (non-blocking) while
   those steps run; at the sync step x̄ = x_prev − avg Δ, the outer step (plain, SlowMo, Nesterov) gives
-  x_g, x_prev ← x_g, and the rank continues from (1 − α)·x_g + α·x_now (α = ``sync_mix``);
+  x_g, x_prev ← x_g, and the rank continues from (1 − α)·x_g + α·x_now (α = ``sync_mix``). τ is at
+  most H/F. At τ = H (F = 1) the next Δ is taken at the sync step itself, before the sync is applied,
+  so every step's progress reaches x_prev one sync late and none is dropped (with H = 1: one-step-
+  delayed averaging); the first Δ, H steps into the local phase, is followed by x ← (1 − α)·x_prev +
+  α·x, as after a sync of a zero average;
 * compression: avg Δ is the average of Q(Δ + e) (``compression.CompressedAverager``, error feedback e
   per rank); none is an fp32 allreduce of Δ.
 
@@ -25,7 +29,8 @@ adds its shard to zeros, summed inside the worker: exact). A rank sends 1/R of t
 workers, as the engine's own sync does. Intermediate levels average x inside their groups as usual.
 
 Every rank starts and waits for the same collectives in the same order: at each step, first the
-starts that are due (fragment order), then the syncs that are due. A sync still in flight when a
+starts that are due (fragment order), then the syncs that are due (at τ = H, the wait for each due
+average comes first). A sync still in flight when a
 checkpoint is written is waited for (``settle``), and its result is carried in the checkpoint, so a
 resumed run applies the same average at the same step.
 """
@@ -121,10 +126,12 @@ class StreamingSync:
         if compression != "none" and any(g.dtype != torch.float32 for g in groups):
             raise ValueError("compressed syncs encode float32 parameters")
         self.in_flight: dict[int, _InFlight] = {}
-        # Δ's memory per (fragment, group, shard), reused sync after sync: a fresh ResNet-50-sized tensor costs
-        # its page faults on every sync (twice the time of the subtraction itself, on one core). A fragment
-        # has at most one average in flight (sync_delay < H / F), applied before its next Δ is taken.
-        self.update_buffers: dict[tuple[int, int, int], torch.Tensor] = {}
+        # Δ's memory per (fragment, group, shard, slot), reused sync after sync: a fresh ResNet-50-sized tensor
+        # costs its page faults on every sync (twice the time of the subtraction itself, on one core). A
+        # fragment has at most one average in flight between steps (sync_delay ≤ H / F). Below H it is applied
+        # before the fragment's next Δ is taken: one slot. At τ = H the next Δ is taken while the average
+        # due at the same step still waits to be applied: two slots, used in turn.
+        self.update_buffers: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self.last_consensus = (math.nan, math.nan)  # (Ξ²/‖x̄‖², ‖x̄‖) of the last fragment applied
         self.rest_bytes = sum(
             (end - start) * g.flat.element_size()
@@ -179,18 +186,31 @@ class StreamingSync:
             for handle in self.in_flight[fragment].handles:
                 if isinstance(handle, CompressedAverageHandle):
                     handle.advance()
+        due = [fragment for fragment in range(self.fragments) if self.syncs_after(fragment, completed)]
+        # τ = H (F = 1): a fragment's next Δ is taken at its own sync step, before that sync is applied. The
+        # average due now is waited for and set aside first, which frees its averager for the next one.
+        taken_at_sync = self.delay == self.period
+        ready: dict[int, _InFlight] = {}
+        if taken_at_sync:
+            for fragment in due:
+                with self.stats.timed():
+                    self._complete(fragment)
+                ready[fragment] = self.in_flight.pop(fragment)
         for fragment in range(self.fragments):
             if self.syncs_after(fragment, completed + self.delay):
                 self._start(fragment, completed + self.delay, anchors)
+                if taken_at_sync and fragment not in ready:
+                    self._restart_from_anchor(fragment, anchors)
         synced = outer_stepped = False
-        for fragment in range(self.fragments):
-            if self.syncs_after(fragment, completed):
-                outer_step = self.outer.needs_anchor and self.outer_step_after(fragment, completed)
-                self._apply(fragment, lr, anchors, outer_step)
-                synced, outer_stepped = True, outer_stepped or outer_step
+        for fragment in due:
+            pending = ready[fragment] if fragment in ready else self.in_flight.pop(fragment)
+            outer_step = self.outer.needs_anchor and self.outer_step_after(fragment, completed)
+            self._apply(fragment, pending, lr, anchors, outer_step)
+            synced, outer_stepped = True, outer_stepped or outer_step
         return synced, outer_stepped
 
     def _start(self, fragment: int, sync_step: int, anchors: list[torch.Tensor]) -> None:
+        slot = sync_step // self.period % 2 if self.delay == self.period else 0
         updates: list[list[torch.Tensor]] = []
         handles: list[Handle] = []
         norms: list[torch.Tensor] = []
@@ -201,7 +221,7 @@ class StreamingSync:
                 for k, (s, e) in enumerate(self.shards[fragment][g]):
                     anchor = anchors[g][..., first + s : first + e]
                     live = self.groups[g].flat[..., a + s : a + e]
-                    update = self._update_buffer((fragment, g, k), anchor, live)
+                    update = self._update_buffer((fragment, g, k, slot), anchor, live)
                     torch.sub(anchor, live, out=update)
                     norms.append(_squared_norm(update))  # before the average consumes ``update``
                     if self.compression != "none":
@@ -216,17 +236,34 @@ class StreamingSync:
                 handles.append(self.between.iallreduce_(squared_norm, average=True))
         self.in_flight[fragment] = _InFlight(sync_step, updates, handles, squared_norm)
 
-    def _update_buffer(self, key: tuple[int, int, int], anchor: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    def _restart_from_anchor(self, fragment: int, anchors: list[torch.Tensor]) -> None:
+        """τ = H, after the first Δ: it was taken H steps into the local phase, where no sync is due. Each
+        rank continues from (1 − α)·x_prev + α·x, as after a sync whose average is zero, so that each later
+        Δ holds only the H steps since the one before (they reach x_prev one sync late)."""
+        with torch.no_grad():
+            for g, (a, b) in enumerate(self.ranges[fragment]):
+                first = a - self.params_start[g]
+                self._mix_into(self.groups[g].flat[..., a:b], anchors[g][..., first : first + b - a])
+
+    def _mix_into(self, live: torch.Tensor, new: torch.Tensor) -> None:
+        """x ← (1 − α)·new + α·x."""
+        if self.mix == 0:
+            live.copy_(new)
+        else:
+            live.mul_(self.mix).add_(new, alpha=1.0 - self.mix)
+
+    def _update_buffer(self, key: tuple[int, int, int, int], anchor: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         buffer = self.update_buffers.get(key)
         if buffer is None:
             buffer = torch.empty(live.shape, dtype=torch.result_type(anchor, live), device=live.device)
             self.update_buffers[key] = buffer
         return buffer
 
-    def _complete(self, fragment: int) -> None:
-        """Wait for fragment ``fragment``'s average and, with worker groups, assemble it: then
-        ``updates`` holds one tensor per flat group, the whole fragment's average, identical on every rank."""
-        pending = self.in_flight[fragment]
+    def _complete(self, fragment: int, pending: _InFlight | None = None) -> None:
+        """Wait for fragment ``fragment``'s average (``pending``, else the one in flight) and, with worker
+        groups, assemble it: then ``updates`` holds one tensor per flat group, the whole fragment's average,
+        identical on every rank."""
+        pending = self.in_flight[fragment] if pending is None else pending
         for handle in pending.handles:
             handle.wait()
         pending.handles = []
@@ -251,12 +288,13 @@ class StreamingSync:
         _wait_all([self.worker.iallreduce_(whole, average=False) for whole in wholes])
         pending.updates = [[whole] for whole in wholes[1:]]
 
-    def _apply(self, fragment: int, lr: float, anchors: list[torch.Tensor], outer_step: bool) -> None:
+    def _apply(
+        self, fragment: int, pending: _InFlight, lr: float, anchors: list[torch.Tensor], outer_step: bool
+    ) -> None:
         with self.stats.timed():
-            self._complete(fragment)
+            self._complete(fragment, pending)
             if fragment == 0:
                 self._average_rest()
-        pending = self.in_flight.pop(fragment)
         averaged_update = averaged_model = 0.0
         with torch.no_grad():
             for g, (a, b) in enumerate(self.ranges[fragment]):
@@ -271,11 +309,7 @@ class StreamingSync:
                 averaged_model += first_row(_squared_norm(new))
                 if outer_step:
                     self.outer.step(new, anchor, lr, fragment * len(self.groups) + g)
-                live = self.groups[g].flat[..., a:b]
-                if self.mix == 0:
-                    live.copy_(new)
-                else:
-                    live.mul_(self.mix).add_(new, alpha=1.0 - self.mix)
+                self._mix_into(self.groups[g].flat[..., a:b], new)
             if fragment == 0 and self.reset_momentum:
                 for group in self.groups:
                     group.slice(MOMENTUM).zero_()

@@ -70,6 +70,13 @@ CASES: dict[str, list[str]] = {
         "algorithm.slow_momentum=0.5",
         "comm.sync_compression=int8",
     ],
+    # τ = H: each Δ is taken at the sync step, before the sync is applied (one sync late).
+    "int8_delay2_H2": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=2",
+        "algorithm.sync_delay=2",
+        "comm.sync_compression=int8",
+    ],
     "bf16_fragments2_delay1_H4": [
         "algorithm.method=local_sgd",
         "algorithm.sync_period=4",

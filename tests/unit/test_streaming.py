@@ -125,6 +125,22 @@ CASES = {
         "none",
         False,
     ),
+    # τ = H/F, the most: at τ = H the next Δ is taken at the sync step, before the sync is applied.
+    "delay4_H4": (local(sync_period=4, sync_delay=4), 0, "none", False),
+    "delay2_H2_mix_slowmo": (
+        local(sync_period=2, sync_delay=2, sync_mix=0.5, outer="slowmo", slow_momentum=0.5),
+        0,
+        "none",
+        False,
+    ),
+    "post_local_delay3_H3_nesterov_every2": (
+        local(method="post_local_sgd", switch_step=5, sync_period=3, sync_delay=3, outer="nesterov", outer_every=2),
+        5,
+        "none",
+        False,
+    ),
+    "fragments2_delay2_H4": (local(sync_period=4, fragments=2, sync_delay=2), 0, "none", False),
+    "int8_feedback_H1_delay1": (local(sync_period=1, sync_delay=1), 0, "int8", True),
     "int8_feedback_H2": (local(sync_period=2), 0, "int8", True),
     "int8_no_feedback_H2": (local(sync_period=2), 0, "int8", False),
     "bf16_H4_slowmo": (local(sync_period=4, outer="slowmo", slow_momentum=0.5), 0, "bf16", False),
@@ -165,6 +181,7 @@ GROUP_CASES = {
         "int8",
         True,
     ),
+    "workers2_int8_feedback_delay2_H2": (local(sync_period=2, sync_delay=2, ranks_per_worker=2), "int8", True),
     "level2_fragments2": (
         local(sync_period=4, fragments=2, levels=[LevelConfig(ranks=2, sync_period=2)]),
         "none",
@@ -286,14 +303,22 @@ def test_bytes_are_counted_exactly(codec: SyncCompression) -> None:
         assert encoded_bytes(codec, numel) <= 0.27 * encoded_bytes("none", numel) + 4  # one block's scale
 
 
-def test_resume_with_a_delayed_sync_in_flight_is_bit_exact() -> None:
-    """Stop after step 6 (H 4, τ 3: fragment 0's sync of step 8 started after step 5, in flight), save what
-    a checkpoint saves, restore it into fresh engines and go on: the same parameters as never stopping."""
-    cfg, codec = local(sync_period=4, sync_delay=3, outer="slowmo", slow_momentum=0.5), "int8"
+@pytest.mark.parametrize(
+    ("sync_period", "sync_delay", "stop"),
+    [
+        (4, 3, 6),  # fragment 0's sync of step 8, started after step 5, in flight
+        (2, 2, 4),  # τ = H: the sync of step 4 applied and that of step 6 started at the same step
+        (2, 2, 5),  # τ = H: the sync of step 6 in flight, one step before its own step starts the next
+    ],
+)
+def test_resume_with_a_delayed_sync_in_flight_is_bit_exact(sync_period: int, sync_delay: int, stop: int) -> None:
+    """Stop after ``stop`` steps with a delayed int8 sync in flight, save what a checkpoint saves, restore it
+    into fresh engines and go on: the same parameters as never stopping."""
+    cfg = local(sync_period=sync_period, sync_delay=sync_delay, outer="slowmo", slow_momentum=0.5)
+    codec: SyncCompression = "int8"
     batches = make_batches(torch.float32)
     uninterrupted = run_engine(cfg, 0, batches, torch.float32, codec, True)
     initial = make_model(torch.float32)
-    stop = 6
 
     def first_half(comm):
         model = copy.deepcopy(initial)
@@ -335,8 +360,8 @@ def test_resume_with_a_delayed_sync_in_flight_is_bit_exact() -> None:
     "overrides,message",
     [
         ({"sync_period": 4, "fragments": 3}, "algorithm.fragments: must divide sync_period (4)"),
-        ({"sync_period": 4, "sync_delay": 4}, "algorithm.sync_delay: must be below sync_period / fragments (4)"),
-        ({"sync_period": 4, "fragments": 2, "sync_delay": 2}, "below sync_period / fragments (2)"),
+        ({"sync_period": 4, "sync_delay": 5}, "algorithm.sync_delay: must be at most sync_period / fragments (4)"),
+        ({"sync_period": 4, "fragments": 2, "sync_delay": 3}, "at most sync_period / fragments (2)"),
         ({"sync_period": 4, "sync_mix": 0.5}, "algorithm.sync_mix: applies with sync_delay > 0"),
         ({"method": "allreduce", "sync_delay": 0, "fragments": 2, "sync_period": 2}, "method 'allreduce'"),
     ],
