@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming-variants",
         type=_name_list,
         metavar="NAME,...",
-        help="configurations of the streaming phase, e.g. h4_delay3,h2_int8_delay1 (default all)",
+        help="configurations of the streaming phase, e.g. h4_delay3,h1_int8_delay1 (default all)",
     )
     plan.add_argument("--simulated-workers", type=int, metavar="W", help="workers of the simulation phase (default 16)")
     plan.add_argument(

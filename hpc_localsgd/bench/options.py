@@ -70,7 +70,7 @@ class BenchOptions:
     )
     streaming_variants: tuple[str, ...] = setting(
         VARIANT_NAMES,
-        "Configurations the streaming phase measures (bench/variants.py), e.g. h4_delay3,h2_int8_delay1.",
+        "Configurations the streaming phase measures (bench/variants.py), e.g. h4_delay3,h1_int8_delay1.",
         rule=f"any of {', '.join(VARIANT_NAMES)}",
     )
     simulated_workers: int = setting(

@@ -92,8 +92,9 @@ def _bytes_figure(variant: SyncVariant, engine: AveragingEngine) -> Figure:
 
 
 def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
-    """Every variant's windows (whole sync periods, so that none ends with an average in flight),
-    against the bare limit measured before any communication library started."""
+    """Every variant's windows (whole sync periods; each goes on from the step its variant's last one
+    ended at, so that at sync_delay = sync_period the average in flight at a window's end is applied in
+    the next), against the bare limit measured before any communication library started."""
     options = ctx.options
     chosen = [v for v in VARIANTS if v.name in options.streaming_variants]
     loops = {

@@ -9,7 +9,7 @@ from ..config.schema import GradientCompression, Method, SyncCompression
 from .stats import Target
 
 OVERLAP_TARGET = Target(">=", 0.95)  # H = 4 with its sync overlapped by 3 steps
-COMPRESSED_TARGET = Target(">=", 0.80)  # int8 with error feedback, every second step, overlapped by one
+COMPRESSED_TARGET = Target(">=", 0.80)  # int8 with error feedback, every step, overlapped by one
 INT8_BYTES_TARGET = Target("<=", 0.27)
 HALF_BYTES_TARGET = Target("<=", 0.5)
 
@@ -56,11 +56,13 @@ VARIANTS = (
     SyncVariant("h4", 4),
     SyncVariant("h4_delay1", 4, 1),
     SyncVariant("h4_delay3", 4, 3, target=OVERLAP_TARGET),
+    SyncVariant("h4_delay4", 4, 4),
     SyncVariant("h4_fragments4", 4, 0, 4),
     SyncVariant("h4_fragments2_delay1", 4, 1, 2),
     SyncVariant("h1_bf16", 1, compression="bf16"),
     SyncVariant("h1_int8", 1, compression="int8"),
-    SyncVariant("h2_int8_delay1", 2, 1, compression="int8", target=COMPRESSED_TARGET),
+    SyncVariant("h1_int8_delay1", 1, 1, compression="int8", target=COMPRESSED_TARGET),
+    SyncVariant("h2_int8_delay1", 2, 1, compression="int8"),
     SyncVariant("h4_int8_delay3", 4, 3, compression="int8"),
 )
 

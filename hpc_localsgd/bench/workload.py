@@ -163,6 +163,10 @@ class EngineLoop:
         self.engine.broadcast_initial_state()
         # As training feeds them (train/device.py): the weights keep the flat buffer's layout.
         self.batches = workload.batches_in(channels_last)
+        # Steps done under the current schedule: a window goes on from the last one's step, as training
+        # does, so that an average still in flight at a window's end (sync_delay = sync_period) is applied
+        # in the next one.
+        self.completed = 0
 
     def set_sync_period(self, sync_period: int | None) -> None:
         """Local SGD with period H from the next window on; None: never average (each rank alone).
@@ -175,12 +179,14 @@ class EngineLoop:
             self.engine.schedule = SyncSchedule(1, None)
         else:
             self.engine.schedule = SyncSchedule(sync_period, 0)
+        self.completed = 0
 
     def run(self, steps: int) -> None:
         model = self.forward_model
-        for step in range(steps):
+        for step in range(self.completed, self.completed + steps):
             x, y = self.batches[step % len(self.batches)]
             self.engine.train_step(step, LEARNING_RATE, functools.partial(_logits_and_loss, model, x, y))
+        self.completed += steps
         synchronize_device(self.workload.device)
 
     def comm_seconds(self) -> float:
@@ -194,6 +200,7 @@ class EngineLoop:
         return dict(self.engine.stats.bytes_by_level)
 
     def close(self) -> None:
+        self.engine.drain()  # every rank started what is still in flight, so every rank waits for it
         self.engine.close()
 
 

@@ -409,7 +409,7 @@ def test_reframe_check_runs_with_the_local_launcher(tmp_path: Path, ranks_versio
 
 
 def test_the_streaming_phase_measures_only_the_configurations_asked_for(tmp_path: Path) -> None:
-    chosen = ("h4_delay3", "h2_int8_delay1")  # the two with targets, neither the first of the list
+    chosen = ("h4_delay3", "h1_int8_delay1")  # the two with targets, neither the first of the list
     out = tmp_path / "bench.json"
     args = ["--quick", "--phases", "streaming", "--streaming-variants", ",".join(chosen), "--steps", "4"]
     proc = run_mpi(2, bench(*args, "--out", str(out)), timeout=120)
@@ -422,6 +422,6 @@ def test_the_streaming_phase_measures_only_the_configurations_asked_for(tmp_path
     params, buffers = model_bytes()
     int8_params = params // 4 + 4 * math.ceil(params // 4 / 256)  # a byte an element, a float scale a block
     # A sync sends the int8 update and the BatchNorm statistics in fp32, whatever else was left out.
-    assert figures(document)["streaming.h2_int8_delay1.bytes_per_sync"]["median"] == int8_params + buffers
+    assert figures(document)["streaming.h1_int8_delay1.bytes_per_sync"]["median"] == int8_params + buffers
     assert figures(document)["streaming.h4_delay3.bytes_per_sync"]["median"] == params + buffers
     assert figures(document)["streaming.int8.bytes_vs_fp32"]["median"] == pytest.approx(int8_params / params)
