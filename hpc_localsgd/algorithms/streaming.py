@@ -188,7 +188,9 @@ class StreamingSync:
                     handle.advance()
         due = [fragment for fragment in range(self.fragments) if self.syncs_after(fragment, completed)]
         # τ = H (F = 1): a fragment's next Δ is taken at its own sync step, before that sync is applied. The
-        # average due now is waited for and set aside first, which frees its averager for the next one.
+        # average due now is waited for and set aside first, which frees its averager for the next one; the
+        # new Δ is sent once the sync is applied, so that what the sync sends (BN statistics, blocking) does
+        # not queue behind it on the communication thread.
         taken_at_sync = self.delay == self.period
         ready: dict[int, _InFlight] = {}
         if taken_at_sync:
@@ -196,25 +198,36 @@ class StreamingSync:
                 with self.stats.timed():
                     self._complete(fragment)
                 ready[fragment] = self.in_flight.pop(fragment)
-        for fragment in range(self.fragments):
-            if self.syncs_after(fragment, completed + self.delay):
-                self._start(fragment, completed + self.delay, anchors)
-                if taken_at_sync and fragment not in ready:
-                    self._restart_from_anchor(fragment, anchors)
+        taken = [
+            (fragment, self._take_update(fragment, completed + self.delay, anchors))
+            for fragment in range(self.fragments)
+            if self.syncs_after(fragment, completed + self.delay)
+        ]
+        if not taken_at_sync:
+            for fragment, (updates, norms) in taken:
+                self._send(fragment, completed + self.delay, updates, norms)
         synced = outer_stepped = False
         for fragment in due:
             pending = ready[fragment] if fragment in ready else self.in_flight.pop(fragment)
             outer_step = self.outer.needs_anchor and self.outer_step_after(fragment, completed)
             self._apply(fragment, pending, lr, anchors, outer_step)
             synced, outer_stepped = True, outer_stepped or outer_step
+        if taken_at_sync:
+            for fragment, (updates, norms) in taken:
+                if fragment not in ready:
+                    self._restart_from_anchor(fragment, anchors)
+                self._send(fragment, completed + self.delay, updates, norms)
         return synced, outer_stepped
 
-    def _start(self, fragment: int, sync_step: int, anchors: list[torch.Tensor]) -> None:
+    def _take_update(
+        self, fragment: int, sync_step: int, anchors: list[torch.Tensor]
+    ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """Δ = x_prev − x of each of this rank's shards of the fragment, into its reused buffers, and ‖Δ‖²
+        (taken before the average consumes Δ)."""
         slot = sync_step // self.period % 2 if self.delay == self.period else 0
         updates: list[list[torch.Tensor]] = []
-        handles: list[Handle] = []
         norms: list[torch.Tensor] = []
-        with self.stats.timed():  # encoding counts as the sync's cost, as the wait does
+        with self.stats.timed():  # the sync's cost, as the wait is
             for g, (a, _) in enumerate(self.ranges[fragment]):
                 first = a - self.params_start[g]
                 shards = []
@@ -223,13 +236,23 @@ class StreamingSync:
                     live = self.groups[g].flat[..., a + s : a + e]
                     update = self._update_buffer((fragment, g, k, slot), anchor, live)
                     torch.sub(anchor, live, out=update)
-                    norms.append(_squared_norm(update))  # before the average consumes ``update``
+                    norms.append(_squared_norm(update))
+                    shards.append(update)
+                updates.append(shards)
+        return updates, norms
+
+    def _send(
+        self, fragment: int, sync_step: int, updates: list[list[torch.Tensor]], norms: list[torch.Tensor]
+    ) -> None:
+        """Start averaging the fragment's Δ (encoded, when compressed) and the workers' mean ‖Δ‖²."""
+        handles: list[Handle] = []
+        with self.stats.timed():  # encoding counts as the sync's cost, as the wait does
+            for g, shards in enumerate(updates):
+                for k, update in enumerate(shards):
                     if self.compression != "none":
                         handles.append(self.averagers[fragment][g][k].iaverage_(self.between, update))
                     elif self.between.size > 1:
                         handles.append(self.between.iallreduce_(update, average=True))
-                    shards.append(update)
-                updates.append(shards)
             # ‖Δ‖² of this rank's shards, averaged over the workers beside Δ (the consensus distance).
             squared_norm = torch.stack(norms).sum(dim=0).reshape(-1).contiguous()
             if self.between.size > 1:
