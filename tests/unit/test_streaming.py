@@ -276,6 +276,41 @@ def test_defaults_keep_the_blocking_sync() -> None:
     assert engine.streaming is None
 
 
+def test_delay_of_one_at_period_one_is_delayed_gradient_descent() -> None:
+    """H = 1, τ = 1, one worker, plain SGD at a constant LR on least squares: by the definition (Δ taken at
+    each sync step before the sync is applied, the first one followed by x ← x_prev), the model after c
+    steps is y_c of delayed gradient descent, y_0 = y_1 = x_0, y_(c+1) = y_c − η∇f(y_(c−1)), written out
+    here in closed form, independently of the reference."""
+    g = torch.Generator().manual_seed(3)
+    inputs, targets = (
+        torch.randn(32, 5, generator=g, dtype=torch.float64),
+        torch.randn(32, 1, generator=g, dtype=torch.float64),
+    )
+    lr = 0.1
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    start = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    cfg = local(sync_period=1, sync_delay=1)
+    engine = AveragingEngine(model, opt, SingleCommunicator(), cfg, SyncSchedule(1, 0))
+
+    def gradient(w: torch.Tensor) -> torch.Tensor:  # of the mean squared error, (2/N)·Xᵀ(Xw − y)
+        return (2 / len(inputs)) * ((inputs @ w.T - targets).T @ inputs)
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(inputs)
+        return out, F.mse_loss(out, targets)
+
+    expected = [start, start]
+    for step in range(8):
+        engine.train_step(step, lr, forward)
+        completed = step + 1
+        if completed >= 2:
+            expected.append(expected[-1] - lr * gradient(expected[-2]))
+        torch.testing.assert_close(model.weight.detach(), expected[completed], rtol=1e-12, atol=1e-14)
+    engine.drain()
+    engine.close()
+
+
 def test_replicas_hold_the_global_model_after_a_delayed_sync() -> None:
     got = run_engine(local(sync_period=4, sync_delay=2), 0, make_batches(torch.float64), torch.float64)  # 16: a sync
     first = dict(got[0][0].named_parameters())
