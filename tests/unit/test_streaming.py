@@ -182,6 +182,11 @@ GROUP_CASES = {
         True,
     ),
     "workers2_int8_feedback_delay2_H2": (local(sync_period=2, sync_delay=2, ranks_per_worker=2), "int8", True),
+    "level2_delay4_H4": (
+        local(sync_period=4, sync_delay=4, levels=[LevelConfig(ranks=2, sync_period=2)]),
+        "none",
+        False,
+    ),
     "level2_fragments2": (
         local(sync_period=4, fragments=2, levels=[LevelConfig(ranks=2, sync_period=2)]),
         "none",
