@@ -268,9 +268,10 @@ class AlgorithmConfig:
         0,
         "Overlap (Streaming DiLoCo): each global sync's update x_prev − x is taken this many local steps before "
         "the sync step and averaged in the background while they run; at the sync step the outer step gives "
-        "the new global model (0: a blocking sync, as before). At sync_period / fragments, the most, the next "
-        "update of a fragment is taken at its sync step, before that sync is applied: every step's progress "
-        "reaches the global model one sync late (with sync_period 1: one-step-delayed averaging).",
+        "the new global model (0: a blocking sync, as before). At most sync_period / fragments. At sync_period "
+        "itself (fragments 1) the next update is taken at the sync step, before that sync is applied: every "
+        "step's progress reaches the global model one sync late (with sync_period 1: one-step-delayed "
+        "averaging).",
         range=">= 0, <= 1e6",
         rule="at most sync_period / fragments",
     )
@@ -352,8 +353,8 @@ class AlgorithmConfig:
         _check(
             self.sync_delay <= self.sync_period // self.fragments,
             f"{key}.sync_delay",
-            f"must be at most sync_period / fragments ({self.sync_period // self.fragments}): a fragment's "
-            f"update must be applied before its next one is taken, got {self.sync_delay}",
+            f"must be at most sync_period / fragments ({self.sync_period // self.fragments}): a fragment has "
+            f"one average in flight at a time, got {self.sync_delay}",
         )
         _check(self.sync_mix == 0 or self.sync_delay > 0, f"{key}.sync_mix", "applies with sync_delay > 0")
         if self.method == "allreduce":
