@@ -28,9 +28,9 @@ its shard), and when the average is waited for, the worker's ranks assemble the 
 adds its shard to zeros, summed inside the worker: exact). A rank sends 1/R of the update between
 workers, as the engine's own sync does. Intermediate levels average x inside their groups as usual.
 
-Every rank starts and waits for the same collectives in the same order: at each step, first the
-starts that are due (fragment order), then the syncs that are due (at τ = H, the wait for each due
-average comes first). A sync still in flight when a
+Every rank starts and waits for the same collectives in the same order: at each step the updates due
+are taken, then the syncs due are applied (fragment order), then the updates are sent (with τ = 0,
+where each is its own sync's, they are sent first). A sync still in flight when a
 checkpoint is written is waited for (``settle``), and its result is carried in the checkpoint, so a
 resumed run applies the same average at the same step.
 """
@@ -177,9 +177,9 @@ class StreamingSync:
 
     # --- a step's syncs --------------------------------------------------------------------------------
     def end_step(self, completed: int, lr: float, anchors: list[torch.Tensor]) -> tuple[bool, bool]:
-        """Start the averages due to start after ``completed`` steps, then apply those due now. Returns
-        whether a fragment was synced (every rank's copy of it is then x_g, or the mix) and whether an
-        outer optimizer stepped."""
+        """Take the updates due after ``completed`` steps, apply the syncs due now, and send the updates
+        (the comment below gives the order). Returns whether a fragment was synced (every rank's copy of
+        it is then x_g, or the mix) and whether an outer optimizer stepped."""
         # Two-phase compressed averages started at an earlier step go on to their second phase here, at
         # the same point on every rank, so that it travels behind the next steps as the first did.
         for fragment in sorted(self.in_flight):
@@ -187,34 +187,26 @@ class StreamingSync:
                 if isinstance(handle, CompressedAverageHandle):
                     handle.advance()
         due = [fragment for fragment in range(self.fragments) if self.syncs_after(fragment, completed)]
-        # τ = H (F = 1): a fragment's next Δ is taken at its own sync step, before that sync is applied. The
-        # average due now is waited for and set aside first, which frees its averager for the next one; the
-        # new Δ is sent once the sync is applied, so that what the sync sends (BN statistics, blocking) does
-        # not queue behind it on the communication thread.
-        taken_at_sync = self.delay == self.period
-        ready: dict[int, _InFlight] = {}
-        if taken_at_sync:
-            for fragment in due:
-                with self.stats.timed():
-                    self._complete(fragment)
-                ready[fragment] = self.in_flight.pop(fragment)
+        # Each Δ due is taken before the syncs due are applied: at τ = H (F = 1) a fragment's next Δ is taken
+        # at its own sync step, and holds the steps up to it. It is sent after them (τ > 0), so that what those
+        # syncs send (BN statistics, blocking) does not queue behind it on the communication thread; at τ = 0
+        # the sync due is its own, so it goes first.
         taken = [
             (fragment, self._take_update(fragment, completed + self.delay, anchors))
             for fragment in range(self.fragments)
             if self.syncs_after(fragment, completed + self.delay)
         ]
-        if not taken_at_sync:
+        if self.delay == 0:
             for fragment, (updates, norms) in taken:
-                self._send(fragment, completed + self.delay, updates, norms)
+                self._send(fragment, completed, updates, norms)
         synced = outer_stepped = False
         for fragment in due:
-            pending = ready[fragment] if fragment in ready else self.in_flight.pop(fragment)
             outer_step = self.outer.needs_anchor and self.outer_step_after(fragment, completed)
-            self._apply(fragment, pending, lr, anchors, outer_step)
+            self._apply(fragment, self.in_flight.pop(fragment), lr, anchors, outer_step)
             synced, outer_stepped = True, outer_stepped or outer_step
-        if taken_at_sync:
+        if self.delay > 0:
             for fragment, (updates, norms) in taken:
-                if fragment not in ready:
+                if self.delay == self.period and fragment not in due:
                     self._restart_from_anchor(fragment, anchors)
                 self._send(fragment, completed + self.delay, updates, norms)
         return synced, outer_stepped
