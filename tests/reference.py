@@ -40,6 +40,7 @@ class ReferenceAlgorithm:
     compression: str = "none"  # what Δ is sent as: none | bf16 | fp16 | int8 (tests/compression_reference.py)
     error_feedback: bool = False
     gradient_compression: str = "none"  # what a synchronous step's gradients are sent as: none | bf16 | fp16
+    last_step: int | None = None  # the run's last step: no delayed sync is started for after it (None: open)
 
     @property
     def streaming(self) -> bool:
@@ -184,6 +185,8 @@ class _Stream:
     first Δ, as after a sync of a zero average;
     at c: x̄ = x_prev − avg, the outer step on the fragment (on its k-th, 2k-th, ... sync), x_prev ← x_g,
     x_w ← (1 − α)·x_g + α·x_w. BN statistics and the momentum policy act at fragment 0's syncs.
+    A Δ whose sync would come after the run's last step is not taken below τ = H; at τ = H it is taken and
+    applied at once, after the sync due.
     Workers of R ranks: the average is over the workers (rank 0 of each), and a compressed one is taken
     shard by shard (R contiguous shards of the fragment, the first n % R one longer), each shard with its
     own error state, as rank j of every worker averages shard j."""
@@ -217,63 +220,101 @@ class _Stream:
     def after_step(self, done: int, workers: list[torch.nn.Module], opts: list, lr: float) -> None:
         algo = self.algo
         flats = [torch.cat([p.detach().reshape(-1) for p in w.parameters()]) for w in workers]
-        due = [f for f in range(algo.fragments) if self._syncs(f, done)]
+        whole_period = algo.sync_delay == algo.sync_period
+        after_the_run = algo.last_step is not None and done + algo.sync_delay > algo.last_step
+        # The syncs whose Δ is taken now: each is applied τ steps later, or, with τ = H where that would be
+        # after the run's last step, at once; below τ = H such a Δ is not taken.
+        starting = [
+            f
+            for f in range(algo.fragments)
+            if self._syncs(f, done + algo.sync_delay) and (whole_period or not after_the_run)
+        ]
+        # The syncs due now, whose Δ was taken (τ steps ago, or now where τ = 0).
+        due = [
+            f
+            for f in range(algo.fragments)
+            if self._syncs(f, done) and (f in self.pending or (algo.sync_delay == 0 and f in starting))
+        ]
         # With τ = H a fragment's next Δ is taken at its own sync step, before that sync is applied: the
         # average applied now is set aside first.
         ready = {}
-        if algo.sync_delay == algo.sync_period:
+        if whole_period:
             ready = {f: (self.pending.pop(f), self.taken.pop(f)) for f in due}
-        for fragment in range(algo.fragments):
-            if self._syncs(fragment, done + algo.sync_delay):
-                a, b = self._bounds(len(flats[0]), fragment)
-                assert self.x_prev is not None
-                workers_x = [flats[group[0]][a:b].clone() for group in _groups(len(flats), algo.ranks_per_worker)]
-                deltas = [self.x_prev[a:b] - x for x in workers_x]
-                self.taken[fragment] = workers_x
-                self.pending[fragment] = self._average(fragment, deltas)
-                if algo.sync_delay == algo.sync_period and fragment not in ready:
-                    # τ = H, the first Δ: taken H steps into the local phase, where no sync is due. Every
-                    # worker continues as after a sync whose average is zero, so that each later Δ holds
-                    # only the H steps since the one before.
-                    for w, x in zip(workers, flats, strict=True):
-                        _write_flat(w, a, (1 - algo.sync_mix) * self.x_prev[a:b] + algo.sync_mix * x[a:b])
+        for fragment in starting:
+            a, b = self._bounds(len(flats[0]), fragment)
+            assert self.x_prev is not None
+            workers_x = [flats[group[0]][a:b].clone() for group in _groups(len(flats), algo.ranks_per_worker)]
+            deltas = [self.x_prev[a:b] - x for x in workers_x]
+            self.taken[fragment] = workers_x
+            self.pending[fragment] = self._average(fragment, deltas)
+            if whole_period and fragment not in ready:
+                # τ = H, the first Δ: taken H steps into the local phase, where no sync is due. Every
+                # worker continues as after a sync whose average is zero, so that each later Δ holds
+                # only the H steps since the one before.
+                for w, x in zip(workers, flats, strict=True):
+                    _write_flat(w, a, (1 - algo.sync_mix) * self.x_prev[a:b] + algo.sync_mix * x[a:b])
         for fragment in due:
             average, taken_x = (
                 ready[fragment] if fragment in ready else (self.pending.pop(fragment), self.taken.pop(fragment))
             )
-            a, b = self._bounds(len(flats[0]), fragment)
-            assert self.x_prev is not None and self.slow is not None
-            averaged = self.x_prev[a:b] - average
-            taken = [x.double() for x in taken_x]
-            if self.record is not None:
-                mean = sum(taken) / len(taken)
-                spread = sum(float(((x - mean) ** 2).sum()) for x in taken) / len(taken)
-                self.record.append(
-                    {
-                        "step": float(done),
-                        "consensus_distance": spread / float((mean**2).sum()),
-                        "model_norm": float(mean.norm()),
-                    }
+            self._apply(fragment, done, average, taken_x, workers, opts, lr)
+        if whole_period and after_the_run:
+            for fragment in starting:
+                self._apply(
+                    fragment,
+                    done + algo.sync_delay,
+                    self.pending.pop(fragment),
+                    self.taken.pop(fragment),
+                    workers,
+                    opts,
+                    lr,
                 )
-            first = 1 if self._offset(fragment) > algo.sync_delay else 0
-            number = (done - algo.local_start - self._offset(fragment)) // algo.sync_period + first
-            new = averaged
-            if algo.outer != "none" and number % algo.outer_every == 0:
-                delta = self.x_prev[a:b] - averaged
-                if algo.outer == "slowmo":
-                    self.slow[a:b] = algo.slow_momentum * self.slow[a:b] + delta / lr
-                    new = self.x_prev[a:b] - algo.slow_lr * lr * self.slow[a:b]
-                else:
-                    self.slow[a:b] = algo.outer_momentum * self.slow[a:b] + delta
-                    new = self.x_prev[a:b] - algo.outer_lr * (delta + algo.outer_momentum * self.slow[a:b])
-                self.x_prev[a:b] = new
-            elif algo.outer == "none":
-                self.x_prev[a:b] = averaged
-            for w, x in zip(workers, flats, strict=True):
-                mixed = (1 - algo.sync_mix) * new + algo.sync_mix * x[a:b]
-                _write_flat(w, a, mixed)
-            if fragment == 0:
-                _average_bn_and_momentum(workers, opts, algo)
+
+    def _apply(
+        self,
+        fragment: int,
+        sync_step: int,
+        average: torch.Tensor,
+        taken_x: list[torch.Tensor],
+        workers: list[torch.nn.Module],
+        opts: list,
+        lr: float,
+    ) -> None:
+        """x̄ = x_prev − avg Δ, the outer step on the k-th, 2k-th, ... sync, x_w ← (1 − α)·x_g + α·x_w."""
+        algo = self.algo
+        assert self.x_prev is not None and self.slow is not None and algo.local_start is not None
+        a, b = self._bounds(len(self.x_prev), fragment)
+        averaged = self.x_prev[a:b] - average
+        taken = [x.double() for x in taken_x]
+        if self.record is not None:
+            mean = sum(taken) / len(taken)
+            spread = sum(float(((x - mean) ** 2).sum()) for x in taken) / len(taken)
+            self.record.append(
+                {
+                    "step": float(sync_step),
+                    "consensus_distance": spread / float((mean**2).sum()),
+                    "model_norm": float(mean.norm()),
+                }
+            )
+        first = 1 if self._offset(fragment) > algo.sync_delay else 0
+        number = (sync_step - algo.local_start - self._offset(fragment)) // algo.sync_period + first
+        new = averaged
+        if algo.outer != "none" and number % algo.outer_every == 0:
+            delta = self.x_prev[a:b] - averaged
+            if algo.outer == "slowmo":
+                self.slow[a:b] = algo.slow_momentum * self.slow[a:b] + delta / lr
+                new = self.x_prev[a:b] - algo.slow_lr * lr * self.slow[a:b]
+            else:
+                self.slow[a:b] = algo.outer_momentum * self.slow[a:b] + delta
+                new = self.x_prev[a:b] - algo.outer_lr * (delta + algo.outer_momentum * self.slow[a:b])
+            self.x_prev[a:b] = new
+        elif algo.outer == "none":
+            self.x_prev[a:b] = averaged
+        for w in workers:
+            x = torch.cat([p.detach().reshape(-1) for p in w.parameters()])
+            _write_flat(w, a, (1 - algo.sync_mix) * new + algo.sync_mix * x[a:b])
+        if fragment == 0:
+            _average_bn_and_momentum(workers, opts, algo)
 
     def start(self, workers: list[torch.nn.Module]) -> None:
         self.x_prev = torch.cat([p.detach().reshape(-1) for p in workers[0].parameters()]).clone()

@@ -129,7 +129,7 @@ class AveragingEngine:
                 comm,
                 between_workers,
                 cfg,
-                schedule.local_start,
+                schedule,
                 compression,
                 error_feedback,
                 self.outer,
@@ -451,8 +451,9 @@ class AveragingEngine:
                 live.copy_(saved)
 
     def drain(self) -> None:
-        """Wait for the averages still in flight when training ends (a delayed sync whose step never
-        came): every rank started them, so every rank must complete them."""
+        """Wait for the averages still in flight when training stops before their step (the benchmark's
+        open-ended runs, a run resumed with fewer steps): every rank started them, so every rank must
+        complete them."""
         if self.streaming is not None:
             self.streaming.settle()
 

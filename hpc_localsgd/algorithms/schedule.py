@@ -20,20 +20,29 @@ class SyncSchedule:
     ``outer_every`` k: the outer optimizer steps after every k-th average only (fairscale's SlowMo
     has the two periods apart); the count of averages comes from the same step counter, so a
     resumed run knows where it stands without saving it.
+
+    ``last_step``: the run's last step (None: open-ended, as in the benchmark). A delayed sync
+    (algorithms/streaming.py) whose step would come after it is not started.
     """
 
     sync_period: int
     local_start: int | None
     outer_every: int = 1
+    last_step: int | None = None
 
     @classmethod
     def from_config(
-        cls, cfg: AlgorithmConfig, steps_per_epoch: int, first_decay_step: int | None = None
+        cls,
+        cfg: AlgorithmConfig,
+        steps_per_epoch: int,
+        first_decay_step: int | None = None,
+        last_step: int | None = None,
     ) -> SyncSchedule:
         """The one place that says when local SGD starts: never for all-reduce SGD, at step 0 for
         local SGD, and for post-local SGD at ``switch_step``, ``switch_epoch`` or else at the LR
         schedule's first decay (``first_decay_step``), as Lin et al. (2020) switch."""
-        return cls(cfg.sync_period, _local_start(cfg, steps_per_epoch, first_decay_step), cfg.outer_every)
+        local_start = _local_start(cfg, steps_per_epoch, first_decay_step)
+        return cls(cfg.sync_period, local_start, cfg.outer_every, last_step)
 
     def is_synchronous(self, step: int) -> bool:
         """Whether the gradients of step ``step`` (0-based, about to run) are averaged."""

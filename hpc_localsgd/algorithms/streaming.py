@@ -13,7 +13,9 @@ What travels is each rank's update since the last sync, Δ = x_prev − x, never
   most H/F. At τ = H (F = 1) the next Δ is taken at the sync step itself, before the sync is applied,
   so every step's progress reaches x_prev one sync late and none is dropped (with H = 1: one-step-
   delayed averaging); the first Δ, H steps into the local phase, is followed by x ← (1 − α)·x_prev +
-  α·x, as after a sync of a zero average;
+  α·x, as after a sync of a zero average. Where a sync would come after the run's last step
+  (``SyncSchedule.last_step``) its update is not sent below τ = H (the rank's model holds its steps);
+  at τ = H it is applied at once, blocking, as it is taken: no step's progress is left in flight;
 * compression: avg Δ is the average of Q(Δ + e) (``compression.CompressedAverager``, error feedback e
   per rank); none is an fp32 allreduce of Δ.
 
@@ -50,6 +52,7 @@ from .drift import first_row
 from .flat import MOMENTUM, PARAMS, FlatGroup, contiguous_part
 from .hierarchy import WORKER
 from .outer import OuterOptimizer
+from .schedule import SyncSchedule
 
 
 @dataclass
@@ -76,7 +79,7 @@ class StreamingSync:
         comm: Communicator,
         worker_comms: tuple[Communicator, Communicator] | None,
         cfg: AlgorithmConfig,
-        local_start: int | None,
+        schedule: SyncSchedule,
         compression: SyncCompression,
         error_feedback: bool,
         outer: OuterOptimizer,
@@ -89,7 +92,7 @@ class StreamingSync:
         shards = self.worker.size if self.worker is not None else 1
         # The shards this process averages: its own; all of them where it simulates every rank.
         self.owned = list(range(shards)) if comm.replicas > 1 or self.worker is None else [self.worker.rank]
-        self.local_start = local_start
+        self.local_start, self.last_step = schedule.local_start, schedule.last_step
         self.period, self.fragments, self.outer_every = cfg.sync_period, cfg.fragments, cfg.outer_every
         self.delay, self.mix = cfg.sync_delay, cfg.sync_mix
         self.reset_momentum = cfg.momentum_buffers == "reset"
@@ -168,6 +171,18 @@ class StreamingSync:
         since = completed - self.local_start - self.offset(fragment)
         return since >= 0 and since % self.period == 0 and completed - self.delay > self.local_start
 
+    def starts_after(self, fragment: int, completed: int) -> bool:
+        """Whether fragment ``fragment``'s update is taken and sent once ``completed`` steps are done: τ
+        steps before its sync step. Below τ = H not where that step comes after the run's last: nothing
+        would apply it, and the rank's model still holds its steps. At τ = H always (``end_step``)."""
+        sync_step = completed + self.delay
+        if not self.syncs_after(fragment, sync_step):
+            return False
+        return self.delay == self.period or not self.after_the_run(sync_step)
+
+    def after_the_run(self, step: int) -> bool:
+        return self.last_step is not None and step > self.last_step
+
     def outer_step_after(self, fragment: int, completed: int) -> bool:
         """The outer step on the k-th, 2k-th, ... sync of each fragment (k = ``outer_every``)."""
         assert self.local_start is not None
@@ -186,29 +201,41 @@ class StreamingSync:
             for handle in self.in_flight[fragment].handles:
                 if isinstance(handle, CompressedAverageHandle):
                     handle.advance()
-        due = [fragment for fragment in range(self.fragments) if self.syncs_after(fragment, completed)]
         # Each Δ due is taken before the syncs due are applied: at τ = H (F = 1) a fragment's next Δ is taken
         # at its own sync step, and holds the steps up to it. It is sent after them (τ > 0), so that what those
         # syncs send (BN statistics, blocking) does not queue behind it on the communication thread; at τ = 0
         # the sync due is its own, so it goes first.
-        taken = [
-            (fragment, self._take_update(fragment, completed + self.delay, anchors))
+        taken = {
+            fragment: self._take_update(fragment, completed + self.delay, anchors)
             for fragment in range(self.fragments)
-            if self.syncs_after(fragment, completed + self.delay)
-        ]
+            if self.starts_after(fragment, completed)
+        }
         if self.delay == 0:
-            for fragment, (updates, norms) in taken:
+            for fragment, (updates, norms) in taken.items():
                 self._send(fragment, completed, updates, norms)
+        # A sync is due only if its update was sent: one whose step came after the last step of the run that
+        # would have taken it (since resumed with more steps) is not made up for.
+        due = [f for f in range(self.fragments) if self.syncs_after(f, completed) and f in self.in_flight]
         synced = outer_stepped = False
-        for fragment in due:
-            outer_step = self.outer.needs_anchor and self.outer_step_after(fragment, completed)
+
+        def apply(fragment: int, sync_step: int) -> None:
+            nonlocal synced, outer_stepped
+            outer_step = self.outer.needs_anchor and self.outer_step_after(fragment, sync_step)
             self._apply(fragment, self.in_flight.pop(fragment), lr, anchors, outer_step)
             synced, outer_stepped = True, outer_stepped or outer_step
+
+        for fragment in due:
+            apply(fragment, completed)
         if self.delay > 0:
-            for fragment, (updates, norms) in taken:
+            for fragment, (updates, norms) in taken.items():
                 if self.delay == self.period and fragment not in due:
                     self._restart_from_anchor(fragment, anchors)
                 self._send(fragment, completed + self.delay, updates, norms)
+        # τ = H: an update whose sync would come after the run's last step is applied at once (blocking): the
+        # rank's model no longer holds its steps (the sync just applied, or the restart, set it to x_g).
+        if self.after_the_run(completed + self.delay):
+            for fragment in taken:
+                apply(fragment, completed + self.delay)
         return synced, outer_stepped
 
     def _take_update(
@@ -304,8 +331,14 @@ class StreamingSync:
         pending.updates = [[whole] for whole in wholes[1:]]
 
     def _apply(
-        self, fragment: int, pending: _InFlight, lr: float, anchors: list[torch.Tensor], outer_step: bool
+        self,
+        fragment: int,
+        pending: _InFlight,
+        lr: float,
+        anchors: list[torch.Tensor],
+        outer_step: bool,
     ) -> None:
+        """Wait for the fragment's average; x_prev ← x_g, and the rank's copy ← (1 − α)·x_g + α·x."""
         with self.stats.timed():
             self._complete(fragment, pending)
             if fragment == 0:
@@ -315,6 +348,7 @@ class StreamingSync:
             for g, (a, b) in enumerate(self.ranges[fragment]):
                 first = a - self.params_start[g]
                 anchor = anchors[g][..., first : first + b - a]
+                live = self.groups[g].flat[..., a:b]
                 update = pending.updates[g][0]
                 averaged_update += first_row(_squared_norm(update))
                 # x̄ = x_prev − avg Δ. Plain averaging keeps it as x_prev for the next Δ, so it is formed in
@@ -324,7 +358,7 @@ class StreamingSync:
                 averaged_model += first_row(_squared_norm(new))
                 if outer_step:
                     self.outer.step(new, anchor, lr, fragment * len(self.groups) + g)
-                self._mix_into(self.groups[g].flat[..., a:b], new)
+                self._mix_into(live, new)
             if fragment == 0 and self.reset_momentum:
                 for group in self.groups:
                     group.slice(MOMENTUM).zero_()

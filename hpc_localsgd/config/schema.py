@@ -271,7 +271,7 @@ class AlgorithmConfig:
         "the new global model (0: a blocking sync, as before). At most sync_period / fragments. At sync_period "
         "itself (fragments 1) the next update is taken at the sync step, before that sync is applied: every "
         "step's progress reaches the global model one sync late (with sync_period 1: one-step-delayed "
-        "averaging).",
+        "averaging), and the update taken at the run's last sync step is applied at once.",
         range=">= 0, <= 1e6",
         rule="at most sync_period / fragments",
     )

@@ -119,7 +119,7 @@ def build_optimization(
         nesterov=cfg.optim.nesterov,
         weight_decay=cfg.optim.weight_decay,
     )
-    schedule = SyncSchedule.from_config(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step)
+    schedule = SyncSchedule.from_config(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step, total_steps)
     engine = AveragingEngine(
         model,
         optimizer,

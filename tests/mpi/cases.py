@@ -201,6 +201,7 @@ def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.n
     )
     algo.compression, algo.error_feedback = cfg.comm.sync_compression, cfg.comm.uses_error_feedback
     algo.gradient_compression = cfg.comm.gradient_compression
+    algo.last_step = STEPS  # train.max_steps: the run ends there
     workers = simulate(
         model, algo, batches, schedule.at, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov
     )

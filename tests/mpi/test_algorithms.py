@@ -111,9 +111,9 @@ def test_communication_counters(runs: dict[str, Path], backend: str) -> None:
         "delay2_H4": (STEPS // 4, STEPS // 4 * (p + bn)),
         # int8: one byte an element and a float32 scale per block of 256; BN statistics in fp32.
         "int8_slowmo_H4": (STEPS // 4, STEPS // 4 * (encoded_bytes("int8", p // 4) + bn)),
-        # τ = H = 2: the first Δ, taken after step 2, is applied at step 4; the last, taken after step 12,
-        # is still in flight at the end (waited for, never applied, not counted): syncs at 4, 6, 8, 10, 12.
-        "delay2_H2": (STEPS // 2 - 1, (STEPS // 2 - 1) * (p + bn)),
+        # τ = H = 2: the first Δ, taken after step 2, is applied at step 4; the last, taken after step 12
+        # where the run ends, is applied at once: syncs at 4, 6, 8, 10, 12 and 12 again.
+        "delay2_H2": (STEPS // 2, STEPS // 2 * (p + bn)),
         # Half-precision gradients: 2 bytes an element in the synchronous steps; the model averages in fp32.
         "allreduce_bf16_gradients": (STEPS, STEPS * p // 2),
         "post_local_H3_fp16_gradients": (6 + 2, 6 * p // 2 + 2 * (p + bn)),

@@ -56,9 +56,9 @@ def logits_and_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     return out, F.cross_entropy(out, y)
 
 
-def make_engine(model, comm, cfg: AlgorithmConfig, local_start, codec: SyncCompression, feedback: bool):
+def make_engine(model, comm, cfg: AlgorithmConfig, local_start, codec: SyncCompression, feedback: bool, last_step=None):
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    schedule = SyncSchedule(cfg.sync_period, local_start, cfg.outer_every)
+    schedule = SyncSchedule(cfg.sync_period, local_start, cfg.outer_every, last_step)
     hierarchy = hierarchy_from_config(cfg, comm.size, None)
     engine = AveragingEngine(
         model, opt, comm, cfg, schedule, hierarchy=hierarchy, compression=codec, error_feedback=feedback
@@ -67,15 +67,21 @@ def make_engine(model, comm, cfg: AlgorithmConfig, local_start, codec: SyncCompr
     return engine
 
 
-def run_engine(cfg, local_start, batches, dtype, codec: SyncCompression = "none", feedback: bool = False):
+def run_engine(
+    cfg, local_start, batches, dtype, codec: SyncCompression = "none", feedback: bool = False, last_step=None
+):
+    """Each worker's model and engine after ``batches``; with ``last_step`` (the run's end), nothing may be
+    in flight after it."""
     initial = make_model(dtype)
     workers = len(batches)
 
     def worker(comm):
         model = copy.deepcopy(initial)
-        engine = make_engine(model, comm, cfg, local_start, codec, feedback)
+        engine = make_engine(model, comm, cfg, local_start, codec, feedback, last_step)
         for step, (x, y) in enumerate(batches[comm.rank]):
             engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
+        if last_step is not None:
+            assert engine.streaming is not None and not engine.streaming.in_flight, "an update sent past the end"
         engine.drain()
         engine.close()
         return model, engine
@@ -83,11 +89,11 @@ def run_engine(cfg, local_start, batches, dtype, codec: SyncCompression = "none"
     return ThreadGroup(workers).run(worker)
 
 
-def reference(cfg, local_start, batches, dtype, codec: str = "none", feedback: bool = False):
+def reference(cfg, local_start, batches, dtype, codec: str = "none", feedback: bool = False, last_step=None):
     hierarchy = hierarchy_from_config(cfg, len(batches), None)
     levels = tuple((level.ranks, level.sync_period) for level in hierarchy.levels)
     algo = ReferenceAlgorithm.from_config(cfg, local_start, hierarchy.ranks_per_worker, levels)
-    algo.compression, algo.error_feedback = codec, feedback
+    algo.compression, algo.error_feedback, algo.last_step = codec, feedback, last_step
     return simulate(make_model(dtype), algo, batches, lr_at, MOMENTUM, WEIGHT_DECAY)
 
 
@@ -151,10 +157,35 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_streaming_matches_the_reference(name: str) -> None:
     cfg, local_start, codec, feedback = CASES[name]
+    assert_matches_the_reference(name, cfg, local_start, codec, feedback, make_batches(torch.float64), None)
+
+
+# The run's end: below τ = H no update is sent for a sync after it; at τ = H the update taken at the last
+# sync step is applied at once. Runs ending on a sync step, one step after it and one before it.
+END_CASES = [
+    ("delay4_H4", 16),
+    ("delay4_H4", 14),
+    ("delay2_H2_mix_slowmo", 15),
+    ("post_local_delay3_H3_nesterov_every2", 16),
+    ("post_local_delay3_H3_nesterov_every2", 13),
+    ("fragments2_delay2_H4", 15),
+    ("delay3_H4_mix", 15),
+    ("int8_feedback_H1_delay1", 16),
+]
+
+
+@pytest.mark.parametrize(("name", "last_step"), END_CASES)
+def test_streaming_matches_the_reference_at_the_end_of_the_run(name: str, last_step: int) -> None:
+    cfg, local_start, codec, feedback = CASES[name]
+    batches = [steps[:last_step] for steps in make_batches(torch.float64)]
+    assert_matches_the_reference(name, cfg, local_start, codec, feedback, batches, last_step)
+
+
+def assert_matches_the_reference(name, cfg, local_start, codec, feedback, batches, last_step) -> None:
     dtype = torch.float64 if codec == "none" else torch.float32  # compression encodes float32
-    batches = make_batches(dtype)
-    got = run_engine(cfg, local_start, batches, dtype, codec, feedback)
-    want = reference(cfg, local_start, batches, dtype, codec, feedback)
+    batches = [[(x.to(dtype), y) for x, y in steps] for steps in batches]
+    got = run_engine(cfg, local_start, batches, dtype, codec, feedback, last_step)
+    want = reference(cfg, local_start, batches, dtype, codec, feedback, last_step)
     tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
     for rank, ((model, _), ref_model) in enumerate(zip(got, want, strict=True)):
         ours, theirs = model.state_dict(), ref_model.state_dict()
@@ -281,11 +312,14 @@ def test_defaults_keep_the_blocking_sync() -> None:
     assert engine.streaming is None
 
 
-def test_delay_of_one_at_period_one_is_delayed_gradient_descent() -> None:
+@pytest.mark.parametrize("last_step", [None, 8])
+def test_delay_of_one_at_period_one_is_delayed_gradient_descent(last_step: int | None) -> None:
     """H = 1, τ = 1, one worker, plain SGD at a constant LR on least squares: by the definition (Δ taken at
     each sync step before the sync is applied, the first one followed by x ← x_prev), the model after c
     steps is y_c of delayed gradient descent, y_0 = y_1 = x_0, y_(c+1) = y_c − η∇f(y_(c−1)), written out
-    here in closed form, independently of the reference."""
+    here in closed form, independently of the reference. A run that ends after step E sends no Δ at E,
+    and its last sync keeps the step that Δ would have carried: it ends at y_(E+1), every gradient it
+    computed applied (its Δ at E applied at once, after the sync due)."""
     g = torch.Generator().manual_seed(3)
     inputs, targets = (
         torch.randn(32, 5, generator=g, dtype=torch.float64),
@@ -296,7 +330,7 @@ def test_delay_of_one_at_period_one_is_delayed_gradient_descent() -> None:
     start = model.weight.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     cfg = local(sync_period=1, sync_delay=1)
-    engine = AveragingEngine(model, opt, SingleCommunicator(), cfg, SyncSchedule(1, 0))
+    engine = AveragingEngine(model, opt, SingleCommunicator(), cfg, SyncSchedule(1, 0, last_step=last_step))
 
     def gradient(w: torch.Tensor) -> torch.Tensor:  # of the mean squared error, (2/N)·Xᵀ(Xw − y)
         return (2 / len(inputs)) * ((inputs @ w.T - targets).T @ inputs)
@@ -311,8 +345,53 @@ def test_delay_of_one_at_period_one_is_delayed_gradient_descent() -> None:
         completed = step + 1
         if completed >= 2:
             expected.append(expected[-1] - lr * gradient(expected[-2]))
-        torch.testing.assert_close(model.weight.detach(), expected[completed], rtol=1e-12, atol=1e-14)
+        last = completed == last_step
+        want = expected[-1] - lr * gradient(expected[-2]) if last else expected[completed]
+        torch.testing.assert_close(model.weight.detach(), want, rtol=1e-12, atol=1e-14)
+    assert engine.streaming is not None and (not engine.streaming.in_flight) == (last_step is not None)
     engine.drain()
+    engine.close()
+
+
+@pytest.mark.parametrize(("period", "last_step", "resumed_to"), [(1, 8, None), (3, 10, None), (2, 7, 12), (3, 9, 17)])
+def test_a_run_overlapped_by_its_period_ends_with_every_gradient_applied(
+    period: int, last_step: int, resumed_to: int | None
+) -> None:
+    """τ = H, one worker, plain SGD (no momentum): each gradient reaches the global model one sync late, the
+    last ones through the update applied at once at the last sync step, so the final model is x_0 − η·Σ
+    of every gradient computed, exactly once. Also for a run resumed from its end with more steps
+    (``train.epochs`` raised), whose first sync has no update in flight and is skipped."""
+    g = torch.Generator().manual_seed(5)
+    inputs = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    targets = torch.randn(16, 1, generator=g, dtype=torch.float64)
+    lr, cfg = 0.05, local(sync_period=period, sync_delay=period)
+    model = torch.nn.Linear(4, 1, bias=False).double()
+    start = model.weight.detach().clone()
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(inputs)
+        return out, F.mse_loss(out, targets)
+
+    def engine_to(end: int) -> AveragingEngine:
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        return AveragingEngine(model, opt, SingleCommunicator(), cfg, SyncSchedule(period, 0, last_step=end))
+
+    gradients = []
+    engine = engine_to(last_step)
+    for step in range(last_step):
+        engine.train_step(step, lr, forward)
+        gradients.append(model.weight.grad.detach().clone())
+    if resumed_to is not None:
+        rank_state = {name: t.clone() for name, t in engine.rank_state().items()}
+        shared_state = {name: t.clone() for name, t in engine.shared_state().items()}
+        engine.close()
+        engine = engine_to(resumed_to)
+        engine.load_state(rank_state, shared_state, last_step)
+        for step in range(last_step, resumed_to):
+            engine.train_step(step, lr, forward)
+            gradients.append(model.weight.grad.detach().clone())
+    assert engine.streaming is not None and not engine.streaming.in_flight
+    torch.testing.assert_close(model.weight.detach(), start - lr * sum(gradients), rtol=1e-12, atol=1e-14)
     engine.close()
 
 
