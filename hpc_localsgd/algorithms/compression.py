@@ -36,8 +36,9 @@ the same bytes, bit for bit, deterministic.
   not kept); an allgather brings every rank all the re-encoded chunks. Without the second error
   feedback the re-encoding's rounding would bias the average sync after sync; with it, the time
   average converges to the exact one as for the first (tested). The engine starts the second phase
-  at the step after the first (``CompressedAverageHandle.advance``, the same point on every rank), so
-  both travel behind training.
+  at the end of the step after the first, or before the backward of the step whose end applies the
+  average if that comes sooner (``CompressedAverageHandle.advance``, the same point on every rank),
+  so both travel behind training.
 The simulated backend holds every worker's row already: its gather is the identity, its allreduce sums
 the decoded rows of each group in the same worker order, and among three or more it re-encodes the
 average (whole rows encode as their chunks do, chunks being whole blocks).

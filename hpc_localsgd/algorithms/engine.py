@@ -161,6 +161,8 @@ class AveragingEngine:
         else:
             with torch.autocast(self.autocast_device, dtype=self.autocast_dtype):
                 outputs, loss = forward()
+        if self.streaming is not None:
+            self.streaming.before_backward(step + 1)
         skipped = False
         if self.scaler is None:
             loss.backward()

@@ -191,6 +191,15 @@ class StreamingSync:
         return number % self.outer_every == 0
 
     # --- a step's syncs --------------------------------------------------------------------------------
+    def before_backward(self, completed: int) -> None:
+        """Between the forward and the backward of the step that will complete ``completed`` steps: a
+        two-phase average (three or more workers, compressed) due when it ends goes on to its second
+        phase here, so that the phase travels behind the backward. Otherwise, sent one step before its
+        sync (τ = 1), it would start and be waited for at the same point."""
+        for fragment in sorted(self.in_flight):
+            if self.in_flight[fragment].sync_step == completed:
+                _advance(self.in_flight[fragment])
+
     def end_step(self, completed: int, lr: float, anchors: list[torch.Tensor]) -> tuple[bool, bool]:
         """Take the updates due after ``completed`` steps, apply the syncs due now, and send the updates
         (the comment below gives the order). Returns whether a fragment was synced (every rank's copy of
@@ -198,9 +207,7 @@ class StreamingSync:
         # Two-phase compressed averages started at an earlier step go on to their second phase here, at
         # the same point on every rank, so that it travels behind the next steps as the first did.
         for fragment in sorted(self.in_flight):
-            for handle in self.in_flight[fragment].handles:
-                if isinstance(handle, CompressedAverageHandle):
-                    handle.advance()
+            _advance(self.in_flight[fragment])
         # Each Δ due is taken before the syncs due are applied: at τ = H (F = 1) a fragment's next Δ is taken
         # at its own sync step, and holds the steps up to it. It is sent after them (τ > 0), so that what those
         # syncs send (BN statistics, blocking) does not queue behind it on the communication thread; at τ = 0
@@ -438,6 +445,14 @@ def _squared_norm(values: torch.Tensor) -> torch.Tensor:
     one): the consensus distance here is a difference of squared norms of updates, not of parameters
     (drift.py), which keeps its digits in float32."""
     return torch.linalg.vector_norm(values, dim=-1).double().square()
+
+
+def _advance(pending: _InFlight) -> None:
+    """Start the second phase of the two-phase averages among ``pending``'s (a collective: at the same
+    point on every rank; nothing for the others or where it has started)."""
+    for handle in pending.handles:
+        if isinstance(handle, CompressedAverageHandle):
+            handle.advance()
 
 
 def _wait_all(handles: list[Handle]) -> None:

@@ -114,7 +114,8 @@ HIERARCHY_CASES: dict[str, list[str]] = {
     ],
     "workers_node_H3": ["algorithm.method=local_sgd", "algorithm.sync_period=3", "algorithm.ranks_per_worker=node"],
     # Compression and overlap between workers (rank j of each worker averages shard j), and under a level
-    # (there among all 4 ranks: the two-phase exchange, its second phase started a step after the first).
+    # (there among all 4 ranks: the two-phase exchange; overlapped by 1, its second phase starts before the
+    # backward of the step whose end applies it).
     "workers2_int8_delay1_slowmo_H4": [
         "algorithm.method=local_sgd",
         "algorithm.sync_period=4",

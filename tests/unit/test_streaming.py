@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpc_localsgd.algorithms.compression import encoded_bytes
+from hpc_localsgd.algorithms.compression import CompressedAverageHandle, encoded_bytes
 from hpc_localsgd.algorithms.engine import AveragingEngine
 from hpc_localsgd.algorithms.flat import contiguous_part
 from hpc_localsgd.algorithms.hierarchy import hierarchy_from_config
@@ -393,6 +393,45 @@ def test_a_run_overlapped_by_its_period_ends_with_every_gradient_applied(
     assert engine.streaming is not None and not engine.streaming.in_flight
     torch.testing.assert_close(model.weight.detach(), start - lr * sum(gradients), rtol=1e-12, atol=1e-14)
     engine.close()
+
+
+@pytest.mark.parametrize("period", [1, 2])
+def test_a_sync_overlapped_by_one_step_has_its_second_phase_behind_the_backward(period: int) -> None:
+    """int8 among 3 workers (two-phase) with τ = 1: sent at the end of one step and applied at the end of
+    the next, the average goes on to its second phase before that step's backward, not at its end where
+    it is waited for. Seen from a gradient hook: during the backward of each step that ends in a sync,
+    every average due then has started its second phase; during the forward it had not."""
+    cfg = local(sync_period=period, sync_delay=1)
+    batches = make_batches(torch.float32)
+    initial = make_model(torch.float32)
+
+    def worker(comm):
+        model = copy.deepcopy(initial)
+        engine = make_engine(model, comm, cfg, 0, "int8", True)
+        seen: list[tuple[int, str, bool]] = []
+        current = {"step": 0}
+
+        def phases(when: str) -> None:
+            pending = engine.streaming.in_flight.get(0) if engine.streaming is not None else None
+            if pending is not None and pending.sync_step == current["step"] + 1:
+                first = [h._first_phase for h in pending.handles if isinstance(h, CompressedAverageHandle)]
+                seen.append((current["step"], when, all(first) and bool(first)))
+
+        model[0].weight.register_hook(lambda grad: phases("backward"))
+
+        def forward(x, y):
+            phases("forward")
+            return logits_and_loss(model, x, y)
+
+        for step, (x, y) in enumerate(batches[comm.rank]):
+            current["step"] = step
+            engine.train_step(step, lr_at(step), functools.partial(forward, x, y))
+        engine.drain()
+        return seen
+
+    for seen in ThreadGroup(WORKERS).run(worker):
+        syncs = [step for step in range(STEPS) if (step + 1) % period == 0 and step + 1 > 1]
+        assert seen == [(step, when, when == "forward") for step in syncs for when in ("forward", "backward")]
 
 
 def test_replicas_hold_the_global_model_after_a_delayed_sync() -> None:
