@@ -42,12 +42,14 @@ import sys
 import threading
 import time
 
-os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")  # before MPI starts
-
 import numpy as np
 import torch
 import torchvision
-from mpi4py import MPI
+
+from hpc_localsgd.launcher.env import OPEN_MPI_YIELD_WHEN_IDLE
+
+os.environ.setdefault(OPEN_MPI_YIELD_WHEN_IDLE, "1")  # before MPI starts
+from mpi4py import MPI  # noqa: E402
 
 from hpc_localsgd.comm import mpi as mpi_backend
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import BackendUnavailable, ConfigError, LauncherMismatch, one_line
-from ..launcher.env import LaunchEnvironment, WorldLayout
+from ..launcher.env import OPEN_MPI_YIELD_WHEN_IDLE, LaunchEnvironment, WorldLayout
 from .base import Communicator, DoneHandle, Handle, check_group_size
 from .single import SingleCommunicator
 from .threads import ThreadCommunicator, ThreadGroup
@@ -93,7 +93,7 @@ def _let_mpi_yield_when_idle(launch: LaunchEnvironment) -> None:
     node, docs/BENCHMARKS.md). Yielding while idle is what Open MPI does by itself when it sees an
     oversubscribed node; a user's own setting wins. Must happen before MPI is initialised."""
     if node_is_fully_subscribed(launch, torch.get_num_threads()):
-        os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+        os.environ.setdefault(OPEN_MPI_YIELD_WHEN_IDLE, "1")
 
 
 def _construct(

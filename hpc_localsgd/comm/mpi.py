@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..launcher.env import WorldLayout
+from ..launcher.env import OPEN_MPI_YIELD_WHEN_IDLE, WorldLayout
 from ._buffers import check_alltoall, check_buffer, check_gather, divide_by_size_
 from .base import Communicator, Handle, across_layout, group_layout
 from .single import SingleCommunicator
@@ -89,7 +89,7 @@ _POLLED_SUM_DTYPES = frozenset({torch.float32, torch.float64})
 def mpi_yields_when_idle() -> bool:
     """Whether Open MPI was told to yield while idle (by ``comm/__init__.py`` on a fully subscribed
     node, or by the user); read when the communicator is made, after MPI read it."""
-    return os.environ.get("OMPI_MCA_mpi_yield_when_idle", "0").strip().lower() in ("1", "true", "yes")
+    return os.environ.get(OPEN_MPI_YIELD_WHEN_IDLE, "0").strip().lower() in ("1", "true", "yes")
 
 
 def cuda_aware_mpi() -> bool:

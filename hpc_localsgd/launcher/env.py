@@ -24,6 +24,9 @@ from ..errors import LauncherMismatch, RankLocalError
 # records it in metrics.h5, where the report finds the runs whose time is a measurement on it.
 EMULATED_LINK_VARIABLE = "HPC_LOCALSGD_EMULATED_LINK"
 
+# Open MPI's MCA parameter: yield the core while waiting in MPI instead of polling (read at MPI_Init).
+OPEN_MPI_YIELD_WHEN_IDLE = "OMPI_MCA_mpi_yield_when_idle"
+
 
 def emulated_link_rate(env: Mapping[str, str] | None = None) -> str | None:
     """The rate of the emulated link this rank runs on (``launcher/slownet.py``), or None."""
