@@ -228,11 +228,21 @@ GROUP_CASES = {
 
 @pytest.mark.parametrize("name", list(GROUP_CASES))
 def test_streaming_between_workers_matches_the_reference(name: str) -> None:
+    assert_workers_match_the_reference(name, None)
+
+
+# τ = H between workers at the run's end: the update applied at once is assembled inside each worker too.
+@pytest.mark.parametrize(("name", "last_step"), [("workers2_int8_feedback_delay2_H2", 16), ("level2_delay4_H4", 14)])
+def test_streaming_between_workers_matches_the_reference_at_the_end_of_the_run(name: str, last_step: int) -> None:
+    assert_workers_match_the_reference(name, last_step)
+
+
+def assert_workers_match_the_reference(name: str, last_step: int | None) -> None:
     cfg, codec, feedback = GROUP_CASES[name]
     dtype = torch.float64 if codec == "none" else torch.float32
-    batches = make_batches(dtype, workers=4)
-    got = run_engine(cfg, 0, batches, dtype, codec, feedback)
-    want = reference(cfg, 0, batches, dtype, codec, feedback)
+    batches = [steps[: last_step or STEPS] for steps in make_batches(dtype, workers=4)]
+    got = run_engine(cfg, 0, batches, dtype, codec, feedback, last_step)
+    want = reference(cfg, 0, batches, dtype, codec, feedback, last_step)
     tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
     for rank, ((model, _), ref_model) in enumerate(zip(got, want, strict=True)):
         ours, theirs = model.state_dict(), ref_model.state_dict()
