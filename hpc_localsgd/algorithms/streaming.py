@@ -32,7 +32,9 @@ workers, as the engine's own sync does. Intermediate levels average x inside the
 
 Every rank starts and waits for the same collectives in the same order: at each step the updates due
 are taken, then the syncs due are applied (fragment order), then the updates are sent (with τ = 0,
-where each is its own sync's, they are sent first). A sync still in flight when a
+where each is its own sync's, they are sent first), then, at τ = H where the run ends, the updates
+just sent are applied. A two-phase average's second phase starts at the end of the step after the
+first, or before the backward of its sync step if sooner (τ = 1). A sync still in flight when a
 checkpoint is written is waited for (``settle``), and its result is carried in the checkpoint, so a
 resumed run applies the same average at the same step.
 """
@@ -181,6 +183,7 @@ class StreamingSync:
         return self.delay == self.period or not self.after_the_run(sync_step)
 
     def after_the_run(self, step: int) -> bool:
+        """Whether completed step ``step`` lies beyond the run's last (never in an open-ended run)."""
         return self.last_step is not None and step > self.last_step
 
     def outer_step_after(self, fragment: int, completed: int) -> bool:
@@ -338,12 +341,7 @@ class StreamingSync:
         pending.updates = [[whole] for whole in wholes[1:]]
 
     def _apply(
-        self,
-        fragment: int,
-        pending: _InFlight,
-        lr: float,
-        anchors: list[torch.Tensor],
-        outer_step: bool,
+        self, fragment: int, pending: _InFlight, lr: float, anchors: list[torch.Tensor], outer_step: bool
     ) -> None:
         """Wait for the fragment's average; x_prev ← x_g, and the rank's copy ← (1 − α)·x_g + α·x."""
         with self.stats.timed():
@@ -355,7 +353,6 @@ class StreamingSync:
             for g, (a, b) in enumerate(self.ranges[fragment]):
                 first = a - self.params_start[g]
                 anchor = anchors[g][..., first : first + b - a]
-                live = self.groups[g].flat[..., a:b]
                 update = pending.updates[g][0]
                 averaged_update += first_row(_squared_norm(update))
                 # x̄ = x_prev − avg Δ. Plain averaging keeps it as x_prev for the next Δ, so it is formed in
@@ -365,7 +362,7 @@ class StreamingSync:
                 averaged_model += first_row(_squared_norm(new))
                 if outer_step:
                     self.outer.step(new, anchor, lr, fragment * len(self.groups) + g)
-                self._mix_into(live, new)
+                self._mix_into(self.groups[g].flat[..., a:b], new)
             if fragment == 0 and self.reset_momentum:
                 for group in self.groups:
                     group.slice(MOMENTUM).zero_()
