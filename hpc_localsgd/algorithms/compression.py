@@ -270,6 +270,11 @@ class CompressedAverageHandle(Handle):
         if self._pending is not None:
             self._pending.progress()
 
+    @property
+    def before_second_phase(self) -> bool:
+        """Whether ``advance`` has work to do: a two-phase average whose second phase has not started."""
+        return self._pending is not None and self._first_phase
+
     def advance(self) -> None:
         """Start the second phase of a two-phase average (a collective: call it at the same point on
         every rank); nothing for a gathered one."""

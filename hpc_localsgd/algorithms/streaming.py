@@ -201,7 +201,7 @@ class StreamingSync:
         sync (τ = 1), it would start and be waited for at the same point."""
         for fragment in sorted(self.in_flight):
             if self.in_flight[fragment].sync_step == completed:
-                _advance(self.in_flight[fragment])
+                self._advance(self.in_flight[fragment])
 
     def end_step(self, completed: int, lr: float, anchors: list[torch.Tensor]) -> tuple[bool, bool]:
         """Take the updates due after ``completed`` steps, apply the syncs due now, and send the updates
@@ -210,7 +210,7 @@ class StreamingSync:
         # Two-phase compressed averages started at an earlier step go on to their second phase here, at
         # the same point on every rank, so that it travels behind the next steps as the first did.
         for fragment in sorted(self.in_flight):
-            _advance(self.in_flight[fragment])
+            self._advance(self.in_flight[fragment])
         # Each Δ due is taken before the syncs due are applied: at τ = H (F = 1) a fragment's next Δ is taken
         # at its own sync step, and holds the steps up to it. It is sent after them (τ > 0), so that what those
         # syncs send (BN statistics, blocking) does not queue behind it on the communication thread; at τ = 0
@@ -247,6 +247,15 @@ class StreamingSync:
             for fragment in taken:
                 apply(fragment, completed + self.delay)
         return synced, outer_stepped
+
+    def _advance(self, pending: _InFlight) -> None:
+        """Start the second phase of the two-phase averages among ``pending``'s (a collective: at the same
+        point on every rank). Its wait for the first and its fp32 sum and re-encoding are the sync's cost."""
+        handles = [h for h in pending.handles if isinstance(h, CompressedAverageHandle) and h.before_second_phase]
+        if handles:
+            with self.stats.timed():
+                for handle in handles:
+                    handle.advance()
 
     def _take_update(
         self, fragment: int, sync_step: int, anchors: list[torch.Tensor]
@@ -442,14 +451,6 @@ def _squared_norm(values: torch.Tensor) -> torch.Tensor:
     one): the consensus distance here is a difference of squared norms of updates, not of parameters
     (drift.py), which keeps its digits in float32."""
     return torch.linalg.vector_norm(values, dim=-1).double().square()
-
-
-def _advance(pending: _InFlight) -> None:
-    """Start the second phase of the two-phase averages among ``pending``'s (a collective: at the same
-    point on every rank; nothing for the others or where it has started)."""
-    for handle in pending.handles:
-        if isinstance(handle, CompressedAverageHandle):
-            handle.advance()
 
 
 def _wait_all(handles: list[Handle]) -> None:

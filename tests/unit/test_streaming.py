@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
 
 import pytest
 import torch
@@ -442,6 +443,26 @@ def test_a_sync_overlapped_by_one_step_has_its_second_phase_behind_the_backward(
     for seen in ThreadGroup(WORKERS).run(worker):
         syncs = [step for step in range(STEPS) if (step + 1) % period == 0 and step + 1 > 1]
         assert seen == [(step, when, when == "forward") for step in syncs for when in ("forward", "backward")]
+
+
+def test_the_second_phase_counts_as_the_syncs_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting a two-phase average's second phase waits for the first and sums and re-encodes this rank's
+    chunk: the sync's cost, so it is in ``comm_seconds``. Each start is made to take at least 50 ms here."""
+    original = CompressedAverageHandle.advance
+    started: list[int] = []
+
+    def slow_advance(handle: CompressedAverageHandle) -> None:
+        if handle.before_second_phase:
+            started.append(1)
+            time.sleep(0.05)
+        original(handle)
+
+    monkeypatch.setattr(CompressedAverageHandle, "advance", slow_advance)
+    got = run_engine(local(sync_period=2, sync_delay=1), 0, make_batches(torch.float32), torch.float32, "int8", True)
+    per_rank = len(started) // WORKERS
+    assert per_rank == STEPS // 2  # syncs after 2, 4, ..., 16
+    for _, engine in got:
+        assert engine.stats.comm_seconds >= 0.05 * per_rank
 
 
 def test_replicas_hold_the_global_model_after_a_delayed_sync() -> None:
