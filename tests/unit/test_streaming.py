@@ -328,9 +328,8 @@ def test_delay_of_one_at_period_one_is_delayed_gradient_descent(last_step: int |
     """H = 1, τ = 1, one worker, plain SGD at a constant LR on least squares: by the definition (Δ taken at
     each sync step before the sync is applied, the first one followed by x ← x_prev), the model after c
     steps is y_c of delayed gradient descent, y_0 = y_1 = x_0, y_(c+1) = y_c − η∇f(y_(c−1)), written out
-    here in closed form, independently of the reference. A run that ends after step E sends no Δ at E,
-    and its last sync keeps the step that Δ would have carried: it ends at y_(E+1), every gradient it
-    computed applied (its Δ at E applied at once, after the sync due)."""
+    here in closed form, independently of the reference. A run that ends after step E applies its Δ taken
+    at E at once, after the sync due: it ends at y_(E+1), every gradient it computed applied."""
     g = torch.Generator().manual_seed(3)
     inputs, targets = (
         torch.randn(32, 5, generator=g, dtype=torch.float64),
@@ -425,7 +424,7 @@ def test_a_sync_overlapped_by_one_step_has_its_second_phase_behind_the_backward(
         def phases(when: str) -> None:
             pending = engine.streaming.in_flight.get(0) if engine.streaming is not None else None
             if pending is not None and pending.sync_step == current["step"] + 1:
-                first = [h._first_phase for h in pending.handles if isinstance(h, CompressedAverageHandle)]
+                first = [h.before_second_phase for h in pending.handles if isinstance(h, CompressedAverageHandle)]
                 seen.append((current["step"], when, all(first) and bool(first)))
 
         model[0].weight.register_hook(lambda grad: phases("backward"))
