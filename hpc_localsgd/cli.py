@@ -158,6 +158,7 @@ def _bench(args: argparse.Namespace) -> int:
             "out",
             "io_dir",
             "threads",
+            "sync_thread",
             "device",
             "projection_step_seconds",
             "ranks_per_worker",
@@ -355,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--backend", help="comm.backend of the package: auto, horovod, mpi, torch, single (default auto)")
     plan.add_argument("--bucket-mb", type=float, help="gradient bucket size for the engine and DDP (default 25)")
     plan.add_argument("--threads", type=_integer, help="torch threads per rank (default: as for training)")
+    plan.add_argument(
+        "--sync-thread",
+        type=_true_or_false,
+        metavar="true|false",
+        help="comm.sync_thread of the measured engine: a delayed sync's encoding, wait and decoding beside "
+        "the step (default true)",
+    )
     plan.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     plan.add_argument(
         "--project-step-seconds",

@@ -265,6 +265,7 @@ class CompressedAverageHandle(Handle):
         self._pending: Handle | None = pending
         self._update = update
         self._first_phase = comm.replicas == 1 and averager.two_phase(comm)
+        self._finished = False  # decoded beside the step; ``wait`` then only completes the bookkeeping
 
     def progress(self) -> None:
         if self._pending is not None:
@@ -288,9 +289,21 @@ class CompressedAverageHandle(Handle):
         self.advance()
         if self._pending is None:
             return
-        self._pending.wait()
+        self._pending.wait()  # after ``wait_beside``: the backend's bookkeeping only
         self._pending = None
+        if not self._finished:
+            self._averager._finish(self._comm, self._update)
+
+    def wait_beside(self) -> None:
+        """The gathered exchange's wait and decoding, beside the step (``Handle.wait_beside``); a
+        two-phase average's second phase is a collective, started by ``advance`` where every rank does."""
+        if self._pending is None or self._finished:
+            return
+        if self._first_phase:
+            raise RuntimeError("a two-phase average is waited for beside the step before its second phase")
+        self._pending.wait_beside()
         self._averager._finish(self._comm, self._update)
+        self._finished = True
 
 
 class CompressedAverager:
@@ -353,17 +366,23 @@ class CompressedAverager:
         """Start averaging ``update`` (this rank's Δ) over ``comm``; after ``wait`` it holds
         avg_r Q(Δ_r + e_r) (re-encoded, Q(avg_r Q(Δ_r + e_r)), among three or more), identical on every
         rank, and e has moved on (error feedback). ``update`` is working space meanwhile: do not touch
-        it. On one rank the average is Q(Δ + e) itself, with no collective."""
+        it. On one rank the average is Q(Δ + e) itself, with no collective. ``encode_`` then ``start``."""
+        self.encode_(comm, update)
+        return self.start(comm, update)
+
+    def encode_(self, comm: Communicator, update: torch.Tensor) -> None:
+        """The first part of ``iaverage_``: this rank's Q(Δ + e) into the bytes it will send, and e moved
+        on. No collective, so it may run on a thread beside the one that then calls ``start``."""
         self._check(comm, update)
         if self._in_flight:
             raise RuntimeError("a compressed average is already in flight on this averager; wait for it first")
         if self.codec == "none":
-            return comm.iallreduce_(update, average=True) if comm.size > 1 else DoneHandle()
+            return
         if comm.size == 1:  # Q(Δ + e) itself, row by row (a simulation's one-worker groups too)
             encoded = self._encode_rows(update)
             for row, out in zip(encoded.view(-1, self.bytes_per_sync), update.view(-1, self.numel), strict=True):
                 self._decode_row(row, out)
-            return DoneHandle()
+            return
         self._in_flight = True
         if comm.replicas == 1 and self.two_phase(comm):
             size = comm.size
@@ -373,9 +392,20 @@ class CompressedAverager:
                 a, b = self.chunk(size, k)
                 error = None if self.error is None else self.error[a:b]
                 self._encode_row(update[a:b], chunks[k, : encoded_bytes(self.codec, b - a)], error)
-            pending = comm.ialltoall(chunks, self._buffer("received", (size, width)))
+            return
+        self._encode_rows(update)
+
+    def start(self, comm: Communicator, update: torch.Tensor) -> Handle:
+        """The second part of ``iaverage_``: the collective that averages what ``encode_`` encoded."""
+        if self.codec == "none":
+            return comm.iallreduce_(update, average=True) if comm.size > 1 else DoneHandle()
+        if comm.size == 1:
+            return DoneHandle()
+        if comm.replicas == 1 and self.two_phase(comm):
+            chunks = self._buffers["chunks"]
+            pending = comm.ialltoall(chunks, self._buffer("received", tuple(chunks.shape)))
             return CompressedAverageHandle(self, comm, pending, update)
-        encoded = self._encode_rows(update)
+        encoded = self._buffers["encoded"]
         gathered_shape = encoded.shape if comm.replicas > 1 else (comm.size, *encoded.shape)
         pending = comm.iallgather(encoded, self._buffer("gathered", tuple(gathered_shape)))
         return CompressedAverageHandle(self, comm, pending, update)

@@ -67,7 +67,10 @@ class AveragingEngine:
         compression: SyncCompression = "none",
         error_feedback: bool = False,
         gradient_compression: GradientCompression = "none",
+        sync_thread: bool = True,
     ) -> None:
+        """``sync_thread``: a delayed sync's encoding, decoding and wait run on a thread beside the step
+        (``comm.sync_thread``; algorithms/streaming.py says where it applies)."""
         self.model = model
         self.optimizer = optimizer
         self.comm = comm
@@ -134,6 +137,7 @@ class AveragingEngine:
                 error_feedback,
                 self.outer,
                 self.stats,
+                sync_thread,
             )
             self.bytes_per_sync = self.streaming.bytes_per_model
         self.gradients: GradientAllreduce | None = None
@@ -462,6 +466,8 @@ class AveragingEngine:
     def close(self) -> None:
         if self.gradients is not None:
             self.gradients.remove()
+        if self.streaming is not None:
+            self.streaming.close()
 
 
 def _wait_all(handles: list[Handle]) -> None:

@@ -37,16 +37,28 @@ just sent are applied. A two-phase average's second phase starts at the end of t
 first, or before the backward of its sync step if sooner (τ = 1). A sync still in flight when a
 checkpoint is written is waited for (``settle``), and its result is carried in the checkpoint, so a
 resumed run applies the same average at the same step.
+
+The sync thread (``comm.sync_thread``, on by default where it applies: τ > 0, CPU models, no worker
+groups, no two-phase exchange). A rank's step thread takes Δ and applies x̄ (they read and write the
+model) and starts every collective; a thread of the rank's own encodes Δ with error feedback (and
+takes ‖Δ‖²) and, once the average is started, waits for it and decodes it. The encoded update is
+sent before the next step's backward (or at the next point where the step thread meets the sync:
+the end of a step, a checkpoint, the at-once apply at the run's end), where the step thread first
+waits for the encoding to finish; the same point on every rank. So the collectives keep their
+order, and the arithmetic is the same in the same order: the same bits as without the thread. On a
+rank with a core to spare that work leaves the step's path; on a rank of one core it only moves.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
-from ..comm.base import Communicator, Handle
+from ..comm.base import Communicator, Handle, SerialThread
 from ..config.schema import AlgorithmConfig, SyncCompression
 from .accounting import GLOBAL, CommStats
 from .compression import CompressedAverageHandle, CompressedAverager
@@ -69,6 +81,10 @@ class _InFlight:
     # mean over workers of ‖Δ‖² of this fragment (float64; per simulated worker), averaged beside Δ
     squared_norm: torch.Tensor | None = None
     assembled: bool = False
+    # With the sync thread: the encoding (and ‖Δ‖²) under way there, until ``_start`` sends the result;
+    # then the wait for the average (and its decoding) under way there, until ``_complete`` takes it.
+    encoded: Future[torch.Tensor] | None = None
+    received: Future[None] | None = None
 
 
 class StreamingSync:
@@ -86,6 +102,7 @@ class StreamingSync:
         error_feedback: bool,
         outer: OuterOptimizer,
         stats: CommStats,
+        sync_thread: bool = True,
     ) -> None:
         self.groups, self.comm, self.outer, self.stats = groups, comm, outer, stats
         # Workers of R ranks: (the worker's ranks, rank j of every worker); Δ travels between workers.
@@ -160,6 +177,26 @@ class StreamingSync:
             for ranges in self.ranges
         ]
         self.bytes_per_model = sum(self.shard_bytes) + self.rest_bytes  # a sync of every fragment, between workers
+        # The sync's work on vectors beside the step (``sync_thread``): the encoding with error feedback and
+        # ‖Δ‖², the wait for the average and its decoding, on a thread of their own, so that a rank with a
+        # core to spare keeps them off the step's; Δ and x̄ stay on the step's thread (they read and write
+        # the model), and so does every collective's start. Where there is a delay to hide them behind.
+        self.beside = SerialThread("hpc-localsgd-sync") if sync_thread and self._works_beside(compression) else None
+        if self.beside is not None:
+            weakref.finalize(self, self.beside.stop)
+
+    def _works_beside(self, compression: SyncCompression) -> bool:
+        return (
+            self.delay > 0  # at τ = 0 the average is waited for where it starts
+            and self.comm.replicas == 1
+            and self.worker is None  # a worker's ranks assemble each fragment in a collective
+            and self.between.size > 1
+            and self.between.waits_beside
+            # on a GPU the passes are kernels queued on the step's stream already
+            and all(g.flat.device.type == "cpu" for g in self.groups)
+            # a two-phase average's second phase starts at fixed points of the step, from its first's result
+            and (compression == "none" or not CompressedAverager.two_phase(self.between))
+        )
 
     # --- the schedule ----------------------------------------------------------------------------------
     def offset(self, fragment: int) -> int:
@@ -198,7 +235,9 @@ class StreamingSync:
         """Between the forward and the backward of the step that will complete ``completed`` steps: a
         two-phase average (three or more workers, compressed) due when it ends goes on to its second
         phase here, so that the phase travels behind the backward. Otherwise, sent one step before its
-        sync (τ = 1), it would start and be waited for at the same point."""
+        sync (τ = 1), it would start and be waited for at the same point. Updates encoded beside the step
+        since its end are sent here, before the backward they travel behind."""
+        self._start_encoded()
         for fragment in sorted(self.in_flight):
             if self.in_flight[fragment].sync_step == completed:
                 self._advance(self.in_flight[fragment])
@@ -207,8 +246,10 @@ class StreamingSync:
         """Take the updates due after ``completed`` steps, apply the syncs due now, and send the updates
         (the comment below gives the order). Returns whether a fragment was synced (every rank's copy of
         it is then x_g, or the mix) and whether an outer optimizer stepped."""
-        # Two-phase compressed averages started at an earlier step go on to their second phase here, at
-        # the same point on every rank, so that it travels behind the next steps as the first did.
+        # Updates encoded beside the step are sent, if the step did not (it does before its backward), and
+        # two-phase compressed averages started at an earlier step go on to their second phase here, at the
+        # same point on every rank, so that it travels behind the next steps as the first did.
+        self._start_encoded()
         for fragment in sorted(self.in_flight):
             self._advance(self.in_flight[fragment])
         # Each Δ due is taken before the syncs due are applied: at τ = H (F = 1) a fragment's next Δ is taken
@@ -261,7 +302,7 @@ class StreamingSync:
         self, fragment: int, sync_step: int, anchors: list[torch.Tensor]
     ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
         """Δ = x_prev − x of each of this rank's shards of the fragment, into its reused buffers, and ‖Δ‖²
-        (taken before the average consumes Δ)."""
+        (taken before the average consumes Δ; by the sync thread, where there is one)."""
         slot = sync_step // self.period % 2 if self.delay == self.period else 0
         updates: list[list[torch.Tensor]] = []
         norms: list[torch.Tensor] = []
@@ -274,7 +315,8 @@ class StreamingSync:
                     live = self.groups[g].flat[..., a + s : a + e]
                     update = self._update_buffer((fragment, g, k, slot), anchor, live)
                     torch.sub(anchor, live, out=update)
-                    norms.append(_squared_norm(update))
+                    if self.beside is None:
+                        norms.append(_squared_norm(update))
                     shards.append(update)
                 updates.append(shards)
         return updates, norms
@@ -282,20 +324,61 @@ class StreamingSync:
     def _send(
         self, fragment: int, sync_step: int, updates: list[list[torch.Tensor]], norms: list[torch.Tensor]
     ) -> None:
-        """Start averaging the fragment's Δ (encoded, when compressed) and the workers' mean ‖Δ‖²."""
-        handles: list[Handle] = []
+        """Start averaging the fragment's Δ (encoded, when compressed) and the workers' mean ‖Δ‖². With
+        the sync thread, only the encoding starts, there: ``_start`` sends it."""
+        if self.beside is not None:
+            encoded = self.beside.submit(self._encode, fragment, updates, norms)
+            self.in_flight[fragment] = _InFlight(sync_step, updates, [], encoded=encoded)
+            return
         with self.stats.timed():  # encoding counts as the sync's cost, as the wait does
+            squared_norm = self._encode(fragment, updates, norms)
+            handles = self._start_collectives(fragment, updates, squared_norm)
+        self.in_flight[fragment] = _InFlight(sync_step, updates, handles, squared_norm)
+
+    def _encode(self, fragment: int, updates: list[list[torch.Tensor]], norms: list[torch.Tensor]) -> torch.Tensor:
+        """Encode each shard of Δ (none: nothing to do) and return ‖Δ‖² of this rank's shards (computed
+        here from Δ if ``norms`` is empty), before the encoding overwrites Δ."""
+        if not norms:
+            norms = [_squared_norm(update) for shards in updates for update in shards]
+        squared_norm = torch.stack(norms).sum(dim=0).reshape(-1).contiguous()
+        if self.compression != "none":
             for g, shards in enumerate(updates):
                 for k, update in enumerate(shards):
-                    if self.compression != "none":
-                        handles.append(self.averagers[fragment][g][k].iaverage_(self.between, update))
-                    elif self.between.size > 1:
-                        handles.append(self.between.iallreduce_(update, average=True))
-            # ‖Δ‖² of this rank's shards, averaged over the workers beside Δ (the consensus distance).
-            squared_norm = torch.stack(norms).sum(dim=0).reshape(-1).contiguous()
-            if self.between.size > 1:
-                handles.append(self.between.iallreduce_(squared_norm, average=True))
-        self.in_flight[fragment] = _InFlight(sync_step, updates, handles, squared_norm)
+                    self.averagers[fragment][g][k].encode_(self.between, update)
+        return squared_norm
+
+    def _start_collectives(
+        self, fragment: int, updates: list[list[torch.Tensor]], squared_norm: torch.Tensor
+    ) -> list[Handle]:
+        """The averages of the encoded Δ and of ‖Δ‖² over the workers (the consensus distance)."""
+        handles: list[Handle] = []
+        if self.between.size == 1:
+            return handles
+        for g, shards in enumerate(updates):
+            for k, update in enumerate(shards):
+                if self.compression != "none":
+                    handles.append(self.averagers[fragment][g][k].start(self.between, update))
+                else:
+                    handles.append(self.between.iallreduce_(update, average=True))
+        handles.append(self.between.iallreduce_(squared_norm, average=True))
+        return handles
+
+    def _start_encoded(self) -> None:
+        """With the sync thread: send the updates it has encoded (fragment order, at the same point of
+        the step on every rank). Waiting for an encoding to finish is the sync's cost."""
+        unsent = [f for f in sorted(self.in_flight) if self.in_flight[f].encoded is not None]
+        if unsent:
+            with self.stats.timed():
+                for fragment in unsent:
+                    self._start(fragment, self.in_flight[fragment])
+
+    def _start(self, fragment: int, pending: _InFlight) -> None:
+        """Send ``pending``'s encoded update, and wait for its average beside the step."""
+        assert self.beside is not None and pending.encoded is not None
+        pending.squared_norm = pending.encoded.result()  # re-raises an error of the sync thread here
+        pending.encoded = None
+        pending.handles = self._start_collectives(fragment, pending.updates, pending.squared_norm)
+        pending.received = self.beside.submit(_wait_all_beside, pending.handles)
 
     def _restart_from_anchor(self, fragment: int, anchors: list[torch.Tensor]) -> None:
         """τ = H, after the first Δ: it was taken H steps into the local phase, where no sync is due. Each
@@ -325,8 +408,13 @@ class StreamingSync:
         groups, assemble it: then ``updates`` holds one tensor per flat group, the whole fragment's average,
         identical on every rank."""
         pending = self.in_flight[fragment] if pending is None else pending
+        if pending.encoded is not None:  # encoded beside the step, not sent yet (an average applied at once)
+            self._start(fragment, pending)
+        if pending.received is not None:
+            pending.received.result()  # re-raises an error of the sync thread here
+            pending.received = None
         for handle in pending.handles:
-            handle.wait()
+            handle.wait()  # after a wait beside the step, the backend's bookkeeping only
         pending.handles = []
         if pending.assembled:
             return
@@ -408,6 +496,13 @@ class StreamingSync:
             for fragment in sorted(self.in_flight):  # the same order on every rank (the assembly is a collective)
                 self._complete(fragment)
 
+    def close(self) -> None:
+        """Let the sync thread end. Not joined: after an error it may wait for a collective that a
+        stopped peer will never join (it is a daemon thread, so the process still exits)."""
+        if self.beside is not None:
+            self.beside.stop()
+            self.beside = None
+
     def rank_state(self) -> dict[str, torch.Tensor]:
         """Live views of each rank's error-feedback state, per fragment and group (and shard, where a
         simulation holds a worker's every shard): its update's error, and among three or more workers
@@ -456,6 +551,11 @@ def _squared_norm(values: torch.Tensor) -> torch.Tensor:
 def _wait_all(handles: list[Handle]) -> None:
     for handle in handles:
         handle.wait()
+
+
+def _wait_all_beside(handles: list[Handle]) -> None:
+    for handle in handles:
+        handle.wait_beside()
 
 
 def _segment(group: FlatGroup, kind: str) -> tuple[int, int]:

@@ -97,6 +97,7 @@ class BenchOptions:
         rule="an existing writable folder",
     )
     threads: int = setting(0, "torch threads per rank (0: as for training).", range=">= 0, <= 4096")
+    sync_thread: bool = setting(True, "comm.sync_thread of the measured engine.")
     device: str = setting("auto", "auto, cpu or cuda[:N].", rule="'auto', 'cpu' or 'cuda[:N]'")
     ranks_per_worker: int | None = setting(
         None,

@@ -159,6 +159,7 @@ class EngineLoop:
             compression=compression,
             error_feedback=compression == "int8",
             gradient_compression=gradient_compression,
+            sync_thread=cfg.comm.sync_thread,
         )
         self.engine.broadcast_initial_state()
         # As training feeds them (train/device.py): the weights keep the flat buffer's layout.

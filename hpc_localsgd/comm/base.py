@@ -13,6 +13,11 @@ same value; backends with a native average may use it (results agree to float ro
 from __future__ import annotations
 
 import abc
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import torch
 
@@ -31,6 +36,13 @@ class Handle(abc.ABC):
         without an asynchronous progress thread advance non-blocking collectives only inside MPI
         calls; backends with their own thread (Horovod, Gloo, NCCL) need nothing."""
         return None
+
+    def wait_beside(self) -> None:
+        """Complete the collective from a thread beside the one that started it (the streaming sync's
+        thread), leaving its result in place, without telling the backend that training waits for it. The
+        starting thread still calls ``wait`` where every rank calls it; that then only does the backend's
+        bookkeeping. Only on a communicator whose ``waits_beside`` is true."""
+        self.wait()
 
 
 class DoneHandle(Handle):
@@ -67,6 +79,12 @@ class Communicator(abc.ABC):
     @property
     def is_root(self) -> bool:
         return self.layout.rank == 0
+
+    @property
+    def waits_beside(self) -> bool:
+        """Whether a handle's ``wait_beside`` may run on another thread while this one goes on starting
+        collectives: the wait gives up the Python lock, and the backend's bookkeeping stays in ``wait``."""
+        return False
 
     @abc.abstractmethod
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
@@ -208,3 +226,38 @@ def partition_into(partition: Partition, ranks: int) -> Partition:
 def partition_across(partition: Partition, ranks: int) -> Partition:
     """Every part split across its groups of ``ranks`` (``split_across``): positions j, j + ranks, ..., in order."""
     return tuple(part[position::ranks] for part in partition for position in range(ranks))
+
+
+class SerialThread:
+    """A daemon thread that runs the calls submitted to it one at a time, in the order they were
+    submitted; each call's result or exception is in the future ``submit`` returns. Daemon (a
+    ThreadPoolExecutor's thread is joined at exit): a rank that stops on an error must be able to exit
+    even when a call waits for a collective that a peer will never join."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._queue.put((future, call, args))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, call, args = item
+            try:
+                future.set_result(call(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def stop(self) -> None:
+        """Let the thread end once the calls already submitted are done, without waiting for it."""
+        self._queue.put(None)
+
+    def shutdown(self) -> None:
+        self.stop()
+        self._thread.join()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +38,41 @@ _HOROVOD_DTYPES = frozenset(
 )
 # Broadcast moves bits without arithmetic: other dtypes travel as integers of the same width.
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# How often a wait beside the step polls an operation: Horovod's own wait spins holding the Python lock,
+# which would stall the step's thread for the whole transfer.
+_BESIDE_POLL_SECONDS = 0.001
+
+
+class _BesideWaitable(Handle):
+    """A Horovod operation waited for beside the step (``wait_beside``): polled, its result put in place;
+    its name is freed only by ``wait``, on the thread that started it, so that every rank draws the same
+    names for the operations it starts next."""
+
+    def __init__(self, hvd: Any, hvd_handle: int, release_name: Callable[[], None]) -> None:
+        self._hvd = hvd
+        self._hvd_handle: int | None = hvd_handle
+        self._release_name = release_name
+        self._done = False
+
+    def wait(self) -> None:
+        if self._hvd_handle is None:
+            return
+        if not self._done:
+            self._complete(self._hvd.synchronize(self._hvd_handle))
+        self._hvd_handle = None
+        self._release_name()
+
+    def wait_beside(self) -> None:
+        if self._hvd_handle is None or self._done:
+            return
+        while not self._hvd.poll(self._hvd_handle):
+            time.sleep(_BESIDE_POLL_SECONDS)
+        self._complete(self._hvd.synchronize(self._hvd_handle))  # done: returns at once
+        self._done = True
+
+    def _complete(self, result: Any) -> None:
+        """Put the operation's result in place."""
+        raise NotImplementedError
 
 
 class _OperationNames:
@@ -67,8 +103,8 @@ class _OperationNames:
         return f"{self._prefix}.{description}.{number}", lambda: busy.discard(number)
 
 
-class _HorovodHandle(Handle):
-    """A Horovod allreduce in flight; integer averaging and bfloat16 copy-back happen in ``wait``."""
+class _HorovodHandle(_BesideWaitable):
+    """A Horovod allreduce in flight; integer averaging and bfloat16 copy-back happen once it completes."""
 
     def __init__(
         self,
@@ -79,42 +115,27 @@ class _HorovodHandle(Handle):
         divisor: int,
         release_name: Callable[[], None],
     ) -> None:
-        self._hvd = hvd
-        self._hvd_handle: int | None = hvd_handle
+        super().__init__(hvd, hvd_handle, release_name)
         self._buffer = buffer
         self._reduced = reduced  # ``buffer`` itself, or its float32 copy for bfloat16
         self._divisor = divisor
-        self._release_name = release_name
 
-    def wait(self) -> None:
-        if self._hvd_handle is None:
-            return
-        self._hvd.synchronize(self._hvd_handle)
-        self._hvd_handle = None
-        self._release_name()
+    def _complete(self, result: Any) -> None:
         divide_by_size_(self._reduced, self._divisor)
         if self._reduced is not self._buffer:
             self._buffer.copy_(self._reduced)
 
 
-class _HorovodGatherHandle(Handle):
-    """A Horovod allgather or all-to-all in flight; Horovod returns a new tensor, copied into the output in
-    ``wait``."""
+class _HorovodGatherHandle(_BesideWaitable):
+    """A Horovod allgather or all-to-all in flight; Horovod returns a new tensor, copied into the output
+    once it completes."""
 
     def __init__(self, hvd: Any, hvd_handle: int, output: torch.Tensor, release_name: Callable[[], None]) -> None:
-        self._hvd = hvd
-        self._hvd_handle: int | None = hvd_handle
+        super().__init__(hvd, hvd_handle, release_name)
         self._output = output
-        self._release_name = release_name
 
-    def wait(self) -> None:
-        if self._hvd_handle is None:
-            return
-        gathered = self._hvd.synchronize(self._hvd_handle)
-        if isinstance(gathered, tuple):  # an all-to-all also returns the received splits
-            gathered = gathered[0]
-        self._hvd_handle = None
-        self._release_name()
+    def _complete(self, result: Any) -> None:
+        gathered = result[0] if isinstance(result, tuple) else result  # an all-to-all also returns the splits
         self._output.reshape(-1).view(torch.uint8).view(gathered.shape).copy_(gathered)
 
 
@@ -229,6 +250,10 @@ class HorovodCommunicator(Communicator):
         Communicator.__init__(group, layout)
         world._groups[partition] = group
         return group
+
+    @property
+    def waits_beside(self) -> bool:
+        return True  # polled beside the step, names freed by ``wait`` (``_BesideWaitable``)
 
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)

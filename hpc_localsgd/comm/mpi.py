@@ -39,7 +39,6 @@ import ctypes
 import dataclasses
 import itertools
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -51,7 +50,7 @@ import torch
 
 from ..launcher.env import OPEN_MPI_YIELD_WHEN_IDLE, WorldLayout
 from ._buffers import check_alltoall, check_buffer, check_gather, divide_by_size_
-from .base import Communicator, Handle, across_layout, group_layout
+from .base import Communicator, Handle, SerialThread, across_layout, group_layout
 from .single import SingleCommunicator
 
 # MPI reduces these in place through numpy's buffer protocol (numpy's format codes map to MPI types).
@@ -176,6 +175,12 @@ class _GatherHandle(Handle):
             self._pending.Wait()
         self._finish()
 
+    def wait_beside(self) -> None:
+        # Only with the communication thread (``waits_beside``): a future, waited at the exchange's idle pace.
+        if self._pending is not None:
+            self._pending.result()
+            self._finish()
+
     def progress(self) -> None:
         if self._pending is not None and not isinstance(self._pending, Future) and self._pending.Test():
             self._finish()
@@ -186,40 +191,16 @@ class _GatherHandle(Handle):
             self._output.copy_(self._staged)
 
 
-class _CollectiveThread:
+class _CollectiveThread(SerialThread):
     """One thread that runs blocking collectives in the order they were submitted.
 
     The collectives it runs go over communicators of their own (``MPICommunicator._thread_comm``),
     so they never match one of the main thread's.
-
-    A daemon thread (a ThreadPoolExecutor's is joined at exit): a rank that stops on an error must
-    be able to exit even when its thread waits in a collective that a peer will never join.
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
-            queue.SimpleQueue()
-        )
+        super().__init__("hpc-localsgd-mpi")
         self.receive_space = ReceiveSpace()  # polled allreduces', used only by the thread
-        self._thread = threading.Thread(target=self._run, name="hpc-localsgd-mpi", daemon=True)
-        self._thread.start()
-
-    def submit(self, call: Callable[..., Any], *args: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        self._queue.put((future, call, args))
-        return future
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, call, args = item
-            try:
-                future.set_result(call(*args))
-            except BaseException as exc:  # handed to whoever waits on the handle
-                future.set_exception(exc)
-
-    def shutdown(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
 
 
 def _polled(start: Callable[..., Any], waited: threading.Event, *args: Any) -> None:
@@ -304,7 +285,14 @@ class _ThreadedHandle(Handle):
             return
         if self._waited is not None:
             self._waited.set()
-        self._future.result()  # re-raises an MPI error of the thread here
+        self._finish(self._future)
+
+    def wait_beside(self) -> None:
+        if self._future is not None:
+            self._finish(self._future)  # at the polled exchange's idle pace: training is not waiting
+
+    def _finish(self, future: Future[Any]) -> None:
+        future.result()  # re-raises an MPI error of the thread here
         self._future = None
         divide_by_size_(self._reduced, self._divisor)
         if self._reduced is not self._buffer:
@@ -352,6 +340,12 @@ class MPICommunicator(Communicator):
         self._closed = False
         self._cuda_aware = cuda_aware_mpi()
         super().__init__(dataclasses.replace(launcher_layout, rank=self._comm.Get_rank(), size=self._comm.Get_size()))
+
+    @property
+    def waits_beside(self) -> bool:
+        # Without the communication thread, the Iallreduce requests must be waited for by the thread that
+        # makes every other MPI call (no MPI_THREAD_MULTIPLE).
+        return self._thread is not None
 
     @classmethod
     def _group(

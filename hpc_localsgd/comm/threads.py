@@ -165,6 +165,10 @@ class ThreadCommunicator(Communicator):
         super().__init__(group_layout(rank, group.size))
         self._group = group
 
+    @property
+    def waits_beside(self) -> bool:
+        return True  # every handle is done when the collective returns
+
     def iallreduce_(self, buffer: torch.Tensor, average: bool = True) -> Handle:
         check_buffer(buffer)
         self._group._collective(self.rank, _Contribution("allreduce", buffer, average=average))

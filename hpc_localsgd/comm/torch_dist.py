@@ -170,6 +170,12 @@ class TorchDistributedCommunicator(Communicator):
         self._groups: dict[Partition, TorchDistributedCommunicator] = {}  # this rank's group of each partition
         super().__init__(dataclasses.replace(launcher_layout, rank=dist.get_rank(), size=dist.get_world_size()))
 
+    @property
+    def waits_beside(self) -> bool:
+        # Work.wait gives up the Python lock, and Gloo queues work from any thread. NCCL's wait orders the
+        # waiting thread's CUDA stream, so only host collectives are waited for beside the step.
+        return self._process_backend == "gloo"
+
     def _group(self, partition: Partition, layout: WorldLayout) -> TorchDistributedCommunicator:
         """This rank's part of ``partition`` (of the world), creating the groups of every part first
         (collective over the world) unless an earlier split made them."""

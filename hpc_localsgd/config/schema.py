@@ -411,6 +411,14 @@ class CommConfig:
         "Carry each rank's compression error into its next sync (e ← Δ + e − Q(Δ + e)): nothing is lost, "
         "only delayed. auto: on for int8, off for bf16/fp16.",
     )
+    sync_thread: bool = setting(
+        True,
+        "With algorithm.sync_delay: encode each update (error feedback included), wait for its average and "
+        "decode it on a thread of the rank's own beside the training step, which then only takes Δ, starts "
+        "the collectives and applies x̄. A rank with a core to spare keeps that work off its step; a rank on one "
+        "core gains nothing. CPU models; not with worker groups nor the two-phase exchange of 3 or more "
+        "compressed workers.",
+    )
     horovod_cycle_time_ms: float | None = setting(
         None,
         "How often Horovod's background thread coordinates the ranks, in ms. null: Horovod's default (or "

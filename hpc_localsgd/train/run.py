@@ -132,6 +132,7 @@ def build_optimization(
         compression=cfg.comm.sync_compression,
         error_feedback=cfg.comm.uses_error_feedback,
         gradient_compression=cfg.comm.gradient_compression,
+        sync_thread=cfg.comm.sync_thread,
     )
     engine.broadcast_initial_state()
     return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)

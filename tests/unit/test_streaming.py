@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from hpc_localsgd.algorithms.engine import AveragingEngine
 from hpc_localsgd.algorithms.flat import contiguous_part
 from hpc_localsgd.algorithms.hierarchy import hierarchy_from_config
 from hpc_localsgd.algorithms.schedule import SyncSchedule
+from hpc_localsgd.algorithms.streaming import StreamingSync
 from hpc_localsgd.comm.single import SingleCommunicator
 from hpc_localsgd.comm.threads import ThreadGroup
 from hpc_localsgd.config.schema import AlgorithmConfig, LevelConfig, SyncCompression
@@ -57,19 +59,36 @@ def logits_and_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     return out, F.cross_entropy(out, y)
 
 
-def make_engine(model, comm, cfg: AlgorithmConfig, local_start, codec: SyncCompression, feedback: bool, last_step=None):
+def make_engine(
+    model, comm, cfg: AlgorithmConfig, local_start, codec: SyncCompression, feedback: bool, last_step=None, thread=True
+):
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     schedule = SyncSchedule(cfg.sync_period, local_start, cfg.outer_every, last_step)
     hierarchy = hierarchy_from_config(cfg, comm.size, None)
     engine = AveragingEngine(
-        model, opt, comm, cfg, schedule, hierarchy=hierarchy, compression=codec, error_feedback=feedback
+        model,
+        opt,
+        comm,
+        cfg,
+        schedule,
+        hierarchy=hierarchy,
+        compression=codec,
+        error_feedback=feedback,
+        sync_thread=thread,
     )
     engine.broadcast_initial_state()
     return engine
 
 
 def run_engine(
-    cfg, local_start, batches, dtype, codec: SyncCompression = "none", feedback: bool = False, last_step=None
+    cfg,
+    local_start,
+    batches,
+    dtype,
+    codec: SyncCompression = "none",
+    feedback: bool = False,
+    last_step=None,
+    thread: bool = True,
 ):
     """Each worker's model and engine after ``batches``; with ``last_step`` (the run's end), nothing may be
     in flight after it."""
@@ -78,7 +97,7 @@ def run_engine(
 
     def worker(comm):
         model = copy.deepcopy(initial)
-        engine = make_engine(model, comm, cfg, local_start, codec, feedback, last_step)
+        engine = make_engine(model, comm, cfg, local_start, codec, feedback, last_step, thread)
         for step, (x, y) in enumerate(batches[comm.rank]):
             engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
         if last_step is not None:
@@ -499,12 +518,16 @@ def test_bytes_are_counted_exactly(codec: SyncCompression) -> None:
         (2, 2, 5),  # τ = H: the sync of step 6 in flight, one step before its own step starts the next
     ],
 )
-def test_resume_with_a_delayed_sync_in_flight_is_bit_exact(sync_period: int, sync_delay: int, stop: int) -> None:
+# 3 workers: the two-phase exchange, in the step's thread; 2: gathered, encoded and waited for beside it.
+@pytest.mark.parametrize("workers", [3, 2])
+def test_resume_with_a_delayed_sync_in_flight_is_bit_exact(
+    sync_period: int, sync_delay: int, stop: int, workers: int
+) -> None:
     """Stop after ``stop`` steps with a delayed int8 sync in flight, save what a checkpoint saves, restore it
     into fresh engines and go on: the same parameters as never stopping."""
     cfg = local(sync_period=sync_period, sync_delay=sync_delay, outer="slowmo", slow_momentum=0.5)
     codec: SyncCompression = "int8"
-    batches = make_batches(torch.float32)
+    batches = make_batches(torch.float32, workers=workers)
     uninterrupted = run_engine(cfg, 0, batches, torch.float32, codec, True)
     initial = make_model(torch.float32)
 
@@ -514,6 +537,7 @@ def test_resume_with_a_delayed_sync_in_flight_is_bit_exact(sync_period: int, syn
         for step, (x, y) in enumerate(batches[comm.rank][:stop]):
             engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
         assert engine.streaming is not None and 0 in engine.streaming.in_flight  # mid-delay
+        assert (engine.streaming.beside is not None) == (workers == 2)
         saved = (
             {k: v.clone() for k, v in engine.rank_state().items()},
             {k: v.clone() for k, v in engine.shared_state().items()},
@@ -522,7 +546,7 @@ def test_resume_with_a_delayed_sync_in_flight_is_bit_exact(sync_period: int, syn
         engine.close()
         return saved
 
-    saved = ThreadGroup(WORKERS).run(first_half)
+    saved = ThreadGroup(workers).run(first_half)
 
     def second_half(comm):
         model = copy.deepcopy(initial)
@@ -538,7 +562,7 @@ def test_resume_with_a_delayed_sync_in_flight_is_bit_exact(sync_period: int, syn
         engine.close()
         return model
 
-    resumed = ThreadGroup(WORKERS).run(second_half)
+    resumed = ThreadGroup(workers).run(second_half)
     for (want, _), got in zip(uninterrupted, resumed, strict=True):
         for (key, a), b in zip(want.state_dict().items(), got.state_dict().values(), strict=True):
             assert torch.equal(a, b), key
@@ -594,3 +618,73 @@ def test_one_rank_sends_nothing() -> None:
         engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
     assert (engine.stats.sync_rounds, engine.stats.bytes_sent) == (0, 0)
     assert engine.last_sync is not None and engine.last_sync.outer_step
+
+
+# The sync thread (comm.sync_thread). Between 2 workers a compressed average is one gather, so every codec's
+# encoding, wait and decoding run beside the step; the results are the bits of the step's own thread.
+THREAD_CASES = {
+    "int8_feedback_H1_delay1": (local(sync_period=1, sync_delay=1), "int8", True),
+    "int8_feedback_H2_delay2_slowmo": (
+        local(sync_period=2, sync_delay=2, outer="slowmo", slow_momentum=0.5),
+        "int8",
+        True,
+    ),
+    "bf16_fragments2_delay1_mix": (local(sync_period=4, fragments=2, sync_delay=1, sync_mix=0.5), "bf16", False),
+    "none_delay3_H4_nesterov": (local(sync_period=4, sync_delay=3, outer="nesterov"), "none", False),
+}
+
+
+@pytest.mark.parametrize("last_step", [None, 15])
+@pytest.mark.parametrize("name", list(THREAD_CASES))
+def test_the_sync_thread_gives_the_bits_of_the_step_thread(name: str, last_step: int | None, monkeypatch) -> None:
+    cfg, codec, feedback = THREAD_CASES[name]
+    dtype = torch.float64 if codec == "none" else torch.float32
+    batches = [steps[: last_step or STEPS] for steps in make_batches(dtype, workers=2)]
+    encoded_on: list[str] = []
+    encode = StreamingSync._encode
+
+    def recording(self, *args):
+        encoded_on.append(threading.current_thread().name)
+        return encode(self, *args)
+
+    monkeypatch.setattr(StreamingSync, "_encode", recording)
+    beside = run_engine(cfg, 0, batches, dtype, codec, feedback, last_step, thread=True)
+    assert encoded_on and set(encoded_on) == {"hpc-localsgd-sync"}
+    encoded_on.clear()
+    inline = run_engine(cfg, 0, batches, dtype, codec, feedback, last_step, thread=False)
+    assert encoded_on and all(name.startswith("rank-") for name in encoded_on)
+    for (model, engine), (want, want_engine) in zip(beside, inline, strict=True):
+        for (key, a), b in zip(want.state_dict().items(), model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), f"{name}: {key}"
+        assert engine.stats.bytes_by_level == want_engine.stats.bytes_by_level
+        assert engine.stats.rounds_by_level == want_engine.stats.rounds_by_level
+    want_models = reference(cfg, 0, batches, dtype, codec, feedback, last_step)
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+    for (model, _), ref_model in zip(beside, want_models, strict=True):
+        for key, theirs in ref_model.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], theirs, **tolerance, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize(
+    ("cfg", "codec", "workers"),
+    [
+        (local(sync_period=4, sync_delay=1), "int8", 3),  # two-phase: its second phase starts at fixed points
+        (local(sync_period=4, sync_delay=1, ranks_per_worker=2), "none", 4),  # the assembly is a collective
+        (local(sync_period=4, fragments=2), "int8", 2),  # no delay: the average is waited for where it starts
+    ],
+)
+def test_the_sync_thread_stays_out_where_nothing_can_move_beside_the_step(cfg, codec, workers: int) -> None:
+    got = run_engine(cfg, 0, make_batches(torch.float32, workers=workers), torch.float32, codec, codec == "int8")
+    assert all(engine.streaming is not None and engine.streaming.beside is None for _, engine in got)
+
+
+def test_an_error_on_the_sync_thread_stops_the_step_that_waits_for_it(monkeypatch) -> None:
+    """Raised in the step's thread where it starts the average, on every rank: no rank waits for a
+    collective that the others never start."""
+
+    def broken(self, *args):
+        raise RuntimeError("encoding failed")
+
+    monkeypatch.setattr(StreamingSync, "_encode", broken)
+    with pytest.raises(RuntimeError, match="encoding failed"):
+        run_engine(local(sync_period=2, sync_delay=1), 0, make_batches(torch.float64, workers=2), torch.float64)
