@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_true_or_false,
         metavar="true|false",
         help="comm.sync_thread of the measured engine: a delayed sync's encoding, wait and decoding beside "
-        "the step (default true)",
+        "the step (default: auto, on where a rank has a core its torch threads leave free)",
     )
     plan.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     plan.add_argument(

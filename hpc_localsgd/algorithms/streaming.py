@@ -181,7 +181,8 @@ class StreamingSync:
         # ‖Δ‖², the wait for the average and its decoding, on a thread of their own, so that a rank with a
         # core to spare keeps them off the step's; Δ and x̄ stay on the step's thread (they read and write
         # the model), and so does every collective's start. Where there is a delay to hide them behind.
-        self.beside = SerialThread("hpc-localsgd-sync") if sync_thread and self._works_beside(compression) else None
+        self.uses_sync_thread = sync_thread and self._works_beside(compression)
+        self.beside = SerialThread("hpc-localsgd-sync") if self.uses_sync_thread else None
         if self.beside is not None:
             weakref.finalize(self, self.beside.stop)
 

@@ -97,7 +97,9 @@ class BenchOptions:
         rule="an existing writable folder",
     )
     threads: int = setting(0, "torch threads per rank (0: as for training).", range=">= 0, <= 4096")
-    sync_thread: bool = setting(True, "comm.sync_thread of the measured engine.")
+    sync_thread: bool | None = setting(
+        None, "comm.sync_thread of the measured engine (null: auto, on where a rank has a core to spare)."
+    )
     device: str = setting("auto", "auto, cpu or cuda[:N].", rule="'auto', 'cpu' or 'cuda[:N]'")
     ranks_per_worker: int | None = setting(
         None,

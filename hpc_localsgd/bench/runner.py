@@ -92,7 +92,7 @@ def run_bench(
             "data.name=synthetic",
             f"comm.backend={options.backend}",
             f"comm.bucket_mb={options.bucket_mb}",
-            f"comm.sync_thread={str(options.sync_thread).lower()}",
+            f"comm.sync_thread={'auto' if options.sync_thread is None else str(options.sync_thread).lower()}",
             f"train.threads={threads}",
             f"train.device={options.device}",
         ],

@@ -24,6 +24,7 @@ from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
 from ..config.schema import GradientCompression, Method, OuterMethod, Precision, RunConfig, SyncCompression
+from ..launcher.env import spare_cores
 from ..train.data import derive_seed
 from ..train.device import compiled_forward
 from ..train.models import build_model
@@ -159,7 +160,7 @@ class EngineLoop:
             compression=compression,
             error_feedback=compression == "int8",
             gradient_compression=gradient_compression,
-            sync_thread=cfg.comm.sync_thread,
+            sync_thread=cfg.comm.uses_sync_thread(spare_cores(torch.get_num_threads(), comm.layout)),
         )
         self.engine.broadcast_initial_state()
         # As training feeds them (train/device.py): the weights keep the flat buffer's layout.

@@ -411,13 +411,14 @@ class CommConfig:
         "Carry each rank's compression error into its next sync (e ← Δ + e − Q(Δ + e)): nothing is lost, "
         "only delayed. auto: on for int8, off for bf16/fp16.",
     )
-    sync_thread: bool = setting(
-        True,
+    sync_thread: bool | Literal["auto"] = setting(
+        "auto",
         "With algorithm.sync_delay: encode each update (error feedback included), wait for its average and "
         "decode it on a thread of the rank's own beside the training step, which then only takes Δ, starts "
-        "the collectives and applies x̄. A rank with a core to spare keeps that work off its step; a rank on one "
-        "core gains nothing. CPU models; not with worker groups nor the two-phase exchange of 3 or more "
-        "compressed workers.",
+        "the collectives and applies x̄; the same results either way. It pays where the rank has a core its "
+        "torch threads leave free, and only moves the work where it has none; auto: on where the rank's cores "
+        "outnumber its torch threads (train.threads). CPU models; not with worker groups nor the two-phase "
+        "exchange of 3 or more compressed workers.",
     )
     horovod_cycle_time_ms: float | None = setting(
         None,
@@ -432,6 +433,10 @@ class CommConfig:
         if self.sync_compression == "none":
             return False
         return self.sync_compression == "int8" if self.error_feedback == "auto" else bool(self.error_feedback)
+
+    def uses_sync_thread(self, spare_cores: int) -> bool:
+        """``sync_thread`` resolved for a rank with ``spare_cores`` cores beyond its torch threads."""
+        return spare_cores > 0 if self.sync_thread == "auto" else bool(self.sync_thread)
 
     def validate(self, key: str = "comm") -> None:
         check_declared(self, key)

@@ -189,8 +189,18 @@ def threads_for_rank(requested: int, layout: WorldLayout, env: Mapping[str, str]
     for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
         if env.get(name, "").isdigit() and int(env[name]) > 0:
             return int(env[name])
+    return cores_for_rank(layout)
+
+
+def cores_for_rank(layout: WorldLayout) -> int:
+    """This rank's share of the node's cores: the cores a launcher bound it to, else an equal share."""
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     total = os.cpu_count() or allowed
     # A launcher that bound this rank to a subset of cores already gave it its share.
     share = allowed if allowed < total else total // max(1, layout.local_size)
     return max(1, share)
+
+
+def spare_cores(threads: int, layout: WorldLayout) -> int:
+    """The cores of this rank's share that its ``threads`` torch threads leave free (none below 0)."""
+    return max(0, cores_for_rank(layout) - threads)

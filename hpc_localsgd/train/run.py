@@ -32,7 +32,7 @@ from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import TrainingDiverged
 from ..io.metrics import DIVERGED, EMULATED_LINK_ATTR, METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter
-from ..launcher.env import emulated_link_rate, software_versions
+from ..launcher.env import emulated_link_rate, software_versions, spare_cores
 from .lr import LRSchedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -132,7 +132,7 @@ def build_optimization(
         compression=cfg.comm.sync_compression,
         error_feedback=cfg.comm.uses_error_feedback,
         gradient_compression=cfg.comm.gradient_compression,
-        sync_thread=cfg.comm.sync_thread,
+        sync_thread=cfg.comm.uses_sync_thread(spare_cores(torch.get_num_threads(), comm.layout)),
     )
     engine.broadcast_initial_state()
     return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)
@@ -324,8 +324,10 @@ def open_metrics(
 
 
 def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
+    streaming = opt.engine.streaming
+    beside = ", sync thread beside the step" if streaming is not None and streaming.uses_sync_thread else ""
     return (
-        f"hpc-localsgd: {describe_method(cfg)} | {workers.description}, {cfg.train.precision} | "
+        f"hpc-localsgd: {describe_method(cfg)}{beside} | {workers.description}, {cfg.train.precision} | "
         f"{cfg.model.name} on {cfg.data.name} | "
         f"global batch {opt.global_batch}, peak lr {opt.lr_schedule.peak:.4g} | {opt.total_steps} steps "
         f"({workers.steps_per_epoch}/epoch) | run dir {cfg.output.run_dir}"

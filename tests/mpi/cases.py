@@ -142,7 +142,21 @@ HIERARCHY_CASES: dict[str, list[str]] = {
         "comm.gradient_compression=bf16",
     ],
 }
-ALL_CASES = {**CASES, **HIERARCHY_CASES}
+# The sync thread (comm.sync_thread), on and off whatever the machine's cores, for 2 ranks
+# (tests/mpi/test_algorithms.py): int8 with error feedback at τ = 1, and fp32 at τ = H.
+_INT8_DELAY1_H2 = [
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=2",
+    "algorithm.sync_delay=1",
+    "comm.sync_compression=int8",
+]
+SYNC_THREAD_CASES: dict[str, list[str]] = {
+    "int8_delay1_H2_sync_thread": [*_INT8_DELAY1_H2, "comm.sync_thread=true"],
+    "int8_delay1_H2_step_thread": [*_INT8_DELAY1_H2, "comm.sync_thread=false"],
+    "delay2_H2_sync_thread": [*CASES["delay2_H2"], "comm.sync_thread=true"],
+    "delay2_H2_step_thread": [*CASES["delay2_H2"], "comm.sync_thread=false"],
+}
+ALL_CASES = {**CASES, **HIERARCHY_CASES, **SYNC_THREAD_CASES}
 
 
 def run_cases(ranks: int, backends: list[str], out: Path, cases: list[str] | None = None) -> dict[str, Path]:

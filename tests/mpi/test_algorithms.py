@@ -16,6 +16,7 @@ from tests.mpi.cases import (
     CASES,
     ENDS_BETWEEN_FRAGMENT_SYNCS,
     STEPS,
+    SYNC_THREAD_CASES,
     load_counters,
     load_state,
     reference_run,
@@ -123,3 +124,29 @@ def test_communication_counters(runs: dict[str, Path], backend: str) -> None:
             c = load_counters(runs, backend, case, rank)
             assert (c["steps"], c["sync_rounds"], c["bytes_sent"]) == (STEPS, rounds, nbytes), (case, rank, c)
             assert c["comm_seconds"] > 0
+
+
+@pytest.fixture(scope="module")
+def thread_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return run_cases(RANKS, BACKENDS, tmp_path_factory.mktemp("sync-thread"), list(SYNC_THREAD_CASES))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("codec", ["int8_delay1_H2", "delay2_H2"])
+def test_the_sync_thread_trains_to_the_bits_of_the_step_thread(
+    thread_runs: dict[str, Path], backend: str, codec: str
+) -> None:
+    """comm.sync_thread: the encoding, the wait (each backend's wait_beside) and the decoding on a thread
+    beside the step give the parameters and counters of the step's own thread, bit for bit, and the
+    reference's."""
+    reference, _ = reference_states(f"{codec}_sync_thread")
+    for rank in range(RANKS):
+        beside = load_state(thread_runs, backend, f"{codec}_sync_thread", rank)
+        inline = load_state(thread_runs, backend, f"{codec}_step_thread", rank)
+        for key in inline:
+            np.testing.assert_array_equal(beside[key], inline[key], err_msg=f"{backend} rank {rank} {key}")
+            np.testing.assert_allclose(beside[key], reference[rank][key], rtol=1e-5, atol=1e-6, err_msg=key)
+        on, off = (load_counters(thread_runs, backend, f"{codec}_{way}_thread", rank) for way in ("sync", "step"))
+        assert (on["sync_thread"], off["sync_thread"]) == (True, False)
+        assert on["sync_rounds"] == off["sync_rounds"] == STEPS // 2
+        assert on["bytes_sent"] == off["bytes_sent"]

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from hpc_localsgd.config import RunConfig, config_to_yaml, load_config
+from hpc_localsgd.config.schema import CommConfig
 from hpc_localsgd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +66,7 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
             "algorithm.method: must be one of 'allreduce' | 'local_sgd' | 'post_local_sgd'",
         ),
         ("", ["comm.backend=nccl"], "comm.backend: must be one of 'auto' | 'horovod' | 'mpi' | 'torch' | 'single'"),
+        ("", ["comm.sync_thread=sometimes"], "comm.sync_thread: expected true or false or 'auto', got 'sometimes'"),
         ("", ["algorithm.method=allreduce", "algorithm.outer=slowmo"], "algorithm.outer: an outer optimizer needs"),
         ("", ["algorithm.switch_step=10"], "algorithm.switch_step: only applies to method 'post_local_sgd'"),
         ("", ["data.name=cifar10"], "data.path: is required for dataset 'cifar10'"),
@@ -93,3 +95,11 @@ def test_missing_config_file(tmp_path: Path) -> None:
 )
 def test_shipped_configs_are_valid(path: Path) -> None:
     assert isinstance(load_config(path), RunConfig)
+
+
+@pytest.mark.parametrize(
+    ("setting", "spare", "uses"),
+    [("auto", 0, False), ("auto", 1, True), ("auto", 7, True), (True, 0, True), (False, 3, False)],
+)
+def test_the_sync_thread_runs_where_a_rank_has_a_core_to_spare_unless_told(setting, spare: int, uses: bool) -> None:
+    assert CommConfig(sync_thread=setting).uses_sync_thread(spare) is uses

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from hpc_localsgd.errors import LauncherMismatch
-from hpc_localsgd.launcher.env import WorldLayout, detect_launch, threads_for_rank
+from hpc_localsgd.launcher.env import WorldLayout, detect_launch, spare_cores, threads_for_rank
 
 ONE_PROCESS = WorldLayout(rank=0, size=1, local_rank=0, local_size=1, node_rank=0, num_nodes=1)
 
@@ -163,3 +163,14 @@ def test_threads_share_the_node_unless_already_bound(monkeypatch: pytest.MonkeyP
     # A launcher that bound this rank to 3 cores already gave it its share.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
     assert threads_for_rank(0, LAYOUT_4_PER_NODE, {}) == 3
+
+
+def test_spare_cores_are_the_rank_share_its_threads_leave(monkeypatch: pytest.MonkeyPatch) -> None:
+    """comm.sync_thread auto: an unbound rank's share is an equal part of the node, not every core it may use."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert spare_cores(4, LAYOUT_4_PER_NODE) == 0
+    assert spare_cores(1, LAYOUT_4_PER_NODE) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    assert spare_cores(1, LAYOUT_4_PER_NODE) == 2
+    assert spare_cores(8, LAYOUT_4_PER_NODE) == 0
