@@ -502,7 +502,11 @@ class StreamingSync:
         stopped peer will never join (it is a daemon thread, so the process still exits)."""
         if self.beside is not None:
             self.beside.stop()
-            self.beside = None
+
+    @property
+    def sync_thread_cpu_seconds(self) -> float:
+        """CPU seconds the sync thread has used so far (0 without one)."""
+        return 0.0 if self.beside is None else self.beside.cpu_seconds
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         """Live views of each rank's error-feedback state, per fragment and group (and shard, where a

@@ -229,6 +229,9 @@ class _Measured:
     share: list[float]  # per repetition, blocked-in-communication share, mean over ranks
     sent: list[int]  # per repetition, bytes this rank sent (alike on every rank, to one element's bytes)
     sent_global: list[int] = field(default_factory=list)  # per repetition, of which over all ranks
+    # Per repetition, CPU seconds a step (mean over ranks) of the step's thread, of the sync thread and of the
+    # backend's communication thread (engine loops; the last only where the backend's thread is measured).
+    cpu: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _global_bytes(loop: TrainingLoop) -> int:
@@ -239,13 +242,19 @@ def _global_bytes(loop: TrainingLoop) -> int:
 def _interleaved_windows(ctx: BenchContext, windows: dict[str, _Window]) -> dict[str, _Measured]:
     comm, options = ctx.comm, ctx.options
 
-    def run(window: _Window) -> tuple[float, float, int, int]:
+    def run(window: _Window) -> tuple[float, float, int, int, dict[str, float]]:
         if window.local:
             assert isinstance(window.loop, EngineLoop)
             window.loop.set_sync_period(window.sync_period)
         global_before = _global_bytes(window.loop)
+        threads_before = _thread_cpu(window.loop)
         seconds, blocked, sent = time_window(comm, window.loop, window.steps)
-        return seconds, blocked, sent, _global_bytes(window.loop) - global_before
+        cpu = {
+            name: (after - threads_before[name]) / window.steps
+            for name, after in _thread_cpu(window.loop).items()
+            if name in threads_before
+        }
+        return seconds, blocked, sent, _global_bytes(window.loop) - global_before, cpu
 
     for _ in range(options.warmup):
         for window in windows.values():
@@ -255,21 +264,45 @@ def _interleaved_windows(ctx: BenchContext, windows: dict[str, _Window]) -> dict
     shares: dict[str, list[float]] = {n: [] for n in names}
     sent: dict[str, list[int]] = {n: [] for n in names}
     sent_global: dict[str, list[int]] = {n: [] for n in names}
+    cpu: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     for repetition in range(options.repeats):
         shift = repetition % len(names)
         for name in names[shift:] + names[:shift]:
-            t, c, b, g = run(windows[name])
+            t, c, b, g, used = run(windows[name])
             seconds[name].append(t)
             shares[name].append(c / t)
             sent[name].append(b)
             sent_global[name].append(g)
+            for thread, per_step in used.items():
+                cpu[name].setdefault(thread, []).append(per_step)
     r = options.repeats
     slow = slowest(comm, [t for n in names for t in seconds[n]])
     mean = rank_mean(comm, [c for n in names for c in shares[n]])
+    # Every rank runs the same loops on the same backend, so every rank has the same threads to average.
+    cpu_mean = {(n, thread): rank_mean(comm, values) for n in names for thread, values in sorted(cpu[n].items())}
     return {
-        n: _Measured(windows[n].steps, slow[i * r : (i + 1) * r], mean[i * r : (i + 1) * r], sent[n], sent_global[n])
+        n: _Measured(
+            windows[n].steps,
+            slow[i * r : (i + 1) * r],
+            mean[i * r : (i + 1) * r],
+            sent[n],
+            sent_global[n],
+            {thread: values for (name, thread), values in cpu_mean.items() if name == n},
+        )
         for i, n in enumerate(names)
     }
+
+
+def _thread_cpu(loop: TrainingLoop) -> dict[str, float]:
+    """CPU seconds so far of the step's thread (this one), and for an engine loop of its sync thread and of
+    the backend's communication thread (where measured)."""
+    used = {"step": time.thread_time()}
+    if isinstance(loop, EngineLoop):
+        sync, communication = loop.thread_cpu_seconds()
+        used["sync"] = sync
+        if communication is not None:
+            used["communication"] = communication
+    return used
 
 
 def _rate(ctx: BenchContext, measured: _Measured) -> list[float]:

@@ -91,6 +91,30 @@ def _bytes_figure(variant: SyncVariant, engine: AveragingEngine) -> Figure:
     )
 
 
+_THREADS = {
+    "step": "the step's thread (compute, and the sync's work left on it)",
+    "sync": "the sync thread (encoding, the wait for the average, decoding)",
+    "communication": "the backend's communication thread (its MPI calls and sums; every loop's)",
+}
+
+
+def _cpu_figures(variant: SyncVariant, engine: AveragingEngine, measured: _Measured) -> list[Figure]:
+    """Where the CPU goes: seconds a step on each thread of a rank that runs Python (the kernel's network
+    work and the backend's C++ threads are in none of them)."""
+    sync_thread = engine.streaming is not None and engine.streaming.uses_sync_thread
+    return [
+        Figure(
+            f"streaming.{variant.name}.cpu_per_step.{thread}",
+            "streaming",
+            f"{variant.describe()}: CPU seconds a step of {what} (mean over ranks)",
+            "s",
+            measured.cpu[thread],
+        )
+        for thread, what in _THREADS.items()
+        if thread in measured.cpu and (thread != "sync" or sync_thread)
+    ]
+
+
 def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
     """Every variant's windows (whole sync periods; each goes on from the step its variant's last one
     ended at, so that at sync_delay = sync_period the average in flight at a window's end is applied in
@@ -144,6 +168,7 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
                 m.share,
             ),
             _bytes_figure(variant, engine),
+            *_cpu_figures(variant, engine, m),
         )
     numel = sum(p.numel() for p in next(iter(loops.values())).model.parameters())
     link_rate = emulated_link_rate()

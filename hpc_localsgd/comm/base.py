@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -177,6 +178,11 @@ class Communicator(abc.ABC):
         on GPUs, whether the reduction runs on device memory or is staged through the host)."""
         return f"{self.name} collectives"
 
+    def thread_cpu_seconds(self) -> float | None:
+        """CPU seconds the backend's own communication thread in this process has used so far, where the
+        backend has one it can measure (mpi's); None elsewhere (Horovod's and Gloo's run in C++)."""
+        return None
+
     def close(self) -> None:
         """Release backend resources; the communicator is unusable afterwards."""
         return None
@@ -238,6 +244,7 @@ class SerialThread:
         self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
+        self.cpu_seconds = 0.0  # CPU time the calls took on the thread (its sleeps and waits excluded)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -249,10 +256,15 @@ class SerialThread:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             future, call, args = item
+            started = time.thread_time()
             try:
-                future.set_result(call(*args))
+                result = call(*args)
             except BaseException as exc:  # handed to whoever waits on the future
+                self.cpu_seconds += time.thread_time() - started
                 future.set_exception(exc)
+            else:
+                self.cpu_seconds += time.thread_time() - started  # counted before the waiter wakes
+                future.set_result(result)
 
     def stop(self) -> None:
         """Let the thread end once the calls already submitted are done, without waiting for it."""

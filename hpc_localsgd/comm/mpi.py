@@ -341,6 +341,9 @@ class MPICommunicator(Communicator):
         self._cuda_aware = cuda_aware_mpi()
         super().__init__(dataclasses.replace(launcher_layout, rank=self._comm.Get_rank(), size=self._comm.Get_size()))
 
+    def thread_cpu_seconds(self) -> float | None:
+        return None if self._thread is None else self._thread.cpu_seconds
+
     @property
     def waits_beside(self) -> bool:
         # Without the communication thread, the Iallreduce requests must be waited for by the thread that

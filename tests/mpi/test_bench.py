@@ -203,7 +203,7 @@ def test_horovod_baseline_runs_apart_from_the_package_on_another_backend(tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     document = json.loads(out.read_text())
     jsonschema.validate(document, SCHEMA)
-    assert document["schema_version"] == "1.4" and document["measurement"]["baselines"] == ["horovod"]
+    assert document["schema_version"] == "1.5" and document["measurement"]["baselines"] == ["horovod"]
     by_id = figures(document)
     assert "synchronous.allreduce_with_horovod_running.samples_per_s" not in by_id
     around = by_id["synchronous.allreduce_around_horovod.samples_per_s"]["samples"]
@@ -269,7 +269,7 @@ def test_hierarchy_phase_follows_the_schema_and_names_every_configuration(hierar
     proc, document = hierarchy_run
     jsonschema.validate(document, SCHEMA)
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert document["schema_version"] == "1.4" and document["world"]["size"] == 4
+    assert document["schema_version"] == "1.5" and document["world"]["size"] == 4
     assert document["measurement"]["ranks_per_worker"] == 2
     per_configuration = ("samples_per_s", "efficiency", "efficiency_in_process", "global_bytes_per_sample")
     configurations = ["allreduce"] + [f"{kind}_h{h}" for h in HIERARCHY_PERIODS for kind in ("local_sgd", "workers_r2")]
@@ -425,3 +425,27 @@ def test_the_streaming_phase_measures_only_the_configurations_asked_for(tmp_path
     assert figures(document)["streaming.h1_int8_delay1.bytes_per_sync"]["median"] == int8_params + buffers
     assert figures(document)["streaming.h4_delay3.bytes_per_sync"]["median"] == params + buffers
     assert figures(document)["streaming.int8.bytes_vs_fp32"]["median"] == pytest.approx(int8_params / params)
+
+
+def test_the_streaming_phase_says_where_the_cpu_goes(tmp_path: Path) -> None:
+    """CPU seconds a step on each Python thread of a rank: the step's own, the sync thread's (told on:
+    the int8 variant encodes and decodes there; the blocking one has none) and the mpi backend's
+    communication thread. A thread's CPU time cannot exceed the window's wall time."""
+    out = tmp_path / "bench.json"
+    variants = "h4,h1_int8_delay1"
+    args = ["--quick", "--phases", "streaming", "--streaming-variants", variants, "--steps", "4"]
+    proc = run_mpi(2, bench(*args, "--backend", "mpi", "--sync-thread", "true", "--out", str(out)), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, SCHEMA)
+    assert document["measurement"]["sync_thread"] is True
+    by_id = figures(document)
+    for variant in variants.split(","):
+        # Repetition by repetition: the slowest rank's seconds a step, and the ranks' mean CPU a step.
+        walls = [2 * QUICK_BATCH / rate for rate in by_id[f"streaming.{variant}.samples_per_s"]["samples"]]
+        steps = by_id[f"streaming.{variant}.cpu_per_step.step"]["samples"]
+        assert len(steps) == len(walls) == 3
+        assert all(0 < cpu <= 1.01 * wall for cpu, wall in zip(steps, walls, strict=True)), (steps, walls)
+        assert by_id[f"streaming.{variant}.cpu_per_step.communication"]["median"] > 0
+    assert by_id["streaming.h1_int8_delay1.cpu_per_step.sync"]["median"] > 0
+    assert "streaming.h4.cpu_per_step.sync" not in by_id
