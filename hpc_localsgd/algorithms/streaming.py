@@ -38,13 +38,15 @@ first, or before the backward of its sync step if sooner (τ = 1). A sync still 
 checkpoint is written is waited for (``settle``), and its result is carried in the checkpoint, so a
 resumed run applies the same average at the same step.
 
-The sync thread (``comm.sync_thread``, on by default where it applies: τ > 0, CPU models, no worker
-groups, no two-phase exchange). A rank's step thread takes Δ and applies x̄ (they read and write the
-model) and starts every collective; a thread of the rank's own encodes Δ with error feedback (and
-takes ‖Δ‖²) and, once the average is started, waits for it and decodes it. The encoded update is
+The sync thread (``comm.sync_thread``; where it applies: τ > 0, CPU models, no two-phase exchange). A
+rank's step thread takes Δ and applies x̄ (they read and write the model) and starts every collective,
+a worker's assembly of a fragment included; a thread of the rank's own encodes Δ (its shard, in a
+worker of several ranks) with error feedback (and takes ‖Δ‖²) and, once the average is started,
+waits for it and decodes it. The encoded update is
 sent before the next step's backward (or at the next point where the step thread meets the sync:
 the end of a step, a checkpoint, the at-once apply at the run's end), where the step thread first
-waits for the encoding to finish; the same point on every rank. So the collectives keep their
+waits for the encoding to finish; the same point on every rank. An fp32 update has nothing to encode:
+it is sent at once, as without the thread, and only waited for beside the step. So the collectives keep their
 order, and the arithmetic is the same in the same order: the same bits as without the thread. On a
 rank with a core to spare that work leaves the step's path; on a rank of one core it only moves.
 """
@@ -183,6 +185,7 @@ class StreamingSync:
         # the model), and so does every collective's start. Where there is a delay to hide them behind.
         self.uses_sync_thread = sync_thread and self._works_beside(compression)
         self.beside = SerialThread("hpc-localsgd-sync") if self.uses_sync_thread else None
+        self._encodes_beside = self.uses_sync_thread and compression != "none"
         if self.beside is not None:
             weakref.finalize(self, self.beside.stop)
 
@@ -190,7 +193,6 @@ class StreamingSync:
         return (
             self.delay > 0  # at τ = 0 the average is waited for where it starts
             and self.comm.replicas == 1
-            and self.worker is None  # a worker's ranks assemble each fragment in a collective
             and self.between.size > 1
             and self.between.waits_beside
             # on a GPU the passes are kernels queued on the step's stream already
@@ -316,7 +318,7 @@ class StreamingSync:
                     live = self.groups[g].flat[..., a + s : a + e]
                     update = self._update_buffer((fragment, g, k, slot), anchor, live)
                     torch.sub(anchor, live, out=update)
-                    if self.beside is None:
+                    if not self._encodes_beside:
                         norms.append(_squared_norm(update))
                     shards.append(update)
                 updates.append(shards)
@@ -326,15 +328,21 @@ class StreamingSync:
         self, fragment: int, sync_step: int, updates: list[list[torch.Tensor]], norms: list[torch.Tensor]
     ) -> None:
         """Start averaging the fragment's Δ (encoded, when compressed) and the workers' mean ‖Δ‖². With
-        the sync thread, only the encoding starts, there: ``_start`` sends it."""
-        if self.beside is not None:
+        the sync thread, a compressed Δ is encoded there and sent by ``_start``; an fp32 Δ, with nothing
+        to encode, goes at once (a later start would only give its transfer less time), and is waited
+        for there."""
+        if self._encodes_beside:
+            assert self.beside is not None
             encoded = self.beside.submit(self._encode, fragment, updates, norms)
             self.in_flight[fragment] = _InFlight(sync_step, updates, [], encoded=encoded)
             return
         with self.stats.timed():  # encoding counts as the sync's cost, as the wait does
             squared_norm = self._encode(fragment, updates, norms)
             handles = self._start_collectives(fragment, updates, squared_norm)
-        self.in_flight[fragment] = _InFlight(sync_step, updates, handles, squared_norm)
+        pending = _InFlight(sync_step, updates, handles, squared_norm)
+        if self.beside is not None:
+            pending.received = self.beside.submit(_wait_all_beside, handles)
+        self.in_flight[fragment] = pending
 
     def _encode(self, fragment: int, updates: list[list[torch.Tensor]], norms: list[torch.Tensor]) -> torch.Tensor:
         """Encode each shard of Δ (none: nothing to do) and return ‖Δ‖² of this rank's shards (computed

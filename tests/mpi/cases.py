@@ -94,6 +94,15 @@ CASES: dict[str, list[str]] = {
 # Cases whose last step syncs only part of the model (fragment 1 last synced at step 10 of 12).
 ENDS_BETWEEN_FRAGMENT_SYNCS = {"bf16_fragments2_delay1_H4"}
 
+_WORKERS2_INT8_DELAY1_SLOWMO_H4 = [
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=4",
+    "algorithm.sync_delay=1",
+    "algorithm.outer=slowmo",
+    "algorithm.slow_momentum=0.5",
+    "algorithm.ranks_per_worker=2",
+    "comm.sync_compression=int8",
+]
 # Worker groups and levels, for 4 ranks (tests/mpi/test_worker_groups.py).
 HIERARCHY_CASES: dict[str, list[str]] = {
     "allreduce_4": ["algorithm.method=allreduce"],
@@ -116,15 +125,10 @@ HIERARCHY_CASES: dict[str, list[str]] = {
     # Compression and overlap between workers (rank j of each worker averages shard j), and under a level
     # (there among all 4 ranks: the two-phase exchange; overlapped by 1, its second phase starts before the
     # backward of the step whose end applies it).
-    "workers2_int8_delay1_slowmo_H4": [
-        "algorithm.method=local_sgd",
-        "algorithm.sync_period=4",
-        "algorithm.sync_delay=1",
-        "algorithm.outer=slowmo",
-        "algorithm.slow_momentum=0.5",
-        "algorithm.ranks_per_worker=2",
-        "comm.sync_compression=int8",
-    ],
+    "workers2_int8_delay1_slowmo_H4": [*_WORKERS2_INT8_DELAY1_SLOWMO_H4, "comm.sync_thread=false"],
+    # The same with the sync thread, whatever the machine's cores: each rank's shard encoded, waited for and
+    # decoded beside the step, the worker's assembly on the step's thread.
+    "workers2_int8_delay1_slowmo_H4_sync_thread": [*_WORKERS2_INT8_DELAY1_SLOWMO_H4, "comm.sync_thread=true"],
     "level2_bf16_fragments2_delay1_H4": [
         "algorithm.method=local_sgd",
         "algorithm.sync_period=4",

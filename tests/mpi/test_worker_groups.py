@@ -28,6 +28,7 @@ RANKS_PER_WORKER = {
     "level2_nesterov_H4": 1,
     "workers_node_H3": 4,
     "workers2_int8_delay1_slowmo_H4": 2,
+    "workers2_int8_delay1_slowmo_H4_sync_thread": 2,
     "level2_bf16_fragments2_delay1_H4": 1,
     "workers2_post_local_bf16_gradients": 2,
 }
@@ -65,6 +66,20 @@ def test_workers_as_large_as_the_world_are_all_reduce_sgd(runs: dict[str, Path],
         )
         for name, _ in model.named_parameters():
             np.testing.assert_allclose(one_worker[name], synchronous[name], rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_sync_thread_between_workers_gives_the_bits_of_the_step_thread(runs: dict[str, Path], backend: str) -> None:
+    """comm.sync_thread between workers of 2 ranks: the same parameters and counters, bit for bit, as
+    the run whose ranks kept every part of the sync on the step's thread."""
+    case = "workers2_int8_delay1_slowmo_H4"
+    for rank in range(RANKS):
+        want, got = load_state(runs, backend, case, rank), load_state(runs, backend, f"{case}_sync_thread", rank)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{backend} rank {rank} {key}")
+        on, off = (load_counters(runs, backend, name, rank) for name in (f"{case}_sync_thread", case))
+        assert (on["sync_thread"], off["sync_thread"]) == (True, False)
+        assert (on["sync_rounds"], on["bytes_sent"]) == (off["sync_rounds"], off["bytes_sent"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

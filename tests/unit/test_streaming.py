@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hpc_localsgd.algorithms import streaming
 from hpc_localsgd.algorithms.compression import CompressedAverageHandle, encoded_bytes
 from hpc_localsgd.algorithms.engine import AveragingEngine
 from hpc_localsgd.algorithms.flat import contiguous_part
@@ -268,6 +269,10 @@ def assert_workers_match_the_reference(name: str, last_step: int | None) -> None
         ours, theirs = model.state_dict(), ref_model.state_dict()
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], **tolerance, msg=f"{name}: rank {rank} {key}")
+    # The sync thread encodes, waits and decodes each rank's shard; the worker's assembly stays on the step's.
+    between = 4 // cfg.ranks_per_worker
+    expected = cfg.sync_delay > 0 and (codec == "none" or between <= 2)
+    assert all(engine.streaming.uses_sync_thread == expected for _, engine in got), name
     if cfg.ranks_per_worker == 2:  # the ranks of a worker hold the same parameters, bit for bit
         for first, second in ((0, 1), (2, 3)):
             for (key, mine), theirs in zip(got[first][0].named_parameters(), got[second][0].parameters(), strict=True):
@@ -640,19 +645,30 @@ def test_the_sync_thread_gives_the_bits_of_the_step_thread(name: str, last_step:
     cfg, codec, feedback = THREAD_CASES[name]
     dtype = torch.float64 if codec == "none" else torch.float32
     batches = [steps[: last_step or STEPS] for steps in make_batches(dtype, workers=2)]
+    # Where the encoding and the waits ran: a compressed Δ is encoded on the sync thread, an fp32 Δ (nothing
+    # to encode) on the step's; the averages are waited for on the sync thread.
     encoded_on: list[str] = []
-    encode = StreamingSync._encode
+    waited_on: list[str] = []
+    encode, wait_beside = StreamingSync._encode, streaming._wait_all_beside
 
-    def recording(self, *args):
+    def encoding(self, *args):
         encoded_on.append(threading.current_thread().name)
         return encode(self, *args)
 
-    monkeypatch.setattr(StreamingSync, "_encode", recording)
+    def waiting(handles):
+        waited_on.append(threading.current_thread().name)
+        return wait_beside(handles)
+
+    monkeypatch.setattr(StreamingSync, "_encode", encoding)
+    monkeypatch.setattr(streaming, "_wait_all_beside", waiting)
     beside = run_engine(cfg, 0, batches, dtype, codec, feedback, last_step, thread=True)
-    assert encoded_on and set(encoded_on) == {"hpc-localsgd-sync"}
+    encoding_thread = "hpc-localsgd-sync" if codec != "none" else "rank-"
+    assert encoded_on and all(name.startswith(encoding_thread) for name in encoded_on)
+    assert waited_on and set(waited_on) == {"hpc-localsgd-sync"}
     encoded_on.clear()
+    waited_on.clear()
     inline = run_engine(cfg, 0, batches, dtype, codec, feedback, last_step, thread=False)
-    assert encoded_on and all(name.startswith("rank-") for name in encoded_on)
+    assert encoded_on and all(name.startswith("rank-") for name in encoded_on) and not waited_on
     for (model, engine), (want, want_engine) in zip(beside, inline, strict=True):
         for (key, a), b in zip(want.state_dict().items(), model.state_dict().values(), strict=True):
             assert torch.equal(a, b), f"{name}: {key}"
@@ -669,7 +685,6 @@ def test_the_sync_thread_gives_the_bits_of_the_step_thread(name: str, last_step:
     ("cfg", "codec", "workers"),
     [
         (local(sync_period=4, sync_delay=1), "int8", 3),  # two-phase: its second phase starts at fixed points
-        (local(sync_period=4, sync_delay=1, ranks_per_worker=2), "none", 4),  # the assembly is a collective
         (local(sync_period=4, fragments=2), "int8", 2),  # no delay: the average is waited for where it starts
     ],
 )
