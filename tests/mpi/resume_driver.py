@@ -70,6 +70,17 @@ RESUME_CASES["int8_delay3_slowmo_H4"] = [
     "algorithm.outer=slowmo",
     "comm.sync_compression=int8",
 ]
+# The same with the sync thread (encoded and waited for beside the step), and int8 at τ = H = 1: stopped after
+# step 7, step 8's update is encoded on the sync thread but not yet sent (that would be before step 8's
+# backward), so the checkpoint sends it, waits for it and carries it.
+RESUME_CASES["int8_delay3_slowmo_H4_sync_thread"] = [*RESUME_CASES["int8_delay3_slowmo_H4"], "comm.sync_thread=true"]
+RESUME_CASES["int8_delay1_H1_sync_thread"] = [
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=1",
+    "algorithm.sync_delay=1",
+    "comm.sync_compression=int8",
+    "comm.sync_thread=true",
+]
 # Cases for 4 ranks (--cases), run by tests/mpi/test_worker_groups.py: workers of 2 ranks.
 FOUR_RANK_RESUME_CASES: dict[str, list[str]] = {
     "workers2_post_local_slowmo_np4": [

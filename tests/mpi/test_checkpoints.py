@@ -310,7 +310,11 @@ DELAYED = [
 ]
 
 
-@pytest.mark.parametrize("extra", [[], DELAYED], ids=["default", "delayed_int8_sync"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], DELAYED, [*DELAYED, "comm.sync_thread=true"]],
+    ids=["default", "delayed_int8_sync", "delayed_int8_sync_on_the_sync_thread"],
+)
 def test_signal_checkpoints_and_stops(tmp_path: Path, extra: list[str]) -> None:
     """SIGUSR1 to every rank (as Slurm's --signal does): all agree, checkpoint, exit cleanly; the run
     resumes from that checkpoint and finishes."""
