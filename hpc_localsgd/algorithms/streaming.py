@@ -183,23 +183,29 @@ class StreamingSync:
         # ‖Δ‖², the wait for the average and its decoding, on a thread of their own, so that a rank with a
         # core to spare keeps them off the step's; Δ and x̄ stay on the step's thread (they read and write
         # the model), and so does every collective's start. Where there is a delay to hide them behind.
-        self.uses_sync_thread = sync_thread and self._works_beside(compression)
+        # Why a sync thread cannot help here (None: it can).
+        self.no_sync_thread_because = self._why_not_beside(compression)
+        self.uses_sync_thread = sync_thread and self.no_sync_thread_because is None
         self.beside = SerialThread("hpc-localsgd-sync") if self.uses_sync_thread else None
         self._encodes_beside = self.uses_sync_thread and compression != "none"
         if self.beside is not None:
             weakref.finalize(self, self.beside.stop)
 
-    def _works_beside(self, compression: SyncCompression) -> bool:
-        return (
-            self.delay > 0  # at τ = 0 the average is waited for where it starts
-            and self.comm.replicas == 1
-            and self.between.size > 1
-            and self.between.waits_beside
-            # on a GPU the passes are kernels queued on the step's stream already
-            and all(g.flat.device.type == "cpu" for g in self.groups)
-            # a two-phase average's second phase starts at fixed points of the step, from its first's result
-            and (compression == "none" or not CompressedAverager.two_phase(self.between))
-        )
+    def _why_not_beside(self, compression: SyncCompression) -> str | None:
+        if self.delay == 0:
+            return "no sync_delay: each average is waited for where it starts"
+        if self.comm.replicas > 1:
+            return "the simulated backend"
+        if self.between.size == 1:
+            return "one worker: nothing to average"
+        if not self.between.waits_beside:
+            return f"the {self.between.name} backend cannot wait for a collective on another thread here"
+        if any(g.flat.device.type != "cpu" for g in self.groups):
+            return "a GPU model: the sync's passes are kernels on the step's stream already"
+        if compression != "none" and CompressedAverager.two_phase(self.between):
+            # its second phase starts at fixed points of the step, from the first's result
+            return "the two-phase exchange of 3 or more compressed workers"
+        return None
 
     # --- the schedule ----------------------------------------------------------------------------------
     def offset(self, fragment: int) -> int:

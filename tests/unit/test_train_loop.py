@@ -96,3 +96,26 @@ def test_inspect_describes_checkpoints_and_metrics(tmp_path: Path) -> None:
     assert checkpoint["config"]["algorithm"]["outer"] == "slowmo" and "torch" in checkpoint["versions"]
     metrics = describe(tmp_path / "i" / "metrics.h5")
     assert (metrics["kind"], metrics["steps_logged"], metrics["evaluations"]) == ("metrics", 32, 2)
+
+
+def test_the_start_line_says_why_an_asked_for_sync_thread_cannot_run(tmp_path: Path) -> None:
+    """comm.sync_thread: true where it cannot help: the run goes on without it and says why, in its start
+    line; auto says nothing."""
+    simulated = ("comm.backend=simulated", "comm.simulated_workers=2", "algorithm.sync_delay=1")
+    cases = {
+        ("comm.sync_thread=true", *simulated): ", no sync thread (the simulated backend) |",
+        ("comm.sync_thread=true",): ", no sync thread (no delayed sync) |",
+        ("comm.sync_thread=true", "algorithm.sync_delay=1"): ", no sync thread (one worker: nothing to average) |",
+        simulated: None,
+    }
+    for extra, expected in cases.items():
+        lines: list[str] = []
+        cfg = load_config(
+            None, [*OVERRIDES, "train.epochs=0.1", *extra, f"output.run_dir={tmp_path / str(len(extra))}"]
+        )
+        train(cfg, print_fn=lines.append)
+        start = next(line for line in lines if line.startswith("hpc-localsgd: local SGD"))
+        if expected is None:
+            assert "sync thread" not in start, start
+        else:
+            assert expected in start, start
