@@ -38,15 +38,15 @@ first, or before the backward of its sync step if sooner (τ = 1). A sync still 
 checkpoint is written is waited for (``settle``), and its result is carried in the checkpoint, so a
 resumed run applies the same average at the same step.
 
-The sync thread (``comm.sync_thread``; where it applies: τ > 0, CPU models, no two-phase exchange). A
-rank's step thread takes Δ and applies x̄ (they read and write the model) and starts every collective,
-a worker's assembly of a fragment included; a thread of the rank's own encodes Δ (its shard, in a
-worker of several ranks) with error feedback (and takes ‖Δ‖²) and, once the average is started,
-waits for it and decodes it. The encoded update is
-sent before the next step's backward (or at the next point where the step thread meets the sync:
-the end of a step, a checkpoint, the at-once apply at the run's end), where the step thread first
-waits for the encoding to finish; the same point on every rank. An fp32 update has nothing to encode:
-it is sent at once, as without the thread, and only waited for beside the step. So the collectives keep their
+The sync thread (``comm.sync_thread``; where it applies: τ > 0, CPU models, no two-phase exchange).
+A rank's step thread takes Δ and applies x̄ (they read and write the model) and starts every
+collective, a worker's assembly of a fragment included. A thread of the rank's own encodes Δ (its
+shard, in a worker of several ranks) with error feedback and takes ‖Δ‖², and, once the average is
+started, waits for it and decodes it. The encoded update is sent before the next step's backward,
+or at the next point where the step thread meets the sync if that comes first (the end of a step, a
+checkpoint, the at-once apply at the run's end); there the step thread first waits for the encoding
+to finish. That is the same point on every rank. An fp32 update has nothing to encode: it is sent at
+once, as without the thread, and only waited for beside the step. So the collectives keep their
 order, and the arithmetic is the same in the same order: the same bits as without the thread. On a
 rank with a core to spare that work leaves the step's path; on a rank of one core it only moves.
 """
@@ -179,11 +179,9 @@ class StreamingSync:
             for ranges in self.ranges
         ]
         self.bytes_per_model = sum(self.shard_bytes) + self.rest_bytes  # a sync of every fragment, between workers
-        # The sync's work on vectors beside the step (``sync_thread``): the encoding with error feedback and
-        # ‖Δ‖², the wait for the average and its decoding, on a thread of their own, so that a rank with a
-        # core to spare keeps them off the step's; Δ and x̄ stay on the step's thread (they read and write
-        # the model), and so does every collective's start. Where there is a delay to hide them behind.
-        # Why a sync thread cannot help here (None: it can).
+        # The sync's work on vectors beside the step (``sync_thread``, the module docstring): the encoding
+        # with error feedback and ‖Δ‖², the wait for the average and its decoding. ``no_sync_thread_because``
+        # says why it cannot help here (None: it can).
         self.no_sync_thread_because = self._why_not_beside(compression)
         self.uses_sync_thread = sync_thread and self.no_sync_thread_because is None
         self.beside = SerialThread("hpc-localsgd-sync") if self.uses_sync_thread else None
@@ -311,7 +309,7 @@ class StreamingSync:
         self, fragment: int, sync_step: int, anchors: list[torch.Tensor]
     ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
         """Δ = x_prev − x of each of this rank's shards of the fragment, into its reused buffers, and ‖Δ‖²
-        (taken before the average consumes Δ; by the sync thread, where there is one)."""
+        (taken before the average consumes Δ; by the sync thread where it encodes Δ)."""
         slot = sync_step // self.period % 2 if self.delay == self.period else 0
         updates: list[list[torch.Tensor]] = []
         norms: list[torch.Tensor] = []
