@@ -294,6 +294,10 @@ class CompressedAverageHandle(Handle):
         if not self._finished:
             self._averager._finish(self._comm, self._update)
 
+    def step_waits(self) -> None:
+        if self._pending is not None:
+            self._pending.step_waits()
+
     def wait_beside(self) -> None:
         """The gathered exchange's wait and decoding, beside the step (``Handle.wait_beside``); a
         two-phase average's second phase is a collective, started by ``advance`` where every rank does."""

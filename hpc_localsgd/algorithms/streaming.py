@@ -424,6 +424,9 @@ class StreamingSync:
         if pending.encoded is not None:  # encoded beside the step, not sent yet (an average applied at once)
             self._start(fragment, pending)
         if pending.received is not None:
+            if not pending.received.done():
+                for handle in pending.handles:  # polled exchanges go at the pace of a waiting step
+                    handle.step_waits()
             pending.received.result()  # re-raises an error of the sync thread here
             pending.received = None
         for handle in pending.handles:

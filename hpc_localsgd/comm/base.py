@@ -45,6 +45,11 @@ class Handle(abc.ABC):
         bookkeeping. Only on a communicator whose ``waits_beside`` is true."""
         self.wait()
 
+    def step_waits(self) -> None:
+        """Training now waits for this collective, which a thread beside it is waiting for: a backend
+        that paces its progress by whether the step waits (mpi's polled exchanges) may hurry."""
+        return None
+
 
 class DoneHandle(Handle):
     """A collective that completed when it was started (single process, blocking fall-backs)."""

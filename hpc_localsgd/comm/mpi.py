@@ -181,6 +181,10 @@ class _GatherHandle(Handle):
             self._pending.result()
             self._finish()
 
+    def step_waits(self) -> None:
+        if self._waited is not None:
+            self._waited.set()
+
     def progress(self) -> None:
         if self._pending is not None and not isinstance(self._pending, Future) and self._pending.Test():
             self._finish()
@@ -290,6 +294,10 @@ class _ThreadedHandle(Handle):
     def wait_beside(self) -> None:
         if self._future is not None:
             self._finish(self._future)  # at the polled exchange's idle pace: training is not waiting
+
+    def step_waits(self) -> None:
+        if self._waited is not None:
+            self._waited.set()
 
     def _finish(self, future: Future[Any]) -> None:
         future.result()  # re-raises an MPI error of the thread here

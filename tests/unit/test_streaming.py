@@ -21,6 +21,7 @@ from hpc_localsgd.algorithms.flat import contiguous_part
 from hpc_localsgd.algorithms.hierarchy import hierarchy_from_config
 from hpc_localsgd.algorithms.schedule import SyncSchedule
 from hpc_localsgd.algorithms.streaming import StreamingSync
+from hpc_localsgd.comm.base import DoneHandle
 from hpc_localsgd.comm.single import SingleCommunicator
 from hpc_localsgd.comm.threads import ThreadGroup
 from hpc_localsgd.config.schema import AlgorithmConfig, LevelConfig, SyncCompression
@@ -703,3 +704,37 @@ def test_an_error_on_the_sync_thread_stops_the_step_that_waits_for_it(monkeypatc
     monkeypatch.setattr(StreamingSync, "_encode", broken)
     with pytest.raises(RuntimeError, match="encoding failed"):
         run_engine(local(sync_period=2, sync_delay=1), 0, make_batches(torch.float64, workers=2), torch.float64)
+
+
+def test_a_step_that_waits_for_an_average_on_the_sync_thread_tells_the_backend(monkeypatch) -> None:
+    """Where the step reaches a sync whose average the sync thread still waits for, it tells the handles
+    (Handle.step_waits), so that the mpi backend's polled exchanges go at the waiting step's pace."""
+    told: list[str] = []
+    wait_beside = streaming._wait_all_beside
+
+    def slow(handles):
+        time.sleep(0.05)  # still waiting when the step reaches the sync
+        wait_beside(handles)
+
+    monkeypatch.setattr(streaming, "_wait_all_beside", slow)
+    monkeypatch.setattr(DoneHandle, "step_waits", lambda self: told.append(threading.current_thread().name))
+    run_engine(
+        local(sync_period=1, sync_delay=1), 0, make_batches(torch.float32, workers=2), torch.float32, "int8", True
+    )
+    assert told and all(name.startswith("rank-") for name in told)
+
+
+def test_the_mpi_handles_hurry_their_polled_exchange_when_the_step_waits() -> None:
+    from concurrent.futures import Future
+
+    from hpc_localsgd.comm.mpi import _GatherHandle, _ThreadedHandle
+
+    buffer = torch.zeros(4)
+    gather, reduce = threading.Event(), threading.Event()
+    handles = [
+        _GatherHandle(Future(), buffer, buffer, (None, None), waited=gather),  # type: ignore[arg-type]
+        _ThreadedHandle(Future(), buffer, buffer, None, 1, waited=reduce),
+    ]
+    for handle in handles:
+        handle.step_waits()
+    assert gather.is_set() and reduce.is_set()
