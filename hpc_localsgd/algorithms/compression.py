@@ -257,7 +257,9 @@ class CompressedAverageHandle(Handle):
     """A compressed average in flight. Gathered (m ≤ 2): the gather, then decoding and the fp32 sum in
     ``wait``. Two-phase (m ≥ 3): the all-to-all; ``advance`` (at the same point on every rank) waits for
     it, sums this rank's chunk and starts gathering the re-encoded chunks; ``wait`` advances if not yet
-    done, waits for the gather and decodes."""
+    done, waits for the gather and decodes. Beside the step (the sync thread), ``sum_beside`` waits for
+    the all-to-all and sums the chunk before ``advance``, and ``wait_beside`` waits for the gather and
+    decodes before ``wait``; those then only start the gather and do the backend's bookkeeping."""
 
     def __init__(self, averager: CompressedAverager, comm: Communicator, pending: Handle, update: torch.Tensor) -> None:
         self._averager = averager
@@ -266,6 +268,7 @@ class CompressedAverageHandle(Handle):
         self._update = update
         self._first_phase = comm.replicas == 1 and averager.two_phase(comm)
         self._finished = False  # decoded beside the step; ``wait`` then only completes the bookkeeping
+        self._summed = False  # two-phase: this rank's chunk summed beside the step; ``advance`` only gathers
 
     def progress(self) -> None:
         if self._pending is not None:
@@ -281,9 +284,20 @@ class CompressedAverageHandle(Handle):
         every rank); nothing for a gathered one."""
         if self._pending is None or not self._first_phase:
             return
-        self._pending.wait()
+        self._pending.wait()  # after ``sum_beside``: the backend's bookkeeping only
+        if not self._summed:
+            self._averager._sum_chunk(self._comm, self._update)
         self._first_phase = False
-        self._pending = self._averager._share_chunk(self._comm, self._update)
+        self._pending = self._averager._gather_chunk(self._comm)
+
+    def sum_beside(self) -> None:
+        """Two-phase, on a thread beside the step: wait for the all-to-all (``Handle.wait_beside``) and sum
+        and re-encode this rank's chunk, so that ``advance`` only starts the gather. Nothing otherwise."""
+        if self._pending is None or not self._first_phase or self._summed:
+            return
+        self._pending.wait_beside()
+        self._averager._sum_chunk(self._comm, self._update)
+        self._summed = True
 
     def wait(self) -> None:
         self.advance()
@@ -467,9 +481,9 @@ class CompressedAverager:
         else:
             out.copy_(decode(self.codec, row, out.numel()))
 
-    def _share_chunk(self, comm: Communicator, update: torch.Tensor) -> Handle:
+    def _sum_chunk(self, comm: Communicator, update: torch.Tensor) -> None:
         """Two-phase, once the all-to-all is done: this rank's chunk summed over the ranks in rank order
-        in fp32 and divided, re-encoded (without error feedback) and gathered from every rank."""
+        in fp32 and divided, and re-encoded (with its own error feedback, where kept) for the gather."""
         received, rank, size = self._buffers["received"], comm.rank, comm.size
         a, b = self.chunk(size, rank)
         nbytes = encoded_bytes(self.codec, b - a)
@@ -484,7 +498,11 @@ class CompressedAverager:
         mine = self._buffer("chunk", (received.shape[1],))
         # error feedback for the re-encoding too (its error is added first), so nothing is lost
         self._encode_row(average, mine[:nbytes], self._average_error(comm))
-        return comm.iallgather(mine, self._buffer("gathered", tuple(received.shape)))
+
+    def _gather_chunk(self, comm: Communicator) -> Handle:
+        """Two-phase, the second phase: every rank's re-encoded chunk gathered from every rank."""
+        received = self._buffers["received"]
+        return comm.iallgather(self._buffers["chunk"], self._buffer("gathered", tuple(received.shape)))
 
     def _finish(self, comm: Communicator, update: torch.Tensor) -> None:
         self._in_flight = False

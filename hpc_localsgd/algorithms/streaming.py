@@ -38,15 +38,18 @@ first, or before the backward of its sync step if sooner (τ = 1). A sync still 
 checkpoint is written is waited for (``settle``), and its result is carried in the checkpoint, so a
 resumed run applies the same average at the same step.
 
-The sync thread (``comm.sync_thread``; where it applies: τ > 0, CPU models, no two-phase exchange).
-A rank's step thread takes Δ and applies x̄ (they read and write the model) and starts every
-collective, a worker's assembly of a fragment included. A thread of the rank's own encodes Δ (its
-shard, in a worker of several ranks) with error feedback and takes ‖Δ‖², and, once the average is
-started, waits for it and decodes it. The encoded update is sent before the next step's backward,
-or at the next point where the step thread meets the sync if that comes first (the end of a step, a
-checkpoint, the at-once apply at the run's end); there the step thread first waits for the encoding
-to finish. That is the same point on every rank. An fp32 update has nothing to encode: it is sent at
-once, as without the thread, and only waited for beside the step. So the collectives keep their
+The sync thread (``comm.sync_thread``; where it applies: τ > 0, CPU models). A rank's step thread
+takes Δ and applies x̄ (they read and write the model) and starts every collective, a worker's
+assembly of a fragment included. A thread of the rank's own encodes Δ (its shard, in a worker of
+several ranks) with error feedback and takes ‖Δ‖², and, once the average is started, waits for it
+and decodes it. The encoded update is sent before the next step's backward, or at the next point
+where the step thread meets the sync if that comes first (the end of a step, a checkpoint, the
+at-once apply at the run's end); there the step thread first waits for the encoding to finish. That
+is the same point on every rank. An fp32 update has nothing to encode: it is sent at once, as
+without the thread, and only waited for beside the step. In the two-phase exchange the update is
+encoded on the step's thread and sent at once, so that both phases keep their points; the sync
+thread waits for the all-to-all, sums and re-encodes the rank's chunk, and after the step has
+started the gather, waits for it and decodes. So the collectives keep their
 order, and the arithmetic is the same in the same order: the same bits as without the thread. On a
 rank with a core to spare that work leaves the step's path; on a rank of one core it only moves.
 """
@@ -87,6 +90,9 @@ class _InFlight:
     # then the wait for the average (and its decoding) under way there, until ``_complete`` takes it.
     encoded: Future[torch.Tensor] | None = None
     received: Future[None] | None = None
+    # Two-phase with the sync thread: the wait for the all-to-all and the sum of this rank's chunk there,
+    # until the step starts the second phase.
+    summed: Future[None] | None = None
 
 
 class StreamingSync:
@@ -185,7 +191,11 @@ class StreamingSync:
         self.no_sync_thread_because = self._why_not_beside(compression)
         self.uses_sync_thread = sync_thread and self.no_sync_thread_because is None
         self.beside = SerialThread("hpc-localsgd-sync") if self.uses_sync_thread else None
-        self._encodes_beside = self.uses_sync_thread and compression != "none"
+        # A two-phase exchange's update is encoded on the step's thread, so that its first phase starts at
+        # the take, as without the thread (its second phase waits for the first at fixed points).
+        self._encodes_beside = (
+            self.uses_sync_thread and compression != "none" and not CompressedAverager.two_phase(self.between)
+        )
         if self.beside is not None:
             weakref.finalize(self, self.beside.stop)
 
@@ -200,9 +210,6 @@ class StreamingSync:
             return f"the {self.between.name} backend cannot wait for a collective on another thread here"
         if any(g.flat.device.type != "cpu" for g in self.groups):
             return "a GPU model: the sync's passes are kernels on the step's stream already"
-        if compression != "none" and CompressedAverager.two_phase(self.between):
-            # its second phase starts at fixed points of the step, from the first's result
-            return "the two-phase exchange of 3 or more compressed workers"
         return None
 
     # --- the schedule ----------------------------------------------------------------------------------
@@ -298,12 +305,28 @@ class StreamingSync:
 
     def _advance(self, pending: _InFlight) -> None:
         """Start the second phase of the two-phase averages among ``pending``'s (a collective: at the same
-        point on every rank). Its wait for the first and its fp32 sum and re-encoding are the sync's cost."""
-        handles = [h for h in pending.handles if isinstance(h, CompressedAverageHandle) and h.before_second_phase]
-        if handles:
+        point on every rank). Its wait for the first and its fp32 sum and re-encoding are the sync's cost
+        (with the sync thread, the wait for that thread to have done them)."""
+        if self._second_phase_due(pending):
             with self.stats.timed():
-                for handle in handles:
-                    handle.advance()
+                self._start_second_phase(pending)
+
+    @staticmethod
+    def _second_phase_due(pending: _InFlight) -> bool:
+        return any(isinstance(h, CompressedAverageHandle) and h.before_second_phase for h in pending.handles)
+
+    def _start_second_phase(self, pending: _InFlight) -> None:
+        if pending.summed is not None:
+            if not pending.summed.done():
+                for handle in pending.handles:
+                    handle.step_waits()
+            pending.summed.result()  # re-raises an error of the sync thread here
+            pending.summed = None
+        for handle in pending.handles:
+            if isinstance(handle, CompressedAverageHandle):
+                handle.advance()
+        if self.beside is not None:
+            pending.received = self.beside.submit(_wait_all_beside, pending.handles)
 
     def _take_update(
         self, fragment: int, sync_step: int, anchors: list[torch.Tensor]
@@ -344,7 +367,11 @@ class StreamingSync:
             squared_norm = self._encode(fragment, updates, norms)
             handles = self._start_collectives(fragment, updates, squared_norm)
         pending = _InFlight(sync_step, updates, handles, squared_norm)
-        if self.beside is not None:
+        if self.beside is not None and self._second_phase_due(pending):
+            # Two-phase: the sync thread waits for the all-to-all and sums this rank's chunk; the gather
+            # starts where the step's second phase is due, and is then waited for beside it.
+            pending.summed = self.beside.submit(_sum_all_beside, handles)
+        elif self.beside is not None:
             pending.received = self.beside.submit(_wait_all_beside, handles)
         self.in_flight[fragment] = pending
 
@@ -423,6 +450,8 @@ class StreamingSync:
         pending = self.in_flight[fragment] if pending is None else pending
         if pending.encoded is not None:  # encoded beside the step, not sent yet (an average applied at once)
             self._start(fragment, pending)
+        if self._second_phase_due(pending):  # its point not reached (a checkpoint, an average applied at once)
+            self._start_second_phase(pending)
         if pending.received is not None:
             if not pending.received.done():
                 for handle in pending.handles:  # polled exchanges go at the pace of a waiting step
@@ -576,6 +605,12 @@ def _wait_all(handles: list[Handle]) -> None:
 def _wait_all_beside(handles: list[Handle]) -> None:
     for handle in handles:
         handle.wait_beside()
+
+
+def _sum_all_beside(handles: list[Handle]) -> None:
+    for handle in handles:
+        if isinstance(handle, CompressedAverageHandle):
+            handle.sum_beside()
 
 
 def _segment(group: FlatGroup, kind: str) -> tuple[int, int]:

@@ -417,8 +417,7 @@ class CommConfig:
         "decode it on a thread of the rank's own beside the training step, which then only takes Δ, starts "
         "the collectives and applies x̄; the same results either way. It pays where the rank has a core its "
         "torch threads leave free, and only moves the work where it has none; auto: on where the rank's cores "
-        "outnumber its torch threads (train.threads). CPU models; not with the two-phase exchange of 3 or "
-        "more compressed workers.",
+        "outnumber its torch threads (train.threads). CPU models.",
     )
     horovod_cycle_time_ms: float | None = setting(
         None,

@@ -103,6 +103,14 @@ _WORKERS2_INT8_DELAY1_SLOWMO_H4 = [
     "algorithm.ranks_per_worker=2",
     "comm.sync_compression=int8",
 ]
+_LEVEL2_BF16_FRAGMENTS2_DELAY1_H4 = [
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=4",
+    "algorithm.fragments=2",
+    "algorithm.sync_delay=1",
+    "algorithm.levels=[{ranks: 2, sync_period: 2}]",
+    "comm.sync_compression=bf16",
+]
 # Worker groups and levels, for 4 ranks (tests/mpi/test_worker_groups.py).
 HIERARCHY_CASES: dict[str, list[str]] = {
     "allreduce_4": ["algorithm.method=allreduce"],
@@ -129,14 +137,9 @@ HIERARCHY_CASES: dict[str, list[str]] = {
     # The same with the sync thread, whatever the machine's cores: each rank's shard encoded, waited for and
     # decoded beside the step, the worker's assembly on the step's thread.
     "workers2_int8_delay1_slowmo_H4_sync_thread": [*_WORKERS2_INT8_DELAY1_SLOWMO_H4, "comm.sync_thread=true"],
-    "level2_bf16_fragments2_delay1_H4": [
-        "algorithm.method=local_sgd",
-        "algorithm.sync_period=4",
-        "algorithm.fragments=2",
-        "algorithm.sync_delay=1",
-        "algorithm.levels=[{ranks: 2, sync_period: 2}]",
-        "comm.sync_compression=bf16",
-    ],
+    "level2_bf16_fragments2_delay1_H4": [*_LEVEL2_BF16_FRAGMENTS2_DELAY1_H4, "comm.sync_thread=false"],
+    # The same with the sync thread: the all-to-all's wait, the chunk's sum and the gather's wait beside the step.
+    "level2_bf16_fragments2_delay1_H4_sync_thread": [*_LEVEL2_BF16_FRAGMENTS2_DELAY1_H4, "comm.sync_thread=true"],
     # bf16 gradients between all 4 ranks (the two-phase exchange) before the switch, fp32 inside workers after.
     "workers2_post_local_bf16_gradients": [
         "algorithm.method=post_local_sgd",

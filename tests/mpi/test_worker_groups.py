@@ -30,6 +30,7 @@ RANKS_PER_WORKER = {
     "workers2_int8_delay1_slowmo_H4": 2,
     "workers2_int8_delay1_slowmo_H4_sync_thread": 2,
     "level2_bf16_fragments2_delay1_H4": 1,
+    "level2_bf16_fragments2_delay1_H4_sync_thread": 1,
     "workers2_post_local_bf16_gradients": 2,
 }
 
@@ -69,10 +70,16 @@ def test_workers_as_large_as_the_world_are_all_reduce_sgd(runs: dict[str, Path],
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_sync_thread_between_workers_gives_the_bits_of_the_step_thread(runs: dict[str, Path], backend: str) -> None:
-    """comm.sync_thread between workers of 2 ranks: the same parameters and counters, bit for bit, as
-    the run whose ranks kept every part of the sync on the step's thread."""
-    case = "workers2_int8_delay1_slowmo_H4"
+@pytest.mark.parametrize(
+    "case",
+    [
+        "workers2_int8_delay1_slowmo_H4",  # between workers of 2 ranks, each rank's shard gathered
+        "level2_bf16_fragments2_delay1_H4",  # among all 4 under a level: the two-phase exchange
+    ],
+)
+def test_the_sync_thread_gives_the_bits_of_the_step_thread(runs: dict[str, Path], backend: str, case: str) -> None:
+    """comm.sync_thread on 4 ranks: the same parameters and counters, bit for bit, as the run whose ranks
+    kept every part of the sync on the step's thread."""
     for rank in range(RANKS):
         want, got = load_state(runs, backend, case, rank), load_state(runs, backend, f"{case}_sync_thread", rank)
         for key in want:

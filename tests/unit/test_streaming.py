@@ -270,10 +270,8 @@ def assert_workers_match_the_reference(name: str, last_step: int | None) -> None
         ours, theirs = model.state_dict(), ref_model.state_dict()
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], **tolerance, msg=f"{name}: rank {rank} {key}")
-    # The sync thread encodes, waits and decodes each rank's shard; the worker's assembly stays on the step's.
-    between = 4 // cfg.ranks_per_worker
-    expected = cfg.sync_delay > 0 and (codec == "none" or between <= 2)
-    assert all(engine.streaming.uses_sync_thread == expected for _, engine in got), name
+    # With a delay the sync thread works on each rank's shard; the worker's assembly stays on the step's.
+    assert all(engine.streaming.uses_sync_thread == (cfg.sync_delay > 0) for _, engine in got), name
     if cfg.ranks_per_worker == 2:  # the ranks of a worker hold the same parameters, bit for bit
         for first, second in ((0, 1), (2, 3)):
             for (key, mine), theirs in zip(got[first][0].named_parameters(), got[second][0].parameters(), strict=True):
@@ -524,26 +522,27 @@ def test_bytes_are_counted_exactly(codec: SyncCompression) -> None:
         (2, 2, 5),  # τ = H: the sync of step 6 in flight, one step before its own step starts the next
     ],
 )
-# 3 workers: the two-phase exchange, in the step's thread; 2: gathered, encoded and waited for beside it.
+# 3 workers: the two-phase exchange; 2: gathered. With the sync thread and without.
 @pytest.mark.parametrize("workers", [3, 2])
+@pytest.mark.parametrize("thread", [True, False], ids=["sync_thread", "step_thread"])
 def test_resume_with_a_delayed_sync_in_flight_is_bit_exact(
-    sync_period: int, sync_delay: int, stop: int, workers: int
+    sync_period: int, sync_delay: int, stop: int, workers: int, thread: bool
 ) -> None:
     """Stop after ``stop`` steps with a delayed int8 sync in flight, save what a checkpoint saves, restore it
     into fresh engines and go on: the same parameters as never stopping."""
     cfg = local(sync_period=sync_period, sync_delay=sync_delay, outer="slowmo", slow_momentum=0.5)
     codec: SyncCompression = "int8"
     batches = make_batches(torch.float32, workers=workers)
-    uninterrupted = run_engine(cfg, 0, batches, torch.float32, codec, True)
+    uninterrupted = run_engine(cfg, 0, batches, torch.float32, codec, True, thread=thread)
     initial = make_model(torch.float32)
 
     def first_half(comm):
         model = copy.deepcopy(initial)
-        engine = make_engine(model, comm, cfg, 0, codec, True)
+        engine = make_engine(model, comm, cfg, 0, codec, True, thread=thread)
         for step, (x, y) in enumerate(batches[comm.rank][:stop]):
             engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
         assert engine.streaming is not None and 0 in engine.streaming.in_flight  # mid-delay
-        assert (engine.streaming.beside is not None) == (workers == 2)
+        assert engine.streaming.uses_sync_thread == thread
         saved = (
             {k: v.clone() for k, v in engine.rank_state().items()},
             {k: v.clone() for k, v in engine.shared_state().items()},
@@ -556,7 +555,7 @@ def test_resume_with_a_delayed_sync_in_flight_is_bit_exact(
 
     def second_half(comm):
         model = copy.deepcopy(initial)
-        engine = make_engine(model, comm, cfg, 0, codec, True)
+        engine = make_engine(model, comm, cfg, 0, codec, True, thread=thread)
         rank_state, shared, counters = saved[comm.rank]
         engine.load_state(rank_state, shared, stop)
         for name, live in engine.int_buffers().items():
@@ -626,26 +625,32 @@ def test_one_rank_sends_nothing() -> None:
     assert engine.last_sync is not None and engine.last_sync.outer_step
 
 
-# The sync thread (comm.sync_thread). Between 2 workers a compressed average is one gather, so every codec's
-# encoding, wait and decoding run beside the step; the results are the bits of the step's own thread.
+# The sync thread (comm.sync_thread). Between 2 workers a compressed average is one gather: its encoding, wait
+# and decoding run beside the step. Among 3 it is two-phase: encoded on the step's thread, the all-to-all's
+# wait, the chunk's sum and re-encoding and the gather's wait and decoding beside it. The results are the
+# bits of the step's own thread.
 THREAD_CASES = {
-    "int8_feedback_H1_delay1": (local(sync_period=1, sync_delay=1), "int8", True),
+    "int8_feedback_H1_delay1": (local(sync_period=1, sync_delay=1), "int8", True, 2),
     "int8_feedback_H2_delay2_slowmo": (
         local(sync_period=2, sync_delay=2, outer="slowmo", slow_momentum=0.5),
         "int8",
         True,
+        2,
     ),
-    "bf16_fragments2_delay1_mix": (local(sync_period=4, fragments=2, sync_delay=1, sync_mix=0.5), "bf16", False),
-    "none_delay3_H4_nesterov": (local(sync_period=4, sync_delay=3, outer="nesterov"), "none", False),
+    "bf16_fragments2_delay1_mix": (local(sync_period=4, fragments=2, sync_delay=1, sync_mix=0.5), "bf16", False, 2),
+    "none_delay3_H4_nesterov": (local(sync_period=4, sync_delay=3, outer="nesterov"), "none", False, 2),
+    "two_phase_int8_feedback_H1_delay1": (local(sync_period=1, sync_delay=1), "int8", True, 3),
+    "two_phase_int8_feedback_H2_delay2": (local(sync_period=2, sync_delay=2), "int8", True, 3),
+    "two_phase_bf16_fragments2_delay2": (local(sync_period=4, fragments=2, sync_delay=2), "bf16", False, 3),
 }
 
 
 @pytest.mark.parametrize("last_step", [None, 15])
 @pytest.mark.parametrize("name", list(THREAD_CASES))
 def test_the_sync_thread_gives_the_bits_of_the_step_thread(name: str, last_step: int | None, monkeypatch) -> None:
-    cfg, codec, feedback = THREAD_CASES[name]
+    cfg, codec, feedback, workers = THREAD_CASES[name]
     dtype = torch.float64 if codec == "none" else torch.float32
-    batches = [steps[: last_step or STEPS] for steps in make_batches(dtype, workers=2)]
+    batches = [steps[: last_step or STEPS] for steps in make_batches(dtype, workers=workers)]
     # Where the encoding and the waits ran: a compressed Δ is encoded on the sync thread, an fp32 Δ (nothing
     # to encode) on the step's; the averages are waited for on the sync thread.
     encoded_on: list[str] = []
@@ -663,7 +668,7 @@ def test_the_sync_thread_gives_the_bits_of_the_step_thread(name: str, last_step:
     monkeypatch.setattr(StreamingSync, "_encode", encoding)
     monkeypatch.setattr(streaming, "_wait_all_beside", waiting)
     beside = run_engine(cfg, 0, batches, dtype, codec, feedback, last_step, thread=True)
-    encoding_thread = "hpc-localsgd-sync" if codec != "none" else "rank-"
+    encoding_thread = "hpc-localsgd-sync" if codec != "none" and workers == 2 else "rank-"
     assert encoded_on and all(name.startswith(encoding_thread) for name in encoded_on)
     assert waited_on and set(waited_on) == {"hpc-localsgd-sync"}
     encoded_on.clear()
@@ -685,7 +690,6 @@ def test_the_sync_thread_gives_the_bits_of_the_step_thread(name: str, last_step:
 @pytest.mark.parametrize(
     ("cfg", "codec", "workers"),
     [
-        (local(sync_period=4, sync_delay=1), "int8", 3),  # two-phase: its second phase starts at fixed points
         (local(sync_period=4, fragments=2), "int8", 2),  # no delay: the average is waited for where it starts
     ],
 )
