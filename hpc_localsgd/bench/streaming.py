@@ -93,7 +93,7 @@ def _bytes_figure(variant: SyncVariant, engine: AveragingEngine) -> Figure:
 
 _THREADS = {
     "step": "the step's thread (compute, and the sync's work left on it)",
-    "sync": "the sync thread (encoding, the wait for the average, decoding)",
+    "sync": "the sync thread (encoding, the waits for the average, its sums and decoding)",
     "communication": "the backend's communication thread (its MPI calls and sums; every loop's)",
 }
 
