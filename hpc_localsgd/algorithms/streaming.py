@@ -49,9 +49,9 @@ is the same point on every rank. An fp32 update has nothing to encode: it is sen
 without the thread, and only waited for beside the step. In the two-phase exchange the update is
 encoded on the step's thread and sent at once, so that both phases keep their points; the sync
 thread waits for the all-to-all, sums and re-encodes the rank's chunk, and after the step has
-started the gather, waits for it and decodes. So the collectives keep their
-order, and the arithmetic is the same in the same order: the same bits as without the thread. On a
-rank with a core to spare that work leaves the step's path; on a rank of one core it only moves.
+started the gather, waits for it and decodes. So the collectives keep their order, and the
+arithmetic is the same in the same order: the same bits as without the thread. On a rank with a
+core to spare that work leaves the step's path; on a rank of one core it only moves.
 """
 
 from __future__ import annotations
@@ -316,11 +316,10 @@ class StreamingSync:
         return any(isinstance(h, CompressedAverageHandle) and h.before_second_phase for h in pending.handles)
 
     def _start_second_phase(self, pending: _InFlight) -> None:
+        """The gathers of ``pending``'s two-phase averages, once their chunks are summed (by the sync thread,
+        where there is one; it then waits for the gathers)."""
         if pending.summed is not None:
-            if not pending.summed.done():
-                for handle in pending.handles:
-                    handle.step_waits()
-            pending.summed.result()  # re-raises an error of the sync thread here
+            _join_beside(pending.summed, pending.handles)
             pending.summed = None
         for handle in pending.handles:
             if isinstance(handle, CompressedAverageHandle):
@@ -453,10 +452,7 @@ class StreamingSync:
         if self._second_phase_due(pending):  # its point not reached (a checkpoint, an average applied at once)
             self._start_second_phase(pending)
         if pending.received is not None:
-            if not pending.received.done():
-                for handle in pending.handles:  # polled exchanges go at the pace of a waiting step
-                    handle.step_waits()
-            pending.received.result()  # re-raises an error of the sync thread here
+            _join_beside(pending.received, pending.handles)
             pending.received = None
         for handle in pending.handles:
             handle.wait()  # after a wait beside the step, the backend's bookkeeping only
@@ -605,6 +601,15 @@ def _wait_all(handles: list[Handle]) -> None:
 def _wait_all_beside(handles: list[Handle]) -> None:
     for handle in handles:
         handle.wait_beside()
+
+
+def _join_beside(work: Future[None], handles: list[Handle]) -> None:
+    """Wait for the sync thread's ``work`` on ``handles``; where the step gets there first, the handles hear
+    that it waits (mpi's polled exchanges then go at a waiting step's pace)."""
+    if not work.done():
+        for handle in handles:
+            handle.step_waits()
+    work.result()  # re-raises an error of the sync thread here
 
 
 def _sum_all_beside(handles: list[Handle]) -> None:
