@@ -108,11 +108,9 @@ def test_the_start_line_says_why_an_asked_for_sync_thread_cannot_run(tmp_path: P
         ("comm.sync_thread=true", "algorithm.sync_delay=1"): ", no sync thread (one worker: nothing to average) |",
         simulated: None,
     }
-    for extra, expected in cases.items():
+    for number, (extra, expected) in enumerate(cases.items()):
         lines: list[str] = []
-        cfg = load_config(
-            None, [*OVERRIDES, "train.epochs=0.1", *extra, f"output.run_dir={tmp_path / str(len(extra))}"]
-        )
+        cfg = load_config(None, [*OVERRIDES, "train.epochs=0.1", *extra, f"output.run_dir={tmp_path / str(number)}"])
         train(cfg, print_fn=lines.append)
         start = next(line for line in lines if line.startswith("hpc-localsgd: local SGD"))
         if expected is None:
