@@ -159,6 +159,7 @@ def _bench(args: argparse.Namespace) -> int:
             "io_dir",
             "threads",
             "sync_thread",
+            "compare_sync_thread",
             "device",
             "projection_step_seconds",
             "ranks_per_worker",
@@ -362,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="true|false",
         help="comm.sync_thread of the measured engine: a delayed sync's encoding, wait and decoding beside "
         "the step (default: auto, on where a rank has a core its torch threads leave free)",
+    )
+    plan.add_argument(
+        "--compare-sync-thread",
+        type=_true_or_false,
+        metavar="true|false",
+        help="the streaming phase measures each overlapped configuration without and with the sync thread, "
+        "alternating within every repetition (<variant>_sync_thread; default false)",
     )
     plan.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     plan.add_argument(

@@ -17,7 +17,7 @@ from ..config import build, setting
 from ..config.fields import check_declared
 from ..config.schema import Precision
 from ..errors import UserError
-from .variants import VARIANT_NAMES
+from .variants import VARIANT_NAMES, VARIANTS
 
 PHASES = ("averaging", "throughput", "streaming", "precision", "simulation", "hierarchy", "slowmo", "checkpoint")
 PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
@@ -100,6 +100,12 @@ class BenchOptions:
     sync_thread: bool | None = setting(
         None, "comm.sync_thread of the measured engine (null: auto, on where a rank has a core to spare)."
     )
+    compare_sync_thread: bool = setting(
+        False,
+        "The streaming phase measures each overlapped configuration (sync_delay > 0) without and with "
+        "comm.sync_thread, alternating within every repetition: the second is <variant>_sync_thread, and "
+        "streaming.<variant>.sync_thread_speedup pairs the two repetition by repetition.",
+    )
     device: str = setting("auto", "auto, cpu or cuda[:N].", rule="'auto', 'cpu' or 'cuda[:N]'")
     ranks_per_worker: int | None = setting(
         None,
@@ -176,6 +182,18 @@ class BenchOptions:
             need(
                 name in VARIANT_NAMES,
                 f"--streaming-variants: unknown configuration {name!r}; choose from {', '.join(VARIANT_NAMES)}",
+            )
+        if self.compare_sync_thread:
+            need(
+                self.sync_thread is None,
+                "--compare-sync-thread: measures comm.sync_thread off and on; leave --sync-thread out",
+            )
+            need("streaming" in self.phases, "--compare-sync-thread: needs the streaming phase (--phases)")
+            overlapped = [v.name for v in VARIANTS if v.name in self.streaming_variants and v.overlapped]
+            need(
+                bool(overlapped),
+                "--compare-sync-thread: none of --streaming-variants overlaps its sync (sync_delay > 0), "
+                "and only those use the sync thread",
             )
         need(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),

@@ -21,8 +21,9 @@ from .stats import Figure
 # 1.1: the hierarchy phase, measurement.ranks_per_worker, projection.two_fabrics; 1.2: the streaming,
 # precision and simulation phases; 1.3: allreduce_over_horovod isolates Horovod from the package's windows
 # (other backends), figure allreduce_around_horovod in place of allreduce_with_horovod_running; 1.4:
-# measurement.streaming_variants; 1.5: measurement.sync_thread, streaming.<variant>.cpu_per_step.<thread>
-SCHEMA_VERSION = "1.5"
+# measurement.streaming_variants; 1.5: measurement.sync_thread, streaming.<variant>.cpu_per_step.<thread>;
+# 1.6: measurement.sync_thread "compared", <variant>_sync_thread and streaming.<variant>.sync_thread_speedup
+SCHEMA_VERSION = "1.6"
 SUMMARY_PREFIX = "hpc-localsgd-bench:"
 
 # Figures named in the summary line, with their keys there (ReFrame and grep read these).

@@ -21,7 +21,7 @@ from ..algorithms.network import Interconnect, emulated_link, ring_allreduce_sec
 from ..launcher.env import emulated_link_rate
 from .phases import BenchContext, _interleaved_windows, _Measured, _rate, _Window
 from .stats import Figure, slowest
-from .variants import HALF_BYTES_TARGET, INT8_BYTES_TARGET, VARIANTS, SyncVariant
+from .variants import HALF_BYTES_TARGET, INT8_BYTES_TARGET, SYNC_THREAD_SUFFIX, VARIANTS, SyncVariant
 from .workload import EngineLoop
 
 
@@ -115,12 +115,25 @@ def _cpu_figures(variant: SyncVariant, engine: AveragingEngine, measured: _Measu
     ]
 
 
+def _with_sync_thread_twins(variants: list[SyncVariant]) -> list[SyncVariant]:
+    """Each overlapped configuration without and then with the sync thread, side by side in every
+    repetition; the others (their syncs block, and the thread takes none) once, as they are."""
+    return [
+        twin
+        for variant in variants
+        for twin in (
+            (variant.with_sync_thread(False), variant.with_sync_thread(True)) if variant.overlapped else (variant,)
+        )
+    ]
+
+
 def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
     """Every variant's windows (whole sync periods; each goes on from the step its variant's last one
     ended at, so that at sync_delay = sync_period the average in flight at a window's end is applied in
     the next), against the bare limit measured before any communication library started."""
     options = ctx.options
-    chosen = [v for v in VARIANTS if v.name in options.streaming_variants]
+    asked = [v for v in VARIANTS if v.name in options.streaming_variants]
+    chosen = _with_sync_thread_twins(asked) if options.compare_sync_thread else asked
     loops = {
         v.name: EngineLoop(
             f"streaming_{v.name}",
@@ -132,17 +145,27 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
             fragments=v.fragments,
             compression=v.compression,
             gradient_compression=v.gradient_compression,
+            sync_thread=v.sync_thread,
         )
         for v in chosen
     }
+    for v in [v for v in chosen if v.sync_thread]:
+        streaming = loops[v.name].engine.streaming
+        if streaming is None or not streaming.uses_sync_thread:
+            # The same reason on every rank (backend, world, device), so every rank drops the twin.
+            why = "no delayed sync" if streaming is None else streaming.no_sync_thread_because
+            ctx.skip(f"streaming.{v.name}", f"the sync thread cannot run here: {why}")
+            loops.pop(v.name).close()
+            chosen.remove(v)
     windows = {v.name: _Window(loops[v.name], options.window_steps(v.sync_period)) for v in chosen}
     measured = _interleaved_windows(ctx, windows)
     for loop in loops.values():
         loop.close()
     bare_rate = float(np.median(_rate(ctx, _Measured(options.window_steps(), slowest(ctx.comm, bare_seconds), [], []))))
+    rates: dict[str, list[float]] = {}
     for variant in chosen:
         m = measured[variant.name]
-        rate = _rate(ctx, m)
+        rate = rates[variant.name] = _rate(ctx, m)
         engine = loops[variant.name].engine
         ctx.add(
             Figure(
@@ -170,6 +193,18 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
             _bytes_figure(variant, engine),
             *_cpu_figures(variant, engine, m),
         )
+    for variant in asked:
+        twin = variant.name + SYNC_THREAD_SUFFIX
+        if twin in rates:
+            ctx.add(
+                Figure(
+                    f"streaming.{variant.name}.sync_thread_speedup",
+                    "streaming",
+                    f"{variant.describe()}: samples/s with the sync thread over without, paired per repetition",
+                    "ratio",
+                    [on / off for on, off in zip(rates[twin], rates[variant.name], strict=True)],
+                )
+            )
     numel = sum(p.numel() for p in next(iter(loops.values())).model.parameters())
     link_rate = emulated_link_rate()
     if link_rate:

@@ -3,6 +3,7 @@ codecs, kept apart from the measurement so that the options can check ``--stream
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..config.schema import GradientCompression, Method, SyncCompression
@@ -11,6 +12,7 @@ from .stats import Target
 OVERLAP_TARGET = Target(">=", 0.95)  # H = 4 with its sync overlapped by 3 steps
 COMPRESSED_TARGET = Target(">=", 0.80)  # int8 with error feedback, every step, overlapped by one
 INT8_BYTES_TARGET = Target("<=", 0.27)
+SYNC_THREAD_SUFFIX = "_sync_thread"  # the twin of a configuration measured with comm.sync_thread on
 HALF_BYTES_TARGET = Target("<=", 0.5)
 
 
@@ -24,11 +26,22 @@ class SyncVariant:
     target: Target | None = None
     method: Method = "local_sgd"
     gradient_compression: GradientCompression = "none"
+    # comm.sync_thread of this configuration's engine (None: the bench's --sync-thread, auto by default).
+    sync_thread: bool | None = None
 
     @property
     def synchronous(self) -> bool:
         """All-reduce SGD: its gradients travel every step, overlapped with backward."""
         return self.method == "allreduce"
+
+    @property
+    def overlapped(self) -> bool:
+        """Its global sync travels while steps run (``sync_delay`` > 0): the only syncs the sync thread takes."""
+        return not self.synchronous and self.sync_delay > 0
+
+    def with_sync_thread(self, on: bool) -> SyncVariant:
+        """This configuration with comm.sync_thread set; the one with the thread is named ``<name>_sync_thread``."""
+        return dataclasses.replace(self, name=self.name + SYNC_THREAD_SUFFIX if on else self.name, sync_thread=on)
 
     @property
     def codec(self) -> SyncCompression:
@@ -46,6 +59,8 @@ class SyncVariant:
         if self.compression != "none":
             feedback = " with error feedback" if self.compression == "int8" else ""
             parts.append(f"{self.compression} updates{feedback}")
+        if self.sync_thread is not None:
+            parts.append("sync thread beside the step" if self.sync_thread else "no sync thread")
         return ", ".join(parts)
 
 

@@ -123,12 +123,14 @@ class EngineLoop:
         compression: SyncCompression = "none",
         compiled: bool = False,
         gradient_compression: GradientCompression = "none",
+        sync_thread: bool | None = None,
     ) -> None:
         """``hierarchy``: worker groups (None: every rank is a worker). With workers of several ranks the
         engine averages gradients inside each worker every local step and the model over all ranks
         every ``sync_period`` steps. ``sync_delay``, ``fragments``, ``compression``: the streaming and
         compressed global syncs (with error feedback for int8, as training's auto);
-        ``gradient_compression``: the synchronous steps' gradients in half precision."""
+        ``gradient_compression``: the synchronous steps' gradients in half precision; ``sync_thread``:
+        comm.sync_thread for this engine (None: the config's, auto by default)."""
         self.name = name
         self.workload = workload
         cfg = workload.cfg
@@ -160,7 +162,11 @@ class EngineLoop:
             compression=compression,
             error_feedback=compression == "int8",
             gradient_compression=gradient_compression,
-            sync_thread=cfg.comm.uses_sync_thread(spare_cores(torch.get_num_threads(), comm.layout)),
+            sync_thread=(
+                cfg.comm.uses_sync_thread(spare_cores(torch.get_num_threads(), comm.layout))
+                if sync_thread is None
+                else sync_thread
+            ),
         )
         self.engine.broadcast_initial_state()
         # As training feeds them (train/device.py): the weights keep the flat buffer's layout.

@@ -449,3 +449,50 @@ def test_the_streaming_phase_says_where_the_cpu_goes(tmp_path: Path) -> None:
         assert by_id[f"streaming.{variant}.cpu_per_step.communication"]["median"] > 0
     assert by_id["streaming.h1_int8_delay1.cpu_per_step.sync"]["median"] > 0
     assert "streaming.h4.cpu_per_step.sync" not in by_id
+
+
+def test_the_streaming_phase_compares_the_sync_thread_off_and_on(tmp_path: Path) -> None:
+    """``--compare-sync-thread``: each overlapped configuration twice, without and with the sync thread,
+    in the same repetitions; a blocking one once. The paired figure is the two rates' ratio repetition by
+    repetition, and only the twin with the thread has a sync thread's CPU."""
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--phases", "streaming", "--streaming-variants", "h4,h1_int8_delay1", "--steps", "4"]
+    proc = run_mpi(2, bench(*args, "--backend", "mpi", "--compare-sync-thread", "true", "--out", str(out)), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, SCHEMA)
+    assert document["measurement"]["sync_thread"] == "compared"
+    assert document["skipped"] == []
+    by_id = figures(document)
+    measured = [f["id"].split(".")[1] for f in document["figures"] if f["id"].endswith(".efficiency")]
+    assert measured == ["h4", "h1_int8_delay1", "h1_int8_delay1_sync_thread"]
+    off, on = (by_id[f"streaming.{name}.samples_per_s"]["samples"] for name in measured[1:])
+    speedup = by_id["streaming.h1_int8_delay1.sync_thread_speedup"]["samples"]
+    assert speedup == pytest.approx([a / b for a, b in zip(on, off, strict=True)]) and len(speedup) == 3
+    assert "streaming.h4.sync_thread_speedup" not in by_id
+    assert by_id["streaming.h1_int8_delay1_sync_thread.cpu_per_step.sync"]["median"] > 0
+    assert "streaming.h1_int8_delay1.cpu_per_step.sync" not in by_id
+    # Both carry the configuration's target and send the same bytes.
+    for name in measured[1:]:
+        assert by_id[f"streaming.{name}.efficiency"]["target"] == {"op": ">=", "value": 0.8}
+    assert (
+        by_id["streaming.h1_int8_delay1_sync_thread.bytes_per_sync"]["median"]
+        == (by_id["streaming.h1_int8_delay1.bytes_per_sync"]["median"])
+    )
+
+
+def test_a_sync_thread_that_cannot_run_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    """One rank has nothing to average beside its step: the twin is left out and the JSON says why."""
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--phases", "streaming", "--streaming-variants", "h1_int8_delay1", "--steps", "2"]
+    proc = run_mpi(
+        1, bench(*args, "--backend", "single", "--compare-sync-thread", "true", "--out", str(out)), timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, SCHEMA)
+    reason = "the sync thread cannot run here: one worker: nothing to average"
+    assert document["skipped"] == [{"id": "streaming.h1_int8_delay1_sync_thread", "reason": reason}]
+    assert f"skipped streaming.h1_int8_delay1_sync_thread: {reason}" in proc.stdout
+    assert "streaming.h1_int8_delay1.efficiency" in figures(document)
+    assert not [f for f in figures(document) if "sync_thread" in f]

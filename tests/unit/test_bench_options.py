@@ -24,12 +24,37 @@ from hpc_localsgd.errors import UserError
             "--streaming-variants: unknown configuration 'h4_delay9'; choose from " + ", ".join(VARIANT_NAMES),
         ),
         ({"streaming_variants": ()}, "--streaming-variants: choose at least one configuration"),
+        (
+            {"compare_sync_thread": True, "sync_thread": True},
+            "--compare-sync-thread: measures comm.sync_thread off and on; leave --sync-thread out",
+        ),
+        ({"compare_sync_thread": True}, "--compare-sync-thread: needs the streaming phase (--phases)"),
     ],
 )
 def test_bad_options_name_the_option(given: dict, message: str) -> None:
     with pytest.raises(UserError) as info:
         BenchOptions.from_given(quick=True, phases=("averaging",), **given).validate()
     assert str(info.value) == message
+
+
+def test_comparing_the_sync_thread_needs_an_overlapped_configuration() -> None:
+    """Only a sync that travels while steps run (sync_delay > 0) uses the sync thread; the others would
+    measure the same configuration twice."""
+    blocking = tuple(v.name for v in VARIANTS if not v.overlapped)
+    assert {"allreduce", "h1", "h4", "h1_int8"} <= set(blocking)
+
+    def options(*variants: str) -> BenchOptions:
+        return BenchOptions.from_given(
+            quick=True, phases=("streaming",), streaming_variants=variants, compare_sync_thread=True
+        )
+
+    with pytest.raises(UserError) as info:
+        options(*blocking).validate()
+    assert str(info.value) == (
+        "--compare-sync-thread: none of --streaming-variants overlaps its sync (sync_delay > 0), "
+        "and only those use the sync thread"
+    )
+    options(*blocking, "h4_delay3").validate()
 
 
 def test_quick_defaults_yield_to_given_options() -> None:
