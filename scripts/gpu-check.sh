@@ -20,7 +20,14 @@
 #      (25,557,032 float32 values) in bf16 and int8 with error feedback, as the engine does it per sync:
 #      its time, and the same bits as on the CPU;
 #   6. what train.compile buys: check 3's problem with both loops also through torch.compile, paired
-#      with the eager ones (bench --phases precision --compile true; the compilation is untimed).
+#      with the eager ones (bench --phases precision --compile true; the compilation is untimed);
+#   7. (only when asked: CHECKS=7; about 5 minutes on 16 cores) the emulated 1 Gb/s network of
+#      launcher/slownet.py on the machine's CPUs, 2 ranks of ResNet-50 at 32x32, each with half the cores and
+#      one torch thread: H = 4 overlapped by 3 and int8 with error feedback at H = 1 overlapped by 1, each
+#      without and with comm.sync_thread in every repetition (bench --compare-sync-thread true). It needs
+#      root, mpirun, and ip and tc: where the machine has none, carry them from one that has
+#      (scripts/iproute2-bundle.sh writes .iproute2/, which this script puts first on PATH; IPROUTE2=DIR
+#      names another folder).
 # Without a GPU it runs the same checks on the CPU where they make sense (1 in fp32 and bf16, 2 with the
 # CPU as both sides, 3 and 4 on small problems) and says which it skipped: a test of the script's logic.
 set -uo pipefail
@@ -256,6 +263,34 @@ EOF
     say "5 encode + decode + error feedback of 25.6 M float32 values on $DEVICE: PASS $codecs; MEASURED median of 5"
   else
     say "5 compression codecs on $DEVICE: FAIL $(tail -n 1 <<<"$codecs")"
+    failed=1
+  fi
+fi
+
+# --- 7. the sync thread on the emulated slow network, on the machine's CPUs ---------------------------------
+if [[ $CHECKS == *" 7 "* ]]; then
+  bundle=${IPROUTE2:-$PWD/.iproute2}
+  [[ -x $bundle/bin/ip && -x $bundle/bin/tc ]] && export PATH="$bundle/bin:$PATH"
+  if [[ $DEVICE == cuda ]]; then
+    slownet_args=(--model resnet50 --batch 32 --image-size 32 --classes 10 --steps 12 --warmup 1 --repeats 5)
+  else  # the logic on a small problem
+    slownet_args=(--model smallcnn --batch 8 --image-size 32 --classes 10 --steps 4 --warmup 1 --repeats 2)
+  fi
+  variants=(h4_delay3 h1_int8_delay1)
+  if "$PY" -m hpc_localsgd.launcher.slownet 2 1gbit -- "$(command -v "$PY")" -m hpc_localsgd bench \
+    --phases streaming --streaming-variants "$(IFS=,; echo "${variants[*]}")" --backend mpi --device cpu \
+    --threads 1 --compare-sync-thread true "${slownet_args[@]}" --out "$OUT/bench-slownet.json" \
+    >"$OUT/bench-slownet.log" 2>&1; then
+    measured="ip $(command -v ip), $(nproc) cores"
+    for variant in "${variants[@]}"; do
+      measured+="; $variant efficiency without the sync thread $(figure "$OUT/bench-slownet.json" \
+        "streaming.$variant.efficiency"), with it $(figure "$OUT/bench-slownet.json" \
+        "streaming.${variant}_sync_thread.efficiency"), speed-up $(figure "$OUT/bench-slownet.json" \
+        "streaming.$variant.sync_thread_speedup")"
+    done
+    say "7 sync thread off/on, emulated 1 Gb/s, 2 ranks of ${slownet_args[1]} on the CPUs: MEASURED $measured"
+  else
+    say "7 sync thread on the emulated network: FAIL $(tail -n 1 "$OUT/bench-slownet.log")"
     failed=1
   fi
 fi

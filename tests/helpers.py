@@ -100,3 +100,17 @@ def run_mpi(
             pytrace=False,
         )
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def run_gpu_check(out: Path, checks: str, **env: str) -> subprocess.CompletedProcess:
+    """``scripts/gpu-check.sh OUT`` with only ``checks`` (its CHECKS), this session's interpreter and no GPU
+    visible (its CPU fallback); ``env`` adds to the environment."""
+    full_env = {**os.environ, **MPI_TEST_ENV, "PYTHON": sys.executable, "CHECKS": checks, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "gpu-check.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env={**full_env, **env},
+        cwd=REPO_ROOT,
+        timeout=300,
+    )

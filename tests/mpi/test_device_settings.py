@@ -4,7 +4,6 @@ the syncs, and the start-up line says how the run sits on its device and how its
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc_localsgd.io.metrics import read_metrics
-from tests.helpers import REPO_ROOT, run_mpi
+from tests.helpers import REPO_ROOT, run_gpu_check, run_mpi
 from tests.mpi.cases import BASE
 from tests.mpi.test_cli import cli, empty_config, sets
 
@@ -58,15 +57,7 @@ def test_compile_with_the_simulated_backend_is_refused_in_one_line(tmp_path: Pat
 def test_gpu_check_script_runs_its_cpu_fallback(tmp_path: Path) -> None:
     """scripts/gpu-check.sh without a GPU: check 2's logic (torchrun ranks against the simulation) on the CPU,
     for both of its variants."""
-    env = {**os.environ, "PYTHON": sys.executable, "CHECKS": "2", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        ["bash", str(REPO_ROOT / "scripts" / "gpu-check.sh"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-        timeout=300,
-    )
+    proc = run_gpu_check(tmp_path, "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("gpu-check: device: no CUDA device visible"), proc.stdout

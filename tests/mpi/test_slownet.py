@@ -9,6 +9,7 @@ harness's one line (never a skip).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -24,7 +25,7 @@ from hpc_localsgd.launcher.slownet import (
     existing_namespaces,
     slow_network,
 )
-from tests.helpers import MPI_TEST_ENV, REPO_ROOT
+from tests.helpers import MPI_TEST_ENV, REPO_ROOT, run_gpu_check
 
 DRIVER = str(REPO_ROOT / "tests" / "mpi" / "slownet_driver.py")
 RATE_BITS = 100_000_000  # "100mbit": slow enough that the payload's time dwarfs latency, fast enough for CI
@@ -144,6 +145,35 @@ def test_the_transfer_breakdown_script_times_each_way_of_waiting_on_the_link() -
     alone_seconds, *cpu = (float(value) for value in machine.groups())
     assert sum(cpu) >= alone_seconds, report
     assert ours("hlsgd-transfer") == set()
+
+
+def test_gpu_check_compares_the_sync_thread_on_the_emulated_network_with_carried_tools(tmp_path: Path) -> None:
+    """scripts/gpu-check.sh check 7 as a machine without iproute2 runs it: ip and tc packed by
+    scripts/iproute2-bundle.sh (run through their own loader), the emulated network on the CPUs, the two
+    target configurations without and with the sync thread in one bench run, and nothing left behind."""
+    bundle = tmp_path / "iproute2"
+    packed = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "iproute2-bundle.sh"), str(bundle)], capture_output=True, text=True
+    )
+    assert packed.returncode == 0, packed.stdout + packed.stderr
+    assert sorted(path.name for path in (bundle / "bin").iterdir()) == ["ip", "tc"]
+    before = existing_namespaces()
+    out = tmp_path / "out"
+    proc = run_gpu_check(out, "7", IPROUTE2=str(bundle))
+    report = proc.stdout + proc.stderr + (out / "bench-slownet.log").read_text(errors="replace")
+    assert proc.returncode == 0, report
+    lines = proc.stdout.splitlines()
+    check = [line for line in lines if line.startswith("gpu-check: 7 ")]
+    assert len(check) == 1 and ": MEASURED ip " + str(bundle / "bin" / "ip") + "," in check[0], report
+    for variant in ("h4_delay3", "h1_int8_delay1"):
+        assert f"; {variant} efficiency without the sync thread " in check[0], report
+    assert lines[-1].startswith("gpu-check: all checks passed"), report
+    document = json.loads((out / "bench-slownet.json").read_text())
+    assert document["measurement"]["sync_thread"] == "compared"
+    assert document["world"]["size"] == 2 and document["skipped"] == []
+    speedups = [f["id"] for f in document["figures"] if f["id"].endswith(".sync_thread_speedup")]
+    assert speedups == ["streaming.h4_delay3.sync_thread_speedup", "streaming.h1_int8_delay1.sync_thread_speedup"]
+    assert existing_namespaces() == before
 
 
 def test_ranks_get_contiguous_shares_of_the_cores_as_on_one_node() -> None:
