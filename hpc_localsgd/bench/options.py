@@ -149,6 +149,12 @@ class BenchOptions:
         base = cls.quick_defaults() if quick else {}
         return build(cls, {**base, **chosen, "quick": quick}, name=_flag)
 
+    def sync_thread_measured(self) -> bool | str:
+        """The JSON's measurement.sync_thread: true, false, auto, or compared (off and on, side by side)."""
+        if self.compare_sync_thread:
+            return "compared"
+        return "auto" if self.sync_thread is None else self.sync_thread
+
     def validate(self) -> None:
         """Raise ``UserError`` (one line, exit 2) for anything wrong, before any communication.
 

@@ -221,13 +221,7 @@ def run_bench(
         "precisions": list(options.precisions) if "precision" in options.phases else [],
         "simulated_workers": options.simulated_workers if "simulation" in options.phases else None,
         "streaming_variants": list(options.streaming_variants) if "streaming" in options.phases else [],
-        "sync_thread": (
-            "compared"
-            if options.compare_sync_thread
-            else "auto"
-            if options.sync_thread is None
-            else options.sync_thread
-        ),
+        "sync_thread": options.sync_thread_measured(),
         "method": METHOD,
     }
     ctx.close()
