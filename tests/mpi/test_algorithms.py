@@ -145,7 +145,9 @@ def test_the_sync_thread_trains_to_the_bits_of_the_step_thread(
         inline = load_state(thread_runs, backend, f"{codec}_step_thread", rank)
         for key in inline:
             np.testing.assert_array_equal(beside[key], inline[key], err_msg=f"{backend} rank {rank} {key}")
-            np.testing.assert_allclose(beside[key], reference[rank][key], rtol=1e-5, atol=1e-6, err_msg=key)
+            # The reference's tolerance of every case: its float order differs from the engine's in the last
+            # bit, which int8 can turn into one quantum of an update (7e-6 once on an AMD EPYC).
+            np.testing.assert_allclose(beside[key], reference[rank][key], rtol=2e-4, atol=2e-5, err_msg=key)
         on, off = (load_counters(thread_runs, backend, f"{codec}_{way}_thread", rank) for way in ("sync", "step"))
         assert (on["sync_thread"], off["sync_thread"]) == (True, False)
         assert on["sync_rounds"] == off["sync_rounds"] == STEPS // 2

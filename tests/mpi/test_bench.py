@@ -203,7 +203,7 @@ def test_horovod_baseline_runs_apart_from_the_package_on_another_backend(tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     document = json.loads(out.read_text())
     jsonschema.validate(document, SCHEMA)
-    assert document["schema_version"] == "1.5" and document["measurement"]["baselines"] == ["horovod"]
+    assert document["schema_version"] == "1.6" and document["measurement"]["baselines"] == ["horovod"]
     by_id = figures(document)
     assert "synchronous.allreduce_with_horovod_running.samples_per_s" not in by_id
     around = by_id["synchronous.allreduce_around_horovod.samples_per_s"]["samples"]
@@ -269,7 +269,7 @@ def test_hierarchy_phase_follows_the_schema_and_names_every_configuration(hierar
     proc, document = hierarchy_run
     jsonschema.validate(document, SCHEMA)
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert document["schema_version"] == "1.5" and document["world"]["size"] == 4
+    assert document["schema_version"] == "1.6" and document["world"]["size"] == 4
     assert document["measurement"]["ranks_per_worker"] == 2
     per_configuration = ("samples_per_s", "efficiency", "efficiency_in_process", "global_bytes_per_sample")
     configurations = ["allreduce"] + [f"{kind}_h{h}" for h in HIERARCHY_PERIODS for kind in ("local_sgd", "workers_r2")]
