@@ -247,13 +247,8 @@ def _interleaved_windows(ctx: BenchContext, windows: dict[str, _Window]) -> dict
             assert isinstance(window.loop, EngineLoop)
             window.loop.set_sync_period(window.sync_period)
         global_before = _global_bytes(window.loop)
-        threads_before = _thread_cpu(window.loop)
-        seconds, blocked, sent = time_window(comm, window.loop, window.steps)
-        cpu = {
-            name: (after - threads_before[name]) / window.steps
-            for name, after in _thread_cpu(window.loop).items()
-            if name in threads_before
-        }
+        seconds, blocked, sent, used = time_window(comm, window.loop, window.steps, lambda: _thread_cpu(window.loop))
+        cpu = {name: seconds_used / window.steps for name, seconds_used in used.items()}
         return seconds, blocked, sent, _global_bytes(window.loop) - global_before, cpu
 
     for _ in range(options.warmup):

@@ -259,15 +259,20 @@ class PlainLoop:
         synchronize_device(self.workload.device)
 
 
-def time_window(comm: Communicator, loop: TrainingLoop, steps: int) -> tuple[float, float, int]:
-    """(seconds, seconds blocked in communication, bytes sent) of ``steps`` steps on this rank.
+def time_window(
+    comm: Communicator, loop: TrainingLoop, steps: int, cpu: Callable[[], dict[str, float]]
+) -> tuple[float, float, int, dict[str, float]]:
+    """(seconds, seconds blocked in communication, bytes sent, CPU seconds by thread) of ``steps`` steps
+    on this rank; ``cpu`` reads the threads' CPU seconds so far.
 
     The ranks start together (a barrier outside the timing), so the slowest rank's time is
-    the time the window took.
+    the time the window took. The CPU is read inside the timing too: a barrier that spins would
+    otherwise count in it.
     """
     comm.barrier()
-    comm_before, bytes_before = loop.comm_seconds(), loop.bytes_sent()
+    comm_before, bytes_before, cpu_before = loop.comm_seconds(), loop.bytes_sent(), cpu()
     start = time.perf_counter()
     loop.run(steps)
     seconds = time.perf_counter() - start
-    return seconds, loop.comm_seconds() - comm_before, loop.bytes_sent() - bytes_before
+    used = {name: after - cpu_before[name] for name, after in cpu().items() if name in cpu_before}
+    return seconds, loop.comm_seconds() - comm_before, loop.bytes_sent() - bytes_before, used
