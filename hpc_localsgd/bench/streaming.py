@@ -24,6 +24,8 @@ from .stats import Figure, slowest
 from .variants import HALF_BYTES_TARGET, INT8_BYTES_TARGET, SYNC_THREAD_SUFFIX, VARIANTS, SyncVariant
 from .workload import EngineLoop
 
+LIMIT = "limit"  # the in-process no-communication window's name among the configurations'
+
 
 @dataclass(frozen=True)
 class SyncTraffic:
@@ -158,10 +160,32 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
             loops.pop(v.name).close()
             chosen.remove(v)
     windows = {v.name: _Window(loops[v.name], options.window_steps(v.sync_period)) for v in chosen}
+    # The no-communication limit once more, among the configurations: an efficiency against it is paired
+    # per repetition, so that the machine's drift since the bare limit (measured first) cancels.
+    windows[LIMIT] = _Window(ctx.local_loop(), options.window_steps(), None, local=True)
     measured = _interleaved_windows(ctx, windows)
     for loop in loops.values():
         loop.close()
     bare_rate = float(np.median(_rate(ctx, _Measured(options.window_steps(), slowest(ctx.comm, bare_seconds), [], []))))
+    limit = _rate(ctx, measured[LIMIT])
+    ctx.add(
+        Figure(
+            "streaming.limit.samples_per_s",
+            "streaming",
+            "in-process limit: every rank trains alone, communicator started but idle, interleaved with the "
+            "configurations (global samples/s)",
+            "samples/s",
+            limit,
+        ),
+        Figure(
+            "streaming.limit_over_bare",
+            "streaming",
+            "in-process limit over the median bare limit: the machine's drift since the bare limit, and what "
+            "idle communication libraries cost",
+            "ratio",
+            [rate / bare_rate for rate in limit],
+        ),
+    )
     rates: dict[str, list[float]] = {}
     for variant in chosen:
         m = measured[variant.name]
@@ -182,6 +206,13 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
                 "ratio",
                 [r / bare_rate for r in rate],
                 target=variant.target,
+            ),
+            Figure(
+                f"streaming.{variant.name}.efficiency_in_process",
+                "streaming",
+                f"{variant.describe()}: samples/s over the in-process limit of the same repetition (paired)",
+                "ratio",
+                [r / alone for r, alone in zip(rate, limit, strict=True)],
             ),
             Figure(
                 f"streaming.{variant.name}.comm_share",

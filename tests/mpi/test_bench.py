@@ -425,6 +425,16 @@ def test_the_streaming_phase_measures_only_the_configurations_asked_for(tmp_path
     assert figures(document)["streaming.h1_int8_delay1.bytes_per_sync"]["median"] == int8_params + buffers
     assert figures(document)["streaming.h4_delay3.bytes_per_sync"]["median"] == params + buffers
     assert figures(document)["streaming.int8.bytes_vs_fp32"]["median"] == pytest.approx(int8_params / params)
+    # Beside the bare limit, the in-process one, interleaved: each configuration's efficiency against it is
+    # paired repetition by repetition.
+    by_id = figures(document)
+    limit = by_id["streaming.limit.samples_per_s"]["samples"]
+    assert len(limit) == 3 and all(rate > 0 for rate in limit)
+    for name in chosen:
+        rates = by_id[f"streaming.{name}.samples_per_s"]["samples"]
+        paired = [rate / alone for rate, alone in zip(rates, limit, strict=True)]
+        assert by_id[f"streaming.{name}.efficiency_in_process"]["samples"] == pytest.approx(paired)
+    assert by_id["streaming.limit_over_bare"]["median"] > 0
 
 
 def test_the_streaming_phase_says_where_the_cpu_goes(tmp_path: Path) -> None:
