@@ -20,7 +20,7 @@ from ..algorithms.engine import AveragingEngine
 from ..algorithms.network import Interconnect, emulated_link, ring_allreduce_seconds
 from ..launcher.env import emulated_link_rate
 from .phases import BenchContext, _interleaved_windows, _Measured, _rate, _Window
-from .stats import Figure, slowest
+from .stats import Figure, paired_ratios, slowest
 from .variants import HALF_BYTES_TARGET, INT8_BYTES_TARGET, SYNC_THREAD_SUFFIX, VARIANTS, SyncVariant
 from .workload import EngineLoop
 
@@ -212,7 +212,7 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
                 "streaming",
                 f"{variant.describe()}: samples/s over the in-process limit of the same repetition (paired)",
                 "ratio",
-                [r / alone for r, alone in zip(rate, limit, strict=True)],
+                paired_ratios(rate, limit),
             ),
             Figure(
                 f"streaming.{variant.name}.comm_share",
@@ -233,7 +233,7 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
                     "streaming",
                     f"{variant.describe()}: samples/s with the sync thread over without, paired per repetition",
                     "ratio",
-                    [on / off for on, off in zip(rates[twin], rates[variant.name], strict=True)],
+                    paired_ratios(rates[twin], rates[variant.name]),
                 )
             )
     numel = sum(p.numel() for p in next(iter(loops.values())).model.parameters())
