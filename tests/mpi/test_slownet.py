@@ -160,13 +160,16 @@ def test_gpu_check_compares_the_sync_thread_on_the_emulated_network_with_carried
     before = existing_namespaces()
     out = tmp_path / "out"
     proc = run_gpu_check(out, "7", IPROUTE2=str(bundle))
-    report = proc.stdout + proc.stderr + (out / "bench-slownet.log").read_text(errors="replace")
+    log = out / "bench-slownet.log"
+    report = proc.stdout + proc.stderr + (log.read_text(errors="replace") if log.exists() else "")
     assert proc.returncode == 0, report
     lines = proc.stdout.splitlines()
     check = [line for line in lines if line.startswith("gpu-check: 7 ")]
     assert len(check) == 1 and ": MEASURED ip " + str(bundle / "bin" / "ip") + "," in check[0], report
+    assert ", in-process limit over bare " in check[0], report
     for variant in ("h4_delay3", "h1_int8_delay1"):
         assert f"; {variant} efficiency without the sync thread " in check[0], report
+        assert check[0].count(f"{variant}") == 1 and check[0].count("(in-process ") == 4, report
     assert lines[-1].startswith("gpu-check: all checks passed"), report
     document = json.loads((out / "bench-slownet.json").read_text())
     assert document["measurement"]["sync_thread"] == "compared"
