@@ -3,7 +3,9 @@ problem trained by the independent reference (tests/reference.py) for them to be
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -166,12 +168,74 @@ SYNC_THREAD_CASES: dict[str, list[str]] = {
 ALL_CASES = {**CASES, **HIERARCHY_CASES, **SYNC_THREAD_CASES}
 
 
-def run_cases(ranks: int, backends: list[str], out: Path, cases: list[str] | None = None) -> dict[str, Path]:
-    """tests/mpi/train_driver.py under ``mpirun -np ranks`` once per backend; each backend's run folder."""
+def is_compressed(overrides: list[str]) -> bool:
+    """Whether a case's syncs or gradients travel through a codec (which encodes float32 alone)."""
+    return any(
+        item.split("=", 1)[0] in ("comm.sync_compression", "comm.gradient_compression")
+        and item.split("=", 1)[1] != "none"
+        for item in overrides
+    )
+
+
+def equivalence_dtype(case: str) -> torch.dtype:
+    """The dtype in which two paths that compute the same maths with different kernels are compared.
+
+    Batched convolutions (the simulated backend) and one batch per rank take different kernels, and
+    which ones depends on the CPU's instruction set: in float32 they differ in the last bits, and 12
+    steps at a large learning rate grow that to 1e-4 relative on some CPUs (AVX2 without AVX-512),
+    beyond any tolerance that would still catch a bug. In float64 the same paths agree to about 1e-13
+    on every instruction set (tests/mpi/test_simulated.py), so a tight tolerance keeps its power.
+    The codecs encode float32, so compressed cases stay float32."""
+    return torch.float32 if is_compressed(ALL_CASES[case]) else torch.float64
+
+
+# Measured on a 2-core AMD EPYC under five CPU settings (native AVX-512, ATEN_CPU_CAPABILITY=avx2 and
+# =default, ONEDNN_MAX_CPU_ISA=AVX2 and =SSE41; docs/testing.md): over every simulated-against-ranks case,
+# float64 agreed to 3.8e-14 relative and 8.9e-16 absolute at worst. A margin of over 1000.
+FLOAT64_TOLERANCE = {"rtol": 1e-9, "atol": 1e-12}
+# float32 rounding noise between two kernels over a run of this problem (the tolerance these comparisons
+# had before they moved to float64, which held for every uncompressed case on some CPUs only).
+FLOAT32_NOISE = {"rtol": 1e-4, "atol": 1e-5}
+# A codec's rounding flip: one element one quantum apart (bf16: 2^-8 of a gradient) times the learning
+# rate. The largest measured under the five settings: 1.32e-5 (bf16 gradients, AVX2); 4 times that.
+CODEC_FLIP = 5e-5
+
+
+def assert_equivalent(got: np.ndarray, want: np.ndarray, dtype: torch.dtype, what: str) -> None:
+    """Two paths of the same maths through different kernels (the simulated backend's batched
+    convolutions, one batch per rank) give the same tensor: to ``FLOAT64_TOLERANCE`` in float64. A
+    compressed case (float32) may differ where last-bit noise moved an element across a codec's
+    rounding boundary: every element within ``CODEC_FLIP``, and all but 1 % of them (at least one)
+    within float32 noise. A bug moves most elements; a rounding flip, a few."""
+    if dtype == torch.float64 or want.dtype.kind != "f":
+        np.testing.assert_allclose(got, want, **FLOAT64_TOLERANCE, err_msg=what)
+        return
+    np.testing.assert_allclose(got, want, rtol=0, atol=CODEC_FLIP, err_msg=what)
+    noisy = ~np.isclose(got, want, **FLOAT32_NOISE)
+    assert noisy.sum() <= max(1, want.size // 100), f"{what}: {noisy.sum()} of {want.size} beyond float32 noise"
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default float dtype inside the block (models, synthetic data): test-only float64 runs."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def run_cases(
+    ranks: int, backends: list[str], out: Path, cases: list[str] | None = None, float64: bool = False
+) -> dict[str, Path]:
+    """tests/mpi/train_driver.py under ``mpirun -np ranks`` once per backend; each backend's run folder.
+    ``float64``: each case in its ``equivalence_dtype`` (float32 otherwise)."""
     from tests.helpers import run_mpi
 
     for backend in backends:
         argv = ["python", "tests/mpi/train_driver.py", "--backend", backend, "--out", str(out)]
+        argv += ["--float64"] if float64 else []
         proc = run_mpi(ranks, [*argv, *(["--cases", ",".join(cases)] if cases else [])], timeout=300)
         assert proc.returncode == 0, f"{backend} run failed:\n{proc.stdout}\n{proc.stderr}"
         assert proc.stdout.count(f"OK {backend}") == ranks, proc.stdout

@@ -15,7 +15,18 @@ from hpc_localsgd.algorithms.compression import encoded_bytes
 from hpc_localsgd.config import load_config
 from hpc_localsgd.train.loop import train
 from tests.helpers import run_mpi
-from tests.mpi.cases import BASE, HIERARCHY_CASES, STEPS, load_counters, load_state, reference_run, run_cases
+from tests.mpi.cases import (
+    BASE,
+    HIERARCHY_CASES,
+    STEPS,
+    assert_equivalent,
+    default_dtype,
+    equivalence_dtype,
+    load_counters,
+    load_state,
+    reference_run,
+    run_cases,
+)
 from tests.mpi.resume_driver import FOUR_RANK_RESUME_CASES, assert_resumed_equals_full
 
 BACKENDS = ["mpi", "horovod", "torch"]
@@ -144,14 +155,23 @@ def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None
             assert c[case]["bytes_sent"] == sum(b for _, b in levels.values())
 
 
-def test_the_simulated_backend_reproduces_a_hierarchical_run(runs: dict[str, Path], tmp_path: Path) -> None:
-    for case in (
-        "workers2_post_local_slowmo",
-        "level2_nesterov_H4",
-        "workers2_int8_delay1_slowmo_H4",
-        "level2_bf16_fragments2_delay1_H4",  # among 4: the two-phase exchange
-        "workers2_post_local_bf16_gradients",
-    ):
+SIMULATED_CASES = [
+    "workers2_post_local_slowmo",
+    "level2_nesterov_H4",
+    "workers2_int8_delay1_slowmo_H4",
+    "level2_bf16_fragments2_delay1_H4",  # among 4: the two-phase exchange
+    "workers2_post_local_bf16_gradients",
+]
+
+
+@pytest.fixture(scope="module")
+def equivalence_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The mpi backend's runs of SIMULATED_CASES, each in its ``equivalence_dtype``."""
+    return run_cases(RANKS, ["mpi"], tmp_path_factory.mktemp("groups-float64"), SIMULATED_CASES, float64=True)
+
+
+def test_the_simulated_backend_reproduces_a_hierarchical_run(equivalence_runs: dict[str, Path], tmp_path: Path) -> None:
+    for case in SIMULATED_CASES:
         overrides = BASE + HIERARCHY_CASES[case]
         cfg = load_config(
             None,
@@ -162,13 +182,16 @@ def test_the_simulated_backend_reproduces_a_hierarchical_run(runs: dict[str, Pat
                 f"comm.simulated_workers={RANKS}",
             ],
         )
-        result = train(cfg, print_fn=lambda _line: None)
+        dtype = equivalence_dtype(case)
+        with default_dtype(dtype):
+            result = train(cfg, print_fn=lambda _line: None)
         for rank in range(RANKS):
-            want = load_state(runs, "mpi", case, rank)
+            want = load_state(equivalence_runs, "mpi", case, rank)
             got = result.model.worker_state(rank)
             for key, value in want.items():
-                np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-4, atol=1e-6, err_msg=f"{case} {key}")
-        mpi = load_counters(runs, "mpi", case, 0)
+                assert got[key].numpy().dtype == value.dtype, key  # both ran in the case's dtype
+                assert_equivalent(got[key].numpy(), value, dtype, f"{case} rank {rank} {key}")
+        mpi = load_counters(equivalence_runs, "mpi", case, 0)
         assert result.stats.rounds_by_level == {
             k[len("rounds.") :]: v for k, v in mpi.items() if k.startswith("rounds.")
         }

@@ -22,7 +22,7 @@ from hpc_localsgd.errors import UserError, print_line  # noqa: E402
 from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
 from hpc_localsgd.train.loop import train  # noqa: E402
 from hpc_localsgd.train.ranks import merged_groups, planned_groups  # noqa: E402
-from tests.mpi.cases import ALL_CASES, BASE, CASES  # noqa: E402
+from tests.mpi.cases import ALL_CASES, BASE, CASES, default_dtype, equivalence_dtype  # noqa: E402
 
 
 def main() -> int:
@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--backend", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names from cases.py")
+    parser.add_argument("--float64", action="store_true", help="each case in cases.equivalence_dtype (else float32)")
     args = parser.parse_args()
     launch = detect_launch()
     names = args.cases.split(",")
@@ -44,7 +45,8 @@ def main() -> int:
         overrides = ALL_CASES[name]
         run_dir = Path(args.out) / args.backend / name
         cfg = load_config(None, BASE + overrides + [f"output.run_dir={run_dir}", f"comm.backend={args.backend}"])
-        result = train(cfg, launch=launch, comm=comm, print_fn=lambda _line: None)
+        with default_dtype(equivalence_dtype(name) if args.float64 else torch.float32):
+            result = train(cfg, launch=launch, comm=comm, print_fn=lambda _line: None)
         state = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
         gradients = result.engine.gradients
         np.savez(run_dir / f"rank{comm.rank}.npz", **state)
