@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..comm.base import Communicator
 from ..launcher.env import software_versions
 from .stats import Figure
 
@@ -22,8 +23,9 @@ from .stats import Figure
 # precision and simulation phases; 1.3: allreduce_over_horovod isolates Horovod from the package's windows
 # (other backends), figure allreduce_around_horovod in place of allreduce_with_horovod_running; 1.4:
 # measurement.streaming_variants; 1.5: measurement.sync_thread, streaming.<variant>.cpu_per_step.<thread>;
-# 1.6: measurement.sync_thread "compared", <variant>_sync_thread and streaming.<variant>.sync_thread_speedup
-SCHEMA_VERSION = "1.6"
+# 1.6: measurement.sync_thread "compared", <variant>_sync_thread and streaming.<variant>.sync_thread_speedup;
+# 1.7: environment.cpu_capability, environment.isa_settings and environment.rank_cores
+SCHEMA_VERSION = "1.7"
 SUMMARY_PREFIX = "hpc-localsgd-bench:"
 
 # Figures named in the summary line, with their keys there (ReFrame and grep read these).
@@ -56,13 +58,25 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# Variables that make torch and oneDNN take kernels for another instruction set than the CPU's best.
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# Cores a rank may run on travel as a mask of this many bits (rank_cores).
+CORE_MASK_BITS = 4096
+
+
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
-    """Where rank 0 ran; the load average tells whether the machine was shared meanwhile."""
+    """Where rank 0 ran; the load average tells whether the machine was shared meanwhile. The CPU
+    model, the instruction set torch's kernels use and the cores each rank may use (``rank_cores``,
+    filled in once the ranks can gather) are recorded because a ratio between two loops measured in
+    the same run still moves with them: two figures from different machines are not one figure."""
     return {
         "host": platform.node(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count() or 0,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_settings": {name: os.environ[name] for name in ISA_VARIABLES if name in os.environ},
+        "rank_cores": [sorted(os.sched_getaffinity(0))],
         "threads_per_rank": threads,
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -70,6 +84,36 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
         "load_average_end": None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def gather_rank_cores(comm: Communicator) -> list[list[int]]:
+    """The cores each rank may run on (its CPU affinity), in rank order: whether and how ranks were pinned."""
+    mask = torch.zeros(CORE_MASK_BITS, dtype=torch.uint8)
+    mask[[core for core in os.sched_getaffinity(0) if core < CORE_MASK_BITS]] = 1
+    gathered = torch.zeros((comm.size, CORE_MASK_BITS), dtype=torch.uint8)
+    comm.iallgather(mask, gathered).wait()
+    return [row.nonzero().flatten().tolist() for row in gathered]
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One phrase for the start-up line: ``AMD EPYC 9R14, 2 cores, AVX512 kernels, ranks on cores 0 | 1``."""
+    settings = ", ".join(f"{name}={value}" for name, value in info["isa_settings"].items())
+    cores = " | ".join(_core_ranges(cores) for cores in info["rank_cores"])
+    return (
+        f"{info['cpu']}, {info['cpu_count']} cores, {info['cpu_capability']} kernels"
+        f"{f' ({settings})' if settings else ''}, ranks on cores {cores}"
+    )
+
+
+def _core_ranges(cores: list[int]) -> str:
+    """[0, 1, 2, 5] as "0-2,5"."""
+    ranges: list[str] = []
+    for core in cores:
+        if ranges and core == int(ranges[-1].split("-")[-1]) + 1:
+            ranges[-1] = f"{ranges[-1].split('-')[0]}-{core}"
+        else:
+            ranges.append(str(core))
+    return ",".join(ranges)
 
 
 def targets_summary(figures: list[Figure]) -> dict[str, Any]:

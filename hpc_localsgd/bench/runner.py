@@ -30,7 +30,16 @@ from .phases import (
     measure_throughput,
 )
 from .projection import format_projection, project
-from .report import build_document, environment, format_table, summary_line, validate_document, write_document
+from .report import (
+    build_document,
+    describe_machine,
+    environment,
+    format_table,
+    gather_rank_cores,
+    summary_line,
+    validate_document,
+    write_document,
+)
 from .streaming import measure_streaming
 from .workload import EngineLoop, Workload
 
@@ -111,6 +120,7 @@ def run_bench(
         across_sizes=[ranks_per_worker] if ranks_per_worker else [],
     )
     say = print_fn if comm.is_root else (lambda _line: None)
+    env_info["rank_cores"] = gather_rank_cores(comm)
     world = {
         "size": comm.size,
         "nodes": launch.layout.num_nodes,
@@ -122,7 +132,7 @@ def run_bench(
         f"hpc-localsgd bench: {comm.size} rank(s) on {world['nodes']} node(s), {comm.name} backend, {device}, "
         f"{threads} thread(s)/rank | {options.model} ({sizes['parameters'] / 1e6:.1f} M parameters) | "
         f"batch {options.batch}/rank, {options.image_size}×{options.image_size} images | phases "
-        f"{', '.join(options.phases)}"
+        f"{', '.join(options.phases)} | {describe_machine(env_info)}"
     )
     ctx = BenchContext(options, comm, launch, device, workload)
     ran_baselines: list[str] = []

@@ -203,7 +203,7 @@ def test_horovod_baseline_runs_apart_from_the_package_on_another_backend(tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     document = json.loads(out.read_text())
     jsonschema.validate(document, SCHEMA)
-    assert document["schema_version"] == "1.6" and document["measurement"]["baselines"] == ["horovod"]
+    assert document["schema_version"] == "1.7" and document["measurement"]["baselines"] == ["horovod"]
     by_id = figures(document)
     assert "synchronous.allreduce_with_horovod_running.samples_per_s" not in by_id
     around = by_id["synchronous.allreduce_around_horovod.samples_per_s"]["samples"]
@@ -212,6 +212,29 @@ def test_horovod_baseline_runs_apart_from_the_package_on_another_backend(tmp_pat
     assert by_id["synchronous.allreduce_over_horovod"]["samples"] == pytest.approx(
         [a / h for a, h in zip(around, horovod, strict=True)]
     )
+
+
+def test_the_json_and_the_start_line_name_the_machine_its_kernels_and_each_ranks_cores(tmp_path: Path) -> None:
+    """Each rank bound to its own core (taskset, as a launcher's binding does) and torch's kernels capped
+    at the baseline instruction set: the JSON records both, and the CPU model, and the start line says so."""
+    out = tmp_path / "bench.json"
+    cores = len(os.sched_getaffinity(0))
+    argv = " ".join(bench("--quick", "--phases", "averaging", "--repeats", "1", "--out", str(out))[1:])
+    pinned = f"exec taskset -c $((OMPI_COMM_WORLD_RANK % {cores})) {sys.executable} {argv}"
+    proc = run_mpi(2, ["sh", "-c", pinned], timeout=120, env={"ATEN_CPU_CAPABILITY": "default"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, SCHEMA)
+    machine = document["environment"]
+    assert machine["rank_cores"] == [[0], [1 % cores]]
+    assert machine["cpu_capability"] == "DEFAULT"  # what torch reports with the variable set
+    assert machine["isa_settings"] == {"ATEN_CPU_CAPABILITY": "default"}
+    assert machine["cpu"] and machine["cpu_count"] == os.cpu_count()
+    start = proc.stdout.splitlines()[0]
+    assert start.endswith(
+        f"| {machine['cpu']}, {os.cpu_count()} cores, DEFAULT kernels (ATEN_CPU_CAPABILITY=default), "
+        f"ranks on cores 0 | {1 % cores}"
+    ), start
 
 
 def test_precision_phase_measures_torch_compile_paired_with_eager(tmp_path: Path) -> None:
@@ -269,7 +292,7 @@ def test_hierarchy_phase_follows_the_schema_and_names_every_configuration(hierar
     proc, document = hierarchy_run
     jsonschema.validate(document, SCHEMA)
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert document["schema_version"] == "1.6" and document["world"]["size"] == 4
+    assert document["schema_version"] == "1.7" and document["world"]["size"] == 4
     assert document["measurement"]["ranks_per_worker"] == 2
     per_configuration = ("samples_per_s", "efficiency", "efficiency_in_process", "global_bytes_per_sample")
     configurations = ["allreduce"] + [f"{kind}_h{h}" for h in HIERARCHY_PERIODS for kind in ("local_sgd", "workers_r2")]

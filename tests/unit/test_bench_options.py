@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hpc_localsgd.bench import BenchOptions
+from hpc_localsgd.bench.report import describe_machine
 from hpc_localsgd.bench.variants import VARIANT_NAMES, VARIANTS
 from hpc_localsgd.errors import UserError
 
@@ -99,3 +100,19 @@ def test_the_streaming_phase_measures_every_configuration_unless_told() -> None:
     assert len(set(VARIANT_NAMES)) == len(VARIANT_NAMES)
     chosen = BenchOptions.from_given(streaming_variants=["h2_int8_delay1", "h4_delay3"])
     assert chosen.streaming_variants == ("h2_int8_delay1", "h4_delay3")
+
+
+def test_the_machine_phrase_names_the_cpu_its_kernels_and_each_ranks_cores_as_ranges() -> None:
+    info = {
+        "cpu": "Example CPU",
+        "cpu_count": 16,
+        "cpu_capability": "AVX2",
+        "isa_settings": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+        "rank_cores": [[0, 1, 2, 5], [8, 9, 10, 11, 12, 13, 14, 15]],
+    }
+    assert describe_machine(info) == (
+        "Example CPU, 16 cores, AVX2 kernels (ONEDNN_MAX_CPU_ISA=AVX2), ranks on cores 0-2,5 | 8-15"
+    )
+    assert describe_machine({**info, "isa_settings": {}, "rank_cores": [[3]]}).endswith(
+        "AVX2 kernels, ranks on cores 3"
+    )
