@@ -215,6 +215,11 @@ def assert_equivalent(got: np.ndarray, want: np.ndarray, dtype: torch.dtype, wha
     assert noisy.sum() <= max(1, want.size // 100), f"{what}: {noisy.sum()} of {want.size} beyond float32 noise"
 
 
+# The ranks of the equivalence tests take torch's kernels for the baseline instruction set, the in-process
+# side the CPU's best: the two sides compute through different kernels on every machine, whatever its CPU.
+BASELINE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """torch's default float dtype inside the block (models, synthetic data): test-only float64 runs."""
@@ -227,16 +232,21 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def run_cases(
-    ranks: int, backends: list[str], out: Path, cases: list[str] | None = None, float64: bool = False
+    ranks: int,
+    backends: list[str],
+    out: Path,
+    cases: list[str] | None = None,
+    float64: bool = False,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """tests/mpi/train_driver.py under ``mpirun -np ranks`` once per backend; each backend's run folder.
-    ``float64``: each case in its ``equivalence_dtype`` (float32 otherwise)."""
+    ``float64``: each case in its ``equivalence_dtype`` (float32 otherwise); ``env``: the ranks' additions."""
     from tests.helpers import run_mpi
 
     for backend in backends:
         argv = ["python", "tests/mpi/train_driver.py", "--backend", backend, "--out", str(out)]
         argv += ["--float64"] if float64 else []
-        proc = run_mpi(ranks, [*argv, *(["--cases", ",".join(cases)] if cases else [])], timeout=300)
+        proc = run_mpi(ranks, [*argv, *(["--cases", ",".join(cases)] if cases else [])], timeout=300, env=env)
         assert proc.returncode == 0, f"{backend} run failed:\n{proc.stdout}\n{proc.stderr}"
         assert proc.stdout.count(f"OK {backend}") == ranks, proc.stdout
     return {backend: out / backend for backend in backends}

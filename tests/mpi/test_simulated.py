@@ -4,7 +4,9 @@ study's methods at W = 4 (more workers than this machine has cores: --oversubscr
 
 Both sides run in float64 where the case allows (``cases.equivalence_dtype``): the batched
 convolutions and one batch per rank take different kernels on each CPU, and in float32 their
-last-bit differences grow past any tolerance that would still catch a bug."""
+last-bit differences grow past any tolerance that would still catch a bug. The ranks take the
+kernels of the baseline instruction set (``cases.BASELINE_KERNELS``), so the two sides compute
+through different kernels on every CPU."""
 
 from __future__ import annotations
 
@@ -16,7 +18,15 @@ import pytest
 
 from hpc_localsgd.config import load_config
 from hpc_localsgd.train.loop import train
-from tests.mpi.cases import BASE, CASES, assert_equivalent, default_dtype, equivalence_dtype, run_cases
+from tests.mpi.cases import (
+    BASE,
+    BASELINE_KERNELS,
+    CASES,
+    assert_equivalent,
+    default_dtype,
+    equivalence_dtype,
+    run_cases,
+)
 
 FOUR_RANK_CASES = [
     "allreduce",
@@ -33,7 +43,9 @@ CASES_BY_RANKS = {2: list(CASES), 4: FOUR_RANK_CASES}
 @pytest.fixture(scope="module")
 def mpi_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     return {
-        ranks: run_cases(ranks, ["mpi"], tmp_path_factory.mktemp(f"mpi{ranks}"), cases, float64=True)["mpi"]
+        ranks: run_cases(
+            ranks, ["mpi"], tmp_path_factory.mktemp(f"mpi{ranks}"), cases, float64=True, env=BASELINE_KERNELS
+        )["mpi"]
         for ranks, cases in CASES_BY_RANKS.items()
     }
 
@@ -58,6 +70,7 @@ def test_simulated_workers_match_mpi_ranks(mpi_runs: dict[int, Path], tmp_path: 
             assert simulated[name].numpy().dtype == value.dtype, name  # both ran in the case's dtype
             assert_equivalent(simulated[name].numpy(), value, dtype, f"{case}, worker {rank}: {name}")
         counters = json.loads((mpi_runs[ranks] / case / f"rank{rank}.json").read_text())
+        assert counters["cpu_capability"] == "DEFAULT"  # the ranks took other kernels than this process
         assert result.stats.sync_rounds == counters["sync_rounds"]
         assert result.stats.bytes_sent == counters["bytes_sent"]
         assert result.engine.bytes_per_sync == counters["bytes_per_sync"]

@@ -17,6 +17,7 @@ from hpc_localsgd.train.loop import train
 from tests.helpers import run_mpi
 from tests.mpi.cases import (
     BASE,
+    BASELINE_KERNELS,
     HIERARCHY_CASES,
     STEPS,
     assert_equivalent,
@@ -166,8 +167,9 @@ SIMULATED_CASES = [
 
 @pytest.fixture(scope="module")
 def equivalence_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The mpi backend's runs of SIMULATED_CASES, each in its ``equivalence_dtype``."""
-    return run_cases(RANKS, ["mpi"], tmp_path_factory.mktemp("groups-float64"), SIMULATED_CASES, float64=True)
+    """The mpi backend's runs of SIMULATED_CASES, each in its ``equivalence_dtype``, at baseline kernels."""
+    folder = tmp_path_factory.mktemp("groups-float64")
+    return run_cases(RANKS, ["mpi"], folder, SIMULATED_CASES, float64=True, env=BASELINE_KERNELS)
 
 
 def test_the_simulated_backend_reproduces_a_hierarchical_run(equivalence_runs: dict[str, Path], tmp_path: Path) -> None:
@@ -192,6 +194,7 @@ def test_the_simulated_backend_reproduces_a_hierarchical_run(equivalence_runs: d
                 assert got[key].numpy().dtype == value.dtype, key  # both ran in the case's dtype
                 assert_equivalent(got[key].numpy(), value, dtype, f"{case} rank {rank} {key}")
         mpi = load_counters(equivalence_runs, "mpi", case, 0)
+        assert mpi["cpu_capability"] == "DEFAULT"
         assert result.stats.rounds_by_level == {
             k[len("rounds.") :]: v for k, v in mpi.items() if k.startswith("rounds.")
         }
