@@ -289,9 +289,10 @@ def _interleaved_windows(ctx: BenchContext, windows: dict[str, _Window]) -> dict
 
 
 def _thread_cpu(loop: TrainingLoop) -> dict[str, float]:
-    """CPU seconds so far of the step's thread (this one), and for an engine loop of its sync thread and of
-    the backend's communication thread (where measured)."""
-    used = {"step": time.thread_time()}
+    """CPU seconds so far of the step's thread (this one), of the whole process (every thread, the C++
+    ones of Horovod, Gloo and MPI included), and for an engine loop of its sync thread and of the
+    backend's communication thread (where measured)."""
+    used = {"step": time.thread_time(), "process": time.process_time()}
     if isinstance(loop, EngineLoop):
         sync, communication = loop.thread_cpu_seconds()
         used["sync"] = sync
@@ -440,8 +441,36 @@ def measure_throughput(ctx: BenchContext, bare_seconds: list[float], ddp: Traini
             exact=True,
         ),
     )
+    _synchronous_cpu_figures(ctx, "allreduce", "method allreduce", m)
     if ddp is not None:
         _add_baseline(ctx, "ddp", "plain torch DistributedDataParallel loop", allreduce, _rate(ctx, measured["ddp"]))
+        _synchronous_cpu_figures(ctx, "ddp", "plain DDP loop", measured["ddp"])
+
+
+# The CPU of a synchronous loop's rank, where its time goes besides the step's own thread.
+_SYNCHRONOUS_CPU = {
+    "step": "the step's thread (forward, backward, the gradient hooks, the optimizer)",
+    "communication": "the mpi backend's communication thread (its MPI calls and sums)",
+    "process": "the whole process: every thread, the libraries' own (Horovod's, Gloo's, MPI's) included",
+}
+
+
+def _synchronous_cpu_figures(ctx: BenchContext, name: str, label: str, measured: _Measured) -> None:
+    """CPU seconds a step of a synchronous loop's threads (mean over ranks): on a rank with one core the
+    wall time of a step is at least their sum, so a communication that spins shows here."""
+    ctx.add(
+        *(
+            Figure(
+                f"synchronous.{name}.cpu_per_step.{thread}",
+                "synchronous",
+                f"{label}: CPU seconds a step of {what} (mean over ranks)",
+                "s",
+                measured.cpu[thread],
+            )
+            for thread, what in _SYNCHRONOUS_CPU.items()
+            if thread in measured.cpu
+        )
+    )
 
 
 def _add_baseline(ctx: BenchContext, name: str, label: str, allreduce: list[float], baseline: list[float]) -> None:
@@ -478,14 +507,14 @@ def measure_horovod_baseline(
         horovod, stop = start_horovod()
         measured = _interleaved_windows(ctx, {**allreduce, "horovod": _Window(horovod, options.window_steps())})
         stop()
-        package, baseline = _rate(ctx, measured["allreduce"]), _rate(ctx, measured["horovod"])
+        package, horovod_measured = _rate(ctx, measured["allreduce"]), measured["horovod"]
     else:
         before = _interleaved_windows(ctx, allreduce)["allreduce"]
         horovod, stop = start_horovod()
         try:
-            baseline = _rate(
-                ctx, _interleaved_windows(ctx, {"horovod": _Window(horovod, options.window_steps())})["horovod"]
-            )
+            horovod_measured = _interleaved_windows(ctx, {"horovod": _Window(horovod, options.window_steps())})[
+                "horovod"
+            ]
         finally:
             stop()
         after = _interleaved_windows(ctx, allreduce)["allreduce"]
@@ -501,7 +530,8 @@ def measure_horovod_baseline(
                 package,
             )
         )
-    _add_baseline(ctx, "horovod", "plain Horovod hvd.DistributedOptimizer loop", package, baseline)
+    _add_baseline(ctx, "horovod", "plain Horovod hvd.DistributedOptimizer loop", package, _rate(ctx, horovod_measured))
+    _synchronous_cpu_figures(ctx, "horovod", "plain Horovod loop", horovod_measured)
 
 
 # --- 3b. worker groups: hierarchical local SGD against the flat methods -------------------------------

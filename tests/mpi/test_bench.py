@@ -169,6 +169,12 @@ def test_quick_bench_figures_are_sane(quick_run) -> None:
     )
     # Less communication, smaller share of the time communicating (H=1 against H=32, 8 vs 1/4 syncs per window).
     assert by_id["local_sgd.h32.comm_share"]["median"] < by_id["local_sgd.h1.comm_share"]["median"]
+    # Where a synchronous step's CPU goes, for the package and both baselines: the whole process (every
+    # thread, the libraries' own included) uses at least what the step's thread does.
+    for name in ("allreduce", "ddp", "horovod"):
+        step = by_id[f"synchronous.{name}.cpu_per_step.step"]["samples"]
+        process = by_id[f"synchronous.{name}.cpu_per_step.process"]["samples"]
+        assert all(0 < s <= p for s, p in zip(step, process, strict=True)), (name, step, process)
     totals = document["targets"]
     judged = [f for f in document["figures"] if f["target"] is not None]
     assert totals["total"] == len(judged) and totals["met"] == sum(f["met"] for f in judged)
@@ -212,6 +218,9 @@ def test_horovod_baseline_runs_apart_from_the_package_on_another_backend(tmp_pat
     assert by_id["synchronous.allreduce_over_horovod"]["samples"] == pytest.approx(
         [a / h for a, h in zip(around, horovod, strict=True)]
     )
+    # The mpi backend's communication thread carries the gradient allreduces: its CPU is measured apart.
+    assert by_id["synchronous.allreduce.cpu_per_step.communication"]["median"] > 0
+    assert len(by_id["synchronous.horovod.cpu_per_step.process"]["samples"]) == 2
 
 
 def test_the_json_and_the_start_line_name_the_machine_its_kernels_and_each_ranks_cores(tmp_path: Path) -> None:
