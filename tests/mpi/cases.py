@@ -189,6 +189,11 @@ def equivalence_dtype(case: str) -> torch.dtype:
     return torch.float32 if is_compressed(ALL_CASES[case]) else torch.float64
 
 
+# Ranks against the reference (tests/reference.py) in float32: the same kernels on both sides, the averages
+# summed in another order, and int8 can turn a last-bit difference into one quantum of an update. Under five
+# CPU settings (docs/testing.md) the reference comparisons used at most 0.5 % of it, two orders of summation
+# (local SGD at H = 1 against all-reduce SGD, 12 steps) 17 %.
+REFERENCE_TOLERANCE = {"rtol": 2e-4, "atol": 2e-5}
 # Measured on a 2-core AMD EPYC under five CPU settings (native AVX-512, ATEN_CPU_CAPABILITY=avx2 and
 # =default, ONEDNN_MAX_CPU_ISA=AVX2 and =SSE41; docs/testing.md): over every simulated-against-ranks case,
 # float64 agreed to 3.8e-14 relative and 8.9e-16 absolute at worst. A margin of over 1000.
@@ -197,8 +202,8 @@ FLOAT64_TOLERANCE = {"rtol": 1e-9, "atol": 1e-12}
 # had before they moved to float64, which held for every uncompressed case on some CPUs only).
 FLOAT32_NOISE = {"rtol": 1e-4, "atol": 1e-5}
 # A codec's rounding flip: one element one quantum apart (bf16: 2^-8 of a gradient) times the learning
-# rate. The largest measured under the five settings: 1.32e-5 (bf16 gradients, AVX2); 4 times that.
-CODEC_FLIP = 5e-5
+# rate. The largest measured under the five settings: 2.3e-5 (ATEN_CPU_CAPABILITY=default); 4 times that.
+CODEC_FLIP = 1e-4
 
 
 def assert_equivalent(got: np.ndarray, want: np.ndarray, dtype: torch.dtype, what: str) -> None:

@@ -17,7 +17,7 @@ from hpc_localsgd.config import load_config
 from hpc_localsgd.io.metrics import SYNC_FIELDS, read_metrics
 from hpc_localsgd.train.loop import train
 from tests.helpers import run_mpi
-from tests.mpi.cases import BASE, reference_run
+from tests.mpi.cases import BASE, REFERENCE_TOLERANCE, reference_run
 from tests.mpi.drift_driver import DRIFT_CASES, KNOWN
 from tests.unit.test_consensus import assert_rows_close, expected_two_syncs
 
@@ -56,7 +56,7 @@ def test_outer_every_run_matches_the_reference_and_the_simulation(out: Path, cas
     for rank in range(RANKS):
         with np.load(out / case / f"rank{rank}.npz") as got:
             for key, want in expected[rank].items():
-                np.testing.assert_allclose(got[key], want, rtol=2e-4, atol=2e-5, err_msg=f"rank {rank} {key}")
+                np.testing.assert_allclose(got[key], want, **REFERENCE_TOLERANCE, err_msg=f"rank {rank} {key}")
     ranks = read_metrics(out / case / "metrics.h5")["syncs"]
     simulated_cfg = load_config(
         None, [*overrides, f"output.run_dir={tmp_path / 'sim'}", "comm.backend=simulated", "comm.simulated_workers=2"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.helpers import run_mpi
-from tests.mpi.cases import BASE, CASES, reference_run
+from tests.mpi.cases import BASE, CASES, REFERENCE_TOLERANCE, reference_run
 from tests.mpi.horovod_names_driver import EVERY_STEP, NAMED_CASES
 
 RANKS = 2
@@ -35,4 +35,4 @@ def test_operation_names_are_reused_across_steps(tmp_path: Path) -> None:
         for rank in range(RANKS):
             with np.load(tmp_path / case / "full" / f"rank{rank}.npz") as got:
                 for key, want in references[rank].items():
-                    np.testing.assert_allclose(got[key], want, rtol=2e-4, atol=2e-5, err_msg=f"{case} {rank} {key}")
+                    np.testing.assert_allclose(got[key], want, **REFERENCE_TOLERANCE, err_msg=f"{case} {rank} {key}")

@@ -19,6 +19,7 @@ from tests.mpi.cases import (
     BASE,
     BASELINE_KERNELS,
     HIERARCHY_CASES,
+    REFERENCE_TOLERANCE,
     STEPS,
     assert_equivalent,
     default_dtype,
@@ -60,7 +61,7 @@ def test_matches_reference_and_the_ranks_of_a_worker_agree(runs: dict[str, Path]
     for rank in range(RANKS):
         for key, want in expected[rank].items():
             np.testing.assert_allclose(
-                got[rank][key], want, rtol=2e-4, atol=2e-5, err_msg=f"{backend} {case} rank {rank} {key}"
+                got[rank][key], want, **REFERENCE_TOLERANCE, err_msg=f"{backend} {case} rank {rank} {key}"
             )
     per_worker = RANKS_PER_WORKER[case]
     for rank in range(RANKS):
@@ -78,7 +79,7 @@ def test_workers_as_large_as_the_world_are_all_reduce_sgd(runs: dict[str, Path],
             load_state(runs, backend, "allreduce_4", rank),
         )
         for name, _ in model.named_parameters():
-            np.testing.assert_allclose(one_worker[name], synchronous[name], rtol=2e-4, atol=2e-5, err_msg=name)
+            np.testing.assert_allclose(one_worker[name], synchronous[name], **REFERENCE_TOLERANCE, err_msg=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
