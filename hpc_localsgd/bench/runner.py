@@ -118,6 +118,7 @@ def run_bench(
         device,
         group_sizes=[ranks_per_worker] if ranks_per_worker else [],
         across_sizes=[ranks_per_worker] if ranks_per_worker else [],
+        mpi_polling=cfg.comm.mpi_polling_choice,
     )
     say = print_fn if comm.is_root else (lambda _line: None)
     env_info["rank_cores"] = gather_rank_cores(comm)

@@ -103,6 +103,7 @@ def _construct(
     horovod_cycle_time_ms: float | None,
     group_sizes: Sequence[int],
     across_sizes: Sequence[int],
+    mpi_polling: bool | None,
 ) -> Communicator:
     if backend == "single":
         if launch.layout.size != 1:
@@ -133,7 +134,7 @@ def _construct(
             ) from None
         from .mpi import MPICommunicator
 
-        return MPICommunicator(launch.layout)
+        return MPICommunicator(launch.layout, polling=mpi_polling)
     from .torch_dist import TorchDistributedCommunicator
 
     return TorchDistributedCommunicator(launch.layout, launch.launcher, device)
@@ -163,6 +164,7 @@ def make_communicator(
     horovod_cycle_time_ms: float | None = None,
     group_sizes: Sequence[int] = (),
     across_sizes: Sequence[int] = (),
+    mpi_polling: bool | None = None,
 ) -> Communicator:
     """The communicator for ``backend`` (one of ``BACKENDS``), checked against the launcher's world.
 
@@ -177,13 +179,14 @@ def make_communicator(
     registration). ``across_sizes`` are, in the same way, the sizes the caller will ``split_across``
     (the world communicator only, on Horovod). The other backends split into any size, but the sizes are
     checked for every backend alike: ValueError unless each divides the launcher's world size.
+    ``mpi_polling``: ``comm.mpi_polling`` for the mpi backend (None: auto, decided per communicator).
     """
     for ranks in group_sizes:
         check_group_size(ranks, launch.layout.size)
     for ranks in across_sizes:
         check_group_size(ranks, launch.layout.size, across=True)
     chosen = resolve_backend(backend, launch)
-    communicator = _construct(chosen, launch, device, horovod_cycle_time_ms, group_sizes, across_sizes)
+    communicator = _construct(chosen, launch, device, horovod_cycle_time_ms, group_sizes, across_sizes, mpi_polling)
     try:
         check_world(communicator, launch)
     except LauncherMismatch:

@@ -13,7 +13,8 @@ of a ResNet-50 step blocked that way even with ``MPI_Test`` from every gradient 
 overlaps them with backward as Horovod's background thread and Gloo's do. Without
 ``MPI_THREAD_MULTIPLE`` the backend falls back to ``Iallreduce`` and ``Iallgather`` advanced by ``progress()``.
 
-When Open MPI is told to yield while idle (a fully subscribed node, ``comm/__init__.py``), the thread runs
+When Open MPI is told to yield while idle (a fully subscribed node, ``comm/__init__.py``) and a
+communicator's ranks are on more than one node (``comm.mpi_polling``: auto), the thread runs
 the byte exchanges (allgather, all-to-all: compressed syncs) as MPI's non-blocking calls and sleeps
 ``POLL_SECONDS`` between tests instead of waiting in the blocking call (``WAITED_POLL_SECONDS`` once the
 step waits for the exchange). A thread that polls with
@@ -330,14 +331,17 @@ class MPICommunicator(Communicator):
 
     name = "mpi"
 
-    def __init__(self, launcher_layout: WorldLayout, poll_byte_exchanges: bool | None = None) -> None:
-        """``poll_byte_exchanges``: run allgathers and all-to-alls on the communication thread as
-        non-blocking calls tested every ``POLL_SECONDS`` (None: when Open MPI yields while idle)."""
+    def __init__(self, launcher_layout: WorldLayout, polling: bool | None = None) -> None:
+        """``polling`` (``comm.mpi_polling``): run allgathers, all-to-alls and allreduces from
+        ``POLLED_ALLREDUCE_BYTES`` on the communication thread as non-blocking calls tested every
+        ``POLL_SECONDS``. None: where Open MPI yields while idle and the communicator's ranks are on more
+        than one node (``_polls``), decided for each group too."""
         from mpi4py import MPI  # imported here: importing mpi4py.MPI initialises MPI
 
         self._mpi = MPI
-        self._poll = mpi_yields_when_idle() if poll_byte_exchanges is None else poll_byte_exchanges
+        self._polling = polling
         self._comm = MPI.COMM_WORLD.Dup()
+        self._poll = self._polls(self._comm)
         self._thread: _CollectiveThread | None = None
         self._thread_comm: Any = None  # used only by the communication thread
         self._owns_thread = True
@@ -358,20 +362,34 @@ class MPICommunicator(Communicator):
         # makes every other MPI call (no MPI_THREAD_MULTIPLE).
         return self._thread is not None
 
+    def _polls(self, comm: Any) -> bool:
+        """Whether collectives over ``comm`` are polled (collective over ``comm``: auto asks MPI which of
+        its ranks share this node's memory). Polling pays where the bytes cross a network: between tests
+        the kernel and the NIC move them while the step has the core. Through shared memory the copies in
+        MPI's calls are the transfer, so testing every millisecond only spreads it out: synchronous
+        training polled ran at 0.79x DDP, blocking at 0.98x (2 ranks of one core, docs/BENCHMARKS.md)."""
+        if self._polling is not None:
+            return self._polling
+        if not mpi_yields_when_idle():
+            return False
+        on_this_node = comm.Split_type(self._mpi.COMM_TYPE_SHARED)
+        spans_nodes = bool(on_this_node.Get_size() < comm.Get_size())
+        on_this_node.Free()
+        return spans_nodes
+
     @classmethod
     def _group(
         cls,
-        mpi: Any,
+        parent: MPICommunicator,
         comm: Any,
         thread_comm: Any | None,
-        thread: _CollectiveThread | None,
-        poll: bool,
         layout: WorldLayout,
     ) -> MPICommunicator:
         """A group's communicator around communicators already split; the thread stays its parent's."""
         group = cls.__new__(cls)
-        group._mpi, group._comm, group._thread_comm, group._thread = mpi, comm, thread_comm, thread
-        group._poll = poll
+        group._mpi, group._comm, group._thread_comm, group._thread = parent._mpi, comm, thread_comm, parent._thread
+        group._polling = parent._polling
+        group._poll = parent._polls(comm)
         group._owns_thread = False
         group._groups = []
         group._closed = False
@@ -491,7 +509,7 @@ class MPICommunicator(Communicator):
         # in collectives on one communicator at once.
         comm = self._comm.Split(color, key)
         thread_comm = self._comm.Split(color, key) if self._thread is not None else None
-        group = MPICommunicator._group(self._mpi, comm, thread_comm, self._thread, self._poll, layout)
+        group = MPICommunicator._group(self, comm, thread_comm, layout)
         self._groups.append(group)
         return group
 

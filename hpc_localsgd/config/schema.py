@@ -419,6 +419,15 @@ class CommConfig:
         "torch threads leave free, and only moves the work where it has none; auto: on where the rank's cores "
         "outnumber its torch threads (train.threads). CPU models.",
     )
+    mpi_polling: bool | Literal["auto"] = setting(
+        "auto",
+        "mpi backend: run allgathers, all-to-alls and allreduces from 1 MiB on the communication thread as "
+        "non-blocking calls tested every millisecond, which leaves the core to the step between tests rather "
+        "than polling in a blocking call. auto: where Open MPI yields while idle (a fully subscribed node) and "
+        "the collective's ranks are on more than one node. On one node the copies through shared memory are "
+        "the transfer, and testing every millisecond only delays them (0.79x DDP's synchronous throughput "
+        "polled, 0.98x blocking; docs/BENCHMARKS.md).",
+    )
     horovod_cycle_time_ms: float | None = setting(
         None,
         "How often Horovod's background thread coordinates the ranks, in ms. null: Horovod's default (or "
@@ -432,6 +441,11 @@ class CommConfig:
         if self.sync_compression == "none":
             return False
         return self.sync_compression == "int8" if self.error_feedback == "auto" else bool(self.error_feedback)
+
+    @property
+    def mpi_polling_choice(self) -> bool | None:
+        """``mpi_polling`` as the mpi backend takes it: None for auto (it decides per communicator)."""
+        return None if self.mpi_polling == "auto" else bool(self.mpi_polling)
 
     def uses_sync_thread(self, spare_cores: int) -> bool:
         """``sync_thread`` resolved for a rank with ``spare_cores`` cores beyond its torch threads."""

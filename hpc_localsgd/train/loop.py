@@ -94,6 +94,7 @@ def train(
         device,
         horovod_cycle_time_ms(cfg),
         **planned_groups(cfg, launch.layout),
+        mpi_polling=cfg.comm.mpi_polling_choice,
     )
     result = _train(cfg, own, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
     # Closed on success only: after an error the other ranks may not reach the closing collective.

@@ -464,13 +464,22 @@ def main() -> int:
     parser.add_argument(
         "--across-sizes", default="2", help="the sizes across announced to make_communicator (comma-separated)"
     )
+    parser.add_argument(
+        "--mpi-polling", choices=("auto", "true", "false"), default="auto", help="comm.mpi_polling for the mpi backend"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    polling = None if args.mpi_polling == "auto" else args.mpi_polling == "true"
     group_sizes = [int(size) for size in args.group_sizes.split(",") if size]
     across_sizes = [int(size) for size in args.across_sizes.split(",") if size]
     try:
         comm = make_communicator(
-            args.backend, detect_launch(), device, group_sizes=group_sizes, across_sizes=across_sizes
+            args.backend,
+            detect_launch(),
+            device,
+            group_sizes=group_sizes,
+            across_sizes=across_sizes,
+            mpi_polling=polling,
         )
     except UserError as error:
         print_line(f"hpc-localsgd: error: {error}", sys.stderr)

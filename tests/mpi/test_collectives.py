@@ -44,20 +44,31 @@ def assert_every_rank_ok(done: subprocess.CompletedProcess, backend: str, ranks:
         assert f"OK {backend} rank {rank} of {ranks}" in done.stdout, report(done)
 
 
-# The mpi backend twice: with Open MPI yielding while idle (set for a fully subscribed node) its communication
+# The mpi backend twice: polled (comm.mpi_polling=true, with Open MPI yielding while idle) its communication
 # thread tests non-blocking allgathers and all-to-alls every millisecond, and runs allreduces of 1 MiB or more
-# as two such exchanges; told not to, it waits in the blocking calls. Both must give the expected bits.
+# as two such exchanges; left to auto on one node, it waits in the blocking calls. Both must give the
+# expected bits.
 BACKENDS = [("mpi", "1"), ("mpi", "0"), ("torch", None), ("horovod", None)]
 POLLED = "byte exchanges and allreduces from 1 MiB tested every 1 ms"
 
 
 def run_driver(ranks: int, backend: str, yields: str | None, *flags: str) -> subprocess.CompletedProcess:
     env = {**WITHOUT_MASTER, "OMPI_MCA_mpi_yield_when_idle": yields}
-    done = run_mpi(ranks, ["python", DRIVER, "--backend", backend, *flags], timeout=180, env=env)
+    polling = ["--mpi-polling", "true"] if yields == "1" else []
+    done = run_mpi(ranks, ["python", DRIVER, "--backend", backend, *polling, *flags], timeout=180, env=env)
     assert_every_rank_ok(done, backend, ranks=ranks)
     if backend == "mpi":
         assert done.stdout.count(POLLED) == (ranks if yields == "1" else 0), report(done)
     return done
+
+
+def test_auto_polls_no_collective_whose_ranks_share_this_node() -> None:
+    # Open MPI yields while idle (a fully subscribed node), but every rank is on this node: the copies
+    # through shared memory are the transfer, so the world and its groups wait in the blocking calls.
+    env = {**WITHOUT_MASTER, "OMPI_MCA_mpi_yield_when_idle": "1"}
+    done = run_mpi(GROUP_RANKS, ["python", DRIVER, "--backend", "mpi", "--groups"], timeout=180, env=env)
+    assert_every_rank_ok(done, "mpi", GROUP_RANKS)
+    assert POLLED not in done.stdout and "a communication thread" in done.stdout, report(done)
 
 
 @pytest.mark.parametrize(("backend", "yields"), BACKENDS)
@@ -279,7 +290,8 @@ def test_polled_allreduces_train_to_the_bits_of_blocking_ones(tmp_path: Path, de
     results = {}
     for yields in ("1", "0"):
         run_dir = tmp_path / f"yields{yields}"
-        argv = cli("train", *sets(overrides), "--run-dir", str(run_dir), empty_config(tmp_path))
+        polling = ["comm.mpi_polling=true"] if yields == "1" else []
+        argv = cli("train", *sets([*overrides, *polling]), "--run-dir", str(run_dir), empty_config(tmp_path))
         done = run_mpi(RANKS, argv, timeout=300, env={"OMPI_MCA_mpi_yield_when_idle": yields})
         assert done.returncode == 0, report(done)
         assert (POLLED in done.stdout.splitlines()[0]) == (yields == "1"), report(done)
