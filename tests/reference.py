@@ -1,6 +1,7 @@
 """An independent reference for the averaging algorithms: W workers simulated in one process.
 
-Written straight from ../shared/ALGORITHMS.md, per tensor and without the package's flat
+Written straight from the published update rules (the papers cited in the package's docstrings),
+per tensor and without the package's flat
 buffers, gradient buckets or rearranged formulas, so that agreement with the package is
 evidence rather than tautology. Workers use PyTorch's own SGD (with its lazy momentum).
 """

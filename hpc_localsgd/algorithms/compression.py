@@ -7,7 +7,7 @@ low precision is safe), never the parameters. With error feedback each rank keep
     e ← (Δ + e) − q       the compression error, re-sent at the next sync instead of lost
     avg = (1/m)·Σ_r q_r   decoded to fp32 and summed in fp32, rank order 0..m−1, then divided by m
 
-(Seide et al. 2014; Karimireddy et al. 2019; ../shared/ALGORITHMS.md). The caller's new model is
+(Seide et al. 2014; Karimireddy et al. 2019). The caller's new model is
 x_prev − avg, or the outer optimizer's step on avg.
 
 Codecs (``CODECS``):

@@ -1,5 +1,5 @@
-"""Streaming, delayed and compressed global syncs (../shared/ALGORITHMS.md, "Streaming, delayed and
-compressed synchronisation"): what the engine's global sync becomes when ``comm.sync_compression``,
+"""Streaming, delayed and compressed global syncs (Douillard et al. 2025, Streaming DiLoCo): what the
+engine's global sync becomes when ``comm.sync_compression``,
 ``algorithm.sync_delay`` or ``algorithm.fragments`` is set.
 
 What travels is each rank's update since the last sync, Δ = x_prev − x, never the parameters:
