@@ -194,8 +194,8 @@ def equivalence_dtype(case: str) -> torch.dtype:
 # CPU settings (docs/testing.md) the reference comparisons used at most 0.5 % of it, two orders of summation
 # (local SGD at H = 1 against all-reduce SGD, 12 steps) 17 %.
 REFERENCE_TOLERANCE = {"rtol": 2e-4, "atol": 2e-5}
-# Measured on a 2-core AMD EPYC under five CPU settings (native AVX-512, ATEN_CPU_CAPABILITY=avx2 and
-# =default, ONEDNN_MAX_CPU_ISA=AVX2 and =SSE41; docs/testing.md): over every simulated-against-ranks case,
+# Measured on a 2-core AMD EPYC under five CPU settings (native AVX-512, ATEN_CPU_CAPABILITY=default,
+# ONEDNN_MAX_CPU_ISA=AVX2 and =SSE41, both at AVX2; docs/testing.md): over every simulated-against-ranks case,
 # float64 agreed to 3.8e-14 relative and 8.9e-16 absolute at worst. A margin of over 1000.
 FLOAT64_TOLERANCE = {"rtol": 1e-9, "atol": 1e-12}
 # float32 rounding noise between two kernels over a run of this problem (the tolerance these comparisons
