@@ -12,6 +12,23 @@ from dataclasses import dataclass, field
 GLOBAL = "global"
 
 
+@dataclass(frozen=True)
+class SyncTraffic:
+    """What an engine puts on the link, from its layout (exact, before any run).
+
+    fragment_elements         the elements of each fragment's update (one fragment: the whole sync span)
+    rest_bytes                fp32 bytes that travel uncompressed with fragment 0 (BN statistics, averaged
+                              optimizer state) when the update is sent as Δ; 0 for a plain average
+    bytes_per_sync            what a rank sends per global sync of the whole model, scales included
+    gradient_bytes_per_step   what a rank sends per synchronous step (its gradients; 0 without them)
+    """
+
+    fragment_elements: tuple[int, ...]
+    rest_bytes: int
+    bytes_per_sync: int = 0
+    gradient_bytes_per_step: int = 0
+
+
 @dataclass
 class CommStats:
     """Totals since the start of training.

@@ -24,7 +24,7 @@ import torch
 
 from ..comm.base import Communicator, Handle
 from ..config.schema import AlgorithmConfig, GradientCompression, Precision, SyncCompression
-from .accounting import GLOBAL, CommStats
+from .accounting import GLOBAL, CommStats, SyncTraffic
 from .drift import SyncMeasurement, first_row, relative_consensus_distance, row_dot
 from .flat import BUFFERS, MOMENTUM, PARAMS, FlatGroup, contiguous_part, flatten_training_state
 from .gradients import GradientAllreduce
@@ -145,6 +145,29 @@ class AveragingEngine:
             self.gradients = GradientAllreduce(
                 list(model.parameters()), comm, bucket_bytes, self.stats, gradient_compression
             )
+
+    # --- what the sync costs, for the benchmark and the start-up line -------------------------------
+    def traffic(self) -> SyncTraffic:
+        """The bytes of a global sync and of a synchronous step, from the layout."""
+        gradient_bytes = 0 if self.gradients is None else self.gradients.bytes_per_step
+        if self.streaming is None:
+            return SyncTraffic((self.span_bytes // 4,), 0, self.bytes_per_sync, gradient_bytes)
+        elements = tuple(sum(b - a for a, b in ranges) for ranges in self.streaming.ranges)
+        return SyncTraffic(elements, self.streaming.rest_bytes, self.bytes_per_sync, gradient_bytes)
+
+    @property
+    def no_sync_thread_because(self) -> str | None:
+        """Why the sync thread cannot run here (None: it can; ``uses_sync_thread`` says whether it does)."""
+        return "no delayed sync" if self.streaming is None else self.streaming.no_sync_thread_because
+
+    @property
+    def uses_sync_thread(self) -> bool:
+        return self.streaming is not None and self.streaming.uses_sync_thread
+
+    @property
+    def sync_thread_cpu_seconds(self) -> float:
+        """CPU seconds the sync thread has used so far (0 without one)."""
+        return 0.0 if self.streaming is None else self.streaming.sync_thread_cpu_seconds
 
     def broadcast_initial_state(self) -> None:
         """Start every rank from rank 0's model (and zero momentum), whatever each rank's init did."""

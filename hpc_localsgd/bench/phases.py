@@ -142,7 +142,7 @@ def measure_averaging(ctx: BenchContext) -> None:
     sync_times, floor_times = _alternating(
         comm, ctx.device, [lambda: engine.sync(LEARNING_RATE), floor], options.repeats, options.warmup
     )
-    nbytes = engine.bytes_per_sync
+    nbytes = engine.traffic().bytes_per_sync
     ctx.add(
         Figure(
             "averaging.bytes_per_sync",

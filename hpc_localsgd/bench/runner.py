@@ -203,7 +203,7 @@ def run_bench(
         projection = project(
             compute,
             source,
-            ctx.local_loop().engine.bytes_per_sync,
+            ctx.local_loop().engine.traffic().bytes_per_sync,
             sizes["gradient_bytes"],
             options.batch,
             options.sync_periods,

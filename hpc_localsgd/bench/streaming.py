@@ -11,10 +11,9 @@ Run it where the network is slow, for example the emulated 1 Gb/s link of ``laun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from ..algorithms.accounting import SyncTraffic
 from ..algorithms.compression import encoded_bytes, link_bytes
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.network import Interconnect, emulated_link, ring_allreduce_seconds
@@ -25,15 +24,6 @@ from .variants import HALF_BYTES_TARGET, INT8_BYTES_TARGET, SYNC_THREAD_SUFFIX, 
 from .workload import EngineLoop
 
 LIMIT = "limit"  # the in-process no-communication window's name among the configurations'
-
-
-@dataclass(frozen=True)
-class SyncTraffic:
-    """What one sync of each fragment puts on the link: the elements of its update and, with fragment 0,
-    the fp32 bytes of what travels uncompressed beside it (BN statistics)."""
-
-    fragment_elements: tuple[int, ...]
-    rest_bytes: int
 
 
 def projected_efficiency(
@@ -57,30 +47,24 @@ def projected_efficiency(
     return step_seconds / (step_seconds + exposed / variant.sync_period)
 
 
-def sync_traffic(engine: object, fragments: int, numel: int, span_bytes: int, synchronous: bool = False) -> SyncTraffic:
-    """Each fragment's elements and the rest's bytes, from a streaming engine's layout, or for a plain
-    sync the whole span (parameters and BN statistics) as one fp32 allreduce; ``synchronous``: the
-    gradients of one step (``numel`` elements)."""
+def sync_traffic(engine: AveragingEngine, synchronous: bool = False) -> SyncTraffic:
+    """What ``engine`` puts on the link per sync of every fragment; ``synchronous``: the gradients of one
+    step, as one fp32 (or bf16) exchange of their elements."""
+    traffic = engine.traffic()
     if synchronous:
-        return SyncTraffic((numel,), 0)
-    streaming = getattr(engine, "streaming", None)
-    if streaming is None:
-        return SyncTraffic((span_bytes // 4,), 0)
-    elements = tuple(sum(b - a for a, b in ranges) for ranges in streaming.ranges)
-    assert len(elements) == fragments and sum(elements) == numel
-    return SyncTraffic(elements, streaming.rest_bytes)
+        return SyncTraffic((sum(traffic.fragment_elements),), 0, 0, traffic.gradient_bytes_per_step)
+    return traffic
 
 
 def _bytes_figure(variant: SyncVariant, engine: AveragingEngine) -> Figure:
     """What a rank sends: per step for all-reduce SGD (its gradients), per sync of the whole model else."""
     if variant.synchronous:
-        assert engine.gradients is not None
         return Figure(
             f"streaming.{variant.name}.bytes_per_step",
             "streaming",
             f"{variant.describe()}: bytes a rank sends per step (its gradients)",
             "B",
-            [float(engine.gradients.bytes_per_step)],
+            [float(engine.traffic().gradient_bytes_per_step)],
             exact=True,
         )
     return Figure(
@@ -88,7 +72,7 @@ def _bytes_figure(variant: SyncVariant, engine: AveragingEngine) -> Figure:
         "streaming",
         f"{variant.describe()}: bytes a rank sends per sync of the whole model, scales included",
         "B",
-        [float(engine.bytes_per_sync)],
+        [float(engine.traffic().bytes_per_sync)],
         exact=True,
     )
 
@@ -103,7 +87,7 @@ _THREADS = {
 def _cpu_figures(variant: SyncVariant, engine: AveragingEngine, measured: _Measured) -> list[Figure]:
     """Where the CPU goes: seconds a step on each thread of a rank that runs Python (the kernel's network
     work and the backend's C++ threads are in none of them)."""
-    sync_thread = engine.streaming is not None and engine.streaming.uses_sync_thread
+    sync_thread = engine.uses_sync_thread
     return [
         Figure(
             f"streaming.{variant.name}.cpu_per_step.{thread}",
@@ -152,11 +136,10 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
         for v in chosen
     }
     for v in [v for v in chosen if v.sync_thread]:
-        streaming = loops[v.name].engine.streaming
-        if streaming is None or not streaming.uses_sync_thread:
+        engine = loops[v.name].engine
+        if not engine.uses_sync_thread:
             # The same reason on every rank (backend, world, device), so every rank drops the twin.
-            why = "no delayed sync" if streaming is None else streaming.no_sync_thread_because
-            ctx.skip(f"streaming.{v.name}", f"the sync thread cannot run here: {why}")
+            ctx.skip(f"streaming.{v.name}", f"the sync thread cannot run here: {engine.no_sync_thread_because}")
             loops.pop(v.name).close()
             chosen.remove(v)
     windows = {v.name: _Window(loops[v.name], options.window_steps(v.sync_period)) for v in chosen}
@@ -243,7 +226,7 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
         step_seconds = ctx.comm.size * options.batch / bare_rate
         for variant in chosen:
             engine = loops[variant.name].engine
-            traffic = sync_traffic(engine, variant.fragments, numel, engine.span_bytes, variant.synchronous)
+            traffic = sync_traffic(engine, variant.synchronous)
             ctx.add(
                 Figure(
                     f"streaming.{variant.name}.projected_efficiency",

@@ -204,9 +204,7 @@ class EngineLoop:
         """CPU seconds so far of the engine's sync thread (0 without one) and of the backend's own
         communication thread (None where it has none it can measure); the second is the process's, shared
         by every loop on the communicator."""
-        streaming = self.engine.streaming
-        sync = 0.0 if streaming is None else streaming.sync_thread_cpu_seconds
-        return sync, self.engine.comm.thread_cpu_seconds()
+        return self.engine.sync_thread_cpu_seconds, self.engine.comm.thread_cpu_seconds()
 
     def bytes_sent(self) -> int:
         return self.engine.stats.bytes_sent

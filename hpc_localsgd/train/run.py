@@ -324,13 +324,11 @@ def open_metrics(
 
 
 def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
-    streaming = opt.engine.streaming
     beside = ""
-    if streaming is not None and streaming.uses_sync_thread:
+    if opt.engine.uses_sync_thread:
         beside = ", sync thread beside the step"
     elif cfg.comm.sync_thread is True:  # asked for, and not possible here: say why
-        why = "no delayed sync" if streaming is None else streaming.no_sync_thread_because
-        beside = f", no sync thread ({why})"
+        beside = f", no sync thread ({opt.engine.no_sync_thread_because})"
     return (
         f"hpc-localsgd: {describe_method(cfg)}{beside} | {workers.description}, {cfg.train.precision} | "
         f"{cfg.model.name} on {cfg.data.name} | "

@@ -98,8 +98,9 @@ def test_emulated_link_reads_tc_rates() -> None:
 
 
 def test_streaming_projection_worked_by_hand() -> None:
+    from hpc_localsgd.algorithms.accounting import SyncTraffic
     from hpc_localsgd.algorithms.network import emulated_link
-    from hpc_localsgd.bench.streaming import SyncTraffic, projected_efficiency, sync_traffic
+    from hpc_localsgd.bench.streaming import projected_efficiency
     from hpc_localsgd.bench.variants import SyncVariant
 
     link, n = emulated_link("1gbit"), 1_000_000
@@ -125,7 +126,7 @@ def test_streaming_projection_worked_by_hand() -> None:
     # All-reduce SGD with bf16 gradients between 2: each step an allgather of 2n bytes (no overlap modelled).
     bf16 = SyncVariant("g", 1, method="allreduce", gradient_compression="bf16")
     assert bf16.codec == "bf16" and bf16.describe() == "all-reduce SGD, bf16 gradient buckets"
-    got = projected_efficiency(bf16, sync_traffic(None, 1, n, 0, synchronous=True), 2, 1.0, link)
+    got = projected_efficiency(bf16, SyncTraffic((n,), 0), 2, 1.0, link)  # one step's n gradients
     assert got == pytest.approx(1 / (1 + 2 * n / 1.25e8 + 2 * 30e-6))
     # A sync_compression setting does not leak into all-reduce's gradients, nor the gradients' into local SGD.
     assert SyncVariant("a", 1, compression="int8", method="allreduce").codec == "none"
