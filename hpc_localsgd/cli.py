@@ -28,12 +28,20 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.run_dir:
         overrides.append(f"output.run_dir={args.run_dir}")
-    cfg = load_config(args.config, overrides)
+    notices: list[str] = []
+    cfg = load_config(args.config, overrides, notices)
     if args.reshard and not args.resume:
         raise UserError("--reshard needs --resume")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
-    train(cfg, overwrite=args.overwrite, resume=args.resume, reshard=args.reshard, stop_at_step=args.stop_at_step)
+    train(
+        cfg,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        reshard=args.reshard,
+        stop_at_step=args.stop_at_step,
+        notices=notices,
+    )
     return 0
 
 

@@ -64,7 +64,7 @@ class ReferenceAlgorithm:
             slow_momentum=cfg.slow_momentum,
             outer_lr=cfg.outer_lr,
             outer_momentum=cfg.outer_momentum,
-            momentum_buffers=cfg.momentum_buffers,
+            momentum_buffers=cfg.optimizer_state,
             average_bn_buffers=cfg.average_bn_buffers,
             ranks_per_worker=ranks_per_worker,
             levels=levels,

@@ -1,7 +1,8 @@
 """Contiguous storage for everything that is averaged, so that a sync is one collective per dtype.
 
-At start-up the parameters, the BatchNorm statistics and the SGD momentum buffers are moved
-into one flat buffer per dtype and the originals are replaced by views into it (as
+At start-up the parameters, the BatchNorm statistics and the inner optimizer's per-parameter state
+(SGD's momentum buffers; ``optimizer_state.py`` says what each optimizer keeps) are moved into one flat
+buffer per dtype and the originals are replaced by views into it (as
 fairscale's FlatParameter and DDP's gradient-as-bucket-view do). Training then updates the
 flat buffer in place, and averaging is an allreduce of one contiguous slice: no gather,
 no scatter, no per-tensor collective.
@@ -21,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .optimizer_state import STATE_KINDS, optimizer_state_of, stateful_parameters
+
 PARAMS = "params"
 BUFFERS = "buffers"  # floating-point module buffers (BatchNorm running statistics)
-MOMENTUM = "momentum"  # the base optimizer's momentum buffers
-KINDS = (PARAMS, BUFFERS, MOMENTUM)
+KINDS = (PARAMS, BUFFERS, *STATE_KINDS)  # STATE_KINDS: the inner optimizer's (SGD: MOMENTUM)
 
 
 @dataclass
@@ -82,26 +84,25 @@ def _module_float_buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module,
 def flatten_training_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, averaged_kinds: frozenset[str], replicas: int = 1
 ) -> list[FlatGroup]:
-    """Move parameters, float buffers and momentum buffers into flat storage, one group per dtype.
+    """Move parameters, float buffers and the optimizer's per-parameter state into flat storage, one
+    group per dtype.
 
-    Momentum buffers are created as zeros: for SGD with dampening 0 the first update
-    ``buf = μ·0 + g`` equals PyTorch's lazy ``buf = g`` exactly.
+    The optimizer's state tensors are created as zeros, which its first step treats as PyTorch's lazy
+    start does (the registry refuses settings where it would not: SGD with dampening).
     Call after the model is on its device and before training; afterwards replace no
     parameter or buffer object (load state with ``copy_`` only). ``replicas`` > 1: every tensor is
     stacked over that many simulated workers (leading dimension) and the buffers are 2-D.
     """
     params = [p for p in model.parameters()]
     buffers = _module_float_buffers(model)
-    momentum_params: list[torch.nn.Parameter] = []
-    for param_group in optimizer.param_groups:
-        if param_group.get("momentum", 0.0) > 0.0:
-            if param_group.get("dampening", 0.0) != 0.0:
-                raise ValueError("flat momentum buffers require dampening == 0")
-            momentum_params.extend(param_group["params"])
+    state = optimizer_state_of(optimizer)
+    stateful = stateful_parameters(optimizer)
+    members_of: dict[str, list[torch.Tensor]] = {PARAMS: list(params), BUFFERS: [b for _, _, b in buffers]}
+    members_of.update({kind: stateful for kind in state.tensors.values()})
 
     order = [k for k in KINDS if k in averaged_kinds] + [k for k in KINDS if k not in averaged_kinds]
     by_key: dict[tuple[torch.dtype, torch.device], dict[str, list[torch.Tensor]]] = {}
-    for kind, tensors in ((PARAMS, params), (BUFFERS, [b for _, _, b in buffers]), (MOMENTUM, momentum_params)):
+    for kind, tensors in members_of.items():
         for t in tensors:
             if replicas > 1 and (t.dim() == 0 or t.shape[0] != replicas):
                 raise ValueError(f"a tensor of shape {tuple(t.shape)} is not stacked over {replicas} workers")
@@ -123,7 +124,7 @@ def flatten_training_state(
             for t in members[kind]:
                 width = t.numel() // replicas
                 view = column_view(flat, offset, offset + width, t.shape)
-                if kind != MOMENTUM:
+                if kind in (PARAMS, BUFFERS):
                     view.copy_(t.detach())
                 views[(kind, id(t))] = view
                 offset += width
@@ -135,6 +136,7 @@ def flatten_training_state(
             p.data = views[(PARAMS, id(p))]
     for module, name, buffer in buffers:
         module._buffers[name] = views[(BUFFERS, id(buffer))]
-    for p in momentum_params:
-        optimizer.state[p]["momentum_buffer"] = views[(MOMENTUM, id(p))]
+    for key, kind in state.tensors.items():
+        for t in stateful:
+            optimizer.state[t][key] = views[(kind, id(t))]
     return groups

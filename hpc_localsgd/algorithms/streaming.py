@@ -19,9 +19,10 @@ What travels is each rank's update since the last sync, Δ = x_prev − x, never
 * compression: avg Δ is the average of Q(Δ + e) (``compression.CompressedAverager``, error feedback e
   per rank); none is an fp32 allreduce of Δ.
 
-With none of them the engine keeps its own sync, which averages x itself (bit for bit today's). BN
-statistics and averaged momentum buffers travel uncompressed, blocking, over all ranks, with fragment
-0's sync, where the momentum policy ``reset`` also acts (on the whole model).
+With none of them the engine keeps the blocking average (global_sync.py), which averages x itself. BN
+statistics and averaged optimizer state travel uncompressed and blocking with fragment 0's sync, by the
+same exchange and rule as there (inside each worker, then between workers by shards); the policy
+``optimizer_state: reset`` also acts there (on the whole model). Both syncs implement ``GlobalSync``.
 
 Worker groups (algorithms/hierarchy.py): compression and overlap act at the global level, between
 workers. A worker's R ranks hold the same x, so rank j of each worker averages only shard j of R of
@@ -63,13 +64,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm.base import Communicator, Handle, SerialThread
+from ..comm.base import Handle, SerialThread
 from ..config.schema import AlgorithmConfig, SyncCompression
-from .accounting import GLOBAL, CommStats
+from .accounting import CommStats, SyncTraffic
 from .compression import CompressedAverageHandle, CompressedAverager
-from .drift import first_row
-from .flat import MOMENTUM, PARAMS, FlatGroup, contiguous_part
-from .hierarchy import WORKER
+from .drift import SyncMeasurement, first_row
+from .flat import PARAMS, FlatGroup, contiguous_part
+from .global_sync import (
+    AnchoredSync,
+    Span,
+    WorkerExchange,
+    averaged_statistics,
+    count_sync,
+    reset_optimizer_state,
+)
 from .outer import OuterOptimizer
 from .schedule import SyncSchedule
 
@@ -95,66 +103,52 @@ class _InFlight:
     summed: Future[None] | None = None
 
 
-class StreamingSync:
+class StreamingSync(AnchoredSync):
     """The global syncs of one engine, fragment by fragment (see the module docstring)."""
 
     def __init__(
         self,
         groups: list[FlatGroup],
         sync_spans: list[list[tuple[int, int]]],
-        comm: Communicator,
-        worker_comms: tuple[Communicator, Communicator] | None,
+        exchange: WorkerExchange,
         cfg: AlgorithmConfig,
         schedule: SyncSchedule,
         compression: SyncCompression,
         error_feedback: bool,
         outer: OuterOptimizer,
         stats: CommStats,
+        averaged_kinds: frozenset[str],
         sync_thread: bool = True,
     ) -> None:
-        self.groups, self.comm, self.outer, self.stats = groups, comm, outer, stats
-        # Workers of R ranks: (the worker's ranks, rank j of every worker); Δ travels between workers.
-        self.worker: Communicator | None = worker_comms[0] if worker_comms is not None else None
-        self.between = worker_comms[1] if worker_comms is not None else comm
-        shards = self.worker.size if self.worker is not None else 1
-        # The shards this process averages: its own; all of them where it simulates every rank.
-        self.owned = list(range(shards)) if comm.replicas > 1 or self.worker is None else [self.worker.rank]
+        super().__init__(groups, outer, schedule)
+        self.comm, self.exchange, self.stats = exchange.comm, exchange, stats
+        # Workers of R ranks: Δ travels between workers (rank j of each), shard j of R each.
+        self.worker = exchange.worker
+        self.between = exchange.between
+        self.owned = exchange.owned
         self.local_start, self.last_step = schedule.local_start, schedule.last_step
         self.period, self.fragments, self.outer_every = cfg.sync_period, cfg.fragments, cfg.outer_every
         self.delay, self.mix = cfg.sync_delay, cfg.sync_mix
-        self.reset_momentum = cfg.momentum_buffers == "reset"
+        self.reset_state = cfg.optimizer_state == "reset"
         self.compression = compression
-        # Where each group's parameters lie, and the rest of its sync span (BN statistics, averaged momentum).
+        # Where each group's parameters lie, and the rest of its sync span (BN statistics, averaged
+        # optimizer state): averaged with fragment 0 as the blocking sync averages it.
         params = [_segment(g, PARAMS) for g in groups]
         self.params_start = [start for start, _ in params]
-        self.rest = [
-            (end, spans[0][1]) if spans and spans[0][1] > end else None
-            for (_, end), spans in zip(params, sync_spans, strict=True)
+        self.rest: list[Span] = [
+            (g, end, spans[0][1])
+            for g, (_, end), spans in zip(groups, params, sync_spans, strict=True)
+            if spans and spans[0][1] > end
         ]
+        self.statistics = averaged_statistics(groups, averaged_kinds)
         # fragment f of group g: [a, b) of its flat buffer; the first (n % F) fragments one element longer.
         self.ranges = [
             [contiguous_part(start, end, self.fragments, f) for start, end in params] for f in range(self.fragments)
         ]
         # Shard j of R of fragment f of group g, relative to the fragment's start.
-        self.shards = [
-            [[contiguous_part(0, b - a, shards, j) for j in self.owned] for a, b in ranges] for ranges in self.ranges
-        ]
+        self.shards = [[[exchange.shard(0, b - a, j) for j in self.owned] for a, b in ranges] for ranges in self.ranges]
         # Lossy codecs: one averager (and error state) per fragment, group and shard; none: an allreduce of Δ.
-        self.averagers = [
-            [
-                [
-                    CompressedAverager(
-                        compression, (*g.flat.shape[:-1], e - s), error_feedback, g.flat.device, self.between
-                    )
-                    for s, e in group_shards
-                ]
-                for g, group_shards in zip(groups, fragment_shards, strict=True)
-            ]
-            for fragment_shards in self.shards
-            if compression != "none"
-        ]
-        if compression != "none" and any(g.dtype != torch.float32 for g in groups):
-            raise ValueError("compressed syncs encode float32 parameters")
+        self.averagers = self._make_averagers(compression, error_feedback)
         self.in_flight: dict[int, _InFlight] = {}
         # Δ's memory per (fragment, group, shard, slot), reused sync after sync: a fresh ResNet-50-sized tensor
         # costs its page faults on every sync (twice the time of the subtraction itself, on one core). A
@@ -163,28 +157,7 @@ class StreamingSync:
         # due at the same step still waits to be applied: two slots, used in turn.
         self.update_buffers: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self.last_consensus = (math.nan, math.nan)  # (Ξ²/‖x̄‖², ‖x̄‖) of the last fragment applied
-        self.rest_bytes = sum(
-            (end - start) * g.flat.element_size()
-            for g, rest in zip(groups, self.rest, strict=True)
-            if rest
-            for start, end in [rest]
-        )
-        # What a rank sends between workers per sync of each fragment: its shard (rank 0's in a simulation,
-        # as every process counts), encoded; and what it sends inside its worker to assemble the fragment.
-        self.shard_bytes = [
-            sum(
-                self.averagers[f][g][0].bytes_per_sync if self.averagers else (e - s) * group.flat.element_size()
-                for g, (group, [(s, e), *_]) in enumerate(zip(groups, fragment_shards, strict=True))
-            )
-            for f, fragment_shards in enumerate(self.shards)
-        ]
-        self.assembly_bytes = [
-            sum((b - a) * group.flat.element_size() for group, (a, b) in zip(groups, ranges, strict=True))
-            if self.worker is not None
-            else 0
-            for ranges in self.ranges
-        ]
-        self.bytes_per_model = sum(self.shard_bytes) + self.rest_bytes  # a sync of every fragment, between workers
+        self._count_bytes()
         # The sync's work on vectors beside the step (``sync_thread``, the module docstring): the encoding
         # with error feedback and ‖Δ‖², the wait for the average and its decoding. ``no_sync_thread_because``
         # says why it cannot help here (None: it can).
@@ -198,6 +171,47 @@ class StreamingSync:
         )
         if self.beside is not None:
             weakref.finalize(self, self.beside.stop)
+
+    def _make_averagers(
+        self, compression: SyncCompression, error_feedback: bool
+    ) -> list[list[list[CompressedAverager]]]:
+        if compression == "none":
+            return []
+        if any(g.dtype != torch.float32 for g in self.groups):
+            raise ValueError("compressed syncs encode float32 parameters")
+        return [
+            [
+                [
+                    CompressedAverager(
+                        compression, (*g.flat.shape[:-1], e - s), error_feedback, g.flat.device, self.between
+                    )
+                    for s, e in group_shards
+                ]
+                for g, group_shards in zip(self.groups, fragment_shards, strict=True)
+            ]
+            for fragment_shards in self.shards
+        ]
+
+    def _count_bytes(self) -> None:
+        """What a rank sends per sync: between workers its shard of each fragment (rank 0's in a simulation,
+        as every process counts), encoded, and with fragment 0 its shard of the rest; inside its worker
+        what assembles the fragment."""
+        groups = self.groups
+        self.rest_bytes = self.exchange.bytes_sent(self.rest, self.statistics)[0]
+        self.shard_bytes = [
+            sum(
+                self.averagers[f][g][0].bytes_per_sync if self.averagers else (e - s) * group.flat.element_size()
+                for g, (group, [(s, e), *_]) in enumerate(zip(groups, fragment_shards, strict=True))
+            )
+            for f, fragment_shards in enumerate(self.shards)
+        ]
+        self.assembly_bytes = [
+            sum((b - a) * group.flat.element_size() for group, (a, b) in zip(groups, ranges, strict=True))
+            if self.worker is not None
+            else 0
+            for ranges in self.ranges
+        ]
+        self.bytes_per_sync = sum(self.shard_bytes) + self.rest_bytes  # a sync of every fragment, between workers
 
     def _why_not_beside(self, compression: SyncCompression) -> str | None:
         if self.delay == 0:
@@ -256,10 +270,32 @@ class StreamingSync:
             if self.in_flight[fragment].sync_step == completed:
                 self._advance(self.in_flight[fragment])
 
-    def end_step(self, completed: int, lr: float, anchors: list[torch.Tensor]) -> tuple[bool, bool]:
-        """Take the updates due after ``completed`` steps, apply the syncs due now, and send the updates
-        (the comment below gives the order). Returns whether a fragment was synced (every rank's copy of
-        it is then x_g, or the mix) and whether an outer optimizer stepped."""
+    def end_step(self, completed: int, lr: float) -> SyncMeasurement | None:
+        """Take the updates due after ``completed`` steps, apply the syncs due now, and send the updates.
+        Returns what the sync measured where a fragment was synced (every rank's copy of it is then x_g,
+        or the mix): the consensus distance of the synced fragment, as its update was taken."""
+        self.outer.forget_update_figures()
+        synced, outer_stepped = self._step_syncs(completed, lr, self.anchors)
+        if not synced:
+            return None
+        distance, model_norm = self.last_consensus
+        update_figures = self.outer.update_figures() if outer_stepped else (math.nan, math.nan)
+        return SyncMeasurement(distance, model_norm, *update_figures, outer_stepped)
+
+    @property
+    def needs_anchor(self) -> bool:
+        return True  # what travels is x_prev − x
+
+    def agreed_after_sync(self) -> list[torch.Tensor]:
+        return self.anchors  # x_prev ← x_g on every rank alike (the live fragment may hold a mix)
+
+    def traffic(self, gradient_bytes_per_step: int) -> SyncTraffic:
+        elements = tuple(sum(b - a for a, b in ranges) for ranges in self.ranges)
+        return SyncTraffic(elements, self.rest_bytes, self.bytes_per_sync, gradient_bytes_per_step)
+
+    def _step_syncs(self, completed: int, lr: float, anchors: list[torch.Tensor]) -> tuple[bool, bool]:
+        """``end_step``'s work (the comment below gives the order). Returns whether a fragment was synced
+        and whether an outer optimizer stepped."""
         # Updates encoded beside the step are sent, if the step did not (it does before its backward), and
         # two-phase compressed averages started at an earlier step go on to their second phase here, at the
         # same point on every rank, so that it travels behind the next steps as the first did.
@@ -475,17 +511,18 @@ class StreamingSync:
             whole = torch.zeros(b - a, dtype=shard.dtype, device=shard.device)
             whole[start:end] = shard
             wholes.append(whole)
-        _wait_all([self.worker.iallreduce_(whole, average=False) for whole in wholes])
+        self.exchange.assemble(wholes)
         pending.updates = [[whole] for whole in wholes[1:]]
 
     def _apply(
         self, fragment: int, pending: _InFlight, lr: float, anchors: list[torch.Tensor], outer_step: bool
     ) -> None:
         """Wait for the fragment's average; x_prev ← x_g, and the rank's copy ← (1 − α)·x_g + α·x."""
+        rest_between = rest_inside = 0
         with self.stats.timed():
             self._complete(fragment, pending)
             if fragment == 0:
-                self._average_rest()
+                rest_between, rest_inside = self.exchange.average(self.rest, self.statistics)
         averaged_update = averaged_model = 0.0
         with torch.no_grad():
             for g, (a, b) in enumerate(self.ranges[fragment]):
@@ -501,34 +538,16 @@ class StreamingSync:
                 if outer_step:
                     self.outer.step(new, anchor, lr, fragment * len(self.groups) + g)
                 self._mix_into(self.groups[g].flat[..., a:b], new)
-            if fragment == 0 and self.reset_momentum:
-                for group in self.groups:
-                    group.slice(MOMENTUM).zero_()
+            if fragment == 0 and self.reset_state:
+                reset_optimizer_state(self.groups)
         # Ξ² = mean‖xᵢ − x̄‖² = mean‖Δᵢ‖² − ‖avg Δ‖² over the fragment, as its Δ was taken (drift.py).
         assert pending.squared_norm is not None
         mean_squared = first_row(pending.squared_norm)
         spread = max(mean_squared - averaged_update, 0.0)  # rounding may leave a tiny negative: 0
         self.last_consensus = (spread / averaged_model if averaged_model > 0 else math.nan, math.sqrt(averaged_model))
-        # One rank sends nothing, as the engine's own sync counts it; one worker sends only its BN statistics.
-        sent = (self.shard_bytes[fragment] if self.between.size > 1 else 0) + (
-            self.rest_bytes if fragment == 0 and self.comm.size > 1 else 0
-        )
-        if sent:
-            self.stats.count(GLOBAL, sent)
-        if self.assembly_bytes[fragment]:
-            self.stats.count(WORKER, self.assembly_bytes[fragment])
-
-    def _average_rest(self) -> None:
-        if self.comm.size == 1:
-            return
-        handles = [
-            self.comm.iallreduce_(g.flat[..., start:end], average=True)
-            for g, rest in zip(self.groups, self.rest, strict=True)
-            if rest
-            for start, end in [rest]
-        ]
-        for handle in handles:
-            handle.wait()
+        # One rank sends nothing, as the blocking sync counts it; one worker sends only inside itself.
+        between = self.shard_bytes[fragment] if self.between.size > 1 else 0
+        count_sync(self.stats, between + rest_between, self.assembly_bytes[fragment] + rest_inside)
 
     # --- in flight at a checkpoint or at the end -------------------------------------------------------
     def settle(self) -> None:
@@ -561,9 +580,10 @@ class StreamingSync:
         }
 
     def shared_state(self) -> dict[str, torch.Tensor]:
-        """The averages in flight, settled (identical on every rank), with the step they apply at."""
+        """x_prev and the outer state, then the averages in flight, settled (identical on every rank), with
+        the step they apply at."""
         self.settle()
-        state: dict[str, torch.Tensor] = {}
+        state = super().shared_state()
         for fragment, pending in self.in_flight.items():
             state[f"inflight{fragment}.step"] = torch.tensor([pending.sync_step], dtype=torch.int64)
             if pending.squared_norm is not None:
@@ -571,7 +591,8 @@ class StreamingSync:
             state.update({f"inflight{fragment}.{g}": whole for g, [whole] in enumerate(pending.updates)})
         return state
 
-    def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state(self, state: dict[str, torch.Tensor], completed_steps: int) -> None:
+        super().load_state(state, completed_steps)
         self.in_flight = {}
         for fragment in range(self.fragments):
             if f"inflight{fragment}.step" not in state:
@@ -591,11 +612,6 @@ def _squared_norm(values: torch.Tensor) -> torch.Tensor:
     one): the consensus distance here is a difference of squared norms of updates, not of parameters
     (drift.py), which keeps its digits in float32."""
     return torch.linalg.vector_norm(values, dim=-1).double().square()
-
-
-def _wait_all(handles: list[Handle]) -> None:
-    for handle in handles:
-        handle.wait()
 
 
 def _wait_all_beside(handles: list[Handle]) -> None:

@@ -13,15 +13,17 @@ import dataclasses
 import decimal
 import difflib
 import re
+import sys
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, print_line
 from .fields import KeyNamer, dotted, type_name
 from .schema import RunConfig
 
@@ -113,6 +115,28 @@ def _convert(value: Any, tp: Any, key: str, name: KeyNamer) -> Any:
     raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
 
 
+class RenamedKey(UserWarning):
+    """A key given by its former name (a schema class's ``RENAMED_KEYS``): accepted, with a notice."""
+
+
+def _renamed(cls: type, data: Mapping[str, Any], prefix: str, name: KeyNamer) -> Mapping[str, Any]:
+    """``data`` with former key names replaced by today's, each announced once (``RenamedKey``)."""
+    renamed: dict[str, str] = getattr(cls, "RENAMED_KEYS", {})
+    if not any(old in data for old in renamed):
+        return data
+    out = dict(data)
+    for old, new in renamed.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{name(prefix, old)}: the former name of {name(prefix, new)}; give only one of them")
+        out[new] = out.pop(old)
+        warnings.warn(
+            RenamedKey(f"{name(prefix, old)} is now called {name(prefix, new)}; the old name still works"), stacklevel=2
+        )
+    return out
+
+
 def build(cls: type[T], data: Mapping[str, Any], prefix: str = "", name: KeyNamer = dotted) -> T:
     """The schema dataclass ``cls`` from a mapping of its field names (missing ones keep their default).
 
@@ -120,10 +144,11 @@ def build(cls: type[T], data: Mapping[str, Any], prefix: str = "", name: KeyName
     type hint. Ranges are checked by the schema's ``validate()``, after the whole tree is built,
     because some of them depend on other fields. ``name`` says how a key is named in messages.
     """
+    data = _renamed(cls, data, prefix, name)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     for given in data:
-        if given not in hints:
+        if given not in names:
             close = difflib.get_close_matches(str(given), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"{name(prefix, str(given))}: unknown key{hint}")
@@ -168,14 +193,28 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
-    """Read a YAML config (or only defaults when ``path`` is None), apply overrides, validate."""
+def load_config(
+    path: str | Path | None, overrides: tuple[str, ...] | list[str] = (), notices: list[str] | None = None
+) -> RunConfig:
+    """Read a YAML config (or only defaults when ``path`` is None), apply overrides, validate.
+
+    A key given by its former name is accepted; the one-line notice saying so goes into ``notices``
+    (for the caller to print once, on rank 0), or to stderr when none is given."""
     tree: dict[str, Any] = {}
     if path is not None:
         tree = read_yaml(path, "config file", "a mapping of sections at the top level")
     for assignment in overrides:
         _apply_override(tree, assignment)
-    config = build(RunConfig, tree)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RenamedKey)
+        config = build(RunConfig, tree)
+    for warning in caught:
+        if not issubclass(warning.category, RenamedKey):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        elif notices is not None:
+            notices.append(str(warning.message))
+        else:
+            print_line(f"hpc-localsgd: note: {warning.message}", sys.stderr)
     config.validate()
     return config
 

@@ -11,14 +11,14 @@ that involve several fields.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..errors import ConfigError
 from .fields import check_declared, section, setting
 
 Method = Literal["allreduce", "local_sgd", "post_local_sgd"]
 OuterMethod = Literal["none", "slowmo", "nesterov"]
-BuffersPolicy = Literal["keep", "average", "reset"]
+OptimizerStatePolicy = Literal["keep", "average", "reset"]
 Backend = Literal["auto", "horovod", "mpi", "torch", "single", "simulated"]
 DatasetName = Literal["digits", "synthetic", "mnist1d", "cifar10", "imagenet"]
 LRScheduleName = Literal["constant", "step", "cosine"]
@@ -219,6 +219,8 @@ class AlgorithmConfig:
     (Wang et al. 2020) or nesterov (DiLoCo, Douillard et al. 2023).
     """
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"momentum_buffers": "optimizer_state"}
+
     method: Method = setting(
         "local_sgd",
         "allreduce (gradients averaged every step), local_sgd (models averaged "
@@ -290,9 +292,10 @@ class AlgorithmConfig:
         range=">= 1, <= 1e6",
         rule="divides sync_period",
     )
-    momentum_buffers: BuffersPolicy = setting(
+    optimizer_state: OptimizerStatePolicy = setting(
         "keep",
-        "The base optimizer's momentum buffers at a sync: kept local, averaged (2× bytes), or reset to zero.",
+        "The inner optimizer's per-parameter state (SGD's momentum buffers) at a sync: kept local, averaged "
+        "with the model (2× bytes for SGD), or reset to zero. Formerly momentum_buffers, still accepted.",
         rule="keep with method allreduce",
     )
     average_bn_buffers: bool = setting(
@@ -364,8 +367,8 @@ class AlgorithmConfig:
                 self.outer == "none", f"{key}.outer", "an outer optimizer needs method 'local_sgd' or 'post_local_sgd'"
             )
             _check(
-                self.momentum_buffers == "keep",
-                f"{key}.momentum_buffers",
+                self.optimizer_state == "keep",
+                f"{key}.optimizer_state",
                 "applies to model averaging; method 'allreduce' keeps replicas identical",
             )
 

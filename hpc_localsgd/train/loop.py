@@ -7,7 +7,7 @@ signals (``checkpointer.py``), and the Slurm requeue after a SIGUSR1 stop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -66,6 +66,7 @@ def train(
     launch: LaunchEnvironment | None = None,
     comm: Communicator | None = None,
     print_fn: Callable[[str], None] = _print_now,
+    notices: Sequence[str] = (),
 ) -> TrainResult:
     """Run one training job on this rank. Every rank calls this with the same arguments.
 
@@ -74,6 +75,9 @@ def train(
     size or algorithm. ``stop_at_step``: checkpoint and stop there, as a preempted job would.
     """
     launch = launch or detect_launch()
+    if launch.layout.rank == 0:
+        for notice in notices:  # about the config (a key's former name): once per job
+            print_fn(f"hpc-localsgd: note: {notice}")
     if cfg.comm.backend == "simulated":
         if resume is not None or reshard is not None or stop_at_step is not None:
             raise UserError(

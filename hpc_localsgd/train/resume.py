@@ -135,8 +135,8 @@ def restore(
     """Load this rank's state into the live model and engine.
 
     Exact resume: rank r takes rank r's saved state and random states. Re-shard: every rank
-    takes the mean over the saved ranks of parameters and BN statistics, and of the momentum
-    buffers (``average``) or zeros (``reset``); error feedback starts at zero; RNG and loss
+    takes the mean over the saved ranks of parameters and BN statistics, and of the optimizer's
+    state (``average``) or zeros (``reset``); error feedback starts at zero; RNG and loss
     accumulators start afresh.
     Returns (communication counters, train loss sum, train loss count) to continue from.
     """
@@ -158,7 +158,7 @@ def restore(
                     tensors[name] += t.double()
         tensors = {name: (t / checkpoint.meta.world_size).to(state.tensors[name].dtype) for name, t in tensors.items()}
         if reshard == "reset":
-            tensors = {name: t for name, t in tensors.items() if not name.endswith(".momentum")}
+            tensors = {name: t for name, t in tensors.items() if not engine.is_optimizer_state(name)}
     engine.load_state(tensors, chosen.shared if chosen.shared is not None else checkpoint.shared(), step)
     buffers = dict(model.named_buffers())
     with torch.no_grad():

@@ -44,7 +44,7 @@ CASES: dict[str, list[str]] = {
     "local_H3_avg_momentum": [
         "algorithm.method=local_sgd",
         "algorithm.sync_period=3",
-        "algorithm.momentum_buffers=average",
+        "algorithm.optimizer_state=average",
     ],
     "post_local_H3": ["algorithm.method=post_local_sgd", "algorithm.sync_period=3", "algorithm.switch_step=6"],
     "slowmo_a1_b0_H4": [

@@ -51,7 +51,7 @@ RESUME_CASES: dict[str, list[str]] = {
         "algorithm.method=local_sgd",
         "algorithm.sync_period=4",
         "algorithm.outer=nesterov",
-        "algorithm.momentum_buffers=average",
+        "algorithm.optimizer_state=average",
     ],
 }
 # Mixed precision: bf16 autocast; fp16 with its per-rank loss scaler, which the checkpoint carries.

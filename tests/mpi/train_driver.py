@@ -58,7 +58,7 @@ def main() -> int:
                     "test_accuracy": result.final.test_accuracy,
                     "bytes_per_sync": result.engine.bytes_per_sync,
                     "gradient_bytes_per_step": gradients.bytes_per_step if gradients else 0,
-                    "sync_thread": result.engine.streaming is not None and result.engine.streaming.uses_sync_thread,
+                    "sync_thread": result.engine.uses_sync_thread,
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 }
             )

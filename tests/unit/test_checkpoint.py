@@ -12,6 +12,7 @@ import torch
 
 from hpc_localsgd.algorithms.engine import AveragingEngine
 from hpc_localsgd.algorithms.schedule import SyncSchedule
+from hpc_localsgd.algorithms.streaming import StreamingSync
 from hpc_localsgd.comm import SingleCommunicator, ThreadGroup
 from hpc_localsgd.config.schema import AlgorithmConfig
 from hpc_localsgd.io.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, RankState, list_checkpoints
@@ -163,7 +164,7 @@ def test_reshard_starts_error_feedback_at_zero(tmp_path: Path) -> None:
     engine = AveragingEngine(
         model, opt, SingleCommunicator(), cfg, SyncSchedule(4, 0), compression="int8", error_feedback=True
     )
-    assert engine.streaming is not None and set(engine.streaming.rank_state()) == {"error0.0"}
+    assert isinstance(engine.global_sync, StreamingSync) and set(engine.global_sync.rank_state()) == {"error0.0"}
     before = {name: t.clone() for name, t in engine.rank_state().items()}
 
     def each(comm):

@@ -238,7 +238,7 @@ OUTER_EVERY_CASES = {
             outer="slowmo",
             slow_momentum=0.5,
             outer_every=2,
-            momentum_buffers="reset",
+            optimizer_state="reset",
         ),
         3,
     ),

@@ -91,9 +91,9 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 CASES = {
     "allreduce": (AlgorithmConfig(method="allreduce"), None),
     "local_sgd_H4": (AlgorithmConfig(method="local_sgd", sync_period=4), 0),
-    "local_sgd_H3_avg_momentum": (AlgorithmConfig(method="local_sgd", sync_period=3, momentum_buffers="average"), 0),
+    "local_sgd_H3_avg_momentum": (AlgorithmConfig(method="local_sgd", sync_period=3, optimizer_state="average"), 0),
     "local_sgd_H4_reset_momentum_local_bn": (
-        AlgorithmConfig(method="local_sgd", sync_period=4, momentum_buffers="reset", average_bn_buffers=False),
+        AlgorithmConfig(method="local_sgd", sync_period=4, optimizer_state="reset", average_bn_buffers=False),
         0,
     ),
     "post_local_switch5_H3": (AlgorithmConfig(method="post_local_sgd", sync_period=3, switch_step=5), 5),

@@ -20,6 +20,7 @@ from hpc_localsgd.algorithms.engine import AveragingEngine
 from hpc_localsgd.algorithms.flat import contiguous_part
 from hpc_localsgd.algorithms.hierarchy import hierarchy_from_config
 from hpc_localsgd.algorithms.schedule import SyncSchedule
+from hpc_localsgd.algorithms.global_sync import BlockingAverage
 from hpc_localsgd.algorithms.streaming import StreamingSync
 from hpc_localsgd.comm.base import DoneHandle
 from hpc_localsgd.comm.single import SingleCommunicator
@@ -103,7 +104,7 @@ def run_engine(
         for step, (x, y) in enumerate(batches[comm.rank]):
             engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
         if last_step is not None:
-            assert engine.streaming is not None and not engine.streaming.in_flight, "an update sent past the end"
+            assert isinstance(engine.global_sync, StreamingSync) and not engine.global_sync.in_flight, "an update sent past the end"
         engine.drain()
         engine.close()
         return model, engine
@@ -136,13 +137,13 @@ CASES = {
         False,
     ),
     "delay2_nesterov_reset": (
-        local(sync_period=3, sync_delay=2, outer="nesterov", momentum_buffers="reset"),
+        local(sync_period=3, sync_delay=2, outer="nesterov", optimizer_state="reset"),
         0,
         "none",
         False,
     ),
     "post_local_delay1_avg_momentum": (
-        local(method="post_local_sgd", switch_step=5, sync_period=3, sync_delay=1, momentum_buffers="average"),
+        local(method="post_local_sgd", switch_step=5, sync_period=3, sync_delay=1, optimizer_state="average"),
         5,
         "none",
         False,
@@ -276,7 +277,7 @@ def assert_workers_match_the_reference(name: str, last_step: int | None) -> None
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], **tolerance, msg=f"{name}: rank {rank} {key}")
     # With a delay the sync thread works on each rank's shard; the worker's assembly stays on the step's.
-    assert all(engine.streaming.uses_sync_thread == (cfg.sync_delay > 0) for _, engine in got), name
+    assert all(engine.uses_sync_thread == (cfg.sync_delay > 0) for _, engine in got), name
     if cfg.ranks_per_worker == 2:  # the ranks of a worker hold the same parameters, bit for bit
         for first, second in ((0, 1), (2, 3)):
             for (key, mine), theirs in zip(got[first][0].named_parameters(), got[second][0].parameters(), strict=True):
@@ -326,8 +327,9 @@ def test_streaming_syncs_measure_the_consensus_distance(name: str, cfg: Algorith
 
 
 def test_a_worker_sends_its_shard_between_workers() -> None:
-    """int8 between workers of 2: rank j sends the encoded shard j of each fragment (and the BN statistics,
-    fp32, with fragment 0), and assembles the fragment inside its worker (fp32, zeros elsewhere)."""
+    """int8 between workers of 2: rank j sends the encoded shard j of each fragment (and shard j of the BN
+    statistics, fp32, with fragment 0, as the blocking sync does), and assembles the fragment inside its
+    worker (fp32, zeros elsewhere); the BN statistics are averaged inside the worker first, then assembled."""
     cfg = local(sync_period=4, fragments=2, ranks_per_worker=2)
     got = run_engine(cfg, 0, make_batches(torch.float32, workers=4), torch.float32, "int8", True)
     _, engine = got[0]
@@ -338,9 +340,11 @@ def test_a_worker_sends_its_shard_between_workers() -> None:
         fragments = [contiguous_part(0, params, 2, f) for f in range(2)]
         shards = [contiguous_part(a, b, 2, rank % 2) for a, b in fragments]
         syncs = STEPS // 4  # per fragment: fragment 1 at steps 2, 6, 10, 14; fragment 0 at 4, 8, 12, 16
-        between = syncs * sum(encoded_bytes("int8", b - a) for a, b in shards) + syncs * bn
-        # Inside the worker: every step's gradients, and each fragment's assembly once per period, in fp32.
-        inside = STEPS * 4 * params + syncs * 4 * params
+        bn_shard = 4 * (lambda a, b: b - a)(*contiguous_part(0, bn // 4, 2, rank % 2))
+        between = syncs * sum(encoded_bytes("int8", b - a) for a, b in shards) + syncs * bn_shard
+        # Inside the worker: every step's gradients, and each fragment's assembly once per period, in fp32;
+        # with fragment 0 the BN statistics' average inside the worker and their assembly.
+        inside = STEPS * 4 * params + syncs * 4 * params + syncs * 2 * bn
         assert engine.stats.bytes_by_level == {"global": between, "worker": inside}, rank
         assert engine.stats.rounds_by_level == {"global": 2 * syncs, "worker": STEPS + 2 * syncs}, rank
 
@@ -348,7 +352,7 @@ def test_a_worker_sends_its_shard_between_workers() -> None:
 def test_defaults_keep_the_blocking_sync() -> None:
     """sync_delay 0, fragments 1, compression none: the engine's own sync, unchanged (bit for bit today's)."""
     (model, engine), *_ = run_engine(local(sync_period=4), 0, make_batches(torch.float64), torch.float64)
-    assert engine.streaming is None
+    assert isinstance(engine.global_sync, BlockingAverage)
 
 
 @pytest.mark.parametrize("last_step", [None, 8])
@@ -386,7 +390,8 @@ def test_delay_of_one_at_period_one_is_delayed_gradient_descent(last_step: int |
         last = completed == last_step
         want = expected[-1] - lr * gradient(expected[-2]) if last else expected[completed]
         torch.testing.assert_close(model.weight.detach(), want, rtol=1e-12, atol=1e-14)
-    assert engine.streaming is not None and (not engine.streaming.in_flight) == (last_step is not None)
+    assert isinstance(engine.global_sync, StreamingSync)
+    assert (not engine.global_sync.in_flight) == (last_step is not None)
     engine.drain()
     engine.close()
 
@@ -428,7 +433,7 @@ def test_a_run_overlapped_by_its_period_ends_with_every_gradient_applied(
         for step in range(last_step, resumed_to):
             engine.train_step(step, lr, forward)
             gradients.append(model.weight.grad.detach().clone())
-    assert engine.streaming is not None and not engine.streaming.in_flight
+    assert isinstance(engine.global_sync, StreamingSync) and not engine.global_sync.in_flight
     torch.testing.assert_close(model.weight.detach(), start - lr * sum(gradients), rtol=1e-12, atol=1e-14)
     engine.close()
 
@@ -450,7 +455,7 @@ def test_a_sync_overlapped_by_one_step_has_its_second_phase_behind_the_backward(
         current = {"step": 0}
 
         def phases(when: str) -> None:
-            pending = engine.streaming.in_flight.get(0) if engine.streaming is not None else None
+            pending = engine.global_sync.in_flight.get(0) if isinstance(engine.global_sync, StreamingSync) else None
             if pending is not None and pending.sync_step == current["step"] + 1:
                 first = [h.before_second_phase for h in pending.handles if isinstance(h, CompressedAverageHandle)]
                 seen.append((current["step"], when, all(first) and bool(first)))
@@ -546,8 +551,8 @@ def test_resume_with_a_delayed_sync_in_flight_is_bit_exact(
         engine = make_engine(model, comm, cfg, 0, codec, True, thread=thread)
         for step, (x, y) in enumerate(batches[comm.rank][:stop]):
             engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
-        assert engine.streaming is not None and 0 in engine.streaming.in_flight  # mid-delay
-        assert engine.streaming.uses_sync_thread == thread
+        assert isinstance(engine.global_sync, StreamingSync) and 0 in engine.global_sync.in_flight  # mid-delay
+        assert engine.uses_sync_thread == thread
         saved = (
             {k: v.clone() for k, v in engine.rank_state().items()},
             {k: v.clone() for k, v in engine.shared_state().items()},
@@ -700,7 +705,7 @@ def test_the_sync_thread_gives_the_bits_of_the_step_thread(name: str, last_step:
 )
 def test_the_sync_thread_stays_out_where_nothing_can_move_beside_the_step(cfg, codec, workers: int) -> None:
     got = run_engine(cfg, 0, make_batches(torch.float32, workers=workers), torch.float32, codec, codec == "int8")
-    assert all(engine.streaming is not None and engine.streaming.beside is None for _, engine in got)
+    assert all(isinstance(engine.global_sync, StreamingSync) and engine.global_sync.beside is None for _, engine in got)
 
 
 def test_an_error_on_the_sync_thread_stops_the_step_that_waits_for_it(monkeypatch) -> None:

@@ -1,0 +1,103 @@
+"""What each supported inner optimizer keeps, as data.
+
+An optimizer's per-parameter tensors (SGD's momentum buffer; Adam's two moments, later) live in the
+flat storage beside the parameters, so that averaging them is part of the sync's one collective and a
+checkpoint saves them as one slice; its scalar state (a step count) is saved beside them. Flat storage,
+checkpoints and re-shard, the ``optimizer_state`` policy at a sync (keep | average | reset) and the test
+reference all read this registry, and an optimizer that is not in it is refused when the engine is built:
+its state would otherwise be silently left out of checkpoints and of the policy. The test of this module
+checks that every tensor of ``optimizer.state_dict()`` of each registered optimizer reaches a checkpoint
+and comes back bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """The state one inner optimizer keeps per parameter.
+
+    tensors        state key → the flat segment that holds it (named as checkpoints name it)
+    scalars        state keys of per-parameter scalars (saved beside the flat storage)
+    holds_state    whether a param group keeps any state at all (SGD without momentum keeps none)
+    unsupported    why a param group cannot keep its state in flat storage (None: it can)
+    """
+
+    tensors: Mapping[str, str]
+    scalars: tuple[str, ...]
+    holds_state: Callable[[Mapping[str, Any]], bool]
+    unsupported: Callable[[Mapping[str, Any]], str | None]
+
+
+def _sgd_holds_state(group: Mapping[str, Any]) -> bool:
+    return bool(group.get("momentum", 0.0) > 0.0)
+
+
+def _sgd_unsupported(group: Mapping[str, Any]) -> str | None:
+    # A zero buffer gives buf = μ·0 + (1 − dampening)·g at the first step, PyTorch's lazy start is buf = g:
+    # the same only without dampening.
+    if _sgd_holds_state(group) and group.get("dampening", 0.0) != 0.0:
+        return "flat momentum buffers require dampening == 0"
+    return None
+
+
+# The flat segment of SGD's momentum buffers; its name is part of the checkpoint format ("flat0.momentum").
+MOMENTUM = "momentum"
+
+OPTIMIZER_STATES: dict[type[torch.optim.Optimizer], OptimizerState] = {
+    torch.optim.SGD: OptimizerState({"momentum_buffer": MOMENTUM}, (), _sgd_holds_state, _sgd_unsupported),
+}
+
+# Every flat segment of optimizer state any registered optimizer keeps, in layout order.
+STATE_KINDS: tuple[str, ...] = tuple(dict.fromkeys(k for s in OPTIMIZER_STATES.values() for k in s.tensors.values()))
+
+
+def optimizer_state_of(optimizer: torch.optim.Optimizer) -> OptimizerState:
+    """The registry's entry for ``optimizer``, or a ValueError naming it."""
+    state = OPTIMIZER_STATES.get(type(optimizer))
+    if state is None:
+        known = ", ".join(sorted(t.__name__ for t in OPTIMIZER_STATES))
+        raise ValueError(
+            f"inner optimizer {type(optimizer).__name__} has no registered state (known: {known}); "
+            "its state would be lost in checkpoints"
+        )
+    for group in optimizer.param_groups:
+        why = state.unsupported(group)
+        if why is not None:
+            raise ValueError(why)
+    return state
+
+
+def stateful_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters whose optimizer state the flat storage holds, in param-group order."""
+    state = optimizer_state_of(optimizer)
+    return [p for group in optimizer.param_groups if state.holds_state(group) for p in group["params"]]
+
+
+def scalar_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """A snapshot of the per-parameter scalars (``optimizer.<key>``, one float64 per stateful parameter), for
+    a checkpoint; a parameter that has not stepped yet has 0."""
+    state = optimizer_state_of(optimizer)
+    params = stateful_parameters(optimizer)
+    return {
+        f"optimizer.{key}": torch.tensor([float(optimizer.state[p].get(key, 0.0)) for p in params], dtype=torch.float64)
+        for key in state.scalars
+    }
+
+
+def load_scalar_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, torch.Tensor]) -> None:
+    """Put saved per-parameter scalars back (as 0-d float32 tensors, as PyTorch keeps a step count)."""
+    state = optimizer_state_of(optimizer)
+    params = stateful_parameters(optimizer)
+    for key in state.scalars:
+        values = saved.get(f"optimizer.{key}")
+        if values is None:
+            continue
+        for p, value in zip(params, values.tolist(), strict=True):
+            optimizer.state[p][key] = torch.tensor(value, dtype=torch.float32)
