@@ -61,7 +61,9 @@ def test_all_optimizer_state_reaches_a_checkpoint_and_comes_back(tmp_path: Path,
     assert want, "the optimizer kept no state: the test would prove nothing"
     stats = {"sync_rounds": 0, "bytes_sent": 0, "comm_seconds": 0.0}
     state = RankState(engine.rank_state(), engine.int_buffers(), stats, 0.0, 0)
-    CheckpointWriter(tmp_path, SingleCommunicator(), keep=1).write(STEPS, 1.0, {"config": "{}"}, engine.shared_state(), state)
+    CheckpointWriter(tmp_path, SingleCommunicator(), keep=1).write(
+        STEPS, 1.0, {"config": "{}"}, engine.shared_state(), state
+    )
 
     fresh_model, fresh = make(kind, cfg)
     restore(Checkpoint(tmp_path / f"step-{STEPS:09d}.h5"), fresh, fresh_model, 0, None)

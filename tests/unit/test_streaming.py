@@ -18,9 +18,9 @@ from hpc_localsgd.algorithms import streaming
 from hpc_localsgd.algorithms.compression import CompressedAverageHandle, encoded_bytes
 from hpc_localsgd.algorithms.engine import AveragingEngine
 from hpc_localsgd.algorithms.flat import contiguous_part
+from hpc_localsgd.algorithms.global_sync import BlockingAverage
 from hpc_localsgd.algorithms.hierarchy import hierarchy_from_config
 from hpc_localsgd.algorithms.schedule import SyncSchedule
-from hpc_localsgd.algorithms.global_sync import BlockingAverage
 from hpc_localsgd.algorithms.streaming import StreamingSync
 from hpc_localsgd.comm.base import DoneHandle
 from hpc_localsgd.comm.single import SingleCommunicator
@@ -104,7 +104,9 @@ def run_engine(
         for step, (x, y) in enumerate(batches[comm.rank]):
             engine.train_step(step, lr_at(step), functools.partial(logits_and_loss, model, x, y))
         if last_step is not None:
-            assert isinstance(engine.global_sync, StreamingSync) and not engine.global_sync.in_flight, "an update sent past the end"
+            assert isinstance(engine.global_sync, StreamingSync) and not engine.global_sync.in_flight, (
+                "an update sent past the end"
+            )
         engine.drain()
         engine.close()
         return model, engine
