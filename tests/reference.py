@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpc_localsgd.algorithms.optimizer_state import OPTIMIZER_STATES
 from hpc_localsgd.config.schema import AlgorithmConfig
 from tests.compression_reference import compressed_average
 
@@ -29,7 +30,7 @@ class ReferenceAlgorithm:
     slow_momentum: float = 0.0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
-    momentum_buffers: str = "keep"  # keep | average | reset
+    optimizer_state: str = "keep"  # keep | average | reset: the inner optimizer's per-parameter state
     average_bn_buffers: bool = True
     ranks_per_worker: int = 1  # consecutive ranks that average gradients every local step
     levels: tuple[tuple[int, int], ...] = ()  # (group size, period): model averages inside groups
@@ -64,7 +65,7 @@ class ReferenceAlgorithm:
             slow_momentum=cfg.slow_momentum,
             outer_lr=cfg.outer_lr,
             outer_momentum=cfg.outer_momentum,
-            momentum_buffers=cfg.optimizer_state,
+            optimizer_state=cfg.optimizer_state,
             average_bn_buffers=cfg.average_bn_buffers,
             ranks_per_worker=ranks_per_worker,
             levels=levels,
@@ -369,17 +370,19 @@ def _average_bn_and_momentum(workers: list[torch.nn.Module], opts: list, algo: R
                     mean = sum(bufs) / len(bufs)
                     for b in bufs:
                         b.copy_(mean)
-        if algo.momentum_buffers != "keep":
-            states = [
-                [opt.state[p].get("momentum_buffer") for p in w.parameters()]
-                for w, opt in zip(workers, opts, strict=True)
-            ]
+        if algo.optimizer_state != "keep":
+            states = [_state_tensors(w, opt) for w, opt in zip(workers, opts, strict=True)]
             for bufs in zip(*states, strict=True):
-                if bufs[0] is None:
-                    continue
-                new = sum(bufs) / len(bufs) if algo.momentum_buffers == "average" else torch.zeros_like(bufs[0])
+                new = sum(bufs) / len(bufs) if algo.optimizer_state == "average" else torch.zeros_like(bufs[0])
                 for b in bufs:
                     b.copy_(new)
+
+
+def _state_tensors(worker: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The per-parameter state tensors the package's registry names for this optimizer (SGD: its momentum
+    buffers), of the parameters that have them yet."""
+    keys = OPTIMIZER_STATES[type(opt)].tensors
+    return [opt.state[p][key] for key in keys for p in worker.parameters() if key in opt.state[p]]
 
 
 def _flat64(model: torch.nn.Module) -> torch.Tensor:
@@ -414,13 +417,9 @@ def _average_inside_groups(
             if algo.average_bn_buffers:
                 for i, w in enumerate(members):
                     tensors[i] += [b for b in w.buffers() if b.is_floating_point()]
-            if algo.momentum_buffers == "average":
+            if algo.optimizer_state == "average":
                 for i, r in enumerate(group):
-                    tensors[i] += [
-                        opts[r].state[p]["momentum_buffer"]
-                        for p in workers[r].parameters()
-                        if opts[r].state[p].get("momentum_buffer") is not None
-                    ]
+                    tensors[i] += _state_tensors(workers[r], opts[r])
             for same in zip(*tensors, strict=True):
                 mean = sum(same) / len(same)
                 for t in same:
