@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..algorithms.accounting import CommStats
+from ..algorithms.accounting import CommStats, human_bytes
 from ..algorithms.engine import AveragingEngine, StepResult
 from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
@@ -265,14 +265,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def counters(stats: CommStats, hierarchy: Hierarchy) -> dict[str, int]:
