@@ -29,17 +29,9 @@ from .drift import SyncMeasurement, first_row, relative_consensus_distance, row_
 from .flat import BUFFERS, MOMENTUM, PARAMS, FlatGroup, contiguous_part, flatten_training_state
 from .gradients import GradientAllreduce
 from .hierarchy import WORKER, Hierarchy
-from .outer import OuterNesterov, OuterOptimizer, PlainAverage, SlowMo
+from .outer import build_outer_optimizer
 from .schedule import SyncSchedule
 from .streaming import StreamingSync
-
-
-def make_outer_optimizer(cfg: AlgorithmConfig) -> OuterOptimizer:
-    if cfg.outer == "slowmo":
-        return SlowMo(cfg.slow_lr, cfg.slow_momentum)
-    if cfg.outer == "nesterov":
-        return OuterNesterov(cfg.outer_lr, cfg.outer_momentum)
-    return PlainAverage()
 
 
 @dataclass
@@ -78,7 +70,7 @@ class AveragingEngine:
         self.schedule = schedule
         self.stats = CommStats()  # training communication
         self.eval_stats = CommStats()  # evaluation only: never part of the training cost
-        self.outer = make_outer_optimizer(cfg)
+        self.outer = build_outer_optimizer(cfg)
         # Mixed precision: autocast around forward and loss; fp16 scales the loss (GradScaler). The
         # scaler acts after the gradients are averaged, so in a synchronous step every rank sees the
         # same overflow and skips alike; in a local step a rank skips alone, and its step counter,

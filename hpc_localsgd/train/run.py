@@ -29,7 +29,7 @@ from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
 from ..config.load import config_to_yaml
-from ..config.schema import RunConfig
+from ..config.schema import OUTER_METHODS, RunConfig
 from ..errors import TrainingDiverged
 from ..io.metrics import DIVERGED, EMULATED_LINK_ATTR, METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter
 from ..launcher.env import emulated_link_rate, software_versions, spare_cores
@@ -241,10 +241,7 @@ def describe_method(cfg: RunConfig) -> str:
         "local_sgd": f"local SGD H={a.sync_period}",
         "post_local_sgd": f"post-local SGD H={a.sync_period}",
     }[a.method]
-    if a.outer == "slowmo":
-        name += f" + SlowMo (α={a.slow_lr:g}, β={a.slow_momentum:g})"
-    elif a.outer == "nesterov":
-        name += f" + outer Nesterov (η={a.outer_lr:g}, μ={a.outer_momentum:g})"
+    name += OUTER_METHODS[a.outer].describe(a)
     if a.outer_every > 1 and a.outer != "none":
         name += f" every {a.outer_every} averages"
     if a.ranks_per_worker != 1 and a.method != "allreduce":
