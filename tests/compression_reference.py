@@ -1,7 +1,7 @@
 """An independent reference for compressed averaging with error feedback, in numpy float32.
 
-Written from the definitions in ``hpc_localsgd/algorithms/compression.py``'s docstring, not from its
-code: bfloat16 rounding by bit arithmetic, float16 by numpy,
+Written from the definitions in the docstrings of ``hpc_localsgd/algorithms/codecs.py`` and
+``compression.py``, not from their code: bfloat16 rounding by bit arithmetic, float16 by numpy,
 int8 block by block in a Python loop. Every operation is one IEEE float32 operation, so torch must
 agree bit for bit.
 """

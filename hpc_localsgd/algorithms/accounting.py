@@ -84,3 +84,13 @@ class CommStats:
         if not self.rounds_by_level and self.sync_rounds:
             # Written before counts per level existed: every collective of a flat run is global.
             self.rounds_by_level, self.bytes_by_level = {GLOBAL: self.sync_rounds}, {GLOBAL: self.bytes_sent}
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, as network and filesystem throughput are quoted: ``512 B``, ``20.0 KB``."""
+    units = ("B", "KB", "MB", "GB", "TB", "PB")
+    for unit in units[:-1]:
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} {units[-1]}"

@@ -1,29 +1,14 @@
-"""Compressed synchronisation with error feedback: the average of every rank's update, sent in fewer bytes.
+"""Compressed synchronisation: the average of every rank's update, sent in fewer bytes.
 
-What travels is a rank's update since the last global sync, Δ = x_prev − x (small, centred numbers where
-low precision is safe), never the parameters. With error feedback each rank keeps e (zero at the start):
+Each rank sends q = Q(Δ + e), its update since the last global sync encoded with error feedback
+(algorithms/codecs.py: the codecs, and e), and every rank ends with
 
-    q = Q(Δ + e)          what this rank sends (encoded)
-    e ← (Δ + e) − q       the compression error, re-sent at the next sync instead of lost
     avg = (1/m)·Σ_r q_r   decoded to fp32 and summed in fp32, rank order 0..m−1, then divided by m
 
-(Seide et al. 2014; Karimireddy et al. 2019). The caller's new model is
-x_prev − avg, or the outer optimizer's step on avg.
+The caller's new model is x_prev − avg, or the outer optimizer's step on avg.
 
-Codecs (``CODECS``):
-    none   fp32, averaged by the communicator's allreduce: today's sync (Q is the identity, e stays 0).
-    bf16   round to nearest even bfloat16; 2 bytes an element.
-    fp16   round to nearest even float16, saturated at ±65504 (an overflow becomes the largest half, and
-           error feedback carries the rest, rather than an infinity that would poison e); 2 bytes.
-    int8   blocks of ``INT8_BLOCK`` = 256 consecutive elements (the last one shorter), each with a float32
-           scale s = max|x|/127 over the block; q = round(x/s) (to nearest, ties to even) in [−127, 127];
-           decoded q·s, so |x − q·s| ≤ s/2. A block of zeros has s = 0. 1 byte an element plus 4 bytes a
-           block: ``encoded_bytes``. A non-finite value makes its block decode to NaN.
-
-Speed: the update being averaged is the encoding's working space (no copy of it), int8 works through
-it in chunks of whole blocks that stay in cache between its passes, with error feedback computed from
-the quantised levels (no decoding of this rank's own bytes), and the received rows are decoded a chunk
-at a time straight into the fp32 sum.
+Speed: the update being averaged is the encoding's working space (no copy of it), and the received
+rows are decoded into the fp32 sum (int8 a chunk at a time, no row in memory: ``codecs.decode_sum_int8``).
 
 Exchange, among m ranks. Nothing is ever summed in low precision or on the wire; every rank ends with
 the same bytes, bit for bit, deterministic.
@@ -54,37 +39,23 @@ and the engine's ``bytes_per_sync`` (4n for fp32), so their ratio is the compres
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Literal, get_args
 
 import torch
 
 from ..comm.base import Communicator, DoneHandle, Handle
+from .codecs import (
+    INT8_BLOCK,
+    Codec,
+    check_codec,
+    decode,
+    decode_into,
+    decode_sum_int8,
+    encode,
+    encode_into,
+    encoded_bytes,
+    int8_blocks,
+)
 from .flat import contiguous_part
-
-Codec = Literal["none", "bf16", "fp16", "int8"]
-CODECS: tuple[Codec, ...] = get_args(Codec)
-INT8_BLOCK = 256  # elements per int8 scale: 4 bytes of scale per 256 of payload, 1.6 %
-INT8_LEVELS = 127  # symmetric: −127..127 (−128 unused, so that negation is exact)
-_FP16_MAX = torch.finfo(torch.float16).max
-_ELEMENT_BYTES = {"none": 4, "bf16": 2, "fp16": 2, "int8": 1}
-
-
-def _check_codec(codec: str) -> None:
-    if codec not in CODECS:
-        raise ValueError(f"unknown sync compression {codec!r}; choose one of {', '.join(CODECS)}")
-
-
-def int8_blocks(numel: int) -> int:
-    """How many blocks (and float32 scales) ``numel`` elements make for int8."""
-    return math.ceil(numel / INT8_BLOCK)
-
-
-def encoded_bytes(codec: Codec, numel: int) -> int:
-    """The exact bytes of ``numel`` fp32 elements once encoded: payload, plus the scales for int8."""
-    _check_codec(codec)
-    scales = 4 * int8_blocks(numel) if codec == "int8" else 0
-    return _ELEMENT_BYTES[codec] * numel + scales
 
 
 def link_bytes(codec: Codec, numel: int, size: int) -> float:
@@ -99,158 +70,6 @@ def link_bytes(codec: Codec, numel: int, size: int) -> float:
     blocks = int8_blocks(numel)
     longest = min(math.ceil(blocks / size) * INT8_BLOCK, numel)
     return 2 * (size - 1) * encoded_bytes(codec, longest)
-
-
-def encode(codec: Codec, values: torch.Tensor) -> torch.Tensor:
-    """``values`` (float32, last dimension n) as uint8 rows of ``encoded_bytes(codec, n)`` bytes each.
-    int8 rows hold the block scales' bytes first, then the n int8 values."""
-    _check_codec(codec)
-    if values.dtype != torch.float32:
-        raise TypeError(f"compression encodes float32 values, got {values.dtype}")
-    if codec == "none":
-        return values.contiguous().view(torch.uint8)
-    if codec == "bf16":
-        return values.to(torch.bfloat16).view(torch.uint8)
-    if codec == "fp16":
-        return values.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).view(torch.uint8)
-    numel = values.shape[-1]
-    rows = values.reshape(-1, numel)
-    encoded = torch.empty((rows.shape[0], encoded_bytes(codec, numel)), dtype=torch.uint8, device=values.device)
-    for row, out in zip(rows, encoded, strict=True):
-        _encode_int8(row.clone(), out)
-    return encoded.view(*values.shape[:-1], -1)
-
-
-def decode(codec: Codec, encoded: torch.Tensor, numel: int) -> torch.Tensor:
-    """The float32 values (last dimension ``numel``) that ``encode`` rows hold; exact inverse for bf16,
-    fp16 and none (every encoded value is a float32), q·s for int8."""
-    _check_codec(codec)
-    if encoded.shape[-1] != encoded_bytes(codec, numel):
-        raise ValueError(
-            f"{codec} rows of {numel} elements have {encoded_bytes(codec, numel)} bytes, got {encoded.shape[-1]}"
-        )
-    if codec == "none":
-        return encoded.contiguous().view(torch.float32).clone()
-    if codec in ("bf16", "fp16"):
-        return encoded.contiguous().view(torch.bfloat16 if codec == "bf16" else torch.float16).float()
-    rows = encoded.reshape(-1, encoded.shape[-1])
-    decoded = torch.empty((rows.shape[0], numel), dtype=torch.float32, device=encoded.device)
-    for row, out in zip(rows, decoded, strict=True):
-        _decode_int8(row, out)
-    return decoded.view(*encoded.shape[:-1], numel)
-
-
-# On a CPU, int8 works through the vector in chunks of whole blocks small enough to stay in cache
-# between the passes over them (max, divide, round, clamp, cast): a few passes over a chunk, not over
-# 100 MB. On a GPU each pass is a kernel launch, so the chunks are large (a ResNet-50 update in two):
-# 256 Ki-element chunks made that update's int8 sync launch-bound at 30 ms on an H100.
-INT8_CHUNK = 1024 * INT8_BLOCK
-INT8_DEVICE_CHUNK = 65536 * INT8_BLOCK
-
-
-def _chunk_size(device: torch.device) -> int:
-    return INT8_CHUNK if device.type == "cpu" else INT8_DEVICE_CHUNK
-
-
-def _encode_int8(values: torch.Tensor, out: torch.Tensor, error: torch.Tensor | None = None) -> None:
-    """int8-encode the 1-D float32 ``values`` into the uint8 row ``out``; ``values`` is overwritten
-    (with the quantised levels q, as float32). With ``error`` (e, the same length), what is encoded is
-    values + e, and e becomes (values + e) − q·s, exactly what the others decode from ``out``: each
-    chunk's sum, levels and error are formed while the chunk is in cache; ``values`` is then left
-    holding q·s, bit for bit what decoding ``out`` gives."""
-    numel = values.numel()
-    blocks = int8_blocks(numel)
-    scales = torch.empty(blocks, dtype=torch.float32, device=values.device)
-    levels = out[4 * blocks :].view(torch.int8)
-    # A tensor, not a Python number: CUDA divides by a number as a multiplication by its reciprocal,
-    # which rounds differently; a tensor divisor gives the CPU's (and the reference's) exact quotient.
-    level_count = torch.full((), INT8_LEVELS, dtype=torch.float32, device=values.device)
-    size = _chunk_size(values.device)
-    magnitudes = torch.empty(min(size, numel), dtype=torch.float32, device=values.device)
-    for start in range(0, numel, size):
-        chunk = values[start : start + size]
-        residual = None if error is None else error[start : start + size]
-        if residual is not None:
-            chunk.add_(residual)  # Δ + e
-            residual.copy_(chunk)
-        first = start // INT8_BLOCK
-        count = int8_blocks(chunk.numel())
-        # max|x| of each block (abs: a block of ±0 has the scale +0); a NaN propagates to its block's scale
-        torch.abs(chunk, out=magnitudes[: chunk.numel()])
-        _per_block_max(magnitudes[: chunk.numel()], scales[first : first + count])
-        chunk_scales = scales[first : first + count].div_(level_count)
-        divisor = torch.where(chunk_scales > 0, chunk_scales, torch.ones_like(chunk_scales))  # zeros stay zero
-        _per_block(torch.div, chunk, divisor, chunk)
-        chunk.round_().clamp_(-INT8_LEVELS, INT8_LEVELS)
-        levels[start : start + chunk.numel()].copy_(chunk)
-        if residual is not None:
-            _per_block(torch.mul, chunk, chunk_scales, chunk)  # q·s, as decoding gives it
-            residual.sub_(chunk)  # e ← (Δ + e) − q·s
-    out[: 4 * blocks].copy_(scales.view(torch.uint8))
-
-
-def _per_block_max(values: torch.Tensor, out: torch.Tensor) -> None:
-    """The largest of each block of the 1-D ``values`` (starting at a block boundary) into ``out``."""
-    whole = values.numel() // INT8_BLOCK
-    if whole:
-        torch.amax(values[: whole * INT8_BLOCK].view(whole, INT8_BLOCK), dim=-1, out=out[:whole])
-    if values.numel() > whole * INT8_BLOCK:
-        out[whole] = values[whole * INT8_BLOCK :].max()
-
-
-def _int8_scales(row: torch.Tensor, numel: int) -> torch.Tensor:
-    # Copied out: a row of a gathered buffer need not start at a multiple of 4 bytes, as a float32 view wants.
-    blocks = int8_blocks(numel)
-    scales = torch.empty(blocks, dtype=torch.float32, device=row.device)
-    scales.view(torch.uint8).copy_(row[: 4 * blocks])
-    return scales
-
-
-def _decode_int8(row: torch.Tensor, out: torch.Tensor, add: bool = False) -> None:
-    """q·s of the encoded uint8 ``row`` into the 1-D float32 ``out``, or added to it (``add``: the
-    product rounded to float32 first, then the sum, as decode-then-add would)."""
-    if add:
-        _decode_sum_int8([row], out, first_adds=True)
-    else:
-        _decode_sum_int8([row], out)
-
-
-def _decode_sum_int8(rows: list[torch.Tensor], out: torch.Tensor, divisor: int = 1, first_adds: bool = False) -> None:
-    """Σ_r q_r·s_r of the encoded uint8 ``rows`` into the 1-D float32 ``out``, summed in float32 in row
-    order (each product rounded first, as decoding a row and adding it would), then divided by
-    ``divisor`` (none when 1); ``first_adds``: the first row is added to ``out`` too. A chunk at a time,
-    every row's product added while the chunk is in cache. The levels become float32 before the
-    multiplication: the same product as int8 times float32, a third of the time."""
-    numel = out.numel()
-    scales = [_int8_scales(row, numel) for row in rows]
-    levels = [row[4 * int8_blocks(numel) :].view(torch.int8) for row in rows]
-    size = _chunk_size(out.device)
-    scratch = torch.empty(min(size, numel), dtype=torch.float32, device=out.device)
-    for start in range(0, numel, size):
-        target = out[start : start + size]
-        product = scratch[: target.numel()]
-        first_block = start // INT8_BLOCK
-        for index, (row_levels, row_scales) in enumerate(zip(levels, scales, strict=True)):
-            into = target if index == 0 and not first_adds else product
-            into.copy_(row_levels[start : start + target.numel()])
-            chunk_scales = row_scales[first_block : first_block + int8_blocks(target.numel())]
-            _per_block(torch.mul, into, chunk_scales, into)
-            if into is product:
-                target.add_(product)
-        if divisor != 1:
-            target.div_(divisor)
-
-
-def _per_block(
-    op: Callable[..., torch.Tensor], values: torch.Tensor, per_block: torch.Tensor, out: torch.Tensor
-) -> None:
-    """out = op(values, the value of each one's block), for 1-D ``values`` starting at a block boundary."""
-    whole = values.numel() // INT8_BLOCK
-    if whole:
-        shape = (whole, INT8_BLOCK)
-        op(values[: whole * INT8_BLOCK].view(shape), per_block[:whole, None], out=out[: whole * INT8_BLOCK].view(shape))
-    if values.numel() > whole * INT8_BLOCK:
-        op(values[whole * INT8_BLOCK :], per_block[whole], out=out[whole * INT8_BLOCK :])
 
 
 class CompressedAverageHandle(Handle):
@@ -342,7 +161,7 @@ class CompressedAverager:
         device: torch.device | None = None,
         comm: Communicator | None = None,
     ) -> None:
-        _check_codec(codec)
+        check_codec(codec)
         if len(shape) not in (1, 2):
             raise ValueError(f"a compressed average takes a flat update, (n,) or (workers, n); got shape {shape}")
         self.codec = codec
@@ -399,7 +218,7 @@ class CompressedAverager:
         if comm.size == 1:  # Q(Δ + e) itself, row by row (a simulation's one-worker groups too)
             encoded = self._encode_rows(update)
             for row, out in zip(encoded.view(-1, self.bytes_per_sync), update.view(-1, self.numel), strict=True):
-                self._decode_row(row, out)
+                decode_into(self.codec, row, out)
             return
         self._in_flight = True
         if comm.replicas == 1 and self.two_phase(comm):
@@ -409,7 +228,7 @@ class CompressedAverager:
             for k in range(size):
                 a, b = self.chunk(size, k)
                 error = None if self.error is None else self.error[a:b]
-                self._encode_row(update[a:b], chunks[k, : encoded_bytes(self.codec, b - a)], error)
+                encode_into(self.codec, update[a:b], chunks[k, : encoded_bytes(self.codec, b - a)], error)
             return
         self._encode_rows(update)
 
@@ -444,7 +263,7 @@ class CompressedAverager:
         encoded = self._buffer("encoded", (*self.shape[:-1], self.bytes_per_sync))
         rows = zip(update.view(-1, self.numel), encoded.view(-1, self.bytes_per_sync), self._errors(), strict=True)
         for row, out, error in rows:
-            self._encode_row(row, out, error)
+            encode_into(self.codec, row, out, error)
         return encoded
 
     def _errors(self) -> list[torch.Tensor | None]:
@@ -459,28 +278,6 @@ class CompressedAverager:
             self.average_error = torch.zeros((*self.shape[:-1], b - a), dtype=torch.float32, device=self.device)
         return self.average_error
 
-    def _encode_row(self, values: torch.Tensor, out: torch.Tensor, error: torch.Tensor | None) -> None:
-        """Q(values + e) into the bytes ``out``; with ``error`` (e), e ← values + e − Q(values + e), exactly
-        what the others decode from those bytes; without, Q(values). ``values`` is overwritten."""
-        if self.codec == "int8":
-            _encode_int8(values, out, error)  # adds e to values first, chunk by chunk
-            return
-        if error is not None:
-            values.add_(error)
-        encoded = encode(self.codec, values)
-        out.copy_(encoded)
-        if error is not None:
-            torch.sub(values, decode(self.codec, encoded, values.numel()), out=error)
-
-    def _decode_row(self, row: torch.Tensor, out: torch.Tensor, add: bool = False) -> None:
-        """The values the bytes ``row`` encode, into (or added to) the 1-D ``out``."""
-        if self.codec == "int8":
-            _decode_int8(row, out, add)
-        elif add:
-            out.add_(decode(self.codec, row, out.numel()))
-        else:
-            out.copy_(decode(self.codec, row, out.numel()))
-
     def _sum_chunk(self, comm: Communicator, update: torch.Tensor) -> None:
         """Two-phase, once the all-to-all is done: this rank's chunk summed over the ranks in rank order
         in fp32 and divided, and re-encoded (with its own error feedback, where kept) for the gather."""
@@ -489,15 +286,15 @@ class CompressedAverager:
         nbytes = encoded_bytes(self.codec, b - a)
         average = update[a:b]  # this chunk's levels are spent: the sum goes here
         if self.codec == "int8":
-            _decode_sum_int8([received[source, :nbytes] for source in range(size)], average, size)
+            decode_sum_int8([received[source, :nbytes] for source in range(size)], average, size)
         else:
-            self._decode_row(received[0, :nbytes], average)
+            decode_into(self.codec, received[0, :nbytes], average)
             for source in range(1, size):
-                self._decode_row(received[source, :nbytes], average, add=True)
+                decode_into(self.codec, received[source, :nbytes], average, add=True)
             average.div_(size)
         mine = self._buffer("chunk", (received.shape[1],))
         # error feedback for the re-encoding too (its error is added first), so nothing is lost
-        self._encode_row(average, mine[:nbytes], self._average_error(comm))
+        encode_into(self.codec, average, mine[:nbytes], self._average_error(comm))
 
     def _gather_chunk(self, comm: Communicator) -> Handle:
         """Two-phase, the second phase: every rank's re-encoded chunk gathered from every rank."""
@@ -526,20 +323,20 @@ class CompressedAverager:
         if self.two_phase(comm):
             for k in range(comm.size):
                 a, b = self.chunk(comm.size, k)
-                self._decode_row(gathered[k, : encoded_bytes(self.codec, b - a)], update[a:b])
+                decode_into(self.codec, gathered[k, : encoded_bytes(self.codec, b - a)], update[a:b])
             return
         # Rank order, in float32 (int8: decoded a chunk at a time into the sum, no row in memory).
         if self.codec == "int8" and comm.size == 2 and self.error is not None:
             # With error feedback the encoding left this rank's own decoded row, q·s, in ``update``: only the
             # other's row is decoded and added (x + y = y + x: rank order's bits either way).
-            _decode_sum_int8([gathered[1 - comm.rank]], update, comm.size, first_adds=True)
+            decode_sum_int8([gathered[1 - comm.rank]], update, comm.size, first_adds=True)
             return
         if self.codec == "int8":
-            _decode_sum_int8(list(gathered), update, comm.size)
+            decode_sum_int8(list(gathered), update, comm.size)
             return
-        self._decode_row(gathered[0], update)
+        decode_into(self.codec, gathered[0], update)
         for rank in range(1, comm.size):
-            self._decode_row(gathered[rank], update, add=True)
+            decode_into(self.codec, gathered[rank], update, add=True)
         update.div_(comm.size)
 
     def _check(self, comm: Communicator, update: torch.Tensor) -> None:

@@ -34,17 +34,9 @@ from .global_sync import BlockingAverage, GlobalSync, WorkerExchange, wait_all
 from .gradients import GradientAllreduce
 from .hierarchy import WORKER, Hierarchy
 from .optimizer_state import STATE_KINDS, load_scalar_state, scalar_state
-from .outer import OuterNesterov, OuterOptimizer, PlainAverage, SlowMo
+from .outer import build_outer_optimizer
 from .schedule import SyncSchedule
 from .streaming import StreamingSync
-
-
-def make_outer_optimizer(cfg: AlgorithmConfig) -> OuterOptimizer:
-    if cfg.outer == "slowmo":
-        return SlowMo(cfg.slow_lr, cfg.slow_momentum)
-    if cfg.outer == "nesterov":
-        return OuterNesterov(cfg.outer_lr, cfg.outer_momentum)
-    return PlainAverage()
 
 
 @dataclass
@@ -83,7 +75,7 @@ class AveragingEngine:
         self.schedule = schedule
         self.stats = CommStats()  # training communication
         self.eval_stats = CommStats()  # evaluation only: never part of the training cost
-        self.outer = make_outer_optimizer(cfg)
+        self.outer = build_outer_optimizer(cfg)
         # Mixed precision: autocast around forward and loss; fp16 scales the loss (GradScaler). The
         # scaler acts after the gradients are averaged, so in a synchronous step every rank sees the
         # same overflow and skips alike; in a local step a rank skips alone, and its step counter,

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..comm.base import Communicator, Handle
+from ..config.schema import GradientCompression
 from .accounting import GLOBAL, CommStats
-from .compression import Codec, CompressedAverager
+from .compression import CompressedAverager
 from .flat import column_view
 
 
@@ -48,7 +49,7 @@ class GradientAllreduce:
         comm: Communicator,
         bucket_bytes: int,
         stats: CommStats,
-        compression: Codec = "none",
+        compression: GradientCompression = "none",
     ) -> None:
         """``compression``: the codec of float32 buckets averaged over all ranks (``GLOBAL``)."""
         self.stats = stats

@@ -9,21 +9,37 @@ bit for bit.
 The momentum-based ones also measure Δ for the drift figures (``algorithms/drift.py``): its norm
 and its cosine with the previous outer step's Δ, which they keep (one more parameter-sized copy,
 part of their checkpointed state so that a resumed run measures the same cosine).
+
+Each class declares its ``spec``, its entry of ``config.schema.OUTER_METHODS``: the name
+``algorithm.outer`` gives it, the settings its constructor takes, and how the start-up line and the
+report name it. The spec is data in the configuration, below this module, so that the schema checks
+the names and the report (which imports no torch) labels runs without the maths. ``OUTER_OPTIMIZERS``
+maps the names to the classes; ``build_outer_optimizer`` builds the one a configuration names. A new
+outer optimizer is its name, settings and spec in config/schema.py, a class here and its line in
+``OUTER_OPTIMIZERS``; tests/unit/test_outer_registry.py fails until they agree.
 """
 
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import torch
 
+from ..config.schema import OUTER_METHODS, AlgorithmConfig, OuterSpec
 from .drift import UpdateFigures, combine_update_figures, first_row, row_dot
 
 
 class OuterOptimizer(abc.ABC):
     """What a sync does with the averaged model."""
 
+    spec: ClassVar[OuterSpec]
     needs_anchor = False
+
+    @classmethod
+    def from_config(cls, cfg: AlgorithmConfig) -> OuterOptimizer:
+        """Built from the settings its spec names, in the spec's order."""
+        return cls(*(getattr(cfg, setting) for setting, _ in cls.spec.settings))
 
     @abc.abstractmethod
     def step(self, averaged: torch.Tensor, anchor: torch.Tensor | None, lr: float, index: int) -> None:
@@ -47,6 +63,8 @@ class OuterOptimizer(abc.ABC):
 
 class PlainAverage(OuterOptimizer):
     """Plain model averaging: x ← x̄ (local SGD)."""
+
+    spec = OUTER_METHODS["none"]
 
     def step(self, averaged: torch.Tensor, anchor: torch.Tensor | None, lr: float, index: int) -> None:
         return None
@@ -103,6 +121,8 @@ class SlowMo(_MomentumOuter):
     x_new = x_prev − α·γ·u   =   x̄ + (1 − α)·Δ − α·β·γ·u_old
     """
 
+    spec = OUTER_METHODS["slowmo"]
+
     def __init__(self, slow_lr: float, slow_momentum: float) -> None:
         super().__init__()
         self.slow_lr = slow_lr
@@ -127,6 +147,8 @@ class OuterNesterov(_MomentumOuter):
         x_new = x_prev − η·(Δ + μ·b)   =   x̄ + (1 − η)·Δ − η·μ·b
     """
 
+    spec = OUTER_METHODS["nesterov"]
+
     def __init__(self, outer_lr: float, outer_momentum: float) -> None:
         super().__init__()
         self.outer_lr = outer_lr
@@ -141,3 +163,14 @@ class OuterNesterov(_MomentumOuter):
         averaged.add_(delta, alpha=1.0 - eta).add_(b.to(averaged.dtype), alpha=-eta * mu)
         self._measure(index, delta)
         anchor.copy_(averaged)
+
+
+# Every outer optimizer by its ``algorithm.outer`` name, in the order of ``OUTER_METHODS``.
+OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {
+    cls.spec.name: cls for cls in (PlainAverage, SlowMo, OuterNesterov)
+}
+
+
+def build_outer_optimizer(cfg: AlgorithmConfig) -> OuterOptimizer:
+    """The outer optimizer ``cfg.outer`` names, with its settings from ``cfg``."""
+    return OUTER_OPTIMIZERS[cfg.outer].from_config(cfg)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..algorithms.accounting import SyncTraffic
-from ..algorithms.compression import encoded_bytes, link_bytes
+from ..algorithms.codecs import encoded_bytes
+from ..algorithms.compression import link_bytes
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.network import Interconnect, emulated_link, ring_allreduce_seconds
 from ..launcher.env import emulated_link_rate

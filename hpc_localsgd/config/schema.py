@@ -32,6 +32,53 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+@dataclass(frozen=True)
+class OuterSpec:
+    """An outer optimizer as the configuration, the start-up line and the report know it.
+
+    Its maths is a class of :mod:`hpc_localsgd.algorithms.outer` that declares this spec and is built
+    from its settings. The spec is plain data, kept here, so that the configuration (below the
+    algorithms) and the report (which imports no torch) read it without importing the maths.
+
+    name      the value of ``algorithm.outer``
+    title     how the start-up line and the report name it; empty for the plain average, which adds nothing
+    settings  the ``algorithm`` fields it reads, each with its symbol in the formula, in the order its
+              class's constructor takes them
+    alone     on plain local SGD the report names it by its title alone, as its paper does ("SlowMo")
+    """
+
+    name: OuterMethod
+    title: str = ""
+    settings: tuple[tuple[str, str], ...] = ()
+    alone: bool = False
+
+    def describe(self, algorithm: AlgorithmConfig) -> str:
+        """What it adds to the method on the start-up line: `` + SlowMo (α=1, β=0.5)``."""
+        if not self.title:
+            return ""
+        values = ", ".join(f"{symbol}={getattr(algorithm, field):g}" for field, symbol in self.settings)
+        return f" + {self.title} ({values})"
+
+    def label(self, method: str, base: str) -> str:
+        """The report's name for ``method`` (which the report calls ``base``) with this outer step."""
+        if not self.title:
+            return base
+        return self.title if self.alone and method == "local_sgd" else f"{base} + {self.title}"
+
+
+# Every outer optimizer, in the order the report lists them. ``OuterMethod`` names the same ones for
+# the loader and the type checker: tests/unit/test_outer_registry.py checks that they, these specs
+# and the classes of algorithms/outer.py agree.
+OUTER_METHODS: dict[str, OuterSpec] = {
+    spec.name: spec
+    for spec in (
+        OuterSpec("none"),
+        OuterSpec("slowmo", "SlowMo", (("slow_lr", "α"), ("slow_momentum", "β")), alone=True),
+        OuterSpec("nesterov", "outer Nesterov", (("outer_lr", "η"), ("outer_momentum", "μ"))),
+    )
+}
+
+
 @dataclass
 class SyntheticConfig:
     """A learnable synthetic task: inputs ~ N(0, 1), labels = argmax of a fixed random linear teacher."""
@@ -345,7 +392,8 @@ class AlgorithmConfig:
         _check(
             self.outer_every == 1 or self.outer != "none",
             f"{key}.outer_every",
-            "applies to an outer optimizer: set algorithm.outer to slowmo or nesterov",
+            "applies to an outer optimizer: set algorithm.outer to "
+            + " or ".join(name for name, spec in OUTER_METHODS.items() if spec.title),
         )
         streaming = self.sync_delay > 0 or self.fragments > 1
         _check(

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import yaml
 
+from ..config.schema import OUTER_METHODS
 from ..errors import UserError, print_line
 from ..io.hdf5 import attr_text, is_hdf5, open_error_reason
 from ..io.metrics import (
@@ -33,31 +34,24 @@ from ..io.metrics import (
     run_status,
 )
 
-# The order in which methods appear in tables and legends: the baseline first, then the study's
-# story (local SGD loses accuracy, post-local SGD and the outer optimizers win it back).
-METHOD_ORDER = (
-    "all-reduce",
-    "local SGD",
-    "post-local SGD",
-    "SlowMo",
-    "post-local SGD + SlowMo",
-    "local SGD + outer Nesterov",
-    "post-local SGD + outer Nesterov",
-)
+# The report's names of the averaging methods an outer optimizer may act on.
+_AVERAGING_LABELS = {"local_sgd": "local SGD", "post_local_sgd": "post-local SGD"}
 
 
 def method_label(method: str, outer: str) -> str:
-    """The name a reader of the paper knows: SlowMo on top of plain local SGD is just "SlowMo"."""
+    """The name a reader of the paper knows: SlowMo on top of plain local SGD is just "SlowMo"
+    (each outer optimizer's spec in ``config.schema.OUTER_METHODS`` says how it is named)."""
     if method == "allreduce":
         return "all-reduce"
-    base = {"local_sgd": "local SGD", "post_local_sgd": "post-local SGD"}.get(method, method)
-    if outer == "none":
-        return base
-    if outer == "slowmo":
-        return "SlowMo" if method == "local_sgd" else f"{base} + SlowMo"
-    if outer == "nesterov":
-        return f"{base} + outer Nesterov"
-    return f"{base} + {outer}"
+    base = _AVERAGING_LABELS.get(method, method)
+    spec = OUTER_METHODS.get(outer)
+    return spec.label(method, base) if spec is not None else f"{base} + {outer}"
+
+
+# The order in which methods appear in tables and legends: the baseline first, then the study's
+# story (local SGD loses accuracy, post-local SGD and the outer optimizers win it back), each outer
+# optimizer in the order of ``OUTER_METHODS``.
+METHOD_ORDER = ("all-reduce", *(method_label(m, outer) for outer in OUTER_METHODS for m in _AVERAGING_LABELS))
 
 
 def method_rank(label: str) -> tuple[int, str]:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..algorithms.accounting import human_bytes
 from .collect import Run, method_rank
 
 
@@ -127,16 +128,6 @@ def write_csv(rows: Sequence[ResultRow], path: Path) -> None:
             for row in rows
         ),
     )
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units, as network and filesystem throughput are quoted."""
-    units = ("B", "KB", "MB", "GB", "TB", "PB")
-    for unit in units[:-1]:
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} {units[-1]}"
 
 
 def human_seconds(seconds: float) -> str:

@@ -23,13 +23,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..algorithms.accounting import CommStats
+from ..algorithms.accounting import CommStats, human_bytes
 from ..algorithms.engine import AveragingEngine, StepResult
 from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
 from ..config.load import config_to_yaml
-from ..config.schema import RunConfig
+from ..config.schema import OUTER_METHODS, RunConfig
 from ..errors import TrainingDiverged
 from ..io.metrics import DIVERGED, EMULATED_LINK_ATTR, METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter
 from ..launcher.env import emulated_link_rate, software_versions, spare_cores
@@ -241,10 +241,7 @@ def describe_method(cfg: RunConfig) -> str:
         "local_sgd": f"local SGD H={a.sync_period}",
         "post_local_sgd": f"post-local SGD H={a.sync_period}",
     }[a.method]
-    if a.outer == "slowmo":
-        name += f" + SlowMo (α={a.slow_lr:g}, β={a.slow_momentum:g})"
-    elif a.outer == "nesterov":
-        name += f" + outer Nesterov (η={a.outer_lr:g}, μ={a.outer_momentum:g})"
+    name += OUTER_METHODS[a.outer].describe(a)
     if a.outer_every > 1 and a.outer != "none":
         name += f" every {a.outer_every} averages"
     if a.ranks_per_worker != 1 and a.method != "allreduce":
@@ -265,14 +262,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def counters(stats: CommStats, hierarchy: Hierarchy) -> dict[str, int]:

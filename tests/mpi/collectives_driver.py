@@ -35,7 +35,8 @@ import traceback
 import numpy as np
 import torch
 
-from hpc_localsgd.algorithms.compression import CODECS, CompressedAverager
+from hpc_localsgd.algorithms.codecs import CODECS
+from hpc_localsgd.algorithms.compression import CompressedAverager
 from hpc_localsgd.comm import Communicator, make_communicator
 from hpc_localsgd.errors import UserError, print_line
 from hpc_localsgd.launcher.env import detect_launch

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_localsgd.algorithms.compression import encoded_bytes
+from hpc_localsgd.algorithms.codecs import encoded_bytes
 from tests.mpi.cases import (
     ALL_CASES,
     BASE,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_localsgd.algorithms.compression import encoded_bytes
+from hpc_localsgd.algorithms.codecs import encoded_bytes
 from hpc_localsgd.config import load_config
 from hpc_localsgd.train.loop import train
 from tests.helpers import run_mpi

@@ -1,4 +1,4 @@
-"""Compressed averaging with error feedback (algorithms/compression.py) and the allgather beneath it.
+"""Compressed averaging with error feedback (algorithms/codecs.py, compression.py) and the allgather beneath it.
 
 Expected values come from ``tests/compression_reference.py`` (numpy, written from the definitions) or
 from the maths of error feedback; ranks are threads (``comm/threads.py``) or simulated workers.
@@ -6,23 +6,18 @@ from the maths of error feedback; ranks are threads (``comm/threads.py``) or sim
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pytest
 import torch
 
-from hpc_localsgd.algorithms import compression
-from hpc_localsgd.algorithms.compression import (
-    CODECS,
-    INT8_BLOCK,
-    INT8_CHUNK,
-    CompressedAverager,
-    decode,
-    encode,
-    encoded_bytes,
-    link_bytes,
-)
+from hpc_localsgd.algorithms import codecs
+from hpc_localsgd.algorithms.codecs import CODECS, INT8_BLOCK, INT8_CHUNK, decode, encode, encoded_bytes
+from hpc_localsgd.algorithms.compression import CompressedAverager, link_bytes
 from hpc_localsgd.comm import SingleCommunicator, ThreadCommunicator, ThreadGroup
 from hpc_localsgd.comm.simulated import SimulatedCommunicator
+from hpc_localsgd.config.schema import GradientCompression, SyncCompression
 from tests.compression_reference import compressed_average, expected_bytes, int8_scales, quantize, rank_update
 
 LOSSY = ("bf16", "fp16", "int8")
@@ -30,6 +25,11 @@ RANKS = 4
 
 
 # --- codecs -------------------------------------------------------------------------------------
+def test_the_codecs_are_the_configurations_sync_compressions() -> None:
+    assert CODECS == typing.get_args(SyncCompression)
+    assert set(typing.get_args(GradientCompression)) <= set(CODECS)  # gradients travel through the same codecs
+
+
 @pytest.mark.parametrize("codec", CODECS)
 def test_encoding_matches_the_reference_bit_for_bit(codec: str) -> None:
     values = rank_update(0, 5 * INT8_BLOCK + 3)
@@ -220,7 +220,7 @@ def test_int8_across_its_working_chunks_matches_the_reference_bit_for_bit(
     several chunks and a short last block gives the reference's average and errors, sync after sync,
     whatever the chunk size."""
     if chunk != "cpu":
-        monkeypatch.setattr(compression, "_chunk_size", lambda device: 3 * INT8_BLOCK)
+        monkeypatch.setattr(codecs, "_chunk_size", lambda device: 3 * INT8_BLOCK)
     numel = 2 * INT8_CHUNK + 3 * INT8_BLOCK + 5
     updates = [rank_update(rank, numel) for rank in range(2)]
 

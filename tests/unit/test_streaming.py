@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from hpc_localsgd.algorithms import streaming
-from hpc_localsgd.algorithms.compression import CompressedAverageHandle, encoded_bytes
+from hpc_localsgd.algorithms.codecs import encoded_bytes
+from hpc_localsgd.algorithms.compression import CompressedAverageHandle
 from hpc_localsgd.algorithms.engine import AveragingEngine
 from hpc_localsgd.algorithms.flat import contiguous_part
 from hpc_localsgd.algorithms.global_sync import BlockingAverage
