@@ -1,4 +1,4 @@
-"""What each supported inner optimizer keeps, as data.
+"""The inner optimizers the package supports: how each is built from the config, and what it keeps, as data.
 
 An optimizer's per-parameter tensors (SGD's momentum buffer; Adam's two moments, later) live in the
 flat storage beside the parameters, so that averaging them is part of the sync's one collective and a
@@ -12,11 +12,13 @@ and comes back bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..config.schema import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,9 @@ def load_scalar_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, torc
             continue
         for p, value in zip(params, values.tolist(), strict=True):
             optimizer.state[p][key] = torch.tensor(value, dtype=torch.float32)
+
+
+def make_inner_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer every worker steps between syncs (SGD with the config's momentum, Nesterov and weight
+    decay), at learning rate ``lr`` until the engine sets each step's."""
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)

@@ -1,6 +1,6 @@
 """What every training run shares, whether its workers are MPI ranks or simulated in one process.
 
-A run is: the optimisation set-up (SGD, LR schedule, sync schedule, averaging engine), then a
+A run is: the optimisation set-up (inner optimizer, LR schedule, sync schedule, averaging engine), then a
 loop of ``engine.train_step`` calls with the same per-step bookkeeping (metrics row, progress
 line, evaluation cadence, evaluation row), then one summary line. What really differs between
 the two kinds of run sits behind :class:`Workers`: how the model(s) and batches are built, the
@@ -26,6 +26,7 @@ import torch
 from ..algorithms.accounting import CommStats, human_bytes
 from ..algorithms.engine import AveragingEngine, StepResult
 from ..algorithms.hierarchy import Hierarchy
+from ..algorithms.optimizer_state import make_inner_optimizer
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
 from ..config.load import config_to_yaml
@@ -93,32 +94,26 @@ class Workers(Protocol):
 
 @dataclass
 class Optimization:
-    """How a run optimizes: its length, LR schedule, SGD and averaging engine."""
+    """How a run optimizes: its length, LR schedule, inner optimizer and averaging engine."""
 
     total_steps: int
     global_batch: int
     lr_schedule: LRSchedule
-    optimizer: torch.optim.SGD
+    optimizer: torch.optim.Optimizer
     engine: AveragingEngine
 
 
 def build_optimization(
     cfg: RunConfig, model: torch.nn.Module, comm: Communicator, steps_per_epoch: int, hierarchy: Hierarchy
 ) -> Optimization:
-    """SGD and the averaging engine for ``model`` (every worker starting from worker 0's state),
+    """The inner optimizer and the averaging engine for ``model`` (every worker starting from worker 0's state),
     the LR scaled to the global batch of ``comm.size`` workers."""
     total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     global_batch = cfg.data.batch_size * comm.size
     lr_schedule = LRSchedule.from_config(cfg.optim, global_batch, steps_per_epoch, total_steps)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=lr_schedule.peak,
-        momentum=cfg.optim.momentum,
-        nesterov=cfg.optim.nesterov,
-        weight_decay=cfg.optim.weight_decay,
-    )
+    optimizer = make_inner_optimizer(model.parameters(), cfg.optim, lr_schedule.peak)
     schedule = SyncSchedule.from_config(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step, total_steps)
     engine = AveragingEngine(
         model,
