@@ -59,8 +59,10 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -80,6 +82,19 @@ from .global_sync import (
 )
 from .outer import OuterOptimizer
 from .schedule import SyncSchedule
+
+
+class InlineWork:
+    """No sync thread: ``submit`` declines every call (None), and the step does that work itself where it
+    meets the average (the handle's ``advance`` and ``wait``), as ``SerialThread`` would have beside it."""
+
+    cpu_seconds = 0.0
+
+    def submit(self, call: Callable[..., Any], *args: Any) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
 
 
 @dataclass
@@ -163,14 +178,15 @@ class StreamingSync(AnchoredSync):
         # says why it cannot help here (None: it can).
         self.no_sync_thread_because = self._why_not_beside(compression)
         self.uses_sync_thread = sync_thread and self.no_sync_thread_because is None
-        self.beside = SerialThread("hpc-localsgd-sync") if self.uses_sync_thread else None
+        self.beside: SerialThread | InlineWork = (
+            SerialThread("hpc-localsgd-sync") if self.uses_sync_thread else InlineWork()
+        )
         # A two-phase exchange's update is encoded on the step's thread, so that its first phase starts at
         # the take, as without the thread (its second phase waits for the first at fixed points).
         self._encodes_beside = (
             self.uses_sync_thread and compression != "none" and not CompressedAverager.two_phase(self.between)
         )
-        if self.beside is not None:
-            weakref.finalize(self, self.beside.stop)
+        weakref.finalize(self, self.beside.stop)
 
     def _make_averagers(
         self, compression: SyncCompression, error_feedback: bool
@@ -360,8 +376,7 @@ class StreamingSync(AnchoredSync):
         for handle in pending.handles:
             if isinstance(handle, CompressedAverageHandle):
                 handle.advance()
-        if self.beside is not None:
-            pending.received = self.beside.submit(_wait_all_beside, pending.handles)
+        pending.received = self.beside.submit(_wait_all_beside, pending.handles)
 
     def _take_update(
         self, fragment: int, sync_step: int, anchors: list[torch.Tensor]
@@ -394,7 +409,6 @@ class StreamingSync(AnchoredSync):
         to encode, goes at once (a later start would only give its transfer less time), and is waited
         for there."""
         if self._encodes_beside:
-            assert self.beside is not None
             encoded = self.beside.submit(self._encode, fragment, updates, norms)
             self.in_flight[fragment] = _InFlight(sync_step, updates, [], encoded=encoded)
             return
@@ -402,11 +416,11 @@ class StreamingSync(AnchoredSync):
             squared_norm = self._encode(fragment, updates, norms)
             handles = self._start_collectives(fragment, updates, squared_norm)
         pending = _InFlight(sync_step, updates, handles, squared_norm)
-        if self.beside is not None and self._second_phase_due(pending):
+        if self._second_phase_due(pending):
             # Two-phase: the sync thread waits for the all-to-all and sums this rank's chunk; the gather
             # starts where the step's second phase is due, and is then waited for beside it.
             pending.summed = self.beside.submit(_sum_all_beside, handles)
-        elif self.beside is not None:
+        else:
             pending.received = self.beside.submit(_wait_all_beside, handles)
         self.in_flight[fragment] = pending
 
@@ -449,7 +463,7 @@ class StreamingSync(AnchoredSync):
 
     def _start(self, fragment: int, pending: _InFlight) -> None:
         """Send ``pending``'s encoded update, and wait for its average beside the step."""
-        assert self.beside is not None and pending.encoded is not None
+        assert pending.encoded is not None
         pending.squared_norm = pending.encoded.result()  # re-raises an error of the sync thread here
         pending.encoded = None
         pending.handles = self._start_collectives(fragment, pending.updates, pending.squared_norm)
@@ -559,13 +573,12 @@ class StreamingSync(AnchoredSync):
     def close(self) -> None:
         """Let the sync thread end. Not joined: after an error it may wait for a collective that a
         stopped peer will never join (it is a daemon thread, so the process still exits)."""
-        if self.beside is not None:
-            self.beside.stop()
+        self.beside.stop()
 
     @property
     def sync_thread_cpu_seconds(self) -> float:
         """CPU seconds the sync thread has used so far (0 without one)."""
-        return 0.0 if self.beside is None else self.beside.cpu_seconds
+        return self.beside.cpu_seconds
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         """Live views of each rank's error-feedback state, per fragment and group (and shard, where a
