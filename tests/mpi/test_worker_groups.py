@@ -116,6 +116,8 @@ def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None
         inside = bn + span  # a sync inside a worker: its BN average, then the gathered shards
         params = grad // 4  # a streaming sync's shards are of the parameters alone
         param_shard = params // 2 + (1 if rank % 2 < params % 2 else 0)
+        bn_elements = bn // 4  # and of the BN statistics, with fragment 0
+        bn_shard = 4 * (bn_elements // 2 + (1 if rank % 2 < bn_elements % 2 else 0))
         expected = {  # case: {level: (rounds, bytes)}
             "allreduce_4": {"global": (STEPS, STEPS * grad)},
             "workers2_local_H4": {
@@ -131,11 +133,12 @@ def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None
             "level2_nesterov_H4": {"level1": (3, 3 * span), "global": (3, 3 * span)},
             # One worker of 4: a sync only averages its BN statistics; nothing goes between workers.
             "workers_node_H3": {"worker": (STEPS + STEPS // 3, STEPS * grad + STEPS // 3 * bn)},
-            # Syncs after 4, 8 and 12: rank j's int8 shard of Δ and the BN statistics (fp32) between
-            # workers; the fragment assembled inside the worker (fp32 parameters).
+            # Syncs after 4, 8 and 12: rank j's int8 shard of Δ and shard j of the BN statistics (fp32)
+            # between workers; inside the worker the fragment's assembly (fp32 parameters) and, as the
+            # blocking sync does, the BN statistics' average and assembly.
             "workers2_int8_delay1_slowmo_H4": {
-                "worker": (STEPS + 3, STEPS * grad + 3 * grad),
-                "global": (3, 3 * (encoded_bytes("int8", param_shard) + bn)),
+                "worker": (STEPS + 3, STEPS * grad + 3 * grad + 3 * 2 * bn),
+                "global": (3, 3 * (encoded_bytes("int8", param_shard) + bn_shard)),
             },
             # Fragment 1 after 2, 6, 10, fragment 0 (with the BN statistics) after 4, 8, 12, each in bf16;
             # the level (groups of 2, fp32 parameters and BN statistics) after 2, 6, 10 as well.
