@@ -4,7 +4,8 @@ an entry here.
 
 The registry names each phase's module rather than importing it: the command line builds its help
 from these entries, and ``hpc-localsgd report`` must start where torch is missing or slow to import.
-A phase's measurement is imported when it runs.
+A phase's measurement is imported when it runs. For the same reason, and because the options import
+this registry for their ``phases`` choices, nothing here imports the options or the context.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .context import BenchContext
-    from .options import BenchOptions
+from typing import Any, Protocol
 
 
-def _always(_options: BenchOptions, _world_size: int) -> str | None:
+class Plan(Protocol):
+    """What a phase's availability may ask of the run's options (options.BenchOptions)."""
+
+    def workers_of(self, world_size: int) -> int | None: ...
+
+
+def _always(_options: Plan, _world_size: int) -> str | None:
     return None
 
 
-def _without_two_workers(options: BenchOptions, world_size: int) -> str | None:
+def _without_two_workers(options: Plan, world_size: int) -> str | None:
     if options.workers_of(world_size) is not None:
         return None
     return (
@@ -40,13 +43,14 @@ class Phase:
     needs_bare_limit: bool = False
     # Why it cannot run with these options in a world of that many ranks (None: it can); the run then
     # records the phase as skipped, with the reason, instead of measuring it.
-    unavailable: Callable[[BenchOptions, int], str | None] = _always
+    unavailable: Callable[[Plan, int], str | None] = _always
 
     @property
-    def run(self) -> Callable[[BenchContext], None]:
-        """The phase's measurement: appends its figures to the context, never prints."""
+    def run(self) -> Callable[[Any], None]:
+        """The phase's measurement, ``run(ctx)`` of bench/<name>.py (ctx: the run's context.BenchContext):
+        it appends its figures to the context and never prints."""
         module = importlib.import_module(f"{__package__}.{self.name}")
-        measure: Callable[[BenchContext], None] = module.run
+        measure: Callable[[Any], None] = module.run
         return measure
 
 
