@@ -22,7 +22,7 @@ from ..errors import UserError, one_line
 from ..launcher.env import LaunchEnvironment, detect_launch, select_device, threads_for_rank
 from .context import BenchContext
 from .options import BenchOptions
-from .phases import selected
+from .phases import Phase, selected
 from .projection import format_projection, project
 from .report import (
     build_document,
@@ -68,13 +68,7 @@ def run_bench(
     sizes = probe(workload, options)
     env_info = environment(device, threads)
     phases = selected(options.phases)
-    runnable = [p for p in phases if p.unavailable(options, launch.layout.size) is None]
-    bare_seconds: list[float] = []
-    if any(p.needs_bare_limit for p in runnable):
-        # The no-communication limit in the strict sense: before any communication library starts. The
-        # in-process limit measured later, communicator started but idle, shows what an idle library
-        # costs (Horovod's background thread polls, for one).
-        bare_seconds = time_alone(PlainLoop(workload).run, options.window_steps(), options.repeats, options.warmup)
+    bare_seconds = bare_limit_seconds(options, workload, phases, launch.layout.size)
     comm = start_communicator(cfg, launch, device, ranks_per_worker)
     say = print_fn if comm.is_root else (lambda _line: None)
     env_info["rank_cores"] = gather_rank_cores(comm)
@@ -88,7 +82,6 @@ def run_bench(
             ctx.skip(phase.name, reason)
     projection = projection_of(ctx, sizes)
     problem = problem_of(options, sizes, comm.size)
-    measurement = measurement_of(ctx)
     ctx.close()
     document = None
     if comm.is_root:
@@ -98,7 +91,7 @@ def run_bench(
             environment_info=env_info,
             world=world,
             problem=problem,
-            measurement=measurement,
+            measurement=measurement_of(ctx),
             figures=ctx.figures,
             skipped=ctx.skipped,
             projection=projection,
@@ -110,6 +103,18 @@ def run_bench(
     # Closed on success only, as in training: after an error the other ranks may not reach the closing collective.
     comm.close()
     return document
+
+
+def bare_limit_seconds(options: BenchOptions, workload: Workload, phases: list[Phase], world_size: int) -> list[float]:
+    """This rank's seconds per window training alone, where a phase that will run compares with it.
+
+    The no-communication limit in the strict sense: measured before any communication library starts
+    (so without a barrier: the ranks start it together when they start). The in-process limit measured
+    later, communicator started but idle, shows what an idle library costs (Horovod's thread polls).
+    """
+    if not any(p.needs_bare_limit and p.unavailable(options, world_size) is None for p in phases):
+        return []
+    return time_alone(PlainLoop(workload).run, options.window_steps(), options.repeats, options.warmup)
 
 
 def bench_config(options: BenchOptions, threads: int) -> RunConfig:
