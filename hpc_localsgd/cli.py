@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from .errors import UserError, print_line
 
@@ -146,41 +148,17 @@ def _true_or_false(text: str) -> bool:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchOptions, run_bench
+    from .bench.options import BenchOptions
+    from .bench.runner import run_bench
 
-    given = {
-        name: getattr(args, name)
-        for name in (
-            "model",
-            "batch",
-            "image_size",
-            "num_classes",
-            "backend",
-            "bucket_mb",
-            "repeats",
-            "warmup",
-            "steps",
-            "sync_periods",
-            "baselines",
-            "phases",
-            "out",
-            "io_dir",
-            "threads",
-            "sync_thread",
-            "compare_sync_thread",
-            "device",
-            "projection_step_seconds",
-            "ranks_per_worker",
-            "projection_ranks_per_node",
-            "precisions",
-            "channels_last",
-            "compile",
-            "simulated_workers",
-            "streaming_variants",
-        )
-    }
+    # Every option's flag stores under the option's name, None when not given (quick or normal default).
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions) if f.name != "quick"}
     run_bench(BenchOptions.from_given(quick=args.quick, **given), command=["hpc-localsgd", *sys.argv[1:]])
     return 0
+
+
+# What each _add_<verb> adds its verb to.
+Verbs: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hpc-localsgd", description="Local SGD, post-local SGD and SlowMo on MPI ranks."
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
+    for add_verb in (_add_train, _add_inspect, _add_sweep, _add_report, _add_bench):
+        add_verb(verbs)
+    return parser
+
+
+def _add_train(verbs: Verbs) -> None:
     train = verbs.add_parser("train", help="train a model; run it once per rank (mpirun, srun, horovodrun)")
     train.add_argument("config", help="YAML config (see configs/)")
     train.add_argument(
@@ -224,11 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a checkpoint after step N and stop, as a preempted job would",
     )
     train.set_defaults(handler=_train)
+
+
+def _add_inspect(verbs: Verbs) -> None:
     inspect = verbs.add_parser("inspect", help="say what a checkpoint or metrics file holds")
     inspect.add_argument("file", help="a .h5 file written by hpc-localsgd")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.add_argument("--no-verify", action="store_true", help="skip reading every dataset's checksum")
     inspect.set_defaults(handler=_inspect)
+
+
+def _add_sweep(verbs: Verbs) -> None:
     sweep = verbs.add_parser("sweep", help="expand a grid of runs into configs, a manifest and Slurm job arrays")
     sweep.add_argument("grid", help="sweep YAML (see configs/sweeps/)")
     mode = sweep.add_mutually_exclusive_group()
@@ -251,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="output folder (default: sweeps/<name>)")
     sweep.add_argument("--overwrite", action="store_true", help="regenerate a sweep folder that already exists")
     sweep.set_defaults(handler=_sweep)
+
+
+def _add_report(verbs: Verbs) -> None:
     report = verbs.add_parser(
         "report",
         help="figures (PNG, SVG) and a results table (CSV, Markdown) from the metrics of finished and running runs",
@@ -292,120 +285,74 @@ def build_parser() -> argparse.ArgumentParser:
         ".md (implies --tradeoff)",
     )
     report.set_defaults(handler=_report)
+
+
+def _add_bench(verbs: Verbs) -> None:
+    """One flag per field of ``BenchOptions``, generated from its declaration: the flag's name, the
+    help, the parsing of its type (the range is checked with the options, so that a bad value gets
+    the same one-line message from the command line and from Python) and the defaults in the help."""
+    from .bench.options import BenchOptions
+
     bench = verbs.add_parser(
         "bench",
         help="measure averaging, throughput, SlowMo and checkpoints against their "
         "floors and baselines; run it once per rank (mpirun, srun)",
     )
-    size = bench.add_argument_group("problem size (defaults: ResNet-50, 32 images of 224x224 per rank)")
-    size.add_argument("--model", help="smallcnn, mlp or a torchvision classifier (default resnet50)")
-    size.add_argument("--batch", type=_integer, help="samples per rank and step (default 32)")
-    size.add_argument("--image-size", type=_integer, help="side of the square input images (default 224)")
-    size.add_argument("--classes", dest="num_classes", type=_integer, help="output classes (default 1000)")
-    size.add_argument(
-        "--quick",
-        action="store_true",
-        help="a problem that runs in seconds on two CPU cores (smallcnn, batch 8, 32x32, 3 repeats, "
-        "8 steps); options given explicitly still apply",
-    )
-    plan = bench.add_argument_group("measurement")
-    plan.add_argument("--repeats", type=_integer, help="timed repetitions of every measurement (default 5)")
-    plan.add_argument("--warmup", type=_integer, help="untimed repetitions first (default 1)")
-    plan.add_argument(
-        "--steps",
-        type=_integer,
-        help="training steps per timed window (default 16; local SGD windows are rounded up to whole sync periods)",
-    )
-    plan.add_argument(
-        "--sync-periods", type=_int_list, metavar="H,H,...", help="local SGD periods to measure (default 1,2,4,8,16,32)"
-    )
-    plan.add_argument(
-        "--phases",
-        type=_name_list,
-        metavar="NAME,...",
-        help="averaging,throughput,streaming,precision,simulation,hierarchy,slowmo,checkpoint (default all)",
-    )
-    plan.add_argument(
-        "--precisions",
-        type=_name_list,
-        metavar="NAME,...",
-        help="train.precision values the precision phase measures: fp32,bf16,fp16 (default fp32,bf16)",
-    )
-    plan.add_argument(
-        "--streaming-variants",
-        type=_name_list,
-        metavar="NAME,...",
-        help="configurations of the streaming phase, e.g. h4_delay3,h1_int8_delay1 (default all)",
-    )
-    plan.add_argument("--simulated-workers", type=int, metavar="W", help="workers of the simulation phase (default 16)")
-    plan.add_argument(
-        "--channels-last",
-        type=_true_or_false,
-        metavar="true|false",
-        help="channels-last images in the precision phase (default: on for convolutional models on CUDA)",
-    )
-    plan.add_argument(
-        "--compile",
-        type=_true_or_false,
-        metavar="true|false",
-        help="the precision phase also measures both loops through torch.compile, paired with eager (default false)",
-    )
-    plan.add_argument(
-        "--baselines",
-        type=_name_list,
-        metavar="NAME,...|none",
-        help="reference loops for synchronous training: horovod,ddp (default both)",
-    )
-    plan.add_argument(
-        "--ranks-per-worker",
-        type=_integer,
-        metavar="R",
-        help="ranks per local-SGD worker in the hierarchy phase (default 2 where the world size is even and > 2)",
-    )
-    plan.add_argument("--backend", help="comm.backend of the package: auto, horovod, mpi, torch, single (default auto)")
-    plan.add_argument("--bucket-mb", type=float, help="gradient bucket size for the engine and DDP (default 25)")
-    plan.add_argument("--threads", type=_integer, help="torch threads per rank (default: as for training)")
-    plan.add_argument(
-        "--sync-thread",
-        type=_true_or_false,
-        metavar="true|false",
-        help="comm.sync_thread of the measured engine: a delayed sync's encoding, wait and decoding beside "
-        "the step (default: auto, on where a rank has a core its torch threads leave free)",
-    )
-    plan.add_argument(
-        "--compare-sync-thread",
-        type=_true_or_false,
-        metavar="true|false",
-        help="the streaming phase measures each overlapped configuration without and with the sync thread, "
-        "alternating within every repetition (<variant>_sync_thread; default false)",
-    )
-    plan.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
-    plan.add_argument(
-        "--project-step-seconds",
-        dest="projection_step_seconds",
-        type=float,
-        metavar="S",
-        help="compute time per step for the projection instead of the measured one",
-    )
-    plan.add_argument(
-        "--project-ranks-per-node",
-        dest="projection_ranks_per_node",
-        type=_integer,
-        metavar="N",
-        help="GPUs per node in the two-fabric projection (default 8)",
-    )
-    output = bench.add_argument_group("output")
-    output.add_argument(
-        "--out", metavar="FILE.json", help="write the results as JSON (schema: hpc_localsgd/bench/schema.json)"
-    )
-    output.add_argument(
-        "--io-dir",
-        metavar="DIR",
-        help="where the checkpoint phase writes; every rank must see it "
-        "(default: the folder of --out, else the current one)",
-    )
+    hints = typing.get_type_hints(BenchOptions)
+    declared = dataclasses.fields(BenchOptions)
+    quick_defaults = BenchOptions.quick_defaults()
+    quick = {bench_flag(f): quick_defaults[f.name] for f in declared if f.name in quick_defaults}
+    for f in declared:
+        parsing = _bench_parsing(f.name, hints[f.name])
+        bench.add_argument(bench_flag(f), dest=f.name, help=_bench_help(f, quick), **parsing)
     bench.set_defaults(handler=_bench)
-    return parser
+
+
+def bench_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a bench option: its declared ``flag``, else ``--`` and its name with dashes."""
+    return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
+
+
+def _bench_help(f: dataclasses.Field, quick: dict[str, Any]) -> str:
+    """The option's meaning, then its default and --quick's where that differs (for --quick itself, what
+    it sets); ``quick``: --quick's defaults by flag."""
+    from .config.fields import default_of, help_of
+
+    meaning = help_of(f).rstrip(".")
+    if f.name == "quick":
+        return f"{meaning} ({', '.join(f'{name} {_shown(value)}' for name, value in quick.items())})"
+    default = default_of(f)
+    if default is None:
+        return meaning
+    flag = bench_flag(f)
+    with_quick = f"; --quick: {_shown(quick[flag])}" if flag in quick else ""
+    return f"{meaning} (default {_shown(default)}{with_quick})"
+
+
+def _shown(value: Any) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _bench_parsing(name: str, hint: Any) -> dict[str, Any]:
+    """How argparse reads an option of type ``hint``; an option not given stays None."""
+    if name == "quick":  # a switch: it selects the other options' defaults, so it takes no value
+        return {"action": "store_true"}
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return {"type": _int_list, "metavar": "N,..."} if item is int else {"type": _name_list, "metavar": "NAME,..."}
+    kinds = {a for a in typing.get_args(hint) if a is not type(None)} or {hint}
+    if bool in kinds:
+        return {"type": _true_or_false, "metavar": "true|false"}
+    if int in kinds:
+        return {"type": _integer, "metavar": "N"}
+    if float in kinds:
+        return {"type": float, "metavar": "NUMBER"}
+    return {}
 
 
 #: The exit status when the reader of stdout goes away (``hpc-localsgd inspect FILE | head -1``):

@@ -1,7 +1,9 @@
 """What one benchmark run measures, and the checks that refuse bad input before any rank communicates.
 
-The options are a schema dataclass like the run config: each declares its meaning and range, and
-the config loader checks their names, types and ranges; messages name the command-line option.
+The options are a schema dataclass like the run config: each declares its meaning, default and range
+once, and from that declaration the config loader checks names, types and ranges (messages name the
+command-line option) and the command line generates its ``bench`` flags and their help. Nothing here
+imports torch, so that building the command line stays cheap for every verb.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..comm import BACKENDS
 from ..config import build, setting
 from ..config.fields import check_declared
-from ..config.schema import Precision
+from ..config.schema import Backend, Precision
 from ..errors import UserError
+from .phases import PHASE_NAMES, describe_phases
 from .variants import VARIANT_NAMES, VARIANTS
 
-PHASES = ("averaging", "throughput", "streaming", "precision", "simulation", "hierarchy", "slowmo", "checkpoint")
+# The simulated backend runs workers inside one process, without a launcher: the bench measures ranks.
+BACKENDS = tuple(name for name in typing.get_args(Backend) if name != "simulated")
 PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
 BASELINES = ("horovod", "ddp")
 
@@ -62,7 +65,9 @@ class BenchOptions:
     baselines: tuple[str, ...] = setting(
         BASELINES, "Reference loops for synchronous training.", rule=f"any of {', '.join(BASELINES)}"
     )
-    phases: tuple[str, ...] = setting(PHASES, "What to measure.", rule=f"at least one of {', '.join(PHASES)}")
+    phases: tuple[str, ...] = setting(
+        PHASE_NAMES, f"What to measure ({describe_phases()}).", rule=f"at least one of {', '.join(PHASE_NAMES)}"
+    )
     precisions: tuple[Precision, ...] = setting(
         ("fp32", "bf16"),
         "train.precision values the precision phase measures (fp16 autocast is very slow on CPUs).",
@@ -182,7 +187,7 @@ class BenchOptions:
         need(len(self.phases) >= 1, "--phases: choose at least one phase")
         need(len(self.precisions) >= 1, "--precisions: choose at least one precision")
         for name in self.phases:
-            need(name in PHASES, f"--phases: unknown phase {name!r}; choose from {', '.join(PHASES)}")
+            need(name in PHASE_NAMES, f"--phases: unknown phase {name!r}; choose from {', '.join(PHASE_NAMES)}")
         need(len(self.streaming_variants) >= 1, "--streaming-variants: choose at least one configuration")
         for name in self.streaming_variants:
             need(

@@ -1,10 +1,9 @@
 """Figures: a measured quantity with its unit, median, spread, repetitions and (maybe) a target.
 
-A figure is computed from one value per repetition. For anything collective the value of a
-repetition is the slowest rank's (a collective, a training window or a checkpoint is done
-when its last rank is done); shares are averaged over ranks. Ratios are taken per repetition
-between two quantities measured back to back in that repetition (paired), so that slow drift
-of the machine (other jobs, thermal state) cancels, and their median is reported.
+A figure is computed from one value per repetition (timing.py reduces the ranks' values to one).
+Ratios are taken per repetition between two quantities measured back to back in that repetition
+(paired), so that slow drift of the machine (other jobs, thermal state) cancels, and their median
+is reported. Nothing here needs torch: the options check streaming targets without importing it.
 """
 
 from __future__ import annotations
@@ -13,10 +12,6 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
-
-import torch
-
-from ..comm.base import Communicator
 
 Direction = Literal["<=", ">="]
 
@@ -80,25 +75,3 @@ class Figure:
 
 def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
     return [a / b for a, b in zip(numerators, denominators, strict=True)]
-
-
-def gather(comm: Communicator, values: Sequence[float]) -> torch.Tensor:
-    """Every rank's ``values`` on every rank, as a (ranks × len(values)) float64 matrix.
-
-    One summed allreduce of a matrix where each rank fills only its own row: the communicator
-    interface has no gather, and this costs one small collective per phase, outside any timing.
-    """
-    rows = torch.zeros(comm.size, len(values), dtype=torch.float64)
-    rows[comm.rank] = torch.tensor(list(values), dtype=torch.float64)
-    if comm.size > 1:
-        comm.allreduce_(rows, average=False)
-    return rows
-
-
-def slowest(comm: Communicator, values: Sequence[float]) -> list[float]:
-    """Per entry, the largest value over ranks (the time at which the last rank finished)."""
-    return gather(comm, values).max(dim=0).values.tolist()
-
-
-def rank_mean(comm: Communicator, values: Sequence[float]) -> list[float]:
-    return gather(comm, values).mean(dim=0).tolist()

@@ -2,7 +2,7 @@
 (``sync_delay``), fragments and compressed updates (``comm.sync_compression``), and beside them
 all-reduce SGD with fp32 and bf16 gradients (``comm.gradient_compression``), each a configuration
 of the package's one training step, measured as training windows interleaved repetition by
-repetition (phases.py), and the exact bytes each sends per sync (per step for all-reduce).
+repetition (timing.py), and the exact bytes each sends per sync (per step for all-reduce).
 
 Run it where the network is slow, for example the emulated 1 Gb/s link of ``launcher/slownet.py``:
 
@@ -19,8 +19,10 @@ from ..algorithms.compression import link_bytes
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.network import Interconnect, emulated_link, ring_allreduce_seconds
 from ..launcher.env import emulated_link_rate
-from .phases import BenchContext, _interleaved_windows, _Measured, _rate, _Window
-from .stats import Figure, paired_ratios, slowest
+from .context import BenchContext
+from .figures import cpu_figures, rate_figures
+from .stats import Figure, paired_ratios
+from .timing import Measured, Window, interleaved_windows, slowest
 from .variants import HALF_BYTES_TARGET, INT8_BYTES_TARGET, SYNC_THREAD_SUFFIX, VARIANTS, SyncVariant
 from .workload import EngineLoop
 
@@ -85,23 +87,6 @@ _THREADS = {
 }
 
 
-def _cpu_figures(variant: SyncVariant, engine: AveragingEngine, measured: _Measured) -> list[Figure]:
-    """Where the CPU goes: seconds a step on each thread of a rank that runs Python (the kernel's network
-    work and the backend's C++ threads are in none of them)."""
-    sync_thread = engine.uses_sync_thread
-    return [
-        Figure(
-            f"streaming.{variant.name}.cpu_per_step.{thread}",
-            "streaming",
-            f"{variant.describe()}: CPU seconds a step of {what} (mean over ranks)",
-            "s",
-            measured.cpu[thread],
-        )
-        for thread, what in _THREADS.items()
-        if thread in measured.cpu and (thread != "sync" or sync_thread)
-    ]
-
-
 def _with_sync_thread_twins(variants: list[SyncVariant]) -> list[SyncVariant]:
     """Each overlapped configuration without and then with the sync thread, side by side in every
     repetition; the others (their syncs block, and the thread takes none) once, as they are."""
@@ -114,28 +99,14 @@ def _with_sync_thread_twins(variants: list[SyncVariant]) -> list[SyncVariant]:
     ]
 
 
-def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
+def run(ctx: BenchContext) -> None:
     """Every variant's windows (whole sync periods; each goes on from the step its variant's last one
     ended at, so that at sync_delay = sync_period the average in flight at a window's end is applied in
     the next), against the bare limit measured before any communication library started."""
     options = ctx.options
     asked = [v for v in VARIANTS if v.name in options.streaming_variants]
     chosen = _with_sync_thread_twins(asked) if options.compare_sync_thread else asked
-    loops = {
-        v.name: EngineLoop(
-            f"streaming_{v.name}",
-            ctx.workload,
-            ctx.comm,
-            v.method,
-            v.sync_period,
-            sync_delay=v.sync_delay,
-            fragments=v.fragments,
-            compression=v.compression,
-            gradient_compression=v.gradient_compression,
-            sync_thread=v.sync_thread,
-        )
-        for v in chosen
-    }
+    loops = {v.name: variant_loop(ctx, v) for v in chosen}
     for v in [v for v in chosen if v.sync_thread]:
         engine = loops[v.name].engine
         if not engine.uses_sync_thread:
@@ -143,15 +114,43 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
             ctx.skip(f"streaming.{v.name}", f"the sync thread cannot run here: {engine.no_sync_thread_because}")
             loops.pop(v.name).close()
             chosen.remove(v)
-    windows = {v.name: _Window(loops[v.name], options.window_steps(v.sync_period)) for v in chosen}
+    windows = {v.name: Window(loops[v.name], options.window_steps(v.sync_period)) for v in chosen}
     # The no-communication limit once more, among the configurations: an efficiency against it is paired
     # per repetition, so that the machine's drift since the bare limit (measured first) cancels.
-    windows[LIMIT] = _Window(ctx.local_loop(), options.window_steps(), None, local=True)
-    measured = _interleaved_windows(ctx, windows)
-    for loop in loops.values():
-        loop.close()
-    bare_rate = float(np.median(_rate(ctx, _Measured(options.window_steps(), slowest(ctx.comm, bare_seconds), [], []))))
-    limit = _rate(ctx, measured[LIMIT])
+    windows[LIMIT] = Window(ctx.limit_loop(), options.window_steps())
+    try:
+        measured = interleaved_windows(ctx.comm, windows, options.repeats, options.warmup)
+    finally:
+        for loop in loops.values():
+            loop.close()
+    bare_rate = float(
+        np.median(Measured(options.window_steps(), slowest(ctx.comm, ctx.bare_seconds)).rate(ctx.samples_per_step))
+    )
+    limit = _add_limit(ctx, measured[LIMIT], bare_rate)
+    for variant in chosen:
+        _add_variant(ctx, variant, loops[variant.name].engine, measured[variant.name], bare_rate, limit)
+    _add_sync_thread_speedups(ctx, asked, measured)
+    _add_projections(ctx, chosen, {v.name: loops[v.name].engine for v in chosen}, bare_rate)
+    _add_codec_ratios(ctx, sum(p.numel() for p in next(iter(loops.values())).model.parameters()))
+
+
+def variant_loop(ctx: BenchContext, variant: SyncVariant) -> EngineLoop:
+    return EngineLoop(
+        f"streaming_{variant.name}",
+        ctx.workload,
+        ctx.comm,
+        variant.method,
+        variant.sync_period,
+        sync_delay=variant.sync_delay,
+        fragments=variant.fragments,
+        compression=variant.compression,
+        gradient_compression=variant.gradient_compression,
+        sync_thread=variant.sync_thread,
+    )
+
+
+def _add_limit(ctx: BenchContext, measured: Measured, bare_rate: float) -> list[float]:
+    limit = measured.rate(ctx.samples_per_step)
     ctx.add(
         Figure(
             "streaming.limit.samples_per_s",
@@ -170,75 +169,70 @@ def measure_streaming(ctx: BenchContext, bare_seconds: list[float]) -> None:
             [rate / bare_rate for rate in limit],
         ),
     )
-    rates: dict[str, list[float]] = {}
-    for variant in chosen:
-        m = measured[variant.name]
-        rate = rates[variant.name] = _rate(ctx, m)
-        engine = loops[variant.name].engine
-        ctx.add(
-            Figure(
-                f"streaming.{variant.name}.samples_per_s",
-                "streaming",
-                variant.describe() + " (all ranks)",
-                "samples/s",
-                rate,
-            ),
-            Figure(
-                f"streaming.{variant.name}.efficiency",
-                "streaming",
-                f"{variant.describe()}: samples/s over the bare no-communication limit",
-                "ratio",
-                [r / bare_rate for r in rate],
-                target=variant.target,
-            ),
-            Figure(
-                f"streaming.{variant.name}.efficiency_in_process",
-                "streaming",
-                f"{variant.describe()}: samples/s over the in-process limit of the same repetition (paired)",
-                "ratio",
-                paired_ratios(rate, limit),
-            ),
-            Figure(
-                f"streaming.{variant.name}.comm_share",
-                "streaming",
-                f"{variant.describe()}: share of the time blocked in communication (encoding included)",
-                "fraction",
-                m.share,
-            ),
-            _bytes_figure(variant, engine),
-            *_cpu_figures(variant, engine, m),
-        )
+    return limit
+
+
+def _add_variant(
+    ctx: BenchContext, variant: SyncVariant, engine: AveragingEngine, m: Measured, bare_rate: float, limit: list[float]
+) -> None:
+    prefix, label = f"streaming.{variant.name}", variant.describe()
+    threads = {t: what for t, what in _THREADS.items() if t != "sync" or engine.uses_sync_thread}
+    ctx.add(
+        *rate_figures(prefix, "streaming", label, m.rate(ctx.samples_per_step), bare_rate, limit, variant.target),
+        Figure(
+            f"{prefix}.comm_share",
+            "streaming",
+            f"{label}: share of the time blocked in communication (encoding included)",
+            "fraction",
+            m.share,
+        ),
+        _bytes_figure(variant, engine),
+        *cpu_figures(prefix, "streaming", label, m.cpu, threads),
+    )
+
+
+def _add_sync_thread_speedups(ctx: BenchContext, asked: list[SyncVariant], measured: dict[str, Measured]) -> None:
     for variant in asked:
         twin = variant.name + SYNC_THREAD_SUFFIX
-        if twin in rates:
+        if twin in measured:
             ctx.add(
                 Figure(
                     f"streaming.{variant.name}.sync_thread_speedup",
                     "streaming",
                     f"{variant.describe()}: samples/s with the sync thread over without, paired per repetition",
                     "ratio",
-                    paired_ratios(rates[twin], rates[variant.name]),
+                    paired_ratios(
+                        measured[twin].rate(ctx.samples_per_step), measured[variant.name].rate(ctx.samples_per_step)
+                    ),
                 )
             )
-    numel = sum(p.numel() for p in next(iter(loops.values())).model.parameters())
+
+
+def _add_projections(
+    ctx: BenchContext, chosen: list[SyncVariant], engines: dict[str, AveragingEngine], bare_rate: float
+) -> None:
+    """On an emulated link (launcher/slownet.py), each variant's α–β projection beside its measurement."""
     link_rate = emulated_link_rate()
-    if link_rate:
-        link = emulated_link(link_rate)
-        step_seconds = ctx.comm.size * options.batch / bare_rate
-        for variant in chosen:
-            engine = loops[variant.name].engine
-            traffic = sync_traffic(engine, variant.synchronous)
-            ctx.add(
-                Figure(
-                    f"streaming.{variant.name}.projected_efficiency",
-                    "streaming",
-                    f"{variant.describe()}: α–β projection on the {link.name} link (a projection, not a "
-                    "measurement; the CPU communication takes is not in it)",
-                    "ratio",
-                    [projected_efficiency(variant, traffic, ctx.comm.size, step_seconds, link)],
-                    exact=True,
-                )
+    if not link_rate:
+        return
+    link = emulated_link(link_rate)
+    step_seconds = ctx.samples_per_step / bare_rate
+    for variant in chosen:
+        traffic = sync_traffic(engines[variant.name], variant.synchronous)
+        ctx.add(
+            Figure(
+                f"streaming.{variant.name}.projected_efficiency",
+                "streaming",
+                f"{variant.describe()}: α–β projection on the {link.name} link (a projection, not a "
+                "measurement; the CPU communication takes is not in it)",
+                "ratio",
+                [projected_efficiency(variant, traffic, ctx.comm.size, step_seconds, link)],
+                exact=True,
             )
+        )
+
+
+def _add_codec_ratios(ctx: BenchContext, numel: int) -> None:
     for codec, target in (("bf16", HALF_BYTES_TARGET), ("fp16", HALF_BYTES_TARGET), ("int8", INT8_BYTES_TARGET)):
         ctx.add(
             Figure(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,7 +23,15 @@ from ..algorithms.engine import AveragingEngine
 from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
-from ..config.schema import GradientCompression, Method, OuterMethod, Precision, RunConfig, SyncCompression
+from ..config.schema import (
+    AlgorithmConfig,
+    GradientCompression,
+    Method,
+    OuterMethod,
+    Precision,
+    RunConfig,
+    SyncCompression,
+)
 from ..launcher.env import spare_cores
 from ..train.data import derive_seed
 from ..train.device import compiled_forward
@@ -34,6 +42,8 @@ BATCHES_PER_RANK = 4
 # A small constant LR: the benchmark trains on random labels for a few hundred steps, and the
 # time of a step must not depend on where the weights wander.
 LEARNING_RATE = 1e-3
+# The sync period of a loop that never averages: more steps than any benchmark runs.
+NEVER = sys.maxsize
 
 
 def synchronize_device(device: torch.device) -> None:
@@ -85,6 +95,15 @@ class Workload:
         return [(x.contiguous(memory_format=torch.channels_last), y) for x, y in self.batches]
 
 
+def _schedule(algorithm: AlgorithmConfig, sync_period: int | None) -> SyncSchedule:
+    """Local SGD from step 0 (every H, or never), or synchronous throughout; no LR decay, as post-local
+    SGD is not measured."""
+    if sync_period is None:
+        # Local from step 0, so that the engine installs no gradient hooks, with a period no window reaches.
+        return SyncSchedule(NEVER, 0)
+    return SyncSchedule.from_config(algorithm, steps_per_epoch=1)
+
+
 def _logits_and_loss(
     model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +124,18 @@ class TrainingLoop(Protocol):
 
 
 class EngineLoop:
-    """The package's training step (``AveragingEngine.train_step``, the one training calls)."""
+    """The package's training step (``AveragingEngine.train_step``, the one training calls), under one
+    sync schedule fixed at construction.
+
+    Each schedule a phase compares (every H, the no-communication limit) is a loop of its own: the
+    engine fixes what depends on the schedule when it is built (gradient hooks for a synchronous
+    phase, the anchors and buffers of a delayed sync), so a schedule is never swapped into a running
+    engine. Nor is a model flattened a second time for a new engine: ``flatten_training_state``
+    creates the momentum buffers anew (zeros), and an engine with worker groups splits the
+    communicator when it is built (groups that live as long as the communicator). Every loop's
+    model comes from the same seed and every rank starts from rank 0's, so the loops compared start
+    from the same values and cycle through the same batches.
+    """
 
     def __init__(
         self,
@@ -113,7 +143,7 @@ class EngineLoop:
         workload: Workload,
         comm: Communicator,
         algorithm: Method,
-        sync_period: int = 1,
+        sync_period: int | None = 1,
         outer: OuterMethod = "none",
         hierarchy: Hierarchy | None = None,
         precision: Precision = "fp32",
@@ -125,10 +155,11 @@ class EngineLoop:
         gradient_compression: GradientCompression = "none",
         sync_thread: bool | None = None,
     ) -> None:
-        """``hierarchy``: worker groups (None: every rank is a worker). With workers of several ranks the
-        engine averages gradients inside each worker every local step and the model over all ranks
-        every ``sync_period`` steps. ``sync_delay``, ``fragments``, ``compression``: the streaming and
-        compressed global syncs (with error feedback for int8, as training's auto);
+        """``sync_period`` None: local SGD that never averages, each rank alone (the no-communication
+        limit). ``hierarchy``: worker groups (None: every rank is a worker). With workers of several
+        ranks the engine averages gradients inside each worker every local step and the model over all
+        ranks every ``sync_period`` steps. ``sync_delay``, ``fragments``, ``compression``: the streaming
+        and compressed global syncs (error feedback as comm.error_feedback resolves it for the codec);
         ``gradient_compression``: the synchronous steps' gradients in half precision; ``sync_thread``:
         comm.sync_thread for this engine (None: the config's, auto by default)."""
         self.name = name
@@ -137,56 +168,43 @@ class EngineLoop:
         self.algorithm = dataclasses.replace(
             cfg.algorithm,
             method=algorithm,
-            sync_period=sync_period,
+            sync_period=1 if sync_period is None else sync_period,
             outer=outer,
             ranks_per_worker=1 if hierarchy is None else hierarchy.ranks_per_worker,
             sync_delay=sync_delay,
             fragments=fragments,
         )
         self.algorithm.validate()
+        comm_cfg = dataclasses.replace(
+            cfg.comm,
+            sync_compression=compression,
+            gradient_compression=gradient_compression,
+            sync_thread=cfg.comm.sync_thread if sync_thread is None else sync_thread,
+        )
         self.model = workload.new_model()
         self.optimizer = workload.new_optimizer(self.model)
         # ``compiled``: the forward through torch.compile, as training's train.compile does it.
         self.forward_model = compiled_forward(self.model, workload.device) if compiled else self.model
-        # Local SGD from step 0, or synchronous throughout (no LR decay: post-local SGD is not measured).
-        schedule = SyncSchedule.from_config(self.algorithm, steps_per_epoch=1)
         self.engine = AveragingEngine(
             self.model,
             self.optimizer,
             comm,
             self.algorithm,
-            schedule,
-            bucket_bytes=int(cfg.comm.bucket_mb * 2**20),
+            _schedule(self.algorithm, sync_period),
+            bucket_bytes=int(comm_cfg.bucket_mb * 2**20),
             hierarchy=hierarchy,
             precision=precision,
             compression=compression,
-            error_feedback=compression == "int8",
+            error_feedback=comm_cfg.uses_error_feedback,
             gradient_compression=gradient_compression,
-            sync_thread=(
-                cfg.comm.uses_sync_thread(spare_cores(torch.get_num_threads(), comm.layout))
-                if sync_thread is None
-                else sync_thread
-            ),
+            sync_thread=comm_cfg.uses_sync_thread(spare_cores(torch.get_num_threads(), comm.layout)),
         )
         self.engine.broadcast_initial_state()
         # As training feeds them (train/device.py): the weights keep the flat buffer's layout.
         self.batches = workload.batches_in(channels_last)
-        # Steps done under the current schedule: a window goes on from the last one's step, as training
-        # does, so that an average still in flight at a window's end (sync_delay = sync_period) is applied
-        # in the next one.
-        self.completed = 0
-
-    def set_sync_period(self, sync_period: int | None) -> None:
-        """Local SGD with period H from the next window on; None: never average (each rank alone).
-
-        One model serves every H and the no-communication limit, so that they differ only in
-        the schedule the engine consults at the end of each step.
-        """
-        if sync_period is None:
-            # local_start None means "synchronous"; this engine has no gradient hooks, so it never communicates.
-            self.engine.schedule = SyncSchedule(1, None)
-        else:
-            self.engine.schedule = SyncSchedule(sync_period, 0)
+        # Steps done: a window goes on from the last one's step, as training does, so that an average
+        # still in flight at a window's end (sync_delay = sync_period) is applied in the next one, and a
+        # window of whole sync periods ends with a sync.
         self.completed = 0
 
     def run(self, steps: int) -> None:
@@ -255,22 +273,3 @@ class PlainLoop:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
         synchronize_device(self.workload.device)
-
-
-def time_window(
-    comm: Communicator, loop: TrainingLoop, steps: int, cpu: Callable[[], dict[str, float]]
-) -> tuple[float, float, int, dict[str, float]]:
-    """(seconds, seconds blocked in communication, bytes sent, CPU seconds by thread) of ``steps`` steps
-    on this rank; ``cpu`` reads the threads' CPU seconds so far.
-
-    The ranks start together (a barrier outside the timing), so the slowest rank's time is
-    the time the window took. The CPU is read inside the timing too: a barrier that spins would
-    otherwise count in it.
-    """
-    comm.barrier()
-    comm_before, bytes_before, cpu_before = loop.comm_seconds(), loop.bytes_sent(), cpu()
-    start = time.perf_counter()
-    loop.run(steps)
-    seconds = time.perf_counter() - start
-    used = {name: after - cpu_before[name] for name, after in cpu().items() if name in cpu_before}
-    return seconds, loop.comm_seconds() - comm_before, loop.bytes_sent() - bytes_before, used

@@ -553,55 +553,68 @@ def plot_tradeoff(
             lambda r: markers.get(r.key.workers, "o"),
         )
     for ax, link in zip(axes, links, strict=False):
-        panel = [r for r in rows if r.interconnect == link]
-        for r in panel:
-            ax.errorbar(
-                r.seconds,
-                100 * r.accuracy_mean,
-                yerr=100 * (r.accuracy_std or 0.0),
-                color=method_color(r.key.method, methods),
-                marker=markers.get(r.key.workers, "o"),
-                markersize=6,
-                capsize=2,
-                linestyle="none",
-                label=f"{r.key.method}",
-            )
-            if r.key.method != BASELINE:
-                ax.annotate(
-                    f"H={r.key.sync_period}",
-                    (r.seconds, 100 * r.accuracy_mean),
-                    fontsize=6,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-        front = sorted((r for r in panel if r.pareto), key=lambda r: r.seconds)
-        if front:
-            ax.step(
-                [r.seconds for r in front],
-                [100 * r.accuracy_mean for r in front],
-                where="post",
-                color="0.4",
-                linestyle="--",
-                linewidth=1,
-                label="Pareto front",
-            )
-        _log_time_axis(ax, [r.seconds for r in panel])
-        ax.set_title(f"{link} ({LABEL})", fontsize="medium")
-        ax.set_xlabel("projected time to train (s)")
-        ax.grid(True, alpha=0.3)
+        _plot_projected(ax, link, [r for r in rows if r.interconnect == link], methods, markers)
     axes[0].set_ylabel("final test accuracy (%)")
+    handles = _legend_handles(axes, [m.key.method for m in measured], methods, workers, markers)
+    figure.legend(list(handles.values()), list(handles), loc="outside right center", frameon=False)
+    figure.suptitle(f"{title}\n" + textwrap.fill(timing.describe(), 160), fontsize="small")
+    _save(figure, files)
+
+
+def _plot_projected(
+    ax: Any, link: str, panel: Sequence[TradeoffRow], methods: list[str], markers: dict[int, str]
+) -> None:
+    """One interconnect's panel: each configuration at (projected time, accuracy ± std), its Pareto front."""
+    for r in panel:
+        ax.errorbar(
+            r.seconds,
+            100 * r.accuracy_mean,
+            yerr=100 * (r.accuracy_std or 0.0),
+            color=method_color(r.key.method, methods),
+            marker=markers.get(r.key.workers, "o"),
+            markersize=6,
+            capsize=2,
+            linestyle="none",
+            label=f"{r.key.method}",
+        )
+        if r.key.method != BASELINE:
+            ax.annotate(
+                f"H={r.key.sync_period}",
+                (r.seconds, 100 * r.accuracy_mean),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    front = sorted((r for r in panel if r.pareto), key=lambda r: r.seconds)
+    if front:
+        ax.step(
+            [r.seconds for r in front],
+            [100 * r.accuracy_mean for r in front],
+            where="post",
+            color="0.4",
+            linestyle="--",
+            linewidth=1,
+            label="Pareto front",
+        )
+    _log_time_axis(ax, [r.seconds for r in panel])
+    ax.set_title(f"{link} ({LABEL})", fontsize="medium")
+    ax.set_xlabel("projected time to train (s)")
+    ax.grid(True, alpha=0.3)
+
+
+def _legend_handles(
+    axes: Sequence[Any], measured_methods: list[str], methods: list[str], workers: list[int], markers: dict[int, str]
+) -> dict[str, Any]:
+    """One legend entry per label of any panel, per method only measured, and per worker count's marker."""
     seen: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
-    for method in dict.fromkeys(m.key.method for m in measured):  # one only measured needs its color too
+    for method in dict.fromkeys(measured_methods):  # one only measured needs its color too
         seen.setdefault(
             method, axes[0].plot([], [], linestyle="none", marker="o", color=method_color(method, methods))[0]
         )
     for count in workers:
-        seen[f"{count} workers"] = axes[0].plot([], [], linestyle="none", marker=markers.get(count, "o"), color="0.3")[
-            0
-        ]
-    figure.legend(list(seen.values()), list(seen), loc="outside right center", frameon=False)
-    figure.suptitle(f"{title}\n" + textwrap.fill(timing.describe(), 160), fontsize="small")
-    _save(figure, files)
+        marker = markers.get(count, "o")
+        seen[f"{count} workers"] = axes[0].plot([], [], linestyle="none", marker=marker, color="0.3")[0]
+    return seen
