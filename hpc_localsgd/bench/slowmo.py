@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithms.flat import PARAMS
 from .context import BenchContext
 from .figures import bytes_figure
 from .stats import Figure, Target
@@ -36,7 +35,7 @@ def run(ctx: BenchContext) -> None:
     shared = engine.shared_state()
     measurement = {name: t for name, t in shared.items() if name.startswith("outer_previous_update")}
     extra_bytes = state_bytes(shared) - state_bytes(measurement) - state_bytes(plain.shared_state())
-    parameter_fp32_bytes = sum(g.slice(PARAMS).numel() for g in engine.groups) * 4
+    parameter_fp32_bytes = sum(p.numel() for p in engine.model.parameters()) * 4
     ctx.add(
         Figure(
             "slowmo.plain_sync_seconds", "slowmo", "plain model average (local SGD), for comparison", "s", plain_times

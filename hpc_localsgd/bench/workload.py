@@ -21,6 +21,7 @@ from torch import nn
 
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.hierarchy import Hierarchy
+from ..algorithms.optimizer_state import make_inner_optimizer
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
 from ..config.schema import (
@@ -80,10 +81,7 @@ class Workload:
         return model
 
     def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        return torch.optim.SGD(
-            model.parameters(), lr=LEARNING_RATE, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
-        )
+        return make_inner_optimizer(model.parameters(), self.cfg.optim, LEARNING_RATE)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batches[step % len(self.batches)]

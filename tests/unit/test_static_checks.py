@@ -38,18 +38,19 @@ def test_mypy_is_clean() -> None:
     _run_tool("mypy")
 
 
-# The training loop is read more than any other code: its functions stay readable in one screen.
-TRAIN_FUNCTION_LINES = 80
+# Every function of the package stays readable in one screen (declarative tables are module constants,
+# not functions, so the rule needs no exception).
+FUNCTION_LINES = 80
 
 
-def test_functions_in_train_stay_short() -> None:
+def test_functions_stay_short() -> None:
     import ast
 
     long = []
-    for path in sorted((REPO_ROOT / "hpc_localsgd" / "train").glob("*.py")):
+    for path in sorted((REPO_ROOT / "hpc_localsgd").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = (node.end_lineno or node.lineno) - node.lineno + 1
-                if lines > TRAIN_FUNCTION_LINES:
-                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+                if lines > FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
