@@ -30,7 +30,7 @@ from ..config.schema import AlgorithmConfig, GradientCompression, Precision, Syn
 from .accounting import GLOBAL, CommStats, SyncTraffic
 from .drift import SyncMeasurement
 from .flat import BUFFERS, PARAMS, FlatGroup, flatten_training_state
-from .global_sync import BlockingAverage, GlobalSync, WorkerExchange, wait_all
+from .global_sync import BlockingAverage, GlobalSync, SyncParts, WorkerExchange, wait_all
 from .gradients import GradientAllreduce
 from .hierarchy import WORKER, Hierarchy
 from .optimizer_state import STATE_KINDS, load_scalar_state, scalar_state
@@ -123,23 +123,12 @@ class AveragingEngine:
         sync_thread: bool,
     ) -> GlobalSync:
         """The blocking average, or the streaming sync where updates are compressed, delayed or fragmented."""
-        if compression == "none" and cfg.sync_delay == 0 and cfg.fragments == 1:
-            return BlockingAverage(
-                self.groups, self.sync_spans, self.exchange, cfg, schedule, self.outer, self.stats, self.averaged_kinds
-            )
-        return StreamingSync(
-            self.groups,
-            self.sync_spans,
-            self.exchange,
-            cfg,
-            schedule,
-            compression,
-            error_feedback,
-            self.outer,
-            self.stats,
-            self.averaged_kinds,
-            sync_thread,
+        parts = SyncParts(
+            self.groups, self.sync_spans, self.averaged_kinds, self.exchange, cfg, schedule, self.outer, self.stats
         )
+        if compression == "none" and cfg.sync_delay == 0 and cfg.fragments == 1:
+            return BlockingAverage(parts)
+        return StreamingSync(parts, compression, error_feedback, sync_thread)
 
     # --- what the sync costs, for the benchmark and the start-up line -------------------------------
     def traffic(self) -> SyncTraffic:

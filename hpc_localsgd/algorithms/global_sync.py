@@ -27,6 +27,7 @@ What they share exists once, here:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -162,12 +163,31 @@ def averaged_statistics(groups: list[FlatGroup], averaged_kinds: frozenset[str])
     return [t for t in (g.slice(BUFFERS) for g in groups) if t.shape[-1]]
 
 
+@dataclass(frozen=True)
+class SyncParts:
+    """What every global sync is built from: the engine's flat storage and what a sync averages of it,
+    the exchange between ranks, the settings, the schedule, the outer optimizer and the counters."""
+
+    groups: list[FlatGroup]
+    sync_spans: list[list[tuple[int, int]]]  # per flat group: the averaged prefix [start, end)
+    averaged_kinds: frozenset[str]
+    exchange: WorkerExchange
+    cfg: AlgorithmConfig
+    schedule: SyncSchedule
+    outer: OuterOptimizer
+    stats: CommStats
+
+
 class AnchoredSync:
     """What both syncs keep the same way: x_prev (``anchors``) from the start of the local phase, when the
-    sync needs it, and the outer optimizer's state beside it in a checkpoint."""
+    sync needs it, and the outer optimizer's state beside it in a checkpoint; and what they are built from
+    (``SyncParts``), the BN statistics they average and the optimizer-state policy."""
 
-    def __init__(self, groups: list[FlatGroup], outer: OuterOptimizer, schedule: SyncSchedule) -> None:
-        self.groups, self.outer, self.schedule = groups, outer, schedule
+    def __init__(self, parts: SyncParts) -> None:
+        self.groups, self.outer, self.schedule = parts.groups, parts.outer, parts.schedule
+        self.exchange, self.stats = parts.exchange, parts.stats
+        self.statistics = averaged_statistics(parts.groups, parts.averaged_kinds)
+        self.reset_state = parts.cfg.optimizer_state == "reset"
         self.anchors: list[torch.Tensor] = []
 
     @property
@@ -207,24 +227,13 @@ class BlockingAverage(AnchoredSync):
     """The model average where the schedule says so: x̄ over all ranks (one allreduce per dtype, or the
     sharded exchange between workers), then the outer step and the optimizer-state policy."""
 
-    def __init__(
-        self,
-        groups: list[FlatGroup],
-        sync_spans: list[list[tuple[int, int]]],
-        exchange: WorkerExchange,
-        cfg: AlgorithmConfig,
-        schedule: SyncSchedule,
-        outer: OuterOptimizer,
-        stats: CommStats,
-        averaged_kinds: frozenset[str],
-    ) -> None:
-        super().__init__(groups, outer, schedule)
-        self.exchange, self.stats = exchange, stats
+    def __init__(self, parts: SyncParts) -> None:
+        super().__init__(parts)
         self.spans: list[Span] = [
-            (g, start, end) for g, group_spans in zip(groups, sync_spans, strict=True) for start, end in group_spans
+            (g, start, end)
+            for g, group_spans in zip(parts.groups, parts.sync_spans, strict=True)
+            for start, end in group_spans
         ]
-        self.statistics = averaged_statistics(groups, averaged_kinds)
-        self.reset_state = cfg.optimizer_state == "reset"
         self.bytes_per_sync = sum((end - start) * g.flat.element_size() for g, start, end in self.spans)
 
     # --- the protocol --------------------------------------------------------------------------------

@@ -67,21 +67,12 @@ from typing import Any
 import torch
 
 from ..comm.base import Handle, SerialThread
-from ..config.schema import AlgorithmConfig, SyncCompression
-from .accounting import CommStats, SyncTraffic
+from ..config.schema import SyncCompression
+from .accounting import SyncTraffic
 from .compression import CompressedAverageHandle, CompressedAverager
 from .drift import SyncMeasurement, first_row
 from .flat import PARAMS, FlatGroup, contiguous_part
-from .global_sync import (
-    AnchoredSync,
-    Span,
-    WorkerExchange,
-    averaged_statistics,
-    count_sync,
-    reset_optimizer_state,
-)
-from .outer import OuterOptimizer
-from .schedule import SyncSchedule
+from .global_sync import AnchoredSync, Span, SyncParts, count_sync, reset_optimizer_state
 
 
 class InlineWork:
@@ -122,21 +113,11 @@ class StreamingSync(AnchoredSync):
     """The global syncs of one engine, fragment by fragment (see the module docstring)."""
 
     def __init__(
-        self,
-        groups: list[FlatGroup],
-        sync_spans: list[list[tuple[int, int]]],
-        exchange: WorkerExchange,
-        cfg: AlgorithmConfig,
-        schedule: SyncSchedule,
-        compression: SyncCompression,
-        error_feedback: bool,
-        outer: OuterOptimizer,
-        stats: CommStats,
-        averaged_kinds: frozenset[str],
-        sync_thread: bool = True,
+        self, parts: SyncParts, compression: SyncCompression, error_feedback: bool, sync_thread: bool = True
     ) -> None:
-        super().__init__(groups, outer, schedule)
-        self.comm, self.exchange, self.stats = exchange.comm, exchange, stats
+        super().__init__(parts)
+        groups, exchange, cfg, schedule = parts.groups, parts.exchange, parts.cfg, parts.schedule
+        self.comm = exchange.comm
         # Workers of R ranks: Δ travels between workers (rank j of each), shard j of R each.
         self.worker = exchange.worker
         self.between = exchange.between
@@ -144,7 +125,6 @@ class StreamingSync(AnchoredSync):
         self.local_start, self.last_step = schedule.local_start, schedule.last_step
         self.period, self.fragments, self.outer_every = cfg.sync_period, cfg.fragments, cfg.outer_every
         self.delay, self.mix = cfg.sync_delay, cfg.sync_mix
-        self.reset_state = cfg.optimizer_state == "reset"
         self.compression = compression
         # Where each group's parameters lie, and the rest of its sync span (BN statistics, averaged
         # optimizer state): averaged with fragment 0 as the blocking sync averages it.
@@ -152,10 +132,9 @@ class StreamingSync(AnchoredSync):
         self.params_start = [start for start, _ in params]
         self.rest: list[Span] = [
             (g, end, spans[0][1])
-            for g, (_, end), spans in zip(groups, params, sync_spans, strict=True)
+            for g, (_, end), spans in zip(groups, params, parts.sync_spans, strict=True)
             if spans and spans[0][1] > end
         ]
-        self.statistics = averaged_statistics(groups, averaged_kinds)
         # fragment f of group g: [a, b) of its flat buffer; the first (n % F) fragments one element longer.
         self.ranges = [
             [contiguous_part(start, end, self.fragments, f) for start, end in params] for f in range(self.fragments)

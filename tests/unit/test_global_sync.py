@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hpc_localsgd.algorithms.engine import AveragingEngine
-from hpc_localsgd.algorithms.global_sync import BlockingAverage, GlobalSync
+from hpc_localsgd.algorithms.global_sync import BlockingAverage, GlobalSync, SyncParts
 from hpc_localsgd.algorithms.hierarchy import hierarchy_from_config
 from hpc_localsgd.algorithms.schedule import SyncSchedule
 from hpc_localsgd.algorithms.streaming import StreamingSync
@@ -34,18 +34,17 @@ def build(model, comm, cfg: AlgorithmConfig, codec: SyncCompression = "none", st
     )
     if streaming:
         assert isinstance(engine.global_sync, BlockingAverage)
-        engine.global_sync = StreamingSync(
+        parts = SyncParts(
             engine.groups,
             engine.sync_spans,
+            engine.averaged_kinds,
             engine.exchange,
             cfg,
             schedule,
-            "none",
-            False,
             engine.outer,
             engine.stats,
-            engine.averaged_kinds,
         )
+        engine.global_sync = StreamingSync(parts, "none", False)
     engine.broadcast_initial_state()
     return engine
 
