@@ -35,7 +35,7 @@ class ReferenceAlgorithm:
     ranks_per_worker: int = 1  # consecutive ranks that average gradients every local step
     levels: tuple[tuple[int, int], ...] = ()  # (group size, period): model averages inside groups
     outer_every: int = 1  # the outer step after every k-th global average only (fairscale's SlowMo)
-    # Streaming DiLoCo and compressed syncs (ALGORITHMS.md, "Streaming, delayed and compressed ..."):
+    # Streaming DiLoCo and compressed syncs (docs/algorithms.md, "Compressed, overlapped and fragmented syncs"):
     sync_delay: int = 0  # τ: a fragment's Δ = x_prev − x is taken τ steps before its sync
     sync_mix: float = 0.0  # α: after a sync, x ← (1 − α)·x_g + α·x_now
     fragments: int = 1  # F contiguous fragments of the flat parameters, fragment f offset by f·H/F

@@ -23,7 +23,7 @@ from .context import BenchContext
 from .figures import cpu_figures, rate_figures
 from .stats import Figure, paired_ratios
 from .timing import Measured, Window, interleaved_windows, slowest
-from .variants import HALF_BYTES_TARGET, INT8_BYTES_TARGET, SYNC_THREAD_SUFFIX, VARIANTS, SyncVariant
+from .variants import BYTES_TARGETS, SYNC_THREAD_SUFFIX, VARIANTS, SyncVariant
 from .workload import EngineLoop
 
 LIMIT = "limit"  # the in-process no-communication window's name among the configurations'
@@ -233,14 +233,14 @@ def _add_projections(
 
 
 def _add_codec_ratios(ctx: BenchContext, numel: int) -> None:
-    for codec, target in (("bf16", HALF_BYTES_TARGET), ("fp16", HALF_BYTES_TARGET), ("int8", INT8_BYTES_TARGET)):
+    for codec, target in BYTES_TARGETS.items():
         ctx.add(
             Figure(
                 f"streaming.{codec}.bytes_vs_fp32",
                 "streaming",
                 f"bytes of the model's update in {codec} over fp32 (parameters; scales included)",
                 "ratio",
-                [encoded_bytes(codec, numel) / encoded_bytes("none", numel)],  # type: ignore[arg-type]
+                [encoded_bytes(codec, numel) / encoded_bytes("none", numel)],
                 target=target,
                 exact=True,
             ),

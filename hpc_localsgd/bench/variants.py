@@ -4,6 +4,7 @@ codecs, kept apart from the measurement so that the options can check ``--stream
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 
 from ..config.schema import GradientCompression, Method, SyncCompression
@@ -14,6 +15,12 @@ COMPRESSED_TARGET = Target(">=", 0.80)  # int8 with error feedback, every step, 
 INT8_BYTES_TARGET = Target("<=", 0.27)
 SYNC_THREAD_SUFFIX = "_sync_thread"  # the twin of a configuration measured with comm.sync_thread on
 HALF_BYTES_TARGET = Target("<=", 0.5)
+# The bytes of each lossy codec's update over fp32 (the codecs are config.schema's SyncCompression).
+BYTES_TARGETS: dict[SyncCompression, Target] = {
+    codec: INT8_BYTES_TARGET if codec == "int8" else HALF_BYTES_TARGET
+    for codec in typing.get_args(SyncCompression)
+    if codec != "none"
+}
 
 
 @dataclass(frozen=True)
