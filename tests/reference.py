@@ -89,16 +89,22 @@ def simulate(
     weight_decay: float,
     nesterov: bool = False,
     record: list[dict[str, float]] | None = None,
+    make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
 ) -> list[torch.nn.Module]:
     """Train ``len(batches)`` workers; ``batches[i][s]`` is worker i's (x, y) at step s.
 
     ``record``: one dict per global sync is appended, measured directly (float64, parameters only):
     ``step``; ``consensus_distance``, the mean over workers of ‖x_w − x̄‖² over ‖x̄‖² (a worker of
     several ranks counted once); ``outer_update_norm`` ‖Δ‖ and ``outer_update_cosine`` cos(Δ, Δ of
-    the previous outer step), NaN without an outer step (the cosine also at the first)."""
+    the previous outer step), NaN without an outer step (the cosine also at the first). ``make_optimizer``:
+    each worker's inner optimizer (PyTorch's own, lazily started), SGD with the arguments above if None."""
     workers = [copy.deepcopy(initial) for _ in batches]
     opts = [
-        torch.optim.SGD(w.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        make_optimizer(w)
+        if make_optimizer is not None
+        else torch.optim.SGD(
+            w.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+        )
         for w in workers
     ]
     steps = len(batches[0])

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .optimizer_state import STATE_KINDS, optimizer_state_of, stateful_parameters
+from .optimizer_state import STATE_KINDS, optimizer_state_of, start_scalar_state, stateful_parameters
 
 PARAMS = "params"
 BUFFERS = "buffers"  # floating-point module buffers (BatchNorm running statistics)
@@ -139,4 +139,5 @@ def flatten_training_state(
     for key, kind in state.tensors.items():
         for t in stateful:
             optimizer.state[t][key] = views[(kind, id(t))]
+    start_scalar_state(optimizer)
     return groups

@@ -52,8 +52,25 @@ def _sgd_unsupported(group: Mapping[str, Any]) -> str | None:
 # The flat segment of SGD's momentum buffers; its name is part of the checkpoint format ("flat0.momentum").
 MOMENTUM = "momentum"
 
+
+def _always(group: Mapping[str, Any]) -> bool:
+    return True
+
+
+def _adamw_unsupported(group: Mapping[str, Any]) -> str | None:
+    if group.get("amsgrad"):
+        return "adamw with amsgrad keeps a third moment the package does not hold: turn amsgrad off"
+    if group.get("fused") or group.get("capturable"):
+        return "adamw's fused and capturable variants keep their step counts on the device: use the default"
+    return None
+
+
 OPTIMIZER_STATES: dict[type[torch.optim.Optimizer], OptimizerState] = {
     torch.optim.SGD: OptimizerState({"momentum_buffer": MOMENTUM}, (), _sgd_holds_state, _sgd_unsupported),
+    # Adam's moments start at zero as PyTorch starts them; its step count is per parameter and per rank.
+    torch.optim.AdamW: OptimizerState(
+        {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, ("step",), _always, _adamw_unsupported
+    ),
 }
 
 # Every flat segment of optimizer state any registered optimizer keeps, in layout order.
@@ -106,6 +123,20 @@ def load_scalar_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, torc
 
 
 def make_inner_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """The optimizer every worker steps between syncs (SGD with the config's momentum, Nesterov and weight
-    decay), at learning rate ``lr`` until the engine sets each step's."""
+    """The optimizer every worker steps between syncs (``optim.name``), at learning rate ``lr`` until the
+    engine sets each step's."""
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(
+            params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+
+def start_scalar_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give each stateful parameter its scalar state at zero (a 0-d float32 tensor, as PyTorch keeps a step
+    count): an optimizer whose state is not empty skips its own lazy start, which would otherwise replace
+    the flat storage's views."""
+    state = optimizer_state_of(optimizer)
+    for p in stateful_parameters(optimizer):
+        for key in state.scalars:
+            optimizer.state[p].setdefault(key, torch.tensor(0.0, dtype=torch.float32))

@@ -19,6 +19,7 @@ from .fields import check_declared, section, setting
 Method = Literal["allreduce", "local_sgd", "post_local_sgd"]
 OuterMethod = Literal["none", "slowmo", "nesterov"]
 OptimizerStatePolicy = Literal["keep", "average", "reset"]
+InnerOptimizerName = Literal["sgd", "adamw"]
 Backend = Literal["auto", "horovod", "mpi", "torch", "single", "simulated"]
 DatasetName = Literal["digits", "synthetic", "mnist1d", "cifar10", "imagenet"]
 LRScheduleName = Literal["constant", "step", "cosine"]
@@ -198,17 +199,28 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum and weight decay; LR per 256 samples, scaled linearly with the global batch
-    (Goyal et al. 2017). Defaults are the ImageNet ResNet-50 recipe."""
+    """The inner optimizer every worker steps between syncs: SGD with momentum and weight decay, or AdamW;
+    LR per 256 samples, scaled linearly with the global batch (Goyal et al. 2017). Defaults are the
+    ImageNet ResNet-50 recipe."""
 
+    name: InnerOptimizerName = setting(
+        "sgd",
+        "The inner optimizer: sgd (momentum, nesterov, weight_decay as L2) or adamw (beta1, beta2, eps, "
+        "weight_decay decoupled; Loshchilov and Hutter 2019).",
+    )
     lr_per_256: float = setting(
         0.1,
         "Peak learning rate per 256 samples: the peak LR is lr_per_256 × global batch / 256 (linear scaling).",
         range="> 0, <= 1e6",
     )
-    momentum: float = setting(0.9, "Momentum of the base (inner) SGD optimizer on every worker.", range="[0, 1)")
-    nesterov: bool = setting(False, "Nesterov momentum for the base optimizer (needs momentum > 0).")
-    weight_decay: float = setting(1e-4, "L2 weight decay of the base optimizer.", range="[0, 1]")
+    momentum: float = setting(0.9, "sgd: momentum of the inner optimizer on every worker.", range="[0, 1)")
+    nesterov: bool = setting(False, "sgd: Nesterov momentum (needs momentum > 0).")
+    weight_decay: float = setting(
+        1e-4, "Weight decay of the inner optimizer: L2 for sgd, decoupled for adamw.", range="[0, 1]"
+    )
+    beta1: float = setting(0.9, "adamw: decay of the first-moment estimate.", range="[0, 1)")
+    beta2: float = setting(0.95, "adamw: decay of the second-moment estimate.", range="[0, 1)")
+    eps: float = setting(1e-8, "adamw: added to the second moment's square root.", range="> 0, <= 1")
     warmup_epochs: float = setting(
         5.0,
         "Epochs of linear warm-up from peak / warm-up steps to the peak LR (0: start at the peak).",
@@ -230,6 +242,7 @@ class OptimConfig:
     def validate(self, key: str = "optim") -> None:
         check_declared(self, key)
         _check(not self.nesterov or self.momentum > 0, f"{key}.nesterov", "needs momentum > 0")
+        _check(not self.nesterov or self.name == "sgd", f"{key}.nesterov", f"applies to sgd, not {self.name}")
         _check(
             all(e > 0 for e in self.decay_epochs) and self.decay_epochs == sorted(self.decay_epochs),
             f"{key}.decay_epochs",

@@ -105,7 +105,10 @@ def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, world_size: int, re
     where = f"checkpoint '{checkpoint.path}'"
 
     def differences(section: str) -> str:
-        old, new = saved.get(section, {}), current[section]
+        # A key the checkpoint holds by its former name (algorithm.momentum_buffers) is today's.
+        renamed: dict[str, str] = getattr(type(getattr(cfg, section)), "RENAMED_KEYS", {})
+        old = {renamed.get(k, k): v for k, v in (saved.get(section) or {}).items()}
+        new = current[section]
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         return ", ".join(f"{section}.{k} {old.get(k)!r} → {new.get(k)!r}" for k in keys)
 
@@ -117,6 +120,12 @@ def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, world_size: int, re
                 f"{where} was written by {checkpoint.meta.world_size} ranks, this run has "
                 f"{world_size}; pass --reshard average (or reset) to continue with its "
                 "parameters and averaged (or zeroed) per-rank optimizer state"
+            )
+        inner = (saved.get("optim") or {}).get("name", "sgd")  # written before optim.name existed: SGD
+        if inner != cfg.optim.name:
+            raise CheckpointError(
+                f"{where} was written with inner optimizer {inner!r}, this run uses {cfg.optim.name!r}; pass "
+                "--reshard reset to continue from its parameters with the new optimizer's state at zero"
             )
         if differences("algorithm"):
             raise CheckpointError(

@@ -243,6 +243,8 @@ def test_auto_falls_back_past_a_damaged_newest_checkpoint(small_run: Path, tmp_p
             None,
             "was written with another algorithm (algorithm.ranks_per_worker 1 → 'node')",
         ),
+        # Another inner optimizer keeps other state: refused unless re-sharding.
+        (["optim.name=adamw"], None, "was written with inner optimizer 'sgd', this run uses 'adamw'"),
     ],
 )
 def test_mismatches_are_refused(

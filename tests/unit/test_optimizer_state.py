@@ -25,6 +25,7 @@ from hpc_localsgd.train.resume import restore
 # OPTIMIZER_STATES needs one here (the first test says so).
 BUILD: dict[type[torch.optim.Optimizer], Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]] = {
     torch.optim.SGD: lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    torch.optim.AdamW: lambda params: torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
 }
 STEPS = 3
 
@@ -76,7 +77,9 @@ def test_all_optimizer_state_reaches_a_checkpoint_and_comes_back(tmp_path: Path,
 def test_an_unregistered_optimizer_is_refused_in_one_line() -> None:
     model = torch.nn.Linear(3, 2)
     adam = torch.optim.Adam(model.parameters())
-    with pytest.raises(ValueError, match=r"^inner optimizer Adam has no registered state \(known: SGD\)") as error:
+    with pytest.raises(
+        ValueError, match=r"^inner optimizer Adam has no registered state \(known: AdamW, SGD\)"
+    ) as error:
         AveragingEngine(model, adam, SingleCommunicator(), AlgorithmConfig(), SyncSchedule(4, 0))
     assert "\n" not in str(error.value)
 
@@ -98,3 +101,26 @@ def test_the_former_momentum_buffers_key_is_accepted_with_a_notice(tmp_path: Pat
     assert notices == ["algorithm.momentum_buffers is now called algorithm.optimizer_state; the old name still works"]
     with pytest.raises(ConfigError, match="algorithm.momentum_buffers: the former name of algorithm.optimizer_state"):
         load_config(None, ["algorithm.momentum_buffers=average", "algorithm.optimizer_state=reset"])
+
+
+def test_a_checkpoint_naming_the_former_key_resumes(tmp_path: Path) -> None:
+    """A checkpoint written before the rename holds algorithm.momentum_buffers: the same algorithm; one of
+    another inner optimizer is refused in one line."""
+    import yaml
+
+    from hpc_localsgd.config import load_config
+    from hpc_localsgd.config.load import config_to_dict
+    from hpc_localsgd.io.checkpoint import CheckpointError
+    from hpc_localsgd.train.resume import check_compatible
+
+    cfg = load_config(None, ["algorithm.optimizer_state=average"])
+    saved = config_to_dict(cfg)
+    saved["algorithm"]["momentum_buffers"] = saved["algorithm"].pop("optimizer_state")
+    del saved["optim"]["name"]  # written before optim.name existed
+    state = RankState({"x": torch.zeros(2)}, {}, {"sync_rounds": 0, "bytes_sent": 0, "comm_seconds": 0.0}, 0.0, 0)
+    CheckpointWriter(tmp_path, SingleCommunicator(), keep=1).write(1, 0.1, {"config": yaml.safe_dump(saved)}, {}, state)
+    checkpoint = Checkpoint(tmp_path / "step-000000001.h5")
+    check_compatible(checkpoint, cfg, 1, None)
+    adamw = load_config(None, ["algorithm.optimizer_state=average", "optim.name=adamw"])
+    with pytest.raises(CheckpointError, match="inner optimizer 'sgd', this run uses 'adamw'"):
+        check_compatible(checkpoint, adamw, 1, None)
