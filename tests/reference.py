@@ -90,6 +90,7 @@ def simulate(
     nesterov: bool = False,
     record: list[dict[str, float]] | None = None,
     make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
+    clip_grad_norm: float | None = None,
 ) -> list[torch.nn.Module]:
     """Train ``len(batches)`` workers; ``batches[i][s]`` is worker i's (x, y) at step s.
 
@@ -97,7 +98,8 @@ def simulate(
     ``step``; ``consensus_distance``, the mean over workers of ‖x_w − x̄‖² over ‖x̄‖² (a worker of
     several ranks counted once); ``outer_update_norm`` ‖Δ‖ and ``outer_update_cosine`` cos(Δ, Δ of
     the previous outer step), NaN without an outer step (the cosine also at the first). ``make_optimizer``:
-    each worker's inner optimizer (PyTorch's own, lazily started), SGD with the arguments above if None."""
+    each worker's inner optimizer (PyTorch's own, lazily started), SGD with the arguments above if None.
+    ``clip_grad_norm``: each worker's gradient clipped to that norm after averaging (PyTorch's own clip)."""
     workers = [copy.deepcopy(initial) for _ in batches]
     opts = [
         make_optimizer(w)
@@ -135,6 +137,9 @@ def simulate(
                     g = sum(p.grad for p in params) / len(params)
                 for p in params:
                     p.grad = g.clone()
+        if clip_grad_norm is not None:
+            for w in workers:
+                torch.nn.utils.clip_grad_norm_(list(w.parameters()), clip_grad_norm)
         for opt in opts:
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -65,14 +65,17 @@ class AveragingEngine:
         error_feedback: bool = False,
         gradient_compression: GradientCompression = "none",
         sync_thread: bool = True,
+        clip_grad_norm: float | None = None,
     ) -> None:
         """``sync_thread``: a delayed sync's encoding, decoding and wait run on a thread beside the step
-        (``comm.sync_thread``; algorithms/streaming.py says where it applies)."""
+        (``comm.sync_thread``; algorithms/streaming.py says where it applies). ``clip_grad_norm``: the
+        gradient's largest L2 norm at each inner step, after it is averaged (None: no clipping)."""
         self.model = model
         self.optimizer = optimizer
         self.comm = comm
         self.cfg = cfg
         self.schedule = schedule
+        self.clip_grad_norm = clip_grad_norm
         self.stats = CommStats()  # training communication
         self.eval_stats = CommStats()  # evaluation only: never part of the training cost
         self.outer = build_outer_optimizer(cfg)
@@ -178,16 +181,36 @@ class AveragingEngine:
         if self.scaler is None:
             loss.backward()
             self.finish_gradients()
+            self._clip_gradients()
             self.optimizer.step()
         else:
             self.scaler.scale(loss).backward()
             self.finish_gradients()
+            if self.clip_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradient; step() then skips unscaling
+                self._clip_gradients()
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # unscales; skips the step on inf or NaN
             self.scaler.update()
             skipped = self.scaler.get_scale() < scale  # the scale backs off exactly when a step is skipped
             self.skipped_steps += int(skipped)
         return StepResult(outputs, loss, self.end_step(step + 1, lr), skipped)
+
+    def _clip_gradients(self) -> None:
+        """Scale the gradient down to ``clip_grad_norm`` where its L2 norm is larger: each simulated
+        worker's by its own norm (the leading dimension), as a rank's, with ``clip_grad_norm_``'s formula."""
+        if self.clip_grad_norm is None:
+            return
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.comm.replicas == 1:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads])
+        total = torch.linalg.vector_norm(norms, dim=0)
+        scale = torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype).reshape(-1, *[1] * (g.dim() - 1)))
 
     def model_finite(self, step: int, synced: bool) -> bool | None:
         """Whether the model is finite after step ``step`` (0-based), judged only where every rank

@@ -22,7 +22,7 @@ OptimizerStatePolicy = Literal["keep", "average", "reset"]
 InnerOptimizerName = Literal["sgd", "adamw"]
 Backend = Literal["auto", "horovod", "mpi", "torch", "single", "simulated"]
 DatasetName = Literal["digits", "synthetic", "mnist1d", "cifar10", "imagenet"]
-LRScheduleName = Literal["constant", "step", "cosine"]
+LRScheduleName = Literal["constant", "step", "cosine", "linear"]
 Precision = Literal["fp32", "bf16", "fp16"]
 SyncCompression = Literal["none", "bf16", "fp16", "int8"]
 GradientCompression = Literal["none", "bf16", "fp16"]
@@ -218,6 +218,12 @@ class OptimConfig:
     weight_decay: float = setting(
         1e-4, "Weight decay of the inner optimizer: L2 for sgd, decoupled for adamw.", range="[0, 1]"
     )
+    clip_grad_norm: float | None = setting(
+        None,
+        "Clip the gradient to this L2 norm before each inner step (null: never): each rank's own in a local "
+        "step, the averaged one in a synchronous step.",
+        range="> 0, <= 1e12",
+    )
     beta1: float = setting(0.9, "adamw: decay of the first-moment estimate.", range="[0, 1)")
     beta2: float = setting(0.95, "adamw: decay of the second-moment estimate.", range="[0, 1)")
     eps: float = setting(1e-8, "adamw: added to the second moment's square root.", range="> 0, <= 1")
@@ -226,10 +232,19 @@ class OptimConfig:
         "Epochs of linear warm-up from peak / warm-up steps to the peak LR (0: start at the peak).",
         range=">= 0, <= 1e6",
     )
+    warmup_steps: int | None = setting(
+        None,
+        "Optimizer steps of linear warm-up, as language-model recipes give it (null: warmup_epochs).",
+        range=">= 0, <= 1e12",
+        rule="not with warmup_epochs other than 0",
+    )
     schedule: LRScheduleName = setting(
         "step",
         "LR after warm-up: constant; step (multiplied by decay_factor at "
-        "each of decay_epochs); cosine (down to 0 at the last step).",
+        "each of decay_epochs); cosine or linear (down to min_lr_ratio × peak at the last step).",
+    )
+    min_lr_ratio: float = setting(
+        0.0, "The floor cosine and linear decay end at, as a fraction of the peak LR.", range="[0, 1]"
     )
     decay_epochs: list[float] = setting(
         [30.0, 60.0, 80.0],
@@ -243,6 +258,11 @@ class OptimConfig:
         check_declared(self, key)
         _check(not self.nesterov or self.momentum > 0, f"{key}.nesterov", "needs momentum > 0")
         _check(not self.nesterov or self.name == "sgd", f"{key}.nesterov", f"applies to sgd, not {self.name}")
+        _check(
+            self.warmup_steps is None or self.warmup_epochs == 0,
+            f"{key}.warmup_steps",
+            f"give warm-up in steps or in epochs, not both (warmup_epochs is {self.warmup_epochs:g}: set it to 0)",
+        )
         _check(
             all(e > 0 for e in self.decay_epochs) and self.decay_epochs == sorted(self.decay_epochs),
             f"{key}.decay_epochs",

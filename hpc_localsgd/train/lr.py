@@ -12,7 +12,7 @@ from ..config.schema import OptimConfig
 class LRSchedule:
     """Linear scaling (Goyal et al. 2017): peak = lr_per_256 × global batch / 256, reached by a
     linear warm-up over ``warmup_steps``; then constant, step decay (× factor at each
-    milestone) or cosine decay to zero at ``total_steps``."""
+    milestone), or cosine or linear decay to ``floor`` (min_lr_ratio × peak) at ``total_steps``."""
 
     peak: float
     warmup_steps: int
@@ -20,18 +20,22 @@ class LRSchedule:
     decay_steps: tuple[int, ...]
     decay_factor: float
     total_steps: int
+    floor: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: OptimConfig, global_batch: int, steps_per_epoch: int, total_steps: int) -> LRSchedule:
         return cls(
             peak=cfg.lr_per_256 * global_batch / 256.0,
-            warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
+            warmup_steps=(
+                cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * steps_per_epoch))
+            ),
             kind=cfg.schedule,
             decay_steps=tuple(int(round(e * steps_per_epoch)) for e in cfg.decay_epochs)
             if cfg.schedule == "step"
             else (),
             decay_factor=cfg.decay_factor,
             total_steps=total_steps,
+            floor=cfg.min_lr_ratio * cfg.lr_per_256 * global_batch / 256.0,
         )
 
     @property
@@ -44,7 +48,10 @@ class LRSchedule:
             return self.peak * (step + 1) / self.warmup_steps
         if self.kind == "step":
             return self.peak * self.decay_factor ** sum(1 for d in self.decay_steps if step >= d)
-        if self.kind == "cosine":
-            span = max(1, self.total_steps - self.warmup_steps)
-            return 0.5 * self.peak * (1.0 + math.cos(math.pi * min(step - self.warmup_steps, span) / span))
+        span = max(1, self.total_steps - self.warmup_steps)
+        done = min(step - self.warmup_steps, span)  # steps of the decay, at most span
+        if self.kind == "cosine":  # with floor 0: 0.5 · peak · (1 + cos), the same bits as before the floor
+            return self.floor + 0.5 * (self.peak - self.floor) * (1.0 + math.cos(math.pi * done / span))
+        if self.kind == "linear":
+            return self.floor + (self.peak - self.floor) * (1.0 - done / span)
         return self.peak

@@ -128,6 +128,7 @@ def build_optimization(
         error_feedback=cfg.comm.uses_error_feedback,
         gradient_compression=cfg.comm.gradient_compression,
         sync_thread=cfg.comm.uses_sync_thread(spare_cores(torch.get_num_threads(), comm.layout)),
+        clip_grad_norm=cfg.optim.clip_grad_norm,
     )
     engine.broadcast_initial_state()
     return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)
