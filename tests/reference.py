@@ -390,10 +390,10 @@ def _average_bn_and_momentum(workers: list[torch.nn.Module], opts: list, algo: R
 
 
 def _state_tensors(worker: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The per-parameter state tensors the package's registry names for this optimizer (SGD: its momentum
-    buffers), of the parameters that have them yet."""
-    keys = OPTIMIZER_STATES[type(opt)].tensors
-    return [opt.state[p][key] for key in keys for p in worker.parameters() if key in opt.state[p]]
+    """The per-parameter state tensors the package's registry names (SGD's and Muon's momentum buffers,
+    AdamW's moments), of the parameters that keep them yet, whatever optimizer object keeps them."""
+    keys = dict.fromkeys(key for entry in OPTIMIZER_STATES.values() for key in entry.tensors)
+    return [opt.state[p][key] for key in keys for p in worker.parameters() if key in opt.state.get(p, {})]
 
 
 def _flat64(model: torch.nn.Module) -> torch.Tensor:

@@ -96,9 +96,8 @@ def flatten_training_state(
     params = [p for p in model.parameters()]
     buffers = _module_float_buffers(model)
     state = optimizer_state_of(optimizer)
-    stateful = stateful_parameters(optimizer)
     members_of: dict[str, list[torch.Tensor]] = {PARAMS: list(params), BUFFERS: [b for _, _, b in buffers]}
-    members_of.update({kind: stateful for kind in state.tensors.values()})
+    members_of.update({kind: stateful_parameters(optimizer, key) for key, kind in state.tensors.items()})
 
     order = [k for k in KINDS if k in averaged_kinds] + [k for k in KINDS if k not in averaged_kinds]
     by_key: dict[tuple[torch.dtype, torch.device], dict[str, list[torch.Tensor]]] = {}
@@ -137,7 +136,7 @@ def flatten_training_state(
     for module, name, buffer in buffers:
         module._buffers[name] = views[(BUFFERS, id(buffer))]
     for key, kind in state.tensors.items():
-        for t in stateful:
+        for t in members_of[kind]:
             optimizer.state[t][key] = views[(kind, id(t))]
     start_scalar_state(optimizer)
     return groups

@@ -12,13 +12,15 @@ and comes back bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..config.schema import OptimConfig
+from ..errors import ConfigError
+from .muon import MuonWithAdamW
 
 
 @dataclass(frozen=True)
@@ -27,24 +29,25 @@ class OptimizerState:
 
     tensors        state key → the flat segment that holds it (named as checkpoints name it)
     scalars        state keys of per-parameter scalars (saved beside the flat storage)
-    holds_state    whether a param group keeps any state at all (SGD without momentum keeps none)
+    kept           the keys (of both) a param group keeps: SGD without momentum none; an optimizer
+                   whose groups differ (Muon for matrices, AdamW for the rest) some of them
     unsupported    why a param group cannot keep its state in flat storage (None: it can)
     """
 
     tensors: Mapping[str, str]
     scalars: tuple[str, ...]
-    holds_state: Callable[[Mapping[str, Any]], bool]
+    kept: Callable[[Mapping[str, Any]], tuple[str, ...]]
     unsupported: Callable[[Mapping[str, Any]], str | None]
 
 
-def _sgd_holds_state(group: Mapping[str, Any]) -> bool:
-    return bool(group.get("momentum", 0.0) > 0.0)
+def _sgd_kept(group: Mapping[str, Any]) -> tuple[str, ...]:
+    return ("momentum_buffer",) if group.get("momentum", 0.0) > 0.0 else ()
 
 
 def _sgd_unsupported(group: Mapping[str, Any]) -> str | None:
     # A zero buffer gives buf = μ·0 + (1 − dampening)·g at the first step, PyTorch's lazy start is buf = g:
     # the same only without dampening.
-    if _sgd_holds_state(group) and group.get("dampening", 0.0) != 0.0:
+    if _sgd_kept(group) and group.get("dampening", 0.0) != 0.0:
         return "flat momentum buffers require dampening == 0"
     return None
 
@@ -53,8 +56,16 @@ def _sgd_unsupported(group: Mapping[str, Any]) -> str | None:
 MOMENTUM = "momentum"
 
 
-def _always(group: Mapping[str, Any]) -> bool:
-    return True
+def _adamw_kept(group: Mapping[str, Any]) -> tuple[str, ...]:
+    return ("exp_avg", "exp_avg_sq", "step")
+
+
+def _muon_kept(group: Mapping[str, Any]) -> tuple[str, ...]:
+    return ("momentum_buffer",) if group["use_muon"] else _adamw_kept(group)
+
+
+def _never(group: Mapping[str, Any]) -> str | None:
+    return None
 
 
 def _adamw_unsupported(group: Mapping[str, Any]) -> str | None:
@@ -66,10 +77,14 @@ def _adamw_unsupported(group: Mapping[str, Any]) -> str | None:
 
 
 OPTIMIZER_STATES: dict[type[torch.optim.Optimizer], OptimizerState] = {
-    torch.optim.SGD: OptimizerState({"momentum_buffer": MOMENTUM}, (), _sgd_holds_state, _sgd_unsupported),
+    torch.optim.SGD: OptimizerState({"momentum_buffer": MOMENTUM}, (), _sgd_kept, _sgd_unsupported),
     # Adam's moments start at zero as PyTorch starts them; its step count is per parameter and per rank.
     torch.optim.AdamW: OptimizerState(
-        {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, ("step",), _always, _adamw_unsupported
+        {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, ("step",), _adamw_kept, _adamw_unsupported
+    ),
+    # Muon's momentum for the hidden matrices (in SGD's segment), AdamW's state for the rest.
+    MuonWithAdamW: OptimizerState(
+        {"momentum_buffer": MOMENTUM, "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}, ("step",), _muon_kept, _never
     ),
 }
 
@@ -93,19 +108,21 @@ def optimizer_state_of(optimizer: torch.optim.Optimizer) -> OptimizerState:
     return state
 
 
-def stateful_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The parameters whose optimizer state the flat storage holds, in param-group order."""
+def stateful_parameters(optimizer: torch.optim.Optimizer, key: str) -> list[torch.Tensor]:
+    """The parameters that keep state ``key``, in param-group order."""
     state = optimizer_state_of(optimizer)
-    return [p for group in optimizer.param_groups if state.holds_state(group) for p in group["params"]]
+    return [p for group in optimizer.param_groups if key in state.kept(group) for p in group["params"]]
 
 
 def scalar_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """A snapshot of the per-parameter scalars (``optimizer.<key>``, one float64 per stateful parameter), for
     a checkpoint; a parameter that has not stepped yet has 0."""
     state = optimizer_state_of(optimizer)
-    params = stateful_parameters(optimizer)
     return {
-        f"optimizer.{key}": torch.tensor([float(optimizer.state[p].get(key, 0.0)) for p in params], dtype=torch.float64)
+        f"optimizer.{key}": torch.tensor(
+            [float(optimizer.state[p].get(key, 0.0)) for p in stateful_parameters(optimizer, key)],
+            dtype=torch.float64,
+        )
         for key in state.scalars
     }
 
@@ -113,18 +130,37 @@ def scalar_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
 def load_scalar_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, torch.Tensor]) -> None:
     """Put saved per-parameter scalars back (as 0-d float32 tensors, as PyTorch keeps a step count)."""
     state = optimizer_state_of(optimizer)
-    params = stateful_parameters(optimizer)
     for key in state.scalars:
         values = saved.get(f"optimizer.{key}")
         if values is None:
             continue
-        for p, value in zip(params, values.tolist(), strict=True):
+        for p, value in zip(stateful_parameters(optimizer, key), values.tolist(), strict=True):
             optimizer.state[p][key] = torch.tensor(value, dtype=torch.float32)
 
 
-def make_inner_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def make_inner_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, lr: float, hidden_matrices: Sequence[torch.Tensor] = ()
+) -> torch.optim.Optimizer:
     """The optimizer every worker steps between syncs (``optim.name``), at learning rate ``lr`` until the
-    engine sets each step's."""
+    engine sets each step's. ``hidden_matrices``: the parameters Muon steps (the model says which)."""
+    if cfg.name == "muon":
+        if not hidden_matrices:
+            raise ConfigError(
+                "optim.name: muon steps hidden weight matrices (linear layers before the output head), and this "
+                "model has none: use adamw"
+            )
+        matrices = {id(p) for p in hidden_matrices}
+        params = list(params)
+        return MuonWithAdamW(
+            [p for p in params if id(p) in matrices],
+            [p for p in params if id(p) not in matrices],
+            lr=lr,
+            muon_lr_ratio=cfg.muon_lr_ratio,
+            muon_momentum=cfg.muon_momentum,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
     if cfg.name == "adamw":
         return torch.optim.AdamW(
             params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
@@ -137,6 +173,6 @@ def start_scalar_state(optimizer: torch.optim.Optimizer) -> None:
     count): an optimizer whose state is not empty skips its own lazy start, which would otherwise replace
     the flat storage's views."""
     state = optimizer_state_of(optimizer)
-    for p in stateful_parameters(optimizer):
-        for key in state.scalars:
+    for key in state.scalars:
+        for p in stateful_parameters(optimizer, key):
             optimizer.state[p].setdefault(key, torch.tensor(0.0, dtype=torch.float32))

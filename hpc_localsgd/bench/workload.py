@@ -37,6 +37,7 @@ from ..launcher.env import spare_cores
 from ..train.data import derive_seed
 from ..train.device import compiled_forward
 from ..train.models import build_model
+from ..train.run import hidden_matrices
 
 # Distinct in-memory batches each rank cycles through.
 BATCHES_PER_RANK = 4
@@ -81,7 +82,7 @@ class Workload:
         return model
 
     def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return make_inner_optimizer(model.parameters(), self.cfg.optim, LEARNING_RATE)
+        return make_inner_optimizer(model.parameters(), self.cfg.optim, LEARNING_RATE, hidden_matrices(model))
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batches[step % len(self.batches)]

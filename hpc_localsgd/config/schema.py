@@ -19,7 +19,7 @@ from .fields import check_declared, section, setting
 Method = Literal["allreduce", "local_sgd", "post_local_sgd"]
 OuterMethod = Literal["none", "slowmo", "nesterov"]
 OptimizerStatePolicy = Literal["keep", "average", "reset"]
-InnerOptimizerName = Literal["sgd", "adamw"]
+InnerOptimizerName = Literal["sgd", "adamw", "muon"]
 Backend = Literal["auto", "horovod", "mpi", "torch", "single", "simulated"]
 DatasetName = Literal["digits", "synthetic", "mnist1d", "cifar10", "imagenet"]
 LRScheduleName = Literal["constant", "step", "cosine", "linear"]
@@ -205,8 +205,9 @@ class OptimConfig:
 
     name: InnerOptimizerName = setting(
         "sgd",
-        "The inner optimizer: sgd (momentum, nesterov, weight_decay as L2) or adamw (beta1, beta2, eps, "
-        "weight_decay decoupled; Loshchilov and Hutter 2019).",
+        "The inner optimizer: sgd (momentum, nesterov, weight_decay as L2), adamw (beta1, beta2, eps, "
+        "weight_decay decoupled; Loshchilov and Hutter 2019) or muon (Muon for the hidden weight matrices, "
+        "AdamW for the rest).",
     )
     lr_per_256: float = setting(
         0.1,
@@ -227,6 +228,10 @@ class OptimConfig:
     beta1: float = setting(0.9, "adamw: decay of the first-moment estimate.", range="[0, 1)")
     beta2: float = setting(0.95, "adamw: decay of the second-moment estimate.", range="[0, 1)")
     eps: float = setting(1e-8, "adamw: added to the second moment's square root.", range="> 0, <= 1")
+    muon_lr_ratio: float = setting(
+        10.0, "muon: the hidden matrices' learning rate over the schedule's (which AdamW uses).", range="> 0, <= 1e6"
+    )
+    muon_momentum: float = setting(0.95, "muon: momentum of the hidden matrices (Nesterov form).", range="[0, 1)")
     warmup_epochs: float = setting(
         5.0,
         "Epochs of linear warm-up from peak / warm-up steps to the peak LR (0: start at the peak).",

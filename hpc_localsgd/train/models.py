@@ -38,6 +38,14 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]
     return _torchvision_model(cfg, num_classes, input_shape)
 
 
+def hidden_matrix_names(model: nn.Module) -> list[str]:
+    """The weight matrices Muon steps (``optim.name: muon``): every linear layer's but the last, which is
+    the output head, and never one an embedding shares."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [f"{name}.weight" if name else "weight" for name, m in linears[:-1] if id(m.weight) not in embedded]
+
+
 def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(input_shape) != 3:
         raise ConfigError(

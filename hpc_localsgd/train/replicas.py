@@ -45,6 +45,10 @@ class ReplicatedModel(nn.Module):
     def base(self) -> nn.Module:
         return self._base[0]
 
+    def stacked_parameter(self, name: str) -> nn.Parameter:
+        """The base model's parameter ``name``, stacked over the workers."""
+        return self.stacked._parameters[_key(name)]  # type: ignore[return-value]
+
     def train(self, mode: bool = True) -> ReplicatedModel:
         super().train(mode)
         self.base.train(mode)

@@ -35,6 +35,8 @@ from ..errors import TrainingDiverged
 from ..io.metrics import DIVERGED, EMULATED_LINK_ATTR, METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter
 from ..launcher.env import emulated_link_rate, software_versions, spare_cores
 from .lr import LRSchedule
+from .models import hidden_matrix_names
+from .replicas import ReplicatedModel
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 # Called after each completed step with the number of completed steps; returns why the run must
@@ -103,6 +105,14 @@ class Optimization:
     engine: AveragingEngine
 
 
+def hidden_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters Muon steps, of a rank's model or of simulated workers' stacked one."""
+    if isinstance(model, ReplicatedModel):
+        return [model.stacked_parameter(name) for name in hidden_matrix_names(model.base)]
+    params = dict(model.named_parameters())
+    return [params[name] for name in hidden_matrix_names(model)]
+
+
 def build_optimization(
     cfg: RunConfig, model: torch.nn.Module, comm: Communicator, steps_per_epoch: int, hierarchy: Hierarchy
 ) -> Optimization:
@@ -113,7 +123,7 @@ def build_optimization(
         total_steps = min(total_steps, cfg.train.max_steps)
     global_batch = cfg.data.batch_size * comm.size
     lr_schedule = LRSchedule.from_config(cfg.optim, global_batch, steps_per_epoch, total_steps)
-    optimizer = make_inner_optimizer(model.parameters(), cfg.optim, lr_schedule.peak)
+    optimizer = make_inner_optimizer(model.parameters(), cfg.optim, lr_schedule.peak, hidden_matrices(model))
     schedule = SyncSchedule.from_config(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step, total_steps)
     engine = AveragingEngine(
         model,
@@ -308,6 +318,10 @@ def open_metrics(
     )
 
 
+# How the start-up line names each inner optimizer (optim.name).
+INNER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon (matrices) + AdamW"}
+
+
 def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
     beside = ""
     if opt.engine.uses_sync_thread:
@@ -317,7 +331,7 @@ def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
     return (
         f"hpc-localsgd: {describe_method(cfg)}{beside} | {workers.description}, {cfg.train.precision} | "
         f"{cfg.model.name} on {cfg.data.name} | "
-        f"global batch {opt.global_batch}, peak lr {opt.lr_schedule.peak:.4g} | {opt.total_steps} steps "
+        f"global batch {opt.global_batch}, {INNER_NAMES[cfg.optim.name]} at peak lr {opt.lr_schedule.peak:.4g} | {opt.total_steps} steps "
         f"({workers.steps_per_epoch}/epoch) | run dir {cfg.output.run_dir}"
     )
 

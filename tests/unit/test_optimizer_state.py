@@ -6,7 +6,7 @@ registered at all is refused when the engine is built."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,18 +14,25 @@ import torch
 import torch.nn.functional as F
 
 from hpc_localsgd.algorithms.engine import AveragingEngine
-from hpc_localsgd.algorithms.optimizer_state import OPTIMIZER_STATES
+from hpc_localsgd.algorithms.muon import MuonWithAdamW
+from hpc_localsgd.algorithms.optimizer_state import OPTIMIZER_STATES, make_inner_optimizer
 from hpc_localsgd.algorithms.schedule import SyncSchedule
 from hpc_localsgd.comm import SingleCommunicator
-from hpc_localsgd.config.schema import AlgorithmConfig
+from hpc_localsgd.config.schema import AlgorithmConfig, OptimConfig
 from hpc_localsgd.io.checkpoint import Checkpoint, CheckpointWriter, RankState
 from hpc_localsgd.train.resume import restore
+from hpc_localsgd.train.run import hidden_matrices
 
 # How the test builds each registered optimizer, with every setting that makes it keep state. A new entry in
 # OPTIMIZER_STATES needs one here (the first test says so).
-BUILD: dict[type[torch.optim.Optimizer], Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]] = {
-    torch.optim.SGD: lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
-    torch.optim.AdamW: lambda params: torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
+BUILD: dict[type[torch.optim.Optimizer], Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
+    torch.optim.SGD: lambda model: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3),
+    torch.optim.AdamW: lambda model: torch.optim.AdamW(
+        model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1
+    ),
+    MuonWithAdamW: lambda model: make_inner_optimizer(
+        model.parameters(), OptimConfig(name="muon"), 1e-2, hidden_matrices(model)
+    ),
 }
 STEPS = 3
 
@@ -37,7 +44,7 @@ def test_every_registered_optimizer_is_tested() -> None:
 def make(kind: type[torch.optim.Optimizer], cfg: AlgorithmConfig) -> tuple[torch.nn.Module, AveragingEngine]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
-    engine = AveragingEngine(model, BUILD[kind](model.parameters()), SingleCommunicator(), cfg, SyncSchedule(4, 0))
+    engine = AveragingEngine(model, BUILD[kind](model), SingleCommunicator(), cfg, SyncSchedule(4, 0))
     return model, engine
 
 
@@ -78,7 +85,7 @@ def test_an_unregistered_optimizer_is_refused_in_one_line() -> None:
     model = torch.nn.Linear(3, 2)
     adam = torch.optim.Adam(model.parameters())
     with pytest.raises(
-        ValueError, match=r"^inner optimizer Adam has no registered state \(known: AdamW, SGD\)"
+        ValueError, match=r"^inner optimizer Adam has no registered state \(known: AdamW, MuonWithAdamW, SGD\)"
     ) as error:
         AveragingEngine(model, adam, SingleCommunicator(), AlgorithmConfig(), SyncSchedule(4, 0))
     assert "\n" not in str(error.value)
@@ -124,3 +131,17 @@ def test_a_checkpoint_naming_the_former_key_resumes(tmp_path: Path) -> None:
     adamw = load_config(None, ["algorithm.optimizer_state=average", "optim.name=adamw"])
     with pytest.raises(CheckpointError, match="inner optimizer 'sgd', this run uses 'adamw'"):
         check_compatible(checkpoint, adamw, 1, None)
+
+
+def test_every_inner_optimizer_name_builds_and_is_named_on_the_start_line() -> None:
+    import typing
+
+    from hpc_localsgd.config.schema import InnerOptimizerName
+    from hpc_localsgd.train.run import INNER_NAMES
+
+    names = typing.get_args(InnerOptimizerName)
+    assert set(INNER_NAMES) == set(names)
+    for name in names:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        optimizer = make_inner_optimizer(model.parameters(), OptimConfig(name=name), 0.1, hidden_matrices(model))
+        assert type(optimizer) in OPTIMIZER_STATES, name
