@@ -331,7 +331,8 @@ def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
     return (
         f"hpc-localsgd: {describe_method(cfg)}{beside} | {workers.description}, {cfg.train.precision} | "
         f"{cfg.model.name} on {cfg.data.name} | "
-        f"global batch {opt.global_batch}, {INNER_NAMES[cfg.optim.name]} at peak lr {opt.lr_schedule.peak:.4g} | {opt.total_steps} steps "
+        f"global batch {opt.global_batch}, {INNER_NAMES[cfg.optim.name]} at peak lr {opt.lr_schedule.peak:.4g} | "
+        f"{opt.total_steps} steps "
         f"({workers.steps_per_epoch}/epoch) | run dir {cfg.output.run_dir}"
     )
 
