@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hpc_localsgd.algorithms.optimizer_state import OPTIMIZER_STATES
-from hpc_localsgd.config.schema import AlgorithmConfig
+from hpc_localsgd.config.schema import AlgorithmConfig, OptimConfig
 from tests.compression_reference import compressed_average
 
 
@@ -387,6 +387,56 @@ def _average_bn_and_momentum(workers: list[torch.nn.Module], opts: list, algo: R
                 new = sum(bufs) / len(bufs) if algo.optimizer_state == "average" else torch.zeros_like(bufs[0])
                 for b in bufs:
                     b.copy_(new)
+
+
+class TorchMuonAndAdamW:
+    """A reference worker's optimizer for ``optim.name: muon``: PyTorch's own ``torch.optim.Muon`` on the
+    hidden matrices (``hidden``, by name) and ``torch.optim.AdamW`` on the rest, side by side; Muon's LR is
+    ``muon_lr_ratio`` times the one the reference sets (on AdamW's groups)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, lr: float, hidden: Sequence[str]) -> None:
+        named = list(model.named_parameters())
+        self.ratio = cfg.muon_lr_ratio
+        self.muon = torch.optim.Muon(
+            [p for n, p in named if n in hidden], lr=0.0, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum
+        )
+        self.adamw = torch.optim.AdamW(
+            [p for n, p in named if n not in hidden],
+            lr=lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
+        self.param_groups = self.adamw.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {**self.muon.state, **self.adamw.state}
+
+    def zero_grad(self) -> None:
+        self.muon.zero_grad()
+        self.adamw.zero_grad()
+
+    def step(self) -> None:
+        for group in self.muon.param_groups:
+            group["lr"] = self.param_groups[0]["lr"] * self.ratio
+        self.muon.step()
+        self.adamw.step()
+
+
+def reference_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, lr: float, hidden: Sequence[str] = ()
+) -> torch.optim.Optimizer:
+    """PyTorch's own optimizer for ``cfg.name``, as a reference worker steps it (lazily started)."""
+    if cfg.name == "muon":
+        return TorchMuonAndAdamW(model, cfg, lr, hidden)  # type: ignore[return-value]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
 
 
 def _state_tensors(worker: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -37,6 +37,9 @@ BASE = [
     "output.metrics_flush_seconds=0",
 ]
 
+# AdamW at a learning rate it trains with (the base's 3.2 per 256 is SGD's).
+_ADAMW = ["optim.name=adamw", "optim.lr_per_256=0.05", "optim.weight_decay=0.1"]
+
 CASES: dict[str, list[str]] = {
     "allreduce": ["algorithm.method=allreduce"],
     "local_H1": ["algorithm.method=local_sgd", "algorithm.sync_period=1", "algorithm.average_bn_buffers=false"],
@@ -83,6 +86,24 @@ CASES: dict[str, list[str]] = {
         "algorithm.fragments=2",
         "algorithm.sync_delay=1",
         "comm.sync_compression=bf16",
+    ],
+    # The DiLoCo recipe: AdamW inside (clipped), outer Nesterov; Muon on an MLP's hidden matrices, state reset.
+    "adamw_clip_nesterov_H4": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.outer=nesterov",
+        *_ADAMW,
+        "optim.clip_grad_norm=1.0",
+    ],
+    "muon_mlp_reset_H3": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=3",
+        "algorithm.optimizer_state=reset",
+        "model.name=mlp",
+        "model.width=16",
+        *_ADAMW,
+        "optim.name=muon",
+        "optim.muon_lr_ratio=4",
     ],
     # Half-precision gradients in the synchronous phase (comm.gradient_compression).
     "allreduce_bf16_gradients": ["algorithm.method=allreduce", "comm.gradient_compression=bf16"],
@@ -142,6 +163,14 @@ HIERARCHY_CASES: dict[str, list[str]] = {
     "level2_bf16_fragments2_delay1_H4": [*_LEVEL2_BF16_FRAGMENTS2_DELAY1_H4, "comm.sync_thread=false"],
     # The same with the sync thread: the all-to-all's wait, the chunk's sum and the gather's wait beside the step.
     "level2_bf16_fragments2_delay1_H4_sync_thread": [*_LEVEL2_BF16_FRAGMENTS2_DELAY1_H4, "comm.sync_thread=true"],
+    # AdamW between workers of 2, its moments averaged with the model (three times the parameters' bytes).
+    "workers2_adamw_avg_state_H4": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.ranks_per_worker=2",
+        "algorithm.optimizer_state=average",
+        *_ADAMW,
+    ],
     # bf16 gradients between all 4 ranks (the two-phase exchange) before the switch, fp32 inside workers after.
     "workers2_post_local_bf16_gradients": [
         "algorithm.method=post_local_sgd",
@@ -274,9 +303,9 @@ def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.n
     from hpc_localsgd.config import load_config
     from hpc_localsgd.train.data import ShardedBatches, build_datasets
     from hpc_localsgd.train.lr import LRSchedule
-    from hpc_localsgd.train.models import build_model
+    from hpc_localsgd.train.models import build_model, hidden_matrix_names
     from hpc_localsgd.train.run import seed_everything
-    from tests.reference import ReferenceAlgorithm, simulate
+    from tests.reference import ReferenceAlgorithm, reference_optimizer, simulate
 
     cfg = load_config(None, overrides)
     seed_everything(cfg.seed)
@@ -303,7 +332,16 @@ def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.n
     algo.compression, algo.error_feedback = cfg.comm.sync_compression, cfg.comm.uses_error_feedback
     algo.gradient_compression = cfg.comm.gradient_compression
     algo.last_step = STEPS  # train.max_steps: the run ends there
+    hidden = hidden_matrix_names(model)
     workers = simulate(
-        model, algo, batches, schedule.at, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov
+        model,
+        algo,
+        batches,
+        schedule.at,
+        cfg.optim.momentum,
+        cfg.optim.weight_decay,
+        cfg.optim.nesterov,
+        make_optimizer=lambda worker: reference_optimizer(worker, cfg.optim, schedule.at(0), hidden),
+        clip_grad_norm=cfg.optim.clip_grad_norm,
     )
     return [{k: v.detach().numpy() for k, v in w.state_dict().items()} for w in workers], model

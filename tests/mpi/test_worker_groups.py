@@ -45,6 +45,7 @@ RANKS_PER_WORKER = {
     "level2_bf16_fragments2_delay1_H4": 1,
     "level2_bf16_fragments2_delay1_H4_sync_thread": 1,
     "workers2_post_local_bf16_gradients": 2,
+    "workers2_adamw_avg_state_H4": 2,
 }
 
 
@@ -148,6 +149,16 @@ def test_counts_per_level_are_exact(runs: dict[str, Path], backend: str) -> None
                 "worker": (6 + 2, 6 * grad + 2 * inside),
                 "global": (6 + 2, 6 * (grad // 2) + 2 * shard),
             },
+        }
+        # AdamW's two moments averaged with the parameters: a sync's span is three times theirs, with the BN
+        # statistics; between workers rank j sends its shard of it.
+        adamw = c["workers2_adamw_avg_state_H4"]
+        assert adamw["bytes_per_sync"] == 3 * grad + bn
+        adamw_elements = adamw["bytes_per_sync"] // 4
+        adamw_shard = 4 * (adamw_elements // 2 + (1 if rank % 2 < adamw_elements % 2 else 0))
+        expected["workers2_adamw_avg_state_H4"] = {
+            "worker": (STEPS + STEPS // 4, STEPS * grad + STEPS // 4 * (bn + adamw["bytes_per_sync"])),
+            "global": (STEPS // 4, STEPS // 4 * adamw_shard),
         }
         for case, levels in expected.items():
             got = {

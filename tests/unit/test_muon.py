@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from hpc_localsgd.config.schema import AlgorithmConfig, OptimConfig
 from hpc_localsgd.errors import ConfigError
 from hpc_localsgd.train.models import SmallCNN, hidden_matrix_names, mlp
 from hpc_localsgd.train.run import hidden_matrices
-from tests.reference import ReferenceAlgorithm, simulate
+from tests.reference import ReferenceAlgorithm, reference_optimizer, simulate
 from tests.unit.test_adamw import make_model
 from tests.unit.test_engine import CASES, logits_and_loss, lr_at, make_batches, state
 
@@ -32,38 +31,8 @@ def muon(model: torch.nn.Module) -> torch.optim.Optimizer:
     return make_inner_optimizer(model.parameters(), OPTIM, lr_at(0), hidden_matrices(model))
 
 
-class TorchMuonAndAdamW:
-    """The reference's worker optimizer: PyTorch's Muon on the hidden matrices and its AdamW on the rest,
-    Muon's LR ``muon_lr_ratio`` times the one the reference sets."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        hidden = set(hidden_matrix_names(model))
-        named = list(model.named_parameters())
-        self.muon = torch.optim.Muon(
-            [p for n, p in named if n in hidden], lr=0.0, weight_decay=OPTIM.weight_decay, momentum=0.95
-        )
-        self.adamw = torch.optim.AdamW(
-            [p for n, p in named if n not in hidden],
-            lr=lr_at(0),
-            betas=(OPTIM.beta1, OPTIM.beta2),
-            eps=OPTIM.eps,
-            weight_decay=OPTIM.weight_decay,
-        )
-        self.param_groups = self.adamw.param_groups  # the reference sets the step's LR here
-
-    @property
-    def state(self) -> dict[Any, Any]:
-        return {**self.muon.state, **self.adamw.state}
-
-    def zero_grad(self) -> None:
-        self.muon.zero_grad()
-        self.adamw.zero_grad()
-
-    def step(self) -> None:
-        for group in self.muon.param_groups:
-            group["lr"] = self.param_groups[0]["lr"] * OPTIM.muon_lr_ratio
-        self.muon.step()
-        self.adamw.step()
+def reference_muon(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return reference_optimizer(model, OPTIM, lr_at(0), hidden_matrix_names(model))
 
 
 def run_engine(cfg: AlgorithmConfig, local_start, batches):
@@ -102,7 +71,7 @@ def test_engine_with_muon_matches_pytorchs_muon_and_adamw(name: str) -> None:
     batches = make_batches()
     got = run_engine(cfg, local_start, batches)
     ref = ReferenceAlgorithm.from_config(cfg, local_start)
-    want = simulate(make_model(), ref, batches, lr_at, 0.0, 0.0, make_optimizer=TorchMuonAndAdamW)  # type: ignore[arg-type]
+    want = simulate(make_model(), ref, batches, lr_at, 0.0, 0.0, make_optimizer=reference_muon)
     for rank, ((model, engine), ref_model) in enumerate(zip(got, want, strict=True)):
         assert isinstance(engine.optimizer, MuonWithAdamW)
         ours, theirs = state(model), state(ref_model)
@@ -124,3 +93,29 @@ def test_stacked_matrices_are_orthogonalised_one_worker_at_a_time() -> None:
     # Newton–Schulz brings every singular value near 1 (roughly 0.7 to 1.2 with these coefficients).
     singular = torch.linalg.svdvals(got.double())
     assert singular.min() > 0.5 and singular.max() < 1.5
+
+
+def test_a_simulations_stacked_step_is_each_workers_step_bit_for_bit() -> None:
+    """Matrices and biases stacked over 3 workers step exactly as 3 optimizers of one worker each."""
+    g = torch.Generator().manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(3, 5, 7, generator=g, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.randn(3, 5, generator=g, dtype=torch.float64))
+    singles = [
+        (torch.nn.Parameter(stacked[w].detach().clone()), torch.nn.Parameter(bias[w].detach().clone()))
+        for w in range(3)
+    ]
+    settings = {"lr": 0.01, "muon_lr_ratio": 4.0, "muon_momentum": 0.95, "betas": (0.9, 0.95), "eps": 1e-8}
+    together = MuonWithAdamW([stacked], [bias], weight_decay=0.1, **settings)
+    alone = [MuonWithAdamW([m], [b], weight_decay=0.1, **settings) for m, b in singles]
+    for _ in range(5):
+        grad, bias_grad = (
+            torch.randn(3, 5, 7, generator=g, dtype=torch.float64),
+            torch.randn(3, 5, generator=g, dtype=torch.float64),
+        )
+        stacked.grad, bias.grad = grad.clone(), bias_grad.clone()
+        together.step()
+        for w, ((m, b), optimizer) in enumerate(zip(singles, alone, strict=True)):
+            m.grad, b.grad = grad[w].clone(), bias_grad[w].clone()
+            optimizer.step()
+    for w, (m, b) in enumerate(singles):
+        assert torch.equal(stacked[w], m) and torch.equal(bias[w], b), w
