@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from hpc_localsgd.algorithms.optimizer_state import STATE_KINDS  # noqa: E402
 from hpc_localsgd.comm import make_communicator  # noqa: E402
 from hpc_localsgd.config import load_config  # noqa: E402
 from hpc_localsgd.io.metrics import read_metrics  # noqa: E402
@@ -81,6 +82,26 @@ RESUME_CASES["int8_delay1_H1_sync_thread"] = [
     "comm.sync_compression=int8",
     "comm.sync_thread=true",
 ]
+# The inner optimizers' state through a checkpoint, mid-period: AdamW's moments (averaged at each sync) and
+# step counts under outer Nesterov; Muon's momentum for an MLP's hidden matrices and AdamW's for the rest.
+RESUME_CASES["adamw_nesterov_H4_avg_state"] = [
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=4",
+    "algorithm.outer=nesterov",
+    "algorithm.optimizer_state=average",
+    "optim.name=adamw",
+    "optim.lr_per_256=0.05",
+    "optim.weight_decay=0.1",
+]
+RESUME_CASES["muon_mlp_H4"] = [
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=4",
+    "model.name=mlp",
+    "model.width=16",
+    "optim.name=muon",
+    "optim.lr_per_256=0.05",
+    "optim.muon_lr_ratio=4",
+]
 # Cases for 4 ranks (--cases), run by tests/mpi/test_worker_groups.py: workers of 2 ranks.
 FOUR_RANK_RESUME_CASES: dict[str, list[str]] = {
     "workers2_post_local_slowmo_np4": [
@@ -125,7 +146,8 @@ def assert_resumed_equals_full(full: Path, resumed: Path, ranks: int) -> None:
     for rank in range(ranks):
         a, b = np.load(full / f"rank{rank}.npz"), np.load(resumed / f"rank{rank}.npz")
         assert sorted(a.files) == sorted(b.files)
-        assert any(k.endswith(".momentum") for k in a.files)  # optimizer state is compared too
+        # The inner optimizer's state is compared too (the registry's segments: SGD's momentum, AdamW's moments).
+        assert any(k.rpartition(".")[2] in STATE_KINDS for k in a.files)
         for key in a.files:
             np.testing.assert_array_equal(b[key], a[key], err_msg=f"rank {rank} {key}")
     ma, mb = read_metrics(full / "metrics.h5"), read_metrics(resumed / "metrics.h5")
