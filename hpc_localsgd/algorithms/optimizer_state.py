@@ -1,6 +1,6 @@
 """The inner optimizers the package supports: how each is built from the config, and what it keeps, as data.
 
-An optimizer's per-parameter tensors (SGD's momentum buffer; Adam's two moments, later) live in the
+An optimizer's per-parameter tensors (SGD's and Muon's momentum buffers, AdamW's two moments) live in the
 flat storage beside the parameters, so that averaging them is part of the sync's one collective and a
 checkpoint saves them as one slice; its scalar state (a step count) is saved beside them. Flat storage,
 checkpoints and re-shard, the ``optimizer_state`` policy at a sync (keep | average | reset) and the test
