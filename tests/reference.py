@@ -396,15 +396,18 @@ class TorchMuonAndAdamW:
 
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, lr: float, hidden: Sequence[str]) -> None:
         named = list(model.named_parameters())
-        self.ratio = cfg.muon_lr_ratio
+        self.ratio = cfg.value("muon_lr_ratio")
         self.muon = torch.optim.Muon(
-            [p for n, p in named if n in hidden], lr=0.0, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum
+            [p for n, p in named if n in hidden],
+            lr=0.0,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.value("muon_momentum"),
         )
         self.adamw = torch.optim.AdamW(
             [p for n, p in named if n not in hidden],
             lr=lr,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
+            betas=(cfg.value("beta1"), cfg.value("beta2")),
+            eps=cfg.value("eps"),
             weight_decay=cfg.weight_decay,
         )
         self.param_groups = self.adamw.param_groups
@@ -432,10 +435,14 @@ def reference_optimizer(
         return TorchMuonAndAdamW(model, cfg, lr, hidden)  # type: ignore[return-value]
     if cfg.name == "adamw":
         return torch.optim.AdamW(
-            model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+            model.parameters(),
+            lr=lr,
+            betas=(cfg.value("beta1"), cfg.value("beta2")),
+            eps=cfg.value("eps"),
+            weight_decay=cfg.weight_decay,
         )
     return torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+        model.parameters(), lr=lr, momentum=cfg.value("momentum"), weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
     )
 
 

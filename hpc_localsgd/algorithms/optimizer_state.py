@@ -155,17 +155,23 @@ def make_inner_optimizer(
             [p for p in params if id(p) in matrices],
             [p for p in params if id(p) not in matrices],
             lr=lr,
-            muon_lr_ratio=cfg.muon_lr_ratio,
-            muon_momentum=cfg.muon_momentum,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
+            muon_lr_ratio=cfg.value("muon_lr_ratio"),
+            muon_momentum=cfg.value("muon_momentum"),
+            betas=(cfg.value("beta1"), cfg.value("beta2")),
+            eps=cfg.value("eps"),
             weight_decay=cfg.weight_decay,
         )
     if cfg.name == "adamw":
         return torch.optim.AdamW(
-            params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+            params,
+            lr=lr,
+            betas=(cfg.value("beta1"), cfg.value("beta2")),
+            eps=cfg.value("eps"),
+            weight_decay=cfg.weight_decay,
         )
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=cfg.value("momentum"), nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
 
 
 def start_scalar_state(optimizer: torch.optim.Optimizer) -> None:

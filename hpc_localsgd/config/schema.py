@@ -21,7 +21,10 @@ OuterMethod = Literal["none", "slowmo", "nesterov"]
 OptimizerStatePolicy = Literal["keep", "average", "reset"]
 InnerOptimizerName = Literal["sgd", "adamw", "muon"]
 Backend = Literal["auto", "horovod", "mpi", "torch", "single", "simulated"]
-DatasetName = Literal["digits", "synthetic", "mnist1d", "cifar10", "imagenet"]
+DatasetName = Literal["digits", "synthetic", "mnist1d", "cifar10", "imagenet", "tokens", "text"]
+TokenDtype = Literal["uint16", "uint32"]
+# Datasets of token sequences: a language model (model.name: gpt) learns them, and only them.
+LANGUAGE_DATA = ("tokens", "text")
 LRScheduleName = Literal["constant", "step", "cosine", "linear"]
 Precision = Literal["fp32", "bf16", "fp16"]
 SyncCompression = Literal["none", "bf16", "fp16", "int8"]
@@ -129,6 +132,36 @@ class Mnist1dConfig:
 
 
 @dataclass
+class TextConfig:
+    """Byte-level text (data.name: text): every byte a token, vocabulary 256, no tokenizer to download."""
+
+    val_fraction: float = setting(
+        0.05, "Share of the text held out for validation: its last bytes, after the training bytes.", range="(0, 0.5]"
+    )
+    max_bytes: int | None = setting(
+        4_000_000,
+        "Read at most this many bytes of the text, files taken in sorted order (null: all of it). Keeps the "
+        "built-in corpus (data.path null: the Python standard library's source) the same size on every machine.",
+        range=">= 1024, <= 1e12",
+    )
+
+    def validate(self, key: str) -> None:
+        check_declared(self, key)
+
+
+@dataclass
+class TokensConfig:
+    """Token files (data.name: tokens): ``train.bin`` and ``val.bin`` in data.path, flat arrays of token ids."""
+
+    dtype: TokenDtype = setting(
+        "uint16", "Type of the stored ids: uint16 (vocabularies up to 65536) or uint32 (larger ones)."
+    )
+
+    def validate(self, key: str) -> None:
+        check_declared(self, key)
+
+
+@dataclass
 class DataConfig:
     """What the model learns from, and how it is batched."""
 
@@ -136,14 +169,17 @@ class DataConfig:
         "digits",
         "The dataset: digits (scikit-learn's 8×8 digits, in memory), synthetic "
         "(see data.synthetic), mnist1d (generated offline, see data.mnist1d), cifar10 or imagenet (read "
-        "from data.path).",
+        "from data.path); for language models (model.name: gpt) tokens (train.bin / val.bin in data.path, see "
+        "data.tokens) or text (bytes of a file or folder in data.path; null: the Python standard library's "
+        "source, see data.text).",
     )
     path: str | None = setting(
         None,
         "Folder for cifar10 (holding data_batch_1..5 and test_batch, or their "
         "cifar-10-batches-py parent) and imagenet (holding train/ and val/ "
-        "ImageFolder trees). Unused otherwise.",
-        rule="required for cifar10 and imagenet",
+        "ImageFolder trees), tokens (holding train.bin and val.bin) and text (a text file, or a folder whose "
+        "files are read in sorted order; null: the Python standard library's source). Unused otherwise.",
+        rule="required for cifar10, imagenet and tokens",
     )
     batch_size: int = setting(
         32,
@@ -156,6 +192,12 @@ class DataConfig:
         "test set is split across ranks); affects speed and memory, not results.",
         range=">= 1, <= 1e6",
     )
+    eval_samples: int | None = setting(
+        None,
+        "Evaluate on the first this many test samples (windows of model.gpt.seq_len tokens for language data), "
+        "the same ones at every evaluation (null: the whole test set).",
+        range=">= 1, <= 1e12",
+    )
     num_workers: int | Literal["auto"] = setting(
         "auto",
         "DataLoader worker processes per rank for file-backed datasets (imagenet), kept alive across epochs; "
@@ -166,13 +208,40 @@ class DataConfig:
     image_size: int = setting(224, "Side of the square crops fed to the model for imagenet.", range=">= 8, <= 8192")
     synthetic: SyntheticConfig = section(SyntheticConfig, "The synthetic task (data.name: synthetic).")
     mnist1d: Mnist1dConfig = section(Mnist1dConfig, "MNIST-1D's size and seed (data.name: mnist1d).")
+    text: TextConfig = section(TextConfig, "Byte-level text (data.name: text).")
+    tokens: TokensConfig = section(TokensConfig, "Token files (data.name: tokens).")
 
     def validate(self, key: str = "data") -> None:
         check_declared(self, key)
-        if self.name in ("cifar10", "imagenet"):
+        if self.name in ("cifar10", "imagenet", "tokens"):
             _check(self.path is not None, f"{key}.path", f"is required for dataset {self.name!r}")
         self.synthetic.validate(f"{key}.synthetic")
         self.mnist1d.validate(f"{key}.mnist1d")
+        self.text.validate(f"{key}.text")
+        self.tokens.validate(f"{key}.tokens")
+
+
+@dataclass
+class GptConfig:
+    """A decoder-only transformer (model.name: gpt): pre-norm blocks, causal attention, tied embeddings."""
+
+    layers: int = setting(4, "Transformer blocks.", range=">= 1, <= 1024")
+    heads: int = setting(4, "Attention heads per block.", range=">= 1, <= 1024")
+    dim: int = setting(
+        128, "Width of the residual stream (embedding size).", range=">= 1, <= 65536", rule="a multiple of heads"
+    )
+    seq_len: int = setting(128, "Tokens per training window (the context length).", range=">= 1, <= 1e6")
+    vocab: int = setting(
+        256,
+        "Token ids the model embeds and predicts: 256 for byte-level text; for token files at least the "
+        "largest id + 1 (GPT-2's 50257, rounded up to 50304 for faster kernels, as nanoGPT does).",
+        range=">= 2, <= 4294967296",
+    )
+    dropout: float = setting(0.0, "Dropout after attention, after each MLP and on the embeddings.", range="[0, 1)")
+
+    def validate(self, key: str) -> None:
+        check_declared(self, key)
+        _check(self.dim % self.heads == 0, f"{key}.dim", f"{self.dim} is not a multiple of heads ({self.heads})")
 
 
 @dataclass
@@ -182,7 +251,8 @@ class ModelConfig:
     name: str = setting(
         "smallcnn",
         "A torchvision classification model by name (resnet18, resnet50, ...), or "
-        "smallcnn / mlp (the package's small models) or resnet1d (a small 1-D ResNet for sequences: mnist1d).",
+        "smallcnn / mlp (the package's small models), resnet1d (a small 1-D ResNet for sequences: mnist1d), or "
+        "gpt (a decoder-only transformer language model, see model.gpt; for data.name tokens or text).",
     )
     cifar_stem: bool = setting(
         False, "Replace the ImageNet stem (7×7 stride-2 conv + max-pool) by a 3×3 stride-1 conv, for 32×32 inputs."
@@ -192,9 +262,11 @@ class ModelConfig:
         "Width (channels or hidden units) of the small models and resnet1d; unused by torchvision models.",
         range=">= 1, <= 65536",
     )
+    gpt: GptConfig = section(GptConfig, "The transformer's shape (model.name: gpt).")
 
     def validate(self, key: str = "model") -> None:
         check_declared(self, key)
+        self.gpt.validate(f"{key}.gpt")
 
 
 @dataclass
@@ -214,7 +286,15 @@ class OptimConfig:
         "Peak learning rate per 256 samples: the peak LR is lr_per_256 × global batch / 256 (linear scaling).",
         range="> 0, <= 1e6",
     )
-    momentum: float = setting(0.9, "sgd: momentum of the inner optimizer on every worker.", range="[0, 1)")
+    lr: float | None = setting(
+        None,
+        "Peak learning rate as it is, whatever the global batch (language-model recipes give it so); "
+        "null: from lr_per_256.",
+        range="> 0, <= 1e6",
+    )
+    momentum: float | None = setting(
+        None, "sgd: momentum of the inner optimizer on every worker (null: 0.9).", range="[0, 1)"
+    )
     nesterov: bool = setting(False, "sgd: Nesterov momentum (needs momentum > 0).")
     weight_decay: float = setting(
         1e-4, "Weight decay of the inner optimizer: L2 for sgd, decoupled for adamw.", range="[0, 1]"
@@ -225,13 +305,23 @@ class OptimConfig:
         "step, the averaged one in a synchronous step.",
         range="> 0, <= 1e12",
     )
-    beta1: float = setting(0.9, "adamw: decay of the first-moment estimate.", range="[0, 1)")
-    beta2: float = setting(0.95, "adamw: decay of the second-moment estimate.", range="[0, 1)")
-    eps: float = setting(1e-8, "adamw: added to the second moment's square root.", range="> 0, <= 1")
-    muon_lr_ratio: float = setting(
-        10.0, "muon: the hidden matrices' learning rate over the schedule's (which AdamW uses).", range="> 0, <= 1e6"
+    beta1: float | None = setting(
+        None, "adamw and muon's AdamW part: decay of the first-moment estimate (null: 0.9).", range="[0, 1)"
     )
-    muon_momentum: float = setting(0.95, "muon: momentum of the hidden matrices (Nesterov form).", range="[0, 1)")
+    beta2: float | None = setting(
+        None, "adamw and muon's AdamW part: decay of the second-moment estimate (null: 0.95).", range="[0, 1)"
+    )
+    eps: float | None = setting(
+        None, "adamw and muon's AdamW part: added to the second moment's square root (null: 1e-8).", range="> 0, <= 1"
+    )
+    muon_lr_ratio: float | None = setting(
+        None,
+        "muon: the hidden matrices' learning rate over the schedule's, which AdamW uses (null: 10).",
+        range="> 0, <= 1e6",
+    )
+    muon_momentum: float | None = setting(
+        None, "muon: momentum of the hidden matrices, Nesterov form (null: 0.95).", range="[0, 1)"
+    )
     warmup_epochs: float = setting(
         5.0,
         "Epochs of linear warm-up from peak / warm-up steps to the peak LR (0: start at the peak).",
@@ -259,10 +349,39 @@ class OptimConfig:
     )
     decay_factor: float = setting(0.1, "Factor the step schedule multiplies the LR by at each decay.", range="(0, 1]")
 
+    # The settings each inner optimizer reads beside the shared ones: any other one given is a mistake
+    # (AdamW's momentum is beta1), refused rather than silently ignored.
+    OWN_SETTINGS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "sgd": ("momentum", "nesterov"),
+        "adamw": ("beta1", "beta2", "eps"),
+        "muon": ("beta1", "beta2", "eps", "muon_lr_ratio", "muon_momentum"),
+    }
+    # What a null optimizer setting means.
+    DEFAULTS: ClassVar[dict[str, float]] = {
+        "momentum": 0.9,
+        "beta1": 0.9,
+        "beta2": 0.95,
+        "eps": 1e-8,
+        "muon_lr_ratio": 10.0,
+        "muon_momentum": 0.95,
+    }
+
+    def value(self, name: str) -> float:
+        """Optimizer setting ``name`` as the optimizer uses it: as given, or its default when null."""
+        given = getattr(self, name)
+        return float(self.DEFAULTS[name] if given is None else given)
+
     def validate(self, key: str = "optim") -> None:
         check_declared(self, key)
-        _check(not self.nesterov or self.momentum > 0, f"{key}.nesterov", "needs momentum > 0")
-        _check(not self.nesterov or self.name == "sgd", f"{key}.nesterov", f"applies to sgd, not {self.name}")
+        own = self.OWN_SETTINGS[self.name]
+        for name in sorted({n for names in self.OWN_SETTINGS.values() for n in names} - set(own)):
+            given = getattr(self, name)
+            _check(
+                given is None or given is False,
+                f"{key}.{name}",
+                f"is not a setting of {self.name} (its own: {', '.join(own)}); remove it",
+            )
+        _check(not self.nesterov or self.value("momentum") > 0, f"{key}.nesterov", "needs momentum > 0")
         _check(
             self.warmup_steps is None or self.warmup_epochs == 0,
             f"{key}.warmup_steps",

@@ -10,7 +10,8 @@ from ..config.schema import OptimConfig
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """Linear scaling (Goyal et al. 2017): peak = lr_per_256 × global batch / 256, reached by a
+    """Linear scaling (Goyal et al. 2017): peak = lr_per_256 × global batch / 256 (or ``optim.lr`` as
+    given, as language-model recipes state it), reached by a
     linear warm-up over ``warmup_steps``; then constant, step decay (× factor at each
     milestone), or cosine or linear decay to ``floor`` (min_lr_ratio × peak) at ``total_steps``."""
 
@@ -24,8 +25,9 @@ class LRSchedule:
 
     @classmethod
     def from_config(cls, cfg: OptimConfig, global_batch: int, steps_per_epoch: int, total_steps: int) -> LRSchedule:
+        peak = cfg.lr if cfg.lr is not None else cfg.lr_per_256 * global_batch / 256.0
         return cls(
-            peak=cfg.lr_per_256 * global_batch / 256.0,
+            peak=peak,
             warmup_steps=(
                 cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * steps_per_epoch))
             ),
@@ -35,7 +37,7 @@ class LRSchedule:
             else (),
             decay_factor=cfg.decay_factor,
             total_steps=total_steps,
-            floor=cfg.min_lr_ratio * cfg.lr_per_256 * global_batch / 256.0,
+            floor=cfg.min_lr_ratio * peak,
         )
 
     @property
