@@ -695,6 +695,12 @@ class TrainConfig:
         "Evaluate on the test set every this many epochs (rounded to whole steps), and at the end.",
         range="> 0, <= 1e6",
     )
+    eval_every_steps: int | None = setting(
+        None,
+        "Evaluate every this many optimizer steps instead, as language-model recipes count (null: "
+        "eval_every_epochs), and at the end.",
+        range=">= 1, <= 1e12",
+    )
     log_every_steps: int = setting(
         50,
         "Print a progress line (loss, accuracy, LR, speed) every this many optimizer steps, and at the last one.",
@@ -821,6 +827,20 @@ class RunConfig:
         check_declared(self)
         for name in ("model", "data", "optim", "algorithm", "comm", "train", "checkpoint", "output"):
             getattr(self, name).validate(name)
+        language_data = self.data.name in LANGUAGE_DATA
+        if self.model.name == "gpt" or language_data:
+            _check(
+                self.model.name == "gpt" and language_data,
+                "model.name" if language_data else "data.name",
+                f"{self.model.name} cannot learn {self.data.name}: a language model (model.name gpt) learns "
+                "token data (data.name tokens or text), and only it does",
+            )
+        if self.data.name == "text":
+            _check(
+                self.model.gpt.vocab >= 256,
+                "model.gpt.vocab",
+                f"byte-level text (data.name text) has 256 token ids; {self.model.gpt.vocab} is too few",
+            )
         if self.comm.sync_compression != "none":
             _check(
                 self.algorithm.method != "allreduce",

@@ -11,7 +11,8 @@ was planned for), ``levels`` (JSON: the levels of the run's hierarchy, ``global`
 written by the training loop; ``stopped`` ("diverged"), ``stopped_step`` and ``stopped_reason``
 when training stopped on a non-finite loss or model; ``first_step`` when the file was started
 afresh on a resume (its rows begin after that step: the damaged file before it was set aside);
-``emulated_link`` (the rate, e.g. "10mbit") when the ranks ran on an emulated slow network.
+``emulated_link`` (the rate, e.g. "10mbit") when the ranks ran on an emulated slow network;
+``language`` (JSON, :data:`LANGUAGE_ATTR`) for a language model's run.
 Besides the totals ``bytes_sent`` and ``sync_rounds``, both groups have ``<level>_bytes_sent``
 and ``<level>_sync_rounds`` for every level (files written before levels existed have neither:
 all their traffic is ``global``).
@@ -60,6 +61,11 @@ FIRST_STEP_ATTR = "first_step"  # root attribute of a file restarted on resume: 
 # Root attribute of a run whose ranks ran on an emulated slow network (launcher/slownet.py): the
 # link's rate in tc's notation; its step times were measured on that link.
 EMULATED_LINK_ATTR = "emulated_link"
+# Root attribute (JSON) of a language-model run only: tokens_per_sample, bytes_per_token (1 for byte-level
+# text, null for token files) and the corpus read (source, files, bytes, digest, train_tokens, val_tokens,
+# bytes_per_token, unigram_entropy in nats per token). Its evals' test_loss is then the validation loss in
+# nats per token and test_accuracy the next-token accuracy; samples are windows of tokens_per_sample.
+LANGUAGE_ATTR = "language"
 DIVERGED = "diverged"
 FINISHED, UNFINISHED = "finished", "unfinished"  # the other values of run_status
 

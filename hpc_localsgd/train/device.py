@@ -56,6 +56,26 @@ def autocast_refusal(device_type: str, dtype: torch.dtype) -> str | None:
     return " ".join(refusals[0].split()) if refusals else None
 
 
+# Dense peak FLOP/s of the GPUs the package is run on, from the vendors' data sheets (without sparsity):
+# bf16 and fp16 on the tensor cores; fp32 on the CUDA cores, which is what torch's default float32 matmul
+# uses (TF32 is off unless a user turns it on). Matched by the first name that occurs in the device's name,
+# so the more specific names come first.
+PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM (HBM3)
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+)
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """The dense peak of ``device_name`` at ``precision`` (train.precision), or None when not in the table."""
+    for name, peaks in PEAK_FLOPS:
+        if name in device_name:
+            return peaks.get(precision)
+    return None
+
+
 def has_2d_convolutions(model: torch.nn.Module) -> bool:
     return any(isinstance(module, torch.nn.Conv2d) for module in model.modules())
 

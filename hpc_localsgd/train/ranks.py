@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.hierarchy import Hierarchy, hierarchy_from_config
@@ -17,7 +16,7 @@ from ..launcher.env import LaunchEnvironment, WorldLayout, host_id, ranks_per_no
 from .data import ShardedBatches, build_datasets, eval_batches
 from .device import check_precision, compiled_forward, loader_workers, to_device, use_channels_last
 from .models import build_model
-from .run import Batch, EvalResult, seed_everything
+from .run import Batch, EvalResult, correct_predictions, cross_entropy, language_of, seed_everything
 
 
 class RankWorkers:
@@ -30,7 +29,9 @@ class RankWorkers:
         check_precision(cfg.train.precision, device)
         # Same seed on every rank: identical initial models (broadcast anyway by the engine).
         seed_everything(cfg.seed)
-        self.datasets = build_datasets(cfg.data, cfg.seed)
+        self.datasets = build_datasets(cfg.data, cfg.seed, seq_len=cfg.model.gpt.seq_len)
+        self.language = language_of(self.datasets)
+        self.devices = comm.size if device.type == "cuda" else 1
         self.model = build_model(cfg.model, self.datasets.num_classes, self.datasets.input_shape).to(device)
         # Compiled lazily, at the first step: after the engine has moved the weights into its flat buffer.
         self.forward_model = compiled_forward(self.model, device) if cfg.train.compile else self.model
@@ -75,10 +76,10 @@ class RankWorkers:
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.forward_model(x)
-        return out, F.cross_entropy(out, y)
+        return out, cross_entropy(out, y)
 
     def step_figures(self, outputs: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
-        return loss.item(), int((outputs.argmax(1) == y).sum().item()), y.numel()
+        return loss.item(), correct_predictions(outputs, y), y.numel()
 
     def evaluate(self, engine: AveragingEngine, train_loss_sum: float, train_loss_count: int) -> EvalResult:
         """Loss and accuracy of the globally averaged model on the whole test set (each rank takes
@@ -96,11 +97,12 @@ class RankWorkers:
                     comm.size,
                     self.loader_workers,
                     pin_memory=device.type == "cuda",
+                    limit=self.cfg.data.eval_samples,
                 ):
                     x, y = to_device(x, device, self.channels_last), to_device(y, device, False)
                     out = model(x)
-                    sums[0] += F.cross_entropy(out, y, reduction="sum").item()
-                    sums[1] += (out.argmax(1) == y).sum().item()
+                    sums[0] += cross_entropy(out, y, reduction="sum").item()
+                    sums[1] += correct_predictions(out, y)
                     sums[2] += y.numel()
             model.train(was_training)
         sums[3], sums[4] = train_loss_sum, train_loss_count

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..algorithms.accounting import CommStats, human_bytes
 from ..algorithms.engine import AveragingEngine, StepResult
@@ -32,8 +33,18 @@ from ..comm.base import Communicator
 from ..config.load import config_to_yaml
 from ..config.schema import OUTER_METHODS, RunConfig
 from ..errors import TrainingDiverged
-from ..io.metrics import DIVERGED, EMULATED_LINK_ATTR, METRICS_FILE, TOTAL_STEPS_ATTR, MetricsWriter
+from ..io.metrics import (
+    DIVERGED,
+    EMULATED_LINK_ATTR,
+    LANGUAGE_ATTR,
+    METRICS_FILE,
+    TOTAL_STEPS_ATTR,
+    MetricsWriter,
+)
 from ..launcher.env import emulated_link_rate, software_versions, spare_cores
+from .data import Datasets
+from .device import peak_flops
+from .gpt import flops_per_token
 from .lr import LRSchedule
 from .models import hidden_matrix_names
 from .replicas import ReplicatedModel
@@ -72,6 +83,10 @@ class Workers(Protocol):
     unit: str  # what communication is counted per: "rank" or "simulated worker"
     world: dict[str, Any]  # metrics.h5's ``world`` attribute
     hierarchy: Hierarchy  # worker groups and levels (flat: every rank a worker)
+    language: dict[str, Any] | None  # metrics.h5's ``language`` attribute (language_of); None for classifiers
+    cfg: RunConfig
+    device: torch.device  # where the model trains
+    devices: int  # how many of them the workers use together (ranks: one each; a simulation: one)
 
     @property
     def comm(self) -> Communicator:
@@ -103,6 +118,78 @@ class Optimization:
     lr_schedule: LRSchedule
     optimizer: torch.optim.Optimizer
     engine: AveragingEngine
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predictions along the last dimension, whatever comes before it: a classifier's
+    [batch, classes] against [batch], a language model's [batch, positions, vocab] against [batch,
+    positions] (every position predicts the next token), with a leading workers dimension when stacked."""
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+
+def correct_predictions(outputs: torch.Tensor, targets: torch.Tensor) -> int:
+    """Top-1 hits along the last dimension: classes for a classifier, next tokens for a language model."""
+    return int((outputs.argmax(-1) == targets).sum().item())
+
+
+def language_of(datasets: Datasets) -> dict[str, Any] | None:
+    """What metrics.h5's ``language`` attribute records of a language-model run (None for a classifier):
+    tokens per sample (the window), bytes per token (1 for byte-level text, unknown for token files) and
+    the corpus read (its digest tells two runs' texts apart; its unigram entropy is the loss of a model
+    that learned only token frequencies)."""
+    if datasets.corpus is None:
+        return None
+    return {
+        "tokens_per_sample": datasets.input_shape[0],
+        "bytes_per_token": datasets.corpus["bytes_per_token"],
+        "corpus": datasets.corpus,
+    }
+
+
+def loss_figures(loss: float, language: dict[str, Any] | None) -> str:
+    """A language model's validation loss in nats per token, with bits per byte (byte-level text) or
+    perplexity (token files, whose bytes per token are unknown): lower is better."""
+    per_byte = None if language is None else language["bytes_per_token"]
+    scale = (
+        f"{loss / math.log(2) / per_byte:.4f} bits/byte" if per_byte else f"perplexity {math.exp(min(loss, 700.0)):.2f}"
+    )
+    return f"val loss {loss:.4f} | {scale}"
+
+
+def eval_figures(result: EvalResult, language: dict[str, Any] | None) -> str:
+    """How an evaluation line gives the result: loss and accuracy for a classifier; for a language model
+    :func:`loss_figures` and the next-token accuracy."""
+    if language is None:
+        return f"test loss {result.test_loss:.4f} | test acc {result.test_accuracy:.4f}"
+    return f"{loss_figures(result.test_loss, language)} | next-token acc {result.test_accuracy:.4f}"
+
+
+def final_figures(result: EvalResult, workers: Workers, samples_per_s: float) -> str:
+    """The summary line's result: test accuracy for a classifier; for a language model
+    :func:`loss_figures`, the tokens per second of every worker together and, on a GPU, the model
+    FLOPs utilisation."""
+    if workers.language is None:
+        return f"test acc {result.test_accuracy:.4f}"
+    tokens_per_s = samples_per_s * workers.language["tokens_per_sample"]
+    return f"{loss_figures(result.test_loss, workers.language)} | {tokens_per_s:.0f} tokens/s" + utilisation(
+        workers, tokens_per_s
+    )
+
+
+def utilisation(workers: Workers, tokens_per_s: float) -> str:
+    """`` | MFU x % of <peak>``: model FLOPs per second per device (6·N + attention per token, see
+    :func:`.gpt.flops_per_token`) over the device's dense peak for the run's precision; empty off GPUs,
+    and it says so when the device's peak is not in the package's table."""
+    if workers.device.type != "cuda":
+        return ""
+    name = torch.cuda.get_device_name(workers.device)
+    peak = peak_flops(name, workers.cfg.train.precision)
+    if peak is None:
+        return f" | MFU unknown (no {workers.cfg.train.precision} peak known for {name})"
+    achieved = flops_per_token(workers.cfg.model.gpt) * tokens_per_s / workers.devices
+    return (
+        f" | MFU {100 * achieved / peak:.1f}% of {name}'s {peak / 1e12:.0f} TFLOPS {workers.cfg.train.precision} peak"
+    )
 
 
 def hidden_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -168,6 +255,8 @@ class ProgressWindow:
     correct: int = 0
     samples: int = 0
     global_samples: int = 0
+    # A language model's throughput is counted in tokens: samples (windows) × tokens per window.
+    tokens_per_sample: int | None = None
 
     def add(
         self, seconds: float, comm_seconds: float, loss: float, correct: int, samples: int, global_samples: int
@@ -181,9 +270,13 @@ class ProgressWindow:
 
     def summary(self) -> str:
         samples, seconds = max(1, self.samples), max(self.seconds, 1e-9)
+        if self.tokens_per_sample is None:
+            hits, rate = "acc", f"{self.global_samples / seconds:.0f} samples/s"
+        else:
+            hits, rate = "next-token acc", f"{self.global_samples * self.tokens_per_sample / seconds:.0f} tokens/s"
         return (
-            f"loss {self.loss_sum / samples:.4f} | acc {self.correct / samples:.3f} | "
-            f"{self.global_samples / seconds:.0f} samples/s | comm {100 * self.comm_seconds / seconds:.0f}%"
+            f"loss {self.loss_sum / samples:.4f} | {hits} {self.correct / samples:.3f} | "
+            f"{rate} | comm {100 * self.comm_seconds / seconds:.0f}%"
         )
 
 
@@ -305,6 +398,8 @@ def open_metrics(
         TOTAL_STEPS_ATTR: opt.total_steps,
         "global_batch": opt.global_batch,
     }
+    if workers.language is not None:
+        attrs[LANGUAGE_ATTR] = workers.language
     link = emulated_link_rate()
     if link is not None:  # started by launcher/slownet.py: its step times are a measurement on that link
         attrs[EMULATED_LINK_ATTR] = link
@@ -349,7 +444,7 @@ def run_training(
     """Train from ``progress.step`` to the end (or until ``after_step`` says stop), then evaluate and
     summarise. Closes ``metrics`` and the engine's hooks, also on error."""
     engine = opt.engine
-    progress.started = time.perf_counter()
+    progress.started, first_step = time.perf_counter(), progress.step
     try:
         evals, stopped = _step_loop(cfg, workers, opt, progress, metrics, say, after_step)
         engine.drain()  # a delayed sync whose step never came: started by every rank, so completed by every rank
@@ -372,9 +467,10 @@ def run_training(
         return result
     result.final = evals[-1] if evals else workers.evaluate(engine, progress.train_loss_sum, progress.train_loss_count)
     stats = engine.stats
+    samples_per_s = (progress.step - first_step) * opt.global_batch / max(wall, 1e-9)
     say(
         f"hpc-localsgd: done | {describe_method(cfg)} | {workers.comm.size} {workers.unit}s | {progress.step} steps "
-        f"in {wall:.1f} s | test acc {result.final.test_accuracy:.4f} | "
+        f"in {wall:.1f} s | {final_figures(result.final, workers, samples_per_s)} | "
         f"{traffic_summary(stats, engine.hierarchy, workers.unit)} | "
         f"comm {100 * stats.comm_seconds / max(wall, 1e-9):.0f}% of time"
         + (f" | {engine.skipped_steps} fp16 step(s) skipped on overflow" if engine.scaler is not None else "")
@@ -394,9 +490,10 @@ def _step_loop(
     """The steps themselves; returns the evaluations made and why the run stopped early, if it did."""
     engine, stats, total = opt.engine, opt.engine.stats, opt.total_steps
     steps_per_epoch = workers.steps_per_epoch
-    eval_interval = max(1, int(round(cfg.train.eval_every_epochs * steps_per_epoch)))
+    eval_interval = cfg.train.eval_every_steps or max(1, int(round(cfg.train.eval_every_epochs * steps_per_epoch)))
     evals: list[EvalResult] = []
-    window, watch = ProgressWindow(), DivergenceWatch(workers.comm, workers.unit)
+    tokens_per_sample = None if workers.language is None else int(workers.language["tokens_per_sample"])
+    window, watch = ProgressWindow(tokens_per_sample=tokens_per_sample), DivergenceWatch(workers.comm, workers.unit)
     first_epoch = progress.step // steps_per_epoch
     workers.model.train()
     for epoch in range(first_epoch, math.ceil(total / steps_per_epoch)):
@@ -436,7 +533,7 @@ def _step_loop(
                         f"step {progress.step}/{total} | epoch {progress.step / steps_per_epoch:.2f} | lr {lr:.4g} | "
                         f"{window.summary()}"
                     )
-                    window = ProgressWindow()
+                    window = ProgressWindow(tokens_per_sample=tokens_per_sample)
             watch.check(engine, progress.step, done, loss, metrics)  # before evaluating or checkpointing it
             if progress.step % eval_interval == 0 or progress.step == total:
                 evals.append(_evaluate(workers, engine, progress, metrics, say))
@@ -472,6 +569,6 @@ def _evaluate(
         )
     say(
         f"eval step {step} | epoch {epoch:.2f} | train loss {result.train_loss:.4f} | "
-        f"test loss {result.test_loss:.4f} | test acc {result.test_accuracy:.4f}"
+        f"{eval_figures(result, workers.language)}"
     )
     return result

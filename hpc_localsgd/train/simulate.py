@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.hierarchy import hierarchy_from_config
@@ -39,6 +38,9 @@ from .run import (
     Progress,
     TrainResult,
     build_optimization,
+    correct_predictions,
+    cross_entropy,
+    language_of,
     open_metrics,
     run_training,
     seed_everything,
@@ -56,7 +58,9 @@ class SimulatedWorkers:
         check_precision(cfg.train.precision, device)
         self.comm = SimulatedCommunicator(workers)
         seed_everything(cfg.seed)
-        self.datasets: Datasets = build_datasets(cfg.data, cfg.seed)
+        self.datasets: Datasets = build_datasets(cfg.data, cfg.seed, seq_len=cfg.model.gpt.seq_len)
+        self.language = language_of(self.datasets)
+        self.devices = 1
         base = build_model(cfg.model, self.datasets.num_classes, self.datasets.input_shape).to(device)
         self.model = ReplicatedModel(base, workers)
         self.stacked_batches = ReplicatedBatches(
@@ -89,11 +93,11 @@ class SimulatedWorkers:
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Σ_w (mean loss of worker w): each worker's gradient lands in its row, unscaled."""
         out = self.model(x)
-        return out, F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
+        return out, cross_entropy(out, y, reduction="sum") / y[0].numel()
 
     def step_figures(self, outputs: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
         # The workers' mean loss: the figure rank 0 logs under MPI; accuracy over all workers' samples.
-        return loss.item() / self.comm.size, int((outputs.argmax(-1) == y).sum().item()), y.numel()
+        return loss.item() / self.comm.size, correct_predictions(outputs, y), y.numel()
 
     def evaluate(self, engine: AveragingEngine, train_loss_sum: float, train_loss_count: int) -> EvalResult:
         """The averaged model on the whole test set, as ``RankWorkers.evaluate`` computes it across ranks."""
@@ -101,11 +105,13 @@ class SimulatedWorkers:
         with engine.averaged_model():
             self.model.eval()
             with torch.no_grad():
-                for x, y in eval_batches(self.datasets.test, self.cfg.data.eval_batch_size, 0, 1):
+                for x, y in eval_batches(
+                    self.datasets.test, self.cfg.data.eval_batch_size, 0, 1, limit=self.cfg.data.eval_samples
+                ):
                     out = self.model.worker_forward(0, x.to(self.device))  # after averaging every worker holds x̄
                     y = y.to(self.device)
-                    loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-                    correct += int((out.argmax(1) == y).sum().item())
+                    loss_sum += cross_entropy(out, y, reduction="sum").item()
+                    correct += correct_predictions(out, y)
                     count += y.numel()
             self.model.train()
         return EvalResult(

@@ -104,6 +104,15 @@ CASES: dict[str, list[str]] = {
         "optim.name=muon",
         "optim.muon_lr_ratio=4",
     ],
+    # AdamW through a streaming sync: int8 updates sent one step late, outer Nesterov on what arrives.
+    "adamw_int8_delay1_nesterov_H4": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.sync_delay=1",
+        "algorithm.outer=nesterov",
+        "comm.sync_compression=int8",
+        *_ADAMW,
+    ],
     # Half-precision gradients in the synchronous phase (comm.gradient_compression).
     "allreduce_bf16_gradients": ["algorithm.method=allreduce", "comm.gradient_compression=bf16"],
     "post_local_H3_fp16_gradients": [

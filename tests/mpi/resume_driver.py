@@ -102,6 +102,20 @@ RESUME_CASES["muon_mlp_H4"] = [
     "optim.lr_per_256=0.05",
     "optim.muon_lr_ratio=4",
 ]
+# The inner optimizers with mixed precision and streaming syncs: AdamW under fp16's loss scaler, stopped while
+# an int8 sync is in flight; Muon under bf16 autocast with the model synced in two fragments.
+RESUME_CASES["adamw_fp16_int8_delay3_nesterov_H4"] = [
+    *RESUME_CASES["int8_delay3_slowmo_H4"][:3],
+    "algorithm.outer=nesterov",
+    "comm.sync_compression=int8",
+    "train.precision=fp16",
+    *RESUME_CASES["adamw_nesterov_H4_avg_state"][4:],
+]
+RESUME_CASES["muon_mlp_bf16_fragments2_H4"] = [
+    *RESUME_CASES["muon_mlp_H4"],
+    "algorithm.fragments=2",
+    "train.precision=bf16",
+]
 # Cases for 4 ranks (--cases), run by tests/mpi/test_worker_groups.py: workers of 2 ranks.
 FOUR_RANK_RESUME_CASES: dict[str, list[str]] = {
     "workers2_post_local_slowmo_np4": [
