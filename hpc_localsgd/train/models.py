@@ -1,4 +1,5 @@
-"""Models by name: small ones for tests and laptops, a 1-D ResNet for sequences, and any torchvision classifier.
+"""Models by name: small ones for tests and laptops, a 1-D ResNet for sequences, any torchvision classifier,
+and a decoder-only transformer for token sequences (gpt.py).
 
 Weights are random; the caller seeds torch first, so that every rank builds the same model
 (and a broadcast from rank 0 only confirms it).
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..config.schema import ModelConfig
 from ..errors import ConfigError
+from .gpt import GPT
 
 # Largest side smallcnn convolves at: bigger inputs are average-pooled down to it first, so that
 # a 224×224 ImageNet image costs about what a CIFAR image does.
@@ -28,7 +30,12 @@ _TORCHVISION_KWARGS: dict[str, dict[str, object]] = {
 
 
 def build_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-    """The model named by ``cfg.name`` for inputs of ``input_shape`` (one sample) and ``num_classes``."""
+    """The model named by ``cfg.name`` for inputs of ``input_shape`` (one sample) and ``num_classes``.
+
+    For ``gpt`` the classes are the data's token ids (largest id + 1) and a sample is a window of tokens.
+    """
+    if cfg.name == "gpt":
+        return _gpt(cfg, num_classes, input_shape)
     if cfg.name == "smallcnn":
         return SmallCNN(input_shape, num_classes, cfg.width)
     if cfg.name == "mlp":
@@ -44,6 +51,25 @@ def hidden_matrix_names(model: nn.Module) -> list[str]:
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     return [f"{name}.weight" if name else "weight" for name, m in linears[:-1] if id(m.weight) not in embedded]
+
+
+def _gpt(cfg: ModelConfig, vocabulary: int, input_shape: tuple[int, ...]) -> GPT:
+    """The transformer of ``cfg.gpt``, refused where it could not embed every token or read the samples.
+
+    The configuration's validation refuses non-language data for it earlier; this keeps the model honest
+    when built directly (the bench, tests)."""
+    gpt = cfg.gpt
+    if len(input_shape) != 1:
+        raise ConfigError(
+            f"model.name: gpt learns token sequences (data.name tokens or text), not samples of shape {input_shape}"
+        )
+    if input_shape[0] > gpt.seq_len:
+        raise ConfigError(
+            f"model.gpt.seq_len: {gpt.seq_len} is shorter than the data's windows of {input_shape[0]} tokens"
+        )
+    if vocabulary > gpt.vocab:
+        raise ConfigError(f"model.gpt.vocab: {gpt.vocab} is smaller than the data's {vocabulary} token ids; raise it")
+    return GPT(gpt)
 
 
 def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:

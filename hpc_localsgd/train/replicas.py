@@ -12,6 +12,8 @@ in its own row.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -19,6 +21,12 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .data import Batch, Datasets, ShardedBatches
+
+# vmap loops over the workers in CPU attention (GPT's) and warns at every call: expected, the simulated backend checks.
+_CPU_ATTENTION_FALLBACK = re.escape(
+    "There is a performance drop because we have not yet implemented the batching rule for "
+    "aten::_scaled_dot_product_flash_attention_for_cpu"
+)
 
 
 def _key(name: str) -> str:
@@ -35,6 +43,14 @@ class ReplicatedModel(nn.Module):
         self.stacked = nn.Module()
         self._parameter_names = [name for name, _ in base.named_parameters()]
         self._buffer_names = [name for name, _ in base.named_buffers()]
+        # A parameter two modules share (GPT's head is its token embedding) is stacked once, under its
+        # first name; a state_dict also lists it under the others.
+        first_name = {id(p): name for name, p in base.named_parameters()}
+        self._tied_names = {
+            name: first_name[id(p)]
+            for name, p in base.named_parameters(remove_duplicate=False)
+            if first_name[id(p)] != name
+        }
         for name, p in base.named_parameters():
             copies = p.detach().unsqueeze(0).repeat(workers, *([1] * p.dim()))
             self.stacked.register_parameter(_key(name), nn.Parameter(copies, requires_grad=p.requires_grad))
@@ -72,7 +88,9 @@ class ReplicatedModel(nn.Module):
         # contiguous copies and write them back.
         staged = {name: b.contiguous() for name, b in buffers.items() if not b.is_contiguous()}
         # "different": each worker draws its own dropout masks, as separate ranks would.
-        out = vmap(self._one_worker, randomness="different")(params, {**buffers, **staged}, x)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_CPU_ATTENTION_FALLBACK, category=UserWarning)
+            out = vmap(self._one_worker, randomness="different")(params, {**buffers, **staged}, x)
         for name, copy in staged.items():
             buffers[name].copy_(copy)
         return out
@@ -87,7 +105,8 @@ class ReplicatedModel(nn.Module):
     def worker_state(self, worker: int) -> dict[str, torch.Tensor]:
         """Worker ``worker``'s parameters and buffers under the base model's names (a state_dict)."""
         params, buffers = self._state()
-        return {name: t[worker].detach() for name, t in {**params, **buffers}.items()}
+        state = {name: t[worker].detach() for name, t in {**params, **buffers}.items()}
+        return state | {name: state[first] for name, first in self._tied_names.items()}
 
 
 class ReplicatedBatches:
