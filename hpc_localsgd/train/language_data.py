@@ -31,7 +31,6 @@ import hashlib
 import os
 import platform
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,9 +317,11 @@ def write_token_files(
 
 
 def _write_atomically(target: str, tokens: np.ndarray) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.")
+    # Created as open() creates files (0666 less the umask, unlike mkstemp's 0600), so that others who
+    # may read the target may read its replacement; the process id keeps concurrent writers apart.
+    temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(handle, "wb") as f:
+        with open(temporary, "wb") as f:
             tokens.tofile(f)
             f.flush()
             os.fsync(f.fileno())

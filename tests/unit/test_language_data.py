@@ -1,5 +1,5 @@
 """Language-model data: token files and byte-level text cut into windows, sharded and resumed like any
-other samples, and the corpus record."""
+other samples, the corpus record, and ``hpc-localsgd tokens``, the converter from one to the other."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpc_localsgd.cli import main
 from hpc_localsgd.config.schema import DataConfig
 from hpc_localsgd.errors import UserError
 from hpc_localsgd.train.data import Datasets, IndexedBatches, ShardedBatches, build_datasets, eval_batches
@@ -305,3 +306,45 @@ def test_the_built_in_corpus_is_the_standard_librarys_source() -> None:
     x, _ = first.train.batch(torch.arange(4))
     assert bytes(x[0].tolist()).isascii()  # Python source, not bytecode
     assert 2.0 < corpus["unigram_entropy"] < 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# hpc-localsgd tokens
+
+
+def test_the_tokens_verb_writes_the_split_that_text_trains_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, out = tmp_path / "text", tmp_path / "out"
+    expected = _text_folder(source)
+    assert main(["tokens", str(source), str(out), "--val-fraction", "0.1", "--max-bytes", "none"]) == 0
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and hashlib.sha256(expected).hexdigest() in line
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "val.bin"]  # no temporary file left
+    assert np.fromfile(out / "train.bin", dtype="<u2").dtype == np.uint16
+
+    text = _text(source, seq_len=16, val_fraction=0.1)
+    tokens = _tokens(out, seq_len=16)
+    for split in ("train", "test"):
+        a, b = getattr(text, split), getattr(tokens, split)
+        assert np.array_equal(a.tokens, b.tokens) and len(a) == len(b)
+    batches = [list(ShardedBatches(d, 4, rank=1, size=2, seed=3).epoch(0)) for d in (text, tokens)]
+    assert _batches_equal(*batches)
+
+    before = (out / "train.bin").read_bytes()
+    assert main(["tokens", str(source), str(out), "--max-bytes", "2000"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "already exist; pass --overwrite" in error
+    assert (out / "train.bin").read_bytes() == before
+    assert main(["tokens", str(source), str(out), "--max-bytes", "2000", "--overwrite"]) == 0
+    assert len(np.fromfile(out / "train.bin", dtype="<u2")) == 1900
+
+
+def test_the_tokens_verb_checks_its_flags_as_the_config_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["tokens", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "SOURCE: " in capsys.readouterr().err
+    assert main(["tokens", "stdlib", str(tmp_path / "out"), "--val-fraction", "0.7"]) == 2
+    assert "--val-fraction: must be" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
