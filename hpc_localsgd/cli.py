@@ -157,6 +157,25 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokens(args: argparse.Namespace) -> int:
+    from .config.fields import check_declared
+    from .config.schema import TextConfig
+    from .train.language_data import write_token_files
+
+    # The ranges of data.text's settings, named by their flags.
+    check_declared(TextConfig(args.val_fraction, args.max_bytes), name=lambda _, key: "--" + key.replace("_", "-"))
+    corpus = write_token_files(args.source, args.out_dir, args.val_fraction, args.max_bytes, overwrite=args.overwrite)
+    print(
+        f"wrote {args.out_dir}: train.bin {corpus['train_tokens']} and val.bin {corpus['val_tokens']} uint16 tokens "
+        f"from {corpus['files']} file(s) of {corpus['source']}, {corpus['bytes']} bytes, sha256 {corpus['digest']}"
+    )
+    return 0
+
+
+def _bytes_or_none(text: str) -> int | None:
+    return None if text in ("none", "null") else _integer(text)
+
+
 # What each _add_<verb> adds its verb to.
 Verbs: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -166,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hpc-localsgd", description="Local SGD, post-local SGD and SlowMo on MPI ranks."
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
-    for add_verb in (_add_train, _add_inspect, _add_sweep, _add_report, _add_bench):
+    for add_verb in (_add_train, _add_inspect, _add_sweep, _add_report, _add_bench, _add_tokens):
         add_verb(verbs)
     return parser
 
@@ -306,6 +325,41 @@ def _add_bench(verbs: Verbs) -> None:
         parsing = _bench_parsing(f.name, hints[f.name])
         bench.add_argument(bench_flag(f), dest=f.name, help=_bench_help(f, quick), **parsing)
     bench.set_defaults(handler=_bench)
+
+
+def _add_tokens(verbs: Verbs) -> None:
+    """Defaults from ``data.text``, so that the files hold the split that data.name text trains on."""
+    from .config.schema import TextConfig
+
+    defaults = TextConfig()
+    tokens = verbs.add_parser(
+        "tokens",
+        help="write a text's bytes as token files (train.bin, val.bin of uint16 ids) for data.name tokens, "
+        "split as data.name text splits it",
+    )
+    tokens.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a text file, a folder (its files in sorted order) or 'stdlib' (the "
+        "Python standard library's source, data.name text's built-in corpus)",
+    )
+    tokens.add_argument("out_dir", metavar="OUT_DIR", help="folder to write train.bin and val.bin in")
+    tokens.add_argument(
+        "--val-fraction",
+        type=float,
+        default=defaults.val_fraction,
+        metavar="F",
+        help=f"share held out for val.bin, the text's end (data.text.val_fraction; default {defaults.val_fraction})",
+    )
+    tokens.add_argument(
+        "--max-bytes",
+        type=_bytes_or_none,
+        default=defaults.max_bytes,
+        metavar="N|none",
+        help=f"read at most N bytes (data.text.max_bytes; default {defaults.max_bytes}, none: all)",
+    )
+    tokens.add_argument("--overwrite", action="store_true", help="replace train.bin and val.bin already in OUT_DIR")
+    tokens.set_defaults(handler=_tokens)
 
 
 def bench_flag(f: dataclasses.Field) -> str:

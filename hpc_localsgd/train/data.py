@@ -12,10 +12,14 @@ Invariants the training loop relies on:
   resumed at batch ``k`` of an epoch sees exactly the batches a run that never stopped would,
   and the number of DataLoader workers does not change the data.
 * Evaluation splits the test set ``r::size`` without dropping anything, so the correct counts
-  summed over ranks cover the whole test set.
+  summed over ranks cover the whole test set (or its first ``data.eval_samples`` samples, the same
+  ones at every evaluation).
 
-In-memory datasets (digits, synthetic, mnist1d, cifar10) are indexed as tensors, batch by batch: for
-small images this is far faster than a DataLoader, which pays per-sample Python overhead.
+In-memory datasets (digits, synthetic, mnist1d, cifar10, and the windows of language data) gather a
+whole batch at once (:class:`IndexedBatches`): for small samples this is far faster than a
+DataLoader, which pays per-sample Python overhead. Language data (tokens, text) is built in
+:mod:`.language_data`: its samples are windows of a token stream, sharded, batched and resumed by the
+same rules as images.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config.schema import DataConfig, Mnist1dConfig, SyntheticConfig
+from ..config.schema import LANGUAGE_DATA, DataConfig, Mnist1dConfig, SyntheticConfig
 from ..errors import UserError
+from .language_data import build_language_data
 from .mnist1d import NUM_CLASSES as MNIST1D_CLASSES
 from .mnist1d import SEQUENCE_LENGTH as MNIST1D_LENGTH
 from .mnist1d import mnist1d_tensors
@@ -112,6 +117,18 @@ class RandomCropFlip:
         ]
 
 
+@runtime_checkable
+class IndexedBatches(Protocol):
+    """A dataset held in memory that gathers a whole batch of samples in one indexing operation
+    (:class:`TensorSamples`, :class:`~.language_data.TokenWindows`): no DataLoader needed."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: torch.Tensor) -> Batch:
+        """Inputs and targets of the samples ``indices`` (a 1-D int64 tensor)."""
+        ...
+
+
 class TensorSamples(Dataset):
     """A dataset held in memory as one tensor of stored samples and one of labels.
 
@@ -176,12 +193,22 @@ class SeededTransforms(Dataset):
 class Datasets:
     train: Dataset
     test: Dataset
-    num_classes: int
-    input_shape: tuple[int, ...]  # one sample, e.g. (1, 8, 8)
+    num_classes: int  # for language data: the vocabulary the data needs (largest id + 1)
+    input_shape: tuple[int, ...]  # one sample, e.g. (1, 8, 8); (seq_len,) for language data
+    # What a language dataset was read from (see language_data.describe_tokens); None for other data.
+    corpus: dict[str, Any] | None = None
 
 
-def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
-    """Load or generate the configured dataset. Raises UserError for missing or malformed inputs."""
+def build_datasets(cfg: DataConfig, seed: int, seq_len: int | None = None) -> Datasets:
+    """Load or generate the configured dataset. Raises UserError for missing or malformed inputs.
+
+    ``seq_len`` is the model's context length, which language data (tokens, text) is cut into
+    windows of; other data ignores it."""
+    if cfg.name in LANGUAGE_DATA:
+        if seq_len is None:
+            raise ValueError(f"data.name {cfg.name!r} is language data: build_datasets needs its seq_len")
+        data = build_language_data(cfg, seq_len)
+        return Datasets(data.train, data.test, data.vocab, (seq_len,), data.corpus)
     if cfg.name == "digits":
         return _digits()
     if cfg.name == "synthetic":
@@ -192,7 +219,9 @@ def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
         return _cifar10(_require_path(cfg), cfg.augment)
     if cfg.name == "imagenet":
         return _imagenet(_require_path(cfg), cfg.image_size, cfg.augment)
-    raise UserError(f"data.name: unknown dataset {cfg.name!r}; choose digits, synthetic, mnist1d, cifar10 or imagenet")
+    raise UserError(
+        f"data.name: unknown dataset {cfg.name!r}; choose digits, synthetic, mnist1d, cifar10, imagenet, tokens or text"
+    )
 
 
 def _require_path(cfg: DataConfig) -> str:
@@ -413,10 +442,11 @@ class ShardedBatches:
     """One rank's training batches, epoch by epoch; see the module docstring for the invariants.
 
     ``source`` is a :class:`Datasets` (its training set is used) or a training dataset.
-    ``augment`` applies to in-memory data: True uses the dataset's own batch augmentation (if it
-    has one), False none, a callable that one instead; it draws from a generator seeded by
-    (seed, epoch, rank, batch index). File-backed datasets (imagenet) augment per sample with the
-    transforms chosen when they were built (``data.augment``), whatever ``augment`` says.
+    ``augment`` applies to :class:`TensorSamples`: True uses the dataset's own batch augmentation (if
+    it has one), False none, a callable that one instead; it draws from a generator seeded by
+    (seed, epoch, rank, batch index). Other in-memory datasets (:class:`IndexedBatches`, such as
+    language windows) have no augmentation. File-backed datasets (imagenet) augment per sample with
+    the transforms chosen when they were built (``data.augment``), whatever ``augment`` says.
     """
 
     def __init__(
@@ -437,6 +467,8 @@ class ShardedBatches:
         elif augment is False:
             self.augment = None
         else:
+            if isinstance(self.dataset, IndexedBatches) and not isinstance(self.dataset, TensorSamples):
+                raise ValueError(f"{type(self.dataset).__name__} has no augmentation: only TensorSamples do")
             self.augment = augment
         self.batch_size = batch_size
         self.rank = rank
@@ -462,18 +494,20 @@ class ShardedBatches:
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         indices = shard_indices(self.num_samples, self.rank, self.size, epoch, self.seed)
-        if isinstance(self.dataset, TensorSamples):
-            return self._tensor_batches(self.dataset, indices, epoch, start_batch)
+        if isinstance(self.dataset, IndexedBatches):
+            return self._indexed_batches(self.dataset, indices, epoch, start_batch)
         return self._loader_batches(indices, epoch, start_batch)
 
-    def _tensor_batches(
-        self, samples: TensorSamples, indices: torch.Tensor, epoch: int, start_batch: int
+    def _indexed_batches(
+        self, samples: IndexedBatches, indices: torch.Tensor, epoch: int, start_batch: int
     ) -> Iterator[Batch]:
         for batch in range(start_batch, self.steps_per_epoch):
             chosen = indices[batch * self.batch_size : (batch + 1) * self.batch_size]
-            stored = samples.stored[chosen]
-            if self.augment is not None:
-                stored = self.augment(stored, _generator(self.seed, "augment", epoch, self.rank, batch))
+            if self.augment is None:
+                yield samples.batch(chosen)
+                continue
+            assert isinstance(samples, TensorSamples)  # __init__ gives only these an augmentation
+            stored = self.augment(samples.stored[chosen], _generator(self.seed, "augment", epoch, self.rank, batch))
             yield samples.inputs(stored), samples.labels[chosen]
 
     def _loader_batches(self, indices: torch.Tensor, epoch: int, start_batch: int) -> Iterator[Batch]:
@@ -508,15 +542,23 @@ def eval_indices(num_samples: int, rank: int, size: int) -> torch.Tensor:
 
 
 def eval_batches(
-    dataset: Datasets | Dataset, batch_size: int, rank: int, size: int, num_workers: int = 0, pin_memory: bool = False
+    dataset: Datasets | Dataset,
+    batch_size: int,
+    rank: int,
+    size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    limit: int | None = None,
 ) -> Iterator[Batch]:
     """This rank's share of the test set (``dataset`` or ``Datasets.test``), unshuffled, unaugmented;
     the last batch may be smaller, and a rank may get no batch when the test set has fewer samples
-    than there are ranks."""
+    than there are ranks. ``limit`` (``data.eval_samples``) keeps the first this many samples before
+    they are split, so every evaluation sees the same ones; None keeps them all."""
     if isinstance(dataset, Datasets):
         dataset = dataset.test
-    indices = eval_indices(len(dataset), rank, size)  # type: ignore[arg-type]
-    if isinstance(dataset, TensorSamples):
+    available = len(dataset)  # type: ignore[arg-type]
+    indices = eval_indices(available if limit is None else min(limit, available), rank, size)
+    if isinstance(dataset, IndexedBatches):
         for start in range(0, len(indices), batch_size):
             yield dataset.batch(indices[start : start + batch_size])
         return
