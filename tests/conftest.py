@@ -38,6 +38,7 @@ SLOW_FILES = {
     "mpi/test_bad_input.py",
     "mpi/test_cli.py",
     "mpi/test_collectives.py",
+    "mpi/test_language.py",
 }
 
 

@@ -125,7 +125,8 @@ def simulate(
         for w, opt, wb in zip(workers, opts, batches, strict=True):
             opt.zero_grad()
             x, y = wb[s]
-            F.cross_entropy(w(x), y).backward()
+            out = w(x)  # [batch, classes], or a language model's [batch, positions, vocab]
+            F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
         # Synchronous phase: gradients averaged over all ranks; local phase: inside each worker.
         for group in _groups(len(workers), len(workers) if synchronous else algo.ranks_per_worker):
             for params in zip(*(workers[r].parameters() for r in group), strict=True):

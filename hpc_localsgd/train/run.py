@@ -417,6 +417,18 @@ def open_metrics(
 INNER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon (matrices) + AdamW"}
 
 
+def corpus_summary(language: dict[str, Any] | None) -> str:
+    """`` (source, size, unigram entropy)`` of a language run's corpus for the start-up line: the loss a
+    model that learned only token frequencies would reach, against which the validation loss reads."""
+    if language is None:
+        return ""
+    corpus = language["corpus"]
+    entropy = corpus.get("unigram_entropy")
+    return f" ({corpus['source']}, {human_bytes(corpus['bytes'])}" + (
+        f", unigram entropy {entropy:.3f} nats/token)" if entropy is not None else ")"
+    )
+
+
 def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
     beside = ""
     if opt.engine.uses_sync_thread:
@@ -425,7 +437,7 @@ def start_line(cfg: RunConfig, workers: Workers, opt: Optimization) -> str:
         beside = f", no sync thread ({opt.engine.no_sync_thread_because})"
     return (
         f"hpc-localsgd: {describe_method(cfg)}{beside} | {workers.description}, {cfg.train.precision} | "
-        f"{cfg.model.name} on {cfg.data.name} | "
+        f"{cfg.model.name} on {cfg.data.name}{corpus_summary(workers.language)} | "
         f"global batch {opt.global_batch}, {INNER_NAMES[cfg.optim.name]} at peak lr {opt.lr_schedule.peak:.4g} | "
         f"{opt.total_steps} steps "
         f"({workers.steps_per_epoch}/epoch) | run dir {cfg.output.run_dir}"

@@ -36,6 +36,18 @@ BASE = [
     "output.metrics_flush_seconds=0",
 ]
 
+# A one-block GPT on the first 20 kB of the standard library's source, in windows of 16 bytes.
+GPT_TEXT = [
+    "model.name=gpt",
+    "model.gpt.layers=1",
+    "model.gpt.heads=2",
+    "model.gpt.dim=16",
+    "model.gpt.seq_len=16",
+    "data.name=text",
+    "data.text.max_bytes=20000",
+    "data.eval_samples=64",
+]
+
 # AdamW at a learning rate it trains with (the base's 3.2 per 256 is SGD's).
 _ADAMW = ["optim.name=adamw", "optim.lr_per_256=0.05", "optim.weight_decay=0.1"]
 
@@ -111,6 +123,14 @@ CASES: dict[str, list[str]] = {
         "algorithm.sync_delay=1",
         "algorithm.outer=nesterov",
         "comm.sync_compression=int8",
+        *_ADAMW,
+    ],
+    # The language model: a one-block GPT (tied embeddings, causal attention) on byte-level text.
+    "gpt_text_adamw_nesterov_H4": [
+        "algorithm.method=local_sgd",
+        "algorithm.sync_period=4",
+        "algorithm.outer=nesterov",
+        *GPT_TEXT,
         *_ADAMW,
     ],
     # Half-precision gradients in the synchronous phase (comm.gradient_compression).
@@ -317,7 +337,7 @@ def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.n
 
     cfg = load_config(None, overrides)
     seed_everything(cfg.seed)
-    datasets = build_datasets(cfg.data, cfg.seed)
+    datasets = build_datasets(cfg.data, cfg.seed, seq_len=cfg.model.gpt.seq_len)
     model = build_model(cfg.model, datasets.num_classes, datasets.input_shape)
     shards = [
         ShardedBatches(datasets.train, cfg.data.batch_size, rank, ranks, cfg.seed, augment=cfg.data.augment)

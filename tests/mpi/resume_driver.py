@@ -26,7 +26,7 @@ from hpc_localsgd.io.metrics import read_metrics  # noqa: E402
 from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
 from hpc_localsgd.train.loop import TrainResult, train  # noqa: E402
 from hpc_localsgd.train.ranks import merged_groups, planned_groups  # noqa: E402
-from tests.mpi.cases import BASE  # noqa: E402
+from tests.mpi.cases import BASE, GPT_TEXT  # noqa: E402
 
 STOP = 7  # between two syncs for H = 4, before the post-local switch
 TOTAL = 2 * STOP
@@ -115,6 +115,16 @@ RESUME_CASES["muon_mlp_bf16_fragments2_H4"] = [
     *RESUME_CASES["muon_mlp_H4"],
     "algorithm.fragments=2",
     "train.precision=bf16",
+]
+# The language model through a checkpoint: Muon on its hidden matrices, AdamW on the tied embedding, the
+# moments averaged at each sync; data windows found again from (seed, rank, step), no sampler saved.
+RESUME_CASES["gpt_text_muon_avg_state_H4"] = [
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=4",
+    "algorithm.optimizer_state=average",
+    *GPT_TEXT,
+    "optim.name=muon",
+    "optim.lr_per_256=0.05",
 ]
 # Cases for 4 ranks (--cases), run by tests/mpi/test_worker_groups.py: workers of 2 ranks.
 FOUR_RANK_RESUME_CASES: dict[str, list[str]] = {
