@@ -11,7 +11,12 @@ was planned for), ``levels`` (JSON: the levels of the run's hierarchy, ``global`
 written by the training loop; ``stopped`` ("diverged"), ``stopped_step`` and ``stopped_reason``
 when training stopped on a non-finite loss or model; ``first_step`` when the file was started
 afresh on a resume (its rows begin after that step: the damaged file before it was set aside);
-``emulated_link`` (the rate, e.g. "10mbit") when the ranks ran on an emulated slow network.
+``emulated_link`` (the rate, e.g. "10mbit") when the ranks ran on an emulated slow network;
+``language`` (JSON) only for language-model runs: ``tokens_per_sample`` (the window length),
+``bytes_per_token`` (1 for byte-level text, null when unknown) and ``corpus`` (``source``, ``files``,
+``bytes``, ``digest``, ``train_tokens``, ``val_tokens``, ``bytes_per_token``, ``unigram_entropy`` in
+nats per token). In such runs ``evals/test_loss`` is the validation loss in nats per token,
+``evals/test_accuracy`` the next-token accuracy and ``global_batch`` counts sequences per step.
 Besides the totals ``bytes_sent`` and ``sync_rounds``, both groups have ``<level>_bytes_sent``
 and ``<level>_sync_rounds`` for every level (files written before levels existed have neither:
 all their traffic is ``global``).
@@ -60,6 +65,8 @@ FIRST_STEP_ATTR = "first_step"  # root attribute of a file restarted on resume: 
 # Root attribute of a run whose ranks ran on an emulated slow network (launcher/slownet.py): the
 # link's rate in tc's notation; its step times were measured on that link.
 EMULATED_LINK_ATTR = "emulated_link"
+# Root attribute (JSON) of a language-model run only: its window length, bytes per token and corpus.
+LANGUAGE_ATTR = "language"
 DIVERGED = "diverged"
 FINISHED, UNFINISHED = "finished", "unfinished"  # the other values of run_status
 
