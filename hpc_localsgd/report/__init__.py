@@ -4,6 +4,10 @@ collect (find and read runs) → table (group by task, method, H, workers; aggre
 plots (accuracy against H; curves against steps, time, bytes and sync rounds); on request,
 tradeoff (every configuration at projected time to train and final accuracy, the Pareto front,
 time to a target accuracy), and beside it runs measured on an emulated slow network.
+
+Language-model runs (metrics files with the ``language`` attribute) are judged by validation loss
+instead of accuracy, lower being better, in every table and figure; see :mod:`.table`, :mod:`.plots`
+and :mod:`.tradeoff`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class Output:
     """Files written together by one call (a table; a figure as PNG and SVG)."""
 
     files: list[Path]
-    write: Callable[[], None]
+    write: Callable[[], object]  # a plotting function returns its figure: of no use here
 
 
 def _task_suffix(task: str) -> str:
@@ -62,8 +66,9 @@ def plan_outputs(
     """Every file the report will write, with what writes it.
 
     Known before anything is written, so that a refusal to overwrite leaves no half-written report.
-    When the runs span several tasks (dataset/model), each task gets figures of its own, named with
-    the task; the tables hold every task (a task column in CSV, a section per task in Markdown).
+    When the runs span several tasks (dataset/model; for a language model also its corpus), each task
+    gets figures of its own, named with the task; the tables hold every task (a task column in CSV, a
+    section per task in Markdown). A language model's final results against H are ``loss_vs_H``.
     With ``timing``, the trade-off table (tradeoff.csv, tradeoff.md) and a trade-off figure per task;
     with ``measured`` rows too, their table (tradeoff-measured.csv, .md) and a panel per emulated link
     in the trade-off figure of their task.
@@ -78,8 +83,9 @@ def plan_outputs(
     for task in tasks:
         suffix = _task_suffix(task) if len(tasks) > 1 else ""
         task_rows = [row for row in rows if row.key.task == task]
-        files = _figure(out, f"accuracy_vs_H{suffix}")
-        title = f"Final test accuracy against sync period H — {task}"
+        language = all(row.is_language for row in task_rows)
+        files = _figure(out, f"{'loss' if language else 'accuracy'}_vs_H{suffix}")
+        title = f"Final {'validation loss' if language else 'test accuracy'} against sync period H — {task}"
         # partial binds this iteration's values (a bare closure would see the last task's).
         plan.append(Output(files, functools.partial(plot_accuracy_vs_sync_period, task_rows, files, title)))
         for workers in sorted({key.workers for key in groups if key.task == task}):
