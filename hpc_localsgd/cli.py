@@ -290,10 +290,11 @@ def _add_report(verbs: Verbs) -> None:
     report.add_argument(
         "--target",
         type=float,
-        default=0.9,
+        default=None,
         metavar="FRACTION",
         help="time to target: steps, bytes and projected time to reach this fraction of all-reduce's final test "
-        "accuracy at the same task and worker count (default: 0.9)",
+        "accuracy at the same task and worker count (default: 0.9); for language models a validation loss of "
+        "(2 - FRACTION) x all-reduce's final loss (default: 0.98, i.e. its loss + 2%%)",
     )
     report.add_argument(
         "--measured",

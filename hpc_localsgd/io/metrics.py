@@ -12,7 +12,11 @@ written by the training loop; ``stopped`` ("diverged"), ``stopped_step`` and ``s
 when training stopped on a non-finite loss or model; ``first_step`` when the file was started
 afresh on a resume (its rows begin after that step: the damaged file before it was set aside);
 ``emulated_link`` (the rate, e.g. "10mbit") when the ranks ran on an emulated slow network;
-``language`` (JSON, :data:`LANGUAGE_ATTR`) for a language model's run.
+``language`` (JSON) only for language-model runs: ``tokens_per_sample`` (the window length),
+``bytes_per_token`` (1 for byte-level text, null when unknown) and ``corpus`` (``source``, ``files``,
+``bytes``, ``digest``, ``train_tokens``, ``val_tokens``, ``bytes_per_token``, ``unigram_entropy`` in
+nats per token). In such runs ``evals/test_loss`` is the validation loss in nats per token,
+``evals/test_accuracy`` the next-token accuracy and ``global_batch`` counts sequences per step.
 Besides the totals ``bytes_sent`` and ``sync_rounds``, both groups have ``<level>_bytes_sent``
 and ``<level>_sync_rounds`` for every level (files written before levels existed have neither:
 all their traffic is ``global``).

@@ -4,6 +4,10 @@ collect (find and read runs) → table (group by task, method, H, workers; aggre
 plots (accuracy against H; curves against steps, time, bytes and sync rounds); on request,
 tradeoff (every configuration at projected time to train and final accuracy, the Pareto front,
 time to a target accuracy), and beside it runs measured on an emulated slow network.
+
+Language-model runs (metrics files with the ``language`` attribute) are judged by validation loss
+instead of accuracy, lower being better, in every table and figure; see :mod:`.table`, :mod:`.plots`
+and :mod:`.tradeoff`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from .drift import drift_figures
 from .plots import plot_accuracy_vs_sync_period, plot_curves
 from .table import GroupKey, ResultRow, group_runs, summarise, write_csv, write_markdown
 from .tradeoff import (
-    DEFAULT_TARGET,
     MeasuredRow,
     Timing,
     load_timing,
@@ -41,7 +44,7 @@ class Output:
     """Files written together by one call (a table; a figure as PNG and SVG)."""
 
     files: list[Path]
-    write: Callable[[], None]
+    write: Callable[[], object]  # a plotting function returns its figure: of no use here
 
 
 def _task_suffix(task: str) -> str:
@@ -56,14 +59,15 @@ def plan_outputs(
     runs: Sequence[Run],
     out: Path,
     timing: Timing | None = None,
-    target: float = DEFAULT_TARGET,
+    target: float | None = None,
     measured: Sequence[MeasuredRow] = (),
 ) -> list[Output]:
     """Every file the report will write, with what writes it.
 
     Known before anything is written, so that a refusal to overwrite leaves no half-written report.
-    When the runs span several tasks (dataset/model), each task gets figures of its own, named with
-    the task; the tables hold every task (a task column in CSV, a section per task in Markdown).
+    When the runs span several tasks (dataset/model; for a language model also its corpus), each task
+    gets figures of its own, named with the task; the tables hold every task (a task column in CSV, a
+    section per task in Markdown). A language model's final results against H are ``loss_vs_H``.
     With ``timing``, the trade-off table (tradeoff.csv, tradeoff.md) and a trade-off figure per task;
     with ``measured`` rows too, their table (tradeoff-measured.csv, .md) and a panel per emulated link
     in the trade-off figure of their task.
@@ -78,8 +82,9 @@ def plan_outputs(
     for task in tasks:
         suffix = _task_suffix(task) if len(tasks) > 1 else ""
         task_rows = [row for row in rows if row.key.task == task]
-        files = _figure(out, f"accuracy_vs_H{suffix}")
-        title = f"Final test accuracy against sync period H — {task}"
+        language = all(row.is_language for row in task_rows)
+        files = _figure(out, f"{'loss' if language else 'accuracy'}_vs_H{suffix}")
+        title = f"Final {'validation loss' if language else 'test accuracy'} against sync period H — {task}"
         # partial binds this iteration's values (a bare closure would see the last task's).
         plan.append(Output(files, functools.partial(plot_accuracy_vs_sync_period, task_rows, files, title)))
         for workers in sorted({key.workers for key in groups if key.task == task}):
@@ -95,7 +100,12 @@ def plan_outputs(
 
 
 def _tradeoff_outputs(
-    runs: Sequence[Run], out: Path, timing: Timing, target: float, tasks: list[str], measured: Sequence[MeasuredRow]
+    runs: Sequence[Run],
+    out: Path,
+    timing: Timing,
+    target: float | None,
+    tasks: list[str],
+    measured: Sequence[MeasuredRow],
 ) -> list[Output]:
     rows = tradeoff_rows(runs, timing, target)
     plan = [
@@ -116,7 +126,8 @@ def _tradeoff_outputs(
         files = _figure(out, "tradeoff" + (_task_suffix(task) if len(every_task) > 1 else ""))
         task_rows = [row for row in rows if row.key.task == task]
         task_measured = [row for row in measured if row.key.task == task]
-        title = f"Projected time to train against final test accuracy — {task}"
+        language = all(row.is_language for row in [*task_rows, *task_measured])
+        title = f"Projected time to train against final {'validation loss' if language else 'test accuracy'} — {task}"
         if task_measured:
             title += "; beside it, runs measured on an emulated link"
         plan.append(Output(files, functools.partial(plot_tradeoff, task_rows, files, title, timing, task_measured)))
@@ -130,7 +141,7 @@ def write_report(
     say: Callable[[str], None] | None = print,
     tradeoff: bool = False,
     timing: str | Path | None = None,
-    target: float = DEFAULT_TARGET,
+    target: float | None = None,
     measured: Sequence[str | Path] = (),
 ) -> list[Path]:
     """Read every run below ``paths`` (run directories, sweep folders or metrics files) and write the
@@ -138,8 +149,10 @@ def write_report(
 
     ``tradeoff`` (implied by ``timing``, a ``bench`` JSON, and by ``measured``) adds the speed–accuracy
     trade-off (:mod:`.tradeoff`); ``target``: time to reach this fraction of all-reduce SGD's final
-    accuracy. ``measured``: paths of runs trained on an emulated slow network, drawn at their measured
-    and projected time in a panel of their own beside the projected ones (not in the other outputs).
+    accuracy, or for a language model a validation loss of (2 − ``target``) × all-reduce's (None: 0.9 for
+    classifiers, 0.98, i.e. + 2 %, for language models; :func:`.tradeoff.absolute_target`). ``measured``:
+    paths of runs trained on an emulated slow network, drawn at their measured and projected time in a
+    panel of their own beside the projected ones (not in the other outputs).
 
     Returns the files written, in order. Raises :class:`UserError` for bad input, and for an
     existing output file unless ``overwrite``. ``say`` receives one line per file and a summary.
@@ -147,7 +160,7 @@ def write_report(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a directory")
-    if not target > 0:
+    if target is not None and not target > 0:
         raise UserError(f"--target: must be a fraction > 0 of all-reduce's final accuracy, got {target}")
     chosen = load_timing(timing) if tradeoff or timing is not None or measured else None
     runs = collect_runs(paths)

@@ -1,5 +1,9 @@
 """Find the ``metrics.h5`` files below the paths a user names and read each into a :class:`Run`.
 
+A language-model run (one whose file has the ``language`` attribute) also carries its window length,
+bytes per token and corpus (:class:`Language`); its task names the corpus by digest, so that runs on
+different text are never averaged as seeds of one configuration.
+
 Runs may still be going: their writer opens the file for append at any moment (no locking, no
 SWMR, see :mod:`hpc_localsgd.io.metrics`), so a read that fails is retried a few times and the run
 is skipped with a warning if it still fails. A file that is plainly not ours is a user error.
@@ -25,6 +29,7 @@ from ..io.hdf5 import attr_text, is_hdf5, open_error_reason
 from ..io.metrics import (
     EMULATED_LINK_ATTR,
     FINISHED,
+    LANGUAGE_ATTR,
     METRICS_FILE,
     METRICS_FORMAT,
     STOPPED_ATTR,
@@ -87,6 +92,33 @@ class Evals:
         return int(self.step.shape[0])
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """The text a language model learned from, as its run describes it (None: not stated)."""
+
+    source: str
+    files: int | None = None
+    bytes: int | None = None
+    digest: str | None = None  # tells two corpora apart
+    train_tokens: int | None = None
+    val_tokens: int | None = None
+    unigram_entropy: float | None = None  # nats per token: the loss of a model that learned token frequencies only
+
+    @property
+    def short_digest(self) -> str | None:
+        """The digest's first 8 characters after any "<algorithm>:" prefix: enough to tell corpora apart."""
+        return None if not self.digest else self.digest.rsplit(":", 1)[-1][:8]
+
+
+@dataclass(frozen=True)
+class Language:
+    """What makes a run a language-model run: its loss is in nats per token, its samples are windows."""
+
+    tokens_per_sample: int | None  # the window (sequence) length
+    bytes_per_token: float | None  # 1 for byte-level text; None when unknown (token files)
+    corpus: Corpus | None
+
+
 @dataclass
 class Run:
     """One training run as the report sees it: what it was (its group) and what it measured."""
@@ -104,6 +136,15 @@ class Run:
     stopped: str | None = None  # "diverged": training stopped at ``stopped_step`` on a NaN or inf model
     stopped_step: int | None = None
     emulated_link: str | None = None  # the rate (tc's notation) of the emulated network it ran on
+    language: Language | None = None  # a language-model run's window and corpus; None for a classifier
+    global_batch: int | None = None  # samples (sequences for a language model) per step, all workers together
+
+    @property
+    def tokens_per_step(self) -> int | None:
+        """Tokens every step trains on (global batch × window), for a language-model run that states both."""
+        if self.language is None or self.language.tokens_per_sample is None or self.global_batch is None:
+            return None
+        return self.global_batch * self.language.tokens_per_sample
 
     @property
     def status(self) -> str:
@@ -162,6 +203,10 @@ def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.
     method = str(algorithm.get("method", "local_sgd"))
     label = method_label(method, str(algorithm.get("outer", "none")))
     task = f"{(config.get('data') or {}).get('name', '?')}/{(config.get('model') or {}).get('name', '?')}"
+    language = read_language(path, attrs)
+    digest = language.corpus.short_digest if language is not None and language.corpus is not None else None
+    if digest is not None:  # runs on different text are different tasks, never seeds of one configuration
+        task += f" (corpus {digest})"
     evals = series["evals"]
     missing = [name for name in _EVAL_FIELDS if name not in evals]
     if missing:
@@ -191,7 +236,42 @@ def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.
         stopped=attr_text(attrs, STOPPED_ATTR) or None,
         stopped_step=int(attrs[STOPPED_STEP_ATTR]) if STOPPED_STEP_ATTR in attrs else None,
         emulated_link=attr_text(attrs, EMULATED_LINK_ATTR) or None,
+        language=language,
+        global_batch=int(attrs["global_batch"]) if "global_batch" in attrs else None,
     )
+
+
+def _optional(kind: type, value: Any) -> Any:
+    return None if value is None else kind(value)
+
+
+def read_language(path: Path, attrs: dict[str, Any]) -> Language | None:
+    """The run's ``language`` attribute, or None for a classifier run (files without it).
+
+    Raises :class:`UserError` when it is there but is not the JSON object the training loop writes."""
+    text = attr_text(attrs, LANGUAGE_ATTR)
+    if not text:
+        return None
+    try:
+        document = json.loads(text)
+        corpus = document.get("corpus")
+        bytes_per_token = document.get("bytes_per_token")
+        if bytes_per_token is None and isinstance(corpus, dict):
+            bytes_per_token = corpus.get("bytes_per_token")
+        return Language(
+            tokens_per_sample=_optional(int, document.get("tokens_per_sample")),
+            bytes_per_token=_optional(float, bytes_per_token),
+            corpus=None
+            if not isinstance(corpus, dict)
+            else Corpus(
+                source=str(corpus.get("source", "?")),
+                **{name: _optional(int, corpus.get(name)) for name in ("files", "bytes", "train_tokens", "val_tokens")},
+                digest=_optional(str, corpus.get("digest")),
+                unigram_entropy=_optional(float, corpus.get("unigram_entropy")),
+            ),
+        )
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        raise UserError(f"'{path}': unreadable {LANGUAGE_ATTR} attribute ({exc.__class__.__name__})") from None
 
 
 def summed_step_times(eval_steps: np.ndarray, steps: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,12 @@ CURVE_AXES = (
     ("bytes_sent", "bytes sent per worker"),
     ("sync_rounds", "sync rounds"),
 )
+# A language model's: tokens trained join them (what its compute is counted in).
+LANGUAGE_CURVE_AXES = (CURVE_AXES[0], ("tokens", "tokens trained"), *CURVE_AXES[1:])
+# The loss of a model that learned how often each token occurs and nothing else: where training leaves
+# the trivial solution behind. Byte-level text's tokens are bytes.
+UNIGRAM_LABEL = "unigram entropy (learned byte frequencies only)"
+UNIGRAM_TOKEN_LABEL = "unigram entropy (learned token frequencies only)"
 
 
 def method_color(method: str, others: Sequence[str] = ()) -> str:
@@ -83,11 +89,83 @@ def _sync_period_axis(ax: Axes, largest: int) -> None:
     ax.set_xlim(0.8, top * 1.25)
 
 
-def plot_accuracy_vs_sync_period(rows: Sequence[ResultRow], files: Sequence[Path], title: str) -> None:
+# Language models are judged by their loss, which falls as they get better: every loss axis says so.
+LOSS_AXIS_LABEL = "validation loss (nats/token) — lower is better"
+FINAL_LOSS_AXIS_LABEL = f"final {LOSS_AXIS_LABEL}"
+FINAL_ACCURACY_AXIS_LABEL = "final test accuracy (%)"
+
+
+def final_axis_label(language: bool) -> str:
+    """The y label of a figure of final results: a language model's loss, a classifier's accuracy."""
+    return FINAL_LOSS_AXIS_LABEL if language else FINAL_ACCURACY_AXIS_LABEL
+
+
+def row_quality(row: ResultRow) -> tuple[float, float]:
+    """(mean, std) of what a final-results axis shows: a language model's validation loss in nats per token,
+    a classifier's test accuracy in percent."""
+    if row.is_language:
+        return row.loss_mean, row.loss_std or 0.0
+    return 100 * row.accuracy_mean, 100 * (row.accuracy_std or 0.0)
+
+
+def _going_handle() -> Line2D:
+    """The legend's open marker: a point whose seeds are still running."""
+    return Line2D(
+        [],
+        [],
+        linestyle="none",
+        marker="o",
+        markersize=7,
+        markerfacecolor="white",
+        markeredgecolor="0.3",
+        markeredgewidth=1.5,
+    )
+
+
+def _plot_method_over_h(ax: Axes, points: Sequence[ResultRow], method: str, color: str) -> bool:
+    """One method's final results over H (all-reduce: a horizontal line shaded ±std); open markers where
+    seeds are still going. Whether any are."""
+    mean = np.array([row_quality(p)[0] for p in points])
+    std = np.array([row_quality(p)[1] for p in points])
+    if method == BASELINE:
+        ax.axhline(mean[0], color=color, linewidth=1.6, label=method)
+        ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=color, alpha=0.15, linewidth=0)
+    else:
+        ax.errorbar(
+            [p.key.sync_period for p in points],
+            mean,
+            yerr=std,
+            color=color,
+            marker="o",
+            markersize=4,
+            capsize=3,
+            linewidth=1.6,
+            label=method,
+        )
+    going = [i for i, p in enumerate(points) if p.finished < p.seeds]
+    if going:
+        # A run still going reports its result so far: mark the point so nobody reads it as final.
+        ax.plot(
+            [points[i].key.sync_period for i in going],
+            mean[going],
+            linestyle="none",
+            marker="o",
+            markersize=7,
+            markerfacecolor="white",
+            markeredgecolor=color,
+            markeredgewidth=1.5,
+            zorder=5,
+        )
+    return bool(going)
+
+
+def plot_accuracy_vs_sync_period(rows: Sequence[ResultRow], files: Sequence[Path], title: str) -> Figure:
     """One panel per worker count; a curve per method over H with std error bars. All-reduce has
-    no H: it is the horizontal reference line, shaded ±std."""
+    no H: it is the horizontal reference line, shaded ±std. For a language model (its rows say so) the
+    final validation loss instead of accuracy, its axis saying lower is better. Returns the figure saved."""
     workers = sorted({row.key.workers for row in rows})
     methods = list(dict.fromkeys(row.key.method for row in rows))
+    language = all(row.is_language for row in rows)
     figure = Figure(figsize=(1.5 + 4.2 * len(workers), 4.2), layout="constrained")
     axes = figure.subplots(1, len(workers), sharey=True, squeeze=False)[0]
     largest = max(row.key.sync_period for row in rows)
@@ -96,66 +174,23 @@ def plot_accuracy_vs_sync_period(rows: Sequence[ResultRow], files: Sequence[Path
         panel = [row for row in rows if row.key.workers == count]
         for method in methods:
             points = sorted((row for row in panel if row.key.method == method), key=lambda r: r.key.sync_period)
-            if not points:
-                continue
-            color = method_color(method, methods)
-            mean = np.array([100 * p.accuracy_mean for p in points])
-            std = np.array([100 * (p.accuracy_std or 0.0) for p in points])
-            if method == BASELINE:
-                ax.axhline(mean[0], color=color, linewidth=1.6, label=method)
-                ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=color, alpha=0.15, linewidth=0)
-            else:
-                ax.errorbar(
-                    [p.key.sync_period for p in points],
-                    mean,
-                    yerr=std,
-                    color=color,
-                    marker="o",
-                    markersize=4,
-                    capsize=3,
-                    linewidth=1.6,
-                    label=method,
-                )
-            going = [i for i, p in enumerate(points) if p.finished < p.seeds]
-            if going:
-                # A run still going reports its accuracy so far: mark the point so nobody reads it as final.
-                ax.plot(
-                    [points[i].key.sync_period for i in going],
-                    mean[going],
-                    linestyle="none",
-                    marker="o",
-                    markersize=7,
-                    markerfacecolor="white",
-                    markeredgecolor=color,
-                    markeredgewidth=1.5,
-                    zorder=5,
-                )
-                any_going = True
+            if points:
+                any_going |= _plot_method_over_h(ax, points, method, method_color(method, methods))
         _sync_period_axis(ax, largest)
         ax.set_title(f"{count} worker{'s' if count != 1 else ''}")
         ax.set_xlabel("sync period H (local steps between averages)")
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("final test accuracy (%)")
+    axes[0].set_ylabel(final_axis_label(language))
     handles, labels = _unique_legend(axes)
     if any_going:
-        handles.append(
-            Line2D(
-                [],
-                [],
-                linestyle="none",
-                marker="o",
-                markersize=7,
-                markerfacecolor="white",
-                markeredgecolor="0.3",
-                markeredgewidth=1.5,
-            )
-        )
-        labels.append("seeds still running\n(accuracy so far)")
+        handles.append(_going_handle())
+        labels.append(f"seeds still running\n({'loss' if language else 'accuracy'} so far)")
     # Room for the legend beside the panels: labels that name a setting are long.
     figure.set_figwidth(figure.get_figwidth() + 0.08 * max((len(label) for label in labels), default=0))
     figure.legend(handles, labels, loc="outside right center", frameon=False)
     figure.suptitle(title)
     _save(figure, files)
+    return figure
 
 
 def _unique_legend(axes: Sequence[Axes]) -> tuple[list, list[str]]:
@@ -186,6 +221,8 @@ def mean_curve(runs: Sequence[Run]) -> MeanCurve:
             stack[i, np.searchsorted(steps, run.evals.step)] = getattr(run.evals, name)
         values[name] = np.nanmean(stack, axis=0)  # every column has at least one run: no all-NaN warning
     values["step"] = steps.astype(float)
+    per_step = runs[0].tokens_per_step  # one configuration: one global batch and window
+    values["tokens"] = steps * float(per_step) if per_step is not None else np.full(len(steps), np.nan)
     return MeanCurve(step=steps, values=values)
 
 
@@ -194,36 +231,54 @@ def _spans_decades(arrays: Sequence[np.ndarray]) -> bool:
     return positive.size > 0 and positive.max() / positive.min() >= 100
 
 
-def plot_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title: str) -> None:
-    """Rows: test accuracy; test loss (solid) and train loss (dashed). Columns: the costs in CURVE_AXES.
-    One line per (method, H): color per method, shade per H."""
+def _cost_axes(bottom: Sequence[Axes], curves: Sequence[MeanCurve], costs: Sequence[tuple[str, str]]) -> None:
+    """Label the curves figure's x axes (the bottom row), logarithmic where counts span decades."""
+    for ax, (x_name, x_label) in zip(bottom, costs, strict=True):
+        ax.set_xlabel(x_label)
+        if x_name in ("bytes_sent", "sync_rounds") and _spans_decades([c.values[x_name] for c in curves]):
+            # All-reduce sends H times what local SGD does: on a linear axis the local runs crowd at zero.
+            ax.set_xscale("log")
+        if x_name in ("bytes_sent", "tokens"):
+            ax.xaxis.set_major_formatter(EngFormatter(unit="B" if x_name == "bytes_sent" else ""))
+            if ax.get_xscale() == "linear":
+                ax.xaxis.set_major_locator(MaxNLocator(4))  # "250 kB" labels need room
+
+
+def _curve_styles(groups: dict[GroupKey, list[Run]]) -> dict[GroupKey, tuple[tuple[float, float, float], str]]:
+    """(color, legend label) of each group's line: color per method, shade per H."""
     methods = list(dict.fromkeys(key.method for key in groups))
     periods = {m: sorted({key.sync_period for key in groups if key.method == m}) for m in methods}
+    return {
+        key: (
+            _shade(
+                method_color(key.method, methods), periods[key.method].index(key.sync_period), len(periods[key.method])
+            ),
+            key.method if key.method == BASELINE else f"{key.method}, H={key.sync_period}",
+        )
+        for key in groups
+    }
+
+
+def plot_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title: str) -> Figure:
+    """Rows: test accuracy; test loss (solid) and train loss (dashed). Columns: the costs in CURVE_AXES.
+    One line per (method, H): color per method, shade per H. Language models get
+    :func:`plot_language_curves`. Returns the figure saved."""
+    if all(run.language is not None for runs in groups.values() for run in runs):
+        return plot_language_curves(groups, files, title)
     curves = {key: mean_curve(runs) for key, runs in groups.items()}
+    styles = _curve_styles(groups)
     figure = Figure(figsize=(17, 7.5), layout="constrained")
     axes = figure.subplots(2, len(CURVE_AXES), sharex="col", sharey="row")
     for key, curve in curves.items():
-        color = _shade(
-            method_color(key.method, methods), periods[key.method].index(key.sync_period), len(periods[key.method])
-        )
-        label = key.method if key.method == BASELINE else f"{key.method}, H={key.sync_period}"
+        color, label = styles[key]
         for column, (x_name, _) in enumerate(CURVE_AXES):
             x = curve.values[x_name]
             axes[0, column].plot(x, 100 * curve.values["test_accuracy"], color=color, linewidth=1.5, label=label)
             axes[1, column].plot(x, curve.values["test_loss"], color=color, linewidth=1.5)
             axes[1, column].plot(x, curve.values["train_loss"], color=color, linewidth=1.2, linestyle="--")
-    for column, (x_name, x_label) in enumerate(CURVE_AXES):
-        bottom = axes[1, column]
-        bottom.set_xlabel(x_label)
-        if x_name in ("bytes_sent", "sync_rounds") and _spans_decades([c.values[x_name] for c in curves.values()]):
-            # All-reduce sends H times what local SGD does: on a linear axis the local runs crowd at zero.
-            bottom.set_xscale("log")
-        if x_name == "bytes_sent":
-            bottom.xaxis.set_major_formatter(EngFormatter(unit="B"))
-            if bottom.get_xscale() == "linear":
-                bottom.xaxis.set_major_locator(MaxNLocator(4))  # "250 kB" labels need room
-        for row in range(2):
-            axes[row, column].grid(True, alpha=0.3)
+    _cost_axes(axes[1], list(curves.values()), CURVE_AXES)
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
     axes[0, 0].set_ylabel("test accuracy (%)")
     axes[1, 0].set_ylabel("loss")
     axes[1, 0].legend(
@@ -238,3 +293,53 @@ def plot_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title:
     figure.legend(handles, labels, loc="outside right upper", frameon=False)
     figure.suptitle(title)
     _save(figure, files)
+    return figure
+
+
+def unigram_entropy(runs: Sequence[Run]) -> tuple[float, str] | None:
+    """The corpus's unigram entropy (nats per token) as the first run that states it gives it, and the label
+    of its reference line (bytes or tokens, as the run's tokens are)."""
+    for run in runs:
+        language = run.language
+        if language is not None and language.corpus is not None and language.corpus.unigram_entropy is not None:
+            label = UNIGRAM_LABEL if language.bytes_per_token == 1 else UNIGRAM_TOKEN_LABEL
+            return language.corpus.unigram_entropy, label
+    return None
+
+
+def plot_language_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title: str) -> Figure:
+    """A language model's curves. Rows: validation loss (solid) and train loss (dotted), in nats per token,
+    with the corpus's unigram entropy dashed where it is known; next-token accuracy. Columns: the costs in
+    LANGUAGE_CURVE_AXES (tokens trained beside steps). Returns the figure saved."""
+    curves = {key: mean_curve(runs) for key, runs in groups.items()}
+    styles = _curve_styles(groups)
+    figure = Figure(figsize=(20, 7.5), layout="constrained")
+    axes = figure.subplots(2, len(LANGUAGE_CURVE_AXES), sharex="col", sharey="row")
+    for key, curve in curves.items():
+        color, label = styles[key]
+        for column, (x_name, _) in enumerate(LANGUAGE_CURVE_AXES):
+            x = curve.values[x_name]
+            axes[0, column].plot(x, curve.values["test_loss"], color=color, linewidth=1.5, label=label)
+            axes[0, column].plot(x, curve.values["train_loss"], color=color, linewidth=1.2, linestyle=":")
+            axes[1, column].plot(x, 100 * curve.values["test_accuracy"], color=color, linewidth=1.5)
+    reference = unigram_entropy([run for runs in groups.values() for run in runs])
+    if reference is not None:
+        for ax in axes[0]:
+            ax.axhline(reference[0], color="0.5", linestyle="--", linewidth=1.0, label=reference[1])
+    _cost_axes(axes[1], list(curves.values()), LANGUAGE_CURVE_AXES)
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+    axes[0, 0].set_ylabel(LOSS_AXIS_LABEL)
+    axes[1, 0].set_ylabel("next-token accuracy (%)")
+    # One legend beside the panels: the methods, then what each kind of line is.
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    legend = dict(zip(labels, handles, strict=True))
+    unigram = legend.pop(reference[1]) if reference is not None else None
+    legend["validation loss"] = Line2D([], [], color="0.3")
+    legend["train loss"] = Line2D([], [], color="0.3", linestyle=":")
+    if reference is not None:
+        legend[reference[1]] = unigram
+    figure.legend(list(legend.values()), list(legend), loc="outside right upper", frameon=False)
+    figure.suptitle(title)
+    _save(figure, files)
+    return figure

@@ -2,18 +2,25 @@
 
 "Final" means a run's last evaluation: the end of training for finished runs, the latest
 evaluation so far for runs still going (the ``complete`` column says how many are finished).
+
+Language models are judged by their final validation loss (nats per token, lower is better), not by
+accuracy: beside it bits per byte (loss / ln 2 / bytes per token), comparable across tokenizers, where the
+corpus fixes bytes per token, else perplexity (exp of the mean loss over seeds). Their next-token accuracy
+stays in the table. Classifier tables are as they were (the language columns join the CSV only when a
+language-model run is reported).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..algorithms.accounting import human_bytes
-from .collect import Run, method_rank
+from .collect import Language, Run, method_rank
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,30 @@ class ResultRow:
     wall_seconds_mean: float
     global_sync_rounds_mean: float  # between workers, over the slowest network
     global_bytes_sent_mean: float
+    loss_mean: float = math.nan  # final test (validation) loss; nats per token for a language model
+    loss_std: float | None = None
+    language: Language | None = None  # of the group's first run: one task has one corpus
+    tokens_per_step: int | None = None
+
+    @property
+    def is_language(self) -> bool:
+        return self.language is not None
+
+    @property
+    def bits_per_byte(self) -> tuple[float, float | None] | None:
+        """(mean, std) of loss / ln 2 / bytes per token, for a language model whose bytes per token are known."""
+        per_token = None if self.language is None else self.language.bytes_per_token
+        if not per_token:
+            return None
+        std = None if self.loss_std is None else self.loss_std / math.log(2) / per_token
+        return self.loss_mean / math.log(2) / per_token, std
+
+    @property
+    def perplexity(self) -> float | None:
+        """exp(mean loss), the seeds' geometric mean perplexity, for a language model without bits per byte."""
+        if self.language is None or self.bits_per_byte is not None:
+            return None
+        return math.exp(self.loss_mean)
 
     @property
     def hierarchical(self) -> bool:
@@ -68,6 +99,7 @@ def summarise(runs: Sequence[Run]) -> list[ResultRow]:
     rows = []
     for key, members in group_runs(runs).items():
         accuracy = [float(r.evals.test_accuracy[-1]) for r in members]
+        loss = [float(r.evals.test_loss[-1]) for r in members]
         rows.append(
             ResultRow(
                 key=key,
@@ -80,6 +112,10 @@ def summarise(runs: Sequence[Run]) -> list[ResultRow]:
                 wall_seconds_mean=statistics.fmean(float(r.evals.wall_seconds[-1]) for r in members),
                 global_sync_rounds_mean=statistics.fmean(float(r.evals.global_sync_rounds[-1]) for r in members),
                 global_bytes_sent_mean=statistics.fmean(float(r.evals.global_bytes_sent[-1]) for r in members),
+                loss_mean=statistics.fmean(loss),
+                loss_std=statistics.stdev(loss) if len(loss) > 1 else None,
+                language=members[0].language,
+                tokens_per_step=members[0].tokens_per_step,
             )
         )
     return rows
@@ -100,6 +136,16 @@ CSV_COLUMNS = (
     "global_sync_rounds_mean",
     "global_bytes_sent_per_worker_mean",
 )
+# Appended when a language model is reported: its loss and what follows from it (empty for classifiers,
+# whose test_accuracy columns hold a language model's next-token accuracy).
+LANGUAGE_CSV_COLUMNS = (
+    "val_loss_nats_per_token_mean",
+    "val_loss_nats_per_token_std",
+    "bits_per_byte_mean",
+    "bits_per_byte_std",
+    "perplexity",
+    "tokens_per_step",
+)
 
 
 def write_table_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
@@ -115,16 +161,27 @@ def number_cell(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
+def _language_cells(row: ResultRow) -> list[object]:
+    if not row.is_language:
+        return [""] * len(LANGUAGE_CSV_COLUMNS)
+    bits = row.bits_per_byte or (None, None)
+    return [number_cell(v) for v in (row.loss_mean, row.loss_std, *bits, row.perplexity)] + [
+        "" if row.tokens_per_step is None else row.tokens_per_step
+    ]
+
+
 def write_csv(rows: Sequence[ResultRow], path: Path) -> None:
     """Raw numbers (accuracy as a fraction) at full precision, for further analysis."""
+    language = any(row.is_language for row in rows)
     write_table_csv(
         path,
-        CSV_COLUMNS,
+        CSV_COLUMNS + (LANGUAGE_CSV_COLUMNS if language else ()),
         (
             [row.key.task, row.key.method, row.key.sync_period, row.key.workers, row.seeds]
             + [number_cell(v) for v in (row.accuracy_mean, row.accuracy_std, row.sync_rounds_mean)]
             + [number_cell(v) for v in (row.bytes_sent_mean, row.wall_seconds_mean)]
             + [row.complete, number_cell(row.global_sync_rounds_mean), number_cell(row.global_bytes_sent_mean)]
+            + (_language_cells(row) if language else [])
             for row in rows
         ),
     )
@@ -147,21 +204,70 @@ def format_accuracy(row: ResultRow) -> str:
     return f"{100 * row.accuracy_mean:.2f} ± {std}"
 
 
+LOSS_HEADER = "val loss (nats/token, lower is better)"
+BITS_HEADER = "bits per byte (lower is better)"
+PERPLEXITY_HEADER = "perplexity (lower is better)"
+
+
+def format_mean_std(mean: float, std: float | None, digits: int = 3) -> str:
+    return f"{mean:.{digits}f} ± {'–' if std is None else f'{std:.{digits}f}'}"
+
+
+def quality_columns(rows: Sequence[ResultRow]) -> tuple[str, ...]:
+    """The headers of what a task's rows reached: test accuracy for a classifier; for a language model its
+    loss, bits per byte or perplexity (whichever its rows have) and next-token accuracy."""
+    if not any(row.is_language for row in rows):
+        return ("test accuracy (%)",)
+    bits = (BITS_HEADER,) if any(row.bits_per_byte for row in rows) else ()
+    perplexity = (PERPLEXITY_HEADER,) if any(row.perplexity is not None for row in rows) else ()
+    return (LOSS_HEADER, *bits, *perplexity, "next-token accuracy (%)")
+
+
+def quality_cells(row: ResultRow, columns: Sequence[str]) -> tuple[str, ...]:
+    """The cells of :func:`quality_columns`; "–" where a row has no such value."""
+    if not row.is_language:
+        return (format_accuracy(row),)
+    bits, perplexity = row.bits_per_byte, row.perplexity
+    cells = {
+        LOSS_HEADER: format_mean_std(row.loss_mean, row.loss_std),
+        BITS_HEADER: "–" if bits is None else format_mean_std(*bits),
+        PERPLEXITY_HEADER: "–" if perplexity is None else f"{perplexity:.2f}",
+    }
+    return tuple(cells.get(column, format_accuracy(row)) for column in columns)
+
+
+def corpus_line(language: Language) -> str:
+    """What a language task learned from, in one line of Markdown (only what its runs state)."""
+    corpus = language.corpus
+    parts = []
+    if corpus is not None:
+        parts.append(f"Corpus: {corpus.source}")
+        if corpus.files is not None and corpus.bytes is not None:
+            parts.append(f"{corpus.files} file(s), {human_bytes(corpus.bytes)}")
+        if corpus.train_tokens is not None and corpus.val_tokens is not None:
+            parts.append(f"{corpus.train_tokens:,} training and {corpus.val_tokens:,} validation tokens")
+        if corpus.digest:
+            parts.append(f"digest `{corpus.digest}`")
+    if language.tokens_per_sample is not None:
+        parts.append(f"{language.tokens_per_sample} tokens per sequence")
+    if language.bytes_per_token is not None:
+        parts.append(f"{language.bytes_per_token:g} byte(s) per token")
+    if corpus is not None and corpus.unigram_entropy is not None:
+        parts.append(f"unigram entropy {corpus.unigram_entropy:.3f} nats/token (token frequencies only)")
+    return "; ".join(parts or ["Corpus: not stated"]) + "."
+
+
+LANGUAGE_NOTE = (
+    "Language models: final validation loss in nats per token, mean ± sample standard deviation over seeds "
+    "(lower is better); bits per byte = loss / ln 2 / bytes per token where the corpus fixes bytes per token, "
+    "else perplexity = exp(mean loss); next-token (top-1) accuracy in percent."
+)
+
+
 def markdown(rows: Sequence[ResultRow]) -> str:
     """One section per task; within it the table order of :func:`group_runs`. Runs whose ranks form
     workers (or groups) get the global rounds and bytes too: what crosses the slowest network."""
     hierarchical = any(row.hierarchical for row in rows)
-    header = (
-        "method",
-        "H",
-        "workers",
-        "seeds",
-        "test accuracy (%)",
-        "sync rounds",
-        "bytes sent / worker",
-        "wall time",
-        "complete",
-    ) + (("global rounds", "global bytes / worker") if hierarchical else ())
     lines = [
         "# Results",
         "",
@@ -169,23 +275,26 @@ def markdown(rows: Sequence[ResultRow]) -> str:
         "and wall time: mean over seeds at each run's last evaluation (the latest so far for runs still "
         "going; `complete` counts finished runs). H does not apply to all-reduce (1).",
     ]
+    if any(row.is_language for row in rows):
+        lines += ["", LANGUAGE_NOTE]
     for task in dict.fromkeys(row.key.task for row in rows):
+        mine = [row for row in rows if row.key.task == task]
+        quality = quality_columns(mine)
+        header = ("method", "H", "workers", "seeds", *quality, "sync rounds", "bytes sent / worker", "wall time")
+        header += ("complete",) + (("global rounds", "global bytes / worker") if hierarchical else ())
+        language = mine[0].language
+        lines += ["", f"## {task}", ""] + ([corpus_line(language), ""] if language is not None else [])
         lines += [
-            "",
-            f"## {task}",
-            "",
             "| " + " | ".join(header) + " |",
             "|" + "|".join("---" if i < 1 else "---:" for i in range(len(header))) + "|",
         ]
-        for row in rows:
-            if row.key.task != task:
-                continue
+        for row in mine:
             cells = (
                 row.key.method,
                 str(row.key.sync_period),
                 str(row.key.workers),
                 str(row.seeds),
-                format_accuracy(row),
+                *quality_cells(row, quality),
                 _rounds(row.sync_rounds_mean),
                 human_bytes(row.bytes_sent_mean),
                 human_seconds(row.wall_seconds_mean),

@@ -23,6 +23,15 @@ final accuracy of all-reduce SGD (mean over its seeds) for the same task and wor
 steps, bytes and projected time. A relative target because "90 % of what all-reduce reaches" means
 the same on every task, where an absolute accuracy does not.
 
+Language models (runs with the ``language`` attribute) are judged by their final validation loss (nats
+per token), lower being better: the figure's y axis is that loss, the Pareto front keeps the configurations
+no other is as fast and as low as, and the target is a loss. ``target`` keeps its meaning, how close to
+all-reduce SGD's final result a run must come, on the side that is worse: a validation loss of at most
+(2 − ``target``) × all-reduce's final loss (mean over its seeds), i.e. at most 1 − ``target`` above it.
+Without a ``target`` given, language models take :data:`DEFAULT_LOSS_TARGET` = 0.98 (within 2 % of
+all-reduce's loss), not the classifiers' 0.9: near the end of training a few per cent of loss is a large
+gap (10 % above all-reduce's loss is reached long before its end), where 90 % of its accuracy is not.
+
 Measured beside projected (``--measured``): runs whose ranks ran on an emulated slow network
 (``hpc-localsgd sweep --run-here --emulated-link RATE``, launcher/slownet.py) carry the link's rate
 and rank 0's step times. Each is drawn twice in a panel of its own beside the projected ones: at its
@@ -49,13 +58,23 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from ..algorithms.network import INTERCONNECTS, Interconnect, emulated_link, ring_allreduce_seconds
 from ..errors import UserError
 from .collect import Run
-from .plots import BASELINE, _save, method_color
-from .table import GroupKey, group_runs, human_bytes, human_seconds, number_cell, write_table_csv
+from .plots import BASELINE, _save, final_axis_label, method_color
+from .table import (
+    LOSS_HEADER,
+    GroupKey,
+    format_mean_std,
+    group_runs,
+    human_bytes,
+    human_seconds,
+    number_cell,
+    write_table_csv,
+)
 
 # Assumed when no bench JSON is given: of the order of a small CNN's step on one CPU core, so that
 # the latency of a sync weighs against it as it does for a large model on a GPU.
 DEFAULT_COMPUTE_SECONDS = 0.01
-DEFAULT_TARGET = 0.9
+DEFAULT_TARGET = 0.9  # classifiers: reach 90 % of all-reduce's final accuracy
+DEFAULT_LOSS_TARGET = 0.98  # language models: reach all-reduce's final validation loss + 2 %
 LABEL = "projected"
 
 
@@ -127,16 +146,42 @@ class Configuration:
     steps: float
     global_sync_rounds: float
     global_bytes_sent: float
+    loss_mean: float  # final test loss; a language model's validation loss in nats per token
+    loss_std: float | None
+    is_language: bool  # judged by its loss (lower is better), not by its accuracy
+
+    @property
+    def score(self) -> float:
+        """Higher is better: accuracy, or a language model's loss negated (the Pareto front compares it)."""
+        return -self.loss_mean if self.is_language else self.accuracy_mean
+
+    @property
+    def quality(self) -> tuple[float, float]:
+        """(mean, std) as the figure's y axis shows it: loss in nats per token, or accuracy in percent."""
+        if self.is_language:
+            return self.loss_mean, self.loss_std or 0.0
+        return 100 * self.accuracy_mean, 100 * (self.accuracy_std or 0.0)
+
+    def quality_cell(self) -> str:
+        """The table's cell of the same: loss ± std, or accuracy (%) ± std."""
+        if self.is_language:
+            return format_mean_std(self.loss_mean, self.loss_std)
+        std = "–" if self.accuracy_std is None else f"{100 * self.accuracy_std:.2f}"
+        return f"{100 * self.accuracy_mean:.2f} ± {std}"
 
     @staticmethod
     def of(key: GroupKey, runs: Sequence[Run]) -> dict[str, Any]:
         """The fields, from the runs' last evaluations, for a subclass to be built with."""
         accuracy = [float(run.evals.test_accuracy[-1]) for run in runs]
+        loss = [float(run.evals.test_loss[-1]) for run in runs]
         return dict(
             key=key,
             seeds=len(runs),
             accuracy_mean=statistics.fmean(accuracy),
             accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
+            loss_mean=statistics.fmean(loss),
+            loss_std=statistics.stdev(loss) if len(loss) > 1 else None,
+            is_language=runs[0].language is not None,
             steps=statistics.fmean(float(run.evals.step[-1]) for run in runs),
             global_sync_rounds=statistics.fmean(float(run.evals.global_sync_rounds[-1]) for run in runs),
             global_bytes_sent=statistics.fmean(float(run.evals.global_bytes_sent[-1]) for run in runs),
@@ -151,6 +196,7 @@ class TradeoffRow(Configuration):
     seconds: float
     comm_seconds: float
     target_accuracy: float | None  # absolute; None without an all-reduce run of the same task and workers
+    target_loss: float | None  # a language model's target instead (nats per token), the same way
     reached: int  # seeds that reached it
     steps_to_target: float | None  # means over the seeds that reached it
     bytes_to_target: float | None
@@ -169,11 +215,12 @@ def _row(key: GroupKey, runs: Sequence[Run], link: Interconnect, compute: float,
             float(e.step[i]), float(e.global_sync_rounds[i]), float(e.global_bytes_sent[i]), run.workers, link, compute
         )
 
+    language = runs[0].language is not None
     hits: list[tuple[Run, int]] = []  # each run that reaches the target, with its first evaluation there
     for run in runs:
         if target is None:
             continue
-        reached = np.flatnonzero(run.evals.test_accuracy >= target)
+        reached = np.flatnonzero(run.evals.test_loss <= target if language else run.evals.test_accuracy >= target)
         if len(reached):
             hits.append((run, int(reached[0])))
     return TradeoffRow(
@@ -181,7 +228,8 @@ def _row(key: GroupKey, runs: Sequence[Run], link: Interconnect, compute: float,
         interconnect=link.name,
         seconds=statistics.fmean(project(run, -1) for run in runs),
         comm_seconds=statistics.fmean(project(run, -1) - compute * float(run.evals.step[-1]) for run in runs),
-        target_accuracy=target,
+        target_accuracy=None if language else target,
+        target_loss=target if language else None,
         reached=len(hits),
         steps_to_target=_mean([float(run.evals.step[i]) for run, i in hits]),
         bytes_to_target=_mean([float(run.evals.global_bytes_sent[i]) for run, i in hits]),
@@ -225,6 +273,22 @@ def _configuration_cells(r: Configuration) -> list[object]:
     return [r.key.method, r.key.sync_period, r.key.workers, r.seeds] + [
         number_cell(v) for v in (r.accuracy_mean, r.accuracy_std, r.steps, r.global_sync_rounds, r.global_bytes_sent)
     ]
+
+
+# Appended to both trade-off CSVs when a language model is in them (empty for classifiers, whose
+# test_accuracy columns hold a language model's next-token accuracy).
+_LANGUAGE_COLUMNS = ("val_loss_nats_per_token_mean", "val_loss_nats_per_token_std")
+
+
+def _language_cells(r: Configuration, any_language: bool) -> list[object]:
+    if not any_language:
+        return []
+    return [number_cell(r.loss_mean), number_cell(r.loss_std)] if r.is_language else ["", ""]
+
+
+def _quality_header(rows: Sequence[Configuration]) -> str:
+    """What a task's rows are judged by, as a table column: a language model's loss or an accuracy."""
+    return LOSS_HEADER if all(r.is_language for r in rows) else "test accuracy (%)"
 
 
 def measured_rows(runs: Sequence[Run]) -> list[MeasuredRow]:
@@ -297,13 +361,15 @@ MEASURED_CSV_COLUMNS = (
 
 
 def write_measured_csv(rows: Sequence[MeasuredRow], path: Path) -> None:
+    language = any(r.is_language for r in rows)
     write_table_csv(
         path,
-        MEASURED_CSV_COLUMNS,
+        MEASURED_CSV_COLUMNS + (_LANGUAGE_COLUMNS if language else ()),
         (
             [r.key.task, r.link.name, *_configuration_cells(r)]
             + [number_cell(v) for v in (r.compute_seconds_per_step, r.measured_seconds, r.measured_comm_seconds)]
             + [number_cell(v) for v in (r.projected_seconds, r.projected_comm_seconds, r.ratio)]
+            + _language_cells(r, language)
             for r in rows
         ),
     )
@@ -314,7 +380,7 @@ def measured_markdown(rows: Sequence[MeasuredRow]) -> str:
         "method",
         "H",
         "workers",
-        "test accuracy (%)",
+        "test accuracy (%)",  # a language model's task: its loss (_quality_header)
         "compute / step",
         "measured time",
         "of which comm",
@@ -342,16 +408,15 @@ def measured_markdown(rows: Sequence[MeasuredRow]) -> str:
                 f"## {task} — {link.name} (α = {link.alpha_seconds * 1e6:g} µs, "
                 f"β = {link.beta_bytes_per_second / 1e6:g} MB/s)",
                 "",
-                "| " + " | ".join(header) + " |",
+                "| " + " | ".join(header[:3] + (_quality_header(mine),) + header[4:]) + " |",
             ]
             lines.append("|---|" + "---:|" * (len(header) - 1))
             for r in mine:
-                std = "–" if r.accuracy_std is None else f"{100 * r.accuracy_std:.2f}"
                 cells = (
                     r.key.method,
                     str(r.key.sync_period),
                     str(r.key.workers),
-                    f"{100 * r.accuracy_mean:.2f} ± {std}",
+                    r.quality_cell(),
                     f"{1e3 * r.compute_seconds_per_step:.1f} ms",
                     human_seconds(r.measured_seconds),
                     human_seconds(r.measured_comm_seconds),
@@ -368,21 +433,33 @@ def write_measured_markdown(rows: Sequence[MeasuredRow], path: Path) -> None:
 
 
 def mark_pareto(rows: Sequence[TradeoffRow]) -> None:
-    """Flag the rows no other row beats: none is as fast and as accurate, and strictly better in one."""
+    """Flag the rows no other row beats: none is as fast and as good (as accurate; for language models as
+    low a loss), and strictly better in one."""
     for row in rows:
         row.pareto = not any(
             other.seconds <= row.seconds
-            and other.accuracy_mean >= row.accuracy_mean
-            and (other.seconds < row.seconds or other.accuracy_mean > row.accuracy_mean)
+            and other.score >= row.score
+            and (other.seconds < row.seconds or other.score > row.score)
             for other in rows
         )
 
 
-def tradeoff_rows(runs: Sequence[Run], timing: Timing, target: float = DEFAULT_TARGET) -> list[TradeoffRow]:
-    """A row per configuration and interconnect, in table order; the Pareto front per task and interconnect."""
+def absolute_target(reference: float, target: float | None, language: bool) -> float:
+    """The accuracy (``target`` × all-reduce's, default 0.9) or, for a language model, the validation loss
+    ((2 − ``target``) × all-reduce's, default 0.98: + 2 %) a run must reach: see the module docstring."""
+    if language:
+        return (2.0 - (DEFAULT_LOSS_TARGET if target is None else target)) * reference
+    return (DEFAULT_TARGET if target is None else target) * reference
+
+
+def tradeoff_rows(runs: Sequence[Run], timing: Timing, target: float | None = None) -> list[TradeoffRow]:
+    """A row per configuration and interconnect, in table order; the Pareto front per task and interconnect.
+    ``target``: None takes the default of each kind of task (:func:`absolute_target`)."""
     groups = group_runs(runs)
     baseline = {
-        (key.task, key.workers): statistics.fmean(float(r.evals.test_accuracy[-1]) for r in members)
+        (key.task, key.workers): statistics.fmean(
+            float(r.evals.test_loss[-1] if r.language is not None else r.evals.test_accuracy[-1]) for r in members
+        )
         for key, members in groups.items()
         if key.method == BASELINE
     }
@@ -391,7 +468,8 @@ def tradeoff_rows(runs: Sequence[Run], timing: Timing, target: float = DEFAULT_T
         mine = []
         for key, members in groups.items():
             reference = baseline.get((key.task, key.workers))
-            absolute = None if reference is None else target * reference
+            language = members[0].language is not None
+            absolute = None if reference is None else absolute_target(reference, target, language)
             mine.append(_row(key, members, link, timing.compute_seconds, absolute))
         for task in dict.fromkeys(row.key.task for row in mine):
             mark_pareto([row for row in mine if row.key.task == task])
@@ -415,25 +493,47 @@ CSV_COLUMNS = (
 
 
 def write_tradeoff_csv(rows: Sequence[TradeoffRow], path: Path) -> None:
+    """The table's numbers at full precision; with a language model, its loss and target loss appended."""
+    language = any(r.is_language for r in rows)
     write_table_csv(
         path,
-        CSV_COLUMNS,
+        CSV_COLUMNS + ((*_LANGUAGE_COLUMNS, "target_val_loss_nats_per_token") if language else ()),
         (
             [r.key.task, r.interconnect, *_configuration_cells(r)]
             + [number_cell(r.seconds), number_cell(r.comm_seconds), int(r.pareto), number_cell(r.target_accuracy)]
             + [r.reached]
             + [number_cell(v) for v in (r.steps_to_target, r.bytes_to_target, r.seconds_to_target)]
+            + _language_cells(r, language)
+            + ([number_cell(r.target_loss)] if language else [])
             for r in rows
         ),
     )
 
 
-def tradeoff_markdown(rows: Sequence[TradeoffRow], timing: Timing, target: float) -> str:
+def _target_text(rows: Sequence[TradeoffRow], target: float | None) -> str:
+    """What the target is, for the kinds of task in ``rows`` (a classifier's as it always was)."""
+    text = ""
+    if not all(r.is_language for r in rows):
+        fraction = DEFAULT_TARGET if target is None else target
+        text = f" Target: {100 * fraction:g} % of all-reduce SGD's final accuracy at the same task and worker count."
+    if any(r.is_language for r in rows):
+        factor = 2.0 - (DEFAULT_LOSS_TARGET if target is None else target)
+        text += (
+            " Language models are judged by validation loss (nats/token, lower is better): a configuration is on "
+            "the Pareto front when no other is as fast with as low a loss; target loss "
+            f"{factor:g} × all-reduce SGD's final validation loss at the same task and worker count "
+            f"({100 * (factor - 1):+.3g} %)."
+        )
+    return text
+
+
+def tradeoff_markdown(rows: Sequence[TradeoffRow], timing: Timing, target: float | None = None) -> str:
+    """``target``: as :func:`tradeoff_rows` took it (None: each kind of task's default), for the text."""
     header = (
         "method",
         "H",
         "workers",
-        "test accuracy (%)",
+        "test accuracy (%)",  # a language model's task: its loss (_quality_header)
         "projected time",
         "of which comm",
         "Pareto",
@@ -443,22 +543,21 @@ def tradeoff_markdown(rows: Sequence[TradeoffRow], timing: Timing, target: float
         "time to target",
     )
     lines = [
-        "# Speed–accuracy trade-off (projected)",
+        f"# Speed–{'loss' if rows and all(r.is_language for r in rows) else 'accuracy'} trade-off (projected)",
         "",
         f"{timing.describe()}.",
         "",
         "Time = steps × compute + global sync rounds × 2(P−1)·α + 2(P−1)/P × global bytes per rank / β (ring "
-        "allreduce over the run's P ranks, no overlap). Target: "
-        f"{100 * target:g} % of all-reduce SGD's final accuracy at the same task and worker count. Means over seeds.",
+        f"allreduce over the run's P ranks, no overlap).{_target_text(rows, target)} Means over seeds.",
     ]
     for task in dict.fromkeys(r.key.task for r in rows):
+        quality = _quality_header([r for r in rows if r.key.task == task])
         for link in dict.fromkeys(r.interconnect for r in rows):
-            lines += ["", f"## {task} — {link}", "", "| " + " | ".join(header) + " |"]
+            lines += ["", f"## {task} — {link}", "", "| " + " | ".join(header[:3] + (quality,) + header[4:]) + " |"]
             lines.append("|---|" + "---:|" * (len(header) - 1))
             for r in rows:
                 if r.key.task != task or r.interconnect != link:
                     continue
-                std = "–" if r.accuracy_std is None else f"{100 * r.accuracy_std:.2f}"
                 to_target = (
                     ("–",) * 3
                     if not r.reached
@@ -472,17 +571,17 @@ def tradeoff_markdown(rows: Sequence[TradeoffRow], timing: Timing, target: float
                     r.key.method,
                     str(r.key.sync_period),
                     str(r.key.workers),
-                    f"{100 * r.accuracy_mean:.2f} ± {std}",
+                    r.quality_cell(),
                     human_seconds(r.seconds),
                     human_seconds(r.comm_seconds),
                     "yes" if r.pareto else "",
-                    "–" if r.target_accuracy is None else f"{r.reached}/{r.seeds}",
+                    "–" if r.target_accuracy is None and r.target_loss is None else f"{r.reached}/{r.seeds}",
                 ) + to_target
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_tradeoff_markdown(rows: Sequence[TradeoffRow], timing: Timing, target: float, path: Path) -> None:
+def write_tradeoff_markdown(rows: Sequence[TradeoffRow], timing: Timing, target: float | None, path: Path) -> None:
     path.write_text(tradeoff_markdown(rows, timing, target))
 
 
@@ -499,7 +598,7 @@ def _log_time_axis(ax: Any, times: Sequence[float]) -> None:
 def _plot_measured(ax: Any, rows: Sequence[MeasuredRow], color: Any, marker: Any) -> None:
     """Each configuration at its projected time (filled) and its measured time (open), joined."""
     for r in rows:
-        y = 100 * r.accuracy_mean
+        y = r.quality[0]
         ax.plot([r.projected_seconds, r.measured_seconds], [y, y], color=color(r), linewidth=0.8, alpha=0.6)
         ax.plot(r.projected_seconds, y, linestyle="none", marker=marker(r), color=color(r), markersize=6)
         ax.plot(
@@ -520,7 +619,7 @@ def _plot_measured(ax: Any, rows: Sequence[MeasuredRow], color: Any, marker: Any
     link = rows[0].link
     ax.set_title(f"{link.name}: measured (open) and projected (filled)", fontsize="medium")
     ax.set_xlabel("time to train (s); projected with each run's measured compute")
-    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylabel(final_axis_label(all(r.is_language for r in rows)))
     ax.grid(True, alpha=0.3)
 
 
@@ -530,10 +629,11 @@ def plot_tradeoff(
     title: str,
     timing: Timing,
     measured: Sequence[MeasuredRow] = (),
-) -> None:
-    """A panel per interconnect: each configuration at (projected time, final accuracy ± std), color per
-    method, marker per worker count, labelled with H; the Pareto front as a step line. Beside them, a
-    panel per emulated link of the ``measured`` runs: measured and projected time of each."""
+) -> Figure:
+    """A panel per interconnect: each configuration at (projected time, final accuracy ± std; a language
+    model's validation loss, lower being better), color per method, marker per worker count, labelled with
+    H; the Pareto front as a step line. Beside them, a panel per emulated link of the ``measured`` runs:
+    measured and projected time of each. Returns the figure saved."""
     links = list(dict.fromkeys(r.interconnect for r in rows))
     emulated = list(dict.fromkeys(r.link for r in measured))
     methods = list(dict.fromkeys([r.key.method for r in rows] + [r.key.method for r in measured]))
@@ -554,11 +654,12 @@ def plot_tradeoff(
         )
     for ax, link in zip(axes, links, strict=False):
         _plot_projected(ax, link, [r for r in rows if r.interconnect == link], methods, markers)
-    axes[0].set_ylabel("final test accuracy (%)")
+    axes[0].set_ylabel(final_axis_label(all(r.is_language for r in [*rows, *measured])))
     handles = _legend_handles(axes, [m.key.method for m in measured], methods, workers, markers)
     figure.legend(list(handles.values()), list(handles), loc="outside right center", frameon=False)
     figure.suptitle(f"{title}\n" + textwrap.fill(timing.describe(), 160), fontsize="small")
     _save(figure, files)
+    return figure
 
 
 def _plot_projected(
@@ -568,8 +669,8 @@ def _plot_projected(
     for r in panel:
         ax.errorbar(
             r.seconds,
-            100 * r.accuracy_mean,
-            yerr=100 * (r.accuracy_std or 0.0),
+            r.quality[0],
+            yerr=r.quality[1],
             color=method_color(r.key.method, methods),
             marker=markers.get(r.key.workers, "o"),
             markersize=6,
@@ -580,7 +681,7 @@ def _plot_projected(
         if r.key.method != BASELINE:
             ax.annotate(
                 f"H={r.key.sync_period}",
-                (r.seconds, 100 * r.accuracy_mean),
+                (r.seconds, r.quality[0]),
                 fontsize=6,
                 xytext=(3, 3),
                 textcoords="offset points",
@@ -589,7 +690,7 @@ def _plot_projected(
     if front:
         ax.step(
             [r.seconds for r in front],
-            [100 * r.accuracy_mean for r in front],
+            [r.quality[0] for r in front],
             where="post",
             color="0.4",
             linestyle="--",
