@@ -3,7 +3,7 @@
 # torchvision, h5py, PyYAML, xxhash; no Horovod, no system MPI needed). Runs from the source tree:
 #
 #   scripts/gpu-check.sh [OUT_DIR]        (default OUT_DIR: $OUT, else a new temporary folder)
-#   CHECKS="2 3" scripts/gpu-check.sh     (only some of the checks; default all six)
+#   CHECKS="2 3" scripts/gpu-check.sh     (only some of the checks; default 1-6 and 8)
 #
 # Prints one line per check ("gpu-check: <check>: PASS|FAIL|MEASURED|SKIP ...") and keeps every run's
 # output, metrics.h5 and the benchmark JSON in OUT_DIR. Exit status 1 when a correctness check fails;
@@ -21,6 +21,11 @@
 #      its time, and the same bits as on the CPU;
 #   6. what train.compile buys: check 3's problem with both loops also through torch.compile, paired
 #      with the eager ones (bench --phases precision --compile true; the compilation is untimed);
+#   8. a language model: a GPT-2-small-shaped transformer (12 layers, 12 heads, 768 wide, 1024 tokens, vocabulary
+#      50304), 8 windows per step, bf16, both loops through torch.compile: the package's step against a plain
+#      nanoGPT-style loop (AdamW, clip_grad_norm_, autocast), its tokens/s and its MFU of the GPU's dense bf16 peak
+#      (bench --model gpt --phases precision --compile true; target >= 0.95; about a minute on an H100, most of
+#      it compiling);
 #   7. (only when asked: CHECKS=7; about 5 minutes on 16 cores) the emulated 1 Gb/s network of
 #      launcher/slownet.py on the machine's CPUs, 2 ranks of ResNet-50 at 32x32, each with half the cores and
 #      one torch thread: H = 4 overlapped by 3 and int8 with error feedback at H = 1 overlapped by 1, each
@@ -30,7 +35,7 @@
 #      (scripts/iproute2-bundle.sh writes .iproute2/, which this script puts first on PATH; IPROUTE2=DIR
 #      names another folder).
 # Without a GPU it runs the same checks on the CPU where they make sense (1 in fp32 and bf16, 2 with the
-# CPU as both sides, 3 and 4 on small problems) and says which it skipped: a test of the script's logic.
+# CPU as both sides, 3, 4 and 8 on small problems) and says which it skipped: a test of the script's logic.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,7 +44,7 @@ OUT=${1:-${OUT:-$(mktemp -d -t gpu-check.XXXXXX)}}
 mkdir -p "$OUT"
 # Check 2 compares the GPU with the CPU to float tolerance: no TF32 in cuDNN or cuBLAS.
 export NVIDIA_TF32_OVERRIDE=0
-CHECKS=" ${CHECKS:-1 2 3 4 5 6} "
+CHECKS=" ${CHECKS:-1 2 3 4 5 6 8} "
 failed=0
 started=$SECONDS
 # Check 2's runs take every setting from --set.
@@ -264,6 +269,40 @@ EOF
     say "5 encode + decode + error feedback of 25.6 M float32 values on $DEVICE: PASS $codecs; MEASURED median of 5"
   else
     say "5 compression codecs on $DEVICE: FAIL $(tail -n 1 <<<"$codecs")"
+    failed=1
+  fi
+fi
+
+# --- 8. a language model: the package's compiled step against a compiled nanoGPT-style loop ---------------------
+mfu() {  # mfu FILE ID: "median% (min … max) of <peak>", or n/a and the reason the JSON gives
+  "$PY" -c "import json, sys
+d = json.load(open(sys.argv[1]))
+basis, f = d['measurement']['mfu'], {f['id']: f for f in d['figures']}.get(sys.argv[2])
+if f is None:
+    print(f\"n/a ({basis['reason']})\")
+else:
+    peak = basis['peak_flops'][sys.argv[2].split('.')[1]]
+    print(f\"{100 * f['median']:.1f}% ({100 * f['spread']['min']:.1f} … {100 * f['spread']['max']:.1f}) of \"
+          f\"{peak / 1e12:.0f} TFLOP/s ({basis['device']}, {sys.argv[2].split('.')[1]} dense peak)\")" "$@"
+}
+if [[ $CHECKS == *" 8 "* ]]; then
+  if [[ $DEVICE == cuda ]]; then
+    gpt_args=(--gpt-layers 12 --gpt-heads 12 --gpt-dim 768 --gpt-seq-len 1024 --gpt-vocab 50304 --batch 8
+      --steps 10 --warmup 2 --repeats 5)
+  else  # the logic on a tiny transformer
+    gpt_args=(--gpt-layers 2 --gpt-heads 2 --gpt-dim 64 --gpt-seq-len 32 --gpt-vocab 256 --batch 4
+      --steps 2 --warmup 1 --repeats 2)
+  fi
+  json="$OUT/bench-gpt.json"
+  if "$PY" -m hpc_localsgd bench --model gpt --phases precision --precisions bf16 --compile true \
+    --device "$DEVICE" "${gpt_args[@]}" --out "$json" >"$OUT/bench-gpt.log" 2>&1; then
+    say "8 language model, GPT ${gpt_args[1]} layers x ${gpt_args[5]} wide, ${gpt_args[7]} tokens, vocabulary" \
+      "${gpt_args[9]}, batch ${gpt_args[11]}, bf16 compiled on $DEVICE: MEASURED tokens/s" \
+      "$(figure "$json" precision.bf16.compiled_tokens_per_s), MFU $(mfu "$json" precision.bf16.compiled_mfu)," \
+      "vs plain loop $(figure "$json" precision.bf16.compiled_vs_plain); eager vs eager plain loop" \
+      "$(figure "$json" precision.bf16.vs_plain)"
+  else
+    say "8 language model (bench --model gpt): FAIL $(tail -n 1 "$OUT/bench-gpt.log")"
     failed=1
   fi
 fi

@@ -2,7 +2,8 @@
 
 This is the one place outside ``hpc_localsgd/comm/`` that imports horovod and
 torch.distributed directly: a baseline that went through the package's communicator would
-measure the package against itself.
+measure the package against itself. Their loss is the plain loops' (classifiers and language models
+alike), and they clip the averaged gradient where the package's step does (optim.clip_grad_norm).
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import datetime
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..comm.base import Communicator
 from ..errors import one_line
 from ..launcher.env import LaunchEnvironment
-from .workload import Workload, synchronize_device
+from .workload import Workload, plain_loss, synchronize_device
 
 
 def horovod_unavailable() -> str | None:
@@ -64,12 +64,20 @@ class HorovodLoop:
         hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
 
     def run(self, steps: int) -> None:
+        clip = self.workload.cfg.optim.clip_grad_norm
         for step in range(steps):
             x, y = self.workload.batch(step)
             self.optimizer.zero_grad()  # Horovod's wrapper takes no set_to_none; torch's default (True) applies
-            loss = F.cross_entropy(self.model(x), y)
+            loss = plain_loss(self.model(x), y)
             loss.backward()
-            self.optimizer.step()
+            if clip is None:
+                self.optimizer.step()
+                continue
+            # Horovod's recipe for clipping: wait for the averaged gradients, clip, step without waiting again.
+            self.optimizer.synchronize()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            with self.optimizer.skip_synchronize():
+                self.optimizer.step()
         synchronize_device(self.workload.device)
 
     def comm_seconds(self) -> float:
@@ -131,11 +139,14 @@ class DDPLoop:
         self.optimizer = workload.new_optimizer(self.model)
 
     def run(self, steps: int) -> None:
+        clip = self.workload.cfg.optim.clip_grad_norm
         for step in range(steps):
             x, y = self.workload.batch(step)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(x), y)
-            loss.backward()
+            loss = plain_loss(self.model(x), y)
+            loss.backward()  # DDP's reducer has averaged the gradients when it returns
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
         synchronize_device(self.workload.device)
 

@@ -1,13 +1,15 @@
 """What every phase of one run shares: the options, the ranks and the problem, the figures and skips
 recorded so far, and the few loops that several phases measure (built on first use, closed once).
 
-A phase appends ``Figure``s here and never prints: rank 0 prints and writes them all at the end.
+A phase appends ``Figure``s here and never prints: rank 0 prints and writes them all at the end. For a
+language model every rate in samples/s gets its twin in tokens/s here, so that no phase has to know.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -39,6 +41,8 @@ class BenchContext:
     facts: dict[str, float] = field(default_factory=dict)
     # The reference loops that ran (JSON: measurement.baselines).
     baselines_run: list[str] = field(default_factory=list)
+    # What the precision phase's MFU divides by, for a language model (JSON: measurement.mfu).
+    mfu: dict[str, Any] | None = None
     _shared_loops: dict[str, EngineLoop] = field(default_factory=dict)
 
     @property
@@ -77,7 +81,29 @@ class BenchContext:
         self._shared_loops.clear()
 
     def add(self, *figures: Figure) -> None:
-        self.figures.extend(figures)
+        """Record ``figures``; for a language model each rate in samples/s is followed by its twin in tokens/s."""
+        for figure in figures:
+            self.figures.append(figure)
+            twin = tokens_twin(figure, self.workload.tokens_per_sample)
+            if twin is not None:
+                self.figures.append(twin)
 
     def skip(self, figure_id: str, reason: str) -> None:
         self.skipped.append({"id": figure_id, "reason": reason})
+
+
+def tokens_twin(figure: Figure, tokens_per_sample: int | None) -> Figure | None:
+    """``<id with tokens_per_s for samples_per_s>``: the rate of a samples/s figure times the tokens in a sample,
+    repetition by repetition (None for a classifier, or a figure of another unit). Never judged: a target is
+    on a ratio, which tokens leave as it is."""
+    if tokens_per_sample is None or figure.unit != "samples/s" or "samples_per_s" not in figure.id:
+        return None
+    return replace(
+        figure,
+        id=figure.id.replace("samples_per_s", "tokens_per_s"),
+        description=f"{figure.description}; in tokens/s ({tokens_per_sample} tokens per sample)",
+        unit="tokens/s",
+        samples=[v * tokens_per_sample for v in figure.samples],
+        target=None,
+        notes=list(figure.notes),
+    )

@@ -43,10 +43,40 @@ class BenchOptions:
     checking an installation; options given explicitly still win over it.
     """
 
-    model: str = setting("resnet50", "smallcnn, mlp or a torchvision classifier.", rule="not empty")
-    batch: int = setting(32, "Samples per rank and step.", range=">= 1, <= 1e6")
-    image_size: int = setting(224, "Side of the square input images.", range=">= 8, <= 8192")
-    num_classes: int = setting(1000, "Output classes of the model.", range=">= 2, <= 1e6", flag="--classes")
+    model: str = setting(
+        "resnet50",
+        "smallcnn, mlp, a torchvision classifier, or gpt (a decoder-only transformer language model, shaped by "
+        "the --gpt-* options, trained with AdamW on random token ids).",
+        rule="not empty",
+    )
+    batch: int = setting(
+        32, "Samples per rank and step (windows of --gpt-seq-len tokens for gpt).", range=">= 1, <= 1e6"
+    )
+    image_size: int = setting(224, "Side of the square input images (not gpt).", range=">= 8, <= 8192")
+    num_classes: int = setting(
+        1000,
+        "Output classes of the model (not gpt: its classes are --gpt-vocab).",
+        range=">= 2, <= 1e6",
+        flag="--classes",
+    )
+    # The default transformer is configs/lm/demo.yaml's byte-level GPT: a step takes milliseconds on a CPU core.
+    gpt_layers: int = setting(4, "--model gpt: transformer blocks (model.gpt.layers).", range=">= 1, <= 1024")
+    gpt_heads: int = setting(4, "--model gpt: attention heads per block (model.gpt.heads).", range=">= 1, <= 1024")
+    gpt_dim: int = setting(
+        128,
+        "--model gpt: width of the residual stream (model.gpt.dim).",
+        range=">= 1, <= 65536",
+        rule="a multiple of --gpt-heads",
+    )
+    gpt_seq_len: int = setting(
+        64, "--model gpt: tokens per sample, the window trained on (model.gpt.seq_len).", range=">= 1, <= 1e6"
+    )
+    gpt_vocab: int = setting(
+        256,
+        "--model gpt: token ids (model.gpt.vocab): 256 is byte-level, GPT-2's is 50304; at least 256, the bench's "
+        "run config being byte-level text's (data.name text, never read: the ids are random).",
+        range=">= 256, <= 4294967296",
+    )
     backend: str = setting("auto", "comm.backend of the package for the measured engine.", choices=BACKENDS)
     bucket_mb: float = setting(25.0, "Gradient bucket size in MiB for the engine and DDP.", range="> 0, <= 1e5")
     repeats: int = setting(
@@ -154,6 +184,12 @@ class BenchOptions:
         base = cls.quick_defaults() if quick else {}
         return build(cls, {**base, **chosen, "quick": quick}, name=_flag)
 
+    @property
+    def tokens_per_sample(self) -> int | None:
+        """Tokens in one sample of a language model (--gpt-seq-len), None for a classifier: its figures
+        in tokens/s are its samples/s times this."""
+        return self.gpt_seq_len if self.model == "gpt" else None
+
     def sync_thread_measured(self) -> bool | str:
         """The JSON's measurement.sync_thread: true, false, auto, or compared (off and on, side by side)."""
         if self.compare_sync_thread:
@@ -171,6 +207,10 @@ class BenchOptions:
 
         need(bool(self.model), "--model: must not be empty")
         check_declared(self, name=_flag)
+        need(
+            self.gpt_dim % self.gpt_heads == 0,
+            f"--gpt-dim: {self.gpt_dim} is not a multiple of --gpt-heads ({self.gpt_heads})",
+        )
         need(
             len(self.sync_periods) >= 1 and all(h >= 1 for h in self.sync_periods),
             f"--sync-periods: must be positive integers, got {','.join(map(str, self.sync_periods)) or 'nothing'}",

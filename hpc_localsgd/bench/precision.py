@@ -1,12 +1,19 @@
 """The training step's computation alone, per ``train.precision``: the package's step without
 communication (the engine's train_step over its flat buffer, autocast and, for fp16, the loss scaler)
 against a plain PyTorch loop with the same precision and memory format, written as torchvision's
-reference recipe writes it. What mixed precision buys shows across the precisions' rates."""
+reference recipe writes it (for a language model, as nanoGPT's training loop). What mixed precision buys
+shows across the precisions' rates. A language model's step on a GPU also gets its model FLOPs utilisation
+(MFU): the FLOPs its tokens/s does over the GPU's dense peak at that precision."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from ..config.schema import Precision
-from ..train.device import has_2d_convolutions
+from ..train.device import has_2d_convolutions, peak_flops
+from ..train.gpt import flops_per_token
 from .context import BenchContext
 from .stats import Figure, paired_ratios
 from .throughput import THROUGHPUT_TARGET
@@ -26,9 +33,70 @@ def run(ctx: BenchContext) -> None:
     through torch.compile, alternating with the eager ones in every repetition (the compilation happens
     in the warm-up)."""
     channels_last = uses_channels_last(ctx)
+    ctx.mfu = mfu_basis(ctx)
     for precision in ctx.options.precisions:
         times = _measure(ctx, precision, channels_last)
         _add_figures(ctx, precision, "channels-last" if channels_last else "contiguous", times)
+        if ctx.mfu is not None:
+            _add_mfu(ctx, precision, ctx.mfu, times)
+
+
+PEAK_SOURCE = (
+    "dense peak FLOP/s per GPU from the vendors' data sheets, without sparsity (hpc_localsgd/train/device.py "
+    "PEAK_FLOPS): bf16 and fp16 on the tensor cores, fp32 on the CUDA cores (TF32 off)"
+)
+
+
+def mfu_basis(ctx: BenchContext) -> dict[str, Any] | None:
+    """What a language model's MFU divides by (JSON: measurement.mfu): its FLOPs per token, and the GPU's peak
+    at each precision measured, null with the reason where there is none (a CPU, a GPU not in the table).
+    None for a classifier, whose FLOPs the bench does not count."""
+    if ctx.workload.tokens_per_sample is None:
+        return None
+    precisions = ctx.options.precisions
+    basis: dict[str, Any] = {
+        "flops_per_token": flops_per_token(ctx.workload.cfg.model.gpt),
+        "device": None,
+        "peak_flops": {precision: None for precision in precisions},
+        "peak_source": PEAK_SOURCE,
+        "reason": "no GPU",
+    }
+    if ctx.device.type != "cuda":
+        return basis
+    name = torch.cuda.get_device_name(ctx.device)
+    peaks = {precision: peak_flops(name, precision) for precision in precisions}
+    missing = [precision for precision, peak in peaks.items() if peak is None]
+    reason = f"{name}: no peak for {', '.join(missing)} in the table (train/device.py PEAK_FLOPS)" if missing else None
+    return {**basis, "device": name, "peak_flops": peaks, "reason": reason}
+
+
+def _add_mfu(ctx: BenchContext, precision: Precision, basis: dict[str, Any], times: dict[str, list[float]]) -> None:
+    """``precision.<p>.mfu`` (and ``.compiled_mfu``): FLOPs per token × tokens/s per GPU / the GPU's peak, per
+    repetition; skipped with the basis's reason where the peak is unknown."""
+    modes = [("engine_eager", "mfu", "")] + (
+        [("engine_compiled", "compiled_mfu", ", forward through torch.compile")] if "engine_compiled" in times else []
+    )
+    peak = basis["peak_flops"][precision]
+    if peak is None:
+        for _, figure_id, _ in modes:
+            ctx.skip(f"precision.{precision}.{figure_id}", basis["reason"])
+        return
+    tokens_per_gpu = ctx.options.batch * ctx.options.window_steps() * (ctx.workload.tokens_per_sample or 0)
+    flops = basis["flops_per_token"]
+    ctx.add(
+        *(
+            Figure(
+                f"precision.{precision}.{figure_id}",
+                "precision",
+                f"model FLOPs utilisation of the package's step in {precision}{how}: {flops:,} FLOPs per token × "
+                f"tokens/s per GPU / {peak:.4g} FLOP/s ({basis['device']}, {precision})",
+                "fraction",
+                [flops * tokens_per_gpu / t / peak for t in times[loop]],
+                notes=[f"peak {peak:.4g} FLOP/s: {PEAK_SOURCE}", f"flops_per_token {flops}"],
+            )
+            for loop, figure_id, how in modes
+        )
+    )
 
 
 def _measure(ctx: BenchContext, precision: Precision, channels_last: bool) -> dict[str, list[float]]:
@@ -83,6 +151,10 @@ def _add_figures(ctx: BenchContext, precision: Precision, layout: str, times: di
     plain = f"a plain PyTorch loop in {precision}, {layout} (model.to(memory_format), autocast" + (
         ", GradScaler)" if precision == "fp16" else ")"
     )
+    if ctx.workload.tokens_per_sample is not None:
+        plain = f"a plain nanoGPT-style loop in {precision} (autocast, clip_grad_norm_, AdamW" + (
+            ", GradScaler)" if precision == "fp16" else ")"
+        )
     ctx.add(
         rate(
             "engine_eager",

@@ -24,8 +24,9 @@ from .stats import Figure
 # (other backends), figure allreduce_around_horovod in place of allreduce_with_horovod_running; 1.4:
 # measurement.streaming_variants; 1.5: measurement.sync_thread, streaming.<variant>.cpu_per_step.<thread>;
 # 1.6: measurement.sync_thread "compared", <variant>_sync_thread and streaming.<variant>.sync_thread_speedup;
-# 1.7: environment.cpu_capability, environment.isa_settings and environment.rank_cores
-SCHEMA_VERSION = "1.7"
+# 1.7: environment.cpu_capability, environment.isa_settings and environment.rank_cores; 1.8: language models
+# (problem.optimizer, .tokens_per_sample, .gpt, image_size null; measurement.mfu; figures in tokens/s)
+SCHEMA_VERSION = "1.8"
 SUMMARY_PREFIX = "hpc-localsgd-bench:"
 
 # Figures named in the summary line, with their keys there (ReFrame and grep read these).
@@ -135,7 +136,9 @@ def summary_line(world: dict[str, Any], problem: dict[str, Any], figures: list[F
         f"model={problem['model']}",
         f"params={problem['parameters']}",
         f"batch={problem['batch_per_rank']}",
-        f"image={problem['image_size']}",
+        f"image={problem['image_size']}"
+        if problem.get("tokens_per_sample") is None
+        else f"seq_len={problem['tokens_per_sample']}",
     ]
     for key, figure_id in SUMMARY_KEYS:
         figure = by_id.get(figure_id)

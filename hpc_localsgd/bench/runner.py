@@ -7,6 +7,7 @@ probe and the bare no-communication limit all run before the communicator starts
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -81,7 +82,7 @@ def run_bench(
         else:
             ctx.skip(phase.name, reason)
     projection = projection_of(ctx, sizes)
-    problem = problem_of(options, sizes, comm.size)
+    problem = problem_of(options, cfg, sizes, comm.size)
     ctx.close()
     document = None
     if comm.is_root:
@@ -125,8 +126,7 @@ def bench_config(options: BenchOptions, threads: int) -> RunConfig:
         [
             f"model.name={options.model}",
             f"data.batch_size={options.batch}",
-            f"data.image_size={options.image_size}",
-            "data.name=synthetic",
+            *(language_settings(options) if options.model == "gpt" else image_settings(options)),
             f"comm.backend={options.backend}",
             f"comm.bucket_mb={options.bucket_mb}",
             f"comm.sync_thread={sync_thread}",
@@ -134,6 +134,29 @@ def bench_config(options: BenchOptions, threads: int) -> RunConfig:
             f"train.device={options.device}",
         ],
     )
+
+
+def image_settings(options: BenchOptions) -> list[str]:
+    """A classifier learns synthetic images (made by the workload, never read) with the default SGD recipe."""
+    return [f"data.image_size={options.image_size}", "data.name=synthetic"]
+
+
+# A language model trains as nanoGPT and configs/lm do: AdamW with decoupled weight decay 0.1 and the gradient
+# clipped to norm 1; the package's step and the plain loops alike.
+LANGUAGE_OPTIMIZER = ("optim.name=adamw", "optim.weight_decay=0.1", "optim.clip_grad_norm=1.0")
+
+
+def language_settings(options: BenchOptions) -> list[str]:
+    """The transformer of the --gpt-* options. data.name text (path null) satisfies the config's rule that a
+    language model learns token data; nothing is read: the workload makes random token ids."""
+    shape = {
+        "layers": options.gpt_layers,
+        "heads": options.gpt_heads,
+        "dim": options.gpt_dim,
+        "seq_len": options.gpt_seq_len,
+        "vocab": options.gpt_vocab,
+    }
+    return [*(f"model.gpt.{key}={value}" for key, value in shape.items()), "data.name=text", *LANGUAGE_OPTIMIZER]
 
 
 def probe(workload: Workload, options: BenchOptions) -> dict[str, int]:
@@ -146,8 +169,7 @@ def probe(workload: Workload, options: BenchOptions) -> dict[str, int]:
             model(x)
     except (RuntimeError, ValueError) as error:
         raise UserError(
-            f"--model {options.model} cannot train on {options.batch} image(s) of "
-            f"{options.image_size}×{options.image_size}: {one_line(error)}"
+            f"--model {options.model} cannot train on {describe_samples(options)}: {one_line(error)}"
         ) from None
     params = [p for p in model.parameters()]
     buffers = [b for b in model.buffers() if b.is_floating_point()]
@@ -157,6 +179,13 @@ def probe(workload: Workload, options: BenchOptions) -> dict[str, int]:
         "gradient_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
         "buffer_bytes": sum(b.numel() * b.element_size() for b in buffers),
     }
+
+
+def describe_samples(options: BenchOptions) -> str:
+    """What a rank's batch holds, in words: images of a side, or windows of tokens."""
+    if options.tokens_per_sample is not None:
+        return f"{options.batch} window(s) of {options.tokens_per_sample} tokens"
+    return f"{options.batch} image(s) of {options.image_size}×{options.image_size}"
 
 
 def start_communicator(
@@ -195,7 +224,7 @@ def start_line(
     return (
         f"hpc-localsgd bench: {comm.size} rank(s) on {launch.layout.num_nodes} node(s), {comm.name} backend, "
         f"{device}, {threads} thread(s)/rank | {options.model} ({sizes['parameters'] / 1e6:.1f} M parameters) | "
-        f"batch {options.batch}/rank, {options.image_size}×{options.image_size} images | phases "
+        f"batch {describe_samples(options)} per rank | phases "
         f"{', '.join(options.phases)} | {describe_machine(env_info)}"
     )
 
@@ -222,7 +251,9 @@ def projection_of(ctx: BenchContext, sizes: dict[str, int]) -> dict[str, Any] | 
     )
 
 
-def problem_of(options: BenchOptions, sizes: dict[str, int], world_size: int) -> dict[str, Any]:
+def problem_of(options: BenchOptions, cfg: RunConfig, sizes: dict[str, int], world_size: int) -> dict[str, Any]:
+    """The problem measured; a language model's image size is null, its classes its vocabulary (schema 1.8)."""
+    language = options.tokens_per_sample is not None
     return {
         "model": options.model,
         "parameters": sizes["parameters"],
@@ -230,9 +261,12 @@ def problem_of(options: BenchOptions, sizes: dict[str, int], world_size: int) ->
         "buffer_bytes": sizes["buffer_bytes"],
         "batch_per_rank": options.batch,
         "global_batch": options.batch * world_size,
-        "image_size": options.image_size,
-        "num_classes": options.num_classes,
+        "image_size": None if language else options.image_size,
+        "num_classes": cfg.model.gpt.vocab if language else options.num_classes,
         "quick": options.quick,
+        "optimizer": {"name": cfg.optim.name, "clip_grad_norm": cfg.optim.clip_grad_norm},
+        "tokens_per_sample": options.tokens_per_sample,
+        "gpt": dataclasses.asdict(cfg.model.gpt) if language else None,
     }
 
 
@@ -252,6 +286,7 @@ def measurement_of(ctx: BenchContext) -> dict[str, Any]:
         "simulated_workers": options.simulated_workers if "simulation" in options.phases else None,
         "streaming_variants": list(options.streaming_variants) if "streaming" in options.phases else [],
         "sync_thread": options.sync_thread_measured(),
+        "mfu": ctx.mfu,
         "method": METHOD,
     }
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.schedule import SyncSchedule
 from ..comm.simulated import SimulatedCommunicator
 from ..train.replicas import ReplicatedModel
+from ..train.run import cross_entropy
 from .context import BenchContext
 from .stats import Figure, paired_ratios
 from .timing import alternating
@@ -43,7 +43,8 @@ class ReplicatedLoop:
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(x)  # as SimulatedWorkers.forward: the sum of the workers' mean losses
-        return out, F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
+        # Over the last dimension, so that a language model's every position counts: y[0] is one worker's targets.
+        return out, cross_entropy(out, y, reduction="sum") / y[0].numel()
 
     def run(self, steps: int) -> None:
         for step in range(steps):

@@ -3,7 +3,9 @@
 Every configuration gets its own copy of the model, built from the same seed, so that all of
 them start from identical weights and see identical batches; only what happens between
 ``backward`` and the next step differs. Batches are made once and kept in memory (different
-on every rank, as data-parallel shards are): data loading is not what is measured here.
+on every rank, as data-parallel shards are): data loading is not what is measured here. A classifier
+learns random images and labels; a language model (``gpt``) random token ids, inputs and targets alike
+int64 ``[batch, seq_len]``, its loss over every position.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ..launcher.env import spare_cores
 from ..train.data import derive_seed
 from ..train.device import compiled_forward
 from ..train.models import build_model
-from ..train.run import hidden_matrices
+from ..train.run import cross_entropy, hidden_matrices
 
 # Distinct in-memory batches each rank cycles through.
 BATCHES_PER_RANK = 4
@@ -59,20 +61,35 @@ class Workload:
     cfg: RunConfig
     device: torch.device
     rank: int
-    input_shape: tuple[int, int, int]
-    num_classes: int
+    input_shape: tuple[int, ...]  # one sample's: (3, side, side) images, or (seq_len,) token ids
+    num_classes: int  # a language model's are its token ids (model.gpt.vocab)
     batches: list[tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
     def create(cls, cfg: RunConfig, device: torch.device, rank: int, num_classes: int) -> Workload:
-        shape = (3, cfg.data.image_size, cfg.data.image_size)
+        """``num_classes``: a classifier's; a language model (model.name gpt) has model.gpt.vocab instead."""
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "bench-data", rank))
+        batch = cfg.data.batch_size
         batches = []
-        for _ in range(BATCHES_PER_RANK):
-            x = torch.randn(cfg.data.batch_size, *shape, generator=generator)
-            y = torch.randint(0, num_classes, (cfg.data.batch_size,), generator=generator)
-            batches.append((x.to(device), y.to(device)))
+        if cfg.model.name == "gpt":
+            shape: tuple[int, ...] = (cfg.model.gpt.seq_len,)
+            num_classes = cfg.model.gpt.vocab
+            for _ in range(BATCHES_PER_RANK):
+                x = torch.randint(0, num_classes, (batch, *shape), generator=generator)
+                y = torch.randint(0, num_classes, (batch, *shape), generator=generator)
+                batches.append((x.to(device), y.to(device)))
+        else:
+            shape = (3, cfg.data.image_size, cfg.data.image_size)
+            for _ in range(BATCHES_PER_RANK):
+                x = torch.randn(batch, *shape, generator=generator)
+                y = torch.randint(0, num_classes, (batch,), generator=generator)
+                batches.append((x.to(device), y.to(device)))
         return cls(cfg, device, rank, shape, num_classes, batches)
+
+    @property
+    def tokens_per_sample(self) -> int | None:
+        """A language model's window (its rates in tokens/s are samples/s times it); None for a classifier."""
+        return self.input_shape[0] if self.cfg.model.name == "gpt" else None
 
     def new_model(self) -> nn.Module:
         """The same initial weights on every call and every rank."""
@@ -88,10 +105,10 @@ class Workload:
         return self.batches[step % len(self.batches)]
 
     def batches_in(self, channels_last: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches, their images in channels-last memory format when asked."""
+        """The batches, their images in channels-last memory format when asked (token ids stay as they are)."""
         if not channels_last:
             return self.batches
-        return [(x.contiguous(memory_format=torch.channels_last), y) for x, y in self.batches]
+        return [(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y) for x, y in self.batches]
 
 
 def _schedule(algorithm: AlgorithmConfig, sync_period: int | None) -> SyncSchedule:
@@ -106,8 +123,15 @@ def _schedule(algorithm: AlgorithmConfig, sync_period: int | None) -> SyncSchedu
 def _logits_and_loss(
     model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The package's loss, as training computes it: cross-entropy along the last dimension."""
     out = model(x)
-    return out, F.cross_entropy(out, y)
+    return out, cross_entropy(out, y)
+
+
+def plain_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The plain loops' loss, as nanoGPT writes it: every position's logits against its target. A classifier's
+    [batch, classes] against [batch] goes through the views unchanged (``F.cross_entropy(out, y)``)."""
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
 
 
 class TrainingLoop(Protocol):
@@ -197,6 +221,7 @@ class EngineLoop:
             error_feedback=comm_cfg.uses_error_feedback,
             gradient_compression=gradient_compression,
             sync_thread=comm_cfg.uses_sync_thread(spare_cores(torch.get_num_threads(), comm.layout)),
+            clip_grad_norm=cfg.optim.clip_grad_norm,  # as training clips (the language model's recipe does)
         )
         self.engine.broadcast_initial_state()
         # As training feeds them (train/device.py): the weights keep the flat buffer's layout.
@@ -238,7 +263,10 @@ class EngineLoop:
 class PlainLoop:
     """Each rank alone: forward, backward, optimizer step; no engine, no communicator. With a precision
     or channels-last, written the way torchvision's reference recipe does it: the model converted with
-    ``.to(memory_format=torch.channels_last)``, autocast around forward and loss, GradScaler for fp16."""
+    ``.to(memory_format=torch.channels_last)``, autocast around forward and loss, GradScaler for fp16.
+    For a language model it is nanoGPT's loop: ``model(x)``, cross-entropy of the flattened logits, backward,
+    ``clip_grad_norm_`` (where the package's step clips: optim.clip_grad_norm), ``step()``,
+    ``zero_grad(set_to_none=True)``; the optimizer is the package's (AdamW for gpt), built the same way."""
 
     name = "bare"
 
@@ -257,18 +285,24 @@ class PlainLoop:
 
     def run(self, steps: int) -> None:
         device_type = self.workload.device.type
+        clip = self.workload.cfg.optim.clip_grad_norm
         for step in range(steps):
             x, y = self.batches[step % len(self.batches)]
-            self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(
                 device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
             ):
-                loss = F.cross_entropy(self.forward_model(x), y)
+                loss = plain_loss(self.forward_model(x), y)
             if self.scaler is None:
                 loss.backward()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
                 self.optimizer.step()
             else:
                 self.scaler.scale(loss).backward()
+                if clip is not None:
+                    self.scaler.unscale_(self.optimizer)  # clip the true gradient, as torch's AMP recipe does
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         synchronize_device(self.workload.device)

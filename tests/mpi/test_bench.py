@@ -5,6 +5,7 @@ bad input ends every rank with one line; the ReFrame check runs locally."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from hpc_localsgd.config.schema import ModelConfig
+from hpc_localsgd.config.schema import GptConfig, ModelConfig
+from hpc_localsgd.train.gpt import flops_per_token, parameter_count
 from hpc_localsgd.train.models import build_model
 from tests.helpers import MPI_TEST_ENV, REPO_ROOT, run_mpi
 
@@ -209,7 +211,7 @@ def test_horovod_baseline_runs_apart_from_the_package_on_another_backend(tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     document = json.loads(out.read_text())
     jsonschema.validate(document, SCHEMA)
-    assert document["schema_version"] == "1.7" and document["measurement"]["baselines"] == ["horovod"]
+    assert document["schema_version"] == "1.8" and document["measurement"]["baselines"] == ["horovod"]
     by_id = figures(document)
     assert "synchronous.allreduce_with_horovod_running.samples_per_s" not in by_id
     around = by_id["synchronous.allreduce_around_horovod.samples_per_s"]["samples"]
@@ -273,6 +275,46 @@ def test_precision_phase_measures_torch_compile_paired_with_eager(tmp_path: Path
     assert by_id["precision.bf16.compiled_vs_plain"]["target"] is not None
 
 
+GPT_SHAPE = GptConfig(layers=1, heads=2, dim=32, seq_len=16, vocab=256)
+GPT_ARGS = ["--model", "gpt", "--gpt-layers", "1", "--gpt-heads", "2", "--gpt-dim", "32", "--gpt-seq-len", "16"]
+
+
+def test_precision_phase_of_a_language_model_reports_tokens_per_s_against_the_nanogpt_loop(tmp_path: Path) -> None:
+    """--model gpt: both loops train the transformer with AdamW on random token ids; every rate in samples/s
+    has its twin in tokens/s (times seq_len), the ratio to the plain loop is judged as a classifier's, and a
+    CPU has no MFU, said with the reason."""
+    out = tmp_path / "bench.json"
+    args = ["--quick", *GPT_ARGS, "--batch", "4", "--phases", "precision", "--precisions", "bf16", "--repeats", "2"]
+    proc = run_mpi(2, bench(*args, "--steps", "2", "--out", str(out)), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, SCHEMA)
+    problem = document["problem"]
+    assert problem["optimizer"] == {"name": "adamw", "clip_grad_norm": 1.0}
+    assert problem["gpt"] == dataclasses.asdict(GPT_SHAPE) and problem["tokens_per_sample"] == 16
+    assert problem["parameters"] == parameter_count(GPT_SHAPE) and problem["image_size"] is None
+    assert " seq_len=16 " in document["summary_line"]
+    by_id = figures(document)
+    for rate in ("samples_per_s", "plain_samples_per_s"):
+        samples = by_id[f"precision.bf16.{rate}"]
+        tokens = by_id[f"precision.bf16.{rate.replace('samples', 'tokens')}"]
+        assert tokens["unit"] == "tokens/s" and samples["unit"] == "samples/s"
+        assert tokens["samples"] == pytest.approx([v * 16 for v in samples["samples"]], rel=1e-12)
+        # One value per repetition.
+        assert len(samples["samples"]) == 2 and all(v > 0 for v in samples["samples"])
+    engine, plain = (
+        by_id["precision.bf16.tokens_per_s"]["samples"],
+        by_id["precision.bf16.plain_tokens_per_s"]["samples"],
+    )
+    vs_plain = by_id["precision.bf16.vs_plain"]
+    assert vs_plain["samples"] == pytest.approx([e / p for e, p in zip(engine, plain, strict=True)])
+    assert vs_plain["target"] == {"op": ">=", "value": 0.95}
+    mfu = document["measurement"]["mfu"]
+    assert mfu["reason"] == "no GPU" and mfu["peak_flops"] == {"bf16": None} and mfu["device"] is None
+    assert mfu["flops_per_token"] == flops_per_token(GPT_SHAPE)
+    assert {"id": "precision.bf16.mfu", "reason": "no GPU"} in document["skipped"]
+
+
 def test_projection_follows_the_alpha_beta_model(quick_run) -> None:
     _, document, _ = quick_run
     projection = document["projection"]
@@ -301,7 +343,7 @@ def test_hierarchy_phase_follows_the_schema_and_names_every_configuration(hierar
     proc, document = hierarchy_run
     jsonschema.validate(document, SCHEMA)
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert document["schema_version"] == "1.7" and document["world"]["size"] == 4
+    assert document["schema_version"] == "1.8" and document["world"]["size"] == 4
     assert document["measurement"]["ranks_per_worker"] == 2
     per_configuration = ("samples_per_s", "efficiency", "efficiency_in_process", "global_bytes_per_sample")
     configurations = ["allreduce"] + [f"{kind}_h{h}" for h in HIERARCHY_PERIODS for kind in ("local_sgd", "workers_r2")]

@@ -11,12 +11,18 @@ import pytest
 from hpc_localsgd.bench import BenchOptions
 from hpc_localsgd.cli import bench_flag, build_parser, main
 
-# The flags of the hand-written parser this one replaced: none may be renamed or lost.
+# The flags of the hand-written parser this one replaced (none may be renamed or lost), and the transformer's
+# shape (--gpt-*) since.
 FLAGS = {
     "--model",
     "--batch",
     "--image-size",
     "--classes",
+    "--gpt-layers",
+    "--gpt-heads",
+    "--gpt-dim",
+    "--gpt-seq-len",
+    "--gpt-vocab",
     "--quick",
     "--repeats",
     "--warmup",
@@ -116,9 +122,43 @@ def test_values_are_parsed_by_their_type() -> None:
     assert options.model == "smallcnn" and options.repeats == 3  # the rest from --quick
 
 
+def test_model_gpt_takes_its_shape_from_the_gpt_flags() -> None:
+    options = options_from(
+        "--model",
+        "gpt",
+        "--gpt-layers",
+        "12",
+        "--gpt-heads",
+        "12",
+        "--gpt-dim",
+        "768",
+        "--gpt-seq-len",
+        "1024",
+        "--gpt-vocab",
+        "50304",
+        "--batch",
+        "8",
+    )
+    assert (options.gpt_layers, options.gpt_heads, options.gpt_dim) == (12, 12, 768)
+    assert (options.gpt_seq_len, options.gpt_vocab, options.batch) == (1024, 50304, 8)
+    assert options.model == "gpt" and options.tokens_per_sample == 1024
+    options.validate()
+    # Not given: configs/lm/demo.yaml's byte-level transformer; a classifier has no tokens.
+    default = options_from("--quick", "--model", "gpt")
+    shape = (default.gpt_layers, default.gpt_heads, default.gpt_dim, default.gpt_seq_len, default.gpt_vocab)
+    assert shape == (4, 4, 128, 64, 256) and default.tokens_per_sample == 64
+    assert options_from("--quick").tokens_per_sample is None
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
+        (
+            ["--model", "gpt", "--gpt-dim", "100", "--gpt-heads", "3"],
+            "--gpt-dim: 100 is not a multiple of --gpt-heads (3)",
+        ),
+        (["--model", "gpt", "--gpt-vocab", "100"], "--gpt-vocab: must be >= 256, got 100"),
+        (["--model", "gpt", "--gpt-seq-len", "0"], "--gpt-seq-len: must be >= 1, got 0"),
         (["--repeats", "0"], "--repeats: must be >= 1, got 0"),
         (["--classes", "1"], "--classes: must be >= 2, got 1"),
         (["--project-step-seconds", "0"], "--project-step-seconds: must be > 0, got 0.0"),
