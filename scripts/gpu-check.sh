@@ -21,7 +21,8 @@
 #      its time, and the same bits as on the CPU;
 #   6. what train.compile buys: check 3's problem with both loops also through torch.compile, paired
 #      with the eager ones (bench --phases precision --compile true; the compilation is untimed);
-#   8. a language model: a GPT-2-small-shaped transformer (12 layers, 12 heads, 768 wide, 1024 tokens, vocabulary
+#   8. a language model: configs/lm/demo.yaml in one process in bf16 learns well below its corpus's unigram
+#      entropy (its tokens/s and, on the GPU, MFU); then a GPT-2-small-shaped transformer (12 layers, 12 heads, 768 wide, 1024 tokens, vocabulary
 #      50304), 8 windows per step, bf16, both loops through torch.compile: the package's step against a plain
 #      nanoGPT-style loop (AdamW, clip_grad_norm_, autocast), its tokens/s and its MFU of the GPU's dense bf16 peak
 #      (bench --model gpt --phases precision --compile true; target >= 0.95; about a minute on an H100, most of
@@ -286,6 +287,26 @@ else:
           f\"{peak / 1e12:.0f} TFLOP/s ({basis['device']}, {sys.argv[2].split('.')[1]} dense peak)\")" "$@"
 }
 if [[ $CHECKS == *" 8 "* ]]; then
+  # Correctness first: configs/lm/demo.yaml in one process on the device in bf16 must learn well below its
+  # corpus's unigram entropy (0.3 nats, as tests/mpi/test_language.py asks of it on CPU ranks).
+  began=$SECONDS
+  lm_steps=400
+  if train lm-demo "$PY" -m hpc_localsgd train configs/lm/demo.yaml --set comm.backend=single \
+    --set "train.device=$DEVICE" --set train.precision=bf16 --set "train.max_steps=$lm_steps"; then
+    verdict=$("$PY" -c "import json, sys, h5py
+from hpc_localsgd.io.metrics import read_metrics
+path = sys.argv[1]
+entropy = json.loads(h5py.File(path).attrs['language'])['corpus']['unigram_entropy']
+loss = read_metrics(path)['evals']['test_loss'][-1]
+print(('PASS' if loss < entropy - 0.3 else 'FAIL') + f' validation loss {loss:.3f} nats/byte, unigram entropy {entropy:.3f}')" \
+      "$OUT/lm-demo/metrics.h5")
+    [[ $verdict == PASS* ]] || failed=1
+    say "8 language-model demo bf16 on $DEVICE ($lm_steps steps): $verdict in $((SECONDS - began)) s;" \
+      "$(grep -o '[0-9]* tokens/s\( | MFU [^|]*\)\?' "$OUT/lm-demo.log" | tail -n 1)"
+  else
+    say "8 language-model demo on $DEVICE: FAIL the run ended with an error: $(tail -n 1 "$OUT/lm-demo.log")"
+    failed=1
+  fi
   if [[ $DEVICE == cuda ]]; then
     gpt_args=(--gpt-layers 12 --gpt-heads 12 --gpt-dim 768 --gpt-seq-len 1024 --gpt-vocab 50304 --batch 8
       --steps 10 --warmup 2 --repeats 5)
