@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from hpc_localsgd.algorithms.engine import AveragingEngine
+from hpc_localsgd.algorithms.optimizer_state import make_inner_optimizer
 from hpc_localsgd.algorithms.schedule import SyncSchedule
 from hpc_localsgd.algorithms.streaming import StreamingSync
 from hpc_localsgd.comm import SingleCommunicator, ThreadGroup
-from hpc_localsgd.config.schema import AlgorithmConfig
+from hpc_localsgd.config.schema import AlgorithmConfig, OptimConfig
 from hpc_localsgd.io.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, RankState, list_checkpoints
 from hpc_localsgd.train.resume import restore
 
@@ -115,22 +116,28 @@ def test_keep_prunes_old_checkpoints_and_points_to_latest(tmp_path: Path) -> Non
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def make_engine(cfg: AlgorithmConfig) -> tuple[torch.nn.Module, AveragingEngine]:
+def make_engine(cfg: AlgorithmConfig, inner: str = "sgd") -> tuple[torch.nn.Module, AveragingEngine]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = make_inner_optimizer(model.parameters(), OptimConfig(name=inner), 0.1, [model[0].weight])
     return model, AveragingEngine(model, opt, SingleCommunicator(), cfg, SyncSchedule(cfg.sync_period, 0))
 
 
+@pytest.mark.parametrize("inner", ["sgd", "adamw", "muon"])
 @pytest.mark.parametrize("mode", ["average", "reset"])
-def test_reshard_takes_the_mean_of_the_saved_ranks(tmp_path: Path, mode: str) -> None:
+def test_reshard_takes_the_mean_of_the_saved_ranks(tmp_path: Path, mode: str, inner: str) -> None:
+    """Every state tensor of every inner optimizer (SGD's momentum; AdamW's moments and step counts; Muon's
+    momentum and its AdamW part's state) comes back as the mean over the saved ranks, or, with ``reset``,
+    the optimizer's state starts afresh: moments at zero and step counts at 0 (so that Adam's bias
+    correction matches its zeroed moments)."""
     cfg = AlgorithmConfig(method="local_sgd", sync_period=4)
-    model, engine = make_engine(cfg)
+    model, engine = make_engine(cfg, inner)
     saved = {}
 
     def each(comm):
+        # Step counts are whole numbers (kept as float32 by PyTorch): their mean over two ranks is exact there.
         mine = {
-            name: t.clone() + (comm.rank + 1) * torch.arange(t.numel()).float() / 10
+            name: t.clone() + (comm.rank + 1) * torch.arange(t.numel()).float() / (1 if "step" in name else 10)
             for name, t in engine.rank_state().items()
         }
         saved[comm.rank] = mine
@@ -143,11 +150,16 @@ def test_reshard_takes_the_mean_of_the_saved_ranks(tmp_path: Path, mode: str) ->
         )
 
     ThreadGroup(2).run(each)
-    _, fresh = make_engine(cfg)
+    _, fresh = make_engine(cfg, inner)
     stats, loss_sum, loss_count = restore(Checkpoint(tmp_path / "step-000000008.h5"), fresh, model, 0, mode)
-    for name, live in fresh.rank_state().items():
-        mean = ((saved[0][name].double() + saved[1][name].double()) / 2).float()
-        if name.endswith(".momentum") and mode == "reset":
+    live_state = fresh.rank_state()
+    kinds = {name.rpartition(".")[2] for name in live_state}
+    assert {"sgd": {"momentum"}, "adamw": {"exp_avg", "exp_avg_sq", "step"}}.get(
+        inner, {"momentum", "exp_avg", "exp_avg_sq", "step"}
+    ) <= kinds, kinds
+    for name, live in live_state.items():
+        mean = ((saved[0][name].double() + saved[1][name].double()) / 2).to(live.dtype)
+        if fresh.is_optimizer_state(name) and mode == "reset":
             assert torch.count_nonzero(live) == 0, name
         else:
             assert torch.equal(live, mean), name
