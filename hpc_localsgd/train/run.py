@@ -333,10 +333,14 @@ class DivergenceWatch:
         )
 
 
+# How the start-up line and all-reduce's name give each inner optimizer (optim.name).
+INNER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon (matrices) + AdamW"}
+
+
 def describe_method(cfg: RunConfig) -> str:
     a = cfg.algorithm
     name = {
-        "allreduce": "all-reduce SGD",
+        "allreduce": f"all-reduce {INNER_NAMES[cfg.optim.name]}",
         "local_sgd": f"local SGD H={a.sync_period}",
         "post_local_sgd": f"post-local SGD H={a.sync_period}",
     }[a.method]
@@ -412,9 +416,6 @@ def open_metrics(
         levels=opt.engine.hierarchy.level_names(),
     )
 
-
-# How the start-up line names each inner optimizer (optim.name).
-INNER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon (matrices) + AdamW"}
 
 
 def corpus_summary(language: dict[str, Any] | None) -> str:
