@@ -417,7 +417,6 @@ def open_metrics(
     )
 
 
-
 def corpus_summary(language: dict[str, Any] | None) -> str:
     """`` (source, size, unigram entropy)`` of a language run's corpus for the start-up line: the loss a
     model that learned only token frequencies would reach, against which the validation loss reads."""
