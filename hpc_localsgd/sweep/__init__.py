@@ -41,6 +41,7 @@ from typing import Any, Literal
 from ..config import build, read_yaml, section, setting
 from ..config.fields import check_declared
 from ..config.load import config_to_yaml, load_config
+from ..config.schema import LANGUAGE_DATA
 from ..errors import ConfigError, UserError
 
 REPO_TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
@@ -352,6 +353,8 @@ def _run_point(
                 traceback.print_exc(file=log)
                 return None, f"{type(exc).__name__}: {exc} (traceback in {log_path})"
             assert result.final is not None
+            if cfg.data.name in LANGUAGE_DATA:  # a language model: its loss says how it did
+                return result.final.test_accuracy, f"val loss {result.final.test_loss:.4f}"
             return result.final.test_accuracy, f"test acc {result.final.test_accuracy:.4f}"
         argv = [sys.executable, "-m", "hpc_localsgd", "train", str(Path(config_path).resolve()), "--resume", "auto"]
         if emulated_link is None:
