@@ -452,22 +452,50 @@ def absolute_target(reference: float, target: float | None, language: bool) -> f
     return (DEFAULT_TARGET if target is None else target) * reference
 
 
+def is_baseline(method: str) -> bool:
+    """Whether a group's label is all-reduce's, plain or with the settings that tell its variants apart."""
+    return method == BASELINE or method.startswith(f"{BASELINE} (")
+
+
+def _final(run: Run) -> float:
+    return float(run.evals.test_loss[-1] if run.language is not None else run.evals.test_accuracy[-1])
+
+
+def baseline_result(key: GroupKey, members: Sequence[Run], groups: dict[GroupKey, list[Run]]) -> float | None:
+    """All-reduce's final result (mean over its seeds) that ``key``'s group is measured against: the
+    all-reduce group of the same task and workers; where several all-reduce variants ran (AdamW and Muon
+    inside, say), the one whose runs agree with this group's on every setting that tells those variants
+    apart (None when no one or several do)."""
+    candidates = [
+        runs
+        for other, runs in groups.items()
+        if is_baseline(other.method) and (other.task, other.workers) == (key.task, key.workers)
+    ]
+    if len(candidates) > 1:
+        distinguishing = {
+            name
+            for runs in candidates
+            for name in runs[0].settings
+            if len({repr(other[0].settings.get(name)) for other in candidates}) > 1
+        }
+        mine = members[0].settings
+        candidates = [
+            runs for runs in candidates if all(runs[0].settings.get(name) == mine.get(name) for name in distinguishing)
+        ]
+    if len(candidates) != 1:
+        return None
+    return statistics.fmean(_final(run) for run in candidates[0])
+
+
 def tradeoff_rows(runs: Sequence[Run], timing: Timing, target: float | None = None) -> list[TradeoffRow]:
     """A row per configuration and interconnect, in table order; the Pareto front per task and interconnect.
     ``target``: None takes the default of each kind of task (:func:`absolute_target`)."""
     groups = group_runs(runs)
-    baseline = {
-        (key.task, key.workers): statistics.fmean(
-            float(r.evals.test_loss[-1] if r.language is not None else r.evals.test_accuracy[-1]) for r in members
-        )
-        for key, members in groups.items()
-        if key.method == BASELINE
-    }
     rows: list[TradeoffRow] = []
     for link in timing.interconnects:
         mine = []
         for key, members in groups.items():
-            reference = baseline.get((key.task, key.workers))
+            reference = baseline_result(key, members, groups)
             language = members[0].language is not None
             absolute = None if reference is None else absolute_target(reference, target, language)
             mine.append(_row(key, members, link, timing.compute_seconds, absolute))

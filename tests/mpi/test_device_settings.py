@@ -13,7 +13,7 @@ import numpy as np
 
 from hpc_localsgd.io.metrics import read_metrics
 from tests.helpers import REPO_ROOT, run_gpu_check, run_mpi
-from tests.mpi.cases import BASE
+from tests.mpi.cases import BASE, GPT_TEXT
 from tests.mpi.test_cli import cli, empty_config, sets
 
 LOCAL_H4 = [*BASE, "algorithm.method=local_sgd", "algorithm.sync_period=4", "comm.backend=mpi"]
@@ -71,3 +71,15 @@ def test_gpu_check_script_runs_its_cpu_fallback(tmp_path: Path) -> None:
     assert "gpu-check: 2 two ranks on one GPU, simulation on CUDA: SKIP no GPU" in lines
     assert lines[-1].startswith("gpu-check: all checks passed")
     assert (tmp_path / "gpu-check.txt").read_text().splitlines() == lines
+
+
+def test_compiled_gpt_matches_the_eager_one(tmp_path: Path) -> None:
+    """The language model through torch.compile on ranks: the same losses as eager to float tolerance, and
+    channels_last: auto leaves it alone (it has no convolutions)."""
+    gpt = [*GPT_TEXT, "optim.name=adamw", "optim.lr=0.003", "optim.weight_decay=0.1", "train.channels_last=auto"]
+    eager_out, eager = train_two_ranks(tmp_path, "gpt-eager", gpt)
+    compiled_out, compiled = train_two_ranks(tmp_path, "gpt-compiled", [*gpt, "train.compile=true"])
+    start = compiled_out.splitlines()[0]
+    assert re.search(r"cpu, compiled, fp32 \| gpt on text", start), start
+    np.testing.assert_allclose(compiled["steps"]["loss"], eager["steps"]["loss"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(compiled["evals"]["test_loss"], eager["evals"]["test_loss"], rtol=1e-4)

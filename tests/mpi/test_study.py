@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -108,3 +109,45 @@ variants:
         assert json.loads(f.attrs["world"])["threads_per_rank"] == max(1, (os.cpu_count() or 1) // 2)
     again = cli("sweep", str(grid), "--out", str(out), "--run-here", cwd=tmp_path)
     assert again.returncode == 1 and "1 of 2 runs to go (1 already finished)" in again.stdout, again.stdout
+
+
+LM_GRID = """
+name: mini-lm-study
+base: {base}
+set:
+  comm.simulated_workers: 2
+  train.max_steps: 32
+  train.eval_every_steps: 16
+  optim.warmup_steps: 4
+  data.text.max_bytes: 200000
+  data.eval_samples: 64
+variants:
+  - {{algorithm.method: allreduce}}
+  - {{algorithm.method: local_sgd, algorithm.outer: nesterov, algorithm.sync_period: 8}}
+"""
+
+
+def test_a_language_study_runs_here_and_reports_its_loss(tmp_path: Path) -> None:
+    """configs/lm/study.yaml's shape at a few steps: each point ends with its validation loss, and the report
+    gives each group's loss and bits per byte exactly as the metrics files hold them."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(LM_GRID.format(base=REPO_ROOT / "configs" / "lm" / "study.yaml"))
+    out = tmp_path / "sweep"
+    done = cli("sweep", str(grid), "--out", str(out), "--run-here", "--jobs", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    losses = {}
+    for run in sorted((out / "runs").iterdir()):
+        evals = read_metrics(run / "metrics.h5")["evals"]
+        assert list(evals["step"]) == [16, 32]
+        losses[run.name] = float(evals["test_loss"][-1])
+        assert f"{run.name}: val loss {losses[run.name]:.4f}" in done.stdout
+    report = cli("report", str(out / "runs"), "--out", str(tmp_path / "report"), cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    with open(tmp_path / "report" / "results.csv") as f:
+        rows = {row["method"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"all-reduce", "local SGD + outer Nesterov"}
+    by_name = dict(zip(["all-reduce", "local SGD + outer Nesterov"], losses.values(), strict=True))
+    for method, loss in by_name.items():
+        assert float(rows[method]["val_loss_nats_per_token_mean"]) == loss
+        assert float(rows[method]["bits_per_byte_mean"]) == loss / math.log(2)
+    assert (tmp_path / "report" / "loss_vs_H.png").is_file()

@@ -80,6 +80,7 @@ def write_lm_run(
     accuracy: float = 0.5,
     digest: str = DIGEST_A,
     bytes_per_token: int | None = 1,
+    extra: tuple[str, ...] = (),
 ) -> None:
     """A GPT run on byte-level text (token files without bytes per token): its validation loss falls to
     ``final_loss``, its next-token accuracy climbs linearly to ``accuracy``."""
@@ -89,7 +90,7 @@ def write_lm_run(
         overrides.append(f"algorithm.sync_period={sync_period}")
     if method == "post_local_sgd":
         overrides.append("algorithm.switch_step=10")
-    cfg = load_config(None, overrides + data + [f"data.batch_size={BATCH}"])
+    cfg = load_config(None, overrides + data + [f"data.batch_size={BATCH}", *extra])
     path.mkdir(parents=True)
     attrs = {
         "config": config_to_yaml(cfg),
@@ -255,6 +256,28 @@ def test_pareto_front_and_target_of_lower_loss(lm_tradeoff_dir: Path, tmp_path: 
     assert "| method | H | workers | val loss (nats/token, lower is better) | projected time |" in md
     assert "| all-reduce | 1 | 4 | 2.000 ± – | 0.7 s | 0.3 s | yes | 1/1 | 40 |" in md
     assert "Target: 90 %" not in md  # no classifier here
+
+
+def test_each_run_is_measured_against_the_all_reduce_run_of_its_inner_optimizer(tmp_path: Path) -> None:
+    """All-reduce with AdamW (final loss 2.0) and with Muon (1.5) inside: the report labels them apart, and a
+    local SGD run's target is the all-reduce run's that trained with its own inner optimizer (+ 2 %)."""
+    root = tmp_path / "runs"
+    adamw, muon = ("optim.name=adamw",), ("optim.name=muon",)
+    write_lm_run(root / "ar-adamw", "allreduce", 1, 4, 0, 2.0, extra=adamw)
+    write_lm_run(root / "ar-muon", "allreduce", 1, 4, 0, 1.5, extra=muon)
+    write_lm_run(root / "h8-adamw", "local_sgd", 8, 4, 0, 2.03, extra=adamw)
+    write_lm_run(root / "h8-muon", "local_sgd", 8, 4, 0, 1.52, extra=muon)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(BENCH))
+    rows = {(r.key.method, r.key.sync_period): r for r in tradeoff_rows(collect_runs([root]), load_timing(bench))}
+    targets = {key: r.target_loss for key, r in rows.items()}
+    assert targets == {
+        ("all-reduce (name=adamw)", 1): (2 - 0.98) * 2.0,
+        ("all-reduce (name=muon)", 1): (2 - 0.98) * 1.5,
+        ("local SGD (name=adamw)", 8): (2 - 0.98) * 2.0,
+        ("local SGD (name=muon)", 8): (2 - 0.98) * 1.5,
+    }
+    assert {key: r.reached for key, r in rows.items()} == dict.fromkeys(rows, 1)
 
 
 def test_figures_are_written_with_loss_axes_that_say_lower_is_better(lm_tradeoff_dir: Path, tmp_path: Path) -> None:
