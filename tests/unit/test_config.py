@@ -76,6 +76,26 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         ("", ["sync_period"], "--set 'sync_period': expected key=value"),
         ("", ["algorithm.sync_period.x=1"], "algorithm.sync_period: expected an integer, got {'x': 1}"),
         ("algorithm: 3\n", ["algorithm.sync_period=2"], "--set algorithm.sync_period: 'algorithm' is not a section"),
+        # A setting of another inner optimizer than the one named: refused, not silently ignored.
+        (
+            "",
+            ["optim.name=adamw", "optim.momentum=0.9"],
+            "optim.momentum: is not a setting of adamw (its own: beta1, beta2, eps); remove it",
+        ),
+        ("", ["optim.nesterov=true", "optim.momentum=0"], "optim.nesterov: needs momentum > 0"),
+        ("", ["optim.beta2=0.99"], "optim.beta2: is not a setting of sgd (its own: momentum, nesterov); remove it"),
+        ("", ["optim.name=adamw", "optim.muon_lr_ratio=5"], "optim.muon_lr_ratio: is not a setting of adamw"),
+        ("", ["optim.name=muon", "optim.nesterov=true"], "optim.nesterov: is not a setting of muon"),
+        # A language model learns token data, and only it does.
+        ("", ["model.name=gpt"], "data.name: gpt cannot learn digits: a language model (model.name gpt) learns"),
+        ("", ["data.name=text"], "model.name: smallcnn cannot learn text: a language model (model.name gpt)"),
+        (
+            "",
+            ["model.name=gpt", "data.name=text", "model.gpt.vocab=100"],
+            "model.gpt.vocab: byte-level text (data.name text) has 256 token ids; 100 is too few",
+        ),
+        ("", ["model.name=gpt", "model.gpt.dim=100", "model.gpt.heads=3"], "model.gpt.dim: 100 is not a multiple"),
+        ("", ["data.name=tokens", "model.name=gpt"], "data.path: is required for dataset 'tokens'"),
     ],
 )
 def test_bad_input_names_the_problem(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
