@@ -177,19 +177,22 @@ def final_figures(result: EvalResult, workers: Workers, samples_per_s: float) ->
 
 
 def utilisation(workers: Workers, tokens_per_s: float) -> str:
-    """`` | MFU x % of <peak>``: model FLOPs per second per device (6·N + attention per token, see
-    :func:`.gpt.flops_per_token`) over the device's dense peak for the run's precision; empty off GPUs,
-    and it says so when the device's peak is not in the package's table."""
+    """`` | MFU ...`` of the summary line on a GPU (:func:`utilisation_text`); empty off GPUs."""
     if workers.device.type != "cuda":
         return ""
     name = torch.cuda.get_device_name(workers.device)
-    peak = peak_flops(name, workers.cfg.train.precision)
+    per_token = flops_per_token(workers.cfg.model.gpt)
+    return utilisation_text(per_token * tokens_per_s / workers.devices, name, workers.cfg.train.precision)
+
+
+def utilisation_text(flops_per_device: float, device_name: str, precision: str) -> str:
+    """`` | MFU x% of <device>'s <peak> TFLOPS <precision> peak``: model FLOPs per second per device (6·N +
+    attention per token, :func:`.gpt.flops_per_token`, times tokens/s) over the device's dense peak for the
+    run's precision; it says so when the device is not in the package's table."""
+    peak = peak_flops(device_name, precision)
     if peak is None:
-        return f" | MFU unknown (no {workers.cfg.train.precision} peak known for {name})"
-    achieved = flops_per_token(workers.cfg.model.gpt) * tokens_per_s / workers.devices
-    return (
-        f" | MFU {100 * achieved / peak:.1f}% of {name}'s {peak / 1e12:.0f} TFLOPS {workers.cfg.train.precision} peak"
-    )
+        return f" | MFU unknown (no {precision} peak known for {device_name})"
+    return f" | MFU {100 * flops_per_device / peak:.1f}% of {device_name}'s {peak / 1e12:.0f} TFLOPS {precision} peak"
 
 
 def hidden_matrices(model: torch.nn.Module) -> list[torch.Tensor]:

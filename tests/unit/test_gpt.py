@@ -196,3 +196,23 @@ def test_stacked_workers_draw_their_own_dropout() -> None:
     replicated.eval()
     logits = replicated(idx)
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
+def test_the_summary_line_gives_mfu_against_the_devices_peak() -> None:
+    """MFU = model FLOPs per second per device / the device's dense peak at the run's precision: a GPT-2-small
+    step at 500k tokens/s on one H100 SXM in bf16 is (6·N + attention) FLOPs per token × 5e5 / 989e12."""
+    from hpc_localsgd.train.run import utilisation_text
+
+    cfg = GptConfig(layers=12, heads=12, dim=768, seq_len=1024, vocab=50304)
+    achieved = flops_per_token(cfg) * 500_000
+    line = utilisation_text(achieved, "NVIDIA H100 80GB HBM3", "bf16")
+    assert line == f" | MFU {100 * achieved / 989e12:.1f}% of NVIDIA H100 80GB HBM3's 989 TFLOPS bf16 peak"
+    # 6 × 123.6M parameters (the tied embedding counted once, the position embedding not) + 12 × 12 × 1024 ×
+    # 768 for attention = 0.855 GFLOP per token.
+    assert flops_per_token(cfg) == 6 * (124_373_760 - 1024 * 768) + 12 * 12 * 1024 * 768
+    assert "| MFU 43." in line
+    pcie = utilisation_text(achieved, "NVIDIA H100 PCIe", "bf16")  # the more specific name wins
+    assert pcie.endswith("NVIDIA H100 PCIe's 756 TFLOPS bf16 peak")
+    assert utilisation_text(achieved, "NVIDIA GeForce RTX 4090", "bf16") == (
+        " | MFU unknown (no bf16 peak known for NVIDIA GeForce RTX 4090)"
+    )
