@@ -27,6 +27,7 @@ import torch
 
 from ..comm.base import Communicator
 from ..config.schema import AlgorithmConfig, GradientCompression, Precision, SyncCompression
+from ..launcher.faults import NO_FAULTS, FaultPlan
 from .accounting import GLOBAL, CommStats, SyncTraffic
 from .drift import SyncMeasurement
 from .flat import BUFFERS, PARAMS, FlatGroup, flatten_training_state
@@ -66,16 +67,20 @@ class AveragingEngine:
         gradient_compression: GradientCompression = "none",
         sync_thread: bool = True,
         clip_grad_norm: float | None = None,
+        faults: FaultPlan = NO_FAULTS,
     ) -> None:
         """``sync_thread``: a delayed sync's encoding, decoding and wait run on a thread beside the step
         (``comm.sync_thread``; algorithms/streaming.py says where it applies). ``clip_grad_norm``: the
-        gradient's largest L2 norm at each inner step, after it is averaged (None: no clipping)."""
+        gradient's largest L2 norm at each inner step, after it is averaged (None: no clipping). ``faults``: what
+        this rank is to suffer on purpose (launcher/faults.py): the training loop fires its ``step`` points, the
+        blocking sync its ``sync`` points."""
         self.model = model
         self.optimizer = optimizer
         self.comm = comm
         self.cfg = cfg
         self.schedule = schedule
         self.clip_grad_norm = clip_grad_norm
+        self.faults = faults
         self.stats = CommStats()  # training communication
         self.eval_stats = CommStats()  # evaluation only: never part of the training cost
         self.outer = build_outer_optimizer(cfg)
@@ -127,7 +132,15 @@ class AveragingEngine:
     ) -> GlobalSync:
         """The blocking average, or the streaming sync where updates are compressed, delayed or fragmented."""
         parts = SyncParts(
-            self.groups, self.sync_spans, self.averaged_kinds, self.exchange, cfg, schedule, self.outer, self.stats
+            self.groups,
+            self.sync_spans,
+            self.averaged_kinds,
+            self.exchange,
+            cfg,
+            schedule,
+            self.outer,
+            self.stats,
+            self.faults,
         )
         if compression == "none" and cfg.sync_delay == 0 and cfg.fragments == 1:
             return BlockingAverage(parts)

@@ -34,6 +34,7 @@ import torch
 
 from ..comm.base import Communicator, Handle
 from ..config.schema import AlgorithmConfig
+from ..launcher.faults import NO_FAULTS, FaultPlan
 from .accounting import GLOBAL, CommStats, SyncTraffic
 from .drift import SyncMeasurement, first_row, relative_consensus_distance, row_dot
 from .flat import BUFFERS, PARAMS, FlatGroup, contiguous_part
@@ -176,6 +177,7 @@ class SyncParts:
     schedule: SyncSchedule
     outer: OuterOptimizer
     stats: CommStats
+    faults: FaultPlan = NO_FAULTS  # launcher/faults.py: the blocking average fires its ``sync`` points
 
 
 class AnchoredSync:
@@ -185,7 +187,7 @@ class AnchoredSync:
 
     def __init__(self, parts: SyncParts) -> None:
         self.groups, self.outer, self.schedule = parts.groups, parts.outer, parts.schedule
-        self.exchange, self.stats = parts.exchange, parts.stats
+        self.exchange, self.stats, self.faults = parts.exchange, parts.stats, parts.faults
         self.statistics = averaged_statistics(parts.groups, parts.averaged_kinds)
         self.reset_state = parts.cfg.optimizer_state == "reset"
         self.anchors: list[torch.Tensor] = []
@@ -243,7 +245,7 @@ class BlockingAverage(AnchoredSync):
     def end_step(self, completed: int, lr: float) -> SyncMeasurement | None:
         if not self.schedule.averages_after(completed):
             return None
-        return self.sync(lr, self.schedule.outer_step_after(completed))
+        return self.sync(lr, self.schedule.outer_step_after(completed), completed)
 
     def agreed_after_sync(self) -> list[torch.Tensor]:
         return [g.flat[..., a:b] for g, a, b in self.spans]
@@ -266,10 +268,14 @@ class BlockingAverage(AnchoredSync):
     sync_thread_cpu_seconds = 0.0
 
     # --- the average ---------------------------------------------------------------------------------
-    def sync(self, lr: float, outer_step: bool = True) -> SyncMeasurement:
+    def sync(self, lr: float, outer_step: bool = True, completed: int | None = None) -> SyncMeasurement:
         """One model average over all ranks, then the outer step (unless ``outer_step`` is false: a
-        plain average between two outer steps, whose x_prev stays) and the optimizer-state policy."""
+        plain average between two outer steps, whose x_prev stays) and the optimizer-state policy.
+        ``completed``: the steps completed at this sync, where the schedule placed it (faults planned there fire
+        once this rank's part has begun)."""
         consensus = self._start_consensus_distance()
+        if completed is not None:
+            self.faults.reached("sync", completed)
         with self.stats.timed():
             between, inside = self.exchange.average(self.spans, self.statistics)
         count_sync(self.stats, between, inside)

@@ -121,7 +121,7 @@ def _train(
     run_dir = Path(cfg.output.run_dir)
     prepare_run_dir(comm, run_dir, overwrite, resuming=resume is not None)
     workers = RankWorkers(cfg, comm, launch, device)
-    opt = build_optimization(cfg, workers.model, comm, workers.steps_per_epoch, workers.hierarchy)
+    opt = build_optimization(cfg, workers.model, comm, workers.steps_per_epoch, workers.hierarchy, workers.faults)
     chosen = None
     if resume is not None:
         # The engine exists first so that the checkpoint is read straight into its live memory.

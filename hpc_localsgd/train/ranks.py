@@ -13,6 +13,7 @@ from ..comm.base import Communicator
 from ..config.schema import RunConfig
 from ..errors import ConfigError, UserError
 from ..launcher.env import LaunchEnvironment, WorldLayout, host_id, ranks_per_node, threads_for_rank
+from ..launcher.faults import FaultPlan
 from .data import ShardedBatches, build_datasets, eval_batches
 from .device import check_precision, compiled_forward, loader_workers, to_device, use_channels_last
 from .models import build_model
@@ -27,6 +28,7 @@ class RankWorkers:
     def __init__(self, cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device: torch.device) -> None:
         self.cfg, self.comm, self.device = cfg, comm, device
         check_precision(cfg.train.precision, device)
+        self.faults = FaultPlan.from_env(launch.layout.rank)  # read first: a bad plan is bad input
         # Same seed on every rank: identical initial models (broadcast anyway by the engine).
         seed_everything(cfg.seed)
         self.datasets = build_datasets(cfg.data, cfg.seed, seq_len=cfg.model.gpt.seq_len)

@@ -42,6 +42,7 @@ from ..io.metrics import (
     MetricsWriter,
 )
 from ..launcher.env import emulated_link_rate, software_versions, spare_cores
+from ..launcher.faults import NO_FAULTS, FaultPlan
 from .data import Datasets
 from .device import peak_flops
 from .gpt import flops_per_token
@@ -204,10 +205,16 @@ def hidden_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def build_optimization(
-    cfg: RunConfig, model: torch.nn.Module, comm: Communicator, steps_per_epoch: int, hierarchy: Hierarchy
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    comm: Communicator,
+    steps_per_epoch: int,
+    hierarchy: Hierarchy,
+    faults: FaultPlan = NO_FAULTS,
 ) -> Optimization:
     """The inner optimizer and the averaging engine for ``model`` (every worker starting from worker 0's state),
-    the LR scaled to the global batch of ``comm.size`` workers."""
+    the LR scaled to the global batch of ``comm.size`` workers. ``faults``: what this rank is to suffer on
+    purpose (launcher/faults.py)."""
     total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -229,6 +236,7 @@ def build_optimization(
         gradient_compression=cfg.comm.gradient_compression,
         sync_thread=cfg.comm.uses_sync_thread(spare_cores(torch.get_num_threads(), comm.layout)),
         clip_grad_norm=cfg.optim.clip_grad_norm,
+        faults=faults,
     )
     engine.broadcast_initial_state()
     return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)
@@ -553,6 +561,7 @@ def _step_loop(
             if progress.step % eval_interval == 0 or progress.step == total:
                 evals.append(_evaluate(workers, engine, progress, metrics, say))
             stop = after_step(progress.step) if after_step is not None else None
+            engine.faults.reached("step", progress.step)
             if stop and progress.step < total:
                 return evals, stop
             step_start = time.perf_counter()
