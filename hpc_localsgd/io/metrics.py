@@ -30,6 +30,16 @@ and ``outer_step`` (1 where the outer optimizer stepped). A table of its own rat
 ``steps`` that would be NaN between syncs. Files written before it existed have no ``syncs`` group;
 :func:`read_metrics` then gives none, and a resumed run adds it.
 
+A fourth group, ``membership``, has one row per change of the workers taking part
+(``MEMBERSHIP_FIELDS``; ``comm.on_worker_loss: continue``): ``step`` (completed steps at the global
+sync where the change took effect), ``workers_before`` and ``workers_after``, ``left`` and ``joined``
+(how many workers left and joined there), ``recovery_seconds`` (from the failure being noticed to the
+survivors' state being agreed) and ``description``, a variable-length UTF-8 string saying who and
+why ("worker 2 (rank 2) lost: connection closed"). Each row is written at once (a change is rare, and
+the run may be about to crash). Most runs have none: an empty group. The root attribute ``world``
+stays the world the run started with. Files written before the group existed have none;
+:func:`read_metrics` and :func:`read_membership` then give none, and a resumed run adds it.
+
 This module owns that contract: the file name, the format tag, the fields and when a run counts as
 finished (:func:`run_finished`) or diverged (:func:`run_status`). It imports no torch, so that
 the report reads metrics files without it.
@@ -42,9 +52,10 @@ rows pending and says so in one line (:class:`~hpc_localsgd.errors.WriteFailed`)
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +117,20 @@ SYNC_FIELDS = (
     "outer_step",
 )
 SYNCS = "syncs"  # the group of SYNC_FIELDS
-_INT_FIELDS = {"step", "bytes_sent", "sync_rounds", "synced", "outer_step"}
+MEMBERSHIP_FIELDS = ("step", "workers_before", "workers_after", "left", "joined", "recovery_seconds")
+MEMBERSHIP_DESCRIPTION = "description"  # the membership group's one string dataset, beside MEMBERSHIP_FIELDS
+MEMBERSHIP = "membership"  # the group of MEMBERSHIP_FIELDS and MEMBERSHIP_DESCRIPTION
+_INT_FIELDS = {
+    "step",
+    "bytes_sent",
+    "sync_rounds",
+    "synced",
+    "outer_step",
+    "workers_before",
+    "workers_after",
+    "left",
+    "joined",
+}
 LEVELS_ATTR = "levels"
 GLOBAL_LEVEL = "global"  # every rank, over the slowest network: what a flat run's traffic is
 
@@ -144,7 +168,12 @@ class MetricsWriter:
         self.defer_failures = defer_failures
         self.failure: str | None = None  # the last append that failed, while its rows are pending
         self.set_aside: tuple[Path, str] | None = None  # (where a damaged file went, what was wrong)
-        self._pending: dict[str, list[dict[str, float]]] = {"steps": [], "evals": [], SYNCS: []}
+        self._pending: dict[str, list[Mapping[str, float | str]]] = {
+            "steps": [],
+            "evals": [],
+            SYNCS: [],
+            MEMBERSHIP: [],
+        }
         self._last_flush = time.monotonic()
         if resume_after_step is not None and self.path.exists():
             try:
@@ -163,12 +192,13 @@ class MetricsWriter:
             for group, fields in (("steps", STEP_FIELDS + per_level), ("evals", EVAL_FIELDS + per_level)):
                 _create_series(f, group, fields)
             _create_series(f, SYNCS, SYNC_FIELDS)
+            _create_membership(f)
 
     def _truncate_after(self, step: int) -> None:
         with h5py.File(self.path, "r", locking=self.locking) as f:  # read first: a damaged file is set aside untouched
             if attr_text(f.attrs, "format") != METRICS_FORMAT:
                 raise ValueError(f"not an hpc-localsgd metrics file (format {attr_text(f.attrs, 'format')!r})")
-            groups = ("steps", "evals", SYNCS) if SYNCS in f else ("steps", "evals")
+            groups = [group for group in ("steps", "evals", SYNCS, MEMBERSHIP) if group in f]
             keep = {group: int(np.searchsorted(f[group]["step"][()], step, side="right")) for group in groups}
             for group in keep:
                 lengths = {dataset.shape[0] for dataset in f[group].values()}
@@ -177,6 +207,8 @@ class MetricsWriter:
         with h5py.File(self.path, "a", locking=self.locking) as f:
             if SYNCS not in f:  # written before per-sync measurements: they start with this resume
                 _create_series(f, SYNCS, SYNC_FIELDS)
+            if MEMBERSHIP not in f:  # written before membership changes were recorded
+                _create_membership(f)
             for group, rows in keep.items():
                 for dataset in f[group].values():
                     dataset.resize((rows,))
@@ -195,6 +227,32 @@ class MetricsWriter:
     def log_sync(self, **row: float) -> None:
         """One row of the ``syncs`` table (every field of ``SYNC_FIELDS``), written with the steps."""
         self._pending[SYNCS].append(row)
+
+    def log_membership(
+        self,
+        *,
+        step: int,
+        workers_before: int,
+        workers_after: int,
+        left: int,
+        joined: int,
+        recovery_seconds: float,
+        description: str,
+    ) -> None:
+        """One row of the ``membership`` table, appended at once (with any rows pending): a change of
+        the workers is rare, and the record of it must outlive a crash that may follow."""
+        self._pending[MEMBERSHIP].append(
+            {
+                "step": step,
+                "workers_before": workers_before,
+                "workers_after": workers_after,
+                "left": left,
+                "joined": joined,
+                "recovery_seconds": recovery_seconds,
+                MEMBERSHIP_DESCRIPTION: description,
+            }
+        )
+        self.flush()
 
     def flush(self) -> None:
         """Append the pending rows. On failure they stay pending (a later flush retries them), the rows
@@ -287,12 +345,34 @@ def _create_series(f: h5py.File, group: str, fields: Sequence[str]) -> None:
         )
 
 
+def _create_membership(f: h5py.File) -> None:
+    _create_series(f, MEMBERSHIP, MEMBERSHIP_FIELDS)
+    f[MEMBERSHIP].create_dataset(
+        MEMBERSHIP_DESCRIPTION, shape=(0,), maxshape=(None,), chunks=(64,), dtype=h5py.string_dtype("utf-8")
+    )
+
+
+def _read_group(group: h5py.Group) -> dict[str, np.ndarray]:
+    """Each dataset as a numpy array; strings as ``str`` (h5py reads them as bytes)."""
+    return {
+        name: dataset.asstr()[()] if h5py.check_string_dtype(dataset.dtype) else dataset[()]
+        for name, dataset in group.items()
+    }
+
+
+def _complete_rows(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows every field has: a read racing an append may see some datasets grown already."""
+    rows = min((len(values) for values in table.values()), default=0)
+    return {name: values[:rows] for name, values in table.items()}
+
+
 def read_metrics(path: str | Path, locking: bool = False) -> dict[str, dict[str, np.ndarray]]:
-    """The series as numpy arrays: ``{"steps": {field: array}, "evals": {...}}``, and ``"syncs"``
-    when the file has that table (files written before it existed do not)."""
+    """The series as numpy arrays: ``{"steps": {field: array}, "evals": {...}}``, and ``"syncs"`` and
+    ``"membership"`` (descriptions as ``str``) when the file has those tables (files written before
+    they existed do not)."""
     with h5py.File(path, "r", locking=locking) as f:
-        groups = ("steps", "evals", SYNCS) if SYNCS in f else ("steps", "evals")
-        return {group: {name: f[group][name][()] for name in f[group]} for group in groups}
+        groups = [group for group in ("steps", "evals", SYNCS, MEMBERSHIP) if group in f]
+        return {group: _read_group(f[group]) for group in groups}
 
 
 def read_syncs(path: str | Path, locking: bool = False) -> dict[str, np.ndarray] | None:
@@ -301,9 +381,45 @@ def read_syncs(path: str | Path, locking: bool = False) -> dict[str, np.ndarray]
     with h5py.File(path, "r", locking=locking) as f:
         if SYNCS not in f:
             return None
-        table = {name: f[SYNCS][name][()] for name in f[SYNCS]}
-    rows = min((len(values) for values in table.values()), default=0)
-    return {name: values[:rows] for name, values in table.items()}
+        table = _read_group(f[SYNCS])
+    return _complete_rows(table)
+
+
+def read_membership(path: str | Path, locking: bool = False) -> dict[str, np.ndarray] | None:
+    """The ``membership`` table alone (``{field: array}`` for ``MEMBERSHIP_FIELDS`` and ``description``,
+    its strings as ``str``; rows every field has; no row when the workers never changed), or None for a
+    file written before it existed."""
+    with h5py.File(path, "r", locking=locking) as f:
+        if MEMBERSHIP not in f:
+            return None
+        table = _read_group(f[MEMBERSHIP])
+    return _complete_rows(table)
+
+
+def membership_text(
+    step: int, workers_before: int, workers_after: int, recovery_seconds: float, description: str
+) -> str:
+    """What changed at ``step`` and who goes on, e.g. "step 8: worker 2 (rank 2) lost: connection closed;
+    3 of 4 workers go on (recovered in 3.1 s)": :func:`membership_line` and ``inspect`` say it."""
+    what = description.strip() or "the workers changed"
+    verb = "goes" if workers_after == 1 else "go"
+    if workers_after < workers_before:
+        who = f"{workers_after} of {workers_before} workers {verb} on"
+    elif workers_after > workers_before:
+        who = f"{workers_after} workers {verb} on, up from {workers_before}"
+    else:
+        who = f"{workers_after} worker{'s' if workers_after != 1 else ''} {verb} on"
+    recovered = f" (recovered in {recovery_seconds:.1f} s)" if math.isfinite(recovery_seconds) else ""
+    return f"step {step}: {what}; {who}{recovered}"
+
+
+def membership_line(
+    step: int, workers_before: int, workers_after: int, recovery_seconds: float, description: str
+) -> str:
+    """The one line rank 0 prints for a membership change, e.g. "hpc-localsgd: step 16: worker 2 (rank 5)
+    joined from rank 0; 4 workers go on, up from 3 (recovered in 1.2 s)". A recovery time that was not
+    measured (NaN) is left out."""
+    return "hpc-localsgd: " + membership_text(step, workers_before, workers_after, recovery_seconds, description)
 
 
 def run_finished(eval_steps: Sequence[int] | np.ndarray, total_steps: int) -> bool:
