@@ -12,7 +12,7 @@ import yaml
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import Checkpoint, CheckpointError
 from .hdf5 import open_error_reason
-from .metrics import METRICS_FORMAT
+from .metrics import MEMBERSHIP, MEMBERSHIP_DESCRIPTION, METRICS_FORMAT, membership_text
 
 
 def _size(path: Path) -> int:
@@ -79,6 +79,26 @@ def _describe_checkpoint(path: Path, verify: bool) -> dict[str, Any]:
     }
 
 
+def _membership_changes(f: h5py.File) -> list[str] | None:
+    """Each change of the workers as the line the run printed (without its prefix); None for a file
+    written before they were recorded."""
+    if MEMBERSHIP not in f:
+        return None
+    group = f[MEMBERSHIP]
+    rows = min(dataset.shape[0] for dataset in group.values())
+    descriptions = group[MEMBERSHIP_DESCRIPTION].asstr()[:rows]
+    return [
+        membership_text(
+            int(group["step"][i]),
+            int(group["workers_before"][i]),
+            int(group["workers_after"][i]),
+            float(group["recovery_seconds"][i]),
+            str(descriptions[i]),
+        )
+        for i in range(rows)
+    ]
+
+
 def _describe_metrics(path: Path) -> dict[str, Any]:
     with h5py.File(path, "r", locking=False) as f:
         steps, evals = f["steps/step"][()], f["evals"]
@@ -87,6 +107,7 @@ def _describe_metrics(path: Path) -> dict[str, Any]:
             if evals["step"].shape[0]
             else None
         )
+        changes = _membership_changes(f)
         return {
             "file": str(path),
             "kind": "metrics",
@@ -98,6 +119,7 @@ def _describe_metrics(path: Path) -> dict[str, Any]:
             "evaluations": int(evals["step"].shape[0]),
             "last_evaluation": last_eval,
             "world": json.loads(f.attrs.get("world", "{}")),
+            **({} if changes is None else {"membership_changes": changes}),
             "config": yaml.safe_load(f.attrs.get("config", "")) or {},
         }
 
@@ -109,7 +131,12 @@ def format_description(d: dict[str, Any]) -> str:
         return "\n".join(lines)
     skip = {"file", "kind", "valid", "config"}
     for key, value in d.items():
-        if key not in skip:
+        if key in skip:
+            continue
+        if isinstance(value, list):  # one entry a line: a membership change each
+            lines.append(f"  {key}: {len(value) or 'none'}")
+            lines += [f"    {entry}" for entry in value]
+        else:
             lines.append(f"  {key}: {value}")
     lines.append("  config:")
     lines += ["    " + line for line in yaml.safe_dump(d.get("config", {}), sort_keys=False).splitlines()]

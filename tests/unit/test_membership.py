@@ -3,6 +3,7 @@ files), the line a membership change prints, ``inspect``'s account of it and the
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
+from hpc_localsgd.io.inspect import describe, format_description
 from hpc_localsgd.io.metrics import (
     MEMBERSHIP,
     MEMBERSHIP_DESCRIPTION,
@@ -143,3 +145,23 @@ def test_the_line_holds_the_logged_row(row: dict) -> None:
         row["step"], row["workers_before"], row["workers_after"], row["recovery_seconds"], row["description"]
     )
     assert "\n" not in line and f"step {row['step']}: {row['description']};" in line
+
+
+def test_inspect_lists_the_changes(tmp_path: Path) -> None:
+    write_run(tmp_path / "run", "local_sgd", 4, 4, 0)
+    path = tmp_path / "run" / "metrics.h5"
+    quiet = describe(path)
+    assert quiet["membership_changes"] == [] and "  membership_changes: none" in format_description(quiet)
+    add_membership(path, [LOST, JOINED])
+    description = describe(path)
+    assert description["membership_changes"] == [
+        "step 8: worker 2 (rank 2) lost: connection closed; 3 of 4 workers go on (recovered in 3.1 s)",
+        "step 16: worker 2 (rank 5) joined from rank 0; 4 workers go on, up from 3 (recovered in 1.2 s)",
+    ]
+    json.dumps(description)  # the --json form
+    text = format_description(description).splitlines()
+    start = text.index("  membership_changes: 2")
+    assert text[start + 1 : start + 3] == [f"    {change}" for change in description["membership_changes"]]
+    with h5py.File(path, "a") as f:
+        del f[MEMBERSHIP]  # a file written before changes were recorded says nothing of them
+    assert "membership_changes" not in describe(path)
