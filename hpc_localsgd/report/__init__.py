@@ -182,7 +182,9 @@ def write_report(
     if say:
         going = sum(run.status == "unfinished" for run in runs)
         diverged = sum(run.status == "diverged" for run in runs)
+        changed = sum(run.membership_changes > 0 for run in runs)
         also = f", {diverged} diverged" if diverged else ""
+        also += f", {changed} whose workers changed" if changed else ""
         say(
             f"report: {len(runs)} run(s) ({going} still going{also}) in {len(group_runs(runs))} group(s), "
             f"{len(set(run.task for run in runs))} task(s); {len(written)} files in {out}"

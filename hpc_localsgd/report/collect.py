@@ -2,7 +2,8 @@
 
 A language-model run (one whose file has the ``language`` attribute) also carries its window length,
 bytes per token and corpus (:class:`Language`); its task names the corpus by digest, so that runs on
-different text are never averaged as seeds of one configuration.
+different text are never averaged as seeds of one configuration. A run whose workers changed
+(``comm.on_worker_loss: continue``) carries each change (:class:`Membership`), for the figures to mark.
 
 Runs may still be going: their writer opens the file for append at any moment (no locking, no
 SWMR, see :mod:`hpc_localsgd.io.metrics`), so a read that fails is retried a few times and the run
@@ -30,6 +31,9 @@ from ..io.metrics import (
     EMULATED_LINK_ATTR,
     FINISHED,
     LANGUAGE_ATTR,
+    MEMBERSHIP,
+    MEMBERSHIP_DESCRIPTION,
+    MEMBERSHIP_FIELDS,
     METRICS_FILE,
     METRICS_FORMAT,
     STOPPED_ATTR,
@@ -92,6 +96,23 @@ class Evals:
         return int(self.step.shape[0])
 
 
+@dataclass
+class Membership:
+    """One run's changes of the workers taking part (metrics.h5's ``membership`` table), one entry per
+    change, in step order; workers are counted as workers, not ranks."""
+
+    step: np.ndarray  # completed steps at the global sync where the change took effect
+    workers_before: np.ndarray
+    workers_after: np.ndarray
+    left: np.ndarray
+    joined: np.ndarray
+    recovery_seconds: np.ndarray
+    description: np.ndarray  # str: who and why, as the run printed it
+
+    def __len__(self) -> int:
+        return int(self.step.shape[0])
+
+
 @dataclass(frozen=True)
 class Corpus:
     """The text a language model learned from, as its run describes it (None: not stated)."""
@@ -138,6 +159,13 @@ class Run:
     emulated_link: str | None = None  # the rate (tc's notation) of the emulated network it ran on
     language: Language | None = None  # a language-model run's window and corpus; None for a classifier
     global_batch: int | None = None  # samples (sequences for a language model) per step, all workers together
+    # Its changes of the workers taking part; None in a file written before they were recorded.
+    membership: Membership | None = None
+
+    @property
+    def membership_changes(self) -> int:
+        """How many times its workers changed (0 when the file does not say)."""
+        return 0 if self.membership is None else len(self.membership)
 
     @property
     def tokens_per_step(self) -> int | None:
@@ -238,6 +266,20 @@ def _run_from(path: Path, attrs: dict[str, Any], series: dict[str, dict[str, np.
         emulated_link=attr_text(attrs, EMULATED_LINK_ATTR) or None,
         language=language,
         global_batch=int(attrs["global_batch"]) if "global_batch" in attrs else None,
+        membership=_membership(path, series.get(MEMBERSHIP)),
+    )
+
+
+def _membership(path: Path, table: dict[str, np.ndarray] | None) -> Membership | None:
+    if table is None:
+        return None
+    missing = [name for name in (*MEMBERSHIP_FIELDS, MEMBERSHIP_DESCRIPTION) if name not in table]
+    if missing:
+        raise UserError(f"'{path}' has no {MEMBERSHIP}/{missing[0]} dataset: not a metrics file this version can read")
+    rows = min(len(values) for values in table.values())  # a read racing an append: the rows every field has
+    return Membership(
+        **{name: np.asarray(table[name][:rows]) for name in MEMBERSHIP_FIELDS},
+        description=np.asarray([str(text) for text in table[MEMBERSHIP_DESCRIPTION][:rows]], dtype=object),
     )
 
 

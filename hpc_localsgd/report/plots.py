@@ -1,5 +1,10 @@
 """The study's figures: final accuracy against H, and training curves against four costs.
 
+On the curves, every change of a run's workers (a worker lost, one joined: metrics.h5's ``membership``
+table) is a thin vertical line in its line's color through each panel, with a marker at the top saying
+which (:func:`membership_marks`); the legend names each kind once. Runs whose workers never changed
+draw as they always did.
+
 Figures are built on :class:`matplotlib.figure.Figure` directly, never through pyplot, so no
 display and no global backend switch is needed (the report runs on login nodes and in batch jobs).
 Each figure is saved as PNG (for slides) and SVG (for papers).
@@ -7,6 +12,7 @@ Each figure is saved as PNG (for slides) and SVG (for papers).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
 
-from .collect import METHOD_ORDER, Run
+from .collect import METHOD_ORDER, Membership, Run
 from .table import GroupKey, ResultRow
 
 BASELINE = "all-reduce"
@@ -259,6 +265,89 @@ def _curve_styles(groups: dict[GroupKey, list[Run]]) -> dict[GroupKey, tuple[tup
     }
 
 
+# What a membership change did, the marker at the top of its line and the legend's words for it.
+MEMBERSHIP_KINDS = {
+    "lost": ("v", "worker lost"),
+    "joined": ("^", "worker joined"),
+    "replaced": ("D", "worker replaced"),  # as many left as joined at one sync
+}
+MEMBERSHIP_GID = "membership-change"  # the gid of every artist that marks one (numbered: SVG ids are unique)
+
+
+@dataclass(frozen=True)
+class MembershipMark:
+    """One membership change as a curves figure marks it."""
+
+    x: float  # on the column's axis
+    kind: str  # a key of MEMBERSHIP_KINDS
+
+
+def _membership_kind(membership: Membership, index: int) -> str:
+    before, after = int(membership.workers_before[index]), int(membership.workers_after[index])
+    return "lost" if after < before else "joined" if after > before else "replaced"
+
+
+def membership_marks(run: Run, x_name: str) -> list[MembershipMark]:
+    """Where the run's membership changes fall on the curves' axis ``x_name`` (a name in CURVE_AXES or
+    LANGUAGE_CURVE_AXES), in step order. On the step axis at their step; on a cost axis (time, bytes,
+    sync rounds) interpolated between the run's evaluations, from zero at step 0 (a change after its last
+    evaluation has no place there yet); on tokens trained at step × tokens per step, where known."""
+    membership = run.membership
+    if membership is None or not len(membership):
+        return []
+    steps = membership.step.astype(np.float64)
+    if x_name == "step":
+        x = steps
+    elif x_name == "tokens":
+        per_step = run.tokens_per_step
+        x = steps * per_step if per_step is not None else np.full(len(steps), np.nan)
+    else:
+        known = np.concatenate([[0.0], run.evals.step.astype(np.float64)])
+        cost = np.concatenate([[0.0], np.asarray(getattr(run.evals, x_name), dtype=np.float64)])
+        x = np.where(steps <= known[-1], np.interp(steps, known, cost), np.nan)
+    return [
+        MembershipMark(float(x[i]), _membership_kind(membership, i)) for i in range(len(steps)) if np.isfinite(x[i])
+    ]
+
+
+def _mark_membership(
+    axes: np.ndarray,
+    groups: dict[GroupKey, list[Run]],
+    styles: dict[GroupKey, tuple[tuple[float, float, float], str]],
+    costs: Sequence[tuple[str, str]],
+) -> dict[str, Line2D]:
+    """Draw every run's membership changes in each column of ``axes`` (in its group's color; seeds that
+    changed at one place draw one line). Returns the legend entries of the kinds drawn."""
+    drawn: set[str] = set()
+    number = itertools.count()
+    for key, runs in groups.items():
+        color = styles[key][0]
+        for column, (x_name, _) in enumerate(costs):
+            marks = sorted({(mark.x, mark.kind) for run in runs for mark in membership_marks(run, x_name)})
+            for x, kind in marks:
+                for ax in axes[:, column]:
+                    ax.axvline(
+                        x, color=color, linewidth=0.8, alpha=0.8, zorder=1.5, gid=f"{MEMBERSHIP_GID}-{next(number)}"
+                    )
+                    ax.plot(
+                        [x],
+                        [1.0],
+                        transform=ax.get_xaxis_transform(),  # x in data, y at the top of the panel
+                        linestyle="none",
+                        marker=MEMBERSHIP_KINDS[kind][0],
+                        markersize=5,
+                        color=color,
+                        clip_on=False,
+                        gid=f"{MEMBERSHIP_GID}-{next(number)}",
+                    )
+                drawn.add(kind)
+    return {
+        label: Line2D([], [], color="0.3", linewidth=0.8, marker=marker, markersize=5)
+        for kind, (marker, label) in MEMBERSHIP_KINDS.items()
+        if kind in drawn
+    }
+
+
 def plot_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title: str) -> Figure:
     """Rows: test accuracy; test loss (solid) and train loss (dashed). Columns: the costs in CURVE_AXES.
     One line per (method, H): color per method, shade per H. Language models get
@@ -276,6 +365,7 @@ def plot_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title:
             axes[0, column].plot(x, 100 * curve.values["test_accuracy"], color=color, linewidth=1.5, label=label)
             axes[1, column].plot(x, curve.values["test_loss"], color=color, linewidth=1.5)
             axes[1, column].plot(x, curve.values["train_loss"], color=color, linewidth=1.2, linestyle="--")
+    changes = _mark_membership(axes, groups, styles, CURVE_AXES)
     _cost_axes(axes[1], list(curves.values()), CURVE_AXES)
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
@@ -290,6 +380,7 @@ def plot_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path], title:
         fontsize="small",
     )
     handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles, labels = handles + list(changes.values()), labels + list(changes)
     figure.legend(handles, labels, loc="outside right upper", frameon=False)
     figure.suptitle(title)
     _save(figure, files)
@@ -322,6 +413,7 @@ def plot_language_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path
             axes[0, column].plot(x, curve.values["test_loss"], color=color, linewidth=1.5, label=label)
             axes[0, column].plot(x, curve.values["train_loss"], color=color, linewidth=1.2, linestyle=":")
             axes[1, column].plot(x, 100 * curve.values["test_accuracy"], color=color, linewidth=1.5)
+    changes = _mark_membership(axes, groups, styles, LANGUAGE_CURVE_AXES)
     reference = unigram_entropy([run for runs in groups.values() for run in runs])
     if reference is not None:
         for ax in axes[0]:
@@ -339,6 +431,7 @@ def plot_language_curves(groups: dict[GroupKey, list[Run]], files: Sequence[Path
     legend["train loss"] = Line2D([], [], color="0.3", linestyle=":")
     if reference is not None:
         legend[reference[1]] = unigram
+    legend.update(changes)
     figure.legend(list(legend.values()), list(legend), loc="outside right upper", frameon=False)
     figure.suptitle(title)
     _save(figure, files)

@@ -8,6 +8,10 @@ accuracy: beside it bits per byte (loss / ln 2 / bytes per token), comparable ac
 corpus fixes bytes per token, else perplexity (exp of the mean loss over seeds). Their next-token accuracy
 stays in the table. Classifier tables are as they were (the language columns join the CSV only when a
 language-model run is reported).
+
+Runs whose workers changed (a worker lost or joined, ``comm.on_worker_loss: continue``) are counted in a
+``notes`` column of the Markdown and a ``membership_changes`` column of the CSV, both there only when
+some reported run had such a change.
 """
 
 from __future__ import annotations
@@ -54,6 +58,18 @@ class ResultRow:
     loss_std: float | None = None
     language: Language | None = None  # of the group's first run: one task has one corpus
     tokens_per_step: int | None = None
+    membership_changes: int = 0  # over all seeds: how many times their workers changed
+    seeds_with_membership_changes: int = 0
+
+    @property
+    def notes(self) -> str:
+        """What a reader must know beside the numbers: "1 membership change", "3 membership changes (2 of 3
+        seeds)"; empty when there is nothing to say."""
+        count = self.membership_changes
+        if not count:
+            return ""
+        seeds = f" ({self.seeds_with_membership_changes} of {self.seeds} seeds)" if self.seeds > 1 else ""
+        return f"{count} membership change{'s' if count != 1 else ''}{seeds}"
 
     @property
     def is_language(self) -> bool:
@@ -116,6 +132,8 @@ def summarise(runs: Sequence[Run]) -> list[ResultRow]:
                 loss_std=statistics.stdev(loss) if len(loss) > 1 else None,
                 language=members[0].language,
                 tokens_per_step=members[0].tokens_per_step,
+                membership_changes=sum(r.membership_changes for r in members),
+                seeds_with_membership_changes=sum(r.membership_changes > 0 for r in members),
             )
         )
     return rows
@@ -146,6 +164,7 @@ LANGUAGE_CSV_COLUMNS = (
     "perplexity",
     "tokens_per_step",
 )
+MEMBERSHIP_CSV_COLUMN = "membership_changes"  # appended when some reported run's workers changed
 
 
 def write_table_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
@@ -173,15 +192,17 @@ def _language_cells(row: ResultRow) -> list[object]:
 def write_csv(rows: Sequence[ResultRow], path: Path) -> None:
     """Raw numbers (accuracy as a fraction) at full precision, for further analysis."""
     language = any(row.is_language for row in rows)
+    changed = any(row.membership_changes for row in rows)
     write_table_csv(
         path,
-        CSV_COLUMNS + (LANGUAGE_CSV_COLUMNS if language else ()),
+        CSV_COLUMNS + (LANGUAGE_CSV_COLUMNS if language else ()) + ((MEMBERSHIP_CSV_COLUMN,) if changed else ()),
         (
             [row.key.task, row.key.method, row.key.sync_period, row.key.workers, row.seeds]
             + [number_cell(v) for v in (row.accuracy_mean, row.accuracy_std, row.sync_rounds_mean)]
             + [number_cell(v) for v in (row.bytes_sent_mean, row.wall_seconds_mean)]
             + [row.complete, number_cell(row.global_sync_rounds_mean), number_cell(row.global_bytes_sent_mean)]
             + (_language_cells(row) if language else [])
+            + ([row.membership_changes] if changed else [])
             for row in rows
         ),
     )
@@ -264,10 +285,17 @@ LANGUAGE_NOTE = (
 )
 
 
+MEMBERSHIP_NOTE = (
+    "Notes: membership changes count, over all seeds, the syncs at which the workers taking part changed (a "
+    "worker lost or joined, `comm.on_worker_loss: continue`); the training curves mark each one."
+)
+
+
 def markdown(rows: Sequence[ResultRow]) -> str:
     """One section per task; within it the table order of :func:`group_runs`. Runs whose ranks form
     workers (or groups) get the global rounds and bytes too: what crosses the slowest network."""
     hierarchical = any(row.hierarchical for row in rows)
+    changed = any(row.membership_changes for row in rows)
     lines = [
         "# Results",
         "",
@@ -277,16 +305,19 @@ def markdown(rows: Sequence[ResultRow]) -> str:
     ]
     if any(row.is_language for row in rows):
         lines += ["", LANGUAGE_NOTE]
+    if changed:
+        lines += ["", MEMBERSHIP_NOTE]
     for task in dict.fromkeys(row.key.task for row in rows):
         mine = [row for row in rows if row.key.task == task]
         quality = quality_columns(mine)
         header = ("method", "H", "workers", "seeds", *quality, "sync rounds", "bytes sent / worker", "wall time")
         header += ("complete",) + (("global rounds", "global bytes / worker") if hierarchical else ())
+        header += ("notes",) if changed else ()
         language = mine[0].language
         lines += ["", f"## {task}", ""] + ([corpus_line(language), ""] if language is not None else [])
         lines += [
             "| " + " | ".join(header) + " |",
-            "|" + "|".join("---" if i < 1 else "---:" for i in range(len(header))) + "|",
+            "|" + "|".join("---" if i < 1 or name == "notes" else "---:" for i, name in enumerate(header)) + "|",
         ]
         for row in mine:
             cells = (
@@ -302,6 +333,7 @@ def markdown(rows: Sequence[ResultRow]) -> str:
             ) + (
                 (_rounds(row.global_sync_rounds_mean), human_bytes(row.global_bytes_sent_mean)) if hierarchical else ()
             )
+            cells += (row.notes or "–",) if changed else ()
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
