@@ -240,7 +240,8 @@ class MetricsWriter:
         description: str,
     ) -> None:
         """One row of the ``membership`` table, appended at once (with any rows pending): a change of
-        the workers is rare, and the record of it must outlive a crash that may follow."""
+        the workers is rare, and the record of it must outlive a crash that may follow. A failed append
+        is handled as :meth:`flush` handles it: the row stays pending."""
         self._pending[MEMBERSHIP].append(
             {
                 "step": step,
@@ -401,7 +402,7 @@ def membership_text(
 ) -> str:
     """What changed at ``step`` and who goes on, e.g. "step 8: worker 2 (rank 2) lost: connection closed;
     3 of 4 workers go on (recovered in 3.1 s)": :func:`membership_line` and ``inspect`` say it."""
-    what = description.strip() or "the workers changed"
+    what = " ".join(description.split()) or "the workers changed"  # one line, whatever the reason's text holds
     verb = "goes" if workers_after == 1 else "go"
     if workers_after < workers_before:
         who = f"{workers_after} of {workers_before} workers {verb} on"

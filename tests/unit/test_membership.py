@@ -152,6 +152,10 @@ def test_the_line_for_the_last_worker_a_replacement_and_no_recovery_time() -> No
     assert membership_line(30, 2, 3, math.nan, "worker 3 (rank 3) joined") == (
         "hpc-localsgd: step 30: worker 3 (rank 3) joined; 3 workers go on, up from 2"
     )
+    assert membership_line(12, 3, 2, 0.31, "worker 1 (rank 1) lost:\nTraceback ...\n  RuntimeError: gone\n") == (
+        "hpc-localsgd: step 12: worker 1 (rank 1) lost: Traceback ... RuntimeError: gone; 2 of 3 workers go on"
+        " (recovered in 0.3 s)"
+    )
 
 
 @pytest.mark.parametrize("row", [LOST, JOINED])
