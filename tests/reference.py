@@ -91,8 +91,13 @@ def simulate(
     record: list[dict[str, float]] | None = None,
     make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
     clip_grad_norm: float | None = None,
+    departures: dict[int, int] | None = None,
 ) -> list[torch.nn.Module]:
     """Train ``len(batches)`` workers; ``batches[i][s]`` is worker i's (x, y) at step s.
+
+    ``departures``: rank i → the completed step of the first global sync it misses; from that sync on, the
+    average is over the ranks still present (x̄ = (1/|S|)·Σ_{i∈S} xᵢ) and rank i trains no more (its returned
+    model is where it stopped). Only for the plain local phase (no streaming, no levels).
 
     ``record``: one dict per global sync is appended, measured directly (float64, parameters only):
     ``step``; ``consensus_distance``, the mean over workers of ‖x_w − x̄‖² over ‖x̄‖² (a worker of
@@ -114,6 +119,8 @@ def simulate(
     x_prev: list[torch.Tensor] = []
     slow_u: list[torch.Tensor] = []
     previous_delta: list[torch.Tensor] = []
+    departures = departures or {}
+    present = list(range(len(workers)))
     for s in range(steps):
         lr = lr_at(s)
         synchronous = algo.local_start is None or s < algo.local_start
@@ -122,13 +129,16 @@ def simulate(
             slow_u = [torch.zeros_like(p) for p in x_prev]
         if s == algo.local_start and stream is not None:
             stream.start(workers)
-        for w, opt, wb in zip(workers, opts, batches, strict=True):
+        for i, (w, opt, wb) in enumerate(zip(workers, opts, batches, strict=True)):
+            if i not in present:
+                continue
             opt.zero_grad()
             x, y = wb[s]
             out = w(x)  # [batch, classes], or a language model's [batch, positions, vocab]
             F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
         # Synchronous phase: gradients averaged over all ranks; local phase: inside each worker.
         for group in _groups(len(workers), len(workers) if synchronous else algo.ranks_per_worker):
+            group = [r for r in group if r in present]
             for params in zip(*(workers[r].parameters() for r in group), strict=True):
                 if synchronous and algo.gradient_compression != "none":  # no error feedback
                     grads = [p.grad.detach().numpy().ravel() for p in params]
@@ -141,7 +151,9 @@ def simulate(
         if clip_grad_norm is not None:
             for w in workers:
                 torch.nn.utils.clip_grad_norm_(list(w.parameters()), clip_grad_norm)
-        for opt in opts:
+        for i, opt in enumerate(opts):
+            if i not in present:
+                continue
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
@@ -159,11 +171,13 @@ def simulate(
             continue
         # The outer step after the k-th, 2k-th, ... average; between them a plain average, x_prev kept.
         outer_step = algo.outer != "none" and (local_steps // algo.sync_period) % algo.outer_every == 0
+        present = [i for i in present if departures.get(i, steps + 1) > done]
+        synced = [workers[i] for i in present]
         with torch.no_grad():
-            # x̄ = avg_i x⁽ⁱ⁾
-            averaged = [sum(ps) / len(ps) for ps in zip(*(w.parameters() for w in workers), strict=True)]
+            # x̄ = avg_i x⁽ⁱ⁾ over the workers present
+            averaged = [sum(ps) / len(ps) for ps in zip(*(w.parameters() for w in synced), strict=True)]
             if record is not None:
-                entry = {"step": float(done), **_consensus(workers, algo.ranks_per_worker)}
+                entry = {"step": float(done), **_consensus(synced, algo.ranks_per_worker)}
                 if outer_step:
                     outer_delta = [(x - avg).double() for x, avg in zip(x_prev, averaged, strict=True)]
                     entry.update(_update_figures(outer_delta, previous_delta))
@@ -182,10 +196,10 @@ def simulate(
                     slow_u[i] = algo.outer_momentum * slow_u[i] + delta
                     averaged[i] = x_prev[i] - algo.outer_lr * (delta + algo.outer_momentum * slow_u[i])
                     x_prev[i] = averaged[i].clone()
-            for w in workers:
+            for w in synced:
                 for p, avg in zip(w.parameters(), averaged, strict=True):
                     p.copy_(avg)
-        _average_bn_and_momentum(workers, opts, algo)
+        _average_bn_and_momentum(synced, [opts[i] for i in present], algo)
     return workers
 
 

@@ -33,6 +33,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..comm.base import Communicator, Handle
+from ..comm.membership import may_lose_members, run_agreed
 from ..config.schema import AlgorithmConfig
 from ..launcher.faults import NO_FAULTS, FaultPlan
 from .accounting import GLOBAL, CommStats, SyncTraffic
@@ -273,13 +274,25 @@ class BlockingAverage(AnchoredSync):
         plain average between two outer steps, whose x_prev stays) and the optimizer-state policy.
         ``completed``: the steps completed at this sync, where the schedule placed it (faults planned there fire
         once this rank's part has begun)."""
-        consensus = self._start_consensus_distance()
-        if completed is not None:
-            self.faults.reached("sync", completed)
-        with self.stats.timed():
-            between, inside = self.exchange.average(self.spans, self.statistics)
+        comm = self.exchange.comm
+        # Where members may leave, the sync is all-or-nothing: a failed one is undone and run again among the
+        # survivors (comm/elastic.py), from the spans as they were before it.
+        saved = [g.flat[..., a:b].clone() for g, a, b in self.spans] if may_lose_members(comm) else []
+
+        def average() -> tuple[int, int, float, float]:
+            consensus = self._start_consensus_distance()
+            if completed is not None:
+                self.faults.reached("sync", completed)
+            with self.stats.timed():
+                between, inside = self.exchange.average(self.spans, self.statistics)
+            return (between, inside, *self._finish_consensus_distance(*consensus))
+
+        def undo() -> None:
+            for (g, a, b), before in zip(self.spans, saved, strict=True):
+                g.flat[..., a:b].copy_(before)
+
+        between, inside, distance, model_norm = run_agreed(comm, average, undo)
         count_sync(self.stats, between, inside)
-        distance, model_norm = self._finish_consensus_distance(*consensus)
         with torch.no_grad():
             if outer_step:
                 for index, group in enumerate(self.groups):

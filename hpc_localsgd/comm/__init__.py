@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +23,7 @@ from .threads import ThreadCommunicator, ThreadGroup
 __all__ = [
     "BACKENDS",
     "Communicator",
+    "ElasticSettings",
     "DoneHandle",
     "Handle",
     "SingleCommunicator",
@@ -140,6 +142,34 @@ def _construct(
     return TorchDistributedCommunicator(launch.layout, launch.launcher, device)
 
 
+@dataclass(frozen=True)
+class ElasticSettings:
+    """``comm.on_worker_loss: continue``: how long a silent worker may go unheard, how many ranks a worker has."""
+
+    worker_timeout: float
+    ranks_per_worker: int
+
+
+def _construct_elastic(
+    backend: str, launch: LaunchEnvironment, device: torch.device, settings: ElasticSettings
+) -> Communicator:
+    if backend != "torch":
+        raise ConfigError(
+            f"comm.on_worker_loss: continue needs the torch backend, and this launcher ({launch.launcher}) gets "
+            f"{backend}: set comm.backend=torch (with MASTER_ADDR and MASTER_PORT, or under torchrun), or use stop"
+        )
+    if device.type != "cpu":
+        raise ConfigError(f"comm.on_worker_loss: continue runs on the CPU (Gloo), not yet on {device}; use stop")
+    workers = launch.layout.size // settings.ranks_per_worker
+    if workers < 2:
+        raise ConfigError(
+            f"comm.on_worker_loss: continue needs at least 2 workers to go on without one; this run has {workers}"
+        )
+    from .elastic import ElasticCommunicator
+
+    return ElasticCommunicator(launch.layout, launch.launcher, settings.worker_timeout, settings.ranks_per_worker)
+
+
 def check_world(communicator: Communicator, launch: LaunchEnvironment) -> None:
     """Raise ``LauncherMismatch`` when the backend's rank or size differs from the launcher's."""
     expected = launch.layout
@@ -165,6 +195,7 @@ def make_communicator(
     group_sizes: Sequence[int] = (),
     across_sizes: Sequence[int] = (),
     mpi_polling: bool | None = None,
+    elastic: ElasticSettings | None = None,
 ) -> Communicator:
     """The communicator for ``backend`` (one of ``BACKENDS``), checked against the launcher's world.
 
@@ -180,13 +211,18 @@ def make_communicator(
     (the world communicator only, on Horovod). The other backends split into any size, but the sizes are
     checked for every backend alike: ValueError unless each divides the launcher's world size.
     ``mpi_polling``: ``comm.mpi_polling`` for the mpi backend (None: auto, decided per communicator).
+    ``elastic``: members may leave (``comm.on_worker_loss: continue``): the torch backend on the CPU only,
+    built by comm/elastic.py; ``ConfigError`` where the backend or device is another.
     """
     for ranks in group_sizes:
         check_group_size(ranks, launch.layout.size)
     for ranks in across_sizes:
         check_group_size(ranks, launch.layout.size, across=True)
     chosen = resolve_backend(backend, launch)
-    communicator = _construct(chosen, launch, device, horovod_cycle_time_ms, group_sizes, across_sizes, mpi_polling)
+    if elastic is not None:
+        communicator = _construct_elastic(chosen, launch, device, elastic)
+    else:
+        communicator = _construct(chosen, launch, device, horovod_cycle_time_ms, group_sizes, across_sizes, mpi_polling)
     try:
         check_world(communicator, launch)
     except LauncherMismatch:

@@ -18,11 +18,19 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..launcher.env import WorldLayout
+
+if TYPE_CHECKING:
+    from .membership import Membership
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because a member of the communicator was lost (it died, or stopped answering).
+    Only communicators whose members may leave (``comm/elastic.py``) raise it; the message says why."""
 
 
 class Handle(abc.ABC):
@@ -66,6 +74,8 @@ class Communicator(abc.ABC):
     # every worker in one process, and the tensors given to its collectives are stacked over
     # them (leading dimension ``replicas``, one row per worker, rows not necessarily contiguous).
     replicas: int = 1
+    # Set where members may leave (comm/elastic.py): the agreement among them. None: every member stays.
+    membership: Membership | None = None
 
     def __init__(self, layout: WorldLayout) -> None:
         self.layout = layout

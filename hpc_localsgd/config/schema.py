@@ -28,6 +28,7 @@ LANGUAGE_DATA = ("tokens", "text")
 LRScheduleName = Literal["constant", "step", "cosine", "linear"]
 Precision = Literal["fp32", "bf16", "fp16"]
 SyncCompression = Literal["none", "bf16", "fp16", "int8"]
+WorkerLoss = Literal["stop", "continue"]
 GradientCompression = Literal["none", "bf16", "fp16"]
 
 
@@ -642,6 +643,20 @@ class CommConfig:
         "HOROVOD_CYCLE_TIME), for every method (docs/BENCHMARKS.md, Horovod's cycle time).",
         range="> 0, <= 60000",
     )
+    on_worker_loss: WorkerLoss = setting(
+        "stop",
+        "What the run does when a worker dies or stops answering: stop (the launcher ends every rank; resume "
+        "from the latest checkpoint) or continue (backend torch on the CPU: the survivors agree on who is left at "
+        "the next global sync, drop every worker that lost a rank, average among themselves and go on; the lost "
+        "worker's data shard is skipped). continue covers the local steps of local and post-local SGD with the "
+        "blocking average; rank 0 hosts the rendezvous store and its loss ends the run.",
+    )
+    worker_timeout_seconds: float = setting(
+        10.0,
+        "on_worker_loss continue: a worker whose heartbeat (posted every 0.5 s through the rendezvous store) is "
+        "this old is lost; a recovery waits at most this long for a silent member.",
+        range=">= 1, <= 86400",
+    )
 
     @property
     def uses_error_feedback(self) -> bool:
@@ -823,6 +838,40 @@ class RunConfig:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "When checkpoints are written.")
     output: OutputConfig = section(OutputConfig, "Where the run writes.")
 
+    def _check_continue(self) -> None:
+        """What ``comm.on_worker_loss: continue`` covers: a torch.distributed world (Open MPI 4 has no
+        fault-tolerant MPI, so neither mpi4py nor Horovod survives a lost rank) with local steps between
+        blocking global averages."""
+        key, comm, a = "comm.on_worker_loss", self.comm, self.algorithm
+        _check(
+            comm.backend in ("auto", "torch"),
+            key,
+            f"continue needs comm.backend=torch: the {comm.backend} backend cannot go on without a rank "
+            "(MPI here has no fault tolerance); use stop",
+        )
+        _check(
+            a.method != "allreduce",
+            key,
+            "continue needs local steps (method local_sgd or post_local_sgd): all-reduce SGD averages every "
+            "gradient over every worker; use stop",
+        )
+        unsupported = [
+            name
+            for name, used in (
+                ("algorithm.levels", bool(a.levels)),
+                ("algorithm.sync_delay", a.sync_delay > 0),
+                ("algorithm.fragments", a.fragments > 1),
+                ("comm.sync_compression", comm.sync_compression != "none"),
+                ("train.device=cuda", self.train.device.startswith("cuda")),
+            )
+            if used
+        ]
+        _check(
+            not unsupported,
+            key,
+            f"continue works with the blocking average on the CPU; not yet with {', '.join(unsupported)}; use stop",
+        )
+
     def validate(self) -> None:
         check_declared(self)
         for name in ("model", "data", "optim", "algorithm", "comm", "train", "checkpoint", "output"):
@@ -862,6 +911,8 @@ class RunConfig:
                 "fp16 saturates gradients at ±65504, which hides an overflow from train.precision=fp16's loss "
                 "scaler; use bf16",
             )
+        if self.comm.on_worker_loss == "continue":
+            self._check_continue()
         if self.comm.backend == "simulated":
             # A simulation is one process that runs minutes: it writes no checkpoints.
             _check(

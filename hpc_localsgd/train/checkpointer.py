@@ -18,6 +18,7 @@ import torch
 
 from ..algorithms.engine import AveragingEngine
 from ..comm.base import Communicator
+from ..comm.membership import run_agreed
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import TrainingDiverged, WriteFailed
@@ -83,6 +84,13 @@ class Checkpointer:
     def save(self, step: int) -> Path:
         if self.metrics is not None:
             self.metrics.flush()  # rows up to this step must survive a crash that follows
+        # Where members may leave, a checkpoint that a lost member left unfinished is written again by the
+        # survivors, for the world they now form (its file is rewritten from the start).
+        path = run_agreed(self.comm, lambda: self._write(step), lambda: None)
+        self.control.checkpoint_written()
+        return path
+
+    def _write(self, step: int) -> Path:
         self._refuse_non_finite(step)
         cfg, engine = self.cfg, self.opt.engine
         attrs: dict[str, Any] = {
@@ -94,11 +102,9 @@ class Checkpointer:
             "world": {"size": self.comm.size, "nodes": self.comm.layout.num_nodes, "backend": self.comm.name},
             "versions": software_versions(),
         }
-        path = self.writer.write(
+        return self.writer.write(
             step, step / self.steps_per_epoch, attrs, engine.shared_state(), rank_state(engine, self.progress)
         )
-        self.control.checkpoint_written()
-        return path
 
     def _refuse_non_finite(self, step: int) -> None:
         """Stop every rank, writing nothing, when any rank's state is NaN or inf. Between two syncs a

@@ -23,6 +23,7 @@ import torch
 
 from ..comm.agree import agree_on_failure
 from ..comm.base import Communicator
+from ..comm.membership import run_agreed
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 CHECKPOINT_SIGNALS = (signal.SIGUSR2,)
@@ -79,7 +80,13 @@ class JobControl:
             dtype=torch.int64,
         )
         if self.comm.size > 1:
-            self.comm.allreduce_(flags, average=False)
+            mine = flags.clone()
+
+            def combine() -> None:
+                flags.copy_(mine)
+                self.comm.allreduce_(flags, average=False)
+
+            run_agreed(self.comm, combine, lambda: None)  # among the survivors, where members may leave
         if flags[2].item():
             return Decision(write_failure=agree_on_failure(self.comm, write_failure))
         stop = bool(flags[1].item())

@@ -14,7 +14,8 @@ import torch
 
 from ..algorithms.engine import AveragingEngine
 from ..comm import make_communicator
-from ..comm.base import Communicator
+from ..comm.base import Communicator, PeerLost
+from ..comm.membership import RunCannotGoOn
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import UserError
@@ -24,7 +25,7 @@ from ..launcher.env import LaunchEnvironment, detect_launch, select_device, thre
 from .checkpointer import Checkpointer
 from .control import requeue_slurm_job
 from .data import derive_seed
-from .ranks import RankWorkers, planned_groups
+from .ranks import RankWorkers, elastic_settings, planned_groups
 from .resume import ChosenCheckpoint, choose_checkpoint, restore
 from .run import (
     EvalResult,
@@ -99,6 +100,7 @@ def train(
         horovod_cycle_time_ms(cfg),
         **planned_groups(cfg, launch.layout),
         mpi_polling=cfg.comm.mpi_polling_choice,
+        elastic=elastic_settings(cfg, launch.layout),
     )
     result = _train(cfg, own, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
     # Closed on success only: after an error the other ranks may not reach the closing collective.
@@ -157,6 +159,8 @@ def _train(
     checkpointer = Checkpointer(cfg, comm, opt, progress, metrics, workers.steps_per_epoch, stop_at_step)
     try:
         result = run_training(cfg, workers, opt, progress, metrics, say, checkpointer.after_step)
+    except PeerLost as lost:
+        raise _lost_outside_agreement(comm, lost, progress.step) from None
     finally:
         checkpointer.close()
     result.checkpoint = checkpointer.last
@@ -168,6 +172,19 @@ def _train(
         if comm.is_root and result.stopped == "SIGUSR1" and cfg.checkpoint.requeue_on_usr1:
             requeue_slurm_job(say)
     return result
+
+
+def _lost_outside_agreement(comm: Communicator, lost: PeerLost, step: int) -> UserError:
+    """A member was lost in a collective that cannot be redone among the survivors (a worker's own gradient
+    average, or the synchronous phase's): this process learns with the survivors whether its worker is dropped
+    (``WorkerDropped``); if it is not, the run cannot go on here, and every survivor says so alike."""
+    membership = comm.membership
+    assert membership is not None  # only elastic communicators lose members
+    membership.recover(lost)  # raises WorkerDropped where this rank's worker lost a rank
+    return RunCannotGoOn(
+        f"a worker was lost at step {step} during a synchronous step ({lost}): comm.on_worker_loss=continue goes on "
+        "only from the local steps; resume from the latest checkpoint"
+    )
 
 
 def _open_rank_metrics(

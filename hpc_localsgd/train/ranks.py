@@ -9,7 +9,9 @@ import torch
 
 from ..algorithms.engine import AveragingEngine
 from ..algorithms.hierarchy import Hierarchy, hierarchy_from_config
+from ..comm import ElasticSettings
 from ..comm.base import Communicator
+from ..comm.membership import run_agreed
 from ..config.schema import RunConfig
 from ..errors import ConfigError, UserError
 from ..launcher.env import LaunchEnvironment, WorldLayout, host_id, ranks_per_node, threads_for_rank
@@ -85,7 +87,11 @@ class RankWorkers:
 
     def evaluate(self, engine: AveragingEngine, train_loss_sum: float, train_loss_count: int) -> EvalResult:
         """Loss and accuracy of the globally averaged model on the whole test set (each rank takes
-        a disjoint part), plus the mean training loss of all ranks since the last evaluation."""
+        a disjoint part), plus the mean training loss of all ranks since the last evaluation. Where members
+        may leave, one lost meanwhile makes the survivors evaluate again among themselves."""
+        return run_agreed(self.comm, lambda: self._evaluate(engine, train_loss_sum, train_loss_count), lambda: None)
+
+    def _evaluate(self, engine: AveragingEngine, train_loss_sum: float, train_loss_count: int) -> EvalResult:
         comm, device = self.comm, self.device
         sums = torch.zeros(5, dtype=torch.float64)
         with engine.averaged_model() as model:
@@ -158,6 +164,17 @@ def planned_groups(cfg: RunConfig, layout: WorldLayout) -> dict[str, list[int]]:
     workers = hierarchy.ranks_per_worker
     blocks = {workers, *(level.ranks for level in hierarchy.levels)} - {1, layout.size}
     return {"group_sizes": sorted(blocks), "across_sizes": [workers] if 1 < workers < layout.size else []}
+
+
+def elastic_settings(cfg: RunConfig, layout: WorldLayout) -> ElasticSettings | None:
+    """What an elastic communicator needs (``comm.on_worker_loss: continue``), or None (``stop``)."""
+    if cfg.comm.on_worker_loss != "continue":
+        return None
+    try:
+        workers = hierarchy_from_config(cfg.algorithm, layout.size, layout.local_size).ranks_per_worker
+    except UserError:
+        workers = 1  # the hierarchy's own check says what is wrong, once ranks can talk
+    return ElasticSettings(cfg.comm.worker_timeout_seconds, workers)
 
 
 def merged_groups(plans: list[dict[str, list[int]]]) -> dict[str, list[int]]:

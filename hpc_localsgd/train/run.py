@@ -561,6 +561,7 @@ def _step_loop(
             if progress.step % eval_interval == 0 or progress.step == total:
                 evals.append(_evaluate(workers, engine, progress, metrics, say))
             stop = after_step(progress.step) if after_step is not None else None
+            _record_membership_changes(workers, progress.step, metrics, say)
             engine.faults.reached("step", progress.step)
             if stop and progress.step < total:
                 return evals, stop
@@ -568,6 +569,22 @@ def _step_loop(
         if progress.step >= total:
             break
     return evals, None
+
+
+def _record_membership_changes(
+    workers: Workers, step: int, metrics: MetricsWriter | None, say: Callable[[str], None]
+) -> None:
+    """Print (rank 0) each membership change the communicator agreed on during this step."""
+    membership = workers.comm.membership
+    if membership is None or not membership.changes:
+        return
+    ranks_per_worker = workers.comm.size // max(1, membership.changes[-1].workers_after)
+    for change in membership.changes:
+        say(
+            f"hpc-localsgd: step {step}: {change.description(ranks_per_worker)}; {change.workers_after} of "
+            f"{change.workers_before} workers go on (recovered in {change.recovery_seconds:.1f} s)"
+        )
+    membership.changes.clear()
 
 
 def _evaluate(

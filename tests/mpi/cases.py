@@ -323,10 +323,14 @@ def load_counters(runs: dict[str, Path], backend: str, case: str, rank: int) -> 
     return json.loads((runs[backend] / case / f"rank{rank}.json").read_text())
 
 
-def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.ndarray]], torch.nn.Module]:
+def reference_run(
+    overrides: list[str], ranks: int, departures: dict[int, int] | None = None, steps: int | None = None
+) -> tuple[list[dict[str, np.ndarray]], torch.nn.Module]:
     """Each rank's final state_dict when tests/reference.py trains ``ranks`` ranks on the problem of
     ``overrides`` (same data shards, initial model and LR as the package), and the initial model.
-    ``node`` stands for all ranks: mpirun starts them on this one node."""
+    ``node`` stands for all ranks: mpirun starts them on this one node. ``departures``: rank → the step of
+    the first sync it misses (its shard is skipped from then on). ``steps``: the run's length (STEPS)."""
+    steps = STEPS if steps is None else steps
     from hpc_localsgd.algorithms.schedule import SyncSchedule
     from hpc_localsgd.config import load_config
     from hpc_localsgd.train.data import ShardedBatches, build_datasets
@@ -343,8 +347,8 @@ def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.n
         ShardedBatches(datasets.train, cfg.data.batch_size, rank, ranks, cfg.seed, augment=cfg.data.augment)
         for rank in range(ranks)
     ]
-    batches = [list(shard.epoch(0))[:STEPS] for shard in shards]
-    schedule = LRSchedule.from_config(cfg.optim, cfg.data.batch_size * ranks, shards[0].steps_per_epoch, STEPS)
+    batches = [list(shard.epoch(0))[:steps] for shard in shards]
+    schedule = LRSchedule.from_config(cfg.optim, cfg.data.batch_size * ranks, shards[0].steps_per_epoch, steps)
     a = cfg.algorithm
     local_start = SyncSchedule.from_config(a, shards[0].steps_per_epoch, schedule.first_decay_step).local_start
 
@@ -359,7 +363,7 @@ def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.n
     )
     algo.compression, algo.error_feedback = cfg.comm.sync_compression, cfg.comm.uses_error_feedback
     algo.gradient_compression = cfg.comm.gradient_compression
-    algo.last_step = STEPS  # train.max_steps: the run ends there
+    algo.last_step = steps  # train.max_steps: the run ends there
     hidden = hidden_matrix_names(model)
     workers = simulate(
         model,
@@ -371,5 +375,6 @@ def reference_run(overrides: list[str], ranks: int) -> tuple[list[dict[str, np.n
         cfg.optim.nesterov,
         make_optimizer=lambda worker: reference_optimizer(worker, cfg.optim, schedule.at(0), hidden),
         clip_grad_norm=cfg.optim.clip_grad_norm,
+        departures=departures,
     )
     return [{k: v.detach().numpy() for k, v in w.state_dict().items()} for w in workers], model

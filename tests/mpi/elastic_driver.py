@@ -1,0 +1,43 @@
+"""One process of an elastic run (``comm.on_worker_loss: continue``), started by tests/mpi/test_worker_loss.py
+with torchrun's variables: trains the config in float64 (so that the survivors can be held to the reference to
+~1e-13) and saves this process's final model as OUT/rank<launcher rank>.npz.
+
+    RANK=0 WORLD_SIZE=3 ... MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/mpi/elastic_driver.py OUT key=value ...
+
+Bad input and a process the survivors dropped end with the CLI's one line and exit status.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from hpc_localsgd.config import load_config  # noqa: E402
+from hpc_localsgd.errors import UserError, print_line  # noqa: E402
+from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
+from hpc_localsgd.train.loop import train  # noqa: E402
+from tests.mpi.cases import default_dtype  # noqa: E402
+
+
+def main() -> int:
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    launch = detect_launch()
+    try:
+        cfg = load_config(None, overrides)
+        with default_dtype(torch.float64):
+            result = train(cfg, launch=launch)
+    except UserError as exc:
+        print_line(f"hpc-localsgd: error: {exc}", sys.stderr)
+        return exc.exit_code
+    state = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
+    np.savez(out / f"rank{launch.layout.rank}.npz", **state)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

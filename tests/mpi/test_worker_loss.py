@@ -1,0 +1,194 @@
+"""Going on without a lost worker (``comm.on_worker_loss: continue``) with real processes on the torch backend.
+
+Each run starts 3 or 4 processes with torchrun's variables (a launcher that does not end the job when one
+of them dies, as ``srun --kill-on-bad-exit=0`` or separate launches do) and kills one with the fault
+harness, between two syncs or inside a sync. The survivors must finish, each with the same model, equal (in
+float64, to rounding) to tests/reference.py's run in which that worker leaves at that sync; the process
+killed ends with SIGKILL and a partner of a lost rank with the documented status 6. Every run is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO_ROOT
+from tests.mpi.cases import BASE, reference_run
+
+DRIVER = REPO_ROOT / "tests" / "mpi" / "elastic_driver.py"
+STEPS = 16  # one epoch at 3 and at 4 ranks of batches of 8 (512 samples), as the reference reads them
+RUN = [
+    *BASE,
+    f"train.max_steps={STEPS}",
+    "algorithm.method=local_sgd",
+    "algorithm.sync_period=4",
+    "algorithm.outer=nesterov",  # DiLoCo's outer step: its state must go on unchanged among the survivors
+    "comm.backend=torch",
+    "comm.on_worker_loss=continue",
+    "comm.worker_timeout_seconds=2",
+]
+# float64 on both sides: only the order of the sums differs.
+EXACT = {"rtol": 1e-9, "atol": 1e-11}
+
+
+@dataclass
+class Process:
+    rank: int
+    returncode: int
+    output: str
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_elastic(
+    tmp_path: Path,
+    ranks: int,
+    overrides: list[str],
+    fault: str = "",
+    timeout: float = 120,
+    stopped: tuple[int, ...] = (),
+) -> list[Process]:
+    """``ranks`` processes of tests/mpi/elastic_driver.py, each in its own session; every one still running at
+    ``timeout`` is killed and the test fails with what they printed. ``stopped``: ranks the fault stops, killed
+    once the others have ended."""
+    out = tmp_path / "models"
+    out.mkdir(exist_ok=True)
+    port = _free_port()
+    args = [*overrides, f"output.run_dir={tmp_path / 'run'}"]
+    procs = []
+    for rank in range(ranks):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(ranks),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(ranks),
+            "HPC_LOCALSGD_INJECT_FAULT": fault,
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(DRIVER), str(out), *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                start_new_session=True,
+            )
+        )
+    deadline = time.monotonic() + timeout
+    results, timed_out = [], False
+    order = [r for r in range(ranks) if r not in stopped] + list(stopped)
+    for rank in order:
+        proc = procs[rank]
+        if rank in stopped and not timed_out:
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for other in procs:
+                if other.poll() is None:
+                    os.killpg(other.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        results.append(Process(rank, proc.returncode, output))
+    results.sort(key=lambda p: p.rank)
+    if timed_out:
+        pytest.fail("an elastic run did not end in time:\n" + "\n".join(f"[{p.rank}] {p.output}" for p in results))
+    return results
+
+
+def _model(tmp_path: Path, rank: int) -> dict[str, np.ndarray]:
+    with np.load(tmp_path / "models" / f"rank{rank}.npz") as saved:
+        return dict(saved)
+
+
+def _check_survivors(
+    tmp_path: Path, results: list[Process], survivors: list[int], overrides: list[str], departures: dict[int, int]
+) -> None:
+    for p in results:
+        if p.rank in survivors:
+            assert p.returncode == 0, p.output
+            assert "Traceback" not in p.output, p.output
+    expected, model = reference_run(overrides, len(results), departures=departures, steps=STEPS)
+    params = [name for name, _ in model.named_parameters()]
+    first = _model(tmp_path, survivors[0])
+    for rank in survivors:
+        got = _model(tmp_path, rank)
+        for name in params:
+            np.testing.assert_array_equal(got[name], first[name], err_msg=f"survivors disagree: rank {rank} {name}")
+        for key, want in expected[rank].items():
+            np.testing.assert_allclose(got[key], want, **EXACT, err_msg=f"rank {rank} {key}")
+
+
+def _change_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if " workers go on " in line]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _float64_reference() -> None:
+    """tests/reference.py trains in the default dtype: float64 as the ranks."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_a_worker_killed_between_syncs_is_dropped_at_the_next_and_the_survivors_match_the_reference(
+    tmp_path: Path,
+) -> None:
+    results = run_elastic(tmp_path, 3, RUN, fault="kill:2:6")
+    assert results[2].returncode == -signal.SIGKILL
+    line = _change_line(results[0].output)
+    assert line.startswith("hpc-localsgd: step 8: worker 2 (rank 2) lost: "), line
+    assert "2 of 3 workers go on" in line
+    _check_survivors(tmp_path, results, [0, 1], RUN, departures={2: 8})
+
+
+def test_a_worker_killed_inside_a_sync_is_rolled_back_and_the_sync_redone_among_the_survivors(
+    tmp_path: Path,
+) -> None:
+    results = run_elastic(tmp_path, 3, RUN, fault="kill:1:8:sync")
+    assert results[1].returncode == -signal.SIGKILL
+    assert _change_line(results[0].output).startswith("hpc-localsgd: step 8: worker 1 (rank 1) lost: ")
+    _check_survivors(tmp_path, results, [0, 2], RUN, departures={1: 8})
+
+
+def test_a_worker_of_two_ranks_that_loses_one_is_dropped_whole(tmp_path: Path) -> None:
+    overrides = [*RUN, "algorithm.ranks_per_worker=2"]
+    results = run_elastic(tmp_path, 4, overrides, fault="kill:3:6")
+    assert results[3].returncode == -signal.SIGKILL
+    # Rank 3's partner leaves with its own status and one line.
+    assert results[2].returncode == 6, results[2].output
+    errors = [line for line in results[2].output.splitlines() if line.startswith("hpc-localsgd: error:")]
+    assert len(errors) == 1 and "rank 2 left the run" in errors[0], results[2].output
+    assert "Traceback" not in results[2].output
+    line = _change_line(results[0].output)
+    assert line.startswith("hpc-localsgd: step 8: worker 1 (ranks 2, 3) lost: ") and "1 of 2 workers" in line, line
+    _check_survivors(tmp_path, results, [0, 1], overrides, departures={2: 8, 3: 8})
+
+
+def test_a_stopped_worker_times_out_and_is_dropped(tmp_path: Path) -> None:
+    results = run_elastic(tmp_path, 3, RUN, fault="stop:2:6", stopped=(2,))
+    line = _change_line(results[0].output)
+    assert line.startswith("hpc-localsgd: step 8: worker 2 (rank 2) lost: no heartbeat from rank 2"), line
+    _check_survivors(tmp_path, results, [0, 1], RUN, departures={2: 8})
