@@ -426,13 +426,25 @@ def _quiet_stdout() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
-            return _run(argv)
+            status = _run(argv)
         finally:
             # Written out now, while a closed pipe can still be answered, rather than at exit.
             sys.stdout.flush()
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
+    _end_after_membership_changes(status)
+    return status
+
+
+def _end_after_membership_changes(status: int) -> None:
+    """A run that went on without a stopped member keeps that member's old process groups, which the
+    interpreter's shutdown would wait for until Gloo's timeout: end now, everything being written."""
+    from .comm.membership import end_process_now
+
+    if end_process_now():
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _run(argv: Sequence[str] | None) -> int:

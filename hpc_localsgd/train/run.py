@@ -40,6 +40,7 @@ from ..io.metrics import (
     METRICS_FILE,
     TOTAL_STEPS_ATTR,
     MetricsWriter,
+    membership_line,
 )
 from ..launcher.env import emulated_link_rate, software_versions, spare_cores
 from ..launcher.faults import NO_FAULTS, FaultPlan
@@ -574,16 +575,24 @@ def _step_loop(
 def _record_membership_changes(
     workers: Workers, step: int, metrics: MetricsWriter | None, say: Callable[[str], None]
 ) -> None:
-    """Print (rank 0) each membership change the communicator agreed on during this step."""
+    """Record in metrics.h5 and print (rank 0) each membership change the communicator agreed on during this
+    step (comm/elastic.py)."""
     membership = workers.comm.membership
     if membership is None or not membership.changes:
         return
-    ranks_per_worker = workers.comm.size // max(1, membership.changes[-1].workers_after)
     for change in membership.changes:
-        say(
-            f"hpc-localsgd: step {step}: {change.description(ranks_per_worker)}; {change.workers_after} of "
-            f"{change.workers_before} workers go on (recovered in {change.recovery_seconds:.1f} s)"
-        )
+        description = change.description()
+        if metrics is not None:
+            metrics.log_membership(
+                step=step,
+                workers_before=change.workers_before,
+                workers_after=change.workers_after,
+                left=len(change.left_workers),
+                joined=len(change.joined_workers),
+                recovery_seconds=change.recovery_seconds,
+                description=description,
+            )
+        say(membership_line(step, change.workers_before, change.workers_after, change.recovery_seconds, description))
     membership.changes.clear()
 
 
