@@ -9,6 +9,7 @@ Bad input and a process the survivors dropped end with the CLI's one line and ex
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from hpc_localsgd.comm.membership import end_process_now  # noqa: E402
 from hpc_localsgd.config import load_config  # noqa: E402
 from hpc_localsgd.errors import UserError, print_line  # noqa: E402
 from hpc_localsgd.launcher.env import detect_launch  # noqa: E402
@@ -36,6 +38,9 @@ def main() -> int:
         return exc.exit_code
     state = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
     np.savez(out / f"rank{launch.layout.rank}.npz", **state)
+    if end_process_now():  # as the CLI does: an old group may still wait for a stopped member
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 
