@@ -33,8 +33,9 @@ def main() -> int:
         cfg = load_config(None, overrides)
         with default_dtype(torch.float64):
             result = train(cfg, launch=launch)
-    except UserError as exc:
-        print_line(f"hpc-localsgd: error: {exc}", sys.stderr)
+    except UserError as exc:  # as the CLI says it: once where every rank sees it alike
+        if not exc.same_on_every_rank or launch.layout.rank == 0:
+            print_line(f"hpc-localsgd: error: {exc}", sys.stderr)
         return exc.exit_code
     state = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
     np.savez(out / f"rank{launch.layout.rank}.npz", **state)

@@ -10,6 +10,7 @@ killed ends with SIGKILL and a partner of a lost rank with the documented status
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from hpc_localsgd.io.metrics import METRICS_FILE, read_membership
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, run_mpi
 from tests.mpi.cases import BASE, reference_run
 
 DRIVER = REPO_ROOT / "tests" / "mpi" / "elastic_driver.py"
@@ -114,6 +115,12 @@ def run_elastic(
     return results
 
 
+def _empty_config(tmp_path: Path) -> Path:
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    return config
+
+
 def _model(tmp_path: Path, rank: int) -> dict[str, np.ndarray]:
     with np.load(tmp_path / "models" / f"rank{rank}.npz") as saved:
         return dict(saved)
@@ -192,3 +199,45 @@ def test_a_stopped_worker_times_out_and_is_dropped(tmp_path: Path) -> None:
     (line,) = _change_lines(results[0].output)
     assert line.startswith("hpc-localsgd: step 8: worker 2 (rank 2) lost: no heartbeat from rank 2"), line
     _check_survivors(tmp_path, results, [0, 1], RUN, departures={2: 8})
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        ("mpi", "continue needs comm.backend=torch: the mpi backend cannot go on without a rank"),
+        ("horovod", "continue needs comm.backend=torch: the horovod backend cannot go on without a rank"),
+        ("auto", "continue needs the torch backend, and this launcher (openmpi) gets horovod"),
+    ],
+)
+def test_continue_on_mpi_or_horovod_ends_every_rank_with_one_line(tmp_path: Path, backend: str, message: str) -> None:
+    status_dir = tmp_path / "status"
+    status_dir.mkdir()
+    overrides = [*RUN, f"comm.backend={backend}"]
+    train = shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "hpc_localsgd",
+            "train",
+            str(_empty_config(tmp_path)),
+            "--run-dir",
+            str(tmp_path / "run"),
+            *[arg for o in overrides for arg in ("--set", o)],
+        ]
+    )
+    record = f"rc=$?; echo $rc > {status_dir}/rc.$OMPI_COMM_WORLD_RANK; exit $rc"
+    proc = run_mpi(2, ["sh", "-c", f"{train}; {record}"], timeout=120)
+    assert [int((status_dir / f"rc.{rank}").read_text()) for rank in range(2)] == [2, 2], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hpc-localsgd: error:")]
+    assert len(errors) == 1 and f"comm.on_worker_loss: {message}" in errors[0], proc.stderr
+
+
+def test_continue_with_a_world_of_one_worker_ends_every_rank_with_one_line(tmp_path: Path) -> None:
+    results = run_elastic(tmp_path, 2, [*RUN, "algorithm.ranks_per_worker=2"])
+    assert [p.returncode for p in results] == [2, 2], results
+    lines = [line for p in results for line in p.output.splitlines() if line.startswith("hpc-localsgd: error:")]
+    assert lines == [
+        "hpc-localsgd: error: comm.on_worker_loss: continue needs at least 2 workers to go on without one; "
+        "this run has 1"
+    ], results

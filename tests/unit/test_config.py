@@ -96,6 +96,30 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         ),
         ("", ["model.name=gpt", "model.gpt.dim=100", "model.gpt.heads=3"], "model.gpt.dim: 100 is not a multiple"),
         ("", ["data.name=tokens", "model.name=gpt"], "data.path: is required for dataset 'tokens'"),
+        # Going on without a lost worker: what it covers, refused in one line elsewhere.
+        (
+            "",
+            ["comm.on_worker_loss=continue", "comm.backend=mpi", "algorithm.method=local_sgd"],
+            "comm.on_worker_loss: continue needs comm.backend=torch: the mpi backend cannot go on without a rank",
+        ),
+        (
+            "",
+            ["comm.on_worker_loss=continue", "comm.backend=torch", "algorithm.method=allreduce"],
+            "comm.on_worker_loss: continue needs local steps (method local_sgd or post_local_sgd)",
+        ),
+        (
+            "",
+            [
+                "comm.on_worker_loss=continue",
+                "algorithm.method=local_sgd",
+                "algorithm.sync_delay=1",
+                "comm.sync_compression=int8",
+            ],
+            "comm.on_worker_loss: continue works with the blocking average on the CPU; not yet with "
+            "algorithm.sync_delay, comm.sync_compression; use stop",
+        ),
+        ("", ["comm.on_worker_loss=maybe"], "comm.on_worker_loss: must be one of 'stop' | 'continue', got 'maybe'"),
+        ("", ["comm.worker_timeout_seconds=0.5"], "comm.worker_timeout_seconds: must be >= 1"),
     ],
 )
 def test_bad_input_names_the_problem(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
