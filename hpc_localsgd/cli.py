@@ -36,12 +36,15 @@ def _train(args: argparse.Namespace) -> int:
         raise UserError("--reshard needs --resume")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
+    if args.rejoin and (args.resume or args.overwrite):
+        raise UserError("--rejoin joins a running job, which has its run dir: drop --resume and --overwrite")
     train(
         cfg,
         overwrite=args.overwrite,
         resume=args.resume,
         reshard=args.reshard,
         stop_at_step=args.stop_at_step,
+        rejoin=args.rejoin,
         notices=notices,
     )
     return 0
@@ -219,6 +222,12 @@ def _add_train(verbs: Verbs) -> None:
         choices=("average", "reset"),
         help="accept a checkpoint of another world size or algorithm: keep its parameters, "
         "and average (or zero) the per-rank optimizer state",
+    )
+    train.add_argument(
+        "--rejoin",
+        action="store_true",
+        help="replace a lost worker of the running job at MASTER_ADDR:MASTER_PORT (comm.on_worker_loss: continue): "
+        "wait as a spare, join at a global sync with rank 0's model, optimizer state and step, and train on",
     )
     train.add_argument(
         "--stop-at-step",

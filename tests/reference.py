@@ -92,12 +92,15 @@ def simulate(
     make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
     clip_grad_norm: float | None = None,
     departures: dict[int, int] | None = None,
+    returns: dict[int, tuple[int, int]] | None = None,
 ) -> list[torch.nn.Module]:
     """Train ``len(batches)`` workers; ``batches[i][s]`` is worker i's (x, y) at step s.
 
     ``departures``: rank i → the completed step of the first global sync it misses; from that sync on, the
     average is over the ranks still present (x̄ = (1/|S|)·Σ_{i∈S} xᵢ) and rank i trains no more (its returned
-    model is where it stopped). Only for the plain local phase (no streaming, no levels).
+    model is where it stopped). Only for the plain local phase (no streaming, no levels). ``returns``: rank i →
+    (s, d): after the sync at completed step s, rank i is present again as a copy of rank d (parameters, buffers,
+    optimizer state) and trains on from its own batches of step s.
 
     ``record``: one dict per global sync is appended, measured directly (float64, parameters only):
     ``step``; ``consensus_distance``, the mean over workers of ‖x_w − x̄‖² over ‖x̄‖² (a worker of
@@ -120,7 +123,7 @@ def simulate(
     slow_u: list[torch.Tensor] = []
     previous_delta: list[torch.Tensor] = []
     departures = departures or {}
-    present = list(range(len(workers)))
+    present, departed = list(range(len(workers))), set()
     for s in range(steps):
         lr = lr_at(s)
         synchronous = algo.local_start is None or s < algo.local_start
@@ -171,7 +174,9 @@ def simulate(
             continue
         # The outer step after the k-th, 2k-th, ... average; between them a plain average, x_prev kept.
         outer_step = algo.outer != "none" and (local_steps // algo.sync_period) % algo.outer_every == 0
-        present = [i for i in present if departures.get(i, steps + 1) > done]
+        leaving = {i for i in present if departures.get(i, steps + 1) <= done and i not in departed}
+        departed |= leaving
+        present = [i for i in present if i not in leaving]
         synced = [workers[i] for i in present]
         with torch.no_grad():
             # x̄ = avg_i x⁽ⁱ⁾ over the workers present
@@ -200,7 +205,26 @@ def simulate(
                 for p, avg in zip(w.parameters(), averaged, strict=True):
                     p.copy_(avg)
         _average_bn_and_momentum(synced, [opts[i] for i in present], algo)
+        for rank, (step, donor) in (returns or {}).items():
+            if step == done:
+                _copy_worker(workers[donor], opts[donor], workers[rank], opts[rank])
+                present = sorted({*present, rank})
     return workers
+
+
+def _copy_worker(
+    source: torch.nn.Module,
+    source_opt: torch.optim.Optimizer,
+    target: torch.nn.Module,
+    target_opt: torch.optim.Optimizer,
+) -> None:
+    """``target`` becomes ``source``: parameters, every buffer, and the optimizer's per-parameter state."""
+    with torch.no_grad():
+        for to, frm in zip(target.parameters(), source.parameters(), strict=True):
+            to.copy_(frm)
+            target_opt.state[to] = {k: v.clone() if torch.is_tensor(v) else v for k, v in source_opt.state[frm].items()}
+        for to, frm in zip(target.buffers(), source.buffers(), strict=True):
+            to.copy_(frm)
 
 
 class _Stream:

@@ -148,6 +148,7 @@ class ElasticSettings:
 
     worker_timeout: float
     ranks_per_worker: int
+    rejoin: bool = False  # replace a lost worker of a running job (train --rejoin)
 
 
 def _construct_elastic(
@@ -160,13 +161,17 @@ def _construct_elastic(
         )
     if device.type != "cpu":
         raise ConfigError(f"comm.on_worker_loss: continue runs on the CPU (Gloo), not yet on {device}; use stop")
+    from .elastic import ElasticCommunicator
+
+    if settings.rejoin:
+        if settings.ranks_per_worker != 1:
+            raise ConfigError("--rejoin replaces a worker of one rank; not yet a worker of several (ranks_per_worker)")
+        return ElasticCommunicator(launch.layout, launch.launcher, settings.worker_timeout, 1, rejoin=True)
     workers = launch.layout.size // settings.ranks_per_worker
     if workers < 2:
         raise ConfigError(
             f"comm.on_worker_loss: continue needs at least 2 workers to go on without one; this run has {workers}"
         )
-    from .elastic import ElasticCommunicator
-
     return ElasticCommunicator(launch.layout, launch.launcher, settings.worker_timeout, settings.ranks_per_worker)
 
 
@@ -223,6 +228,8 @@ def make_communicator(
         communicator = _construct_elastic(chosen, launch, device, elastic)
     else:
         communicator = _construct(chosen, launch, device, horovod_cycle_time_ms, group_sizes, across_sizes, mpi_polling)
+    if elastic is not None and elastic.rejoin:
+        return communicator  # its world is the running job's, not its launcher's
     try:
         check_world(communicator, launch)
     except LauncherMismatch:

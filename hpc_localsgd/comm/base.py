@@ -16,21 +16,67 @@ import abc
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from ..launcher.env import WorldLayout
 
-if TYPE_CHECKING:
-    from .membership import Membership
-
 
 class PeerLost(RuntimeError):
     """A collective failed because a member of the communicator was lost (it died, or stopped answering).
     Only communicators whose members may leave (``comm/elastic.py``) raise it; the message says why."""
+
+
+@dataclass(frozen=True)
+class MembershipChange:
+    """One change of membership, as the training loop records and prints it."""
+
+    workers_before: int
+    workers_after: int
+    left: tuple[int, ...]  # ids (launcher ranks) that left
+    joined: tuple[int, ...]
+    recovery_seconds: float
+    reason: str
+    ranks_per_worker: int = 1
+
+    @property
+    def left_workers(self) -> list[int]:
+        return sorted({i // self.ranks_per_worker for i in self.left})
+
+    @property
+    def joined_workers(self) -> list[int]:
+        return sorted({i // self.ranks_per_worker for i in self.joined})
+
+    def description(self) -> str:
+        """Who left and why, who joined: "worker 2 (rank 2) lost: connection closed by peer (Gloo)"."""
+
+        def named(ids: Sequence[int]) -> str:
+            workers = sorted({i // self.ranks_per_worker for i in ids})
+            noun = "worker" if len(workers) == 1 else "workers"
+            ranks = "rank" if len(ids) == 1 else "ranks"
+            return f"{noun} {', '.join(map(str, workers))} ({ranks} {', '.join(map(str, sorted(ids)))})"
+
+        parts = []
+        if self.left:
+            parts.append(f"{named(self.left)} lost: {self.reason}")
+        if self.joined:
+            parts.append(f"{named(self.joined)} joined with rank 0's state")
+        return "; ".join(parts)
+
+
+class Membership(Protocol):
+    """A world whose members may leave (comm/elastic.py): its communicator and every split of it carry it."""
+
+    changes: list[MembershipChange]  # not yet taken by the training loop
+
+    def commit(self) -> None: ...
+    def recover(self, lost: PeerLost) -> MembershipChange: ...
+    def admit_replacements(self) -> tuple[int, ...]: ...
+    def wait_for_admission(self) -> MembershipChange: ...
 
 
 class Handle(abc.ABC):

@@ -31,8 +31,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -40,11 +43,11 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import BackendUnavailable, one_line
+from ..errors import BackendUnavailable, UserError, one_line
 from ..launcher.env import WorldLayout
 from ._buffers import check_buffer, check_gather, divide_by_size_
-from .base import Communicator, Handle, PeerLost, check_group_size
-from .membership import MembershipChange, RunCannotGoOn, WorkerDropped, abandon
+from .base import Communicator, Handle, MembershipChange, PeerLost, check_group_size
+from .membership import RunCannotGoOn, WorkerDropped, abandon
 from .single import SingleCommunicator
 from .torch_dist import rendezvous_address
 
@@ -70,37 +73,61 @@ class ElasticCommunicator(Communicator):
     name = "torch"
 
     def __init__(
-        self, launcher_layout: WorldLayout, launcher: str, worker_timeout: float, ranks_per_worker: int
+        self,
+        launcher_layout: WorldLayout,
+        launcher: str,
+        worker_timeout: float,
+        ranks_per_worker: int,
+        rejoin: bool = False,
     ) -> None:
+        """``rejoin``: this process replaces a lost one in a running job (``train --rejoin``): it waits, as a
+        spare, for rank 0 to give it a lost rank's id, and is a member only once :meth:`wait_for_admission`
+        returns; until then it has that rank's place in the starting world (rank, and its size) so that what
+        it builds (its data shard, the LR scaled to the global batch) is what that rank had."""
         if not dist.is_available() or not dist.is_gloo_available():
             raise BackendUnavailable("comm.on_worker_loss=continue needs torch.distributed with Gloo")
+        if rejoin and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+            raise UserError("--rejoin needs MASTER_ADDR and MASTER_PORT: where the running job's rank 0 listens")
         address, port = rendezvous_address(launcher_layout, launcher)
-        self.id = launcher_layout.rank
         self.worker_timeout = worker_timeout
         self.ranks_per_worker = ranks_per_worker
         self._address, self._port = address, port
-        self.store = self._connect(is_host=self.id == 0, world_size=launcher_layout.size)
-        self._heartbeat_store = self._connect(is_host=False, world_size=launcher_layout.size)
         self.changes: list[MembershipChange] = []  # not yet taken by the training loop
         self._closed = threading.Event()
+        self._splits: list[_ElasticGroup] = []
+        host = not rejoin and launcher_layout.rank == 0
+        try:
+            self.store = self._connect(is_host=host)
+            self._heartbeat_store = self._connect(is_host=False)
+        except Exception as exc:
+            raise BackendUnavailable(
+                f"the rendezvous store at {address}:{port} cannot be reached ({one_line(exc)})"
+            ) from None
+        if rejoin:
+            size = int(self._store_call(lambda: self.store.get("world/size")).decode())
+            self.id = self._wait_for_an_id()
+            self._generation = _Generation(-1, (), None)  # not a member yet
+            layout = dataclasses.replace(launcher_layout, rank=self.id, size=size, local_rank=0, local_size=1)
+        else:
+            self.id = launcher_layout.rank
+            if host:
+                self.store.set("world/size", str(launcher_layout.size))
+            layout = launcher_layout
         self._beat()
         threading.Thread(target=self._heartbeats, name="hpc-localsgd-heartbeat", daemon=True).start()
-        self._splits: list[_ElasticGroup] = []
-        self._generation = self._build(0, tuple(range(launcher_layout.size)))
-        super().__init__(launcher_layout)
+        super().__init__(layout)
         self.membership = self
-        self._refresh_layout()
+        # Rank 0's view of replacements: spares seen, and the lost ids not yet given to one.
+        self._spares_seen = 0
+        self._free_ids: list[int] = []
+        self._given: dict[int, str] = {}  # id → the spare it was given to, until that spare is admitted
+        if not rejoin:
+            self._generation = self._build(0, tuple(range(launcher_layout.size)))
+            self._refresh_layout()
 
     # --- the store and the groups ---------------------------------------------------------------------
-    def _connect(self, is_host: bool, world_size: int) -> Any:
-        return dist.TCPStore(
-            self._address,
-            self._port,
-            world_size,
-            is_host,
-            timeout=_STORE_TIMEOUT,
-            wait_for_workers=False,
-        )
+    def _connect(self, is_host: bool) -> Any:
+        return dist.TCPStore(self._address, self._port, None, is_host, timeout=_STORE_TIMEOUT, wait_for_workers=False)
 
     def _build(self, number: int, members: tuple[int, ...]) -> _Generation:
         prefix = dist.PrefixStore(f"g{number}/pg/", self.store)
@@ -240,10 +267,9 @@ class ElasticCommunicator(Communicator):
                 f"rank {self.id} left the run at generation {old.number}: the survivors went on without its worker "
                 f"({reason})"
             )
-        for group in (old.group, *old.groups.values()):
-            abandon(group)
-        self._generation = self._build(old.number + 1, members)
-        self._refresh_layout()
+        self._switch(old, members)
+        if self.id == 0:
+            self._free_ids.extend(sorted(set(old.members) - set(members)))
         if len(members) // self.ranks_per_worker < 1:
             raise RunCannotGoOn("no worker is left")
         change = MembershipChange(
@@ -275,6 +301,104 @@ class ElasticCommunicator(Communicator):
         worker = self.ranks_per_worker
         kept = [m for m in sorted(alive) if all(m - m % worker + j in alive for j in range(worker))]
         self.store.set(self._key("next"), json.dumps({"members": kept}))
+
+    # --- replacements ---------------------------------------------------------------------------------------
+    def _wait_for_an_id(self) -> int:
+        """As a spare: register, then wait until rank 0 gives this process a lost rank's id."""
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        index = int(self._store_call(lambda: self.store.add("spares/count", 1))) - 1
+        self._store_call(lambda: self.store.set(f"spares/{index}", token))
+        given = f"given/{token}"
+        while not self._store_call(lambda: self.store.check([given])):
+            if self._store_call(lambda: self.store.check(["run/ended"])):
+                raise WorkerDropped("the run ended without losing a worker: this replacement was not needed")
+            time.sleep(0.1)
+        return int(self._store_call(lambda: self.store.get(given)).decode())
+
+    def wait_for_admission(self) -> MembershipChange:
+        """As a replacement whose world is built: say so, and wait until the members take it in at a global sync
+        (then it is a member, its rank and size those of the new membership)."""
+        self._store_call(lambda: self.store.set(f"ready/{self.id}", "1"))
+        key = f"admitted/{self.id}"
+        started = time.monotonic()
+        while not self._store_call(lambda: self.store.check([key])):
+            if self._store_call(lambda: self.store.check(["run/ended"])):
+                raise WorkerDropped("the run ended before it took this replacement in")
+            time.sleep(0.05)
+        decision = json.loads(self._store_call(lambda: self.store.get(key)).decode())
+        members = tuple(decision["members"])
+        self._generation = self._build(decision["generation"], members)
+        self._refresh_layout()
+        return MembershipChange(
+            len(members) - 1, len(members), (), (self.id,), time.monotonic() - started, "", self.ranks_per_worker
+        )
+
+    def _ready_replacements(self) -> list[int]:
+        """Rank 0: give new spares the lost ids that are free, and return the ids whose spare has built its
+        world (waiting a bounded time for those given one, so that a spare that is starting joins now)."""
+        count = int(self.store.add("spares/count", 0))
+        while self._spares_seen < count and self._free_ids:
+            key = f"spares/{self._spares_seen}"
+            self.store.wait([key])
+            token = self.store.get(key).decode()
+            identity = self._free_ids.pop(0)
+            self._given[identity] = token
+            self.store.set(f"given/{token}", str(identity))
+            self._spares_seen += 1
+        # Below the groups' own timeout (the members wait in a broadcast meanwhile).
+        deadline = time.monotonic() + 2 * self.worker_timeout + 20
+        ready = []
+        for identity in sorted(self._given):
+            while not self.store.check([f"ready/{identity}"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.store.check([f"ready/{identity}"]):
+                ready.append(identity)
+        return ready
+
+    def admit_replacements(self) -> tuple[int, ...]:
+        """Collective over the members, at a global sync: take in the replacements that are ready (rank 0
+        decides; everyone learns it through the current group) and build the membership that includes them.
+        Returns the ids taken in (the caller hands them the run's state)."""
+        decided = torch.zeros(1 + self._original_size(), dtype=torch.int64)
+        if self.id == 0:
+            ready = self._ready_replacements()
+            decided[0] = len(ready)
+            decided[1 : 1 + len(ready)] = torch.tensor(ready, dtype=torch.int64)
+        self.broadcast_(decided, root=0)
+        joining = tuple(int(i) for i in decided[1 : 1 + int(decided[0])].tolist())
+        if not joining:
+            return ()
+        started = time.monotonic()
+        old = self._generation
+        members = tuple(sorted(old.members + joining))
+        if self.id == 0:
+            for identity in joining:
+                del self._given[identity]
+                self.store.set(
+                    f"admitted/{identity}", json.dumps({"generation": old.number + 1, "members": list(members)})
+                )
+        self._switch(old, members)
+        self.changes.append(
+            MembershipChange(
+                len(old.members) // self.ranks_per_worker,
+                len(members) // self.ranks_per_worker,
+                (),
+                joining,
+                time.monotonic() - started,
+                "",
+                self.ranks_per_worker,
+            )
+        )
+        return joining
+
+    def _original_size(self) -> int:
+        return int(self._store_call(lambda: self.store.get("world/size")).decode())
+
+    def _switch(self, old: _Generation, members: tuple[int, ...]) -> None:
+        for group in (old.group, *old.groups.values()):
+            abandon(group)
+        self._generation = self._build(old.number + 1, members)
+        self._refresh_layout()
 
     # --- collectives --------------------------------------------------------------------------------------
     def _group_of(self, recipe: tuple[str, int] | None, build: bool = True) -> tuple[Any, tuple[int, ...]]:
@@ -360,6 +484,7 @@ class ElasticCommunicator(Communicator):
         with it, so that none is left reading a store that went away."""
         self._store_call(lambda: self.store.set(self._key(f"closed/{self.id}"), "1"))
         if self.id == 0:
+            self.store.set("run/ended", "1")  # spares still waiting stop waiting
             keys = [self._key(f"closed/{member}") for member in self._generation.members]
             try:
                 self.store.wait(keys, datetime.timedelta(seconds=self.worker_timeout))

@@ -1,5 +1,6 @@
 """What the rest of the package knows of members that may leave: an operation run all-or-nothing among them
-(:func:`run_agreed`), the record of a membership change, and how a process that cannot go on ends.
+(:func:`run_agreed`), and how a process that cannot go on ends (the record of a change, ``MembershipChange``,
+and the ``Membership`` an elastic communicator carries are part of the interface, in base.py).
 
 Only ``comm/elastic.py`` has members that may leave; this module needs no torch.distributed, so that the
 algorithms and the training loop use it on every backend (where it costs nothing).
@@ -7,9 +8,8 @@ algorithms and the training loop use it on every backend (where it costs nothing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..errors import UserError
 from .base import Communicator, PeerLost
@@ -30,52 +30,6 @@ class RunCannotGoOn(UserError):
 
     exit_code = 6
     same_on_every_rank = False
-
-
-@dataclass(frozen=True)
-class MembershipChange:
-    """One change of membership, as the training loop records and prints it."""
-
-    workers_before: int
-    workers_after: int
-    left: tuple[int, ...]  # ids (launcher ranks) that left
-    joined: tuple[int, ...]
-    recovery_seconds: float
-    reason: str
-    ranks_per_worker: int = 1
-
-    @property
-    def left_workers(self) -> list[int]:
-        return sorted({i // self.ranks_per_worker for i in self.left})
-
-    @property
-    def joined_workers(self) -> list[int]:
-        return sorted({i // self.ranks_per_worker for i in self.joined})
-
-    def description(self) -> str:
-        """Who left and why, who joined: "worker 2 (rank 2) lost: connection closed by peer (Gloo)"."""
-
-        def named(ids: Sequence[int]) -> str:
-            workers = sorted({i // self.ranks_per_worker for i in ids})
-            noun = "worker" if len(workers) == 1 else "workers"
-            ranks = "rank" if len(ids) == 1 else "ranks"
-            return f"{noun} {', '.join(map(str, workers))} ({ranks} {', '.join(map(str, sorted(ids)))})"
-
-        parts = []
-        if self.left:
-            parts.append(f"{named(self.left)} lost: {self.reason}")
-        if self.joined:
-            parts.append(f"{named(self.joined)} joined")
-        return "; ".join(parts)
-
-
-class Membership(Protocol):
-    """A world whose members may leave (comm/elastic.py): its communicator and every split of it carry it."""
-
-    changes: list[MembershipChange]  # not yet taken by the training loop
-
-    def commit(self) -> None: ...
-    def recover(self, lost: PeerLost) -> MembershipChange: ...
 
 
 # Process groups of earlier memberships, kept alive on purpose: a group whose collective still waits for a

@@ -26,6 +26,7 @@ from .checkpointer import Checkpointer
 from .control import requeue_slurm_job
 from .data import derive_seed
 from .ranks import RankWorkers, elastic_settings, planned_groups
+from .rejoin import join_run
 from .resume import ChosenCheckpoint, choose_checkpoint, restore
 from .run import (
     EvalResult,
@@ -68,12 +69,14 @@ def train(
     comm: Communicator | None = None,
     print_fn: Callable[[str], None] = _print_now,
     notices: Sequence[str] = (),
+    rejoin: bool = False,
 ) -> TrainResult:
-    """Run one training job on this rank. Every rank calls this with the same arguments.
+    """Run one training job on this rank. Every rank calls this with the same arguments (but ``rejoin``).
 
     ``resume``: "auto" (the newest valid checkpoint of the run dir, or a fresh start) or a
     checkpoint path. ``reshard``: "average" or "reset" to accept a checkpoint of another world
-    size or algorithm. ``stop_at_step``: checkpoint and stop there, as a preempted job would.
+    size or algorithm. ``stop_at_step``: checkpoint and stop there, as a preempted job would. ``rejoin``:
+    this process replaces a lost worker of the job running at MASTER_ADDR:MASTER_PORT (train/rejoin.py).
     """
     launch = launch or detect_launch()
     if launch.layout.rank == 0:
@@ -93,6 +96,8 @@ def train(
         torch.cuda.set_device(device)
     if comm is not None:
         return _train(cfg, comm, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
+    if rejoin and (resume is not None or overwrite):
+        raise UserError("--rejoin joins a running job, which has its run dir: drop --resume and --overwrite")
     own = make_communicator(
         cfg.comm.backend,
         launch,
@@ -100,9 +105,12 @@ def train(
         horovod_cycle_time_ms(cfg),
         **planned_groups(cfg, launch.layout),
         mpi_polling=cfg.comm.mpi_polling_choice,
-        elastic=elastic_settings(cfg, launch.layout),
+        elastic=elastic_settings(cfg, launch.layout, rejoin),
     )
-    result = _train(cfg, own, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
+    if rejoin:
+        result = _join_running_job(cfg, own, launch, device, stop_at_step, print_fn)
+    else:
+        result = _train(cfg, own, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
     # Closed on success only: after an error the other ranks may not reach the closing collective.
     own.close()
     return result
@@ -155,7 +163,48 @@ def _train(
             + (f" (re-shard: {reshard})" if reshard else "")
         )
     del chosen  # the state read while choosing is in the engine now: let it go
+    return _run_with_checkpoints(cfg, comm, workers, opt, progress, metrics, say, stop_at_step)
 
+
+def _join_running_job(
+    cfg: RunConfig,
+    comm: Communicator,
+    launch: LaunchEnvironment,
+    device: torch.device,
+    stop_at_step: int | None,
+    print_fn: Callable[[str], None],
+) -> TrainResult:
+    """``--rejoin``: build this process's part as the lost rank whose id it was given (its data shard, the
+    run's LR schedule), take rank 0's state at a global sync (train/rejoin.py), and train on as a member. The
+    run directory, its config and metrics.h5 belong to the running job: nothing of them is touched."""
+    identity = comm.rank  # the lost rank's, until the members take this process in
+    workers = RankWorkers(cfg, comm, launch, device)
+    opt = build_optimization(
+        cfg, workers.model, comm, workers.steps_per_epoch, workers.hierarchy, workers.faults, broadcast_initial=False
+    )
+    print_fn(f"hpc-localsgd: replacing rank {identity} of the running job; waiting for its next global sync")
+    step = join_run(comm, opt.engine, workers.model)
+    seed_everything(derive_seed(cfg.seed, "rank", identity))
+    print_fn(
+        f"hpc-localsgd: rank {identity} joined at step {step} with rank 0's model, optimizer state and step; "
+        f"{comm.size} workers train on"
+    )
+    # Rank 0 prints the run's progress; this process only what concerns it (its lines above, its errors).
+    quiet: Callable[[str], None] = lambda _line: None  # noqa: E731
+    return _run_with_checkpoints(cfg, comm, workers, opt, Progress(step=step), None, quiet, stop_at_step)
+
+
+def _run_with_checkpoints(
+    cfg: RunConfig,
+    comm: Communicator,
+    workers: RankWorkers,
+    opt: Optimization,
+    progress: Progress,
+    metrics: MetricsWriter | None,
+    say: Callable[[str], None],
+    stop_at_step: int | None,
+) -> TrainResult:
+    """The training loop with this rank's checkpoints and the job's signals, from ``progress`` to the end."""
     checkpointer = Checkpointer(cfg, comm, opt, progress, metrics, workers.steps_per_epoch, stop_at_step)
     try:
         result = run_training(cfg, workers, opt, progress, metrics, say, checkpointer.after_step)

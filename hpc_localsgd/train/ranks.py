@@ -166,15 +166,18 @@ def planned_groups(cfg: RunConfig, layout: WorldLayout) -> dict[str, list[int]]:
     return {"group_sizes": sorted(blocks), "across_sizes": [workers] if 1 < workers < layout.size else []}
 
 
-def elastic_settings(cfg: RunConfig, layout: WorldLayout) -> ElasticSettings | None:
-    """What an elastic communicator needs (``comm.on_worker_loss: continue``), or None (``stop``)."""
+def elastic_settings(cfg: RunConfig, layout: WorldLayout, rejoin: bool = False) -> ElasticSettings | None:
+    """What an elastic communicator needs (``comm.on_worker_loss: continue``), or None (``stop``). ``rejoin``:
+    this process replaces a lost worker of a running job."""
     if cfg.comm.on_worker_loss != "continue":
+        if rejoin:
+            raise ConfigError("comm.on_worker_loss: --rejoin needs continue (the running job's setting)")
         return None
     try:
         workers = hierarchy_from_config(cfg.algorithm, layout.size, layout.local_size).ranks_per_worker
     except UserError:
         workers = 1  # the hierarchy's own check says what is wrong, once ranks can talk
-    return ElasticSettings(cfg.comm.worker_timeout_seconds, workers)
+    return ElasticSettings(cfg.comm.worker_timeout_seconds, workers, rejoin)
 
 
 def merged_groups(plans: list[dict[str, list[int]]]) -> dict[str, list[int]]:

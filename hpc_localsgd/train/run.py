@@ -49,6 +49,7 @@ from .device import peak_flops
 from .gpt import flops_per_token
 from .lr import LRSchedule
 from .models import hidden_matrix_names
+from .rejoin import admit_replacements
 from .replicas import ReplicatedModel
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -212,10 +213,12 @@ def build_optimization(
     steps_per_epoch: int,
     hierarchy: Hierarchy,
     faults: FaultPlan = NO_FAULTS,
+    broadcast_initial: bool = True,
 ) -> Optimization:
     """The inner optimizer and the averaging engine for ``model`` (every worker starting from worker 0's state),
     the LR scaled to the global batch of ``comm.size`` workers. ``faults``: what this rank is to suffer on
-    purpose (launcher/faults.py)."""
+    purpose (launcher/faults.py). ``broadcast_initial``: false for a replacement (train/rejoin.py), which
+    receives its state from the members instead."""
     total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -239,7 +242,8 @@ def build_optimization(
         clip_grad_norm=cfg.optim.clip_grad_norm,
         faults=faults,
     )
-    engine.broadcast_initial_state()
+    if broadcast_initial:
+        engine.broadcast_initial_state()
     return Optimization(total_steps, global_batch, lr_schedule, optimizer, engine)
 
 
@@ -562,6 +566,8 @@ def _step_loop(
             if progress.step % eval_interval == 0 or progress.step == total:
                 evals.append(_evaluate(workers, engine, progress, metrics, say))
             stop = after_step(progress.step) if after_step is not None else None
+            if done.synced and progress.step < total:  # replacements join at a global sync
+                admit_replacements(workers.comm, engine, progress.step)
             _record_membership_changes(workers, progress.step, metrics, say)
             engine.faults.reached("step", progress.step)
             if stop and progress.step < total:

@@ -324,12 +324,17 @@ def load_counters(runs: dict[str, Path], backend: str, case: str, rank: int) -> 
 
 
 def reference_run(
-    overrides: list[str], ranks: int, departures: dict[int, int] | None = None, steps: int | None = None
+    overrides: list[str],
+    ranks: int,
+    departures: dict[int, int] | None = None,
+    steps: int | None = None,
+    returns: dict[int, tuple[int, int]] | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], torch.nn.Module]:
     """Each rank's final state_dict when tests/reference.py trains ``ranks`` ranks on the problem of
     ``overrides`` (same data shards, initial model and LR as the package), and the initial model.
     ``node`` stands for all ranks: mpirun starts them on this one node. ``departures``: rank → the step of
-    the first sync it misses (its shard is skipped from then on). ``steps``: the run's length (STEPS)."""
+    the first sync it misses (its shard is skipped from then on); ``returns``: rank → (the sync it comes back
+    at, the rank it copies). ``steps``: the run's length (STEPS)."""
     steps = STEPS if steps is None else steps
     from hpc_localsgd.algorithms.schedule import SyncSchedule
     from hpc_localsgd.config import load_config
@@ -376,5 +381,6 @@ def reference_run(
         make_optimizer=lambda worker: reference_optimizer(worker, cfg.optim, schedule.at(0), hidden),
         clip_grad_norm=cfg.optim.clip_grad_norm,
         departures=departures,
+        returns=returns,
     )
     return [{k: v.detach().numpy() for k, v in w.state_dict().items()} for w in workers], model

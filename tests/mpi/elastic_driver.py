@@ -1,6 +1,7 @@
 """One process of an elastic run (``comm.on_worker_loss: continue``), started by tests/mpi/test_worker_loss.py
 with torchrun's variables: trains the config in float64 (so that the survivors can be held to the reference to
-~1e-13) and saves this process's final model as OUT/rank<launcher rank>.npz.
+~1e-13) and saves this process's final model as OUT/rank<launcher rank>.npz (a replacement started with
+``--rejoin``: OUT/replacement.npz).
 
     RANK=0 WORLD_SIZE=3 ... MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/mpi/elastic_driver.py OUT key=value ...
 
@@ -27,18 +28,19 @@ from tests.mpi.cases import default_dtype  # noqa: E402
 
 
 def main() -> int:
-    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    out, overrides = Path(sys.argv[1]), [arg for arg in sys.argv[2:] if arg != "--rejoin"]
+    rejoin = "--rejoin" in sys.argv
     launch = detect_launch()
     try:
         cfg = load_config(None, overrides)
         with default_dtype(torch.float64):
-            result = train(cfg, launch=launch)
+            result = train(cfg, launch=launch, rejoin=rejoin)
     except UserError as exc:  # as the CLI says it: once where every rank sees it alike
         if not exc.same_on_every_rank or launch.layout.rank == 0:
             print_line(f"hpc-localsgd: error: {exc}", sys.stderr)
         return exc.exit_code
     state = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
-    np.savez(out / f"rank{launch.layout.rank}.npz", **state)
+    np.savez(out / ("replacement.npz" if rejoin else f"rank{launch.layout.rank}.npz"), **state)
     if end_process_now():  # as the CLI does: an old group may still wait for a stopped member
         sys.stdout.flush()
         os._exit(0)

@@ -62,30 +62,33 @@ def run_elastic(
     fault: str = "",
     timeout: float = 120,
     stopped: tuple[int, ...] = (),
+    replacements: int = 0,
 ) -> list[Process]:
     """``ranks`` processes of tests/mpi/elastic_driver.py, each in its own session; every one still running at
     ``timeout`` is killed and the test fails with what they printed. ``stopped``: ranks the fault stops, killed
-    once the others have ended."""
+    once the others have ended. ``replacements``: spares started beside them with ``--rejoin`` (outside the
+    launcher's world: no RANK or WORLD_SIZE), last in the list returned."""
     out = tmp_path / "models"
     out.mkdir(exist_ok=True)
     port = _free_port()
     args = [*overrides, f"output.run_dir={tmp_path / 'run'}"]
     procs = []
-    for rank in range(ranks):
+    for rank in range(ranks + replacements):
         env = {
             **os.environ,
             "PYTHONPATH": str(REPO_ROOT),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(ranks),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(ranks),
             "HPC_LOCALSGD_INJECT_FAULT": fault,
         }
+        launcher = {"RANK": rank, "WORLD_SIZE": ranks, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": ranks}
+        for name in launcher:
+            env.pop(name, None)
+        if rank < ranks:
+            env.update({name: str(value) for name, value in launcher.items()})
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(DRIVER), str(out), *args],
+                [sys.executable, str(DRIVER), str(out), *args, *(["--rejoin"] if rank >= ranks else [])],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -95,7 +98,7 @@ def run_elastic(
         )
     deadline = time.monotonic() + timeout
     results, timed_out = [], False
-    order = [r for r in range(ranks) if r not in stopped] + list(stopped)
+    order = [r for r in range(ranks + replacements) if r not in stopped] + list(stopped)
     for rank in order:
         proc = procs[rank]
         if rank in stopped and not timed_out:
@@ -127,13 +130,20 @@ def _model(tmp_path: Path, rank: int) -> dict[str, np.ndarray]:
 
 
 def _check_survivors(
-    tmp_path: Path, results: list[Process], survivors: list[int], overrides: list[str], departures: dict[int, int]
+    tmp_path: Path,
+    results: list[Process],
+    survivors: list[int],
+    overrides: list[str],
+    departures: dict[int, int],
+    returns: dict[int, tuple[int, int]] | None = None,
+    ranks: int | None = None,
 ) -> None:
     for p in results:
         if p.rank in survivors:
             assert p.returncode == 0, p.output
             assert "Traceback" not in p.output, p.output
-    expected, model = reference_run(overrides, len(results), departures=departures, steps=STEPS)
+    ranks = len(results) if ranks is None else ranks
+    expected, model = reference_run(overrides, ranks, departures=departures, steps=STEPS, returns=returns)
     params = [name for name, _ in model.named_parameters()]
     first = _model(tmp_path, survivors[0])
     for rank in survivors:
@@ -241,3 +251,27 @@ def test_continue_with_a_world_of_one_worker_ends_every_rank_with_one_line(tmp_p
         "hpc-localsgd: error: comm.on_worker_loss: continue needs at least 2 workers to go on without one; "
         "this run has 1"
     ], results
+
+
+def test_a_replacement_rejoins_at_a_sync_with_rank_0s_state_and_the_run_matches_the_reference(
+    tmp_path: Path,
+) -> None:
+    # A spare waits from the start (train --rejoin); rank 2 dies after step 6 and is dropped at the sync of step
+    # 8; the spare takes rank 2's place (its data shard) at the first sync it is ready for, as a copy of rank 0.
+    results = run_elastic(tmp_path, 3, RUN, fault="kill:2:6", replacements=1)
+    spare = results[-1]
+    assert spare.returncode == 0 and "Traceback" not in spare.output, spare.output
+    assert "hpc-localsgd: replacing rank 2 of the running job" in spare.output
+    changes = read_membership(tmp_path / "run" / METRICS_FILE)
+    assert changes is not None and changes["left"].tolist() == [1, 0] and changes["joined"].tolist() == [0, 1]
+    left_at, joined_at = changes["step"].tolist()
+    assert left_at == 8 and joined_at in (8, 12), changes
+    assert changes["workers_after"].tolist() == [2, 3]
+    assert f"hpc-localsgd: rank 2 joined at step {joined_at} with rank 0's" in spare.output
+    lines = _change_lines(results[0].output)
+    assert lines[1].startswith(f"hpc-localsgd: step {joined_at}: worker 2 (rank 2) joined with rank 0's state; ")
+    _check_survivors(tmp_path, results[:2], [0, 1], RUN, departures={2: 8}, returns={2: (joined_at, 0)}, ranks=3)
+    expected, _ = reference_run(RUN, 3, departures={2: 8}, steps=STEPS, returns={2: (joined_at, 0)})
+    got = dict(np.load(tmp_path / "models" / "replacement.npz"))
+    for key, want in expected[2].items():
+        np.testing.assert_allclose(got[key], want, **EXACT, err_msg=f"replacement {key}")
