@@ -29,6 +29,7 @@ SLOW_FILES = {
     "mpi/test_device_settings.py",
     "mpi/test_drift.py",
     "mpi/test_failures.py",
+    "mpi/test_worker_loss.py",
     "mpi/test_horovod_names.py",
     "mpi/test_instruction_sets.py",
     "mpi/test_launchers.py",

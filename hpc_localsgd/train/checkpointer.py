@@ -26,6 +26,7 @@ from ..io.checkpoint import CheckpointWriter, RankState
 from ..io.metrics import DIVERGED, MetricsWriter
 from ..launcher.env import software_versions
 from .control import JobControl
+from .ranks import DATA_SHARDS_ATTR, DataShard
 from .run import Optimization, Progress, describe_method
 
 
@@ -52,8 +53,12 @@ class Checkpointer:
         metrics: MetricsWriter | None,
         steps_per_epoch: int,
         stop_at_step: int | None,
+        data_shard: DataShard | None = None,
     ) -> None:
+        """``data_shard``: the part of the data this rank reads; where members may leave, every checkpoint records
+        each rank's, so that a resumed run reads what the survivors read."""
         self.cfg, self.comm, self.opt, self.progress, self.metrics = cfg, comm, opt, progress, metrics
+        self.data_shard = data_shard
         self.steps_per_epoch = steps_per_epoch
         self.stop_at_step = stop_at_step
         self.writer = CheckpointWriter(
@@ -102,9 +107,19 @@ class Checkpointer:
             "world": {"size": self.comm.size, "nodes": self.comm.layout.num_nodes, "backend": self.comm.name},
             "versions": software_versions(),
         }
+        if self.comm.membership is not None and self.data_shard is not None:
+            attrs[DATA_SHARDS_ATTR] = {"ids": self._shard_ids(), "of": self.data_shard.of}
         return self.writer.write(
             step, step / self.steps_per_epoch, attrs, engine.shared_state(), rank_state(engine, self.progress)
         )
+
+    def _shard_ids(self) -> list[int]:
+        """Every rank's data shard, by rank (one small allreduce)."""
+        assert self.data_shard is not None
+        ids = torch.zeros(self.comm.size, dtype=torch.int64)
+        ids[self.comm.rank] = self.data_shard.index
+        self.comm.allreduce_(ids, average=False)
+        return [int(i) for i in ids.tolist()]
 
     def _refuse_non_finite(self, step: int) -> None:
         """Stop every rank, writing nothing, when any rank's state is NaN or inf. Between two syncs a

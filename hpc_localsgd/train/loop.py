@@ -7,6 +7,7 @@ signals (``checkpointer.py``), and the Slurm requeue after a SIGUSR1 stop.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,18 +15,20 @@ import torch
 
 from ..algorithms.engine import AveragingEngine
 from ..comm import make_communicator
+from ..comm.agree import broadcast_text
 from ..comm.base import Communicator, PeerLost
 from ..comm.membership import RunCannotGoOn
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import UserError
+from ..io.checkpoint import Checkpoint, CheckpointError, list_checkpoints
 from ..io.metrics import MetricsWriter
 from ..io.rundir import prepare_run_dir, write_text_atomically
 from ..launcher.env import LaunchEnvironment, detect_launch, select_device, threads_for_rank
 from .checkpointer import Checkpointer
 from .control import requeue_slurm_job
 from .data import derive_seed
-from .ranks import RankWorkers, elastic_settings, planned_groups
+from .ranks import DATA_SHARDS_ATTR, DataShard, RankWorkers, data_shard_of, elastic_settings, planned_groups
 from .rejoin import join_run
 from .resume import ChosenCheckpoint, choose_checkpoint, restore
 from .run import (
@@ -130,8 +133,17 @@ def _train(
     say = print_fn if comm.is_root else (lambda _line: None)
     run_dir = Path(cfg.output.run_dir)
     prepare_run_dir(comm, run_dir, overwrite, resuming=resume is not None)
-    workers = RankWorkers(cfg, comm, launch, device)
-    opt = build_optimization(cfg, workers.model, comm, workers.steps_per_epoch, workers.hierarchy, workers.faults)
+    shard = _saved_data_shard(comm, resume, run_dir / "checkpoints", cfg) if comm.membership is not None else None
+    workers = RankWorkers(cfg, comm, launch, device, shard)
+    opt = build_optimization(
+        cfg,
+        workers.model,
+        comm,
+        workers.steps_per_epoch,
+        workers.hierarchy,
+        workers.faults,
+        starting_ranks=workers.data_shard.of,
+    )
     chosen = None
     if resume is not None:
         # The engine exists first so that the checkpoint is read straight into its live memory.
@@ -162,6 +174,11 @@ def _train(
             f"hpc-localsgd: resuming from {chosen.checkpoint.path} at step {progress.step}"
             + (f" (re-shard: {reshard})" if reshard else "")
         )
+    if chosen is not None and reshard is None and data_shard_of(chosen.checkpoint.meta.attrs, comm.rank) != shard:
+        raise UserError(
+            f"checkpoint '{chosen.checkpoint.path}' was written by other members than the newest one, whose data "
+            "shards this run took; resume from it by its path (--resume PATH)"
+        )
     del chosen  # the state read while choosing is in the engine now: let it go
     return _run_with_checkpoints(cfg, comm, workers, opt, progress, metrics, say, stop_at_step)
 
@@ -180,7 +197,14 @@ def _join_running_job(
     identity = comm.rank  # the lost rank's, until the members take this process in
     workers = RankWorkers(cfg, comm, launch, device)
     opt = build_optimization(
-        cfg, workers.model, comm, workers.steps_per_epoch, workers.hierarchy, workers.faults, broadcast_initial=False
+        cfg,
+        workers.model,
+        comm,
+        workers.steps_per_epoch,
+        workers.hierarchy,
+        workers.faults,
+        broadcast_initial=False,
+        starting_ranks=workers.data_shard.of,
     )
     print_fn(f"hpc-localsgd: replacing rank {identity} of the running job; waiting for its next global sync")
     step = join_run(comm, opt.engine, workers.model)
@@ -205,7 +229,9 @@ def _run_with_checkpoints(
     stop_at_step: int | None,
 ) -> TrainResult:
     """The training loop with this rank's checkpoints and the job's signals, from ``progress`` to the end."""
-    checkpointer = Checkpointer(cfg, comm, opt, progress, metrics, workers.steps_per_epoch, stop_at_step)
+    checkpointer = Checkpointer(
+        cfg, comm, opt, progress, metrics, workers.steps_per_epoch, stop_at_step, workers.data_shard
+    )
     try:
         result = run_training(cfg, workers, opt, progress, metrics, say, checkpointer.after_step)
     except PeerLost as lost:
@@ -221,6 +247,27 @@ def _run_with_checkpoints(
         if comm.is_root and result.stopped == "SIGUSR1" and cfg.checkpoint.requeue_on_usr1:
             requeue_slurm_job(say)
     return result
+
+
+def _saved_data_shard(comm: Communicator, resume: str | None, directory: Path, cfg: RunConfig) -> DataShard | None:
+    """Where members may leave: the data shard this rank reads on resuming from a checkpoint written after they
+    changed (the newest one for ``auto``), so that the survivors read on what they read; None elsewhere, also
+    where that checkpoint has another world size (a re-shard gives every rank a fresh shard of the new world)."""
+    if resume is None:
+        return None
+
+    def saved() -> str:
+        path = Path(resume) if resume != "auto" else next(iter(list_checkpoints(directory)), None)
+        try:
+            value = Checkpoint(path, cfg.output.hdf5_file_locking).meta.attrs.get(DATA_SHARDS_ATTR) if path else None
+        except (CheckpointError, OSError):
+            return ""  # choosing the checkpoint says what is wrong with it
+        return value if isinstance(value, str) else json.dumps(value) if value is not None else ""
+
+    text = broadcast_text(comm, saved() if comm.is_root else None)
+    if not text or len(json.loads(text)["ids"]) != comm.size:
+        return None
+    return data_shard_of({DATA_SHARDS_ATTR: text}, comm.rank)
 
 
 def _lost_outside_agreement(comm: Communicator, lost: PeerLost, step: int) -> UserError:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,13 +24,48 @@ from .models import build_model
 from .run import Batch, EvalResult, correct_predictions, cross_entropy, language_of, seed_everything
 
 
+@dataclass(frozen=True)
+class DataShard:
+    """The part of the training data a rank reads: ``index`` of ``of`` equal shards. ``of`` also sets the global
+    batch the LR is scaled to: the starting world's, whoever is left."""
+
+    index: int
+    of: int
+
+
+def data_shard_of(attrs: Mapping[str, Any], rank: int) -> DataShard | None:
+    """The shard rank ``rank`` of a resumed run reads, from its checkpoint's attributes (``DATA_SHARDS_ATTR``),
+    where workers left or joined before it was written; None where the membership was the starting one."""
+    saved = attrs.get(DATA_SHARDS_ATTR)
+    if saved is None:
+        return None
+    shards = json.loads(saved) if isinstance(saved, str) else saved
+    return DataShard(int(shards["ids"][rank]), int(shards["of"]))
+
+
+# A checkpoint attribute (JSON): {"ids": [the shard each rank reads, by rank], "of": the starting world's size},
+# written once the members changed (comm/elastic.py), so that a resumed run reads what the survivors read.
+DATA_SHARDS_ATTR = "data_shards"
+
+
 class RankWorkers:
     """This rank's part of a run (the :class:`~.run.Workers` of MPI ranks)."""
 
     unit = "rank"
 
-    def __init__(self, cfg: RunConfig, comm: Communicator, launch: LaunchEnvironment, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        comm: Communicator,
+        launch: LaunchEnvironment,
+        device: torch.device,
+        shard: DataShard | None = None,
+    ) -> None:
+        """``shard``: which part of the training data this rank reads, of how many (default: its rank, of the
+        world's size). A run that lost workers and resumes keeps each survivor on the shard it had, out of the
+        starting world's (``data_shard_of``)."""
         self.cfg, self.comm, self.device = cfg, comm, device
+        self.data_shard = shard or DataShard(comm.rank, comm.size)
         check_precision(cfg.train.precision, device)
         self.faults = FaultPlan.from_env(launch.layout.rank)  # read first: a bad plan is bad input
         # Same seed on every rank: identical initial models (broadcast anyway by the engine).
@@ -44,8 +81,8 @@ class RankWorkers:
         self.shard = ShardedBatches(
             self.datasets.train,
             cfg.data.batch_size,
-            comm.rank,
-            comm.size,
+            self.data_shard.index,
+            self.data_shard.of,
             cfg.seed,
             num_workers=self.loader_workers,
             augment=cfg.data.augment,

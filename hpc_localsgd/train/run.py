@@ -214,15 +214,17 @@ def build_optimization(
     hierarchy: Hierarchy,
     faults: FaultPlan = NO_FAULTS,
     broadcast_initial: bool = True,
+    starting_ranks: int | None = None,
 ) -> Optimization:
     """The inner optimizer and the averaging engine for ``model`` (every worker starting from worker 0's state),
     the LR scaled to the global batch of ``comm.size`` workers. ``faults``: what this rank is to suffer on
     purpose (launcher/faults.py). ``broadcast_initial``: false for a replacement (train/rejoin.py), which
-    receives its state from the members instead."""
+    receives its state from the members instead. ``starting_ranks``: the world the LR is scaled to, where it
+    is not ``comm.size`` (a run resumed after it lost workers keeps the LR of the world it started with)."""
     total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    global_batch = cfg.data.batch_size * comm.size
+    global_batch = cfg.data.batch_size * (starting_ranks or comm.size)
     lr_schedule = LRSchedule.from_config(cfg.optim, global_batch, steps_per_epoch, total_steps)
     optimizer = make_inner_optimizer(model.parameters(), cfg.optim, lr_schedule.peak, hidden_matrices(model))
     schedule = SyncSchedule.from_config(cfg.algorithm, steps_per_epoch, lr_schedule.first_decay_step, total_steps)

@@ -5,6 +5,8 @@ with torchrun's variables: trains the config in float64 (so that the survivors c
 
     RANK=0 WORLD_SIZE=3 ... MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/mpi/elastic_driver.py OUT key=value ...
 
+Options among the overrides: ``--rejoin``, ``--resume=auto|PATH``, ``--stop-at-step=N`` (as ``train``'s).
+
 Bad input and a process the survivors dropped end with the CLI's one line and exit status.
 """
 
@@ -28,13 +30,16 @@ from tests.mpi.cases import default_dtype  # noqa: E402
 
 
 def main() -> int:
-    out, overrides = Path(sys.argv[1]), [arg for arg in sys.argv[2:] if arg != "--rejoin"]
-    rejoin = "--rejoin" in sys.argv
+    out, args = Path(sys.argv[1]), sys.argv[2:]
+    options = {arg.partition("=")[0]: arg.partition("=")[2] for arg in args if arg.startswith("--")}
+    overrides = [arg for arg in args if not arg.startswith("--")]
+    rejoin = "--rejoin" in options
+    stop = int(options["--stop-at-step"]) if "--stop-at-step" in options else None
     launch = detect_launch()
     try:
         cfg = load_config(None, overrides)
         with default_dtype(torch.float64):
-            result = train(cfg, launch=launch, rejoin=rejoin)
+            result = train(cfg, launch=launch, rejoin=rejoin, resume=options.get("--resume"), stop_at_step=stop)
     except UserError as exc:  # as the CLI says it: once where every rank sees it alike
         if not exc.same_on_every_rank or launch.layout.rank == 0:
             print_line(f"hpc-localsgd: error: {exc}", sys.stderr)

@@ -63,15 +63,17 @@ def run_elastic(
     timeout: float = 120,
     stopped: tuple[int, ...] = (),
     replacements: int = 0,
+    options: tuple[str, ...] = (),
 ) -> list[Process]:
     """``ranks`` processes of tests/mpi/elastic_driver.py, each in its own session; every one still running at
     ``timeout`` is killed and the test fails with what they printed. ``stopped``: ranks the fault stops, killed
     once the others have ended. ``replacements``: spares started beside them with ``--rejoin`` (outside the
-    launcher's world: no RANK or WORLD_SIZE), last in the list returned."""
+    launcher's world: no RANK or WORLD_SIZE), last in the list returned. ``options``: the driver's
+    (``--resume=auto``, ``--stop-at-step=N``)."""
     out = tmp_path / "models"
     out.mkdir(exist_ok=True)
     port = _free_port()
-    args = [*overrides, f"output.run_dir={tmp_path / 'run'}"]
+    args = [*overrides, f"output.run_dir={tmp_path / 'run'}", *options]
     procs = []
     for rank in range(ranks + replacements):
         env = {
@@ -204,8 +206,15 @@ def test_a_worker_of_two_ranks_that_loses_one_is_dropped_whole(tmp_path: Path) -
     _check_survivors(tmp_path, results, [0, 1], overrides, departures={2: 8, 3: 8})
 
 
-def test_a_stopped_worker_times_out_and_is_dropped(tmp_path: Path) -> None:
-    results = run_elastic(tmp_path, 3, RUN, fault="stop:2:6", stopped=(2,))
+@pytest.fixture(scope="module")
+def stopped_worker_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Process]]:
+    """Rank 2 of 3 stops (SIGSTOP) after step 6 and never answers again: dropped at the sync of step 8."""
+    tmp_path = tmp_path_factory.mktemp("stopped")
+    return tmp_path, run_elastic(tmp_path, 3, RUN, fault="stop:2:6", stopped=(2,))
+
+
+def test_a_stopped_worker_times_out_and_is_dropped(stopped_worker_run: tuple[Path, list[Process]]) -> None:
+    tmp_path, results = stopped_worker_run
     (line,) = _change_lines(results[0].output)
     assert line.startswith("hpc-localsgd: step 8: worker 2 (rank 2) lost: no heartbeat from rank 2"), line
     _check_survivors(tmp_path, results, [0, 1], RUN, departures={2: 8})
@@ -275,3 +284,22 @@ def test_a_replacement_rejoins_at_a_sync_with_rank_0s_state_and_the_run_matches_
     got = dict(np.load(tmp_path / "models" / "replacement.npz"))
     for key, want in expected[2].items():
         np.testing.assert_allclose(got[key], want, **EXACT, err_msg=f"replacement {key}")
+
+
+def test_a_run_that_lost_a_worker_resumes_bit_exactly_with_the_survivors(
+    tmp_path: Path, stopped_worker_run: tuple[Path, list[Process]]
+) -> None:
+    # Stopped (as by a time limit) at step 12, after losing rank 2 at the sync of step 8; resumed with the two
+    # survivors, which read on the data shards they had, with the LR of the world the run started with. The
+    # run that went through without stopping lost its rank 2 at the same sync (stopped rather than killed).
+    first = run_elastic(tmp_path, 3, RUN, fault="kill:2:6", options=("--stop-at-step=12",))
+    assert [p.returncode for p in first] == [0, 0, -signal.SIGKILL], first
+    resumed = run_elastic(tmp_path, 2, RUN, options=("--resume=auto",))
+    assert "resuming from" in resumed[0].output and "at step 12" in resumed[0].output, resumed[0].output
+    assert [p.returncode for p in resumed] == [0, 0], resumed
+    whole, _ = stopped_worker_run
+    for rank in (0, 1):
+        got, want = _model(tmp_path, rank), _model(whole, rank)
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"rank {rank} {key}")
