@@ -113,6 +113,10 @@ class ElasticCommunicator(Communicator):
             if host:
                 self.store.set("world/size", str(launcher_layout.size))
             layout = launcher_layout
+        if host:
+            self._liveness = _Liveness(self.store)
+            self.store.set("liveness/port", str(self._liveness.port))
+        self._alive_line = _connect_liveness(self.store, address, self.id)
         self._beat()
         threading.Thread(target=self._heartbeats, name="hpc-localsgd-heartbeat", daemon=True).start()
         super().__init__(layout)
@@ -295,6 +299,8 @@ class ElasticCommunicator(Communicator):
                     continue
                 if self.store.check([self._key(f"alive/{member}")]):
                     alive.add(member)
+                elif self.store.check([f"dead/{member}"]):
+                    lost.add(member)
                 elif now - float(self.store.get(f"heartbeat/{member}").decode()) > self.worker_timeout:
                     lost.add(member)
             time.sleep(0.02)
@@ -342,6 +348,7 @@ class ElasticCommunicator(Communicator):
             self.store.wait([key])
             token = self.store.get(key).decode()
             identity = self._free_ids.pop(0)
+            self.store.delete_key(f"dead/{identity}")  # the id lives again, in its replacement
             self._given[identity] = token
             self.store.set(f"given/{token}", str(identity))
             self._spares_seen += 1
@@ -491,6 +498,52 @@ class ElasticCommunicator(Communicator):
             except Exception:
                 pass  # a member that went silent at the very end: nothing is left to agree on
         self._closed.set()
+
+
+class _Liveness:
+    """Rank 0 learns at once that a process died: each member keeps one TCP connection open to a listener on
+    rank 0, and the operating system closes it when the process ends, however it ends (a stopped process keeps
+    it open: the heartbeat tells that case). Rank 0 records ``dead/<id>`` in the store, which the agreement
+    reads before waiting for a heartbeat to go stale."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.server = socket.create_server(("", 0))
+        threading.Thread(target=self._accept, name="hpc-localsgd-liveness", daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.getsockname()[1])
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._watch, args=(connection,), daemon=True).start()
+
+    def _watch(self, connection: socket.socket) -> None:
+        with connection:
+            identity = connection.recv(64).decode().strip()
+            while True:
+                try:
+                    if not connection.recv(64):
+                        break
+                except OSError:
+                    break
+            try:
+                self.store.set(f"dead/{identity}", "1")
+            except Exception:  # rank 0 itself is ending
+                return
+
+
+def _connect_liveness(store: Any, address: str, identity: int) -> socket.socket:
+    """This process's connection to rank 0's listener (kept open for the process's life)."""
+    port = int(store.get("liveness/port").decode())
+    connection = socket.create_connection((address, port))
+    connection.sendall(f"{identity}\n".encode())
+    return connection
 
 
 class _ElasticGroup(Communicator):
