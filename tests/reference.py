@@ -96,9 +96,9 @@ def simulate(
 ) -> list[torch.nn.Module]:
     """Train ``len(batches)`` workers; ``batches[i][s]`` is worker i's (x, y) at step s.
 
-    ``departures``: rank i → the completed step of the first global sync it misses; from that sync on, the
-    average is over the ranks still present (x̄ = (1/|S|)·Σ_{i∈S} xᵢ) and rank i trains no more (its returned
-    model is where it stopped). Only for the plain local phase (no streaming, no levels). ``returns``: rank i →
+    ``departures``: rank i → the completed step of the first global sync (or synchronous step) it misses; from
+    then on, the average is over the ranks still present (x̄ = (1/|S|)·Σ_{i∈S} xᵢ) and rank i trains no more (its
+    returned model is where it stopped). Not with streaming syncs or levels. ``returns``: rank i →
     (s, d): after the sync at completed step s, rank i is present again as a copy of rank d (parameters, buffers,
     optimizer state) and trains on from its own batches of step s.
 
@@ -127,6 +127,10 @@ def simulate(
     for s in range(steps):
         lr = lr_at(s)
         synchronous = algo.local_start is None or s < algo.local_start
+        if synchronous:  # every step averages: a departure takes effect at the step it names
+            leaving = {i for i in present if departures.get(i, steps + 1) <= s + 1 and i not in departed}
+            departed |= leaving
+            present = [i for i in present if i not in leaving]
         if s == algo.local_start and algo.outer != "none":
             x_prev = [p.detach().clone() for p in workers[0].parameters()]
             slow_u = [torch.zeros_like(p) for p in x_prev]

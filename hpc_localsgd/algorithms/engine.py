@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm.base import Communicator
+from ..comm.base import Communicator, PeerLost
 from ..config.schema import AlgorithmConfig, GradientCompression, Precision, SyncCompression
 from ..launcher.faults import NO_FAULTS, FaultPlan
 from .accounting import GLOBAL, CommStats, SyncTraffic
@@ -252,8 +252,25 @@ class AveragingEngine:
         self.global_sync.begin_step(step)
 
     def finish_gradients(self) -> None:
-        if self.gradients is not None:
-            self.gradients.finish()
+        """Wait for this step's gradient average. Where members may leave (comm/elastic.py), an average that lost
+        a member is done again among the survivors, from the gradients this rank computed (still in ``.grad``),
+        and an average over every worker (the synchronous phase) is committed by all before the optimizer steps
+        on it; a rank whose own worker lost a rank leaves instead (``WorkerDropped``)."""
+        if self.gradients is None:
+            return
+        membership = self.comm.membership
+        over_all = self.gradients.averaged_over_all
+        while True:
+            try:
+                self.gradients.finish()
+                if membership is not None and over_all:
+                    membership.commit()
+                return
+            except PeerLost as lost:
+                if membership is None:
+                    raise
+                membership.recover(lost)
+                self.gradients.restart()
 
     def end_step(self, completed_steps: int, lr: float) -> bool:
         """Average the model if a sync is due after ``completed_steps`` steps; ``lr`` is the base

@@ -106,6 +106,16 @@ class GradientAllreduce:
             bucket.filled.clear()
             bucket.handle = None
 
+    @property
+    def averaged_over_all(self) -> bool:
+        """Whether this step's gradients are averaged over every rank (the synchronous phase)."""
+        return self.enabled and self._level == GLOBAL
+
+    def restart(self) -> None:
+        """Average this step's gradients again, over the same communicator (whose members changed), from the
+        gradients in ``.grad``: ``finish`` then fills every bucket from them."""
+        self.start_step(self._step_comm, self._level)
+
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         if not self.enabled:
             return

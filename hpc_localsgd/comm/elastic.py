@@ -169,11 +169,11 @@ class ElasticCommunicator(Communicator):
             except Exception:  # the store's host is gone: the next wait finds out and says so
                 return
 
-    def _silent_members(self) -> list[int]:
-        """Members whose heartbeat is older than ``worker_timeout``."""
+    def _silent_members(self, members: tuple[int, ...]) -> list[int]:
+        """Those of ``members`` whose heartbeat is older than ``worker_timeout``."""
         now = time.time()
         silent = []
-        for member in self._generation.members:
+        for member in members:
             if member == self.id:
                 continue
             beat = float(self.store.get(f"heartbeat/{member}").decode())
@@ -204,9 +204,14 @@ class ElasticCommunicator(Communicator):
         self._store_call(lambda: self.store.compare_set(key, "", reason))
         return PeerLost(self._failed() or reason)
 
-    def await_work(self, work: Any) -> None:
-        """Wait for a Gloo work of the current generation; raise PeerLost if a member was lost meanwhile."""
+    def await_work(self, work: Any, recipe: tuple[str, int] | None = None) -> None:
+        """Wait for a Gloo work of the current generation over the group of ``recipe`` (None: the world); raise
+        PeerLost if one of its members was lost meanwhile. A worker's own group (``into``) does not stop for a
+        loss elsewhere that another member posted: its ranks must all complete the collective, or all fail it
+        (a member of it lost), so that none of them goes a step ahead of the others."""
         started = last_look = time.monotonic()
+        _, members = self._group_of(recipe, build=False)
+        watch_flag = recipe is None or recipe[0] != "into"
         pause = 1e-5
         while not work.is_completed():
             time.sleep(pause)
@@ -214,11 +219,11 @@ class ElasticCommunicator(Communicator):
             now = time.monotonic()
             if now - last_look >= _POLL_SECONDS:
                 last_look = now
-                failed = self._failed()
+                failed = self._failed() if watch_flag else None
                 if failed is not None:
                     raise PeerLost(failed)
                 if now - started > self.worker_timeout:
-                    silent = self._silent_members()
+                    silent = self._silent_members(members)
                     if silent:
                         noun = "rank" if len(silent) == 1 else "ranks"
                         raise self._flag(
@@ -438,7 +443,7 @@ class ElasticCommunicator(Communicator):
         group, members = self._group_of(recipe)
         staging = buffer.clone()
         work = group.allreduce([staging], dist.AllreduceOptions())
-        return _StagedHandle(self, work, staging, buffer, len(members) if average else 1)
+        return _StagedHandle(self, work, staging, buffer, len(members) if average else 1, recipe)
 
     def iallgather(self, buffer: torch.Tensor, output: torch.Tensor) -> Handle:
         check_gather(buffer, output, self.size)
@@ -457,14 +462,14 @@ class ElasticCommunicator(Communicator):
         options = dist.BroadcastOptions()
         options.rootRank = root
         staging = buffer.clone()
-        _StagedHandle(self, group.broadcast([staging], options), staging, buffer, 1).wait()
+        _StagedHandle(self, group.broadcast([staging], options), staging, buffer, 1, recipe).wait()
 
     def barrier(self) -> None:
         self._barrier(None)
 
     def _barrier(self, recipe: tuple[str, int] | None) -> None:
         group, _ = self._group_of(recipe)
-        self.await_work(group.barrier())
+        self.await_work(group.barrier(), recipe)
 
     def collective_path(self, device: torch.device) -> str:
         return "torch.distributed Gloo on host memory, members may leave"
@@ -575,14 +580,21 @@ class _StagedHandle(Handle):
     """A collective reduced in a copy, written back to the caller's buffer only once it succeeded."""
 
     def __init__(
-        self, comm: ElasticCommunicator, work: Any, staging: torch.Tensor, buffer: torch.Tensor, divisor: int
+        self,
+        comm: ElasticCommunicator,
+        work: Any,
+        staging: torch.Tensor,
+        buffer: torch.Tensor,
+        divisor: int,
+        recipe: tuple[str, int] | None = None,
     ) -> None:
         self._comm, self._work, self._staging, self._buffer, self._divisor = comm, work, staging, buffer, divisor
+        self._recipe = recipe
 
     def wait(self) -> None:
         if self._work is None:
             return
-        self._comm.await_work(self._work)
+        self._comm.await_work(self._work, self._recipe)
         self._work = None
         divide_by_size_(self._staging, self._divisor)
         self._buffer.copy_(self._staging)

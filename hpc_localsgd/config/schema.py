@@ -647,9 +647,9 @@ class CommConfig:
         "stop",
         "What the run does when a worker dies or stops answering: stop (the launcher ends every rank; resume "
         "from the latest checkpoint) or continue (backend torch on the CPU: the survivors agree on who is left at "
-        "the next global sync, drop every worker that lost a rank, average among themselves and go on; the lost "
-        "worker's data shard is skipped). continue covers the local steps of local and post-local SGD with the "
-        "blocking average; rank 0 hosts the rendezvous store and its loss ends the run.",
+        "the next collective, drop every worker that lost a rank, redo among themselves what the loss cut short "
+        "and go on; the lost worker's data shard is skipped; train --rejoin starts a replacement). For local and "
+        "post-local SGD with the blocking average; rank 0 hosts the rendezvous store and its loss ends the run.",
     )
     worker_timeout_seconds: float = setting(
         10.0,

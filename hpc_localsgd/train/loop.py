@@ -271,16 +271,19 @@ def _saved_data_shard(comm: Communicator, resume: str | None, directory: Path, c
 
 
 def _lost_outside_agreement(comm: Communicator, lost: PeerLost, step: int) -> UserError:
-    """A member was lost in a collective that cannot be redone among the survivors (a worker's own gradient
-    average, or the synchronous phase's): this process learns with the survivors whether its worker is dropped
-    (``WorkerDropped``); if it is not, the run cannot go on here, and every survivor says so alike."""
+    """A member was lost in a collective that is not redone among the survivors (the sync, the job's poll,
+    evaluation, checkpoints and gradient averages are; what is left is rare: the start, a divergence's report):
+    this process learns with the survivors whether its worker is dropped (``WorkerDropped``); if it is not, the
+    run cannot go on here, and every survivor says so alike."""
     membership = comm.membership
     assert membership is not None  # only elastic communicators lose members
     membership.recover(lost)  # raises WorkerDropped where this rank's worker lost a rank
-    return RunCannotGoOn(
-        f"a worker was lost at step {step} during a synchronous step ({lost}): comm.on_worker_loss=continue goes on "
-        "only from the local steps; resume from the latest checkpoint"
+    error = RunCannotGoOn(
+        f"a worker was lost at step {step} in a collective the survivors cannot redo ({lost}); resume from the "
+        "latest checkpoint"
     )
+    error.same_on_every_rank = True  # every survivor stops alike: rank 0, which always survives, says it
+    return error
 
 
 def _open_rank_metrics(

@@ -303,3 +303,15 @@ def test_a_run_that_lost_a_worker_resumes_bit_exactly_with_the_survivors(
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"rank {rank} {key}")
+
+
+def test_a_worker_lost_in_the_synchronous_phase_is_dropped_from_that_steps_gradient_average(tmp_path: Path) -> None:
+    # Post-local SGD averages gradients at every step until step 8: rank 2 dies after step 3, so step 4's
+    # gradient average fails; the survivors average their own gradients of that step again among themselves
+    # (no step is taken twice) and go on, then switch to local steps.
+    overrides = [*RUN, "algorithm.method=post_local_sgd", "algorithm.switch_step=8"]
+    results = run_elastic(tmp_path, 3, overrides, fault="kill:2:3")
+    assert results[2].returncode == -signal.SIGKILL
+    (line,) = _change_lines(results[0].output)
+    assert line.startswith("hpc-localsgd: step 4: worker 2 (rank 2) lost: "), line
+    _check_survivors(tmp_path, results, [0, 1], overrides, departures={2: 4})
