@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ConfigError, print_line
 
 FAULT_VARIABLE = "HPC_LOCALSGD_INJECT_FAULT"
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
@@ -75,9 +76,17 @@ class FaultPlan:
         return bool(self.faults)
 
     def reached(self, point: str, step: int) -> None:
-        """This rank has reached ``point`` after completed step ``step``: fire what is planned there."""
+        """This rank has reached ``point`` after completed step ``step``: fire what is planned there, saying so
+        first in one line (to stderr), so that a rehearsal's log shows when the fault struck."""
         for fault in self.faults:
             if fault.point == point and fault.step == step:
+                where = "inside the global sync after" if point == "sync" else "after"
+                verb = {"kill": "kills", "stop": "stops"}[fault.action]
+                print_line(
+                    f"hpc-localsgd: fault injected: rank {fault.rank} {verb} itself {where} step {step} "
+                    f"({FAULT_VARIABLE})",
+                    sys.stderr,
+                )
                 os.kill(os.getpid(), ACTIONS[fault.action])
 
 
