@@ -178,6 +178,12 @@ class Communicator(abc.ABC):
         """``split_across`` for 1 < ranks <= size, ``ranks`` dividing size (checked by ``split_across``)."""
         raise NotImplementedError(f"the {self.name} backend has no communicators across groups of ranks")
 
+    def note_phase(self, phase: str, step: int) -> None:
+        """This rank is now in ``phase`` (one of ``watchdog``'s phases) with ``step`` steps completed: the
+        stall watchdog's heartbeat says so, and names it in its lines. Cheap (an assignment); nothing where
+        no watchdog watches this communicator."""
+        return None
+
     def collective_path(self, device: torch.device) -> str:
         """How this backend's collectives move tensors that live on ``device`` (the start-up line names it:
         on GPUs, whether the reduction runs on device memory or is staged through the host)."""
