@@ -8,6 +8,7 @@ failure, a text), written once on top of the interface.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Sequence
 
@@ -96,6 +97,20 @@ def _let_mpi_yield_when_idle(launch: LaunchEnvironment) -> None:
         os.environ.setdefault(OPEN_MPI_YIELD_WHEN_IDLE, "1")
 
 
+# torch.distributed's collectives end a rank that waits longer than the process group's timeout, with a
+# traceback. The stall watchdog (watchdog.py) must speak first: its timeout plus this margin, and a week
+# where comm.stall_timeout_seconds is off (the ranks then only warn, and wait, as they do on mpi and horovod).
+_TORCH_TIMEOUT_MARGIN = datetime.timedelta(minutes=2)
+_TORCH_TIMEOUT_WHEN_OFF = datetime.timedelta(days=7)
+
+
+def torch_collective_timeout(stall_timeout_seconds: float | None) -> datetime.timedelta:
+    """The torch backend's collective timeout for ``comm.stall_timeout_seconds``."""
+    if stall_timeout_seconds is None:
+        return _TORCH_TIMEOUT_WHEN_OFF
+    return datetime.timedelta(seconds=stall_timeout_seconds) + _TORCH_TIMEOUT_MARGIN
+
+
 def _construct(
     backend: str,
     launch: LaunchEnvironment,
@@ -104,6 +119,8 @@ def _construct(
     group_sizes: Sequence[int],
     across_sizes: Sequence[int],
     mpi_polling: bool | None,
+    stall_warn_seconds: float | None,
+    stall_timeout_seconds: float | None,
 ) -> Communicator:
     if backend == "single":
         if launch.layout.size != 1:
@@ -123,7 +140,9 @@ def _construct(
             )
         from .horovod import HorovodCommunicator
 
-        return HorovodCommunicator(launch.layout, horovod_cycle_time_ms, group_sizes, across_sizes)
+        return HorovodCommunicator(
+            launch.layout, horovod_cycle_time_ms, group_sizes, across_sizes, stall_check_seconds=stall_warn_seconds
+        )
     if backend == "mpi":
         try:
             import mpi4py.MPI  # noqa: F401  # initialises MPI; failures here are the user's to fix
@@ -137,7 +156,9 @@ def _construct(
         return MPICommunicator(launch.layout, polling=mpi_polling)
     from .torch_dist import TorchDistributedCommunicator
 
-    return TorchDistributedCommunicator(launch.layout, launch.launcher, device)
+    return TorchDistributedCommunicator(
+        launch.layout, launch.launcher, device, collective_timeout=torch_collective_timeout(stall_timeout_seconds)
+    )
 
 
 def check_world(communicator: Communicator, launch: LaunchEnvironment) -> None:
@@ -165,6 +186,8 @@ def make_communicator(
     group_sizes: Sequence[int] = (),
     across_sizes: Sequence[int] = (),
     mpi_polling: bool | None = None,
+    stall_warn_seconds: float | None = None,
+    stall_timeout_seconds: float | None = None,
 ) -> Communicator:
     """The communicator for ``backend`` (one of ``BACKENDS``), checked against the launcher's world.
 
@@ -180,13 +203,25 @@ def make_communicator(
     (the world communicator only, on Horovod). The other backends split into any size, but the sizes are
     checked for every backend alike: ValueError unless each divides the launcher's world size.
     ``mpi_polling``: ``comm.mpi_polling`` for the mpi backend (None: auto, decided per communicator).
+    ``stall_warn_seconds`` sets Horovod's own stall check to the watchdog's warning time (None: Horovod's
+    setting); ``stall_timeout_seconds`` puts the torch backend's collective timeout past the watchdog's.
     """
     for ranks in group_sizes:
         check_group_size(ranks, launch.layout.size)
     for ranks in across_sizes:
         check_group_size(ranks, launch.layout.size, across=True)
     chosen = resolve_backend(backend, launch)
-    communicator = _construct(chosen, launch, device, horovod_cycle_time_ms, group_sizes, across_sizes, mpi_polling)
+    communicator = _construct(
+        chosen,
+        launch,
+        device,
+        horovod_cycle_time_ms,
+        group_sizes,
+        across_sizes,
+        mpi_polling,
+        stall_warn_seconds,
+        stall_timeout_seconds,
+    )
     try:
         check_world(communicator, launch)
     except LauncherMismatch:
