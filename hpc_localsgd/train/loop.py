@@ -7,6 +7,7 @@ signals (``checkpointer.py``), and the Slurm requeue after a SIGUSR1 stop.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,10 +16,12 @@ import torch
 from ..algorithms.engine import AveragingEngine
 from ..comm import make_communicator
 from ..comm.base import Communicator
+from ..comm.watchdog import HEARTBEATS, Watchdog, watch_collectives
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import UserError
-from ..io.metrics import MetricsWriter
+from ..io.checkpoint import LATEST
+from ..io.metrics import STALLED, MetricsWriter
 from ..io.rundir import prepare_run_dir, write_text_atomically
 from ..launcher.env import LaunchEnvironment, detect_launch, select_device, threads_for_rank
 from .checkpointer import Checkpointer
@@ -99,6 +102,8 @@ def train(
         horovod_cycle_time_ms(cfg),
         **planned_groups(cfg, launch.layout),
         mpi_polling=cfg.comm.mpi_polling_choice,
+        stall_warn_seconds=cfg.comm.stall_warn_seconds,
+        stall_timeout_seconds=cfg.comm.stall_timeout_seconds,
     )
     result = _train(cfg, own, launch, device, overwrite, resume, reshard, stop_at_step, print_fn)
     # Closed on success only: after an error the other ranks may not reach the closing collective.
@@ -117,9 +122,32 @@ def _train(
     stop_at_step: int | None,
     print_fn: Callable[[str], None],
 ) -> TrainResult:
-    say = print_fn if comm.is_root else (lambda _line: None)
     run_dir = Path(cfg.output.run_dir)
     prepare_run_dir(comm, run_dir, overwrite, resuming=resume is not None)
+    watched = watch_collectives(
+        comm, run_dir / HEARTBEATS, cfg.comm.stall_warn_seconds, cfg.comm.stall_timeout_seconds, print_fn
+    )
+    if watched is None:
+        return _train_watched(cfg, comm, None, launch, device, resume, reshard, stop_at_step, print_fn)
+    try:
+        return _train_watched(cfg, watched, watched.watchdog, launch, device, resume, reshard, stop_at_step, print_fn)
+    finally:
+        watched.watchdog.stop()
+
+
+def _train_watched(
+    cfg: RunConfig,
+    comm: Communicator,
+    watchdog: Watchdog | None,
+    launch: LaunchEnvironment,
+    device: torch.device,
+    resume: str | None,
+    reshard: str | None,
+    stop_at_step: int | None,
+    print_fn: Callable[[str], None],
+) -> TrainResult:
+    say = print_fn if comm.is_root else (lambda _line: None)
+    run_dir = Path(cfg.output.run_dir)
     workers = RankWorkers(cfg, comm, launch, device)
     opt = build_optimization(cfg, workers.model, comm, workers.steps_per_epoch, workers.hierarchy, workers.faults)
     chosen = None
@@ -155,6 +183,9 @@ def _train(
     del chosen  # the state read while choosing is in the engine now: let it go
 
     checkpointer = Checkpointer(cfg, comm, opt, progress, metrics, workers.steps_per_epoch, stop_at_step)
+    if watchdog is not None:
+        watchdog.resume_hint = lambda: _resume_hint(run_dir / "checkpoints")
+        watchdog.on_stall.append(lambda line: _on_stall(cfg, metrics, progress, line, print_fn))
     try:
         result = run_training(cfg, workers, opt, progress, metrics, say, checkpointer.after_step)
     finally:
@@ -168,6 +199,26 @@ def _train(
         if comm.is_root and result.stopped == "SIGUSR1" and cfg.checkpoint.requeue_on_usr1:
             requeue_slurm_job(say)
     return result
+
+
+def _resume_hint(directory: Path) -> str:
+    """The end of the stall's error line: which checkpoint stays the latest, and how to go on from it."""
+    latest = directory / LATEST
+    if latest.is_file():
+        return f"; {latest.read_text().strip()} stays the latest checkpoint: continue with --resume auto"
+    return "; there is no checkpoint yet: --resume auto starts the run afresh"
+
+
+def _on_stall(
+    cfg: RunConfig, metrics: MetricsWriter | None, progress: Progress, line: str, say: Callable[[str], None]
+) -> None:
+    """What the rank that reports a stall does before every rank exits (the stall watchdog's thread runs it,
+    while this rank's main thread waits in the collective): rank 0 marks metrics.h5 stopped, and the job is
+    requeued as after a SIGUSR1, to resume from the latest checkpoint."""
+    if metrics is not None:
+        metrics.mark_stopped(STALLED, progress.step, line)
+    if cfg.checkpoint.requeue_on_usr1 and os.environ.get("SLURM_JOB_ID"):
+        requeue_slurm_job(say)
 
 
 def _open_rank_metrics(
