@@ -1,0 +1,177 @@
+"""The stall watchdog's pure parts (who is late, who reports, the lines' wording) from heartbeat records, its
+count of collectives through a wrapped communicator, its thread against heartbeat files, and the settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hpc_localsgd.comm.single import SingleCommunicator
+from hpc_localsgd.comm.watchdog import (
+    MAX_NAMED_RANKS,
+    Wait,
+    Watchdog,
+    WatchedCommunicator,
+    describe_phase,
+    describe_rank,
+    describe_ranks,
+    late_ranks,
+    read_heartbeat,
+    reporter,
+    stall_text,
+    watch_collectives,
+    write_heartbeat,
+)
+from hpc_localsgd.config import load_config
+from hpc_localsgd.errors import ConfigError
+
+NOW = 1_000_000.0
+FRESH = 2.5
+
+
+def record(
+    collectives: int,
+    written: float = NOW,
+    step: int = 40,
+    phase: str = "data loading",
+    since: float = NOW - 10,
+    wait: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "token": "t",
+        "rank": 0,
+        "pid": 1,
+        "host": "h",
+        "step": step,
+        "phase": phase,
+        "phase_since": since,
+        "collectives": collectives,
+        "wait": wait,
+        "written": written,
+    }
+
+
+def waiting(seq: int, since: float = NOW - 61) -> dict[str, Any]:
+    return {"seq": seq, "operation": "allreduce", "context": "the global sync after step 40", "since": since}
+
+
+def test_the_late_ranks_have_not_started_the_collective_or_have_no_heartbeat() -> None:
+    heartbeats = {0: record(7, wait=waiting(7)), 2: record(6), 3: None, 4: record(9)}
+    assert late_ranks(heartbeats, 5, rank=1, seq=7) == [2, 3]  # rank 3 wrote none (or an earlier run's)
+    assert late_ranks({}, 3, rank=0, seq=1) == [1, 2]
+
+
+def test_the_lowest_rank_alive_and_waiting_at_the_same_collective_reports() -> None:
+    assert reporter({}, rank=0, seq=7, now=NOW, fresh_seconds=FRESH) == 0
+    assert reporter({0: record(7, wait=waiting(7)), 1: record(7, wait=waiting(7))}, 2, 7, NOW, FRESH) == 0
+    # Not rank 0 when it waits elsewhere, is late itself, or went silent while waiting (stopped there).
+    assert reporter({0: record(6, wait=waiting(6))}, 2, 7, NOW, FRESH) == 2
+    assert reporter({0: record(7, wait=waiting(7), written=NOW - 30)}, 2, 7, NOW, FRESH) == 2
+    assert reporter({0: None, 1: record(7, wait=waiting(7))}, 2, 7, NOW, FRESH) == 1
+
+
+def test_a_silent_rank_reads_as_last_heard_and_a_busy_one_as_alive() -> None:
+    assert describe_rank(1, record(6, written=NOW - 58), NOW, FRESH) == (
+        "rank 1 (last heard 58 s ago: step 40, data loading)"
+    )
+    busy = record(6, phase="checkpoint write", since=NOW - 45)
+    assert describe_rank(1, busy, NOW, FRESH) == "rank 1 (alive, in the checkpoint write after step 40 for 45 s)"
+    elsewhere = record(6, wait=waiting(6, since=NOW - 12))
+    assert describe_rank(3, elsewhere, NOW, FRESH) == (
+        "rank 3 (alive, waiting 12 s in the allreduce of the global sync after step 40)"
+    )
+    assert describe_rank(2, None, NOW, FRESH) == "rank 2 (no heartbeat from it in this run)"
+
+
+def test_the_warning_names_every_late_rank_up_to_a_cap() -> None:
+    wait = Wait(7, "allreduce", describe_phase("global sync", 40), NOW - 61)
+    one = stall_text(0, wait, [1], {1: record(6, written=NOW - 58)}, NOW, FRESH)
+    assert one == (
+        "rank 0 has waited 61 s in the allreduce of the global sync after step 40 "
+        "for rank 1 (last heard 58 s ago: step 40, data loading)"
+    )
+    two = describe_ranks([1, 2], {1: record(6, written=NOW - 58), 2: None}, NOW, FRESH)
+    assert two == "rank 1 (last heard 58 s ago: step 40, data loading) and rank 2 (no heartbeat from it in this run)"
+    many = describe_ranks(list(range(1, 1001)), {}, NOW, FRESH)
+    assert many.count("rank ") == MAX_NAMED_RANKS and many.endswith(f"and {1000 - MAX_NAMED_RANKS} more ranks")
+
+
+def test_phases_read_as_sentences() -> None:
+    assert describe_phase("gradient allreduce", 8) == "the gradients of step 9"
+    assert describe_phase("training step", 8) == "training step 9"
+    assert describe_phase("start-up", 0) == "the start-up"
+    assert describe_phase("something new", 3) == "something new after step 3"
+
+
+def test_heartbeats_of_another_run_are_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "rank-1.json"
+    write_heartbeat(path, record(3))
+    assert read_heartbeat(path, "t") == record(3)
+    assert read_heartbeat(path, "an earlier attempt's token") is None
+    assert read_heartbeat(tmp_path / "rank-2.json", "t") is None
+    path.write_text("{half a reco")
+    assert read_heartbeat(path, "t") is None
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_one_count_over_a_communicator_and_its_groups(tmp_path: Path) -> None:
+    watchdog = Watchdog(0, 1, tmp_path, warn_seconds=60, timeout_seconds=None)
+    watched = WatchedCommunicator(SingleCommunicator(name="mpi"), watchdog)
+    assert (watched.name, watched.rank, watched.size, watched.replicas) == ("mpi", 0, 1, 1)
+    watched.note_phase("global sync", 40)
+    buffer = torch.ones(4)
+    handle = watched.iallreduce_(buffer)
+    group = watched.split(1)
+    assert isinstance(group, WatchedCommunicator) and group.watchdog is watchdog
+    group.broadcast_(buffer)
+    watched.barrier()
+    handle.wait()
+    assert watchdog._started == 3 and not watchdog._waits
+    assert watchdog.begin("allgather") == Wait(4, "allgather", "the global sync after step 40", 0.0)
+
+
+def test_the_thread_warns_once_naming_the_silent_rank(tmp_path: Path) -> None:
+    lines: list[str] = []
+    watchdog = Watchdog(0, 2, tmp_path, warn_seconds=0.4, timeout_seconds=None, say=lines.append)
+    write_heartbeat(tmp_path / "rank-1.json", {**record(0, written=time.time() - 30, step=8), "token": "run"})
+    watchdog.start("run")
+    try:
+        watchdog.heartbeat.set("global sync", 12)
+        started = watchdog.begin("allreduce")
+        with watchdog.waiting(started):
+            time.sleep(1.5)
+            mine = json.loads((tmp_path / "rank-0.json").read_text())
+    finally:
+        watchdog.stop()
+    assert mine["wait"]["seq"] == 1 and mine["collectives"] == 1 and mine["token"] == "run"
+    assert (mine["step"], mine["phase"]) == (12, "global sync")
+    assert len(lines) == 1, lines
+    assert re.fullmatch(
+        r"hpc-localsgd: warning: rank 0 has waited \d s in the allreduce of the global sync after step 12 "
+        r"for rank 1 \(last heard \d\d s ago: step 8, data loading\)",
+        lines[0],
+    ), lines[0]
+    assert not any(t.name == "hpc-localsgd-watchdog" for t in threading.enumerate())
+
+
+def test_threads_simulated_and_single_runs_are_not_watched(tmp_path: Path) -> None:
+    assert watch_collectives(SingleCommunicator(), tmp_path, 60.0, None) is None
+    assert watch_collectives(SingleCommunicator(name="mpi"), tmp_path, 60.0, None) is None  # one rank
+
+
+def test_the_settings_are_refused_with_one_line() -> None:
+    cfg = load_config(None, ["comm.stall_warn_seconds=2", "comm.stall_timeout_seconds=5"])
+    assert (cfg.comm.stall_warn_seconds, cfg.comm.stall_timeout_seconds) == (2.0, 5.0)
+    assert load_config(None).comm.stall_timeout_seconds is None
+    with pytest.raises(ConfigError, match=r"^comm.stall_timeout_seconds: must exceed comm.stall_warn_seconds \(60\)"):
+        load_config(None, ["comm.stall_timeout_seconds=30"])
+    for bad in ("comm.stall_warn_seconds=0", "comm.stall_timeout_seconds=-1"):
+        with pytest.raises(ConfigError, match=r"^comm.stall_"):
+            load_config(None, [bad])
