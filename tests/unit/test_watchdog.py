@@ -4,7 +4,10 @@ count of collectives through a wrapped communicator, its thread against heartbea
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,10 +33,11 @@ from hpc_localsgd.comm.watchdog import (
     write_heartbeat,
 )
 from hpc_localsgd.config import load_config
-from hpc_localsgd.errors import ConfigError
+from hpc_localsgd.errors import ConfigError, RankStalled
 
 NOW = 1_000_000.0
 FRESH = 2.5
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def record(
@@ -175,3 +179,41 @@ def test_the_settings_are_refused_with_one_line() -> None:
     for bad in ("comm.stall_warn_seconds=0", "comm.stall_timeout_seconds=-1"):
         with pytest.raises(ConfigError, match=r"^comm.stall_"):
             load_config(None, [bad])
+
+
+GIVE_UP = """
+import sys, time
+from pathlib import Path
+from hpc_localsgd.comm.watchdog import Watchdog
+
+directory = Path(sys.argv[1])
+watchdog = Watchdog(0, 2, directory, warn_seconds=0.3, timeout_seconds=0.8)
+watchdog.resume_hint = lambda: "; step-000000008.h5 stays the latest checkpoint: continue with --resume auto"
+watchdog.on_stall.append(lambda line: (directory / "marked").write_text(line))
+watchdog.start("run")
+with watchdog.waiting(watchdog.begin("broadcast")):
+    time.sleep(60)  # the main thread blocked in a collective that never completes
+"""
+
+
+def test_past_the_timeout_the_reporting_rank_says_why_runs_the_callbacks_and_exits_with_5(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", GIVE_UP, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=60,
+    )
+    assert done.returncode == RankStalled.exit_code == 5, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    errors = done.stderr.splitlines()
+    assert len(errors) == 1 and re.fullmatch(
+        r"hpc-localsgd: error: rank 0 has waited \d s in the broadcast of the start-up for rank 1 \(no heartbeat "
+        r"from it in this run\); stopping \(comm.stall_timeout_seconds=0.8\): no checkpoint of this state was "
+        r"written; step-000000008.h5 stays the latest checkpoint: continue with --resume auto",
+        errors[0],
+    ), errors
+    assert (tmp_path / "marked").read_text() == errors[0].removeprefix("hpc-localsgd: error: ")
+    assert done.stdout.startswith("hpc-localsgd: warning: rank 0 has waited")  # warned first, once
+    assert done.stdout.count("\n") == 1
