@@ -654,7 +654,7 @@ class CommConfig:
         "How long a rank waits in one collective before every waiting rank stops with exit status 5, one "
         "error line naming the late ranks, no checkpoint of that state, and a Slurm requeue where "
         "checkpoint.requeue_on_usr1 is set. null: never (the ranks only warn, and wait). Must exceed "
-        "stall_warn_seconds.",
+        "stall_warn_seconds, and the longest wait a healthy run has (a checkpoint write, an evaluation).",
         range="> 0, <= 1e7",
         rule="> stall_warn_seconds",
     )
