@@ -179,11 +179,11 @@ def _stopped(pid: int) -> bool:
     return fields[0] == "T"
 
 
-def _wait_until_rank_1_stops(job: Job, run_dir: Path) -> tuple[int, float]:
-    """Rank 1's pid (from its heartbeat) once it has stopped itself, and when that was seen."""
-    pid = job.wait_for("rank 1's heartbeat", lambda: _rank_pid(run_dir, 1), STARTED_WITHIN)
+def _wait_until_rank_1_stops(job: Job, run_dir: Path, rank: int = 1) -> tuple[int, float]:
+    """Rank 1's (``rank``'s) pid, from its heartbeat, once it has stopped itself, and when that was seen."""
+    pid = job.wait_for(f"rank {rank}'s heartbeat", lambda: _rank_pid(run_dir, rank), STARTED_WITHIN)
     assert isinstance(pid, int)
-    job.wait_for("rank 1 stopped", lambda: _stopped(pid), STARTED_WITHIN)
+    job.wait_for(f"rank {rank} stopped", lambda: _stopped(pid), STARTED_WITHIN)
     return pid, time.monotonic()
 
 
@@ -288,6 +288,36 @@ def test_a_stall_past_the_timeout_ends_with_status_5_and_the_run_resumes(backend
     )
     assert any(line.startswith("hpc-localsgd: done |") for line in resumed.stdout), resumed.output()
     assert metrics_file_status(run_dir / METRICS_FILE) == "finished"
+
+
+def test_a_stalled_rank_0_is_reported_by_rank_1_where_horovods_own_check_is_blind(tmp_path: Path) -> None:
+    """Horovod's coordinator is rank 0: stopped, it checks nothing. Rank 1's watchdog reports and stops; rank 0's
+    metrics.h5 cannot be marked (its process is the stalled one), and the checkpoint before the stall stays."""
+    _skip_unless_available("horovod")
+    run_dir, status_dir = tmp_path / "run", tmp_path / "status"
+    status_dir.mkdir()
+    overrides = [*_backend_overrides("horovod"), "comm.stall_timeout_seconds=5"]
+    job = Job("horovod", status_dir, _train_args(tmp_path, run_dir, overrides), f"stop:0:{STOPPED_AT}")
+    try:
+        pid, _ = _wait_until_rank_1_stops(job, run_dir, rank=0)
+        job.wait_for("rank 1's exit", lambda: job.status(1) is not None, 30)
+        os.kill(pid, signal.SIGKILL)
+        job.finish()
+    finally:
+        job.kill()
+    assert job.status(1) == 5 and job.status(0) != 0, job.output()
+    _no_rank_traceback("horovod", job)
+    errors = [line for line in job.stderr if line.startswith("hpc-localsgd: error:")]
+    assert len(errors) == 1, job.output()
+    assert re.fullmatch(
+        rf"hpc-localsgd: error: rank 1 has waited \d+ s in the allreduce of the global sync after step {WAITS_AT} "
+        rf"for rank 0 \(last heard \d+ s ago: step \d+, [a-z -]+\); stopping .*; step-{STOPPED_AT:09d}.h5 stays "
+        r"the latest checkpoint: continue with --resume auto",
+        errors[0],
+    ), errors[0]
+    assert (run_dir / "checkpoints" / LATEST).read_text().strip() == f"step-{STOPPED_AT:09d}.h5"
+    with h5py.File(run_dir / METRICS_FILE) as f:
+        assert "stopped" not in f.attrs
 
 
 def test_a_killed_rank_ends_the_mpi_job_instead_of_hanging_it(tmp_path: Path) -> None:
