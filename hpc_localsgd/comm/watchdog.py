@@ -275,7 +275,8 @@ class Watchdog:
     def start(self, token: str) -> None:
         """Start the thread; ``token`` is the one every rank agreed on for this run."""
         self.token = token
-        self.directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # then no heartbeat is written, and the other ranks say so
+            self.directory.mkdir(parents=True, exist_ok=True)
         self._write(time.time())
         self._thread = threading.Thread(target=self._run, name="hpc-localsgd-watchdog", daemon=True)
         self._thread.start()
