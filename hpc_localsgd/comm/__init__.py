@@ -104,11 +104,13 @@ _TORCH_TIMEOUT_MARGIN = datetime.timedelta(minutes=2)
 _TORCH_TIMEOUT_WHEN_OFF = datetime.timedelta(days=7)
 
 
-def torch_collective_timeout(stall_timeout_seconds: float | None) -> datetime.timedelta:
-    """The torch backend's collective timeout for ``comm.stall_timeout_seconds``."""
-    if stall_timeout_seconds is None:
-        return _TORCH_TIMEOUT_WHEN_OFF
-    return datetime.timedelta(seconds=stall_timeout_seconds) + _TORCH_TIMEOUT_MARGIN
+def torch_collective_timeout(stall_timeout_seconds: float | None, device: torch.device) -> datetime.timedelta | None:
+    """The torch backend's collective timeout for ``comm.stall_timeout_seconds`` (None: the backend's rendezvous
+    timeout). On CUDA tensors NCCL queues the collective and the host blocks later, outside the watchdog's view:
+    with the watchdog's timeout off, torch's own stays what it was, so a stalled GPU job still ends."""
+    if stall_timeout_seconds is not None:
+        return datetime.timedelta(seconds=stall_timeout_seconds) + _TORCH_TIMEOUT_MARGIN
+    return None if device.type == "cuda" else _TORCH_TIMEOUT_WHEN_OFF
 
 
 def _construct(
@@ -156,9 +158,8 @@ def _construct(
         return MPICommunicator(launch.layout, polling=mpi_polling)
     from .torch_dist import TorchDistributedCommunicator
 
-    return TorchDistributedCommunicator(
-        launch.layout, launch.launcher, device, collective_timeout=torch_collective_timeout(stall_timeout_seconds)
-    )
+    timeout = torch_collective_timeout(stall_timeout_seconds, device)
+    return TorchDistributedCommunicator(launch.layout, launch.launcher, device, collective_timeout=timeout)
 
 
 def check_world(communicator: Communicator, launch: LaunchEnvironment) -> None:

@@ -10,12 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from hpc_localsgd.comm import torch_collective_timeout
 from hpc_localsgd.comm.single import SingleCommunicator
 from hpc_localsgd.comm.watchdog import (
     MAX_NAMED_RANKS,
@@ -217,3 +219,10 @@ def test_past_the_timeout_the_reporting_rank_says_why_runs_the_callbacks_and_exi
     assert (tmp_path / "marked").read_text() == errors[0].removeprefix("hpc-localsgd: error: ")
     assert done.stdout.startswith("hpc-localsgd: warning: rank 0 has waited")  # warned first, once
     assert done.stdout.count("\n") == 1
+
+
+def test_torchs_collective_timeout_lies_past_the_watchdogs() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert torch_collective_timeout(300.0, cpu) == torch_collective_timeout(300.0, gpu) == timedelta(minutes=7)
+    assert torch_collective_timeout(None, cpu) == timedelta(days=7)  # off: Gloo's ranks warn, and wait
+    assert torch_collective_timeout(None, gpu) is None  # NCCL, unwatched: the rendezvous's 5 minutes, as before
