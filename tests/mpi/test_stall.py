@@ -69,7 +69,14 @@ class Job:
     """Two ranks started by ``mpirun`` (mpi, horovod) or ``torchrun`` (torch), each in a shell that writes its
     exit status to ``status_dir/rc.<rank>``; stdout and stderr read as they come."""
 
-    def __init__(self, backend: str, status_dir: Path, args: list[str], fault: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: str,
+        status_dir: Path,
+        args: list[str],
+        fault: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.status_dir = status_dir
         train = shlex.join([sys.executable, "-m", "hpc_localsgd", *args])
         rank = "${OMPI_COMM_WORLD_RANK:-$RANK}"  # mpirun's variable, else torchrun's
@@ -81,6 +88,7 @@ class Job:
             command = ["mpirun", "-np", "2", "--oversubscribe", "sh", "-c", script]
         env = {**os.environ, **MPI_TEST_ENV, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
         env.pop("HPC_LOCALSGD_INJECT_FAULT", None)
+        env.update(extra_env or {})
         if fault is not None:
             env["HPC_LOCALSGD_INJECT_FAULT"] = fault
         self.process = subprocess.Popen(
@@ -251,7 +259,13 @@ def test_a_stall_past_the_timeout_ends_with_status_5_and_the_run_resumes(backend
     run_dir, status_dir = tmp_path / "run", tmp_path / "status"
     status_dir.mkdir()
     overrides = [*_backend_overrides(backend), "comm.stall_timeout_seconds=5"]
-    job = Job(backend, status_dir, _train_args(tmp_path, run_dir, overrides), f"stop:1:{STOPPED_AT}")
+    # A Slurm job: the stall requeues it, as a SIGUSR1 would (a fake scontrol records the request).
+    bin_dir, requeued = tmp_path / "bin", tmp_path / "requeued"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {requeued}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    job = Job(backend, status_dir, _train_args(tmp_path, run_dir, overrides), f"stop:1:{STOPPED_AT}", slurm)
     try:
         pid, _ = _wait_until_rank_1_stops(job, run_dir)
         job.wait_for("rank 0's exit", lambda: job.status(0) is not None, 30)
@@ -276,6 +290,8 @@ def test_a_stall_past_the_timeout_ends_with_status_5_and_the_run_resumes(backend
         assert f.attrs["stopped"] == "stalled" and int(f.attrs["stopped_step"]) == WAITS_AT - 1
         assert f.attrs["stopped_reason"] == errors[0].removeprefix("hpc-localsgd: error: ")
     assert metrics_file_status(run_dir / METRICS_FILE) == "unfinished"  # resumable, not an outcome
+    assert requeued.read_text() == "requeue 4242\n", job.output()
+    assert "hpc-localsgd: requeueing Slurm job 4242; it resumes from the checkpoint when it starts again" in job.stdout
 
     resumed = Job(backend, status_dir, _train_args(tmp_path, run_dir, overrides, "--resume", "auto"))
     try:
