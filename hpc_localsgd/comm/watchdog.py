@@ -148,12 +148,13 @@ def waits_at(record: Mapping[str, Any] | None, seq: int, now: float, fresh_secon
 
 
 def reporter(
-    heartbeats: Mapping[int, Mapping[str, Any] | None], rank: int, seq: int, now: float, fresh_seconds: float
+    heartbeat_of: Callable[[int], Mapping[str, Any] | None], rank: int, seq: int, now: float, fresh_seconds: float
 ) -> int:
     """The rank that speaks for a stall at collective ``seq``: the lowest rank alive and waiting there (this
-    rank, or a lower one whose fresh heartbeat shows it waiting at the same collective)."""
+    rank, or a lower one whose fresh heartbeat shows it waiting at the same collective). ``heartbeat_of``
+    gives a rank's heartbeat; it is asked for the ranks below ``rank`` in order, up to the first waiting one."""
     for other in range(rank):
-        if waits_at(heartbeats.get(other), seq, now, fresh_seconds):
+        if waits_at(heartbeat_of(other), seq, now, fresh_seconds):
             return other
     return rank
 
@@ -323,20 +324,25 @@ class Watchdog:
         """Every other rank's heartbeat when this rank reports the stall at ``seq``, else None (a lower rank
         waits there too). The lower ranks are read first, so only the reporter reads them all."""
         heartbeats: dict[int, dict[str, Any] | None] = {}
-        for other in range(self.size):
-            if other == self.rank:
-                continue
-            heartbeats[other] = read_heartbeat(self.directory / f"rank-{other}.json", self.token)
-            if other < self.rank and waits_at(heartbeats[other], seq, now, self.fresh_seconds):
-                return None
-        return heartbeats
 
-    def _stall_line(self, wait: Wait, now: float, error: str | None = None) -> str:
-        heartbeats = {
+        def heartbeat_of(other: int) -> dict[str, Any] | None:
+            if other not in heartbeats:
+                heartbeats[other] = read_heartbeat(self.directory / f"rank-{other}.json", self.token)
+            return heartbeats[other]
+
+        if reporter(heartbeat_of, self.rank, seq, now, self.fresh_seconds) != self.rank:
+            return None
+        return {other: heartbeat_of(other) for other in range(self.size) if other != self.rank}
+
+    def _read_all(self) -> dict[int, dict[str, Any] | None]:
+        return {
             other: read_heartbeat(self.directory / f"rank-{other}.json", self.token)
             for other in range(self.size)
             if other != self.rank
         }
+
+    def _stall_line(self, wait: Wait, now: float, error: str | None = None) -> str:
+        heartbeats = self._read_all()
         text = stall_text(self.rank, wait, self._late(heartbeats, wait), heartbeats, now, self.fresh_seconds)
         cause = error or f"comm.stall_timeout_seconds={self.timeout_seconds:g}"
         return f"{text}; stopping ({cause}): no checkpoint of this state was written{self.resume_hint()}"

@@ -75,12 +75,19 @@ def test_the_late_ranks_have_not_started_the_collective_or_have_no_heartbeat() -
 
 
 def test_the_lowest_rank_alive_and_waiting_at_the_same_collective_reports() -> None:
-    assert reporter({}, rank=0, seq=7, now=NOW, fresh_seconds=FRESH) == 0
-    assert reporter({0: record(7, wait=waiting(7)), 1: record(7, wait=waiting(7))}, 2, 7, NOW, FRESH) == 0
+    def speaker(heartbeats: dict[int, dict[str, Any] | None], rank: int) -> int:
+        return reporter(heartbeats.get, rank, 7, NOW, FRESH)
+
+    assert speaker({}, rank=0) == 0
+    assert speaker({0: record(7, wait=waiting(7)), 1: record(7, wait=waiting(7))}, 2) == 0
     # Not rank 0 when it waits elsewhere, is late itself, or went silent while waiting (stopped there).
-    assert reporter({0: record(6, wait=waiting(6))}, 2, 7, NOW, FRESH) == 2
-    assert reporter({0: record(7, wait=waiting(7), written=NOW - 30)}, 2, 7, NOW, FRESH) == 2
-    assert reporter({0: None, 1: record(7, wait=waiting(7))}, 2, 7, NOW, FRESH) == 1
+    assert speaker({0: record(6, wait=waiting(6))}, 2) == 2
+    assert speaker({0: record(7, wait=waiting(7), written=NOW - 30)}, 2) == 2
+    assert speaker({0: None, 1: record(7, wait=waiting(7))}, 2) == 1
+    # The ranks below are read in order, up to the first that waits there: the reporter alone reads them all.
+    asked: list[int] = []
+    waiting_ranks = {3: record(7, wait=waiting(7))}
+    assert reporter(lambda r: asked.append(r) or waiting_ranks.get(r), 9, 7, NOW, FRESH) == 3 and asked == [0, 1, 2, 3]
 
 
 def test_a_silent_rank_reads_as_last_heard_and_a_busy_one_as_alive() -> None:
