@@ -2,7 +2,8 @@
 
 Every rank calls :func:`train`; rank 0 alone prints and writes metrics.h5. Beyond the shared run
 this adds the run directory's protection, resume (``resume.py``), checkpoints and the job's
-signals (``checkpointer.py``), and the Slurm requeue after a SIGUSR1 stop.
+signals (``checkpointer.py``), the Slurm requeue after a SIGUSR1 stop, and the stall watchdog around the
+collectives (``comm/watchdog.py``), whose stop marks metrics.h5 and requeues the job the same way.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def _train_watched(
     stop_at_step: int | None,
     print_fn: Callable[[str], None],
 ) -> TrainResult:
+    """The run on ``comm``, which ``watchdog`` watches (None: a backend nothing watches)."""
     say = print_fn if comm.is_root else (lambda _line: None)
     run_dir = Path(cfg.output.run_dir)
     workers = RankWorkers(cfg, comm, launch, device)
