@@ -193,13 +193,18 @@ def stall_text(
     return f"rank {rank} has waited {now - wait.since:.0f} s in the {wait.operation} of {wait.context} for {who}"
 
 
+_FIELDS = frozenset({"token", "step", "phase", "phase_since", "collectives", "wait", "written"})  # read back
+
+
 def read_heartbeat(path: Path, token: str) -> dict[str, Any] | None:
     """A heartbeat file of this run (``token``), or None: missing, unreadable, or an earlier attempt's."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("token") == token else None
+    if not isinstance(record, dict) or not _FIELDS <= record.keys() or record["token"] != token:
+        return None
+    return record
 
 
 def write_heartbeat(path: Path, record: Mapping[str, Any]) -> None:

@@ -131,6 +131,8 @@ def test_heartbeats_of_another_run_are_ignored(tmp_path: Path) -> None:
     assert read_heartbeat(tmp_path / "rank-2.json", "t") is None
     path.write_text("{half a reco")
     assert read_heartbeat(path, "t") is None
+    path.write_text(json.dumps({"token": "t", "step": 3}))  # another format
+    assert read_heartbeat(path, "t") is None
     assert not list(tmp_path.glob("*.tmp"))
 
 
