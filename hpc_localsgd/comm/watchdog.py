@@ -320,7 +320,8 @@ class Watchdog:
                 if heartbeats is not None:
                     late = self._late(heartbeats, wait)
                     text = stall_text(self.rank, wait, late, heartbeats, now, self.fresh_seconds)
-                    self.say(f"hpc-localsgd: warning: {text}")
+                    with contextlib.suppress(OSError):  # a closed stdout must not end the watch
+                        self.say(f"hpc-localsgd: warning: {text}")
 
     def _late(self, heartbeats: Mapping[int, Mapping[str, Any] | None], wait: Wait) -> list[int]:
         return late_ranks(heartbeats, self.size, self.rank, wait.seq)
@@ -354,18 +355,21 @@ class Watchdog:
 
     def _give_up(self, wait: Wait) -> None:
         """End this process with exit status 5; the reporting rank first says why and runs the callbacks."""
-        now = time.time()
-        if self._heartbeats(wait.seq, now) is None:  # a lower rank waits here too and speaks for the stall
-            time.sleep(REPORTER_GRACE_SECONDS)
-        else:
-            line = self._stall_line(wait, now)
-            print_line(f"hpc-localsgd: error: {line}", sys.stderr)
-            callbacks = threading.Thread(target=self._run_callbacks, args=(line,), daemon=True)
-            callbacks.start()
-            callbacks.join(timeout=CALLBACK_SECONDS)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(RankStalled.exit_code)
+        try:
+            now = time.time()
+            if self._heartbeats(wait.seq, now) is None:  # a lower rank waits here too and speaks for the stall
+                time.sleep(REPORTER_GRACE_SECONDS)
+            else:
+                line = self._stall_line(wait, now)
+                print_line(f"hpc-localsgd: error: {line}", sys.stderr)
+                callbacks = threading.Thread(target=self._run_callbacks, args=(line,), daemon=True)
+                callbacks.start()
+                callbacks.join(timeout=CALLBACK_SECONDS)
+        finally:  # whatever failed above (a closed stderr, say), the rank must not stay blocked
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(RankStalled.exit_code)
 
     def _run_callbacks(self, line: str) -> None:
         for callback in self.on_stall:
