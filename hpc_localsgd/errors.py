@@ -46,6 +46,18 @@ class WriteFailed(UserError):
     exit_code = 4
 
 
+class RankStalled(UserError):
+    """A collective waited longer than ``comm.stall_timeout_seconds`` for ranks that never joined it (a hung
+    mount, a stuck driver, a stopped process): every waiting rank stops, nothing of that state is
+    checkpointed, and the run resumes from the latest checkpoint. Its own exit status, so that a job script
+    can tell a stall (worth a requeue) from bad input. The stall watchdog ends a rank blocked inside a
+    collective with this status itself (``comm/watchdog.py``); the exception is for a collective that
+    raises instead."""
+
+    exit_code = 5
+    same_on_every_rank = False
+
+
 class RankLocalError(UserError):
     """A problem only this rank can see (its device, its node's files)."""
 

@@ -151,7 +151,7 @@ def measure_replacement(ranks: int, common: list[str], step: int, run_dir: Path)
     procs = [launch(ranks, [*common, "--run-dir", str(run_dir)], fault, port, rank=r) for r in range(ranks)]
     procs[0].wait_for(r"lost: ", timeout=600)
     spare = launch(ranks, [*common, "--run-dir", str(run_dir)], "", port, rejoin=True)
-    waiting = spare.wait_for("replacing rank", timeout=600)
+    waiting = spare.wait_for("waiting as a spare", timeout=600)
     joined = spare.wait_for("joined at step", timeout=600)
     for p in [*procs[:-1], spare]:
         p.finish(timeout=1800)

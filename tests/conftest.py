@@ -34,6 +34,7 @@ SLOW_FILES = {
     "mpi/test_instruction_sets.py",
     "mpi/test_launchers.py",
     "mpi/test_simulated.py",
+    "mpi/test_stall.py",
     "mpi/test_study.py",
     "mpi/test_worker_groups.py",
     "mpi/test_bad_input.py",

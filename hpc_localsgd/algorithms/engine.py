@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..comm.base import Communicator, PeerLost
+from ..comm.watchdog import GLOBAL_SYNC, GRADIENT_ALLREDUCE, GROUP_AVERAGE
 from ..config.schema import AlgorithmConfig, GradientCompression, Precision, SyncCompression
 from ..launcher.faults import NO_FAULTS, FaultPlan
 from .accounting import GLOBAL, CommStats, SyncTraffic
@@ -190,6 +191,8 @@ class AveragingEngine:
             with torch.autocast(self.autocast_device, dtype=self.autocast_dtype):
                 outputs, loss = forward()
         self.global_sync.before_backward(step + 1)
+        if self.gradients is not None:  # its buckets start during backward
+            self.comm.note_phase(GRADIENT_ALLREDUCE, step)
         skipped = False
         if self.scaler is None:
             loss.backward()
@@ -277,11 +280,14 @@ class AveragingEngine:
         LR the last step used (SlowMo's γ). Returns whether a (global) sync happened; an
         intermediate level of a hierarchy averages its groups when it alone is due (after the
         global sync's fragments, where those are due at the same step)."""
+        if self.schedule.averages_after(completed_steps):
+            self.comm.note_phase(GLOBAL_SYNC, completed_steps)
         measurement = self.global_sync.end_step(completed_steps, lr)
         if measurement is not None:
             self.last_sync = measurement
         level = self.hierarchy.level_due(completed_steps, self.schedule.local_start, self.schedule.sync_period)
         if level is not None:
+            self.comm.note_phase(GROUP_AVERAGE, completed_steps)
             self._average_level(self.level_comms[level], f"level{level + 1}")
         return measurement is not None
 

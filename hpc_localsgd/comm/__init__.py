@@ -8,6 +8,7 @@ failure, a text), written once on top of the interface.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,6 +99,22 @@ def _let_mpi_yield_when_idle(launch: LaunchEnvironment) -> None:
         os.environ.setdefault(OPEN_MPI_YIELD_WHEN_IDLE, "1")
 
 
+# torch.distributed's collectives end a rank that waits longer than the process group's timeout, with a
+# traceback. The stall watchdog (watchdog.py) must speak first: its timeout plus this margin, and a week
+# where comm.stall_timeout_seconds is off (the ranks then only warn, and wait, as they do on mpi and horovod).
+_TORCH_TIMEOUT_MARGIN = datetime.timedelta(minutes=2)
+_TORCH_TIMEOUT_WHEN_OFF = datetime.timedelta(days=7)
+
+
+def torch_collective_timeout(stall_timeout_seconds: float | None, device: torch.device) -> datetime.timedelta | None:
+    """The torch backend's collective timeout for ``comm.stall_timeout_seconds`` (None: the backend's rendezvous
+    timeout). On CUDA tensors NCCL queues the collective and the host blocks later, outside the watchdog's view:
+    with the watchdog's timeout off, torch's own stays what it was, so a stalled GPU job still ends."""
+    if stall_timeout_seconds is not None:
+        return datetime.timedelta(seconds=stall_timeout_seconds) + _TORCH_TIMEOUT_MARGIN
+    return None if device.type == "cuda" else _TORCH_TIMEOUT_WHEN_OFF
+
+
 def _construct(
     backend: str,
     launch: LaunchEnvironment,
@@ -106,6 +123,8 @@ def _construct(
     group_sizes: Sequence[int],
     across_sizes: Sequence[int],
     mpi_polling: bool | None,
+    stall_warn_seconds: float | None,
+    stall_timeout_seconds: float | None,
 ) -> Communicator:
     if backend == "single":
         if launch.layout.size != 1:
@@ -125,7 +144,9 @@ def _construct(
             )
         from .horovod import HorovodCommunicator
 
-        return HorovodCommunicator(launch.layout, horovod_cycle_time_ms, group_sizes, across_sizes)
+        return HorovodCommunicator(
+            launch.layout, horovod_cycle_time_ms, group_sizes, across_sizes, stall_check_seconds=stall_warn_seconds
+        )
     if backend == "mpi":
         try:
             import mpi4py.MPI  # noqa: F401  # initialises MPI; failures here are the user's to fix
@@ -139,7 +160,8 @@ def _construct(
         return MPICommunicator(launch.layout, polling=mpi_polling)
     from .torch_dist import TorchDistributedCommunicator
 
-    return TorchDistributedCommunicator(launch.layout, launch.launcher, device)
+    timeout = torch_collective_timeout(stall_timeout_seconds, device)
+    return TorchDistributedCommunicator(launch.layout, launch.launcher, device, collective_timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -201,6 +223,8 @@ def make_communicator(
     across_sizes: Sequence[int] = (),
     mpi_polling: bool | None = None,
     elastic: ElasticSettings | None = None,
+    stall_warn_seconds: float | None = None,
+    stall_timeout_seconds: float | None = None,
 ) -> Communicator:
     """The communicator for ``backend`` (one of ``BACKENDS``), checked against the launcher's world.
 
@@ -218,6 +242,8 @@ def make_communicator(
     ``mpi_polling``: ``comm.mpi_polling`` for the mpi backend (None: auto, decided per communicator).
     ``elastic``: members may leave (``comm.on_worker_loss: continue``): the torch backend on the CPU only,
     built by comm/elastic.py; ``ConfigError`` where the backend or device is another.
+    ``stall_warn_seconds`` sets Horovod's own stall check to the watchdog's warning time (None: Horovod's
+    setting); ``stall_timeout_seconds`` puts the torch backend's collective timeout past the watchdog's.
     """
     for ranks in group_sizes:
         check_group_size(ranks, launch.layout.size)
@@ -227,7 +253,17 @@ def make_communicator(
     if elastic is not None:
         communicator = _construct_elastic(chosen, launch, device, elastic)
     else:
-        communicator = _construct(chosen, launch, device, horovod_cycle_time_ms, group_sizes, across_sizes, mpi_polling)
+        communicator = _construct(
+            chosen,
+            launch,
+            device,
+            horovod_cycle_time_ms,
+            group_sizes,
+            across_sizes,
+            mpi_polling,
+            stall_warn_seconds,
+            stall_timeout_seconds,
+        )
     if elastic is not None and elastic.rejoin:
         return communicator  # its world is the running job's, not its launcher's
     try:

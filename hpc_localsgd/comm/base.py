@@ -76,6 +76,7 @@ class Membership(Protocol):
     def commit(self) -> None: ...
     def recover(self, lost: PeerLost) -> MembershipChange: ...
     def admit_replacements(self) -> tuple[int, ...]: ...
+    def become_spare(self) -> int: ...
     def wait_for_admission(self) -> MembershipChange: ...
 
 
@@ -233,6 +234,12 @@ class Communicator(abc.ABC):
     def _split_across(self, ranks: int) -> Communicator:
         """``split_across`` for 1 < ranks <= size, ``ranks`` dividing size (checked by ``split_across``)."""
         raise NotImplementedError(f"the {self.name} backend has no communicators across groups of ranks")
+
+    def note_phase(self, phase: str, step: int) -> None:
+        """This rank is now in ``phase`` (one of ``watchdog``'s phases) with ``step`` steps completed: the
+        stall watchdog's heartbeat says so, and names it in its lines. Cheap (an assignment); nothing where
+        no watchdog watches this communicator."""
+        return None
 
     def collective_path(self, device: torch.device) -> str:
         """How this backend's collectives move tensors that live on ``device`` (the start-up line names it:

@@ -80,10 +80,10 @@ class ElasticCommunicator(Communicator):
         ranks_per_worker: int,
         rejoin: bool = False,
     ) -> None:
-        """``rejoin``: this process replaces a lost one in a running job (``train --rejoin``): it waits, as a
-        spare, for rank 0 to give it a lost rank's id, and is a member only once :meth:`wait_for_admission`
-        returns; until then it has that rank's place in the starting world (rank, and its size) so that what
-        it builds (its data shard, the LR scaled to the global batch) is what that rank had."""
+        """``rejoin``: this process replaces a lost one in a running job (``train --rejoin``). It has the
+        starting world's size at once (what it builds, the LR scaled to the global batch, is then what every rank
+        has), builds its world, and only then becomes a spare (:meth:`become_spare`), which waits for rank 0 to
+        give it a lost rank's id; it is a member once :meth:`wait_for_admission` returns."""
         if not dist.is_available() or not dist.is_gloo_available():
             raise BackendUnavailable("comm.on_worker_loss=continue needs torch.distributed with Gloo")
         if rejoin and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
@@ -105,9 +105,9 @@ class ElasticCommunicator(Communicator):
             ) from None
         if rejoin:
             size = int(self._store_call(lambda: self.store.get("world/size")).decode())
-            self.id = self._wait_for_an_id()
+            self.id = -1  # none until rank 0 gives it one
             self._generation = _Generation(-1, (), None)  # not a member yet
-            layout = dataclasses.replace(launcher_layout, rank=self.id, size=size, local_rank=0, local_size=1)
+            layout = dataclasses.replace(launcher_layout, rank=0, size=size, local_rank=0, local_size=1)
         else:
             self.id = launcher_layout.rank
             if host:
@@ -116,9 +116,8 @@ class ElasticCommunicator(Communicator):
         if host:
             self._liveness = _Liveness(self.store)
             self.store.set("liveness/port", str(self._liveness.port))
-        self._alive_line = _connect_liveness(self.store, address, self.id)
-        self._beat()
-        threading.Thread(target=self._heartbeats, name="hpc-localsgd-heartbeat", daemon=True).start()
+        if not rejoin:
+            self._start_liveness()
         super().__init__(layout)
         self.membership = self
         # Rank 0's view of replacements: spares seen, and the lost ids not yet given to one.
@@ -128,6 +127,12 @@ class ElasticCommunicator(Communicator):
         if not rejoin:
             self._generation = self._build(0, tuple(range(launcher_layout.size)))
             self._refresh_layout()
+
+    def _start_liveness(self) -> None:
+        """This process's line to rank 0's listener and its heartbeats (once it has an id)."""
+        self._alive_line = _connect_liveness(self.store, self._address, self.id)
+        self._beat()
+        threading.Thread(target=self._heartbeats, name="hpc-localsgd-heartbeat", daemon=True).start()
 
     # --- the store and the groups ---------------------------------------------------------------------
     def _connect(self, is_host: bool) -> Any:
@@ -314,8 +319,16 @@ class ElasticCommunicator(Communicator):
         self.store.set(self._key("next"), json.dumps({"members": kept}))
 
     # --- replacements ---------------------------------------------------------------------------------------
+    def become_spare(self) -> int:
+        """As a replacement whose world is built: register as a spare, wait until rank 0 gives this process a
+        lost rank's id, and return it (its rank, until it is taken in: it reads that rank's data shard)."""
+        self.id = self._wait_for_an_id()
+        self._start_liveness()
+        self.layout = dataclasses.replace(self.layout, rank=self.id)
+        self._store_call(lambda: self.store.set(f"ready/{self.id}", "1"))
+        return self.id
+
     def _wait_for_an_id(self) -> int:
-        """As a spare: register, then wait until rank 0 gives this process a lost rank's id."""
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         index = int(self._store_call(lambda: self.store.add("spares/count", 1))) - 1
         self._store_call(lambda: self.store.set(f"spares/{index}", token))
@@ -323,13 +336,12 @@ class ElasticCommunicator(Communicator):
         while not self._store_call(lambda: self.store.check([given])):
             if self._store_call(lambda: self.store.check(["run/ended"])):
                 raise WorkerDropped("the run ended without losing a worker: this replacement was not needed")
-            time.sleep(0.1)
+            time.sleep(0.02)
         return int(self._store_call(lambda: self.store.get(given)).decode())
 
     def wait_for_admission(self) -> MembershipChange:
-        """As a replacement whose world is built: say so, and wait until the members take it in at a global sync
-        (then it is a member, its rank and size those of the new membership)."""
-        self._store_call(lambda: self.store.set(f"ready/{self.id}", "1"))
+        """As a spare that has its id: wait until the members take it in at a global sync (then it is a member,
+        its rank and size those of the new membership)."""
         key = f"admitted/{self.id}"
         started = time.monotonic()
         while not self._store_call(lambda: self.store.check([key])):

@@ -10,6 +10,7 @@ A group's names also carry its process set's id, so no two sets' names collide.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -167,11 +168,19 @@ class HorovodCommunicator(Communicator):
         cycle_time_ms: float | None = None,
         group_sizes: Sequence[int] = (),
         across_sizes: Sequence[int] = (),
+        stall_check_seconds: float | None = None,
     ) -> None:
         import horovod.torch as hvd  # imported here: horovod is optional and initialises MPI
 
         if cycle_time_ms is not None:
             os.environ["HOROVOD_CYCLE_TIME"] = f"{cycle_time_ms:g}"  # read once, by hvd.init()
+        if stall_check_seconds is not None:
+            # Horovod's coordinator (rank 0) warns of operations some ranks have not submitted; its lines
+            # (naming the missing ranks and tensors) appear beside the stall watchdog's, after the same time.
+            os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(max(1, math.ceil(stall_check_seconds)))
+            # Its shutdown stays off: it sees nothing when rank 0 itself is the stalled one, and the ranks it
+            # shuts down end with a HorovodInternalError, not the watchdog's line, exit status 5 and requeue.
+            os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = "0"
 
         world = launcher_layout.size
         for ranks in group_sizes:

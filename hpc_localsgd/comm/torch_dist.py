@@ -143,7 +143,16 @@ class TorchDistributedCommunicator(Communicator):
 
     name = "torch"
 
-    def __init__(self, launcher_layout: WorldLayout, launcher: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        launcher_layout: WorldLayout,
+        launcher: str,
+        device: torch.device,
+        collective_timeout: datetime.timedelta | None = None,
+    ) -> None:
+        """``collective_timeout``: how long a collective may wait before torch ends the rank (None: the
+        rendezvous timeout); the rendezvous keeps its own, short one, so that a rank that never arrives
+        ends the job soon."""
         if not dist.is_available():
             raise BackendUnavailable("comm.backend is 'torch' but this torch is built without torch.distributed")
         self._device = device
@@ -162,6 +171,11 @@ class TorchDistributedCommunicator(Communicator):
             world_size=launcher_layout.size,
             timeout=_RENDEZVOUS_TIMEOUT,
         )
+        if collective_timeout is not None:
+            # Not through init_process_group, whose timeout also bounds the wait for every rank to arrive.
+            set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+            set_timeout(collective_timeout)
+        self._collective_timeout = collective_timeout
         self._process_group: Any = None  # None: the default (world) group
         world_ranks = tuple(range(dist.get_world_size()))
         self._members = world_ranks  # the world ranks of this communicator's ranks 0, 1, ...
@@ -186,7 +200,7 @@ class TorchDistributedCommunicator(Communicator):
         mine: Any = None
         members: tuple[int, ...] = ()
         for part in partition:
-            process_group = dist.new_group(ranks=list(part))
+            process_group = dist.new_group(ranks=list(part), timeout=world._collective_timeout)
             if world_rank in part:
                 mine, members = process_group, part
         group = TorchDistributedCommunicator.__new__(TorchDistributedCommunicator)

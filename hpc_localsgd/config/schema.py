@@ -657,6 +657,22 @@ class CommConfig:
         "this old is lost; a recovery waits at most this long for a silent member.",
         range=">= 1, <= 86400",
     )
+    stall_warn_seconds: float = setting(
+        60.0,
+        "How long a rank waits in one collective before the lowest waiting rank prints one warning naming the "
+        "ranks that have not joined it and what their heartbeats last said (step, phase, how long ago). Every "
+        "rank writes a heartbeat to RUN_DIR/heartbeats every min(5 s, this / 4). mpi, horovod and torch backends.",
+        range="> 0, <= 1e6",
+    )
+    stall_timeout_seconds: float | None = setting(
+        None,
+        "How long a rank waits in one collective before every waiting rank stops with exit status 5, one "
+        "error line naming the late ranks, no checkpoint of that state, and a Slurm requeue where "
+        "checkpoint.requeue_on_usr1 is set. null: never (the ranks only warn, and wait). Must exceed "
+        "stall_warn_seconds, and the longest wait a healthy run has (a checkpoint write, an evaluation).",
+        range="> 0, <= 1e7",
+        rule="> stall_warn_seconds",
+    )
 
     @property
     def uses_error_feedback(self) -> bool:
@@ -687,6 +703,13 @@ class CommConfig:
                 self.simulated_workers == 0,
                 f"{key}.simulated_workers",
                 f"is only used with {key}.backend=simulated (backend is {self.backend!r}); remove it",
+            )
+        if self.stall_timeout_seconds is not None:
+            _check(
+                self.stall_timeout_seconds > self.stall_warn_seconds,
+                f"{key}.stall_timeout_seconds",
+                f"must exceed {key}.stall_warn_seconds ({self.stall_warn_seconds:g}), "
+                f"got {self.stall_timeout_seconds:g}",
             )
 
 
@@ -843,6 +866,12 @@ class RunConfig:
         fault-tolerant MPI, so neither mpi4py nor Horovod survives a lost rank) with local steps between
         blocking global averages."""
         key, comm, a = "comm.on_worker_loss", self.comm, self.algorithm
+        _check(
+            comm.stall_timeout_seconds is None,
+            "comm.stall_timeout_seconds",
+            "with comm.on_worker_loss=continue a silent worker is dropped after comm.worker_timeout_seconds and "
+            "the others go on; remove the stall timeout",
+        )
         _check(
             comm.backend in ("auto", "torch"),
             key,

@@ -69,7 +69,7 @@ METRICS_FILE = "metrics.h5"  # in the run directory
 METRICS_FORMAT = "hpc-localsgd/metrics"  # the root attribute ``format``
 METRICS_FORMAT_VERSION = 1
 TOTAL_STEPS_ATTR = "total_steps"  # root attribute: the step the run ends at
-STOPPED_ATTR = "stopped"  # root attribute: why training stopped for good before its end ("diverged")
+STOPPED_ATTR = "stopped"  # root attribute: why training stopped before its end ("diverged", "stalled")
 STOPPED_STEP_ATTR = "stopped_step"
 STOPPED_REASON_ATTR = "stopped_reason"  # the one line the run ended with
 FIRST_STEP_ATTR = "first_step"  # root attribute of a file restarted on resume: its rows follow this step
@@ -82,6 +82,9 @@ EMULATED_LINK_ATTR = "emulated_link"
 # nats per token and test_accuracy the next-token accuracy; samples are windows of tokens_per_sample.
 LANGUAGE_ATTR = "language"
 DIVERGED = "diverged"
+# ``stopped`` of a run whose ranks stopped on a stalled rank (comm.stall_timeout_seconds): not an outcome of
+# the run, which resumes from its latest checkpoint, so its status stays "unfinished".
+STALLED = "stalled"
 FINISHED, UNFINISHED = "finished", "unfinished"  # the other values of run_status
 
 STEP_FIELDS = (
@@ -300,7 +303,7 @@ class MetricsWriter:
             return None
 
     def mark_stopped(self, reason: str, step: int, line: str) -> None:
-        """Record that training stopped for good at ``step`` (``reason``: "diverged"), with the line it
+        """Record that training stopped at ``step`` (``reason``: "diverged", "stalled"), with the line it
         ended with, after appending the pending rows: the report and the sweep read it. Best effort: a
         failed write here must not replace the line the run ends with by another."""
         try:
@@ -438,7 +441,7 @@ def run_finished(eval_steps: Sequence[int] | np.ndarray, total_steps: int) -> bo
 def run_status(eval_steps: Sequence[int] | np.ndarray, total_steps: int, stopped: str | None) -> str:
     """``"diverged"`` when training stopped on a non-finite loss or model (the root attribute
     ``stopped``), else ``"finished"`` (:func:`run_finished`) or ``"unfinished"`` (still going, or
-    stopped early by a signal, a crash or a time limit: resumable)."""
+    stopped early by a signal, a crash, a time limit or a stalled rank (``stopped``: "stalled"): resumable)."""
     if stopped == DIVERGED:
         return DIVERGED
     return FINISHED if run_finished(eval_steps, total_steps) else UNFINISHED

@@ -28,6 +28,7 @@ from ..config.schema import OUTER_METHODS
 from ..errors import UserError, print_line
 from ..io.hdf5 import attr_text, is_hdf5, open_error_reason
 from ..io.metrics import (
+    DIVERGED,
     EMULATED_LINK_ATTR,
     FINISHED,
     LANGUAGE_ATTR,
@@ -154,7 +155,8 @@ class Run:
     evals: Evals
     # The run's config flattened to dotted keys: what tells apart runs of one method, H and workers.
     settings: dict[str, Any] = field(default_factory=dict)
-    stopped: str | None = None  # "diverged": training stopped at ``stopped_step`` on a NaN or inf model
+    # "diverged": training stopped at ``stopped_step`` on a NaN or inf model; "stalled": on a stalled rank (resumable)
+    stopped: str | None = None
     stopped_step: int | None = None
     emulated_link: str | None = None  # the rate (tc's notation) of the emulated network it ran on
     language: Language | None = None  # a language-model run's window and corpus; None for a classifier
@@ -434,7 +436,7 @@ def collect_runs(
         run = read_run(file, pause_seconds=pause_seconds, warn=warn)
         if run is None:
             continue
-        diverged = f"diverged at step {run.stopped_step}" if run.stopped else ""
+        diverged = f"diverged at step {run.stopped_step}" if run.stopped == DIVERGED else ""
         if len(run.evals) == 0:
             warn(f"skipping '{file}': {diverged + ' before its first evaluation' if diverged else 'no evaluation yet'}")
             continue

@@ -19,6 +19,7 @@ import torch
 from ..algorithms.engine import AveragingEngine
 from ..comm.base import Communicator
 from ..comm.membership import run_agreed
+from ..comm.watchdog import CHECKPOINT_WRITE
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import TrainingDiverged, WriteFailed
@@ -87,6 +88,7 @@ class Checkpointer:
         return stop_reason
 
     def save(self, step: int) -> Path:
+        self.comm.note_phase(CHECKPOINT_WRITE, step)
         if self.metrics is not None:
             self.metrics.flush()  # rows up to this step must survive a crash that follows
         # Where members may leave, a checkpoint that a lost member left unfinished is written again by the

@@ -2,12 +2,14 @@
 
 Every rank calls :func:`train`; rank 0 alone prints and writes metrics.h5. Beyond the shared run
 this adds the run directory's protection, resume (``resume.py``), checkpoints and the job's
-signals (``checkpointer.py``), and the Slurm requeue after a SIGUSR1 stop.
+signals (``checkpointer.py``), the Slurm requeue after a SIGUSR1 stop, and the stall watchdog around the
+collectives (``comm/watchdog.py``), whose stop marks metrics.h5 and requeues the job the same way.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,11 +20,12 @@ from ..comm import make_communicator
 from ..comm.agree import broadcast_text
 from ..comm.base import Communicator, PeerLost
 from ..comm.membership import RunCannotGoOn
+from ..comm.watchdog import HEARTBEATS, Watchdog, watch_collectives
 from ..config.load import config_to_yaml
 from ..config.schema import RunConfig
 from ..errors import UserError
-from ..io.checkpoint import Checkpoint, CheckpointError, list_checkpoints
-from ..io.metrics import MetricsWriter
+from ..io.checkpoint import LATEST, Checkpoint, CheckpointError, list_checkpoints
+from ..io.metrics import STALLED, MetricsWriter
 from ..io.rundir import prepare_run_dir, write_text_atomically
 from ..launcher.env import LaunchEnvironment, detect_launch, select_device, threads_for_rank
 from .checkpointer import Checkpointer
@@ -109,6 +112,8 @@ def train(
         **planned_groups(cfg, launch.layout),
         mpi_polling=cfg.comm.mpi_polling_choice,
         elastic=elastic_settings(cfg, launch.layout, rejoin),
+        stall_warn_seconds=cfg.comm.stall_warn_seconds,
+        stall_timeout_seconds=cfg.comm.stall_timeout_seconds,
     )
     if rejoin:
         result = _join_running_job(cfg, own, launch, device, stop_at_step, print_fn)
@@ -130,9 +135,33 @@ def _train(
     stop_at_step: int | None,
     print_fn: Callable[[str], None],
 ) -> TrainResult:
-    say = print_fn if comm.is_root else (lambda _line: None)
     run_dir = Path(cfg.output.run_dir)
     prepare_run_dir(comm, run_dir, overwrite, resuming=resume is not None)
+    watched = watch_collectives(
+        comm, run_dir / HEARTBEATS, cfg.comm.stall_warn_seconds, cfg.comm.stall_timeout_seconds, print_fn
+    )
+    if watched is None:
+        return _train_watched(cfg, comm, None, launch, device, resume, reshard, stop_at_step, print_fn)
+    try:
+        return _train_watched(cfg, watched, watched.watchdog, launch, device, resume, reshard, stop_at_step, print_fn)
+    finally:
+        watched.watchdog.stop()
+
+
+def _train_watched(
+    cfg: RunConfig,
+    comm: Communicator,
+    watchdog: Watchdog | None,
+    launch: LaunchEnvironment,
+    device: torch.device,
+    resume: str | None,
+    reshard: str | None,
+    stop_at_step: int | None,
+    print_fn: Callable[[str], None],
+) -> TrainResult:
+    """The run on ``comm``, which ``watchdog`` watches (None: a backend nothing watches)."""
+    say = print_fn if comm.is_root else (lambda _line: None)
+    run_dir = Path(cfg.output.run_dir)
     shard = _saved_data_shard(comm, resume, run_dir / "checkpoints", cfg) if comm.membership is not None else None
     workers = RankWorkers(cfg, comm, launch, device, shard)
     opt = build_optimization(
@@ -180,7 +209,7 @@ def _train(
             "shards this run took; resume from it by its path (--resume PATH)"
         )
     del chosen  # the state read while choosing is in the engine now: let it go
-    return _run_with_checkpoints(cfg, comm, workers, opt, progress, metrics, say, stop_at_step)
+    return _run_with_checkpoints(cfg, comm, workers, opt, progress, metrics, say, stop_at_step, watchdog, print_fn)
 
 
 def _join_running_job(
@@ -194,8 +223,7 @@ def _join_running_job(
     """``--rejoin``: build this process's part as the lost rank whose id it was given (its data shard, the
     run's LR schedule), take rank 0's state at a global sync (train/rejoin.py), and train on as a member. The
     run directory, its config and metrics.h5 belong to the running job: nothing of them is touched."""
-    identity = comm.rank  # the lost rank's, until the members take this process in
-    workers = RankWorkers(cfg, comm, launch, device)
+    workers = RankWorkers(cfg, comm, launch, device)  # of rank 0's shard until it knows whose place it takes
     opt = build_optimization(
         cfg,
         workers.model,
@@ -206,7 +234,12 @@ def _join_running_job(
         broadcast_initial=False,
         starting_ranks=workers.data_shard.of,
     )
-    print_fn(f"hpc-localsgd: replacing rank {identity} of the running job; waiting for its next global sync")
+    membership = comm.membership
+    assert membership is not None  # --rejoin makes an elastic communicator
+    print_fn("hpc-localsgd: ready to replace a lost worker of the running job; waiting as a spare")
+    identity = membership.become_spare()
+    workers.read_shard(DataShard(identity, workers.data_shard.of))
+    print_fn(f"hpc-localsgd: replacing rank {identity} of the running job; joining at its next global sync")
     step = join_run(comm, opt.engine, workers.model)
     seed_everything(derive_seed(cfg.seed, "rank", identity))
     print_fn(
@@ -227,11 +260,19 @@ def _run_with_checkpoints(
     metrics: MetricsWriter | None,
     say: Callable[[str], None],
     stop_at_step: int | None,
+    watchdog: Watchdog | None = None,
+    print_fn: Callable[[str], None] = print,
 ) -> TrainResult:
-    """The training loop with this rank's checkpoints and the job's signals, from ``progress`` to the end."""
+    """The training loop with this rank's checkpoints and the job's signals, from ``progress`` to the end;
+    ``watchdog`` (None: none watches this run) stops it on a stall, marking metrics.h5 and requeueing the job
+    (``print_fn``: where the reporting rank says so)."""
     checkpointer = Checkpointer(
         cfg, comm, opt, progress, metrics, workers.steps_per_epoch, stop_at_step, workers.data_shard
     )
+    if watchdog is not None:
+        run_dir = Path(cfg.output.run_dir)
+        watchdog.resume_hint = lambda: _resume_hint(run_dir / "checkpoints")
+        watchdog.on_stall.append(lambda line: _on_stall(cfg, metrics, progress, line, print_fn))
     try:
         result = run_training(cfg, workers, opt, progress, metrics, say, checkpointer.after_step)
     except PeerLost as lost:
@@ -284,6 +325,26 @@ def _lost_outside_agreement(comm: Communicator, lost: PeerLost, step: int) -> Us
     )
     error.same_on_every_rank = True  # every survivor stops alike: rank 0, which always survives, says it
     return error
+
+
+def _resume_hint(directory: Path) -> str:
+    """The end of the stall's error line: which checkpoint stays the latest, and how to go on from it."""
+    latest = directory / LATEST
+    if latest.is_file():
+        return f"; {latest.read_text().strip()} stays the latest checkpoint: continue with --resume auto"
+    return "; there is no checkpoint yet: --resume auto starts the run afresh"
+
+
+def _on_stall(
+    cfg: RunConfig, metrics: MetricsWriter | None, progress: Progress, line: str, say: Callable[[str], None]
+) -> None:
+    """What the rank that reports a stall does before every rank exits (the stall watchdog's thread runs it,
+    while this rank's main thread waits in the collective): rank 0 marks metrics.h5 stopped, and the job is
+    requeued as after a SIGUSR1, to resume from the latest checkpoint."""
+    if metrics is not None:
+        metrics.mark_stopped(STALLED, progress.step, line)
+    if cfg.checkpoint.requeue_on_usr1 and os.environ.get("SLURM_JOB_ID"):
+        requeue_slurm_job(say)
 
 
 def _open_rank_metrics(

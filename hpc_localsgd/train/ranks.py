@@ -78,16 +78,7 @@ class RankWorkers:
         self.forward_model = compiled_forward(self.model, device) if cfg.train.compile else self.model
         self.channels_last = use_channels_last(cfg, self.model, device)
         self.loader_workers = loader_workers(cfg, threads_for_rank(cfg.train.threads, launch.layout))
-        self.shard = ShardedBatches(
-            self.datasets.train,
-            cfg.data.batch_size,
-            self.data_shard.index,
-            self.data_shard.of,
-            cfg.seed,
-            num_workers=self.loader_workers,
-            augment=cfg.data.augment,
-            pin_memory=device.type == "cuda",
-        )
+        self.read_shard(self.data_shard)
         self.steps_per_epoch = self.shard.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise UserError(
@@ -110,6 +101,21 @@ class RankWorkers:
             "device": str(device),
             "collectives": comm.collective_path(device),
         }
+
+    def read_shard(self, shard: DataShard) -> None:
+        """Read ``shard`` of the training data from now on (a replacement takes the shard of the rank it
+        replaces once it knows which; every shard has the same number of batches)."""
+        self.data_shard = shard
+        self.shard = ShardedBatches(
+            self.datasets.train,
+            self.cfg.data.batch_size,
+            shard.index,
+            shard.of,
+            self.cfg.seed,
+            num_workers=self.loader_workers,
+            augment=self.cfg.data.augment,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         for x, y in self.shard.epoch(epoch, start_batch=start_batch):

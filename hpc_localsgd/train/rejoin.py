@@ -12,7 +12,9 @@ replacements receive it into scratch memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 
 import torch
 
@@ -62,9 +64,13 @@ def admit_replacements(comm: Communicator, engine: AveragingEngine, step: int) -
         return ()
 
     def take_in() -> tuple[int, ...]:
+        started = time.monotonic()
         joining = membership.admit_replacements()
         if joining:
             _send_state(comm, engine, step)
+            # The members' pause counts the state's transfer too, not only the agreement.
+            change = membership.changes[-1]
+            membership.changes[-1] = dataclasses.replace(change, recovery_seconds=time.monotonic() - started)
         return joining
 
     return run_agreed(comm, take_in, lambda: None)

@@ -30,6 +30,7 @@ from ..algorithms.hierarchy import Hierarchy
 from ..algorithms.optimizer_state import make_inner_optimizer
 from ..algorithms.schedule import SyncSchedule
 from ..comm.base import Communicator
+from ..comm.watchdog import DATA_LOADING, END_OF_RUN, EVALUATION, JOB_CONTROL, TRAINING_STEP
 from ..config.load import config_to_yaml
 from ..config.schema import OUTER_METHODS, RunConfig
 from ..errors import TrainingDiverged
@@ -477,6 +478,7 @@ def run_training(
     progress.started, first_step = time.perf_counter(), progress.step
     try:
         evals, stopped = _step_loop(cfg, workers, opt, progress, metrics, say, after_step)
+        workers.comm.note_phase(END_OF_RUN, progress.step)
         engine.drain()  # a delayed sync whose step never came: started by every rank, so completed by every rank
     finally:
         if metrics is not None:
@@ -518,7 +520,7 @@ def _step_loop(
     after_step: AfterStep | None,
 ) -> tuple[list[EvalResult], str | None]:
     """The steps themselves; returns the evaluations made and why the run stopped early, if it did."""
-    engine, stats, total = opt.engine, opt.engine.stats, opt.total_steps
+    engine, stats, total, comm = opt.engine, opt.engine.stats, opt.total_steps, workers.comm
     steps_per_epoch = workers.steps_per_epoch
     eval_interval = cfg.train.eval_every_steps or max(1, int(round(cfg.train.eval_every_epochs * steps_per_epoch)))
     evals: list[EvalResult] = []
@@ -530,9 +532,11 @@ def _step_loop(
         # Step time runs from the end of the previous step, so data loading counts as compute.
         step_start = time.perf_counter()
         first_batch = progress.step % steps_per_epoch if epoch == first_epoch else 0
+        comm.note_phase(DATA_LOADING, progress.step)
         for x, y in workers.batches(epoch, first_batch):
             if progress.step >= total:
                 break
+            comm.note_phase(TRAINING_STEP, progress.step)
             comm_before = stats.comm_seconds
             lr = opt.lr_schedule.at(progress.step)
             done = engine.train_step(progress.step, lr, functools.partial(workers.forward, x, y))
@@ -567,10 +571,12 @@ def _step_loop(
             watch.check(engine, progress.step, done, loss, metrics)  # before evaluating or checkpointing it
             if progress.step % eval_interval == 0 or progress.step == total:
                 evals.append(_evaluate(workers, engine, progress, metrics, say))
+            comm.note_phase(JOB_CONTROL, progress.step)
             stop = after_step(progress.step) if after_step is not None else None
             if done.synced and progress.step < total:  # replacements join at a global sync
                 admit_replacements(workers.comm, engine, progress.step)
             _record_membership_changes(workers, progress.step, metrics, say)
+            comm.note_phase(DATA_LOADING, progress.step)  # the next batch's, unless the run ends here
             engine.faults.reached("step", progress.step)
             if stop and progress.step < total:
                 return evals, stop
@@ -611,6 +617,7 @@ def _evaluate(
     metrics: MetricsWriter | None,
     say: Callable[[str], None],
 ) -> EvalResult:
+    workers.comm.note_phase(EVALUATION, progress.step)
     result = workers.evaluate(engine, progress.train_loss_sum, progress.train_loss_count)
     progress.train_loss_sum, progress.train_loss_count = 0.0, 0
     step, epoch, stats = progress.step, progress.step / workers.steps_per_epoch, engine.stats

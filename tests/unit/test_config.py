@@ -120,6 +120,11 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         ),
         ("", ["comm.on_worker_loss=maybe"], "comm.on_worker_loss: must be one of 'stop' | 'continue', got 'maybe'"),
         ("", ["comm.worker_timeout_seconds=0.5"], "comm.worker_timeout_seconds: must be >= 1"),
+        (
+            "",
+            ["comm.on_worker_loss=continue", "algorithm.method=local_sgd", "comm.stall_timeout_seconds=600"],
+            "comm.stall_timeout_seconds: with comm.on_worker_loss=continue a silent worker is dropped after",
+        ),
     ],
 )
 def test_bad_input_names_the_problem(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
