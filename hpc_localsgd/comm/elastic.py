@@ -8,15 +8,20 @@ package sees an ordinary communicator whose size may shrink between two collecti
 
 How a loss is found and agreed (rank 0's process hosts the store: it is the one rank whose loss ends the run):
 
-* Each process posts a heartbeat to the store every ``HEARTBEAT_SECONDS`` from a thread of its own.
+* Each process keeps a TCP connection to a listener on rank 0 open (the operating system closes it when the
+  process dies: rank 0 posts ``dead/<id>`` at once), and posts a heartbeat to the store every
+  ``HEARTBEAT_SECONDS`` from a thread of its own (a stopped process keeps its connection; its heartbeat ages).
 * A collective's wait polls its Gloo work rather than blocking in it, and meanwhile watches the store: a peer
   that died makes Gloo fail at once ("connection closed by peer"); a peer that stopped makes no error, so a
   wait longer than ``worker_timeout`` looks for members whose heartbeat is that old. Either way the process
   posts ``g<N>/failed`` (so that peers waiting elsewhere stop waiting too) and raises :class:`PeerLost`.
 * :meth:`ElasticCommunicator.recover`: every survivor posts that it is alive; rank 0 waits until each member
-  has either posted or gone ``worker_timeout`` without a heartbeat, drops every worker (``ranks_per_worker``
-  consecutive ids) that lost a rank, and posts the next generation's members; everyone builds its group.
-  A process that is not among them (its worker lost a rank, or it was too late) raises :class:`WorkerDropped`.
+  has either posted, died, or gone ``worker_timeout`` without a heartbeat, drops every worker
+  (``ranks_per_worker`` consecutive ids) that lost a rank, and posts the next generation's members; everyone
+  builds its groups. A process that is not among them (its worker lost a rank, or it was too late) raises
+  :class:`WorkerDropped`.
+* A replacement (``train --rejoin``) waits as a spare until rank 0 gives it a lost id, and is taken in at a
+  global sync (:meth:`ElasticCommunicator.admit_replacements`; the state it receives: train/rejoin.py).
 * :func:`~.membership.run_agreed` makes an operation all-or-nothing: it runs, then every member posts that it completed
   (``commit``); a failure seen by anyone before all have posted rolls every survivor back to the state
   before the operation and runs it again among the survivors. So no sync is ever half-applied: a peer that
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import socket
@@ -181,7 +187,7 @@ class ElasticCommunicator(Communicator):
         for member in members:
             if member == self.id:
                 continue
-            beat = float(self.store.get(f"heartbeat/{member}").decode())
+            beat = float(self._store_call(functools.partial(self.store.get, f"heartbeat/{member}")).decode())
             if now - beat > self.worker_timeout:
                 silent.append(member)
         return silent

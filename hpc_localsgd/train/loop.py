@@ -164,15 +164,7 @@ def _train_watched(
     run_dir = Path(cfg.output.run_dir)
     shard = _saved_data_shard(comm, resume, run_dir / "checkpoints", cfg) if comm.membership is not None else None
     workers = RankWorkers(cfg, comm, launch, device, shard)
-    opt = build_optimization(
-        cfg,
-        workers.model,
-        comm,
-        workers.steps_per_epoch,
-        workers.hierarchy,
-        workers.faults,
-        starting_ranks=workers.data_shard.of,
-    )
+    opt = _optimization(cfg, comm, workers)
     chosen = None
     if resume is not None:
         # The engine exists first so that the checkpoint is read straight into its live memory.
@@ -224,16 +216,7 @@ def _join_running_job(
     run's LR schedule), take rank 0's state at a global sync (train/rejoin.py), and train on as a member. The
     run directory, its config and metrics.h5 belong to the running job: nothing of them is touched."""
     workers = RankWorkers(cfg, comm, launch, device)  # of rank 0's shard until it knows whose place it takes
-    opt = build_optimization(
-        cfg,
-        workers.model,
-        comm,
-        workers.steps_per_epoch,
-        workers.hierarchy,
-        workers.faults,
-        broadcast_initial=False,
-        starting_ranks=workers.data_shard.of,
-    )
+    opt = _optimization(cfg, comm, workers, broadcast_initial=False)
     membership = comm.membership
     assert membership is not None  # --rejoin makes an elastic communicator
     print_fn("hpc-localsgd: ready to replace a lost worker of the running job; waiting as a spare")
@@ -249,6 +232,23 @@ def _join_running_job(
     # Rank 0 prints the run's progress; this process only what concerns it (its lines above, its errors).
     quiet: Callable[[str], None] = lambda _line: None  # noqa: E731
     return _run_with_checkpoints(cfg, comm, workers, opt, Progress(step=step), None, quiet, stop_at_step)
+
+
+def _optimization(
+    cfg: RunConfig, comm: Communicator, workers: RankWorkers, broadcast_initial: bool = True
+) -> Optimization:
+    """This rank's optimizer and engine, the LR scaled to the world the run started with (``broadcast_initial``:
+    false for a replacement, which receives its state from the members)."""
+    return build_optimization(
+        cfg,
+        workers.model,
+        comm,
+        workers.steps_per_epoch,
+        workers.hierarchy,
+        workers.faults,
+        broadcast_initial=broadcast_initial,
+        starting_ranks=workers.data_shard.of,
+    )
 
 
 def _run_with_checkpoints(

@@ -573,7 +573,7 @@ def _step_loop(
                 evals.append(_evaluate(workers, engine, progress, metrics, say))
             comm.note_phase(JOB_CONTROL, progress.step)
             stop = after_step(progress.step) if after_step is not None else None
-            if done.synced and progress.step < total:  # replacements join at a global sync
+            if done.synced and progress.step < total and not stop:  # replacements join at a global sync
                 admit_replacements(workers.comm, engine, progress.step)
             _record_membership_changes(workers, progress.step, metrics, say)
             comm.note_phase(DATA_LOADING, progress.step)  # the next batch's, unless the run ends here

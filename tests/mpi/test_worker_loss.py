@@ -315,3 +315,13 @@ def test_a_worker_lost_in_the_synchronous_phase_is_dropped_from_that_steps_gradi
     (line,) = _change_lines(results[0].output)
     assert line.startswith("hpc-localsgd: step 4: worker 2 (rank 2) lost: "), line
     _check_survivors(tmp_path, results, [0, 1], overrides, departures={2: 4})
+
+
+def test_losing_rank_0_which_holds_the_store_ends_every_survivor_with_one_line(tmp_path: Path) -> None:
+    results = run_elastic(tmp_path, 3, RUN, fault="kill:0:6")
+    assert results[0].returncode == -signal.SIGKILL
+    for p in results[1:]:
+        assert p.returncode == 6, p.output
+        assert "Traceback" not in p.output, p.output
+        errors = [line for line in p.output.splitlines() if line.startswith("hpc-localsgd: error:")]
+        assert len(errors) == 1 and "rank 0 was lost, and with it the store" in errors[0], p.output
