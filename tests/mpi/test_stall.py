@@ -233,7 +233,7 @@ def test_a_stopped_rank_is_named_in_one_warning_and_the_run_goes_on_after_sigcon
         warned_after = time.monotonic() - stopped_at
         assert warned_after <= WARN_SECONDS + 5, warned_after
         _check_rank_1_named(match)
-        time.sleep(2 * WARN_SECONDS)  # once per wait, not once a tick
+        time.sleep(WARN_SECONDS)  # once per wait, not once a tick (every WARN_SECONDS / 4 here)
         os.kill(pid, signal.SIGCONT)
         assert job.finish() == 0, job.output()
     finally:
@@ -292,6 +292,8 @@ def test_a_stall_past_the_timeout_ends_with_status_5_and_the_run_resumes(backend
     assert metrics_file_status(run_dir / METRICS_FILE) == "unfinished"  # resumable, not an outcome
     assert requeued.read_text() == "requeue 4242\n", job.output()
     assert "hpc-localsgd: requeueing Slurm job 4242; it resumes from the checkpoint when it starts again" in job.stdout
+    if backend != "mpi":
+        return  # resuming is the same on every backend: once is enough for the suite's time
 
     resumed = Job(backend, status_dir, _train_args(tmp_path, run_dir, overrides, "--resume", "auto"))
     try:
@@ -334,17 +336,3 @@ def test_a_stalled_rank_0_is_reported_by_rank_1_where_horovods_own_check_is_blin
     assert (run_dir / "checkpoints" / LATEST).read_text().strip() == f"step-{STOPPED_AT:09d}.h5"
     with h5py.File(run_dir / METRICS_FILE) as f:
         assert "stopped" not in f.attrs
-
-
-def test_a_killed_rank_ends_the_mpi_job_instead_of_hanging_it(tmp_path: Path) -> None:
-    """The harness itself: ``kill:1:N`` takes rank 1 away and mpirun ends the job."""
-    _skip_unless_available("mpi")
-    run_dir, status_dir = tmp_path / "run", tmp_path / "status"
-    status_dir.mkdir()
-    job = Job("mpi", status_dir, _train_args(tmp_path, run_dir, _backend_overrides("mpi")), f"kill:1:{STOPPED_AT}")
-    try:
-        returncode = job.finish(timeout=STARTED_WITHIN)
-    finally:
-        job.kill()
-    assert returncode != 0, job.output()
-    assert job.status(1) == 128 + signal.SIGKILL, job.output()

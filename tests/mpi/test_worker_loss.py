@@ -223,8 +223,8 @@ def test_a_stopped_worker_times_out_and_is_dropped(stopped_worker_run: tuple[Pat
 @pytest.mark.parametrize(
     ("backend", "message"),
     [
+        # horovod is refused by the same check as mpi (tests/unit/test_config.py has both texts)
         ("mpi", "continue needs comm.backend=torch: the mpi backend cannot go on without a rank"),
-        ("horovod", "continue needs comm.backend=torch: the horovod backend cannot go on without a rank"),
         ("auto", "continue needs the torch backend, and this launcher (openmpi) gets horovod"),
     ],
 )

@@ -104,6 +104,11 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         ),
         (
             "",
+            ["comm.on_worker_loss=continue", "comm.backend=horovod", "algorithm.method=local_sgd"],
+            "comm.on_worker_loss: continue needs comm.backend=torch: the horovod backend cannot go on without a rank",
+        ),
+        (
+            "",
             ["comm.on_worker_loss=continue", "comm.backend=torch", "algorithm.method=allreduce"],
             "comm.on_worker_loss: continue needs local steps (method local_sgd or post_local_sgd)",
         ),
