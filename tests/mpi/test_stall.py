@@ -58,11 +58,12 @@ def _horovod_missing() -> str | None:
     return None
 
 
-def _skip_unless_available(backend: str) -> None:
+def _require(backend: str) -> None:
+    """The test command installs Open MPI and Horovod: their absence is a broken set-up, said, never skipped."""
     if backend in ("mpi", "horovod") and not mpirun_available():
-        pytest.skip("mpirun is not installed")
+        pytest.fail("mpirun is not installed (run ./scripts/test.sh, which installs it)")
     if backend == "horovod" and (reason := _horovod_missing()) is not None:
-        pytest.skip(f"horovod.torch cannot be imported: {reason}")
+        pytest.fail(f"horovod.torch cannot be imported: {reason} (./scripts/test.sh builds it)")
 
 
 class Job:
@@ -222,7 +223,7 @@ def _check_rank_1_named(match: re.Match[str]) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_stopped_rank_is_named_in_one_warning_and_the_run_goes_on_after_sigcont(backend: str, tmp_path: Path) -> None:
-    _skip_unless_available(backend)
+    _require(backend)
     run_dir, status_dir = tmp_path / "run", tmp_path / "status"
     status_dir.mkdir()
     job = Job(backend, status_dir, _train_args(tmp_path, run_dir, _backend_overrides(backend)), f"stop:1:{STOPPED_AT}")
@@ -255,7 +256,7 @@ ERROR = (
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_stall_past_the_timeout_ends_with_status_5_and_the_run_resumes(backend: str, tmp_path: Path) -> None:
-    _skip_unless_available(backend)
+    _require(backend)
     run_dir, status_dir = tmp_path / "run", tmp_path / "status"
     status_dir.mkdir()
     overrides = [*_backend_overrides(backend), "comm.stall_timeout_seconds=5"]
@@ -311,7 +312,7 @@ def test_a_stall_past_the_timeout_ends_with_status_5_and_the_run_resumes(backend
 def test_a_stalled_rank_0_is_reported_by_rank_1_where_horovods_own_check_is_blind(tmp_path: Path) -> None:
     """Horovod's coordinator is rank 0: stopped, it checks nothing. Rank 1's watchdog reports and stops; rank 0's
     metrics.h5 cannot be marked (its process is the stalled one), and the checkpoint before the stall stays."""
-    _skip_unless_available("horovod")
+    _require("horovod")
     run_dir, status_dir = tmp_path / "run", tmp_path / "status"
     status_dir.mkdir()
     overrides = [*_backend_overrides("horovod"), "comm.stall_timeout_seconds=5"]
